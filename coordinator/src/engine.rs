@@ -1,0 +1,1016 @@
+//! The round engine: studies' lifecycles, site liveness, and for each running study a
+//! driver task that runs select → broadcast → collect → aggregate → commit.
+//!
+//! Updates are folded into the round's running sum as they complete, so the
+//! coordinator holds one accumulator per open round plus a bounded pool of staging
+//! buffers (see [`Staging`]), never one buffer per site.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use medfl_shared::aggregate::WeightedSum;
+use medfl_shared::manifest::{StudyManifest, Weighting};
+use medfl_shared::{sha256_hex, unix_ms};
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::error::ServiceError;
+use crate::store::{
+    DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StudyRecord, StudyState,
+};
+
+/// Settings of the engine that do not belong to any one study.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A site not heard from for this long is not selected for new rounds.
+    pub liveness_timeout: Duration,
+    /// Memory for staging uploads in flight; at least one upload is always staged.
+    pub staging_budget_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            liveness_timeout: Duration::from_secs(30),
+            staging_budget_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What happened, for the live event feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    StateChanged,
+    RoundStarted,
+    UpdateReceived,
+    RoundCommitted,
+    RoundFailed,
+    SiteRefused,
+}
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub study_id: String,
+    pub kind: EventKind,
+    pub round: u32,
+    pub site: String,
+    pub message: String,
+    pub at_ms: u64,
+}
+
+/// A study's full status for admins and auditors.
+#[derive(Debug, Clone)]
+pub struct StudyView {
+    pub study: StudyRecord,
+    pub rounds: Vec<RoundRecord>,
+    pub refusals: Vec<RefusalRecord>,
+    pub open: Option<OpenRoundView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenRoundView {
+    pub round: u32,
+    pub selected: Vec<String>,
+    pub received: Vec<String>,
+    pub deadline_ms: u64,
+    pub min_sites: u32,
+}
+
+/// A work item for one site.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub study_id: String,
+    pub round: u32,
+    pub manifest_hash: String,
+    pub manifest_toml: String,
+    pub deadline_ms: u64,
+    pub num_params: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Run,
+    Pause,
+    Abort,
+}
+
+#[derive(Debug)]
+struct Received {
+    update_id: String,
+    examples: u64,
+    train_loss: Option<f64>,
+}
+
+#[derive(Debug)]
+struct RoundAcc {
+    sum: WeightedSum,
+    received: BTreeMap<String, Received>,
+    refused: HashSet<String>,
+    closed: bool,
+}
+
+/// One open round of one study.
+#[derive(Debug)]
+pub struct OpenRound {
+    pub study_id: String,
+    pub round: u32,
+    pub attempt: u32,
+    pub manifest: Arc<StudyManifest>,
+    manifest_toml: String,
+    pub manifest_hash: String,
+    pub selected: Vec<String>,
+    deadline: Instant,
+    deadline_ms: u64,
+    acc: Mutex<RoundAcc>,
+    progress: Notify,
+}
+
+impl OpenRound {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoundAcc> {
+        self.acc
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn is_selected(&self, site: &str) -> bool {
+        self.selected.iter().any(|s| s == site)
+    }
+
+    /// Returns the receipt id if this site's update is already folded.
+    pub fn received_update(&self, site: &str) -> Option<String> {
+        self.lock().received.get(site).map(|r| r.update_id.clone())
+    }
+
+    pub fn is_open(&self) -> bool {
+        !self.lock().closed && Instant::now() < self.deadline
+    }
+
+    fn weight(&self, examples: u64) -> f64 {
+        match self.manifest.strategy.weighting {
+            Weighting::Examples => examples as f64,
+            Weighting::Uniform => 1.0,
+        }
+    }
+}
+
+/// A pool of model-sized buffers in which uploads are decoded and checked before they
+/// are folded. The number of buffers is the staging budget divided by the model size
+/// (at least one), so coordinator memory stays O(model) whatever the number of sites;
+/// buffers are reused, since writing fresh pages is ten times slower than reused ones.
+#[derive(Debug)]
+pub struct Staging {
+    budget_bytes: u64,
+    permits: Mutex<HashMap<u64, Arc<Semaphore>>>,
+    buffers: Mutex<Vec<Vec<f32>>>,
+}
+
+/// A staging buffer on loan; returned to the pool on drop.
+#[derive(Debug)]
+pub struct StagingBuffer {
+    pub values: Vec<f32>,
+    pool: Arc<Engine>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for StagingBuffer {
+    fn drop(&mut self) {
+        let values = std::mem::take(&mut self.values);
+        let mut buffers = self
+            .pool
+            .staging
+            .buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if buffers.len() < 64 {
+            buffers.push(values);
+        }
+    }
+}
+
+/// The coordinator's shared state; cheap to clone through `Arc`.
+#[derive(Debug)]
+pub struct Engine {
+    pub store: Store,
+    config: EngineConfig,
+    live: Mutex<HashMap<String, Instant>>,
+    controls: Mutex<HashMap<String, watch::Sender<Control>>>,
+    open: Mutex<HashMap<String, Arc<OpenRound>>>,
+    study_lock: Mutex<()>,
+    events: broadcast::Sender<Event>,
+    work: watch::Sender<u64>,
+    staging: Staging,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        config: EngineConfig,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let (events, _) = broadcast::channel(1024);
+        let (work, _) = watch::channel(0);
+        Arc::new(Engine {
+            store,
+            staging: Staging {
+                budget_bytes: config.staging_budget_bytes,
+                permits: Mutex::default(),
+                buffers: Mutex::default(),
+            },
+            config,
+            live: Mutex::default(),
+            controls: Mutex::default(),
+            open: Mutex::default(),
+            study_lock: Mutex::new(()),
+            events,
+            work,
+            tracker,
+            shutdown,
+        })
+    }
+
+    /// Restarts the drivers of studies that were running when the coordinator stopped.
+    pub fn resume_running(self: &Arc<Self>) -> Result<(), ServiceError> {
+        for study in self.store.studies()? {
+            if study.state == StudyState::Running {
+                info!(study = %study.id, round = study.rounds_completed + 1, "resuming study after restart");
+                self.spawn_driver(&study.id);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, study_id: &str, kind: EventKind, round: u32, site: &str, message: String) {
+        let _ = self.events.send(Event {
+            study_id: study_id.to_string(),
+            kind,
+            round,
+            site: site.to_string(),
+            message,
+            at_ms: now_ms(),
+        });
+    }
+
+    // ------------------------------------------------------------------ sites
+
+    pub fn register_site(
+        &self,
+        name: &str,
+        agent_version: String,
+        datasets: Vec<DatasetRecord>,
+    ) -> Result<(), ServiceError> {
+        let registered_ms = self
+            .store
+            .sites()?
+            .into_iter()
+            .find(|s| s.name == name)
+            .map_or_else(now_ms, |s| s.registered_ms);
+        self.store.put_site(&SiteRecord {
+            name: name.to_string(),
+            agent_version,
+            datasets,
+            registered_ms,
+        })?;
+        self.touch(name);
+        info!(site = %name, "site registered");
+        Ok(())
+    }
+
+    /// Marks a site as alive now.
+    pub fn touch(&self, site: &str) {
+        lock(&self.live).insert(site.to_string(), Instant::now());
+    }
+
+    pub fn last_seen(&self, site: &str) -> Option<Instant> {
+        lock(&self.live).get(site).copied()
+    }
+
+    pub fn is_connected(&self, site: &str) -> bool {
+        self.last_seen(site)
+            .is_some_and(|t| t.elapsed() < self.config.liveness_timeout)
+    }
+
+    pub fn require_registered(&self, site: &str) -> Result<(), ServiceError> {
+        if self.store.sites()?.iter().any(|s| s.name == site) {
+            Ok(())
+        } else {
+            Err(ServiceError::FailedPrecondition(format!(
+                "site {site} has not registered; call Register first"
+            )))
+        }
+    }
+
+    // ------------------------------------------------------------------ studies
+
+    pub fn create_study(
+        &self,
+        manifest_toml: &str,
+        created_by: &str,
+    ) -> Result<StudyRecord, ServiceError> {
+        let manifest = StudyManifest::from_toml(manifest_toml)
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        let manifest_hash = manifest.hash();
+        let created_ms = now_ms();
+        let nonce = format!(
+            "{manifest_hash}/{created_ms}/{created_by}/{}",
+            self.store.studies()?.len()
+        );
+        let id = format!("s-{}", &sha256_hex(nonce.as_bytes())[..12]);
+        let study = StudyRecord {
+            id: id.clone(),
+            name: manifest.name.clone(),
+            manifest_toml: manifest_toml.to_string(),
+            manifest_hash,
+            state: StudyState::Created,
+            rounds_completed: 0,
+            rounds_total: manifest.rounds,
+            created_ms,
+            created_by: created_by.to_string(),
+            reason: String::new(),
+        };
+        let initial = manifest.model.init(manifest.n_features(), manifest.seed);
+        self.store.create_study(&study, &initial)?;
+        info!(study = %id, hash = %study.manifest_hash, params = initial.len(), "study created");
+        self.emit(&id, EventKind::StateChanged, 0, "", "created".into());
+        Ok(study)
+    }
+
+    pub fn study(&self, id: &str) -> Result<StudyRecord, ServiceError> {
+        self.store
+            .study(id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no study with id {id:?}")))
+    }
+
+    /// Read-modify-writes a study record under the engine's study lock.
+    fn update_study<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut StudyRecord) -> Result<R, ServiceError>,
+    ) -> Result<(StudyRecord, R), ServiceError> {
+        let _guard = lock(&self.study_lock);
+        let mut study = self.study(id)?;
+        let out = f(&mut study)?;
+        self.store.put_study(&study)?;
+        Ok((study, out))
+    }
+
+    pub fn start_study(self: &Arc<Self>, id: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, |s| match s.state {
+            StudyState::Created => {
+                s.state = StudyState::Running;
+                Ok(())
+            }
+            StudyState::Paused => Err(ServiceError::FailedPrecondition(format!(
+                "study {id} is paused; resume it instead"
+            ))),
+            other => Err(ServiceError::FailedPrecondition(format!(
+                "study {id} is {other:?} and cannot be started"
+            ))),
+        })?;
+        self.spawn_driver(id);
+        self.emit(
+            id,
+            EventKind::StateChanged,
+            study.rounds_completed,
+            "",
+            "running".into(),
+        );
+        Ok(study)
+    }
+
+    pub fn pause_study(&self, id: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, |s| match s.state {
+            StudyState::Running => {
+                s.state = StudyState::Paused;
+                Ok(())
+            }
+            other => Err(ServiceError::FailedPrecondition(format!(
+                "study {id} is {other:?}; only a running study can be paused"
+            ))),
+        })?;
+        if let Some(tx) = lock(&self.controls).get(id) {
+            let _ = tx.send(Control::Pause);
+        }
+        self.emit(
+            id,
+            EventKind::StateChanged,
+            study.rounds_completed,
+            "",
+            "paused (the open round finishes first)".into(),
+        );
+        Ok(study)
+    }
+
+    pub fn resume_study(self: &Arc<Self>, id: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, |s| match s.state {
+            StudyState::Paused => {
+                s.state = StudyState::Running;
+                Ok(())
+            }
+            other => Err(ServiceError::FailedPrecondition(format!(
+                "study {id} is {other:?}; only a paused study can be resumed"
+            ))),
+        })?;
+        self.spawn_driver(id);
+        self.emit(
+            id,
+            EventKind::StateChanged,
+            study.rounds_completed,
+            "",
+            "running".into(),
+        );
+        Ok(study)
+    }
+
+    pub fn abort_study(&self, id: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, |s| {
+            if s.state.is_terminal() {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "study {id} already ended ({:?})",
+                    s.state
+                )));
+            }
+            s.state = StudyState::Aborted;
+            s.reason = "aborted by an admin".into();
+            Ok(())
+        })?;
+        if let Some(tx) = lock(&self.controls).get(id) {
+            let _ = tx.send(Control::Abort);
+        }
+        self.emit(
+            id,
+            EventKind::StateChanged,
+            study.rounds_completed,
+            "",
+            "aborted".into(),
+        );
+        Ok(study)
+    }
+
+    pub fn view(&self, id: &str) -> Result<StudyView, ServiceError> {
+        let study = self.study(id)?;
+        let open = lock(&self.open).get(id).cloned().map(|r| {
+            let acc = r.lock();
+            OpenRoundView {
+                round: r.round,
+                selected: r.selected.clone(),
+                received: acc.received.keys().cloned().collect(),
+                deadline_ms: r.deadline_ms,
+                min_sites: r.manifest.selection.min_sites,
+            }
+        });
+        Ok(StudyView {
+            rounds: self.store.rounds(id)?,
+            refusals: self.store.refusals(id)?,
+            study,
+            open,
+        })
+    }
+
+    // ------------------------------------------------------------------ site-facing
+
+    /// Returns work for `site` as soon as a round selects it, or `None` after `wait`.
+    pub async fn poll_work(&self, site: &str, wait: Duration) -> Option<Work> {
+        let mut changed = self.work.subscribe();
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            self.touch(site);
+            if let Some(work) = self.find_work(site) {
+                return Some(work);
+            }
+            tokio::select! {
+                res = changed.changed() => if res.is_err() { return None },
+                _ = tokio::time::sleep_until(until) => return None,
+                _ = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    fn find_work(&self, site: &str) -> Option<Work> {
+        let open = lock(&self.open);
+        open.values().find_map(|r| {
+            let acc = r.lock();
+            let wanted = r.is_selected(site)
+                && !acc.closed
+                && !acc.received.contains_key(site)
+                && !acc.refused.contains(site);
+            wanted.then(|| Work {
+                study_id: r.study_id.clone(),
+                round: r.round,
+                manifest_hash: r.manifest_hash.clone(),
+                manifest_toml: r.manifest_toml.clone(),
+                deadline_ms: r.deadline_ms,
+                num_params: r.manifest.num_params(),
+            })
+        })
+    }
+
+    /// Returns the open round of a study if it is `round`, with an error a site can act
+    /// on otherwise.
+    pub fn open_round(&self, study_id: &str, round: u32) -> Result<Arc<OpenRound>, ServiceError> {
+        let study = self.study(study_id)?;
+        let open = lock(&self.open).get(study_id).cloned();
+        match open {
+            Some(r) if r.round == round => Ok(r),
+            Some(r) if round < r.round => Err(ServiceError::FailedPrecondition(format!(
+                "round {round} of study {study_id} is closed; round {} is open",
+                r.round
+            ))),
+            Some(r) => Err(ServiceError::FailedPrecondition(format!(
+                "round {round} of study {study_id} has not started; round {} is open",
+                r.round
+            ))),
+            None if round <= study.rounds_completed => Err(ServiceError::FailedPrecondition(
+                format!("round {round} of study {study_id} is closed (committed)"),
+            )),
+            None => Err(ServiceError::FailedPrecondition(format!(
+                "study {study_id} has no open round (state {:?}, {} rounds committed)",
+                study.state, study.rounds_completed
+            ))),
+        }
+    }
+
+    /// Lends a staging buffer of `len` values, waiting while the budget is in use.
+    pub async fn staging_buffer(self: &Arc<Self>, len: usize) -> StagingBuffer {
+        let model_bytes = (len as u64 * 4).max(1);
+        let semaphore = {
+            let permits = (self.staging.budget_bytes / model_bytes).clamp(1, 64) as usize;
+            lock(&self.staging.permits)
+                .entry(model_bytes)
+                .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+                .clone()
+        };
+        // The semaphore is never closed, so acquisition only fails if it were.
+        let permit = match semaphore.acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => unreachable!("staging semaphores are never closed"),
+        };
+        let mut values = lock(&self.staging.buffers).pop().unwrap_or_default();
+        values.clear();
+        values.resize(len, 0.0);
+        StagingBuffer {
+            values,
+            pool: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    /// Folds a complete, validated update into its round.
+    pub fn fold(
+        &self,
+        round: &OpenRound,
+        site: &str,
+        update_id: &str,
+        examples: u64,
+        update: &[f32],
+    ) -> Result<(), ServiceError> {
+        let mut acc = round.lock();
+        if acc.closed {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "round {} of study {} closed before the update from {site} completed",
+                round.round, round.study_id
+            )));
+        }
+        if let Some(prev) = acc.received.get(site) {
+            return Err(ServiceError::AlreadyExists(format!(
+                "site {site} already delivered update {} for round {}",
+                prev.update_id, round.round
+            )));
+        }
+        acc.sum
+            .fold(update, round.weight(examples))
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        acc.received.insert(
+            site.to_string(),
+            Received {
+                update_id: update_id.to_string(),
+                examples,
+                train_loss: None,
+            },
+        );
+        let n = acc.received.len();
+        drop(acc);
+        info!(study = %round.study_id, round = round.round, site, n_updates = n, "update folded");
+        self.emit(
+            &round.study_id,
+            EventKind::UpdateReceived,
+            round.round,
+            site,
+            format!("{n} of {} updates", round.selected.len()),
+        );
+        round.progress.notify_one();
+        Ok(())
+    }
+
+    pub fn report_metrics(&self, site: &str, study_id: &str, round: u32, train_loss: f64) {
+        if let Some(r) = lock(&self.open).get(study_id).filter(|r| r.round == round)
+            && let Some(rec) = r.lock().received.get_mut(site)
+            && train_loss.is_finite()
+        {
+            rec.train_loss = Some(train_loss);
+        }
+    }
+
+    pub fn refuse(
+        &self,
+        site: &str,
+        study_id: &str,
+        round: u32,
+        reason: &str,
+    ) -> Result<(), ServiceError> {
+        self.study(study_id)?;
+        let reason: String = reason.chars().take(2000).collect();
+        self.store.add_refusal(
+            study_id,
+            &RefusalRecord {
+                site: site.to_string(),
+                round,
+                reason: reason.clone(),
+                at_ms: now_ms(),
+            },
+        )?;
+        if let Some(r) = lock(&self.open).get(study_id).filter(|r| r.round == round) {
+            r.lock().refused.insert(site.to_string());
+            r.progress.notify_one();
+        }
+        warn!(study = %study_id, round, site, %reason, "site refused");
+        self.emit(study_id, EventKind::SiteRefused, round, site, reason);
+        Ok(())
+    }
+
+    pub fn sites(&self) -> Result<Vec<SiteRecord>, ServiceError> {
+        Ok(self.store.sites()?)
+    }
+
+    // ------------------------------------------------------------------ drivers
+
+    fn spawn_driver(self: &Arc<Self>, id: &str) {
+        let mut controls = lock(&self.controls);
+        if let Some(tx) = controls.get(id) {
+            // A driver is still finishing its round; let it go on.
+            let _ = tx.send(Control::Run);
+            return;
+        }
+        let (tx, rx) = watch::channel(Control::Run);
+        controls.insert(id.to_string(), tx);
+        let engine = self.clone();
+        let id = id.to_string();
+        let span = info_span!("study", id = %id);
+        self.tracker.spawn(
+            async move {
+                if let Err(e) = engine.drive(&id, rx).await {
+                    error!(study = %id, error = %e, "study driver stopped on an error");
+                    let _ = engine.update_study(&id, |s| {
+                        s.state = StudyState::Failed;
+                        s.reason = format!("coordinator error: {e}");
+                        Ok(())
+                    });
+                }
+                lock(&engine.controls).remove(&id);
+                lock(&engine.open).remove(&id);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn drive(
+        self: &Arc<Self>,
+        id: &str,
+        mut control: watch::Receiver<Control>,
+    ) -> Result<(), ServiceError> {
+        loop {
+            match *control.borrow_and_update() {
+                Control::Run => {}
+                Control::Pause | Control::Abort => return Ok(()),
+            }
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let study = self.study(id)?;
+            if study.state != StudyState::Running {
+                return Ok(());
+            }
+            let manifest = Arc::new(
+                StudyManifest::from_toml(&study.manifest_toml)
+                    .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?,
+            );
+            if study.rounds_completed >= manifest.rounds {
+                self.update_study(id, |s| {
+                    s.state = StudyState::Completed;
+                    Ok(())
+                })?;
+                info!(rounds = study.rounds_completed, "study completed");
+                self.emit(
+                    id,
+                    EventKind::StateChanged,
+                    study.rounds_completed,
+                    "",
+                    "completed".into(),
+                );
+                return Ok(());
+            }
+            let round = study.rounds_completed + 1;
+            let mut committed = false;
+            let mut last_reason = String::new();
+            for attempt in 1..=manifest.selection.max_attempts {
+                match self
+                    .run_round(&study, manifest.clone(), round, attempt, &mut control)
+                    .await?
+                {
+                    RoundOutcome::Committed => {
+                        committed = true;
+                        break;
+                    }
+                    RoundOutcome::Failed(reason) => last_reason = reason,
+                    RoundOutcome::Interrupted => return Ok(()),
+                }
+            }
+            if !committed {
+                let reason = format!(
+                    "round {round} failed {} times; last: {last_reason}",
+                    manifest.selection.max_attempts
+                );
+                self.update_study(id, |s| {
+                    s.state = StudyState::Failed;
+                    s.reason = reason.clone();
+                    Ok(())
+                })?;
+                warn!(%reason, "study failed");
+                self.emit(
+                    id,
+                    EventKind::StateChanged,
+                    round,
+                    "",
+                    format!("failed: {reason}"),
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    fn eligible_sites(&self, manifest: &StudyManifest) -> Result<Vec<String>, ServiceError> {
+        let allowed: HashSet<&str> = manifest
+            .selection
+            .sites
+            .iter()
+            .map(|n| n.as_str())
+            .collect();
+        let mut eligible: Vec<String> = self
+            .store
+            .sites()?
+            .into_iter()
+            .filter(|s| allowed.is_empty() || allowed.contains(s.name.as_str()))
+            .filter(|s| s.datasets.iter().any(|d| d.name == manifest.data.dataset))
+            .filter(|s| self.is_connected(&s.name))
+            .map(|s| s.name)
+            .collect();
+        eligible.sort();
+        Ok(eligible)
+    }
+
+    async fn run_round(
+        self: &Arc<Self>,
+        study: &StudyRecord,
+        manifest: Arc<StudyManifest>,
+        round: u32,
+        attempt: u32,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<RoundOutcome, ServiceError> {
+        let id = study.id.as_str();
+        let min_sites = manifest.selection.min_sites as usize;
+        let deadline_len = Duration::from_secs(manifest.selection.round_deadline_secs);
+        let started_ms = now_ms();
+        let deadline = Instant::now() + deadline_len;
+
+        // Select: wait (up to the deadline) until enough eligible sites are connected.
+        let mut eligible = self.eligible_sites(&manifest)?;
+        while eligible.len() < min_sites && Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = control.changed() => if *control.borrow() == Control::Abort { return Ok(RoundOutcome::Interrupted) },
+                _ = self.shutdown.cancelled() => return Ok(RoundOutcome::Interrupted),
+            }
+            eligible = self.eligible_sites(&manifest)?;
+        }
+        if eligible.len() < min_sites {
+            let reason = format!(
+                "only {} eligible sites connected, the quorum is {min_sites}",
+                eligible.len()
+            );
+            return self.fail_round(id, round, attempt, eligible, vec![], started_ms, reason);
+        }
+        let mut rng =
+            StdRng::seed_from_u64(manifest.seed ^ ((round as u64) << 32) ^ attempt as u64);
+        eligible.shuffle(&mut rng);
+        let k = ((manifest.selection.fraction * eligible.len() as f64).ceil() as usize)
+            .clamp(min_sites, eligible.len());
+        let mut selected: Vec<String> = eligible.into_iter().take(k).collect();
+        selected.sort();
+
+        let open = Arc::new(OpenRound {
+            study_id: id.to_string(),
+            round,
+            attempt,
+            manifest_toml: study.manifest_toml.clone(),
+            manifest_hash: study.manifest_hash.clone(),
+            selected: selected.clone(),
+            deadline,
+            deadline_ms: started_ms + deadline_len.as_millis() as u64,
+            acc: Mutex::new(RoundAcc {
+                sum: WeightedSum::new(manifest.num_params() as usize),
+                received: BTreeMap::new(),
+                refused: HashSet::new(),
+                closed: false,
+            }),
+            progress: Notify::new(),
+            manifest: manifest.clone(),
+        });
+        lock(&self.open).insert(id.to_string(), open.clone());
+        self.work.send_modify(|g| *g += 1);
+        info!(round, attempt, selected = ?selected, "round started");
+        self.emit(
+            id,
+            EventKind::RoundStarted,
+            round,
+            "",
+            format!("attempt {attempt}: selected {}", selected.join(", ")),
+        );
+
+        // Collect until every selected site delivered or refused, or the deadline.
+        let mut interrupted = false;
+        loop {
+            {
+                let acc = open.lock();
+                if acc.received.len() + acc.refused.len() >= selected.len() {
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = open.progress.notified() => {}
+                _ = tokio::time::sleep_until(deadline.into()) => break,
+                _ = control.changed() => if *control.borrow() == Control::Abort { interrupted = true; break },
+                _ = self.shutdown.cancelled() => { interrupted = true; break },
+            }
+        }
+        let acc = {
+            let mut acc = open.lock();
+            acc.closed = true;
+            std::mem::replace(&mut acc.sum, WeightedSum::new(0))
+        };
+        let received: Vec<(String, u64, Option<f64>)> = open
+            .lock()
+            .received
+            .iter()
+            .map(|(s, r)| (s.clone(), r.examples, r.train_loss))
+            .collect();
+        lock(&self.open).remove(id);
+        let contributors: Vec<String> = received.iter().map(|r| r.0.clone()).collect();
+        if interrupted {
+            let reason = if self.shutdown.is_cancelled() {
+                "coordinator shutting down"
+            } else {
+                "study aborted"
+            };
+            self.fail_round(
+                id,
+                round,
+                attempt,
+                selected,
+                contributors,
+                started_ms,
+                reason.into(),
+            )?;
+            return Ok(RoundOutcome::Interrupted);
+        }
+        if received.len() < min_sites {
+            let reason = format!(
+                "{} of {} selected sites delivered an update before the deadline; the quorum is {min_sites}",
+                received.len(),
+                selected.len()
+            );
+            return self.fail_round(
+                id,
+                round,
+                attempt,
+                selected,
+                contributors,
+                started_ms,
+                reason,
+            );
+        }
+
+        // Aggregate and commit durably before announcing the new model.
+        let losses: Vec<f64> = received.iter().filter_map(|r| r.2).collect();
+        let record = RoundRecord {
+            round,
+            attempt,
+            committed: true,
+            selected,
+            contributors,
+            num_examples: received.iter().map(|r| r.1).sum(),
+            mean_train_loss: (!losses.is_empty())
+                .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+            started_ms,
+            finished_ms: now_ms(),
+            reason: String::new(),
+        };
+        let engine = self.clone();
+        let study_id = id.to_string();
+        let rec = record.clone();
+        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc))
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("commit task failed: {e}")))??;
+        info!(
+            round,
+            n_updates = record.contributors.len(),
+            "round committed"
+        );
+        self.emit(
+            id,
+            EventKind::RoundCommitted,
+            round,
+            "",
+            format!(
+                "{} updates, {} examples",
+                record.contributors.len(),
+                record.num_examples
+            ),
+        );
+        Ok(RoundOutcome::Committed)
+    }
+
+    fn commit(
+        &self,
+        id: &str,
+        record: &RoundRecord,
+        acc: &WeightedSum,
+    ) -> Result<(), ServiceError> {
+        let mut model = self.store.load_model(id, record.round - 1)?;
+        acc.apply_mean_to(&mut model)
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        let _guard = lock(&self.study_lock);
+        let mut study = self.study(id)?;
+        study.rounds_completed = record.round;
+        self.store.commit_round(&study, record, &model)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)] // one record's fields, named at the call sites
+    fn fail_round(
+        &self,
+        id: &str,
+        round: u32,
+        attempt: u32,
+        selected: Vec<String>,
+        contributors: Vec<String>,
+        started_ms: u64,
+        reason: String,
+    ) -> Result<RoundOutcome, ServiceError> {
+        let record = RoundRecord {
+            round,
+            attempt,
+            committed: false,
+            selected,
+            contributors,
+            num_examples: 0,
+            mean_train_loss: None,
+            started_ms,
+            finished_ms: now_ms(),
+            reason: reason.clone(),
+        };
+        self.store.record_failed_round(id, &record)?;
+        warn!(round, attempt, %reason, "round failed");
+        self.emit(
+            id,
+            EventKind::RoundFailed,
+            round,
+            "",
+            format!("attempt {attempt}: {reason}"),
+        );
+        Ok(RoundOutcome::Failed(reason))
+    }
+}
+
+enum RoundOutcome {
+    Committed,
+    Failed(String),
+    Interrupted,
+}

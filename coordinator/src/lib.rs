@@ -1,0 +1,184 @@
+//! The medfl coordinator: a gRPC server over mutual TLS that runs training studies
+//! across hospital sites: studies and their manifests, the round engine, streaming
+//! FedAvg aggregation, the sled store, and the consortium PKI.
+//!
+//! It never sees patient rows: sites send model updates only. It never trusts a
+//! message for who is calling: roles come from verified certificates (see [`auth`]).
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod pki;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use medfl_proto::transport::Profile;
+use medfl_proto::v1::{
+    admin_server::AdminServer, audit_server::AuditServer, site_server::SiteServer,
+};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::RoleGate;
+use crate::engine::{Engine, EngineConfig};
+use crate::service::{AdminService, AuditService, SiteService};
+use crate::store::Store;
+
+/// `coordinator.toml`. Relative paths are relative to the file's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Address to listen on, e.g. `0.0.0.0:7443`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory of the sled store.
+    pub store: PathBuf,
+    /// The coordinator's identity bundle (`profile.toml` or its directory).
+    pub profile: PathBuf,
+    /// Seconds without contact after which a site is not selected.
+    #[serde(default = "default_liveness")]
+    pub liveness_timeout_secs: u64,
+    /// Memory for decoding uploads in flight, MiB.
+    #[serde(default = "default_staging")]
+    pub staging_budget_mib: u64,
+    /// sled page cache, MiB.
+    #[serde(default = "default_cache")]
+    pub store_cache_mib: u64,
+    /// Seconds to settle the open round and flush on shutdown.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+fn default_liveness() -> u64 {
+    30
+}
+fn default_staging() -> u64 {
+    64
+}
+fn default_cache() -> u64 {
+    64
+}
+fn default_grace() -> u64 {
+    10
+}
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub store: PathBuf,
+    pub profile: Profile,
+    pub engine: EngineConfig,
+    pub store_cache_bytes: u64,
+    pub grace: Duration,
+}
+
+impl Settings {
+    /// Reads and validates `coordinator.toml`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let file: ConfigFile =
+            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base)
+    }
+
+    pub fn from_file(file: ConfigFile, base: &Path) -> Result<Self> {
+        let profile =
+            Profile::load(&base.join(&file.profile)).context("load the coordinator's profile")?;
+        if profile.file.role != "coordinator" {
+            anyhow::bail!(
+                "profile {} is for role {:?}; the coordinator needs a coordinator certificate",
+                file.profile.display(),
+                profile.file.role
+            );
+        }
+        if file.liveness_timeout_secs == 0 {
+            anyhow::bail!("liveness_timeout_secs must be at least 1");
+        }
+        Ok(Settings {
+            listen: file.listen,
+            store: base.join(&file.store),
+            profile,
+            engine: EngineConfig {
+                liveness_timeout: Duration::from_secs(file.liveness_timeout_secs),
+                staging_budget_bytes: file.staging_budget_mib << 20,
+            },
+            store_cache_bytes: file.store_cache_mib << 20,
+            grace: Duration::from_secs(file.shutdown_grace_secs),
+        })
+    }
+}
+
+/// Serves until `shutdown` fires, then stops taking RPCs, settles the open rounds
+/// (they are recorded as interrupted and resume on restart) and flushes the store.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let tls = tls::server_config(&settings.profile)?;
+    let store = Store::open(&settings.store, settings.store_cache_bytes)
+        .with_context(|| format!("open sled store {}", settings.store.display()))?;
+    let tracker = TaskTracker::new();
+    let engine = Engine::new(
+        store.clone(),
+        settings.engine.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    );
+    engine.resume_running().context("resume running studies")?;
+    info!(addr = %listener.local_addr()?, "coordinator listening (mTLS, TLS 1.3)");
+
+    let incoming = tls::incoming(listener, tls, shutdown.clone());
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(SiteServer::with_interceptor(
+            SiteService {
+                engine: engine.clone(),
+            },
+            RoleGate::SITE,
+        ))
+        .add_service(AdminServer::with_interceptor(
+            AdminService {
+                engine: engine.clone(),
+            },
+            RoleGate::ADMIN,
+        ))
+        .add_service(AuditServer::with_interceptor(
+            AuditService {
+                engine: engine.clone(),
+            },
+            RoleGate::AUDIT,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+        .await
+        .context("serve gRPC")?;
+
+    tracker.close();
+    if tokio::time::timeout(settings.grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?settings.grace, "study drivers did not settle within the grace period");
+    }
+    store.flush().context("flush store")?;
+    info!("coordinator stopped");
+    Ok(())
+}

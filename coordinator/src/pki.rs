@@ -1,0 +1,210 @@
+//! The consortium PKI: a CA, and certificates that name their holder as
+//! `spiffe://medfl/<role>/<name>`, written as ready-to-use profile bundles.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use medfl_proto::transport::{PROFILE_FILE, ProfileFile};
+use medfl_shared::identity::{Identity, Role};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca.key";
+const CONSORTIUM_FILE: &str = "consortium.toml";
+
+/// Where members reach the coordinator; recorded when its certificate is issued and
+/// used as the default in every later bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consortium {
+    pub coordinator: String,
+    pub server_name: String,
+}
+
+/// Creates a consortium CA in `dir` (refuses to overwrite one).
+pub fn init(dir: &Path) -> Result<()> {
+    if dir.join(CA_KEY).exists() {
+        bail!(
+            "{} already holds a CA; refusing to overwrite it",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let key = KeyPair::generate().context("generate CA key")?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "medfl consortium CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(3650);
+    let cert = params.self_signed(&key).context("sign CA certificate")?;
+    write_file(&dir.join(CA_CERT), &cert.pem())?;
+    write_secret(&dir.join(CA_KEY), &key.serialize_pem())?;
+    Ok(())
+}
+
+/// What to put in one issued certificate and its bundle.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    pub identity: Identity,
+    pub dns: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    pub days: i64,
+    /// Coordinator URL for the profile; defaults to the consortium's.
+    pub coordinator: Option<String>,
+}
+
+/// Issues a key and certificate signed by the CA in `dir` and writes the bundle
+/// `dir/<name>/{cert.pem,key.pem,ca.pem,profile.toml}`; returns the bundle directory.
+pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
+    let ca_pem = std::fs::read_to_string(dir.join(CA_CERT))
+        .with_context(|| format!("read the CA in {}", dir.display()))?;
+    let ca_key_pem = std::fs::read_to_string(dir.join(CA_KEY))
+        .with_context(|| format!("read the CA key in {}", dir.display()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).context("parse CA key")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parse CA certificate")?;
+
+    let mut dns = req.dns.clone();
+    let mut ips = req.ips.clone();
+    if req.identity.role == Role::Coordinator && dns.is_empty() && ips.is_empty() {
+        dns.push("localhost".into());
+        ips.push(IpAddr::from([127, 0, 0, 1]));
+    }
+    let key = KeyPair::generate().context("generate key")?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, req.identity.to_string());
+    params.subject_alt_names.push(SanType::URI(
+        req.identity.uri().try_into().context("identity URI")?,
+    ));
+    for name in &dns {
+        params.subject_alt_names.push(SanType::DnsName(
+            name.clone()
+                .try_into()
+                .with_context(|| format!("DNS name {name:?}"))?,
+        ));
+    }
+    for ip in &ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(req.days.max(1));
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("sign certificate")?;
+
+    let consortium = if req.identity.role == Role::Coordinator {
+        let c = Consortium {
+            coordinator: req.coordinator.clone().unwrap_or_else(|| {
+                format!(
+                    "https://{}:7443",
+                    dns.first().cloned().unwrap_or_else(|| ips[0].to_string())
+                )
+            }),
+            server_name: dns.first().cloned().unwrap_or_else(|| ips[0].to_string()),
+        };
+        write_file(&dir.join(CONSORTIUM_FILE), &toml::to_string(&c)?)?;
+        c
+    } else {
+        let mut c = load_consortium(dir).unwrap_or(Consortium {
+            coordinator: "https://localhost:7443".into(),
+            server_name: "localhost".into(),
+        });
+        if let Some(addr) = &req.coordinator {
+            c.coordinator = addr.clone();
+        }
+        c
+    };
+
+    let bundle = dir.join(req.identity.name.as_str());
+    std::fs::create_dir_all(&bundle).with_context(|| format!("create {}", bundle.display()))?;
+    write_file(&bundle.join("cert.pem"), &cert.pem())?;
+    write_secret(&bundle.join("key.pem"), &key.serialize_pem())?;
+    write_file(&bundle.join("ca.pem"), &ca_pem)?;
+    let profile = ProfileFile {
+        role: req.identity.role.to_string(),
+        name: req.identity.name.to_string(),
+        coordinator: consortium.coordinator,
+        server_name: consortium.server_name,
+        cert: "cert.pem".into(),
+        key: "key.pem".into(),
+        ca: "ca.pem".into(),
+    };
+    write_file(&bundle.join(PROFILE_FILE), &toml::to_string(&profile)?)?;
+    Ok(bundle)
+}
+
+fn load_consortium(dir: &Path) -> Option<Consortium> {
+    toml::from_str(&std::fs::read_to_string(dir.join(CONSORTIUM_FILE)).ok()?).ok()
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_their_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path()).expect("init CA");
+        assert!(
+            init(dir.path()).is_err(),
+            "a second init must not overwrite the CA"
+        );
+        let identity = Identity::new(Role::Site, "hospital-a".parse().expect("name"));
+        let bundle = issue(
+            dir.path(),
+            &IssueRequest {
+                identity: identity.clone(),
+                dns: vec![],
+                ips: vec![],
+                days: 30,
+                coordinator: None,
+            },
+        )
+        .expect("issue");
+        let profile = medfl_proto::transport::Profile::load(&bundle).expect("load profile");
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(profile.cert_pem.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .expect("cert pem");
+        assert_eq!(Identity::from_cert_der(&der).expect("identity"), identity);
+    }
+}

@@ -1,0 +1,633 @@
+//! The gRPC adapters: medfl.v1 Site, Admin and Audit services over the [`Engine`].
+//! Wire messages are converted and validated here, once, on receipt.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use medfl_proto::v1 as pb;
+use medfl_shared::chunk::ChunkCursor;
+use medfl_shared::manifest::StudyManifest;
+use medfl_shared::model::TensorSpec;
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, instrument};
+
+use crate::auth::caller;
+use crate::engine::{Engine, Event, EventKind, StudyView};
+use crate::error::ServiceError;
+use crate::store::{DatasetRecord, StudyRecord, StudyState};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Longest a PollWork call is held open.
+const MAX_POLL: Duration = Duration::from_secs(30);
+/// Longest text field accepted from a caller (names, reasons, versions).
+const MAX_TEXT: usize = 4096;
+/// Largest manifest accepted.
+const MAX_MANIFEST: usize = 256 * 1024;
+
+fn check_text(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > MAX_TEXT {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; the limit is {MAX_TEXT}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn state_pb(state: StudyState) -> pb::StudyState {
+    match state {
+        StudyState::Created => pb::StudyState::Created,
+        StudyState::Running => pb::StudyState::Running,
+        StudyState::Paused => pb::StudyState::Paused,
+        StudyState::Completed => pb::StudyState::Completed,
+        StudyState::Aborted => pb::StudyState::Aborted,
+        StudyState::Failed => pb::StudyState::Failed,
+    }
+}
+
+fn info_pb(s: &StudyRecord) -> pb::StudyInfo {
+    pb::StudyInfo {
+        study_id: s.id.clone(),
+        name: s.name.clone(),
+        manifest_hash: s.manifest_hash.clone(),
+        state: state_pb(s.state) as i32,
+        rounds_completed: s.rounds_completed,
+        rounds_total: s.rounds_total,
+        created_unix_ms: s.created_ms,
+        reason: s.reason.clone(),
+    }
+}
+
+fn status_pb(v: StudyView) -> pb::StudyStatus {
+    pb::StudyStatus {
+        info: Some(info_pb(&v.study)),
+        rounds: v
+            .rounds
+            .into_iter()
+            .map(|r| pb::RoundRecord {
+                round: r.round,
+                committed: r.committed,
+                selected: r.selected,
+                contributors: r.contributors,
+                num_examples: r.num_examples,
+                mean_train_loss: r.mean_train_loss.unwrap_or(f64::NAN),
+                started_unix_ms: r.started_ms,
+                finished_unix_ms: r.finished_ms,
+                reason: r.reason,
+                attempt: r.attempt,
+            })
+            .collect(),
+        refusals: v
+            .refusals
+            .into_iter()
+            .map(|r| pb::Refusal {
+                site: r.site,
+                round: r.round,
+                reason: r.reason,
+                at_unix_ms: r.at_ms,
+            })
+            .collect(),
+        open_round: v.open.map(|o| pb::OpenRound {
+            round: o.round,
+            selected: o.selected,
+            received: o.received,
+            deadline_unix_ms: o.deadline_ms,
+            min_sites: o.min_sites,
+        }),
+    }
+}
+
+fn event_kind_pb(kind: &EventKind) -> pb::EventKind {
+    match kind {
+        EventKind::StateChanged => pb::EventKind::StateChanged,
+        EventKind::RoundStarted => pb::EventKind::RoundStarted,
+        EventKind::UpdateReceived => pb::EventKind::UpdateReceived,
+        EventKind::RoundCommitted => pb::EventKind::RoundCommitted,
+        EventKind::RoundFailed => pb::EventKind::RoundFailed,
+        EventKind::SiteRefused => pb::EventKind::SiteRefused,
+    }
+}
+
+fn tensors_pb(layout: &[TensorSpec]) -> Vec<pb::TensorSpec> {
+    layout
+        .iter()
+        .map(|t| pb::TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+        })
+        .collect()
+}
+
+/// Streams a committed model: a header, then its chunks read lazily from the store.
+fn model_stream(
+    engine: Arc<Engine>,
+    study: &StudyRecord,
+    round: u32,
+) -> Result<BoxStream<pb::ModelChunk>, ServiceError> {
+    let manifest = StudyManifest::from_toml(&study.manifest_toml)
+        .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+    if engine.store.model_chunk(&study.id, round, 0)?.is_none() {
+        return Err(ServiceError::NotFound(format!(
+            "study {} has no committed model for round {round}",
+            study.id
+        )));
+    }
+    let header = pb::ModelChunk {
+        body: Some(pb::model_chunk::Body::Header(pb::ModelHeader {
+            study_id: study.id.clone(),
+            round,
+            manifest_hash: study.manifest_hash.clone(),
+            tensors: tensors_pb(&manifest.layout()),
+            num_params: manifest.num_params(),
+        })),
+    };
+    let id = study.id.clone();
+    let chunks = futures::stream::unfold((0usize, 0u64), move |(index, offset)| {
+        let engine = engine.clone();
+        let id = id.clone();
+        async move {
+            match engine.store.model_chunk(&id, round, index) {
+                Ok(Some(bytes)) => {
+                    let chunk = pb::ModelChunk {
+                        body: Some(pb::model_chunk::Body::Data(pb::DataChunk {
+                            seq: index as u64,
+                            offset,
+                            values: bytes.to_vec(),
+                        })),
+                    };
+                    Some((Ok(chunk), (index + 1, offset + bytes.len() as u64 / 4)))
+                }
+                Ok(None) => None,
+                Err(e) => Some((
+                    Err(Status::from(ServiceError::from(e))),
+                    (usize::MAX, offset),
+                )),
+            }
+        }
+    });
+    Ok(Box::pin(
+        futures::stream::once(async move { Ok(header) }).chain(chunks),
+    ))
+}
+
+// ---------------------------------------------------------------------- site
+
+#[derive(Debug, Clone)]
+pub struct SiteService {
+    pub engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl pb::site_server::Site for SiteService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let req = request.into_inner();
+        check_text("agent_version", &req.agent_version)?;
+        if req.datasets.len() > 256 {
+            return Err(Status::invalid_argument(
+                "at most 256 datasets may be registered",
+            ));
+        }
+        let mut datasets = Vec::with_capacity(req.datasets.len());
+        for d in req.datasets {
+            check_text("dataset name", &d.name)?;
+            if d.columns.len() > 100_000 || d.columns.iter().any(|c| c.len() > MAX_TEXT) {
+                return Err(Status::invalid_argument(format!(
+                    "dataset {:?} lists too many or too long columns",
+                    d.name
+                )));
+            }
+            datasets.push(DatasetRecord {
+                name: d.name,
+                columns: d.columns,
+            });
+        }
+        self.engine
+            .register_site(&site, req.agent_version, datasets)?;
+        Ok(Response::new(pb::RegisterResponse {
+            site_name: site,
+            heartbeat_interval_ms: 5000,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let site = caller(&request)?.name.to_string();
+        self.engine.require_registered(&site)?;
+        self.engine.touch(&site);
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn poll_work(
+        &self,
+        request: Request<pb::PollWorkRequest>,
+    ) -> Result<Response<pb::PollWorkResponse>, Status> {
+        let site = caller(&request)?.name.to_string();
+        self.engine.require_registered(&site)?;
+        let wait = Duration::from_millis(request.get_ref().wait_ms as u64).min(MAX_POLL);
+        let work = self
+            .engine
+            .poll_work(&site, wait)
+            .await
+            .map(|w| pb::WorkItem {
+                study_id: w.study_id,
+                round: w.round,
+                manifest_hash: w.manifest_hash,
+                manifest_toml: w.manifest_toml,
+                deadline_unix_ms: w.deadline_ms,
+                num_params: w.num_params,
+            });
+        Ok(Response::new(pb::PollWorkResponse { work }))
+    }
+
+    type DownloadModelStream = BoxStream<pb::ModelChunk>;
+
+    async fn download_model(
+        &self,
+        request: Request<pb::DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let req = request.into_inner();
+        let open = self.engine.open_round(&req.study_id, req.round)?;
+        if !open.is_selected(&site) {
+            return Err(Status::permission_denied(format!(
+                "site {site} is not selected for round {} of study {}",
+                req.round, req.study_id
+            )));
+        }
+        self.engine.touch(&site);
+        let study = self.engine.study(&req.study_id)?;
+        Ok(Response::new(model_stream(
+            self.engine.clone(),
+            &study,
+            req.round - 1,
+        )?))
+    }
+
+    #[instrument(skip_all, fields(site))]
+    async fn upload_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::UploadReceipt>, Status> {
+        let site = caller(&request)?.name.to_string();
+        tracing::Span::current().record("site", site.as_str());
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::UpdateChunk {
+                body: Some(pb::update_chunk::Body::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an update stream must start with an UpdateHeader",
+                ));
+            }
+        };
+        check_text("update_id", &header.update_id)?;
+        let open = self.engine.open_round(&header.study_id, header.round)?;
+        if !open.is_selected(&site) {
+            return Err(Status::permission_denied(format!(
+                "site {site} was not selected for round {} of study {}",
+                header.round, header.study_id
+            )));
+        }
+        if let Some(previous) = open.received_update(&site) {
+            if previous == header.update_id {
+                // A retried delivery of an update already folded: acknowledge, fold nothing.
+                return Ok(Response::new(pb::UploadReceipt {
+                    update_id: previous,
+                    values_received: header.num_params,
+                }));
+            }
+            return Err(Status::already_exists(format!(
+                "site {site} already delivered update {previous} for round {}",
+                header.round
+            )));
+        }
+        let want = open.manifest.num_params();
+        let layout = open.manifest.layout();
+        if header.num_params != want || header.tensors != tensors_pb(&layout) {
+            let shapes: Vec<String> = layout
+                .iter()
+                .map(|t| format!("{}{:?}", t.name, t.shape))
+                .collect();
+            return Err(Status::invalid_argument(format!(
+                "update shape does not match the study's model: got {} values in {} tensors, the model has {want} values in {}",
+                header.num_params,
+                header.tensors.len(),
+                shapes.join(", ")
+            )));
+        }
+        if header.num_examples == 0 || header.num_examples > 1_000_000_000 {
+            return Err(Status::invalid_argument(format!(
+                "num_examples = {} is outside 1..=10^9",
+                header.num_examples
+            )));
+        }
+
+        let mut staging = self.engine.staging_buffer(want as usize).await;
+        let mut cursor = ChunkCursor::new(want);
+        while let Some(msg) = stream.message().await? {
+            if !open.is_open() {
+                return Err(Status::failed_precondition(format!(
+                    "round {} of study {} closed while the update was streaming",
+                    header.round, header.study_id
+                )));
+            }
+            match msg.body {
+                Some(pb::update_chunk::Body::Data(chunk)) => {
+                    cursor
+                        .decode_into(chunk.seq, chunk.offset, &chunk.values, &mut staging.values)
+                        .map_err(ServiceError::from)?;
+                }
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "only DataChunk messages may follow the UpdateHeader",
+                    ));
+                }
+            }
+        }
+        cursor.finish().map_err(ServiceError::from)?;
+
+        let engine = self.engine.clone();
+        let update_id = header.update_id.clone();
+        let examples = header.num_examples;
+        let site_name = site.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = engine.fold(&open, &site_name, &update_id, examples, &staging.values);
+            drop(staging);
+            result
+        })
+        .await
+        .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
+        self.engine.touch(&site);
+        Ok(Response::new(pb::UploadReceipt {
+            update_id: header.update_id,
+            values_received: want,
+        }))
+    }
+
+    async fn report_refusal(
+        &self,
+        request: Request<pb::RefusalReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let req = request.into_inner();
+        if req.reason.len() > 16 * 1024 {
+            return Err(Status::invalid_argument(
+                "a refusal reason is limited to 16 KiB",
+            ));
+        }
+        self.engine
+            .refuse(&site, &req.study_id, req.round, &req.reason)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn report_metrics(
+        &self,
+        request: Request<pb::MetricsReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let req = request.into_inner();
+        if !req.train_loss.is_finite() {
+            return Err(Status::invalid_argument("train_loss must be finite"));
+        }
+        self.engine
+            .report_metrics(&site, &req.study_id, req.round, req.train_loss);
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+// ---------------------------------------------------------------------- admin
+
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    pub engine: Arc<Engine>,
+}
+
+fn event_pb(engine: &Engine, e: Event) -> Result<pb::StudyEvent, Status> {
+    let status = engine.view(&e.study_id).map(status_pb)?;
+    Ok(pb::StudyEvent {
+        study_id: e.study_id,
+        kind: event_kind_pb(&e.kind) as i32,
+        round: e.round,
+        site: e.site,
+        message: e.message,
+        at_unix_ms: e.at_ms,
+        status: Some(status),
+    })
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_study(
+        &self,
+        request: Request<pb::CreateStudyRequest>,
+    ) -> Result<Response<pb::StudyInfo>, Status> {
+        let admin = caller(&request)?.to_string();
+        let req = request.into_inner();
+        if req.manifest_toml.len() > MAX_MANIFEST {
+            return Err(Status::invalid_argument(format!(
+                "manifest is {} bytes; the limit is {MAX_MANIFEST}",
+                req.manifest_toml.len()
+            )));
+        }
+        let study = self.engine.create_study(&req.manifest_toml, &admin)?;
+        info!(study = %study.id, %admin, "study created by admin");
+        Ok(Response::new(info_pb(&study)))
+    }
+
+    async fn list_studies(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::StudyList>, Status> {
+        let studies = self.engine.store.studies().map_err(ServiceError::from)?;
+        Ok(Response::new(pb::StudyList {
+            studies: studies.iter().map(info_pb).collect(),
+        }))
+    }
+
+    async fn start_study(
+        &self,
+        request: Request<pb::StudyRef>,
+    ) -> Result<Response<pb::StudyInfo>, Status> {
+        Ok(Response::new(info_pb(
+            &self.engine.start_study(&request.get_ref().study_id)?,
+        )))
+    }
+
+    async fn pause_study(
+        &self,
+        request: Request<pb::StudyRef>,
+    ) -> Result<Response<pb::StudyInfo>, Status> {
+        Ok(Response::new(info_pb(
+            &self.engine.pause_study(&request.get_ref().study_id)?,
+        )))
+    }
+
+    async fn resume_study(
+        &self,
+        request: Request<pb::StudyRef>,
+    ) -> Result<Response<pb::StudyInfo>, Status> {
+        Ok(Response::new(info_pb(
+            &self.engine.resume_study(&request.get_ref().study_id)?,
+        )))
+    }
+
+    async fn abort_study(
+        &self,
+        request: Request<pb::StudyRef>,
+    ) -> Result<Response<pb::StudyInfo>, Status> {
+        Ok(Response::new(info_pb(
+            &self.engine.abort_study(&request.get_ref().study_id)?,
+        )))
+    }
+
+    async fn get_study_status(
+        &self,
+        request: Request<pb::StudyRef>,
+    ) -> Result<Response<pb::StudyStatus>, Status> {
+        Ok(Response::new(status_pb(
+            self.engine.view(&request.get_ref().study_id)?,
+        )))
+    }
+
+    type WatchStudyStream = BoxStream<pb::StudyEvent>;
+
+    async fn watch_study(
+        &self,
+        request: Request<pb::StudyRef>,
+    ) -> Result<Response<Self::WatchStudyStream>, Status> {
+        let id = request.into_inner().study_id;
+        let events = BroadcastStream::new(self.engine.subscribe());
+        let snapshot = pb::StudyEvent {
+            study_id: id.clone(),
+            kind: pb::EventKind::Snapshot as i32,
+            status: Some(status_pb(self.engine.view(&id)?)),
+            at_unix_ms: medfl_shared::unix_ms(std::time::SystemTime::now()),
+            ..Default::default()
+        };
+        let engine = self.engine.clone();
+        let watched = id.clone();
+        let updates = events.filter_map(move |e| {
+            let engine = engine.clone();
+            let watched = watched.clone();
+            async move {
+                match e {
+                    Ok(e) if e.study_id == watched => Some(event_pb(&engine, e)),
+                    Ok(_) => None,
+                    // The watcher fell behind: send a fresh snapshot instead of the lost events.
+                    Err(_) => Some(
+                        engine
+                            .view(&watched)
+                            .map(status_pb)
+                            .map_err(Status::from)
+                            .map(|s| pb::StudyEvent {
+                                study_id: watched.clone(),
+                                kind: pb::EventKind::Snapshot as i32,
+                                status: Some(s),
+                                ..Default::default()
+                            }),
+                    ),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            futures::stream::once(async move { Ok(snapshot) }).chain(updates),
+        )))
+    }
+
+    type ExportModelStream = BoxStream<pb::ModelChunk>;
+
+    async fn export_model(
+        &self,
+        request: Request<pb::ExportModelRequest>,
+    ) -> Result<Response<Self::ExportModelStream>, Status> {
+        let req = request.into_inner();
+        let study = self.engine.study(&req.study_id)?;
+        let round = if req.round == 0 {
+            study.rounds_completed
+        } else {
+            req.round
+        };
+        if round > study.rounds_completed {
+            return Err(Status::not_found(format!(
+                "study {} has committed {} rounds; round {round} does not exist yet",
+                study.id, study.rounds_completed
+            )));
+        }
+        Ok(Response::new(model_stream(
+            self.engine.clone(),
+            &study,
+            round,
+        )?))
+    }
+
+    async fn list_sites(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::SiteList>, Status> {
+        let sites = self.engine.sites()?;
+        let sites = sites
+            .into_iter()
+            .map(|s| {
+                let last_seen = self.engine.last_seen(&s.name).map(|t| {
+                    medfl_shared::unix_ms(std::time::SystemTime::now())
+                        .saturating_sub(t.elapsed().as_millis() as u64)
+                });
+                pb::SiteInfo {
+                    connected: self.engine.is_connected(&s.name),
+                    last_seen_unix_ms: last_seen.unwrap_or(0),
+                    datasets: s
+                        .datasets
+                        .into_iter()
+                        .map(|d| pb::DatasetInfo {
+                            name: d.name,
+                            columns: d.columns,
+                        })
+                        .collect(),
+                    agent_version: s.agent_version,
+                    name: s.name,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::SiteList { sites }))
+    }
+}
+
+// ---------------------------------------------------------------------- audit
+
+#[derive(Debug, Clone)]
+pub struct AuditService {
+    pub engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl pb::audit_server::Audit for AuditService {
+    async fn list_studies(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::StudyList>, Status> {
+        let studies = self.engine.store.studies().map_err(ServiceError::from)?;
+        Ok(Response::new(pb::StudyList {
+            studies: studies.iter().map(info_pb).collect(),
+        }))
+    }
+
+    async fn get_study_status(
+        &self,
+        request: Request<pb::StudyRef>,
+    ) -> Result<Response<pb::StudyStatus>, Status> {
+        Ok(Response::new(status_pb(
+            self.engine.view(&request.get_ref().study_id)?,
+        )))
+    }
+}

@@ -1,0 +1,13 @@
+//! Generates the medfl.v1 tonic/prost code from `proto/` with protox, a pure-Rust
+//! protobuf compiler, so a fresh machine needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let file = "proto/medfl/v1/medfl.proto";
+    println!("cargo:rerun-if-changed={file}");
+    let descriptors = protox::compile([file], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Identity profiles and mutually authenticated TLS channels to the coordinator.
+//!
+//! A profile is the bundle `medfl pki issue` writes: certificate, key, consortium CA
+//! and a `profile.toml` naming the coordinator. The CLI, the agent and the coordinator
+//! itself all load their identity through [`Profile::load`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The file name of a profile inside a bundle directory.
+pub const PROFILE_FILE: &str = "profile.toml";
+
+/// `profile.toml`. Relative paths are relative to the profile's own directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    /// `site`, `admin`, `auditor` or `coordinator`.
+    pub role: String,
+    pub name: String,
+    /// Coordinator URL, e.g. `https://coordinator.example.org:7443`.
+    pub coordinator: String,
+    /// The DNS name (or IP) in the coordinator's certificate.
+    pub server_name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// A loaded profile: the PEM material in memory.
+#[derive(Clone)]
+pub struct Profile {
+    pub file: ProfileFile,
+    pub dir: PathBuf,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The private key stays out of logs.
+        f.debug_struct("Profile")
+            .field("file", &self.file)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid coordinator address {addr:?}: {source}")]
+    Address {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("configure TLS: {0}")]
+    Tls(tonic::transport::Error),
+}
+
+fn read(path: &Path) -> Result<String, TransportError> {
+    std::fs::read_to_string(path).map_err(|source| TransportError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Profile {
+    /// Loads `path`, a `profile.toml` or the directory that holds one.
+    pub fn load(path: &Path) -> Result<Self, TransportError> {
+        let file_path = if path.is_dir() {
+            path.join(PROFILE_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let text = read(&file_path)?;
+        let file: ProfileFile = toml::from_str(&text).map_err(|source| TransportError::Parse {
+            path: file_path.clone(),
+            source,
+        })?;
+        let dir = file_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        Ok(Profile {
+            cert_pem: read(&dir.join(&file.cert))?,
+            key_pem: read(&dir.join(&file.key))?,
+            ca_pem: read(&dir.join(&file.ca))?,
+            file,
+            dir,
+        })
+    }
+
+    /// Returns an mTLS channel to the profile's coordinator (or to `coordinator` when
+    /// given). The channel connects lazily and reconnects by itself after a failure.
+    pub fn channel(&self, coordinator: Option<&str>) -> Result<Channel, TransportError> {
+        let addr = coordinator.unwrap_or(&self.file.coordinator).to_string();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .domain_name(self.file.server_name.clone());
+        let endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|source| TransportError::Address { addr, source })?
+            .tls_config(tls)
+            .map_err(TransportError::Tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        Ok(endpoint.connect_lazy())
+    }
+}

@@ -1,0 +1,293 @@
+//! Study manifests: what a study trains, on which data, with whom, and how.
+//!
+//! A manifest is content-addressed: [`StudyManifest::hash`] is the SHA-256 of its
+//! canonical JSON form (fields in declaration order, no maps), so the same study
+//! written with different TOML whitespace or key order has the same hash, and a site
+//! approves a hash, not a name.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::identity::Name;
+use crate::model::{ModelError, ModelSpec, TensorSpec};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyManifest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Rounds to commit before the study completes.
+    pub rounds: u32,
+    /// Seeds the initial model and the site sampling.
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub data: DataSchema,
+    #[serde(default)]
+    pub selection: Selection,
+    #[serde(default)]
+    pub training: Training,
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+/// Which dataset a study reads at each site, and which of its columns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSchema {
+    /// Name under which sites register the dataset.
+    pub dataset: String,
+    /// Binary label column (values 0 and 1).
+    pub label: String,
+    /// Feature columns, in model input order.
+    pub features: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Selection {
+    /// Sites allowed to take part; empty means every registered site.
+    pub sites: Vec<Name>,
+    /// Fraction of eligible connected sites sampled each round, in (0, 1].
+    pub fraction: f64,
+    /// Fewest updates a round needs to commit (its quorum).
+    pub min_sites: u32,
+    /// Seconds a selected site has to deliver its update.
+    pub round_deadline_secs: u64,
+    /// Attempts at one round before the study fails.
+    pub max_attempts: u32,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Selection {
+            sites: Vec::new(),
+            fraction: 1.0,
+            min_sites: 1,
+            round_deadline_secs: 120,
+            max_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    Sgd,
+    Adam,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Training {
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub optimizer: Optimizer,
+}
+
+impl Default for Training {
+    fn default() -> Self {
+        Training {
+            local_epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.05,
+            optimizer: Optimizer::Adam,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyKind {
+    FedAvg,
+}
+
+/// How FedAvg weighs each site's update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weighting {
+    /// By the number of local training examples (McMahan et al. 2017).
+    Examples,
+    /// Every site counts the same.
+    Uniform,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Strategy {
+    pub kind: StrategyKind,
+    pub weighting: Weighting,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy {
+            kind: StrategyKind::FedAvg,
+            weighting: Weighting::Examples,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("manifest is not valid TOML for a study: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid model: {0}")]
+    Model(#[from] ModelError),
+    #[error("invalid manifest: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ManifestError {
+    ManifestError::Invalid(msg.into())
+}
+
+impl StudyManifest {
+    /// Parses and validates a manifest.
+    pub fn from_toml(text: &str) -> Result<Self, ManifestError> {
+        let manifest: StudyManifest = toml::from_str(text)?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.name.trim().is_empty() || self.name.len() > 200 {
+            return Err(invalid("name must be 1 to 200 characters"));
+        }
+        if self.rounds == 0 || self.rounds > 100_000 {
+            return Err(invalid(format!(
+                "rounds = {} is outside 1..=100000",
+                self.rounds
+            )));
+        }
+        let data = &self.data;
+        if data.dataset.is_empty() || data.label.is_empty() {
+            return Err(invalid("data.dataset and data.label must be set"));
+        }
+        if data.features.is_empty() {
+            return Err(invalid("data.features must list at least one column"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &data.features {
+            if !seen.insert(f) {
+                return Err(invalid(format!("feature {f:?} is listed twice")));
+            }
+            if f == &data.label {
+                return Err(invalid(format!(
+                    "the label {f:?} is also listed as a feature"
+                )));
+            }
+        }
+        self.model.validate(data.features.len())?;
+        let sel = &self.selection;
+        if !(sel.fraction > 0.0 && sel.fraction <= 1.0) {
+            return Err(invalid(format!(
+                "selection.fraction = {} is outside (0, 1]",
+                sel.fraction
+            )));
+        }
+        if sel.min_sites == 0 {
+            return Err(invalid("selection.min_sites must be at least 1"));
+        }
+        if !sel.sites.is_empty() && (sel.sites.len() as u32) < sel.min_sites {
+            return Err(invalid(format!(
+                "selection.min_sites = {} but only {} sites are listed",
+                sel.min_sites,
+                sel.sites.len()
+            )));
+        }
+        if sel.round_deadline_secs == 0 || sel.round_deadline_secs > 7 * 24 * 3600 {
+            return Err(invalid(
+                "selection.round_deadline_secs must be 1 second to 7 days",
+            ));
+        }
+        if sel.max_attempts == 0 {
+            return Err(invalid("selection.max_attempts must be at least 1"));
+        }
+        let t = &self.training;
+        if t.local_epochs == 0 || t.local_epochs > 1000 {
+            return Err(invalid("training.local_epochs must be 1..=1000"));
+        }
+        if t.batch_size == 0 {
+            return Err(invalid("training.batch_size must be at least 1"));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0 && t.learning_rate <= 10.0) {
+            return Err(invalid(format!(
+                "training.learning_rate = {} is outside (0, 10]",
+                t.learning_rate
+            )));
+        }
+        Ok(())
+    }
+
+    /// Returns the hex SHA-256 of the canonical JSON form.
+    pub fn hash(&self) -> String {
+        crate::sha256_hex(&serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    pub fn n_features(&self) -> usize {
+        self.data.features.len()
+    }
+
+    pub fn layout(&self) -> Vec<TensorSpec> {
+        self.model.layout(self.n_features())
+    }
+
+    pub fn num_params(&self) -> u64 {
+        self.model.num_params(self.n_features())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+name = "bc"
+rounds = 3
+[model]
+kind = "mlp"
+hidden = [8]
+[data]
+dataset = "breast_cancer"
+label = "malignant"
+features = ["a", "b"]
+[selection]
+min_sites = 2
+"#;
+
+    #[test]
+    fn parses_defaults_and_hashes_canonically() {
+        let m = StudyManifest::from_toml(MANIFEST).expect("valid manifest");
+        assert_eq!(m.training, Training::default());
+        assert_eq!(m.num_params(), 3 * 8 + 9);
+        let reordered = StudyManifest::from_toml(&m.to_toml()).expect("re-serialized manifest");
+        assert_eq!(m.hash(), reordered.hash());
+        let mut other = m.clone();
+        other.rounds = 4;
+        assert_ne!(m.hash(), other.hash());
+    }
+
+    #[test]
+    fn refuses_unknown_fields_and_bad_values() {
+        let typo = MANIFEST.replace("rounds = 3", "rounds = 3\nroundz = 4");
+        assert!(matches!(
+            StudyManifest::from_toml(&typo),
+            Err(ManifestError::Parse(_))
+        ));
+        let label_as_feature = MANIFEST.replace(r#"["a", "b"]"#, r#"["a", "malignant"]"#);
+        let err = StudyManifest::from_toml(&label_as_feature).expect_err("label as feature");
+        assert!(
+            err.to_string().contains("also listed as a feature"),
+            "{err}"
+        );
+        let zero = MANIFEST.replace("rounds = 3", "rounds = 0");
+        assert!(StudyManifest::from_toml(&zero).is_err());
+    }
+}

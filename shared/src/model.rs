@@ -1,0 +1,347 @@
+//! Model specifications, their flat parameter layout, initialization, inference and
+//! the change of input coordinates that lets each site standardize its own features.
+//!
+//! A model's parameters travel and are stored as one flat `f32` vector: the tensors of
+//! [`ModelSpec::layout`] in order, each row-major. Every layer is `weight [out, in]`
+//! then `bias [out]`; hidden layers use ReLU and the single output is a logit.
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Largest model the coordinator accepts: 2^31 values (8 GiB of f32).
+pub const MAX_PARAMS: u64 = 1 << 31;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    LogisticRegression,
+    Mlp,
+}
+
+/// The model part of a study manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    /// Hidden layer widths of an MLP; empty for logistic regression.
+    #[serde(default)]
+    pub hidden: Vec<usize>,
+}
+
+/// One named tensor of a layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<u64>,
+}
+
+impl TensorSpec {
+    pub fn len(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ModelError {
+    #[error("logistic regression takes no hidden layers (got {0:?})")]
+    HiddenOnLinear(Vec<usize>),
+    #[error("an MLP needs at least one hidden layer")]
+    NoHidden,
+    #[error("hidden layer width {0} is outside 1..=65536")]
+    BadWidth(usize),
+    #[error("model needs at least one input feature")]
+    NoFeatures,
+    #[error("model has {0} parameters, more than the limit of {MAX_PARAMS}")]
+    TooLarge(u64),
+    #[error("parameter vector has {got} values, the model needs {want}")]
+    WrongLength { got: usize, want: usize },
+}
+
+impl ModelSpec {
+    pub fn validate(&self, n_features: usize) -> Result<(), ModelError> {
+        if n_features == 0 {
+            return Err(ModelError::NoFeatures);
+        }
+        match self.kind {
+            ModelKind::LogisticRegression if !self.hidden.is_empty() => {
+                return Err(ModelError::HiddenOnLinear(self.hidden.clone()));
+            }
+            ModelKind::Mlp if self.hidden.is_empty() => return Err(ModelError::NoHidden),
+            _ => {}
+        }
+        if let Some(&w) = self.hidden.iter().find(|&&w| w == 0 || w > 65536) {
+            return Err(ModelError::BadWidth(w));
+        }
+        let n = self.num_params(n_features);
+        if n > MAX_PARAMS {
+            return Err(ModelError::TooLarge(n));
+        }
+        Ok(())
+    }
+
+    /// Returns `(in, out)` for each layer, input layer first, output (1 logit) last.
+    pub fn layer_dims(&self, n_features: usize) -> Vec<(usize, usize)> {
+        let mut dims = Vec::with_capacity(self.hidden.len() + 1);
+        let mut fan_in = n_features;
+        for &h in &self.hidden {
+            dims.push((fan_in, h));
+            fan_in = h;
+        }
+        dims.push((fan_in, 1));
+        dims
+    }
+
+    pub fn layout(&self, n_features: usize) -> Vec<TensorSpec> {
+        self.layer_dims(n_features)
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, (fan_in, fan_out))| {
+                [
+                    TensorSpec {
+                        name: format!("layers.{i}.weight"),
+                        shape: vec![fan_out as u64, fan_in as u64],
+                    },
+                    TensorSpec {
+                        name: format!("layers.{i}.bias"),
+                        shape: vec![fan_out as u64],
+                    },
+                ]
+            })
+            .collect()
+    }
+
+    pub fn num_params(&self, n_features: usize) -> u64 {
+        self.layer_dims(n_features)
+            .iter()
+            .map(|&(i, o)| (i as u64 + 1) * o as u64)
+            .sum()
+    }
+
+    /// Returns the initial global model: zeros for logistic regression; for an MLP,
+    /// weights uniform in ±1/√fan_in (the PyTorch `Linear` default) from `seed`, zero biases.
+    pub fn init(&self, n_features: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut params = Vec::with_capacity(self.num_params(n_features) as usize);
+        for (fan_in, fan_out) in self.layer_dims(n_features) {
+            let bound = if self.kind == ModelKind::LogisticRegression {
+                0.0
+            } else {
+                1.0 / (fan_in as f32).sqrt()
+            };
+            for _ in 0..fan_in * fan_out {
+                params.push(if bound > 0.0 {
+                    rng.random_range(-bound..bound)
+                } else {
+                    0.0
+                });
+            }
+            params.extend(std::iter::repeat_n(0.0, fan_out));
+        }
+        params
+    }
+
+    /// Returns the logit for each row of `x` (row-major, `n_features` columns).
+    pub fn logits(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        n_features: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let want = self.num_params(n_features) as usize;
+        if params.len() != want {
+            return Err(ModelError::WrongLength {
+                got: params.len(),
+                want,
+            });
+        }
+        let dims = self.layer_dims(n_features);
+        let rows = x.len() / n_features;
+        let mut out = Vec::with_capacity(rows);
+        let mut act = Vec::new();
+        let mut next = Vec::new();
+        for row in x.chunks_exact(n_features) {
+            act.clear();
+            act.extend_from_slice(row);
+            let mut at = 0;
+            for (layer, &(fan_in, fan_out)) in dims.iter().enumerate() {
+                let w = &params[at..at + fan_in * fan_out];
+                let b = &params[at + fan_in * fan_out..at + (fan_in + 1) * fan_out];
+                at += (fan_in + 1) * fan_out;
+                next.clear();
+                for o in 0..fan_out {
+                    let z: f32 = w[o * fan_in..(o + 1) * fan_in]
+                        .iter()
+                        .zip(&act)
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        + b[o];
+                    let last = layer + 1 == dims.len();
+                    next.push(if last { z } else { z.max(0.0) });
+                }
+                std::mem::swap(&mut act, &mut next);
+            }
+            out.push(act[0]);
+        }
+        Ok(out)
+    }
+
+    /// Returns P(label = 1) for each row.
+    pub fn predict_proba(
+        &self,
+        params: &[f32],
+        x: &[f32],
+        n_features: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        Ok(self
+            .logits(params, x, n_features)?
+            .into_iter()
+            .map(sigmoid)
+            .collect())
+    }
+}
+
+pub fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// A per-feature affine standardization `x_std = (x - center) / scale`, computed by a
+/// site from its own rows and never sent anywhere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Standardizer {
+    pub center: Vec<f32>,
+    pub scale: Vec<f32>,
+}
+
+impl Standardizer {
+    /// Fits mean and standard deviation per column; a constant column gets scale 1.
+    pub fn fit(x: &[f32], n_features: usize) -> Self {
+        let rows = (x.len() / n_features).max(1) as f64;
+        let mut mean = vec![0f64; n_features];
+        for row in x.chunks_exact(n_features) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += *v as f64;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= rows);
+        let mut var = vec![0f64; n_features];
+        for row in x.chunks_exact(n_features) {
+            for ((s, v), m) in var.iter_mut().zip(row).zip(&mean) {
+                *s += (*v as f64 - m).powi(2);
+            }
+        }
+        let scale = var
+            .iter()
+            .map(|s| {
+                let sd = (s / rows).sqrt();
+                if sd > 1e-12 { sd as f32 } else { 1.0 }
+            })
+            .collect();
+        Standardizer {
+            center: mean.into_iter().map(|m| m as f32).collect(),
+            scale,
+        }
+    }
+
+    pub fn apply(&self, x: &mut [f32]) {
+        let d = self.center.len();
+        for row in x.chunks_exact_mut(d) {
+            for ((v, c), s) in row.iter_mut().zip(&self.center).zip(&self.scale) {
+                *v = (*v - c) / s;
+            }
+        }
+    }
+
+    /// Rewrites the input layer of `params` (a model on raw features) into the
+    /// equivalent model on standardized features: `W' = W·diag(s)`, `b' = b + W·c`.
+    pub fn raw_to_standardized(&self, spec: &ModelSpec, params: &mut [f32]) {
+        let (fan_in, fan_out) = spec.layer_dims(self.center.len())[0];
+        let (w, rest) = params.split_at_mut(fan_in * fan_out);
+        for o in 0..fan_out {
+            let row = &mut w[o * fan_in..(o + 1) * fan_in];
+            let shift: f32 = row.iter().zip(&self.center).map(|(w, c)| w * c).sum();
+            rest[o] += shift;
+            row.iter_mut().zip(&self.scale).for_each(|(w, s)| *w *= s);
+        }
+    }
+
+    /// The inverse of [`Standardizer::raw_to_standardized`]: `W = W'·diag(1/s)`,
+    /// `b = b' − W·c`.
+    pub fn standardized_to_raw(&self, spec: &ModelSpec, params: &mut [f32]) {
+        let (fan_in, fan_out) = spec.layer_dims(self.center.len())[0];
+        let (w, rest) = params.split_at_mut(fan_in * fan_out);
+        for o in 0..fan_out {
+            let row = &mut w[o * fan_in..(o + 1) * fan_in];
+            row.iter_mut().zip(&self.scale).for_each(|(w, s)| *w /= s);
+            let shift: f32 = row.iter().zip(&self.center).map(|(w, c)| w * c).sum();
+            rest[o] -= shift;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mlp() -> ModelSpec {
+        ModelSpec {
+            kind: ModelKind::Mlp,
+            hidden: vec![4, 3],
+        }
+    }
+
+    #[test]
+    fn layout_matches_param_count() {
+        let spec = mlp();
+        let total: u64 = spec.layout(5).iter().map(TensorSpec::len).sum();
+        assert_eq!(total, spec.num_params(5));
+        assert_eq!(spec.num_params(5), (5 + 1) * 4 + (4 + 1) * 3 + (3 + 1));
+        assert_eq!(spec.init(5, 1).len() as u64, spec.num_params(5));
+    }
+
+    #[test]
+    fn validation_refuses_inconsistent_specs() {
+        let lr = ModelSpec {
+            kind: ModelKind::LogisticRegression,
+            hidden: vec![3],
+        };
+        assert!(matches!(lr.validate(4), Err(ModelError::HiddenOnLinear(_))));
+        let mlp0 = ModelSpec {
+            kind: ModelKind::Mlp,
+            hidden: vec![],
+        };
+        assert_eq!(mlp0.validate(4), Err(ModelError::NoHidden));
+        assert_eq!(mlp().validate(0), Err(ModelError::NoFeatures));
+    }
+
+    #[test]
+    fn standardization_change_of_coordinates_preserves_predictions() {
+        let spec = mlp();
+        let d = 5;
+        let x: Vec<f32> = (0..40)
+            .map(|i| (i as f32 * 1.7).sin() * 100.0 + i as f32)
+            .collect();
+        let std = Standardizer::fit(&x, d);
+        let raw = spec.init(d, 9);
+        let before = spec.logits(&raw, &x, d).expect("valid model");
+
+        let mut on_std = raw.clone();
+        std.raw_to_standardized(&spec, &mut on_std);
+        let mut xs = x.clone();
+        std.apply(&mut xs);
+        let after = spec.logits(&on_std, &xs, d).expect("valid model");
+        for (a, b) in before.iter().zip(&after) {
+            assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+
+        let mut back = on_std.clone();
+        std.standardized_to_raw(&spec, &mut back);
+        for (a, b) in raw.iter().zip(&back) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The agent's loop: register, long-poll for work, check it, download the global
+//! model, train in a blocking thread, upload the update as a chunked stream;
+//! reconnect with jittered exponential backoff whenever the coordinator is away.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use medfl_proto::transport::Profile;
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::site_client::SiteClient;
+use medfl_shared::chunk::{ChunkCursor, chunks};
+use medfl_shared::manifest::StudyManifest;
+use medfl_shared::{sha256_hex, unix_ms};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{info, instrument, warn};
+
+use crate::data::{DatasetConfig, Table};
+use crate::train::{Start, train};
+
+/// `agent.toml`. Relative paths are relative to the file's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The site's identity bundle (`profile.toml` or its directory).
+    pub profile: PathBuf,
+    /// Overrides the coordinator address of the profile.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// JSON-lines log of every update that leaves the site.
+    #[serde(default)]
+    pub egress_log: Option<PathBuf>,
+    #[serde(default)]
+    pub datasets: Vec<DatasetConfig>,
+}
+
+/// A validated agent configuration with its datasets loaded.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub profile: Profile,
+    pub coordinator: Option<String>,
+    pub egress_log: Option<PathBuf>,
+    pub datasets: Vec<Arc<(DatasetConfig, Table)>>,
+}
+
+impl AgentSettings {
+    /// Reads `agent.toml`, loads the identity and every dataset; any problem is an error
+    /// that names the file and what to fix.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let file: ConfigFile =
+            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        Self::from_file(file, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    pub fn from_file(file: ConfigFile, base: &Path) -> Result<Self> {
+        let profile =
+            Profile::load(&base.join(&file.profile)).context("load the site's profile")?;
+        if profile.file.role != "site" {
+            bail!(
+                "profile {} is for role {:?}; an agent needs a site certificate",
+                file.profile.display(),
+                profile.file.role
+            );
+        }
+        if file.datasets.is_empty() {
+            bail!("the config lists no [[datasets]]; an agent with no data has nothing to offer");
+        }
+        let mut datasets = Vec::new();
+        for cfg in file.datasets {
+            let table = Table::load(&cfg, base)?;
+            info!(dataset = %cfg.name, rows = table.rows(), dropped = table.dropped, features = table.columns.len(), "dataset loaded");
+            datasets.push(Arc::new((cfg, table)));
+        }
+        Ok(AgentSettings {
+            profile,
+            coordinator: file.coordinator,
+            egress_log: file.egress_log.map(|p| base.join(p)),
+            datasets,
+        })
+    }
+}
+
+/// Backoff between reconnection attempts: 0.5 s doubling to 30 s, with ±50 % jitter.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    rng: StdRng,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: Duration::from_millis(500),
+            rng: StdRng::seed_from_u64(unix_ms(SystemTime::now())),
+        }
+    }
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(500);
+    }
+    fn step(&mut self) -> Duration {
+        let jitter = self.rng.random_range(0.5..1.5);
+        let wait = self.next.mul_f64(jitter);
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        wait
+    }
+}
+
+/// Runs the agent until `shutdown` fires.
+pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<()> {
+    let channel = settings.profile.channel(settings.coordinator.as_deref())?;
+    let mut client = SiteClient::new(channel);
+    let settings = Arc::new(settings);
+    let mut backoff = Backoff::new();
+    let site = settings.profile.file.name.clone();
+    info!(%site, coordinator = settings.coordinator.as_deref().unwrap_or(&settings.profile.file.coordinator), "agent starting");
+    'connect: while !shutdown.is_cancelled() {
+        let register = pb::RegisterRequest {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            datasets: settings
+                .datasets
+                .iter()
+                .map(|d| pb::DatasetInfo {
+                    name: d.0.name.clone(),
+                    columns: d
+                        .1
+                        .columns
+                        .iter()
+                        .cloned()
+                        .chain([d.0.label.clone()])
+                        .collect(),
+                })
+                .collect(),
+        };
+        if let Err(status) = client.register(register).await {
+            let wait = backoff.step();
+            warn!(code = ?status.code(), message = status.message(), retry_in = ?wait, "register failed");
+            tokio::select! { _ = tokio::time::sleep(wait) => continue 'connect, _ = shutdown.cancelled() => break 'connect }
+        }
+        backoff.reset();
+        info!("registered with the coordinator");
+        loop {
+            let polled = tokio::select! {
+                r = client.poll_work(pb::PollWorkRequest { wait_ms: 20_000 }) => r,
+                _ = shutdown.cancelled() => break 'connect,
+            };
+            match polled {
+                Ok(resp) => {
+                    if let Some(work) = resp.into_inner().work {
+                        tokio::select! {
+                            r = handle_work(&mut client, &settings, work) => if let Err(e) = r {
+                                warn!(error = format!("{e:#}"), "work item failed");
+                            },
+                            _ = shutdown.cancelled() => break 'connect,
+                        }
+                    }
+                }
+                Err(status) => {
+                    let wait = backoff.step();
+                    warn!(code = ?status.code(), message = status.message(), retry_in = ?wait, "lost the coordinator");
+                    tokio::select! { _ = tokio::time::sleep(wait) => continue 'connect, _ = shutdown.cancelled() => break 'connect }
+                }
+            }
+        }
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+async fn refuse(
+    client: &mut SiteClient<Channel>,
+    work: &pb::WorkItem,
+    reason: String,
+) -> Result<()> {
+    warn!(study = %work.study_id, round = work.round, %reason, "refusing work");
+    client
+        .report_refusal(pb::RefusalReport {
+            study_id: work.study_id.clone(),
+            round: work.round,
+            reason,
+        })
+        .await
+        .context("report refusal")?;
+    Ok(())
+}
+
+#[instrument(skip_all, fields(study = %work.study_id, round = work.round))]
+async fn handle_work(
+    client: &mut SiteClient<Channel>,
+    settings: &Arc<AgentSettings>,
+    work: pb::WorkItem,
+) -> Result<()> {
+    // The site checks the manifest itself: it trusts the text, not the coordinator's hash.
+    let manifest = match StudyManifest::from_toml(&work.manifest_toml) {
+        Ok(m) => m,
+        Err(e) => return refuse(client, &work, format!("manifest is invalid: {e}")).await,
+    };
+    if manifest.hash() != work.manifest_hash {
+        return refuse(
+            client,
+            &work,
+            format!(
+                "manifest hash mismatch: got {}, computed {}",
+                work.manifest_hash,
+                manifest.hash()
+            ),
+        )
+        .await;
+    }
+    let Some(dataset) = settings
+        .datasets
+        .iter()
+        .find(|d| d.0.name == manifest.data.dataset)
+        .cloned()
+    else {
+        return refuse(
+            client,
+            &work,
+            format!(
+                "this site offers no dataset named {:?}",
+                manifest.data.dataset
+            ),
+        )
+        .await;
+    };
+    if dataset.0.label != manifest.data.label {
+        return refuse(
+            client,
+            &work,
+            format!(
+                "dataset {:?} has label {:?}, the study asks for {:?}",
+                dataset.0.name, dataset.0.label, manifest.data.label
+            ),
+        )
+        .await;
+    }
+    let x = match dataset.1.select(&manifest.data.features) {
+        Ok(x) => x,
+        Err(e) => return refuse(client, &work, e.to_string()).await,
+    };
+
+    let global = download(client, &work, &manifest).await?;
+    let site = settings.profile.file.name.clone();
+    let seed = u64::from_le_bytes(
+        ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("{site}/{}/{}", work.study_id, work.round).as_bytes(),
+        )
+        .as_ref()[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
+    let spec = manifest.model.clone();
+    let training = manifest.training.clone();
+    let d = manifest.n_features();
+    let start = global.clone();
+    let table = dataset.clone();
+    let start_on = if work.round == 1 {
+        Start::Initial
+    } else {
+        Start::Global
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
+        train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed)
+    })
+    .await
+    .context("training task")?
+    .map_err(|e| anyhow!("training failed: {e}"))?;
+    let delta: Vec<f32> = outcome
+        .params
+        .iter()
+        .zip(&global)
+        .map(|(n, g)| n - g)
+        .collect();
+    if delta.iter().any(|v| !v.is_finite()) {
+        return refuse(
+            client,
+            &work,
+            "local training diverged (non-finite update)".into(),
+        )
+        .await;
+    }
+    let update_id = format!(
+        "{site}-{}-{}-{}",
+        work.study_id,
+        work.round,
+        unix_ms(SystemTime::now())
+    );
+    upload(
+        client,
+        &work,
+        &manifest,
+        &update_id,
+        outcome.examples as u64,
+        &delta,
+    )
+    .await?;
+    log_egress(
+        settings,
+        &work,
+        &update_id,
+        outcome.examples,
+        &delta,
+        outcome.loss,
+    );
+    client
+        .report_metrics(pb::MetricsReport {
+            study_id: work.study_id.clone(),
+            round: work.round,
+            train_loss: outcome.loss,
+        })
+        .await
+        .context("report metrics")?;
+    info!(
+        examples = outcome.examples,
+        loss = outcome.loss,
+        "update delivered"
+    );
+    Ok(())
+}
+
+async fn download(
+    client: &mut SiteClient<Channel>,
+    work: &pb::WorkItem,
+    manifest: &StudyManifest,
+) -> Result<Vec<f32>> {
+    let mut stream = client
+        .download_model(pb::DownloadModelRequest {
+            study_id: work.study_id.clone(),
+            round: work.round,
+        })
+        .await
+        .context("download global model")?
+        .into_inner();
+    let header = match stream.message().await? {
+        Some(pb::ModelChunk {
+            body: Some(pb::model_chunk::Body::Header(h)),
+        }) => h,
+        _ => bail!("model stream did not start with a header"),
+    };
+    if header.num_params != manifest.num_params() || header.manifest_hash != work.manifest_hash {
+        bail!(
+            "global model does not match the approved manifest ({} values, hash {})",
+            header.num_params,
+            header.manifest_hash
+        );
+    }
+    let mut params = vec![0f32; header.num_params as usize];
+    let mut cursor = ChunkCursor::new(header.num_params);
+    while let Some(msg) = stream.message().await? {
+        match msg.body {
+            Some(pb::model_chunk::Body::Data(c)) => {
+                cursor.decode_into(c.seq, c.offset, &c.values, &mut params)?
+            }
+            _ => bail!("unexpected header inside the model stream"),
+        }
+    }
+    cursor.finish()?;
+    Ok(params)
+}
+
+/// Streams an update: header, then chunks. Used by the agent and by simulated sites.
+pub async fn upload(
+    client: &mut SiteClient<Channel>,
+    work: &pb::WorkItem,
+    manifest: &StudyManifest,
+    update_id: &str,
+    examples: u64,
+    delta: &[f32],
+) -> Result<pb::UploadReceipt> {
+    let header = pb::UpdateChunk {
+        body: Some(pb::update_chunk::Body::Header(pb::UpdateHeader {
+            study_id: work.study_id.clone(),
+            round: work.round,
+            update_id: update_id.to_string(),
+            num_examples: examples,
+            tensors: manifest
+                .layout()
+                .into_iter()
+                .map(|t| pb::TensorSpec {
+                    name: t.name,
+                    shape: t.shape,
+                })
+                .collect(),
+            num_params: delta.len() as u64,
+        })),
+    };
+    let body: Vec<pb::UpdateChunk> = chunks(delta)
+        .map(|(seq, offset, values)| pb::UpdateChunk {
+            body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
+                seq,
+                offset,
+                values,
+            })),
+        })
+        .collect();
+    let stream = futures::stream::iter(std::iter::once(header).chain(body));
+    Ok(client
+        .upload_update(stream)
+        .await
+        .context("upload update")?
+        .into_inner())
+}
+
+fn log_egress(
+    settings: &AgentSettings,
+    work: &pb::WorkItem,
+    update_id: &str,
+    examples: usize,
+    delta: &[f32],
+    loss: f64,
+) {
+    let Some(path) = &settings.egress_log else {
+        return;
+    };
+    let bytes = medfl_shared::chunk::encode(delta);
+    let entry = serde_json::json!({
+        "at_unix_ms": unix_ms(SystemTime::now()),
+        "kind": "model_update",
+        "study_id": work.study_id,
+        "round": work.round,
+        "manifest_hash": work.manifest_hash,
+        "update_id": update_id,
+        "num_params": delta.len(),
+        "num_examples": examples,
+        "train_loss": loss,
+        "sha256": sha256_hex(&bytes),
+    });
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{entry}"));
+    if let Err(e) = written {
+        warn!(path = %path.display(), error = %e, "cannot write the egress log");
+    }
+}

@@ -1,0 +1,8 @@
+//! The site agent binary: a thin wrapper over `medfl_site_agent::cli`.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    medfl_site_agent::cli::main(medfl_site_agent::cli::AgentArgs::parse()).await
+}

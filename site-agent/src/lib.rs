@@ -1,0 +1,16 @@
+//! The medfl site agent: runs inside a hospital next to its data, connects out to the
+//! coordinator over mutual TLS (it never listens), trains locally with candle and
+//! sends only model updates.
+//!
+//! It must never send rows, per-example values or statistics of its data: the only
+//! data-derived things that leave are the model update, its example count (the FedAvg
+//! weight) and the mean training loss. Everything that leaves is written to the
+//! local egress log when one is configured.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cli;
+pub mod data;
+pub mod train;
+
+pub use agent::{AgentSettings, run};
