@@ -3,9 +3,16 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber; a second call is a no-op.
+/// Installs the global subscriber at `info` unless `RUST_LOG` says otherwise; a second
+/// call is a no-op.
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with("info", json);
+}
+
+/// Like [`init`] with another default level.
+pub fn init_with(default_level: &str, json: bool) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
+use medfl_proto::stream::{read_model, update_chunks};
 use medfl_proto::transport::Profile;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;
-use medfl_shared::chunk::{ChunkCursor, chunks};
 use medfl_shared::manifest::StudyManifest;
 use medfl_shared::{sha256_hex, unix_ms};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -330,7 +330,7 @@ async fn download(
     work: &pb::WorkItem,
     manifest: &StudyManifest,
 ) -> Result<Vec<f32>> {
-    let mut stream = client
+    let stream = client
         .download_model(pb::DownloadModelRequest {
             study_id: work.study_id.clone(),
             round: work.round,
@@ -338,12 +338,7 @@ async fn download(
         .await
         .context("download global model")?
         .into_inner();
-    let header = match stream.message().await? {
-        Some(pb::ModelChunk {
-            body: Some(pb::model_chunk::Body::Header(h)),
-        }) => h,
-        _ => bail!("model stream did not start with a header"),
-    };
+    let (header, params) = read_model(stream).await?;
     if header.num_params != manifest.num_params() || header.manifest_hash != work.manifest_hash {
         bail!(
             "global model does not match the approved manifest ({} values, hash {})",
@@ -351,17 +346,6 @@ async fn download(
             header.manifest_hash
         );
     }
-    let mut params = vec![0f32; header.num_params as usize];
-    let mut cursor = ChunkCursor::new(header.num_params);
-    while let Some(msg) = stream.message().await? {
-        match msg.body {
-            Some(pb::model_chunk::Body::Data(c)) => {
-                cursor.decode_into(c.seq, c.offset, &c.values, &mut params)?
-            }
-            _ => bail!("unexpected header inside the model stream"),
-        }
-    }
-    cursor.finish()?;
     Ok(params)
 }
 
@@ -391,16 +375,10 @@ pub async fn upload(
             num_params: delta.len() as u64,
         })),
     };
-    let body: Vec<pb::UpdateChunk> = chunks(delta)
-        .map(|(seq, offset, values)| pb::UpdateChunk {
-            body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
-                seq,
-                offset,
-                values,
-            })),
-        })
+    let messages: Vec<pb::UpdateChunk> = std::iter::once(header)
+        .chain(update_chunks(delta))
         .collect();
-    let stream = futures::stream::iter(std::iter::once(header).chain(body));
+    let stream = futures::stream::iter(messages);
     Ok(client
         .upload_update(stream)
         .await

@@ -1,0 +1,58 @@
+//! Reading and writing chunked model streams on the client side.
+
+use medfl_shared::chunk::{ChunkCursor, ChunkError, chunks};
+use thiserror::Error;
+use tonic::{Status, Streaming};
+
+use crate::v1 as pb;
+
+#[derive(Debug, Error)]
+pub enum StreamError {
+    #[error("stream failed: {0}")]
+    Status(#[from] Status),
+    #[error("model stream did not start with a header")]
+    NoHeader,
+    #[error("a second header arrived inside the model stream")]
+    SecondHeader,
+    #[error("model declares {0} values, more than this machine can address")]
+    TooLarge(u64),
+    #[error("bad chunk: {0}")]
+    Chunk(#[from] ChunkError),
+}
+
+/// Reads a whole model stream: its header and the flat values, checked chunk by chunk.
+pub async fn read_model(
+    mut stream: Streaming<pb::ModelChunk>,
+) -> Result<(pb::ModelHeader, Vec<f32>), StreamError> {
+    let header = match stream.message().await? {
+        Some(pb::ModelChunk {
+            body: Some(pb::model_chunk::Body::Header(h)),
+        }) => h,
+        _ => return Err(StreamError::NoHeader),
+    };
+    let len =
+        usize::try_from(header.num_params).map_err(|_| StreamError::TooLarge(header.num_params))?;
+    let mut params = vec![0f32; len];
+    let mut cursor = ChunkCursor::new(header.num_params);
+    while let Some(msg) = stream.message().await? {
+        match msg.body {
+            Some(pb::model_chunk::Body::Data(c)) => {
+                cursor.decode_into(c.seq, c.offset, &c.values, &mut params)?
+            }
+            _ => return Err(StreamError::SecondHeader),
+        }
+    }
+    cursor.finish()?;
+    Ok((header, params))
+}
+
+/// Returns the data messages of an update stream (the caller sends the header first).
+pub fn update_chunks(values: &[f32]) -> impl Iterator<Item = pb::UpdateChunk> + '_ {
+    chunks(values).map(|(seq, offset, values)| pb::UpdateChunk {
+        body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
+            seq,
+            offset,
+            values,
+        })),
+    })
+}

@@ -1,0 +1,354 @@
+//! Admin and auditor commands against a coordinator: studies, sites, export.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use medfl_proto::transport::Profile;
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::admin_client::AdminClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::cli::{Conn, SiteCommand, StudyCommand};
+
+fn client(conn: &Conn) -> Result<AdminClient<Channel>> {
+    let profile = Profile::load(&conn.profile)
+        .with_context(|| format!("load profile {}", conn.profile.display()))?;
+    Ok(AdminClient::new(
+        profile.channel(conn.coordinator.as_deref())?,
+    ))
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::StudyState::try_from(state).unwrap_or(pb::StudyState::Unspecified) {
+        pb::StudyState::Unspecified => "unknown",
+        pb::StudyState::Created => "created",
+        pb::StudyState::Running => "running",
+        pb::StudyState::Paused => "paused",
+        pb::StudyState::Completed => "completed",
+        pb::StudyState::Aborted => "aborted",
+        pb::StudyState::Failed => "failed",
+    }
+}
+
+fn is_terminal(state: i32) -> bool {
+    matches!(state_name(state), "completed" | "aborted" | "failed")
+}
+
+pub fn info_json(i: &pb::StudyInfo) -> Value {
+    json!({
+        "study_id": i.study_id,
+        "name": i.name,
+        "manifest_hash": i.manifest_hash,
+        "state": state_name(i.state),
+        "rounds_completed": i.rounds_completed,
+        "rounds_total": i.rounds_total,
+        "created_unix_ms": i.created_unix_ms,
+        "reason": i.reason,
+    })
+}
+
+pub fn status_json(s: &pb::StudyStatus) -> Value {
+    json!({
+        "info": s.info.as_ref().map(info_json),
+        "rounds": s.rounds.iter().map(|r| json!({
+            "round": r.round,
+            "attempt": r.attempt,
+            "committed": r.committed,
+            "selected": r.selected,
+            "contributors": r.contributors,
+            "num_examples": r.num_examples,
+            "mean_train_loss": r.mean_train_loss.is_finite().then_some(r.mean_train_loss),
+            "started_unix_ms": r.started_unix_ms,
+            "finished_unix_ms": r.finished_unix_ms,
+            "reason": r.reason,
+        })).collect::<Vec<_>>(),
+        "refusals": s.refusals.iter().map(|r| json!({
+            "site": r.site, "round": r.round, "reason": r.reason, "at_unix_ms": r.at_unix_ms,
+        })).collect::<Vec<_>>(),
+        "open_round": s.open_round.as_ref().map(|o| json!({
+            "round": o.round, "selected": o.selected, "received": o.received,
+            "deadline_unix_ms": o.deadline_unix_ms, "min_sites": o.min_sites,
+        })),
+    })
+}
+
+fn print_status(s: &pb::StudyStatus) {
+    let info = s.info.clone().unwrap_or_default();
+    println!(
+        "study {} {:?}: {}, {}/{} rounds, manifest {}",
+        info.study_id,
+        info.name,
+        state_name(info.state),
+        info.rounds_completed,
+        info.rounds_total,
+        &info.manifest_hash[..info.manifest_hash.len().min(16)]
+    );
+    if !info.reason.is_empty() {
+        println!("  reason: {}", info.reason);
+    }
+    if let Some(o) = &s.open_round {
+        println!(
+            "  open round {}: {}/{} updates received ({}), quorum {}",
+            o.round,
+            o.received.len(),
+            o.selected.len(),
+            o.received.join(", "),
+            o.min_sites
+        );
+    }
+    if !s.rounds.is_empty() {
+        println!(
+            "  {:>5} {:>7} {:<9} {:>8} {:>10}  contributors / reason",
+            "round", "attempt", "state", "examples", "train loss"
+        );
+        for r in &s.rounds {
+            let loss = if r.mean_train_loss.is_finite() {
+                format!("{:.4}", r.mean_train_loss)
+            } else {
+                "-".into()
+            };
+            let state = if r.committed { "committed" } else { "failed" };
+            let detail = if r.committed {
+                r.contributors.join(", ")
+            } else {
+                r.reason.clone()
+            };
+            println!(
+                "  {:>5} {:>7} {:<9} {:>8} {:>10}  {detail}",
+                r.round, r.attempt, state, r.num_examples, loss
+            );
+        }
+    }
+    for r in &s.refusals {
+        println!("  refused by {} (round {}): {}", r.site, r.round, r.reason);
+    }
+}
+
+/// Follows a study until it ends, with a progress bar of committed rounds (or JSON lines).
+pub async fn watch(
+    admin: &mut AdminClient<Channel>,
+    id: &str,
+    json_lines: bool,
+) -> Result<pb::StudyStatus> {
+    let mut events = admin
+        .watch_study(pb::StudyRef {
+            study_id: id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(id.to_string());
+    if json_lines {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut last = pb::StudyStatus::default();
+    while let Some(event) = events.message().await? {
+        if let Some(status) = &event.status {
+            last = status.clone();
+        }
+        let info = last.info.clone().unwrap_or_default();
+        if json_lines {
+            let kind = pb::EventKind::try_from(event.kind)
+                .map(|k| k.as_str_name())
+                .unwrap_or("EVENT_KIND_UNSPECIFIED");
+            println!(
+                "{}",
+                json!({"kind": kind, "round": event.round, "site": event.site, "message": event.message,
+                       "at_unix_ms": event.at_unix_ms, "status": status_json(&last)})
+            );
+        }
+        bar.set_length(info.rounds_total as u64);
+        bar.set_position(info.rounds_completed as u64);
+        let open = last
+            .open_round
+            .as_ref()
+            .map(|o| {
+                format!(
+                    "(open round {}: {}/{} updates)",
+                    o.round,
+                    o.received.len(),
+                    o.selected.len()
+                )
+            })
+            .unwrap_or_default();
+        bar.set_message(format!(
+            "{} {open} {}",
+            state_name(info.state),
+            event.message
+        ));
+        if is_terminal(info.state) {
+            break;
+        }
+    }
+    bar.finish();
+    Ok(last)
+}
+
+pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
+    let mut admin = client(conn)?;
+    let r = |id: &str| pb::StudyRef {
+        study_id: id.to_string(),
+    };
+    match command {
+        StudyCommand::Create { manifest } => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("read {}", manifest.display()))?;
+            let info = admin
+                .create_study(pb::CreateStudyRequest {
+                    manifest_toml: text,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "created study {} (manifest {})",
+                info.study_id, info.manifest_hash
+            );
+        }
+        StudyCommand::List { json } => {
+            let list = admin.list_studies(pb::Empty {}).await?.into_inner();
+            if json {
+                println!(
+                    "{}",
+                    Value::Array(list.studies.iter().map(info_json).collect())
+                );
+            } else {
+                for s in &list.studies {
+                    println!(
+                        "{}  {:<10} {:>3}/{:<3} {}",
+                        s.study_id,
+                        state_name(s.state),
+                        s.rounds_completed,
+                        s.rounds_total,
+                        s.name
+                    );
+                }
+            }
+        }
+        StudyCommand::Start { id } => {
+            report(admin.start_study(r(&id)).await?.into_inner(), "started")
+        }
+        StudyCommand::Pause { id } => {
+            report(admin.pause_study(r(&id)).await?.into_inner(), "paused")
+        }
+        StudyCommand::Resume { id } => {
+            report(admin.resume_study(r(&id)).await?.into_inner(), "resumed")
+        }
+        StudyCommand::Abort { id } => {
+            report(admin.abort_study(r(&id)).await?.into_inner(), "aborted")
+        }
+        StudyCommand::Status {
+            id,
+            watch: follow,
+            json,
+        } => {
+            let status = if follow {
+                watch(&mut admin, &id, json).await?
+            } else {
+                admin.get_study_status(r(&id)).await?.into_inner()
+            };
+            if json && !follow {
+                println!("{}", status_json(&status));
+            } else if !json {
+                print_status(&status);
+            }
+        }
+        StudyCommand::Export { id, out, round } => {
+            let stream = admin
+                .export_model(pb::ExportModelRequest {
+                    study_id: id.clone(),
+                    round,
+                })
+                .await?
+                .into_inner();
+            let (header, params) = medfl_proto::stream::read_model(stream).await?;
+            write_safetensors(&out, &header, &params)?;
+            println!(
+                "exported study {id} round {} ({} parameters) to {}",
+                header.round,
+                params.len(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn report(info: pb::StudyInfo, what: &str) {
+    println!(
+        "study {} {what}: now {}",
+        info.study_id,
+        state_name(info.state)
+    );
+}
+
+/// Writes a model as safetensors, one tensor per layout entry, with the study id,
+/// manifest hash and round in the metadata.
+pub fn write_safetensors(path: &Path, header: &pb::ModelHeader, params: &[f32]) -> Result<()> {
+    let bytes = medfl_shared::chunk::encode(params);
+    let mut views = Vec::new();
+    let mut at = 0usize;
+    for t in &header.tensors {
+        let len: usize = t.shape.iter().map(|&d| d as usize).product();
+        if at + len > params.len() {
+            bail!("model header describes more values than the stream carried");
+        }
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            t.shape.iter().map(|&d| d as usize).collect(),
+            &bytes[at * 4..(at + len) * 4],
+        )?;
+        views.push((t.name.clone(), view));
+        at += len;
+    }
+    let metadata = HashMap::from([
+        ("format".to_string(), "medfl".to_string()),
+        ("study_id".to_string(), header.study_id.clone()),
+        ("manifest_hash".to_string(), header.manifest_hash.clone()),
+        ("round".to_string(), header.round.to_string()),
+    ]);
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path)
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+pub async fn site(conn: &Conn, command: SiteCommand) -> Result<()> {
+    let mut admin = client(conn)?;
+    match command {
+        SiteCommand::List { json } => {
+            let sites = admin.list_sites(pb::Empty {}).await?.into_inner().sites;
+            if json {
+                let rows: Vec<Value> = sites
+                    .iter()
+                    .map(|s| json!({"name": s.name, "connected": s.connected, "last_seen_unix_ms": s.last_seen_unix_ms,
+                                     "agent_version": s.agent_version,
+                                     "datasets": s.datasets.iter().map(|d| d.name.clone()).collect::<Vec<_>>()}))
+                    .collect();
+                println!("{}", Value::Array(rows));
+            } else {
+                for s in &sites {
+                    let datasets: Vec<&str> = s.datasets.iter().map(|d| d.name.as_str()).collect();
+                    println!(
+                        "{:<24} {:<13} agent {}  datasets: {}",
+                        s.name,
+                        if s.connected {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        },
+                        s.agent_version,
+                        datasets.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Command-line definitions and dispatch.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use medfl_coordinator::pki::{self, IssueRequest};
+use medfl_shared::identity::{Identity, Role};
+
+/// medfl: privacy-preserving federated learning for hospital consortia.
+#[derive(Debug, Parser)]
+#[command(name = "medfl", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs a whole federation on this machine: PKI, coordinator, hospital agents, a study.
+    Demo(crate::demo::DemoArgs),
+    /// Manages studies (admin role).
+    Study {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: StudyCommand,
+    },
+    /// Lists sites (admin role).
+    Site {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
+    /// Creates the consortium CA and issues identity bundles.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Runs a coordinator.
+    Coordinator(medfl_coordinator::cli::CoordinatorArgs),
+    /// Runs a site agent.
+    Agent(medfl_site_agent::cli::AgentArgs),
+}
+
+/// How to reach the coordinator.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Identity bundle: a profile.toml or its directory.
+    #[arg(
+        long,
+        env = "MEDFL_PROFILE",
+        default_value = "profile.toml",
+        global = true
+    )]
+    pub profile: PathBuf,
+    /// Overrides the coordinator address of the profile.
+    #[arg(long, global = true)]
+    pub coordinator: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StudyCommand {
+    /// Creates a study from a manifest (TOML).
+    Create {
+        #[arg(long)]
+        manifest: PathBuf,
+    },
+    /// Lists studies.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Starts a created study.
+    Start { id: String },
+    /// Pauses a running study after its open round.
+    Pause { id: String },
+    /// Resumes a paused study.
+    Resume { id: String },
+    /// Aborts a study; its open round is discarded.
+    Abort { id: String },
+    /// Shows a study's rounds, open round and refusals.
+    Status {
+        id: String,
+        /// Follows the study live until it ends.
+        #[arg(long)]
+        watch: bool,
+        /// Prints JSON (one object, or one per event with --watch).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exports a committed global model as safetensors.
+    Export {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Round to export (default: the latest committed).
+        #[arg(long, default_value_t = 0)]
+        round: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    /// Lists registered sites and whether they are connected.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Creates a consortium CA in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issues a key and certificate and writes the bundle DIR/NAME.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// site, admin, auditor or coordinator.
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+        /// DNS names for a coordinator certificate (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses for a coordinator certificate (repeatable).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Coordinator URL written into the profile.
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+pub async fn main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Coordinator(args) => return medfl_coordinator::cli::main(args).await,
+        Command::Agent(args) => return medfl_site_agent::cli::main(args).await,
+        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Study { conn, command } => crate::admin::study(&conn, command).await,
+        Command::Site { conn, command } => crate::admin::site(&conn, command).await,
+        Command::Pki { command } => run_pki(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("medfl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_pki(command: PkiCommand) -> Result<()> {
+    match command {
+        PkiCommand::Init { dir } => {
+            pki::init(&dir)?;
+            println!("consortium CA created in {}", dir.display());
+        }
+        PkiCommand::Issue {
+            dir,
+            role,
+            name,
+            dns,
+            ip,
+            coordinator,
+            days,
+        } => {
+            let identity = Identity::new(role, name.parse()?);
+            let bundle = pki::issue(
+                &dir,
+                &IssueRequest {
+                    identity: identity.clone(),
+                    dns,
+                    ips: ip,
+                    days,
+                    coordinator,
+                },
+            )?;
+            println!("issued {} -> {}", identity.uri(), bundle.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! `medfl demo`: a whole federation on this machine, and an honest comparison of the
+//! federated model with a centralized model and with each hospital alone.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use medfl_shared::manifest::{Optimizer, StudyManifest, Training};
+use medfl_shared::metrics::{accuracy, roc_auc};
+use medfl_shared::model::{ModelKind, ModelSpec};
+use medfl_shared::split::{SplitKind, split_rows};
+use medfl_site_agent::data::{DatasetConfig, FeatureSelection, MissingPolicy, Table};
+use medfl_site_agent::train::{Start, train};
+use serde_json::json;
+
+use crate::federation::Federation;
+
+/// The bundled Breast Cancer Wisconsin (Diagnostic) data; see data/README.md.
+const BUNDLED_CSV: &str = include_str!("../data/breast_cancer_wisconsin.csv");
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of hospitals.
+    #[arg(long, default_value_t = 3)]
+    pub sites: usize,
+    /// Federated rounds.
+    #[arg(long, default_value_t = 15)]
+    pub rounds: u32,
+    /// How the training rows are split across hospitals.
+    #[arg(long, default_value = "iid")]
+    pub split: SplitKind,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// A CSV to use instead of the bundled breast-cancer data.
+    #[arg(long, requires = "label")]
+    pub data: Option<PathBuf>,
+    /// Binary label column of --data.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Id column of --data (never used as a feature).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Model: logistic regression, or an MLP with --hidden widths.
+    #[arg(long, value_parser = ["logistic", "mlp"], default_value = "logistic")]
+    pub model: String,
+    /// Hidden layer widths for --model mlp (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    pub hidden: Vec<usize>,
+    /// Working directory (PKI, configs, stores, data splits); kept afterwards.
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Prints the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Keeps the federation up after the study, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table) -> Result<(f64, f64)> {
+    let probs = spec.predict_proba(params, &test.x, test.columns.len())?;
+    Ok((accuracy(&probs, &test.y), roc_auc(&probs, &test.y)))
+}
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    // Progress bars tell the story; logs only for problems unless RUST_LOG asks.
+    medfl_proto::telemetry::init_with("warn", false);
+    if args.sites == 0 || args.sites > 100 {
+        bail!("--sites must be 1..=100");
+    }
+    let (text, file, label, id) = match &args.data {
+        Some(path) => (
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
+            path.display().to_string(),
+            args.label.clone().unwrap_or_default(),
+            args.id.clone(),
+        ),
+        None => (
+            BUNDLED_CSV.to_string(),
+            "breast_cancer_wisconsin.csv (bundled)".to_string(),
+            "malignant".to_string(),
+            Some("patient_id".to_string()),
+        ),
+    };
+    let cfg = DatasetConfig {
+        name: "demo".into(),
+        path: PathBuf::from(&file),
+        label: label.clone(),
+        id_column: id,
+        features: FeatureSelection::default(),
+        missing: MissingPolicy::Drop,
+    };
+    let table = Table::from_csv(&cfg, &text, &file)?;
+    let split = split_rows(&table.y, args.sites, 0.2, args.split, args.seed);
+    let test = table.subset(&split.test);
+    let site_tables: Vec<Table> = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    if let Some((i, _)) = site_tables.iter().enumerate().find(|(_, t)| t.rows() == 0) {
+        bail!("site {i} received no training rows; use fewer --sites");
+    }
+
+    let workdir = match &args.workdir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!(
+            "medfl-demo-{}",
+            medfl_shared::unix_ms(std::time::SystemTime::now())
+        )),
+    };
+    let model = ModelSpec {
+        kind: if args.model == "mlp" {
+            ModelKind::Mlp
+        } else {
+            ModelKind::LogisticRegression
+        },
+        hidden: if args.model == "mlp" {
+            args.hidden.clone()
+        } else {
+            vec![]
+        },
+    };
+    let training = Training {
+        local_epochs: 2,
+        batch_size: 32,
+        learning_rate: 0.05,
+        optimizer: Optimizer::Adam,
+    };
+    let manifest = StudyManifest {
+        name: format!(
+            "demo-{}",
+            if args.split == SplitKind::Iid {
+                "iid"
+            } else {
+                "label-skew"
+            }
+        ),
+        description: format!("medfl demo on {file}"),
+        rounds: args.rounds,
+        seed: args.seed,
+        model: model.clone(),
+        data: medfl_shared::manifest::DataSchema {
+            dataset: "demo".into(),
+            label: label.clone(),
+            features: table.columns.clone(),
+        },
+        selection: medfl_shared::manifest::Selection {
+            min_sites: args.sites as u32,
+            round_deadline_secs: 120,
+            ..Default::default()
+        },
+        training: training.clone(),
+        strategy: Default::default(),
+    };
+    manifest.validate()?;
+
+    if !args.json {
+        println!(
+            "medfl demo: {} hospitals, {} split, {} training rows, {} held-out test rows, workdir {}",
+            args.sites,
+            if args.split == SplitKind::Iid {
+                "iid"
+            } else {
+                "label-skew"
+            },
+            table.rows() - test.rows(),
+            test.rows(),
+            workdir.display()
+        );
+    }
+    let mut fed = Federation::builder()
+        .tables(site_tables.clone())
+        .dataset("demo", &label)
+        .dir(&workdir)
+        .build()
+        .await?;
+    std::fs::write(workdir.join("manifest.toml"), manifest.to_toml())?;
+    let study_id = fed.create_study(&manifest.to_toml()).await?;
+    fed.start_study(&study_id).await?;
+    let status = crate::admin::watch(&mut fed.admin, &study_id, args.json).await?;
+    let info = status.info.clone().unwrap_or_default();
+    if info.rounds_completed < args.rounds {
+        bail!(
+            "the study stopped after {} of {} rounds: {}",
+            info.rounds_completed,
+            args.rounds,
+            info.reason
+        );
+    }
+    let (header, params) = fed.export(&study_id, 0).await?;
+    crate::admin::write_safetensors(&workdir.join("model.safetensors"), &header, &params)?;
+    let d = table.columns.len();
+    let (fed_acc, fed_auc) = evaluate(&model, &params, &test)?;
+
+    // Baselines with the same optimizer and the same number of epochs over each row.
+    let epochs = Training {
+        local_epochs: args.rounds * training.local_epochs,
+        ..training.clone()
+    };
+    let init = model.init(d, args.seed);
+    let pooled = table.subset(&split.sites.concat());
+    let central = train(
+        &model,
+        d,
+        &init,
+        Start::Initial,
+        &pooled.x,
+        &pooled.y,
+        &epochs,
+        args.seed,
+    )?;
+    let (central_acc, central_auc) = evaluate(&model, &central.params, &test)?;
+    let mut local = Vec::new();
+    for (name, t) in fed.site_names.iter().zip(&site_tables) {
+        let out = train(
+            &model,
+            d,
+            &init,
+            Start::Initial,
+            &t.x,
+            &t.y,
+            &epochs,
+            args.seed,
+        )?;
+        let (acc, auc) = evaluate(&model, &out.params, &test)?;
+        let positives = t.y.iter().filter(|y| **y >= 0.5).count();
+        local.push((name.clone(), t.rows(), positives, acc, auc));
+    }
+
+    let summary = json!({
+        "study_id": study_id,
+        "rounds_completed": info.rounds_completed,
+        "sites": args.sites,
+        "split": if args.split == SplitKind::Iid { "iid" } else { "label-skew" },
+        "seed": args.seed,
+        "model": args.model,
+        "test_rows": test.rows(),
+        "test_accuracy": fed_acc,
+        "test_auc": fed_auc,
+        "centralized_accuracy": central_acc,
+        "centralized_auc": central_auc,
+        "local_only_accuracy": local.iter().map(|l| (l.0.clone(), json!(l.3))).collect::<serde_json::Map<_, _>>(),
+        "local_only_auc": local.iter().map(|l| (l.0.clone(), json!(l.4))).collect::<serde_json::Map<_, _>>(),
+        "site_rows": local.iter().map(|l| (l.0.clone(), json!({"rows": l.1, "positives": l.2}))).collect::<serde_json::Map<_, _>>(),
+        "workdir": workdir.display().to_string(),
+        "model_path": workdir.join("model.safetensors").display().to_string(),
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "\nstudy {study_id}: {} rounds committed",
+            info.rounds_completed
+        );
+        println!(
+            "{:<36} {:>9} {:>8}",
+            "model (test set)", "accuracy", "ROC AUC"
+        );
+        println!(
+            "{:<36} {:>9.4} {:>8.4}",
+            "federated (medfl)", fed_acc, fed_auc
+        );
+        println!(
+            "{:<36} {:>9.4} {:>8.4}",
+            "centralized (pooled rows)", central_acc, central_auc
+        );
+        for (name, rows, pos, acc, auc) in &local {
+            println!(
+                "{:<36} {:>9.4} {:>8.4}",
+                format!("{name} alone ({rows} rows, {pos} pos)"),
+                acc,
+                auc
+            );
+        }
+        println!("\nmodel: {}", workdir.join("model.safetensors").display());
+        println!(
+            "admin profile: {}",
+            workdir.join("pki/admin/profile.toml").display()
+        );
+    }
+    if args.keep_running {
+        eprintln!(
+            "federation is up; try: medfl study status {study_id} --profile {}  (Ctrl-C to stop)",
+            workdir.join("pki/admin/profile.toml").display()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), fed.shutdown())
+        .await
+        .context("federation did not stop in 30 s")??;
+    Ok(())
+}

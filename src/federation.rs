@@ -1,0 +1,368 @@
+//! A whole federation on this machine: a consortium PKI, a coordinator bound to
+//! `127.0.0.1:0` with sled on disk, site agents (real ones with data, or bare
+//! identities for simulated sites driven by a test), and an admin client, all over
+//! real gRPC with mutual TLS. The demo and every end-to-end test use this one harness.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use medfl_coordinator::pki::{self, IssueRequest};
+use medfl_proto::transport::Profile;
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::admin_client::AdminClient;
+use medfl_proto::v1::site_client::SiteClient;
+use medfl_shared::identity::{Identity, Role};
+use medfl_site_agent::data::Table;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Configures a [`Federation`].
+#[derive(Debug, Clone)]
+pub struct FederationBuilder {
+    sites: usize,
+    tables: Option<Vec<Table>>,
+    dataset: String,
+    label: String,
+    dir: Option<PathBuf>,
+    liveness_secs: u64,
+    staging_budget_mib: u64,
+}
+
+struct Agent {
+    name: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+/// A running federation; see the module docs.
+pub struct Federation {
+    pub dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub addr: SocketAddr,
+    pub pki: PathBuf,
+    pub site_names: Vec<String>,
+    pub admin: AdminClient<Channel>,
+    coordinator: Option<(CancellationToken, JoinHandle<Result<()>>)>,
+    agents: Vec<Agent>,
+}
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation")
+            .field("dir", &self.dir)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Returns the name of site `i`: hospital-a, hospital-b, … then hospital-27, ….
+pub fn site_name(i: usize) -> String {
+    if i < 26 {
+        format!("hospital-{}", (b'a' + i as u8) as char)
+    } else {
+        format!("hospital-{}", i + 1)
+    }
+}
+
+impl Default for FederationBuilder {
+    fn default() -> Self {
+        FederationBuilder {
+            sites: 3,
+            tables: None,
+            dataset: "breast_cancer".into(),
+            label: "malignant".into(),
+            dir: None,
+            liveness_secs: 30,
+            staging_budget_mib: 64,
+        }
+    }
+}
+
+impl FederationBuilder {
+    /// Number of sites (identities issued; agents started when tables are given).
+    pub fn sites(mut self, n: usize) -> Self {
+        self.sites = n;
+        self
+    }
+
+    /// Runs a real agent per table, each offering its table as the dataset.
+    pub fn tables(mut self, tables: Vec<Table>) -> Self {
+        self.sites = tables.len();
+        self.tables = Some(tables);
+        self
+    }
+
+    pub fn dataset(mut self, name: &str, label: &str) -> Self {
+        self.dataset = name.into();
+        self.label = label.into();
+        self
+    }
+
+    /// Keeps everything under `dir` instead of a temporary directory.
+    pub fn dir(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_path_buf());
+        self
+    }
+
+    pub fn liveness_secs(mut self, secs: u64) -> Self {
+        self.liveness_secs = secs;
+        self
+    }
+
+    pub fn staging_budget_mib(mut self, mib: u64) -> Self {
+        self.staging_budget_mib = mib;
+        self
+    }
+
+    pub async fn build(self) -> Result<Federation> {
+        let (dir, temp) = match &self.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+                (d.clone(), None)
+            }
+            None => {
+                let t = tempfile::tempdir().context("create temporary federation dir")?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let pki_dir = dir.join("pki");
+        pki::init(&pki_dir)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind coordinator port")?;
+        let addr = listener.local_addr()?;
+        let url = format!("https://127.0.0.1:{}", addr.port());
+        let issue = |role: Role, name: &str| -> Result<PathBuf> {
+            pki::issue(
+                &pki_dir,
+                &IssueRequest {
+                    identity: Identity::new(role, name.parse()?),
+                    dns: if role == Role::Coordinator {
+                        vec!["localhost".into()]
+                    } else {
+                        vec![]
+                    },
+                    ips: if role == Role::Coordinator {
+                        vec![[127, 0, 0, 1].into()]
+                    } else {
+                        vec![]
+                    },
+                    days: 30,
+                    coordinator: Some(url.clone()),
+                },
+            )
+        };
+        issue(Role::Coordinator, "coordinator")?;
+        issue(Role::Admin, "admin")?;
+        issue(Role::Auditor, "auditor")?;
+        let site_names: Vec<String> = (0..self.sites).map(site_name).collect();
+        for name in &site_names {
+            issue(Role::Site, name)?;
+        }
+
+        // The coordinator, from a real config file.
+        let coord_dir = dir.join("coordinator");
+        std::fs::create_dir_all(&coord_dir)?;
+        let config = format!(
+            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \"../pki/coordinator\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\n",
+            self.liveness_secs, self.staging_budget_mib
+        );
+        std::fs::write(coord_dir.join("coordinator.toml"), config)?;
+        let settings = medfl_coordinator::Settings::load(&coord_dir.join("coordinator.toml"))?;
+        let coord_shutdown = CancellationToken::new();
+        let coord_task = tokio::spawn(medfl_coordinator::run(
+            listener,
+            settings,
+            coord_shutdown.clone(),
+        ));
+
+        let admin = AdminClient::new(Profile::load(&pki_dir.join("admin"))?.channel(None)?);
+        let mut fed = Federation {
+            dir: dir.clone(),
+            _temp: temp,
+            addr,
+            pki: pki_dir,
+            site_names: site_names.clone(),
+            admin,
+            coordinator: Some((coord_shutdown, coord_task)),
+            agents: Vec::new(),
+        };
+
+        // Real agents, each from its own config file and CSV.
+        if let Some(tables) = self.tables {
+            for (name, table) in site_names.iter().zip(tables) {
+                let site_dir = dir.join(name);
+                std::fs::create_dir_all(&site_dir)?;
+                std::fs::write(site_dir.join("data.csv"), table.to_csv(&self.label))?;
+                let agent_toml = format!(
+                    "profile = \"../pki/{name}\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
+                    self.dataset, self.label
+                );
+                std::fs::write(site_dir.join("agent.toml"), agent_toml)?;
+                fed.start_agent(name)?;
+            }
+        }
+        fed.wait_until_serving().await?;
+        Ok(fed)
+    }
+}
+
+impl Federation {
+    pub fn builder() -> FederationBuilder {
+        FederationBuilder::default()
+    }
+
+    /// Starts (or restarts) the agent of site `name` from its `agent.toml`.
+    pub fn start_agent(&mut self, name: &str) -> Result<()> {
+        let settings =
+            medfl_site_agent::AgentSettings::load(&self.dir.join(name).join("agent.toml"))?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(medfl_site_agent::run(settings, shutdown.clone()));
+        self.agents.retain(|a| a.name != name);
+        self.agents.push(Agent {
+            name: name.to_string(),
+            shutdown,
+            task,
+        });
+        Ok(())
+    }
+
+    /// Kills a site's agent abruptly, as a crash or a pulled cable would.
+    pub fn kill_agent(&mut self, name: &str) {
+        if let Some(pos) = self.agents.iter().position(|a| a.name == name) {
+            let agent = self.agents.remove(pos);
+            agent.task.abort();
+        }
+    }
+
+    async fn wait_until_serving(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            match self.admin.list_studies(pb::Empty {}).await {
+                Ok(_) => return Ok(()),
+                Err(e) if start.elapsed() > Duration::from_secs(20) => {
+                    bail!("coordinator did not come up: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    pub fn profile(&self, name: &str) -> Result<Profile> {
+        Ok(Profile::load(&self.pki.join(name))?)
+    }
+
+    /// An mTLS site client with the identity of `name`, for simulated sites.
+    pub fn site_client(&self, name: &str) -> Result<SiteClient<Channel>> {
+        Ok(SiteClient::new(self.profile(name)?.channel(None)?))
+    }
+
+    pub async fn create_study(&mut self, manifest_toml: &str) -> Result<String> {
+        let info = self
+            .admin
+            .create_study(pb::CreateStudyRequest {
+                manifest_toml: manifest_toml.to_string(),
+            })
+            .await
+            .context("create study")?
+            .into_inner();
+        Ok(info.study_id)
+    }
+
+    pub async fn start_study(&mut self, id: &str) -> Result<()> {
+        self.admin
+            .start_study(pb::StudyRef {
+                study_id: id.to_string(),
+            })
+            .await
+            .context("start study")?;
+        Ok(())
+    }
+
+    pub async fn status(&mut self, id: &str) -> Result<pb::StudyStatus> {
+        Ok(self
+            .admin
+            .get_study_status(pb::StudyRef {
+                study_id: id.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the study committed `n` rounds, or ended; returns its status.
+    pub async fn wait_for_round(
+        &mut self,
+        id: &str,
+        n: u32,
+        timeout: Duration,
+    ) -> Result<pb::StudyStatus> {
+        self.wait_for(id, timeout, |info| info.rounds_completed >= n)
+            .await
+    }
+
+    /// Waits until `done` holds for the study's info, or the study ended.
+    pub async fn wait_for(
+        &mut self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&pb::StudyInfo) -> bool,
+    ) -> Result<pb::StudyStatus> {
+        let start = Instant::now();
+        loop {
+            let status = self.status(id).await?;
+            let info = status.info.clone().unwrap_or_default();
+            let ended = matches!(
+                info.state(),
+                pb::StudyState::Completed | pb::StudyState::Aborted | pb::StudyState::Failed
+            );
+            if done(&info) || ended {
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "study {id} still at {} rounds ({:?}) after {timeout:?}",
+                    info.rounds_completed,
+                    info.state()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Exports a committed model (round 0: the latest) as its flat values.
+    pub async fn export(&mut self, id: &str, round: u32) -> Result<(pb::ModelHeader, Vec<f32>)> {
+        let stream = self
+            .admin
+            .export_model(pb::ExportModelRequest {
+                study_id: id.to_string(),
+                round,
+            })
+            .await
+            .context("export model")?
+            .into_inner();
+        Ok(medfl_proto::stream::read_model(stream).await?)
+    }
+
+    /// Stops agents, then the coordinator (which settles its rounds and flushes).
+    pub async fn shutdown(mut self) -> Result<()> {
+        for agent in self.agents.drain(..) {
+            agent.shutdown.cancel();
+            let _ = agent.task.await;
+        }
+        if let Some((token, task)) = self.coordinator.take() {
+            token.cancel();
+            task.await.context("coordinator task")??;
+        }
+        Ok(())
+    }
+
+    /// Stops the coordinator abruptly (its task is dropped mid-flight).
+    pub fn kill_coordinator(&mut self) {
+        if let Some((_, task)) = self.coordinator.take() {
+            task.abort();
+        }
+    }
+}
