@@ -97,9 +97,9 @@ pub enum StudyCommand {
         id: String,
         #[arg(long)]
         out: PathBuf,
-        /// Round to export (default: the latest committed).
-        #[arg(long, default_value_t = 0)]
-        round: u32,
+        /// Round to export (default: the latest committed; 0 is the initial model).
+        #[arg(long)]
+        round: Option<u32>,
     },
 }
 

@@ -185,7 +185,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             info.reason
         );
     }
-    let (header, params) = fed.export(&study_id, 0).await?;
+    let (header, params) = fed.export(&study_id, None).await?;
     crate::admin::write_safetensors(&workdir.join("model.safetensors"), &header, &params)?;
     let d = table.columns.len();
     let (fed_acc, fed_auc) = evaluate(&model, &params, &test)?;

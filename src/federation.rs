@@ -332,8 +332,12 @@ impl Federation {
         }
     }
 
-    /// Exports a committed model (round 0: the latest) as its flat values.
-    pub async fn export(&mut self, id: &str, round: u32) -> Result<(pb::ModelHeader, Vec<f32>)> {
+    /// Exports a committed model (`None`: the latest) as its flat values.
+    pub async fn export(
+        &mut self,
+        id: &str,
+        round: Option<u32>,
+    ) -> Result<(pb::ModelHeader, Vec<f32>)> {
         let stream = self
             .admin
             .export_model(pb::ExportModelRequest {

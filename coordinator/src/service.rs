@@ -269,7 +269,7 @@ impl pb::site_server::Site for SiteService {
         Ok(Response::new(model_stream(
             self.engine.clone(),
             &study,
-            req.round - 1,
+            req.round.saturating_sub(1),
         )?))
     }
 
@@ -553,11 +553,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<Self::ExportModelStream>, Status> {
         let req = request.into_inner();
         let study = self.engine.study(&req.study_id)?;
-        let round = if req.round == 0 {
-            study.rounds_completed
-        } else {
-            req.round
-        };
+        let round = req.round.unwrap_or(study.rounds_completed);
         if round > study.rounds_completed {
             return Err(Status::not_found(format!(
                 "study {} has committed {} rounds; round {round} does not exist yet",

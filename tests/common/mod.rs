@@ -1,0 +1,153 @@
+//! Helpers shared by the end-to-end tests: the bundled data, manifests, and
+//! simulated sites that speak the site protocol directly.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::site_client::SiteClient;
+use medfl_shared::manifest::StudyManifest;
+use medfl_site_agent::data::{DatasetConfig, FeatureSelection, MissingPolicy, Table};
+use tonic::transport::Channel;
+
+pub fn data_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/breast_cancer_wisconsin.csv")
+}
+
+pub fn bundled_table() -> Table {
+    let cfg = DatasetConfig {
+        name: "breast_cancer".into(),
+        path: data_path(),
+        label: "malignant".into(),
+        id_column: Some("patient_id".into()),
+        features: FeatureSelection::default(),
+        missing: MissingPolicy::Drop,
+    };
+    Table::load(&cfg, std::path::Path::new("/")).expect("bundled data loads")
+}
+
+/// A logistic-regression manifest over `features`.
+pub fn manifest(
+    features: &[String],
+    rounds: u32,
+    min_sites: u32,
+    deadline_secs: u64,
+    max_attempts: u32,
+) -> String {
+    let features: Vec<String> = features.iter().map(|f| format!("{f:?}")).collect();
+    format!(
+        r#"name = "e2e"
+rounds = {rounds}
+seed = 5
+
+[model]
+kind = "logistic_regression"
+
+[data]
+dataset = "breast_cancer"
+label = "malignant"
+features = [{}]
+
+[selection]
+min_sites = {min_sites}
+round_deadline_secs = {deadline_secs}
+max_attempts = {max_attempts}
+
+[training]
+local_epochs = 2
+batch_size = 32
+learning_rate = 0.05
+optimizer = "adam"
+"#,
+        features.join(", ")
+    )
+}
+
+pub fn feature_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("f{i}")).collect()
+}
+
+/// Registers a simulated site offering `features` + label as dataset "breast_cancer".
+pub async fn register(client: &mut SiteClient<Channel>, features: &[String]) -> Result<()> {
+    client
+        .register(pb::RegisterRequest {
+            agent_version: "sim".into(),
+            datasets: vec![pb::DatasetInfo {
+                name: "breast_cancer".into(),
+                columns: features
+                    .iter()
+                    .cloned()
+                    .chain(["malignant".to_string()])
+                    .collect(),
+            }],
+        })
+        .await
+        .context("register")?;
+    Ok(())
+}
+
+/// Polls until work arrives (or fails after `timeout`).
+pub async fn next_work(
+    client: &mut SiteClient<Channel>,
+    timeout: Duration,
+) -> Result<pb::WorkItem> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(work) = client
+            .poll_work(pb::PollWorkRequest { wait_ms: 1000 })
+            .await?
+            .into_inner()
+            .work
+        {
+            return Ok(work);
+        }
+    }
+    bail!("no work within {timeout:?}")
+}
+
+pub fn header(
+    work: &pb::WorkItem,
+    update_id: &str,
+    examples: u64,
+    num_params: u64,
+) -> pb::UpdateChunk {
+    let manifest =
+        StudyManifest::from_toml(&work.manifest_toml).expect("coordinator sends valid manifests");
+    pb::UpdateChunk {
+        body: Some(pb::update_chunk::Body::Header(pb::UpdateHeader {
+            study_id: work.study_id.clone(),
+            round: work.round,
+            update_id: update_id.into(),
+            num_examples: examples,
+            tensors: manifest
+                .layout()
+                .into_iter()
+                .map(|t| pb::TensorSpec {
+                    name: t.name,
+                    shape: t.shape,
+                })
+                .collect(),
+            num_params,
+        })),
+    }
+}
+
+/// Uploads `delta` as the site's update for `work`.
+pub async fn upload(
+    client: &mut SiteClient<Channel>,
+    work: &pb::WorkItem,
+    update_id: &str,
+    examples: u64,
+    delta: &[f32],
+) -> Result<pb::UploadReceipt, tonic::Status> {
+    let messages: Vec<pb::UpdateChunk> =
+        std::iter::once(header(work, update_id, examples, delta.len() as u64))
+            .chain(medfl_proto::stream::update_chunks(delta))
+            .collect();
+    Ok(client
+        .upload_update(futures::stream::iter(messages))
+        .await?
+        .into_inner())
+}

@@ -1,0 +1,247 @@
+//! End-to-end: real coordinator, real agents or simulated sites, real mTLS on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use medfl::Federation;
+use medfl_shared::metrics::accuracy;
+use medfl_shared::model::{ModelKind, ModelSpec};
+use medfl_shared::split::{SplitKind, split_rows};
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_real_agents_complete_a_study_and_log_what_left() {
+    let table = bundled_table();
+    let split = split_rows(&table.y, 3, 0.2, SplitKind::Iid, 1);
+    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .build()
+        .await
+        .expect("federation starts");
+    let id = fed
+        .create_study(&manifest(&table.columns, 4, 3, 60, 2))
+        .await
+        .expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for_round(&id, 4, LONG)
+        .await
+        .expect("study progresses");
+    let info = status.info.clone().expect("info");
+    assert_eq!(
+        info.rounds_completed, 4,
+        "study ended early: {}",
+        info.reason
+    );
+    let committed: Vec<_> = status.rounds.iter().filter(|r| r.committed).collect();
+    assert_eq!(committed.len(), 4);
+    for r in committed {
+        assert_eq!(
+            r.contributors, fed.site_names,
+            "round {} missed a site",
+            r.round
+        );
+        assert!(
+            r.mean_train_loss.is_finite(),
+            "sites report their training loss"
+        );
+    }
+    let final_status = fed
+        .wait_for(&id, LONG, |i| {
+            i.state == medfl_proto::v1::StudyState::Completed as i32
+        })
+        .await
+        .expect("completes");
+    assert_eq!(
+        final_status.info.expect("info").state,
+        medfl_proto::v1::StudyState::Completed as i32
+    );
+
+    let (header, params) = fed.export(&id, None).await.expect("export");
+    assert_eq!(header.round, 4);
+    let test = table.subset(&split.test);
+    let spec = ModelSpec {
+        kind: ModelKind::LogisticRegression,
+        hidden: vec![],
+    };
+    let probs = spec
+        .predict_proba(&params, &test.x, test.columns.len())
+        .expect("model fits layout");
+    let acc = accuracy(&probs, &test.y);
+    assert!(acc > 0.9, "federated accuracy {acc} after 4 rounds");
+
+    // Every update that left a site is in that site's egress log, with its digest.
+    for name in &fed.site_names {
+        let log =
+            std::fs::read_to_string(fed.dir.join(name).join("egress.jsonl")).expect("egress log");
+        let entries: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(entries.len(), 4, "{name} sent one update per round");
+        assert!(
+            entries
+                .iter()
+                .all(|e| e["sha256"].as_str().is_some_and(|s| s.len() == 64))
+        );
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_equals_the_weighted_mean_of_site_updates() {
+    let features = feature_names(5);
+    let mut fed = Federation::builder()
+        .sites(3)
+        .build()
+        .await
+        .expect("federation starts");
+    let mut clients = Vec::new();
+    for name in fed.site_names.clone() {
+        let mut c = fed.site_client(&name).expect("client");
+        register(&mut c, &features).await.expect("register");
+        clients.push(c);
+    }
+    let id = fed
+        .create_study(&manifest(&features, 1, 3, 30, 1))
+        .await
+        .expect("create");
+    let (_, global0) = fed.export(&id, Some(0)).await.expect("initial model");
+    fed.start_study(&id).await.expect("start");
+
+    let weights = [10u64, 30, 60];
+    let deltas: Vec<Vec<f32>> = (0..3)
+        .map(|k| {
+            (0..6)
+                .map(|i| (k as f32 + 1.0) * (i as f32 - 2.5) * 0.1)
+                .collect()
+        })
+        .collect();
+    for (k, c) in clients.iter_mut().enumerate() {
+        let work = next_work(c, Duration::from_secs(20)).await.expect("work");
+        assert_eq!(work.round, 1);
+        upload(c, &work, &format!("u{k}"), weights[k], &deltas[k])
+            .await
+            .expect("upload accepted");
+    }
+    fed.wait_for_round(&id, 1, LONG)
+        .await
+        .expect("round commits");
+    let (_, global1) = fed.export(&id, Some(1)).await.expect("round 1 model");
+
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    for i in 0..6 {
+        let mean: f64 = (0..3)
+            .map(|k| weights[k] as f64 * deltas[k][i] as f64)
+            .sum::<f64>()
+            / total;
+        let want = global0[i] as f64 + mean;
+        assert!(
+            (global1[i] as f64 - want).abs() < 1e-6,
+            "param {i}: {} vs {want}",
+            global1[i]
+        );
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
+    let features = feature_names(3);
+    let mut fed = Federation::builder()
+        .sites(3)
+        .build()
+        .await
+        .expect("federation starts");
+    let mut clients = Vec::new();
+    for name in fed.site_names.clone() {
+        let mut c = fed.site_client(&name).expect("client");
+        register(&mut c, &features).await.expect("register");
+        clients.push(c);
+    }
+    let id = fed
+        .create_study(&manifest(&features, 1, 2, 3, 1))
+        .await
+        .expect("create");
+    fed.start_study(&id).await.expect("start");
+    let mut works = Vec::new();
+    for c in clients.iter_mut() {
+        works.push(
+            next_work(c, Duration::from_secs(20))
+                .await
+                .expect("all three selected"),
+        );
+    }
+    // hospital-c took the work and then vanished.
+    drop(clients.pop());
+    for (k, c) in clients.iter_mut().enumerate() {
+        upload(c, &works[k], &format!("u{k}"), 10, &[0.5; 4])
+            .await
+            .expect("upload");
+    }
+    let status = fed
+        .wait_for_round(&id, 1, LONG)
+        .await
+        .expect("round commits at its deadline");
+    let round = status
+        .rounds
+        .iter()
+        .find(|r| r.committed)
+        .expect("a committed round");
+    assert_eq!(round.selected.len(), 3);
+    assert_eq!(round.contributors, vec!["hospital-a", "hospital-b"]);
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
+    let features = feature_names(3);
+    let mut fed = Federation::builder()
+        .sites(3)
+        .build()
+        .await
+        .expect("federation starts");
+    let mut clients = Vec::new();
+    for name in fed.site_names.clone() {
+        let mut c = fed.site_client(&name).expect("client");
+        register(&mut c, &features).await.expect("register");
+        clients.push(c);
+    }
+    let id = fed
+        .create_study(&manifest(&features, 2, 3, 2, 1))
+        .await
+        .expect("create");
+    fed.start_study(&id).await.expect("start");
+    let w = next_work(&mut clients[0], Duration::from_secs(20))
+        .await
+        .expect("work");
+    upload(&mut clients[0], &w, "only-one", 10, &[0.1; 4])
+        .await
+        .expect("upload");
+    let status = fed
+        .wait_for(&id, LONG, |i| {
+            i.state == medfl_proto::v1::StudyState::Failed as i32
+        })
+        .await
+        .expect("study ends");
+    let info = status.info.clone().expect("info");
+    assert_eq!(info.state, medfl_proto::v1::StudyState::Failed as i32);
+    assert_eq!(info.rounds_completed, 0);
+    let failed = status
+        .rounds
+        .iter()
+        .find(|r| !r.committed)
+        .expect("the failed attempt is recorded");
+    assert!(
+        failed.reason.contains("1 of 3 selected sites delivered")
+            && failed.reason.contains("quorum is 3"),
+        "{}",
+        failed.reason
+    );
+    assert!(info.reason.contains("round 1 failed"), "{}", info.reason);
+    fed.shutdown().await.expect("clean shutdown");
+}
