@@ -14,11 +14,8 @@ use tonic::transport::Channel;
 use crate::cli::{Conn, SiteCommand, StudyCommand};
 
 fn client(conn: &Conn) -> Result<AdminClient<Channel>> {
-    let profile = Profile::load(&conn.profile)
-        .with_context(|| format!("load profile {}", conn.profile.display()))?;
-    Ok(AdminClient::new(
-        profile.channel(conn.coordinator.as_deref())?,
-    ))
+    let profile = Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))?;
+    Ok(AdminClient::new(profile.channel(conn.coordinator.as_deref())?))
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -128,11 +125,7 @@ fn print_status(s: &pb::StudyStatus) {
 }
 
 /// Follows a study until it ends, with a progress bar of committed rounds (or JSON lines).
-pub async fn watch(
-    admin: &mut AdminClient<Channel>,
-    id: &str,
-    json_lines: bool,
-) -> Result<pb::StudyStatus> {
+pub async fn watch(admin: &mut AdminClient<Channel>, id: &str, json_lines: bool) -> Result<pb::StudyStatus> {
     let mut events = admin
         .watch_study(pb::StudyRef {
             study_id: id.to_string(),
@@ -179,11 +172,7 @@ pub async fn watch(
                 )
             })
             .unwrap_or_default();
-        bar.set_message(format!(
-            "{} {open} {}",
-            state_name(info.state),
-            event.message
-        ));
+        bar.set_message(format!("{} {open} {}", state_name(info.state), event.message));
         if is_terminal(info.state) {
             break;
         }
@@ -199,26 +188,17 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
     };
     match command {
         StudyCommand::Create { manifest } => {
-            let text = std::fs::read_to_string(&manifest)
-                .with_context(|| format!("read {}", manifest.display()))?;
+            let text = std::fs::read_to_string(&manifest).with_context(|| format!("read {}", manifest.display()))?;
             let info = admin
-                .create_study(pb::CreateStudyRequest {
-                    manifest_toml: text,
-                })
+                .create_study(pb::CreateStudyRequest { manifest_toml: text })
                 .await?
                 .into_inner();
-            println!(
-                "created study {} (manifest {})",
-                info.study_id, info.manifest_hash
-            );
+            println!("created study {} (manifest {})", info.study_id, info.manifest_hash);
         }
         StudyCommand::List { json } => {
             let list = admin.list_studies(pb::Empty {}).await?.into_inner();
             if json {
-                println!(
-                    "{}",
-                    Value::Array(list.studies.iter().map(info_json).collect())
-                );
+                println!("{}", Value::Array(list.studies.iter().map(info_json).collect()));
             } else {
                 for s in &list.studies {
                     println!(
@@ -232,18 +212,10 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
                 }
             }
         }
-        StudyCommand::Start { id } => {
-            report(admin.start_study(r(&id)).await?.into_inner(), "started")
-        }
-        StudyCommand::Pause { id } => {
-            report(admin.pause_study(r(&id)).await?.into_inner(), "paused")
-        }
-        StudyCommand::Resume { id } => {
-            report(admin.resume_study(r(&id)).await?.into_inner(), "resumed")
-        }
-        StudyCommand::Abort { id } => {
-            report(admin.abort_study(r(&id)).await?.into_inner(), "aborted")
-        }
+        StudyCommand::Start { id } => report(admin.start_study(r(&id)).await?.into_inner(), "started"),
+        StudyCommand::Pause { id } => report(admin.pause_study(r(&id)).await?.into_inner(), "paused"),
+        StudyCommand::Resume { id } => report(admin.resume_study(r(&id)).await?.into_inner(), "resumed"),
+        StudyCommand::Abort { id } => report(admin.abort_study(r(&id)).await?.into_inner(), "aborted"),
         StudyCommand::Status {
             id,
             watch: follow,
@@ -282,11 +254,7 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
 }
 
 fn report(info: pb::StudyInfo, what: &str) {
-    println!(
-        "study {} {what}: now {}",
-        info.study_id,
-        state_name(info.state)
-    );
+    println!("study {} {what}: now {}", info.study_id, state_name(info.state));
 }
 
 /// Writes a model as safetensors, one tensor per layout entry, with the study id,
@@ -327,9 +295,11 @@ pub async fn site(conn: &Conn, command: SiteCommand) -> Result<()> {
             if json {
                 let rows: Vec<Value> = sites
                     .iter()
-                    .map(|s| json!({"name": s.name, "connected": s.connected, "last_seen_unix_ms": s.last_seen_unix_ms,
+                    .map(|s| {
+                        json!({"name": s.name, "connected": s.connected, "last_seen_unix_ms": s.last_seen_unix_ms,
                                      "agent_version": s.agent_version,
-                                     "datasets": s.datasets.iter().map(|d| d.name.clone()).collect::<Vec<_>>()}))
+                                     "datasets": s.datasets.iter().map(|d| d.name.clone()).collect::<Vec<_>>()})
+                    })
                     .collect();
                 println!("{}", Value::Array(rows));
             } else {
@@ -338,11 +308,7 @@ pub async fn site(conn: &Conn, command: SiteCommand) -> Result<()> {
                     println!(
                         "{:<24} {:<13} agent {}  datasets: {}",
                         s.name,
-                        if s.connected {
-                            "connected"
-                        } else {
-                            "disconnected"
-                        },
+                        if s.connected { "connected" } else { "disconnected" },
                         s.agent_version,
                         datasets.join(", ")
                     );

@@ -50,12 +50,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
     /// Identity bundle: a profile.toml or its directory.
-    #[arg(
-        long,
-        env = "MEDFL_PROFILE",
-        default_value = "profile.toml",
-        global = true
-    )]
+    #[arg(long, env = "MEDFL_PROFILE", default_value = "profile.toml", global = true)]
     pub profile: PathBuf,
     /// Overrides the coordinator address of the profile.
     #[arg(long, global = true)]

@@ -210,16 +210,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let (central_acc, central_auc) = evaluate(&model, &central.params, &test)?;
     let mut local = Vec::new();
     for (name, t) in fed.site_names.iter().zip(&site_tables) {
-        let out = train(
-            &model,
-            d,
-            &init,
-            Start::Initial,
-            &t.x,
-            &t.y,
-            &epochs,
-            args.seed,
-        )?;
+        let out = train(&model, d, &init, Start::Initial, &t.x, &t.y, &epochs, args.seed)?;
         let (acc, auc) = evaluate(&model, &out.params, &test)?;
         let positives = t.y.iter().filter(|y| **y >= 0.5).count();
         local.push((name.clone(), t.rows(), positives, acc, auc));
@@ -246,18 +237,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     if args.json {
         println!("{summary}");
     } else {
-        println!(
-            "\nstudy {study_id}: {} rounds committed",
-            info.rounds_completed
-        );
-        println!(
-            "{:<36} {:>9} {:>8}",
-            "model (test set)", "accuracy", "ROC AUC"
-        );
-        println!(
-            "{:<36} {:>9.4} {:>8.4}",
-            "federated (medfl)", fed_acc, fed_auc
-        );
+        println!("\nstudy {study_id}: {} rounds committed", info.rounds_completed);
+        println!("{:<36} {:>9} {:>8}", "model (test set)", "accuracy", "ROC AUC");
+        println!("{:<36} {:>9.4} {:>8.4}", "federated (medfl)", fed_acc, fed_auc);
         println!(
             "{:<36} {:>9.4} {:>8.4}",
             "centralized (pooled rows)", central_acc, central_auc
@@ -271,10 +253,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             );
         }
         println!("\nmodel: {}", workdir.join("model.safetensors").display());
-        println!(
-            "admin profile: {}",
-            workdir.join("pki/admin/profile.toml").display()
-        );
+        println!("admin profile: {}", workdir.join("pki/admin/profile.toml").display());
     }
     if args.keep_running {
         eprintln!(

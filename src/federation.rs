@@ -29,6 +29,7 @@ pub struct FederationBuilder {
     dir: Option<PathBuf>,
     liveness_secs: u64,
     staging_budget_mib: u64,
+    coordinator_binary: Option<PathBuf>,
 }
 
 struct Agent {
@@ -45,8 +46,23 @@ pub struct Federation {
     pub pki: PathBuf,
     pub site_names: Vec<String>,
     pub admin: AdminClient<Channel>,
-    coordinator: Option<(CancellationToken, JoinHandle<Result<()>>)>,
+    coordinator: Option<Coordinator>,
     agents: Vec<Agent>,
+}
+
+enum Coordinator {
+    Task(CancellationToken, JoinHandle<Result<()>>),
+    Process(std::process::Child),
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        // A child coordinator must not outlive a test that panicked.
+        if let Some(Coordinator::Process(child)) = &mut self.coordinator {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl std::fmt::Debug for Federation {
@@ -77,6 +93,7 @@ impl Default for FederationBuilder {
             dir: None,
             liveness_secs: 30,
             staging_budget_mib: 64,
+            coordinator_binary: None,
         }
     }
 }
@@ -114,6 +131,13 @@ impl FederationBuilder {
 
     pub fn staging_budget_mib(mut self, mib: u64) -> Self {
         self.staging_budget_mib = mib;
+        self
+    }
+
+    /// Runs the coordinator as a child process of this `medfl` binary
+    /// (`medfl coordinator --config …`) instead of a task in this process.
+    pub fn coordinator_process(mut self, medfl_binary: &Path) -> Self {
+        self.coordinator_binary = Some(medfl_binary.to_path_buf());
         self
     }
 
@@ -171,13 +195,29 @@ impl FederationBuilder {
             self.liveness_secs, self.staging_budget_mib
         );
         std::fs::write(coord_dir.join("coordinator.toml"), config)?;
-        let settings = medfl_coordinator::Settings::load(&coord_dir.join("coordinator.toml"))?;
-        let coord_shutdown = CancellationToken::new();
-        let coord_task = tokio::spawn(medfl_coordinator::run(
-            listener,
-            settings,
-            coord_shutdown.clone(),
-        ));
+        let coordinator = match &self.coordinator_binary {
+            None => {
+                let settings = medfl_coordinator::Settings::load(&coord_dir.join("coordinator.toml"))?;
+                let token = CancellationToken::new();
+                Coordinator::Task(
+                    token.clone(),
+                    tokio::spawn(medfl_coordinator::run(listener, settings, token)),
+                )
+            }
+            Some(binary) => {
+                // The child binds the same port once this process lets go of it.
+                drop(listener);
+                let log = std::fs::File::create(coord_dir.join("coordinator.log"))?;
+                let child = std::process::Command::new(binary)
+                    .args(["coordinator", "--config"])
+                    .arg(coord_dir.join("coordinator.toml"))
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()
+                    .with_context(|| format!("start {}", binary.display()))?;
+                Coordinator::Process(child)
+            }
+        };
 
         let admin = AdminClient::new(Profile::load(&pki_dir.join("admin"))?.channel(None)?);
         let mut fed = Federation {
@@ -187,7 +227,7 @@ impl FederationBuilder {
             pki: pki_dir,
             site_names: site_names.clone(),
             admin,
-            coordinator: Some((coord_shutdown, coord_task)),
+            coordinator: Some(coordinator),
             agents: Vec::new(),
         };
 
@@ -217,8 +257,7 @@ impl Federation {
 
     /// Starts (or restarts) the agent of site `name` from its `agent.toml`.
     pub fn start_agent(&mut self, name: &str) -> Result<()> {
-        let settings =
-            medfl_site_agent::AgentSettings::load(&self.dir.join(name).join("agent.toml"))?;
+        let settings = medfl_site_agent::AgentSettings::load(&self.dir.join(name).join("agent.toml"))?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(medfl_site_agent::run(settings, shutdown.clone()));
         self.agents.retain(|a| a.name != name);
@@ -293,14 +332,8 @@ impl Federation {
     }
 
     /// Waits until the study committed `n` rounds, or ended; returns its status.
-    pub async fn wait_for_round(
-        &mut self,
-        id: &str,
-        n: u32,
-        timeout: Duration,
-    ) -> Result<pb::StudyStatus> {
-        self.wait_for(id, timeout, |info| info.rounds_completed >= n)
-            .await
+    pub async fn wait_for_round(&mut self, id: &str, n: u32, timeout: Duration) -> Result<pb::StudyStatus> {
+        self.wait_for(id, timeout, |info| info.rounds_completed >= n).await
     }
 
     /// Waits until `done` holds for the study's info, or the study ended.
@@ -333,11 +366,7 @@ impl Federation {
     }
 
     /// Exports a committed model (`None`: the latest) as its flat values.
-    pub async fn export(
-        &mut self,
-        id: &str,
-        round: Option<u32>,
-    ) -> Result<(pb::ModelHeader, Vec<f32>)> {
+    pub async fn export(&mut self, id: &str, round: Option<u32>) -> Result<(pb::ModelHeader, Vec<f32>)> {
         let stream = self
             .admin
             .export_model(pb::ExportModelRequest {
@@ -356,17 +385,45 @@ impl Federation {
             agent.shutdown.cancel();
             let _ = agent.task.await;
         }
-        if let Some((token, task)) = self.coordinator.take() {
-            token.cancel();
-            task.await.context("coordinator task")??;
+        match self.coordinator.take() {
+            Some(Coordinator::Task(token, task)) => {
+                token.cancel();
+                task.await.context("coordinator task")??;
+            }
+            Some(Coordinator::Process(mut child)) => {
+                let pid = child.id().to_string();
+                std::process::Command::new("kill")
+                    .args(["-TERM", &pid])
+                    .status()
+                    .context("send SIGTERM")?;
+                let status = child.wait().context("wait for the coordinator")?;
+                if !status.success() {
+                    bail!("coordinator exited with {status}");
+                }
+            }
+            None => {}
         }
         Ok(())
     }
 
-    /// Stops the coordinator abruptly (its task is dropped mid-flight).
+    /// Stops the coordinator abruptly: its task is dropped mid-flight, or its
+    /// process gets SIGKILL.
     pub fn kill_coordinator(&mut self) {
-        if let Some((_, task)) = self.coordinator.take() {
-            task.abort();
+        match self.coordinator.take() {
+            Some(Coordinator::Task(_, task)) => task.abort(),
+            Some(Coordinator::Process(mut child)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            None => {}
+        }
+    }
+
+    /// The coordinator's process id, when it runs as a child process.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        match &self.coordinator {
+            Some(Coordinator::Process(child)) => Some(child.id()),
+            _ => None,
         }
     }
 }

@@ -27,33 +27,17 @@ async fn three_real_agents_complete_a_study_and_log_what_left() {
         .await
         .expect("create");
     fed.start_study(&id).await.expect("start");
-    let status = fed
-        .wait_for_round(&id, 4, LONG)
-        .await
-        .expect("study progresses");
+    let status = fed.wait_for_round(&id, 4, LONG).await.expect("study progresses");
     let info = status.info.clone().expect("info");
-    assert_eq!(
-        info.rounds_completed, 4,
-        "study ended early: {}",
-        info.reason
-    );
+    assert_eq!(info.rounds_completed, 4, "study ended early: {}", info.reason);
     let committed: Vec<_> = status.rounds.iter().filter(|r| r.committed).collect();
     assert_eq!(committed.len(), 4);
     for r in committed {
-        assert_eq!(
-            r.contributors, fed.site_names,
-            "round {} missed a site",
-            r.round
-        );
-        assert!(
-            r.mean_train_loss.is_finite(),
-            "sites report their training loss"
-        );
+        assert_eq!(r.contributors, fed.site_names, "round {} missed a site", r.round);
+        assert!(r.mean_train_loss.is_finite(), "sites report their training loss");
     }
     let final_status = fed
-        .wait_for(&id, LONG, |i| {
-            i.state == medfl_proto::v1::StudyState::Completed as i32
-        })
+        .wait_for(&id, LONG, |i| i.state == medfl_proto::v1::StudyState::Completed as i32)
         .await
         .expect("completes");
     assert_eq!(
@@ -76,8 +60,7 @@ async fn three_real_agents_complete_a_study_and_log_what_left() {
 
     // Every update that left a site is in that site's egress log, with its digest.
     for name in &fed.site_names {
-        let log =
-            std::fs::read_to_string(fed.dir.join(name).join("egress.jsonl")).expect("egress log");
+        let log = std::fs::read_to_string(fed.dir.join(name).join("egress.jsonl")).expect("egress log");
         let entries: Vec<serde_json::Value> = log
             .lines()
             .map(|l| serde_json::from_str(l).expect("json line"))
@@ -95,11 +78,7 @@ async fn three_real_agents_complete_a_study_and_log_what_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregate_equals_the_weighted_mean_of_site_updates() {
     let features = feature_names(5);
-    let mut fed = Federation::builder()
-        .sites(3)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
     let mut clients = Vec::new();
     for name in fed.site_names.clone() {
         let mut c = fed.site_client(&name).expect("client");
@@ -115,11 +94,7 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
 
     let weights = [10u64, 30, 60];
     let deltas: Vec<Vec<f32>> = (0..3)
-        .map(|k| {
-            (0..6)
-                .map(|i| (k as f32 + 1.0) * (i as f32 - 2.5) * 0.1)
-                .collect()
-        })
+        .map(|k| (0..6).map(|i| (k as f32 + 1.0) * (i as f32 - 2.5) * 0.1).collect())
         .collect();
     for (k, c) in clients.iter_mut().enumerate() {
         let work = next_work(c, Duration::from_secs(20)).await.expect("work");
@@ -128,17 +103,12 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
             .await
             .expect("upload accepted");
     }
-    fed.wait_for_round(&id, 1, LONG)
-        .await
-        .expect("round commits");
+    fed.wait_for_round(&id, 1, LONG).await.expect("round commits");
     let (_, global1) = fed.export(&id, Some(1)).await.expect("round 1 model");
 
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
     for i in 0..6 {
-        let mean: f64 = (0..3)
-            .map(|k| weights[k] as f64 * deltas[k][i] as f64)
-            .sum::<f64>()
-            / total;
+        let mean: f64 = (0..3).map(|k| weights[k] as f64 * deltas[k][i] as f64).sum::<f64>() / total;
         let want = global0[i] as f64 + mean;
         assert!(
             (global1[i] as f64 - want).abs() < 1e-6,
@@ -152,11 +122,7 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
     let features = feature_names(3);
-    let mut fed = Federation::builder()
-        .sites(3)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
     let mut clients = Vec::new();
     for name in fed.site_names.clone() {
         let mut c = fed.site_client(&name).expect("client");
@@ -170,11 +136,7 @@ async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
     fed.start_study(&id).await.expect("start");
     let mut works = Vec::new();
     for c in clients.iter_mut() {
-        works.push(
-            next_work(c, Duration::from_secs(20))
-                .await
-                .expect("all three selected"),
-        );
+        works.push(next_work(c, Duration::from_secs(20)).await.expect("all three selected"));
     }
     // hospital-c took the work and then vanished.
     drop(clients.pop());
@@ -187,11 +149,7 @@ async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
         .wait_for_round(&id, 1, LONG)
         .await
         .expect("round commits at its deadline");
-    let round = status
-        .rounds
-        .iter()
-        .find(|r| r.committed)
-        .expect("a committed round");
+    let round = status.rounds.iter().find(|r| r.committed).expect("a committed round");
     assert_eq!(round.selected.len(), 3);
     assert_eq!(round.contributors, vec!["hospital-a", "hospital-b"]);
     fed.shutdown().await.expect("clean shutdown");
@@ -200,11 +158,7 @@ async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
     let features = feature_names(3);
-    let mut fed = Federation::builder()
-        .sites(3)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
     let mut clients = Vec::new();
     for name in fed.site_names.clone() {
         let mut c = fed.site_client(&name).expect("client");
@@ -216,16 +170,12 @@ async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
         .await
         .expect("create");
     fed.start_study(&id).await.expect("start");
-    let w = next_work(&mut clients[0], Duration::from_secs(20))
-        .await
-        .expect("work");
+    let w = next_work(&mut clients[0], Duration::from_secs(20)).await.expect("work");
     upload(&mut clients[0], &w, "only-one", 10, &[0.1; 4])
         .await
         .expect("upload");
     let status = fed
-        .wait_for(&id, LONG, |i| {
-            i.state == medfl_proto::v1::StudyState::Failed as i32
-        })
+        .wait_for(&id, LONG, |i| i.state == medfl_proto::v1::StudyState::Failed as i32)
         .await
         .expect("study ends");
     let info = status.info.clone().expect("info");
@@ -237,8 +187,7 @@ async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
         .find(|r| !r.committed)
         .expect("the failed attempt is recorded");
     assert!(
-        failed.reason.contains("1 of 3 selected sites delivered")
-            && failed.reason.contains("quorum is 3"),
+        failed.reason.contains("1 of 3 selected sites delivered") && failed.reason.contains("quorum is 3"),
         "{}",
         failed.reason
     );

@@ -50,11 +50,7 @@ async fn still_serving(fed: &mut Federation) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_without_a_consortium_certificate_get_no_rpc() {
-    let mut fed = Federation::builder()
-        .sites(1)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(1).build().await.expect("federation starts");
     let admin = fed.profile("admin").expect("admin profile");
 
     // Plaintext HTTP/2.
@@ -118,11 +114,7 @@ async fn connections_without_a_consortium_certificate_get_no_rpc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_come_from_certificates_and_gate_every_service() {
-    let mut fed = Federation::builder()
-        .sites(1)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(1).build().await.expect("federation starts");
     let site = fed
         .profile("hospital-a")
         .expect("site profile")
@@ -134,35 +126,24 @@ async fn roles_come_from_certificates_and_gate_every_service() {
         .expect_err("site may not administer");
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(
-        err.message()
-            .contains("site/hospital-a may not call the admin service"),
+        err.message().contains("site/hospital-a may not call the admin service"),
         "{}",
         err.message()
     );
     let err = AdminClient::new(site.clone())
-        .abort_study(pb::StudyRef {
-            study_id: "s-x".into(),
-        })
+        .abort_study(pb::StudyRef { study_id: "s-x".into() })
         .await
         .expect_err("site may not abort");
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    let admin = fed
-        .profile("admin")
-        .expect("admin")
-        .channel(None)
-        .expect("channel");
+    let admin = fed.profile("admin").expect("admin").channel(None).expect("channel");
     let err = SiteClient::new(admin)
         .poll_work(pb::PollWorkRequest { wait_ms: 0 })
         .await
         .expect_err("admin is not a site");
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    let auditor = fed
-        .profile("auditor")
-        .expect("auditor")
-        .channel(None)
-        .expect("channel");
+    let auditor = fed.profile("auditor").expect("auditor").channel(None).expect("channel");
     AuditClient::new(auditor.clone())
         .list_studies(pb::Empty {})
         .await
@@ -178,11 +159,7 @@ async fn roles_come_from_certificates_and_gate_every_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_updates_are_refused_and_nothing_is_folded() {
     let features = feature_names(3); // 4 parameters
-    let mut fed = Federation::builder()
-        .sites(2)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(2).build().await.expect("federation starts");
     let mut site = fed.site_client("hospital-a").expect("client");
     register(&mut site, &features).await.expect("register");
     // hospital-b is selected too but never delivers, so the round stays open until its deadline.
@@ -193,9 +170,7 @@ async fn malformed_updates_are_refused_and_nothing_is_folded() {
         .await
         .expect("create");
     fed.start_study(&id).await.expect("start");
-    let work = next_work(&mut site, Duration::from_secs(20))
-        .await
-        .expect("work");
+    let work = next_work(&mut site, Duration::from_secs(20)).await.expect("work");
 
     let received = |s: pb::StudyStatus| s.open_round.map(|o| o.received).unwrap_or_default();
 
@@ -229,11 +204,7 @@ async fn malformed_updates_are_refused_and_nothing_is_folded() {
             .await
             .expect_err("non-finite");
         assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(
-            err.message().contains("value 1 is not finite"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("value 1 is not finite"), "{}", err.message());
     }
 
     // A chunk out of order, and a stream without a header.
@@ -265,11 +236,7 @@ async fn malformed_updates_are_refused_and_nothing_is_folded() {
         .upload_update(futures::stream::iter(msgs))
         .await
         .expect_err("truncated");
-    assert!(
-        err.message().contains("ended after 0 of 4 values"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("ended after 0 of 4 values"), "{}", err.message());
 
     assert!(
         received(fed.status(&id).await.expect("status")).is_empty(),
@@ -287,10 +254,7 @@ async fn malformed_updates_are_refused_and_nothing_is_folded() {
     upload(&mut site, &work, "good", 10, &[0.25; 4])
         .await
         .expect("a retried delivery is acknowledged");
-    assert_eq!(
-        received(fed.status(&id).await.expect("status")),
-        vec!["hospital-a"]
-    );
+    assert_eq!(received(fed.status(&id).await.expect("status")), vec!["hospital-a"]);
     fed.wait_for_round(&id, 1, Duration::from_secs(60))
         .await
         .expect("round commits");
@@ -316,11 +280,7 @@ async fn malformed_updates_are_refused_and_nothing_is_folded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_not_selected_or_unregistered_is_refused() {
     let features = feature_names(2);
-    let mut fed = Federation::builder()
-        .sites(2)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(2).build().await.expect("federation starts");
     let mut a = fed.site_client("hospital-a").expect("client");
     let mut b = fed.site_client("hospital-b").expect("client");
     let err = b
@@ -329,13 +289,10 @@ async fn a_site_not_selected_or_unregistered_is_refused() {
         .expect_err("unregistered");
     assert_eq!(err.code(), Code::FailedPrecondition);
     register(&mut a, &features).await.expect("register");
-    let manifest = manifest(&features, 1, 1, 30, 1)
-        .replace("[selection]", "[selection]\nsites = [\"hospital-a\"]");
+    let manifest = manifest(&features, 1, 1, 30, 1).replace("[selection]", "[selection]\nsites = [\"hospital-a\"]");
     let id = fed.create_study(&manifest).await.expect("create");
     fed.start_study(&id).await.expect("start");
-    let work = next_work(&mut a, Duration::from_secs(20))
-        .await
-        .expect("work");
+    let work = next_work(&mut a, Duration::from_secs(20)).await.expect("work");
     register(&mut b, &features).await.expect("register");
     let err = upload(&mut b, &work, "intruder", 10, &[0.1; 3])
         .await
@@ -354,11 +311,7 @@ async fn a_site_not_selected_or_unregistered_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_manifest_is_refused_with_what_to_fix() {
-    let mut fed = Federation::builder()
-        .sites(1)
-        .build()
-        .await
-        .expect("federation starts");
+    let mut fed = Federation::builder().sites(1).build().await.expect("federation starts");
     let bad = manifest(&feature_names(2), 0, 1, 30, 1);
     let err = fed
         .admin
@@ -393,11 +346,7 @@ fn an_agent_with_a_csv_missing_its_label_column_says_which() {
         },
     )
     .expect("issue");
-    std::fs::write(
-        dir.path().join("data.csv"),
-        "patient_id,radius,texture\np1,1.0,2.0\n",
-    )
-    .expect("csv");
+    std::fs::write(dir.path().join("data.csv"), "patient_id,radius,texture\np1,1.0,2.0\n").expect("csv");
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,

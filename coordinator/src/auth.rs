@@ -30,12 +30,12 @@ impl RoleGate {
 
 impl Interceptor for RoleGate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let certs = request.peer_certs().ok_or_else(|| {
-            Status::unauthenticated("a client certificate from the consortium CA is required")
-        })?;
-        let leaf = certs.first().ok_or_else(|| {
-            Status::unauthenticated("a client certificate from the consortium CA is required")
-        })?;
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate from the consortium CA is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate from the consortium CA is required"))?;
         let identity = Identity::from_cert_der(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(format!("client certificate refused: {e}")))?;
         if !self.allowed.contains(&identity.role) {
@@ -53,7 +53,8 @@ impl Interceptor for RoleGate {
 
 /// Returns the identity the gate attached to a request.
 pub fn caller<T>(request: &Request<T>) -> Result<&Identity, Status> {
-    request.extensions().get::<Identity>().ok_or_else(|| {
-        Status::unauthenticated("request reached a handler without passing the role gate")
-    })
+    request
+        .extensions()
+        .get::<Identity>()
+        .ok_or_else(|| Status::unauthenticated("request reached a handler without passing the role gate"))
 }

@@ -39,10 +39,7 @@ pub async fn main(args: CoordinatorArgs) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(settings.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "medfl-coordinator: cannot listen on {}: {e}",
-                settings.listen
-            );
+            eprintln!("medfl-coordinator: cannot listen on {}: {e}", settings.listen);
             return ExitCode::from(EXIT_CONFIG);
         }
     };

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use medfl_shared::aggregate::WeightedSum;
+use medfl_shared::chunk::CHUNK_VALUES;
 use medfl_shared::manifest::{StudyManifest, Weighting};
 use medfl_shared::{sha256_hex, unix_ms};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
@@ -19,9 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::error::ServiceError;
-use crate::store::{
-    DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StudyRecord, StudyState,
-};
+use crate::store::{DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError, StudyRecord, StudyState};
 
 /// Settings of the engine that do not belong to any one study.
 #[derive(Debug, Clone)]
@@ -131,9 +130,7 @@ pub struct OpenRound {
 
 impl OpenRound {
     fn lock(&self) -> std::sync::MutexGuard<'_, RoundAcc> {
-        self.acc
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.acc.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn is_selected(&self, site: &str) -> bool {
@@ -179,12 +176,7 @@ pub struct StagingBuffer {
 impl Drop for StagingBuffer {
     fn drop(&mut self) {
         let values = std::mem::take(&mut self.values);
-        let mut buffers = self
-            .pool
-            .staging
-            .buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut buffers = self.pool.staging.buffers.lock().unwrap_or_else(|p| p.into_inner());
         if buffers.len() < 64 {
             buffers.push(values);
         }
@@ -216,12 +208,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Engine {
-    pub fn new(
-        store: Store,
-        config: EngineConfig,
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    pub fn new(store: Store, config: EngineConfig, tracker: TaskTracker, shutdown: CancellationToken) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         let (work, _) = watch::channel(0);
         Arc::new(Engine {
@@ -320,13 +307,9 @@ impl Engine {
 
     // ------------------------------------------------------------------ studies
 
-    pub fn create_study(
-        &self,
-        manifest_toml: &str,
-        created_by: &str,
-    ) -> Result<StudyRecord, ServiceError> {
-        let manifest = StudyManifest::from_toml(manifest_toml)
-            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+    pub fn create_study(&self, manifest_toml: &str, created_by: &str) -> Result<StudyRecord, ServiceError> {
+        let manifest =
+            StudyManifest::from_toml(manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         let manifest_hash = manifest.hash();
         let created_ms = now_ms();
         let nonce = format!(
@@ -508,10 +491,8 @@ impl Engine {
         let open = lock(&self.open);
         open.values().find_map(|r| {
             let acc = r.lock();
-            let wanted = r.is_selected(site)
-                && !acc.closed
-                && !acc.received.contains_key(site)
-                && !acc.refused.contains(site);
+            let wanted =
+                r.is_selected(site) && !acc.closed && !acc.received.contains_key(site) && !acc.refused.contains(site);
             wanted.then(|| Work {
                 study_id: r.study_id.clone(),
                 round: r.round,
@@ -538,9 +519,9 @@ impl Engine {
                 "round {round} of study {study_id} has not started; round {} is open",
                 r.round
             ))),
-            None if round <= study.rounds_completed => Err(ServiceError::FailedPrecondition(
-                format!("round {round} of study {study_id} is closed (committed)"),
-            )),
+            None if round <= study.rounds_completed => Err(ServiceError::FailedPrecondition(format!(
+                "round {round} of study {study_id} is closed (committed)"
+            ))),
             None => Err(ServiceError::FailedPrecondition(format!(
                 "study {study_id} has no open round (state {:?}, {} rounds committed)",
                 study.state, study.rounds_completed
@@ -629,13 +610,7 @@ impl Engine {
         }
     }
 
-    pub fn refuse(
-        &self,
-        site: &str,
-        study_id: &str,
-        round: u32,
-        reason: &str,
-    ) -> Result<(), ServiceError> {
+    pub fn refuse(&self, site: &str, study_id: &str, round: u32, reason: &str) -> Result<(), ServiceError> {
         self.study(study_id)?;
         let reason: String = reason.chars().take(2000).collect();
         self.store.add_refusal(
@@ -691,11 +666,7 @@ impl Engine {
         );
     }
 
-    async fn drive(
-        self: &Arc<Self>,
-        id: &str,
-        mut control: watch::Receiver<Control>,
-    ) -> Result<(), ServiceError> {
+    async fn drive(self: &Arc<Self>, id: &str, mut control: watch::Receiver<Control>) -> Result<(), ServiceError> {
         loop {
             match *control.borrow_and_update() {
                 Control::Run => {}
@@ -754,25 +725,14 @@ impl Engine {
                     Ok(())
                 })?;
                 warn!(%reason, "study failed");
-                self.emit(
-                    id,
-                    EventKind::StateChanged,
-                    round,
-                    "",
-                    format!("failed: {reason}"),
-                );
+                self.emit(id, EventKind::StateChanged, round, "", format!("failed: {reason}"));
                 return Ok(());
             }
         }
     }
 
     fn eligible_sites(&self, manifest: &StudyManifest) -> Result<Vec<String>, ServiceError> {
-        let allowed: HashSet<&str> = manifest
-            .selection
-            .sites
-            .iter()
-            .map(|n| n.as_str())
-            .collect();
+        let allowed: HashSet<&str> = manifest.selection.sites.iter().map(|n| n.as_str()).collect();
         let mut eligible: Vec<String> = self
             .store
             .sites()?
@@ -817,11 +777,10 @@ impl Engine {
             );
             return self.fail_round(id, round, attempt, eligible, vec![], started_ms, reason);
         }
-        let mut rng =
-            StdRng::seed_from_u64(manifest.seed ^ ((round as u64) << 32) ^ attempt as u64);
+        let mut rng = StdRng::seed_from_u64(manifest.seed ^ ((round as u64) << 32) ^ attempt as u64);
         eligible.shuffle(&mut rng);
-        let k = ((manifest.selection.fraction * eligible.len() as f64).ceil() as usize)
-            .clamp(min_sites, eligible.len());
+        let k =
+            ((manifest.selection.fraction * eligible.len() as f64).ceil() as usize).clamp(min_sites, eligible.len());
         let mut selected: Vec<String> = eligible.into_iter().take(k).collect();
         selected.sort();
 
@@ -889,15 +848,7 @@ impl Engine {
             } else {
                 "study aborted"
             };
-            self.fail_round(
-                id,
-                round,
-                attempt,
-                selected,
-                contributors,
-                started_ms,
-                reason.into(),
-            )?;
+            self.fail_round(id, round, attempt, selected, contributors, started_ms, reason.into())?;
             return Ok(RoundOutcome::Interrupted);
         }
         if received.len() < min_sites {
@@ -906,15 +857,7 @@ impl Engine {
                 received.len(),
                 selected.len()
             );
-            return self.fail_round(
-                id,
-                round,
-                attempt,
-                selected,
-                contributors,
-                started_ms,
-                reason,
-            );
+            return self.fail_round(id, round, attempt, selected, contributors, started_ms, reason);
         }
 
         // Aggregate and commit durably before announcing the new model.
@@ -926,8 +869,7 @@ impl Engine {
             selected,
             contributors,
             num_examples: received.iter().map(|r| r.1).sum(),
-            mean_train_loss: (!losses.is_empty())
-                .then(|| losses.iter().sum::<f64>() / losses.len() as f64),
+            mean_train_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
             started_ms,
             finished_ms: now_ms(),
             reason: String::new(),
@@ -938,11 +880,7 @@ impl Engine {
         tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc))
             .await
             .map_err(|e| ServiceError::Unavailable(format!("commit task failed: {e}")))??;
-        info!(
-            round,
-            n_updates = record.contributors.len(),
-            "round committed"
-        );
+        info!(round, n_updates = record.contributors.len(), "round committed");
         self.emit(
             id,
             EventKind::RoundCommitted,
@@ -957,19 +895,41 @@ impl Engine {
         Ok(RoundOutcome::Committed)
     }
 
-    fn commit(
-        &self,
-        id: &str,
-        record: &RoundRecord,
-        acc: &WeightedSum,
-    ) -> Result<(), ServiceError> {
-        let mut model = self.store.load_model(id, record.round - 1)?;
-        acc.apply_mean_to(&mut model)
-            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+    /// Writes the new global model chunk by chunk (previous chunk + mean update), then
+    /// commits the round. Memory beyond the accumulator is one chunk.
+    fn commit(&self, id: &str, record: &RoundRecord, acc: &WeightedSum) -> Result<(), ServiceError> {
+        if acc.count() == 0 {
+            return Err(ServiceError::FailedPrecondition("no update to commit".into()));
+        }
+        let n = acc.len();
+        let mut next = Vec::with_capacity(CHUNK_VALUES.min(n));
+        let mut writer = self.store.model_writer(id, record.round)?;
+        for (index, start) in (0..n).step_by(CHUNK_VALUES).enumerate() {
+            let end = (start + CHUNK_VALUES).min(n);
+            let prev = self.store.model_chunk(id, record.round - 1, index)?;
+            let prev = match prev {
+                Some(bytes) if bytes.len() == (end - start) * 4 => bytes,
+                other => {
+                    return Err(ServiceError::Store(StoreError::CorruptChunk {
+                        key: format!("model/{id}/{:08}/{index:08}", record.round - 1),
+                        len: other.map_or(0, |b| b.len()),
+                    }));
+                }
+            };
+            next.clear();
+            next.extend(
+                prev.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .zip(acc.mean_slice(start..end))
+                    .map(|(g, m)| g + m),
+            );
+            writer.write(&next)?;
+        }
+        writer.finish()?;
         let _guard = lock(&self.study_lock);
         let mut study = self.study(id)?;
         study.rounds_completed = record.round;
-        self.store.commit_round(&study, record, &model)?;
+        self.store.commit_round(&study, record)?;
         Ok(())
     }
 

@@ -21,9 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use medfl_proto::transport::Profile;
-use medfl_proto::v1::{
-    admin_server::AdminServer, audit_server::AuditServer, site_server::SiteServer,
-};
+use medfl_proto::v1::{admin_server::AdminServer, audit_server::AuditServer, site_server::SiteServer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -90,17 +88,14 @@ pub struct Settings {
 impl Settings {
     /// Reads and validates `coordinator.toml`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-        let file: ConfigFile =
-            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let file: ConfigFile = toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_file(file, base)
     }
 
     pub fn from_file(file: ConfigFile, base: &Path) -> Result<Self> {
-        let profile =
-            Profile::load(&base.join(&file.profile)).context("load the coordinator's profile")?;
+        let profile = Profile::load(&base.join(&file.profile)).context("load the coordinator's profile")?;
         if profile.file.role != "coordinator" {
             anyhow::bail!(
                 "profile {} is for role {:?}; the coordinator needs a coordinator certificate",
@@ -127,11 +122,7 @@ impl Settings {
 
 /// Serves until `shutdown` fires, then stops taking RPCs, settles the open rounds
 /// (they are recorded as interrupted and resume on restart) and flushes the store.
-pub async fn run(
-    listener: TcpListener,
-    settings: Settings,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(listener: TcpListener, settings: Settings, shutdown: CancellationToken) -> Result<()> {
     let tls = tls::server_config(&settings.profile)?;
     let store = Store::open(&settings.store, settings.store_cache_bytes)
         .with_context(|| format!("open sled store {}", settings.store.display()))?;
@@ -150,21 +141,15 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(SiteServer::with_interceptor(
-            SiteService {
-                engine: engine.clone(),
-            },
+            SiteService { engine: engine.clone() },
             RoleGate::SITE,
         ))
         .add_service(AdminServer::with_interceptor(
-            AdminService {
-                engine: engine.clone(),
-            },
+            AdminService { engine: engine.clone() },
             RoleGate::ADMIN,
         ))
         .add_service(AuditServer::with_interceptor(
-            AuditService {
-                engine: engine.clone(),
-            },
+            AuditService { engine: engine.clone() },
             RoleGate::AUDIT,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
@@ -172,10 +157,7 @@ pub async fn run(
         .context("serve gRPC")?;
 
     tracker.close();
-    if tokio::time::timeout(settings.grace, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(settings.grace, tracker.wait()).await.is_err() {
         warn!(grace = ?settings.grace, "study drivers did not settle within the grace period");
     }
     store.flush().context("flush store")?;

@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use medfl_proto::transport::{PROFILE_FILE, ProfileFile};
 use medfl_shared::identity::{Identity, Role};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -30,10 +30,7 @@ pub struct Consortium {
 /// Creates a consortium CA in `dir` (refuses to overwrite one).
 pub fn init(dir: &Path) -> Result<()> {
     if dir.join(CA_KEY).exists() {
-        bail!(
-            "{} already holds a CA; refusing to overwrite it",
-            dir.display()
-        );
+        bail!("{} already holds a CA; refusing to overwrite it", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let key = KeyPair::generate().context("generate CA key")?;
@@ -70,10 +67,10 @@ pub struct IssueRequest {
 /// Issues a key and certificate signed by the CA in `dir` and writes the bundle
 /// `dir/<name>/{cert.pem,key.pem,ca.pem,profile.toml}`; returns the bundle directory.
 pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
-    let ca_pem = std::fs::read_to_string(dir.join(CA_CERT))
-        .with_context(|| format!("read the CA in {}", dir.display()))?;
-    let ca_key_pem = std::fs::read_to_string(dir.join(CA_KEY))
-        .with_context(|| format!("read the CA key in {}", dir.display()))?;
+    let ca_pem =
+        std::fs::read_to_string(dir.join(CA_CERT)).with_context(|| format!("read the CA in {}", dir.display()))?;
+    let ca_key_pem =
+        std::fs::read_to_string(dir.join(CA_KEY)).with_context(|| format!("read the CA key in {}", dir.display()))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).context("parse CA key")?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("parse CA certificate")?;
 
@@ -88,31 +85,24 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
     params
         .distinguished_name
         .push(DnType::CommonName, req.identity.to_string());
-    params.subject_alt_names.push(SanType::URI(
-        req.identity.uri().try_into().context("identity URI")?,
-    ));
+    params
+        .subject_alt_names
+        .push(SanType::URI(req.identity.uri().try_into().context("identity URI")?));
     for name in &dns {
         params.subject_alt_names.push(SanType::DnsName(
-            name.clone()
-                .try_into()
-                .with_context(|| format!("DNS name {name:?}"))?,
+            name.clone().try_into().with_context(|| format!("DNS name {name:?}"))?,
         ));
     }
     for ip in &ips {
         params.subject_alt_names.push(SanType::IpAddress(*ip));
     }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::hours(1);
     params.not_after = now + Duration::days(req.days.max(1));
-    let cert = params
-        .signed_by(&key, &issuer)
-        .context("sign certificate")?;
+    let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
 
     let consortium = if req.identity.role == Role::Coordinator {
         let c = Consortium {
@@ -185,10 +175,7 @@ mod tests {
     fn issued_certificates_carry_their_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
         init(dir.path()).expect("init CA");
-        assert!(
-            init(dir.path()).is_err(),
-            "a second init must not overwrite the CA"
-        );
+        assert!(init(dir.path()).is_err(), "a second init must not overwrite the CA");
         let identity = Identity::new(Role::Site, "hospital-a".parse().expect("name"));
         let bundle = issue(
             dir.path(),

@@ -128,8 +128,8 @@ fn model_stream(
     study: &StudyRecord,
     round: u32,
 ) -> Result<BoxStream<pb::ModelChunk>, ServiceError> {
-    let manifest = StudyManifest::from_toml(&study.manifest_toml)
-        .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+    let manifest =
+        StudyManifest::from_toml(&study.manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
     if engine.store.model_chunk(&study.id, round, 0)?.is_none() {
         return Err(ServiceError::NotFound(format!(
             "study {} has no committed model for round {round}",
@@ -152,26 +152,22 @@ fn model_stream(
         async move {
             match engine.store.model_chunk(&id, round, index) {
                 Ok(Some(bytes)) => {
+                    let next_offset = offset + bytes.len() as u64 / 4;
                     let chunk = pb::ModelChunk {
                         body: Some(pb::model_chunk::Body::Data(pb::DataChunk {
                             seq: index as u64,
                             offset,
-                            values: bytes.to_vec(),
+                            values: bytes,
                         })),
                     };
-                    Some((Ok(chunk), (index + 1, offset + bytes.len() as u64 / 4)))
+                    Some((Ok(chunk), (index + 1, next_offset)))
                 }
                 Ok(None) => None,
-                Err(e) => Some((
-                    Err(Status::from(ServiceError::from(e))),
-                    (usize::MAX, offset),
-                )),
+                Err(e) => Some((Err(Status::from(ServiceError::from(e))), (usize::MAX, offset))),
             }
         }
     });
-    Ok(Box::pin(
-        futures::stream::once(async move { Ok(header) }).chain(chunks),
-    ))
+    Ok(Box::pin(futures::stream::once(async move { Ok(header) }).chain(chunks)))
 }
 
 // ---------------------------------------------------------------------- site
@@ -183,17 +179,12 @@ pub struct SiteService {
 
 #[tonic::async_trait]
 impl pb::site_server::Site for SiteService {
-    async fn register(
-        &self,
-        request: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let site = caller(&request)?.name.to_string();
         let req = request.into_inner();
         check_text("agent_version", &req.agent_version)?;
         if req.datasets.len() > 256 {
-            return Err(Status::invalid_argument(
-                "at most 256 datasets may be registered",
-            ));
+            return Err(Status::invalid_argument("at most 256 datasets may be registered"));
         }
         let mut datasets = Vec::with_capacity(req.datasets.len());
         for d in req.datasets {
@@ -209,8 +200,7 @@ impl pb::site_server::Site for SiteService {
                 columns: d.columns,
             });
         }
-        self.engine
-            .register_site(&site, req.agent_version, datasets)?;
+        self.engine.register_site(&site, req.agent_version, datasets)?;
         Ok(Response::new(pb::RegisterResponse {
             site_name: site,
             heartbeat_interval_ms: 5000,
@@ -227,25 +217,18 @@ impl pb::site_server::Site for SiteService {
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 
-    async fn poll_work(
-        &self,
-        request: Request<pb::PollWorkRequest>,
-    ) -> Result<Response<pb::PollWorkResponse>, Status> {
+    async fn poll_work(&self, request: Request<pb::PollWorkRequest>) -> Result<Response<pb::PollWorkResponse>, Status> {
         let site = caller(&request)?.name.to_string();
         self.engine.require_registered(&site)?;
         let wait = Duration::from_millis(request.get_ref().wait_ms as u64).min(MAX_POLL);
-        let work = self
-            .engine
-            .poll_work(&site, wait)
-            .await
-            .map(|w| pb::WorkItem {
-                study_id: w.study_id,
-                round: w.round,
-                manifest_hash: w.manifest_hash,
-                manifest_toml: w.manifest_toml,
-                deadline_unix_ms: w.deadline_ms,
-                num_params: w.num_params,
-            });
+        let work = self.engine.poll_work(&site, wait).await.map(|w| pb::WorkItem {
+            study_id: w.study_id,
+            round: w.round,
+            manifest_hash: w.manifest_hash,
+            manifest_toml: w.manifest_toml,
+            deadline_unix_ms: w.deadline_ms,
+            num_params: w.num_params,
+        });
         Ok(Response::new(pb::PollWorkResponse { work }))
     }
 
@@ -315,10 +298,7 @@ impl pb::site_server::Site for SiteService {
         let want = open.manifest.num_params();
         let layout = open.manifest.layout();
         if header.num_params != want || header.tensors != tensors_pb(&layout) {
-            let shapes: Vec<String> = layout
-                .iter()
-                .map(|t| format!("{}{:?}", t.name, t.shape))
-                .collect();
+            let shapes: Vec<String> = layout.iter().map(|t| format!("{}{:?}", t.name, t.shape)).collect();
             return Err(Status::invalid_argument(format!(
                 "update shape does not match the study's model: got {} values in {} tensors, the model has {want} values in {}",
                 header.num_params,
@@ -375,26 +355,17 @@ impl pb::site_server::Site for SiteService {
         }))
     }
 
-    async fn report_refusal(
-        &self,
-        request: Request<pb::RefusalReport>,
-    ) -> Result<Response<pb::Ack>, Status> {
+    async fn report_refusal(&self, request: Request<pb::RefusalReport>) -> Result<Response<pb::Ack>, Status> {
         let site = caller(&request)?.name.to_string();
         let req = request.into_inner();
         if req.reason.len() > 16 * 1024 {
-            return Err(Status::invalid_argument(
-                "a refusal reason is limited to 16 KiB",
-            ));
+            return Err(Status::invalid_argument("a refusal reason is limited to 16 KiB"));
         }
-        self.engine
-            .refuse(&site, &req.study_id, req.round, &req.reason)?;
+        self.engine.refuse(&site, &req.study_id, req.round, &req.reason)?;
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn report_metrics(
-        &self,
-        request: Request<pb::MetricsReport>,
-    ) -> Result<Response<pb::Ack>, Status> {
+    async fn report_metrics(&self, request: Request<pb::MetricsReport>) -> Result<Response<pb::Ack>, Status> {
         let site = caller(&request)?.name.to_string();
         let req = request.into_inner();
         if !req.train_loss.is_finite() {
@@ -428,10 +399,7 @@ fn event_pb(engine: &Engine, e: Event) -> Result<pb::StudyEvent, Status> {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn create_study(
-        &self,
-        request: Request<pb::CreateStudyRequest>,
-    ) -> Result<Response<pb::StudyInfo>, Status> {
+    async fn create_study(&self, request: Request<pb::CreateStudyRequest>) -> Result<Response<pb::StudyInfo>, Status> {
         let admin = caller(&request)?.to_string();
         let req = request.into_inner();
         if req.manifest_toml.len() > MAX_MANIFEST {
@@ -445,67 +413,44 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(info_pb(&study)))
     }
 
-    async fn list_studies(
-        &self,
-        _request: Request<pb::Empty>,
-    ) -> Result<Response<pb::StudyList>, Status> {
+    async fn list_studies(&self, _request: Request<pb::Empty>) -> Result<Response<pb::StudyList>, Status> {
         let studies = self.engine.store.studies().map_err(ServiceError::from)?;
         Ok(Response::new(pb::StudyList {
             studies: studies.iter().map(info_pb).collect(),
         }))
     }
 
-    async fn start_study(
-        &self,
-        request: Request<pb::StudyRef>,
-    ) -> Result<Response<pb::StudyInfo>, Status> {
+    async fn start_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
         Ok(Response::new(info_pb(
             &self.engine.start_study(&request.get_ref().study_id)?,
         )))
     }
 
-    async fn pause_study(
-        &self,
-        request: Request<pb::StudyRef>,
-    ) -> Result<Response<pb::StudyInfo>, Status> {
+    async fn pause_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
         Ok(Response::new(info_pb(
             &self.engine.pause_study(&request.get_ref().study_id)?,
         )))
     }
 
-    async fn resume_study(
-        &self,
-        request: Request<pb::StudyRef>,
-    ) -> Result<Response<pb::StudyInfo>, Status> {
+    async fn resume_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
         Ok(Response::new(info_pb(
             &self.engine.resume_study(&request.get_ref().study_id)?,
         )))
     }
 
-    async fn abort_study(
-        &self,
-        request: Request<pb::StudyRef>,
-    ) -> Result<Response<pb::StudyInfo>, Status> {
+    async fn abort_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
         Ok(Response::new(info_pb(
             &self.engine.abort_study(&request.get_ref().study_id)?,
         )))
     }
 
-    async fn get_study_status(
-        &self,
-        request: Request<pb::StudyRef>,
-    ) -> Result<Response<pb::StudyStatus>, Status> {
-        Ok(Response::new(status_pb(
-            self.engine.view(&request.get_ref().study_id)?,
-        )))
+    async fn get_study_status(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyStatus>, Status> {
+        Ok(Response::new(status_pb(self.engine.view(&request.get_ref().study_id)?)))
     }
 
     type WatchStudyStream = BoxStream<pb::StudyEvent>;
 
-    async fn watch_study(
-        &self,
-        request: Request<pb::StudyRef>,
-    ) -> Result<Response<Self::WatchStudyStream>, Status> {
+    async fn watch_study(&self, request: Request<pb::StudyRef>) -> Result<Response<Self::WatchStudyStream>, Status> {
         let id = request.into_inner().study_id;
         let events = BroadcastStream::new(self.engine.subscribe());
         let snapshot = pb::StudyEvent {
@@ -525,18 +470,20 @@ impl pb::admin_server::Admin for AdminService {
                     Ok(e) if e.study_id == watched => Some(event_pb(&engine, e)),
                     Ok(_) => None,
                     // The watcher fell behind: send a fresh snapshot instead of the lost events.
-                    Err(_) => Some(
-                        engine
-                            .view(&watched)
-                            .map(status_pb)
-                            .map_err(Status::from)
-                            .map(|s| pb::StudyEvent {
-                                study_id: watched.clone(),
-                                kind: pb::EventKind::Snapshot as i32,
-                                status: Some(s),
-                                ..Default::default()
-                            }),
-                    ),
+                    Err(_) => {
+                        Some(
+                            engine
+                                .view(&watched)
+                                .map(status_pb)
+                                .map_err(Status::from)
+                                .map(|s| pb::StudyEvent {
+                                    study_id: watched.clone(),
+                                    kind: pb::EventKind::Snapshot as i32,
+                                    status: Some(s),
+                                    ..Default::default()
+                                }),
+                        )
+                    }
                 }
             }
         });
@@ -560,24 +507,16 @@ impl pb::admin_server::Admin for AdminService {
                 study.id, study.rounds_completed
             )));
         }
-        Ok(Response::new(model_stream(
-            self.engine.clone(),
-            &study,
-            round,
-        )?))
+        Ok(Response::new(model_stream(self.engine.clone(), &study, round)?))
     }
 
-    async fn list_sites(
-        &self,
-        _request: Request<pb::Empty>,
-    ) -> Result<Response<pb::SiteList>, Status> {
+    async fn list_sites(&self, _request: Request<pb::Empty>) -> Result<Response<pb::SiteList>, Status> {
         let sites = self.engine.sites()?;
         let sites = sites
             .into_iter()
             .map(|s| {
                 let last_seen = self.engine.last_seen(&s.name).map(|t| {
-                    medfl_shared::unix_ms(std::time::SystemTime::now())
-                        .saturating_sub(t.elapsed().as_millis() as u64)
+                    medfl_shared::unix_ms(std::time::SystemTime::now()).saturating_sub(t.elapsed().as_millis() as u64)
                 });
                 pb::SiteInfo {
                     connected: self.engine.is_connected(&s.name),
@@ -608,22 +547,14 @@ pub struct AuditService {
 
 #[tonic::async_trait]
 impl pb::audit_server::Audit for AuditService {
-    async fn list_studies(
-        &self,
-        _request: Request<pb::Empty>,
-    ) -> Result<Response<pb::StudyList>, Status> {
+    async fn list_studies(&self, _request: Request<pb::Empty>) -> Result<Response<pb::StudyList>, Status> {
         let studies = self.engine.store.studies().map_err(ServiceError::from)?;
         Ok(Response::new(pb::StudyList {
             studies: studies.iter().map(info_pb).collect(),
         }))
     }
 
-    async fn get_study_status(
-        &self,
-        request: Request<pb::StudyRef>,
-    ) -> Result<Response<pb::StudyStatus>, Status> {
-        Ok(Response::new(status_pb(
-            self.engine.view(&request.get_ref().study_id)?,
-        )))
+    async fn get_study_status(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyStatus>, Status> {
+        Ok(Response::new(status_pb(self.engine.view(&request.get_ref().study_id)?)))
     }
 }

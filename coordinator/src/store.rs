@@ -1,18 +1,27 @@
-//! The coordinator's durable state in sled. This is the only module that touches sled.
+//! The coordinator's durable state. This is the only module that touches sled or the
+//! model files.
 //!
-//! One tree, keys prefixed by kind, so that a round's commit (its model chunks, its
-//! round record and the study's progress) is one atomic batch, flushed to disk
-//! before the round is announced:
+//! Records live in sled (`<store>/sled`), one tree with keys prefixed by kind, so a
+//! round's commit (its round record and the study's progress) is one atomic batch,
+//! flushed to disk before the round is announced:
 //!
 //! | key | value |
 //! |---|---|
 //! | `study/<id>` | [`StudyRecord`] (JSON) |
 //! | `round/<id>/<round:08>/<attempt:04>` | [`RoundRecord`] (JSON) |
-//! | `model/<id>/<round:08>/<chunk:08>` | little-endian f32, [`CHUNK_VALUES`] per chunk |
 //! | `site/<name>` | [`SiteRecord`] (JSON) |
 //! | `refusal/<id>/<at_ms:016>/<site>` | [`RefusalRecord`] (JSON) |
+//!
+//! Model tensors live beside it as `<store>/models/<id>/<round:08>.f32` (flat
+//! little-endian f32). sled keeps every written value in memory, which would cost a
+//! model's size per commit; a file costs only the page cache. A model file is written
+//! to a temporary name, fsynced and renamed *before* the commit batch that makes its
+//! round count, so a committed round always has its whole model, and the file of an
+//! attempt that never committed is simply overwritten by the next attempt.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 use medfl_shared::chunk::{CHUNK_VALUES, encode};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -22,11 +31,10 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
     #[error("record {key} is corrupt: {source}")]
-    Corrupt {
-        key: String,
-        source: serde_json::Error,
-    },
+    Corrupt { key: String, source: serde_json::Error },
     #[error("model chunk {key} is corrupt ({len} bytes)")]
     CorruptChunk { key: String, len: usize },
     #[error("encode record: {0}")]
@@ -46,10 +54,7 @@ pub enum StudyState {
 
 impl StudyState {
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            StudyState::Completed | StudyState::Aborted | StudyState::Failed
-        )
+        matches!(self, StudyState::Completed | StudyState::Aborted | StudyState::Failed)
     }
 }
 
@@ -107,6 +112,41 @@ pub struct RefusalRecord {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    models: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes one model file; see the module docs for the protocol.
+pub struct ModelWriter {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl ModelWriter {
+    pub fn write(&mut self, values: &[f32]) -> Result<(), StoreError> {
+        self.out.write_all(&encode(values)).map_err(io_err(&self.tmp))
+    }
+
+    /// Makes the file durable under its final name.
+    pub fn finish(self) -> Result<(), StoreError> {
+        let file = self.out.into_inner().map_err(|e| StoreError::Io {
+            path: self.tmp.display().to_string(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err(&self.tmp))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -130,18 +170,34 @@ fn study_key(id: &str) -> String {
     format!("study/{id}")
 }
 
-fn model_prefix(id: &str, round: u32) -> String {
-    format!("model/{id}/{round:08}/")
-}
-
 impl Store {
     /// Opens (or creates) the store at `path` with a page cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
-            .path(path)
+            .path(path.join("sled"))
             .cache_capacity(cache_bytes)
             .open()?;
-        Ok(Store { db })
+        let models = path.join("models");
+        std::fs::create_dir_all(&models).map_err(io_err(&models))?;
+        Ok(Store { db, models })
+    }
+
+    fn model_path(&self, id: &str, round: u32) -> PathBuf {
+        self.models.join(id).join(format!("{round:08}.f32"))
+    }
+
+    /// Starts writing the model of `round`.
+    pub fn model_writer(&self, id: &str, round: u32) -> Result<ModelWriter, StoreError> {
+        let path = self.model_path(id, round);
+        let dir = self.models.join(id);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let tmp = path.with_extension("f32.tmp");
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        Ok(ModelWriter {
+            out: BufWriter::with_capacity(1 << 20, file),
+            tmp,
+            path,
+        })
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -159,29 +215,19 @@ impl Store {
             .collect()
     }
 
-    fn put_model_chunks(batch: &mut sled::Batch, id: &str, round: u32, params: &[f32]) {
-        let prefix = model_prefix(id, round);
-        for (i, chunk) in params.chunks(CHUNK_VALUES).enumerate() {
-            batch.insert(format!("{prefix}{i:08}").as_bytes(), encode(chunk));
+    /// Writes a new study with its initial model (round 0), durably; the study record
+    /// lands last, so a crash midway leaves no half-created study.
+    pub fn create_study(&self, study: &StudyRecord, initial_model: &[f32]) -> Result<(), StoreError> {
+        let mut writer = self.model_writer(&study.id, 0)?;
+        for chunk in initial_model.chunks(CHUNK_VALUES) {
+            writer.write(chunk)?;
         }
-    }
-
-    /// Writes a new study with its initial model (round 0), durably.
-    pub fn create_study(
-        &self,
-        study: &StudyRecord,
-        initial_model: &[f32],
-    ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(study_key(&study.id).as_bytes(), json(study)?);
-        Self::put_model_chunks(&mut batch, &study.id, 0, initial_model);
-        self.db.apply_batch(batch)?;
-        self.flush()
+        writer.finish()?;
+        self.put_study(study)
     }
 
     pub fn put_study(&self, study: &StudyRecord) -> Result<(), StoreError> {
-        self.db
-            .insert(study_key(&study.id).as_bytes(), json(study)?)?;
+        self.db.insert(study_key(&study.id).as_bytes(), json(study)?)?;
         self.flush()
     }
 
@@ -197,16 +243,11 @@ impl Store {
         self.scan("study/")
     }
 
-    /// Commits a round atomically and durably: the new global model, the round record
-    /// and the study's progress land together or not at all.
-    pub fn commit_round(
-        &self,
-        study: &StudyRecord,
-        round: &RoundRecord,
-        model: &[f32],
-    ) -> Result<(), StoreError> {
+    /// Commits a round atomically and durably, after its model file was finished with
+    /// [`Store::model_writer`]: the round record and the study's progress land
+    /// together in one batch, then everything is flushed to disk.
+    pub fn commit_round(&self, study: &StudyRecord, round: &RoundRecord) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        Self::put_model_chunks(&mut batch, &study.id, round.round, model);
         batch.insert(
             format!("round/{}/{:08}/{:04}", study.id, round.round, round.attempt).as_bytes(),
             json(round)?,
@@ -217,11 +258,7 @@ impl Store {
     }
 
     /// Records a round attempt that did not commit.
-    pub fn record_failed_round(
-        &self,
-        study_id: &str,
-        round: &RoundRecord,
-    ) -> Result<(), StoreError> {
+    pub fn record_failed_round(&self, study_id: &str, round: &RoundRecord) -> Result<(), StoreError> {
         self.db.insert(
             format!("round/{study_id}/{:08}/{:04}", round.round, round.attempt).as_bytes(),
             json(round)?,
@@ -233,49 +270,49 @@ impl Store {
         self.scan(&format!("round/{study_id}/"))
     }
 
-    /// Returns the model chunks of a committed round, in order (empty if none).
-    pub fn model_chunks(&self, study_id: &str, round: u32) -> Result<Vec<sled::IVec>, StoreError> {
-        self.db
-            .scan_prefix(model_prefix(study_id, round).as_bytes())
-            .values()
-            .map(|v| Ok(v?))
-            .collect()
+    /// Returns chunk `index` ([`CHUNK_VALUES`] values, fewer for the last) of the model
+    /// of `round` as little-endian bytes, or `None` past its end or if it has no model.
+    pub fn model_chunk(&self, study_id: &str, round: u32, index: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.model_path(study_id, round);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let chunk_bytes = (CHUNK_VALUES * 4) as u64;
+        file.seek(SeekFrom::Start(index as u64 * chunk_bytes))
+            .map_err(io_err(&path))?;
+        let mut bytes = Vec::with_capacity(chunk_bytes as usize);
+        file.take(chunk_bytes).read_to_end(&mut bytes).map_err(io_err(&path))?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        if bytes.len() % 4 != 0 {
+            return Err(StoreError::CorruptChunk {
+                key: format!("{}#{index}", path.display()),
+                len: bytes.len(),
+            });
+        }
+        Ok(Some(bytes))
     }
 
-    /// Returns chunk `index` of a committed model, if it exists.
-    pub fn model_chunk(
-        &self,
-        study_id: &str,
-        round: u32,
-        index: usize,
-    ) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self
-            .db
-            .get(format!("{}{index:08}", model_prefix(study_id, round)).as_bytes())?)
-    }
-
-    /// Reads a committed model into one vector.
+    /// Reads a committed model into one vector (empty if there is none).
     pub fn load_model(&self, study_id: &str, round: u32) -> Result<Vec<f32>, StoreError> {
         let mut out = Vec::new();
-        for (i, chunk) in self.model_chunks(study_id, round)?.iter().enumerate() {
-            if chunk.len() % 4 != 0 {
-                return Err(StoreError::CorruptChunk {
-                    key: format!("{}{i:08}", model_prefix(study_id, round)),
-                    len: chunk.len(),
-                });
-            }
+        let mut index = 0;
+        while let Some(chunk) = self.model_chunk(study_id, round, index)? {
             out.extend(
                 chunk
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
+            index += 1;
         }
         Ok(out)
     }
 
     pub fn put_site(&self, site: &SiteRecord) -> Result<(), StoreError> {
-        self.db
-            .insert(format!("site/{}", site.name).as_bytes(), json(site)?)?;
+        self.db.insert(format!("site/{}", site.name).as_bytes(), json(site)?)?;
         Ok(())
     }
 
@@ -334,17 +371,15 @@ mod tests {
                 finished_ms: 2,
                 reason: String::new(),
             };
-            store.commit_round(&s, &round, &model[..]).expect("commit");
+            let mut writer = store.model_writer("s-1", 1).expect("writer");
+            for chunk in model.chunks(CHUNK_VALUES) {
+                writer.write(chunk).expect("chunk");
+            }
+            writer.finish().expect("finish");
+            store.commit_round(&s, &round).expect("commit");
         }
         let store = Store::open(dir.path(), 1 << 20).expect("reopen");
-        assert_eq!(
-            store
-                .study("s-1")
-                .expect("read")
-                .expect("present")
-                .rounds_completed,
-            1
-        );
+        assert_eq!(store.study("s-1").expect("read").expect("present").rounds_completed, 1);
         assert_eq!(store.load_model("s-1", 1).expect("model"), model);
         assert_eq!(store.rounds("s-1").expect("rounds").len(), 1);
         assert!(store.load_model("s-1", 2).expect("absent model").is_empty());

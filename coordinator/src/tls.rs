@@ -35,8 +35,7 @@ pub fn server_config(profile: &Profile) -> Result<Arc<rustls::ServerConfig>> {
     let certs = CertificateDer::pem_slice_iter(profile.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("parse coordinator certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(profile.key_pem.as_bytes())
-        .context("parse coordinator key")?;
+    let key = PrivateKeyDer::from_pem_slice(profile.key_pem.as_bytes()).context("parse coordinator key")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("select TLS 1.3")?

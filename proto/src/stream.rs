@@ -21,24 +21,19 @@ pub enum StreamError {
 }
 
 /// Reads a whole model stream: its header and the flat values, checked chunk by chunk.
-pub async fn read_model(
-    mut stream: Streaming<pb::ModelChunk>,
-) -> Result<(pb::ModelHeader, Vec<f32>), StreamError> {
+pub async fn read_model(mut stream: Streaming<pb::ModelChunk>) -> Result<(pb::ModelHeader, Vec<f32>), StreamError> {
     let header = match stream.message().await? {
         Some(pb::ModelChunk {
             body: Some(pb::model_chunk::Body::Header(h)),
         }) => h,
         _ => return Err(StreamError::NoHeader),
     };
-    let len =
-        usize::try_from(header.num_params).map_err(|_| StreamError::TooLarge(header.num_params))?;
+    let len = usize::try_from(header.num_params).map_err(|_| StreamError::TooLarge(header.num_params))?;
     let mut params = vec![0f32; len];
     let mut cursor = ChunkCursor::new(header.num_params);
     while let Some(msg) = stream.message().await? {
         match msg.body {
-            Some(pb::model_chunk::Body::Data(c)) => {
-                cursor.decode_into(c.seq, c.offset, &c.values, &mut params)?
-            }
+            Some(pb::model_chunk::Body::Data(c)) => cursor.decode_into(c.seq, c.offset, &c.values, &mut params)?,
             _ => return Err(StreamError::SecondHeader),
         }
     }
@@ -49,10 +44,6 @@ pub async fn read_model(
 /// Returns the data messages of an update stream (the caller sends the header first).
 pub fn update_chunks(values: &[f32]) -> impl Iterator<Item = pb::UpdateChunk> + '_ {
     chunks(values).map(|(seq, offset, values)| pb::UpdateChunk {
-        body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
-            seq,
-            offset,
-            values,
-        })),
+        body: Some(pb::update_chunk::Body::Data(pb::DataChunk { seq, offset, values })),
     })
 }

@@ -53,15 +53,9 @@ impl std::fmt::Debug for Profile {
 #[derive(Debug, Error)]
 pub enum TransportError {
     #[error("read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("parse {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid coordinator address {addr:?}: {source}")]
     Address {
         addr: String,
@@ -91,10 +85,7 @@ impl Profile {
             path: file_path.clone(),
             source,
         })?;
-        let dir = file_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let dir = file_path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(Profile {
             cert_pem: read(&dir.join(&file.cert))?,
             key_pem: read(&dir.join(&file.key))?,

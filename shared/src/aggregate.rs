@@ -1,5 +1,5 @@
 //! Streaming weighted FedAvg (McMahan et al., AISTATS 2017, Algorithm 1):
-//! `Δ = Σ_k w_k Δ_k / Σ_k w_k`, then `θ ← θ + Δ`.
+//! `Δ = Σ_k w_k Δ_k / Σ_k w_k`, then `θ ← θ + Δ` (applied chunk by chunk by the caller).
 //!
 //! Updates are folded one at a time into a single running sum, so memory is one model
 //! whatever the number of sites. The sum is kept in `f32`: with weights that are
@@ -14,8 +14,6 @@ pub enum AggregateError {
     WrongLength { got: usize, want: usize },
     #[error("update weight {0} is not a positive finite number")]
     BadWeight(f64),
-    #[error("no update was folded")]
-    Empty,
 }
 
 /// The running sum `Σ_k w_k Δ_k` and `Σ_k w_k`.
@@ -73,22 +71,13 @@ impl WeightedSum {
         Ok(())
     }
 
-    /// Applies the mean update to `global` in place: `θ ← θ + Σ w Δ / Σ w`.
-    pub fn apply_mean_to(&self, global: &mut [f32]) -> Result<(), AggregateError> {
-        if self.count == 0 {
-            return Err(AggregateError::Empty);
-        }
-        if global.len() != self.sum.len() {
-            return Err(AggregateError::WrongLength {
-                got: global.len(),
-                want: self.sum.len(),
-            });
-        }
-        let inv = (1.0 / self.total_weight) as f32;
-        for (g, s) in global.iter_mut().zip(&self.sum) {
-            *g += s * inv;
-        }
-        Ok(())
+    /// Returns the number of values in the model.
+    pub fn len(&self) -> usize {
+        self.sum.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sum.is_empty()
     }
 
     /// Returns the mean update over `range` of the flat vector.
@@ -112,8 +101,7 @@ mod tests {
             for (u, w) in &updates {
                 acc.fold(u, *w as f64).expect("same length, positive weight");
             }
-            let mut global = vec![1.0f32; 8];
-            acc.apply_mean_to(&mut global).expect("non-empty");
+            let global: Vec<f32> = acc.mean_slice(0..8).map(|m| 1.0 + m).collect();
             let total: f64 = updates.iter().map(|(_, w)| *w as f64).sum();
             for i in 0..8 {
                 let want = 1.0 + updates.iter().map(|(u, w)| u[i] as f64 * *w as f64).sum::<f64>() / total;
@@ -129,6 +117,5 @@ mod tests {
         assert!(acc.fold(&[1.0; 3], f64::NAN).is_err());
         assert!(acc.fold(&[1.0; 3], 0.0).is_err());
         assert_eq!(acc.count(), 0);
-        assert_eq!(acc.apply_mean_to(&mut [0.0; 3]), Err(AggregateError::Empty));
     }
 }

@@ -11,11 +11,7 @@ pub enum ChunkError {
     #[error("chunk {seq} arrived out of order (expected chunk {expected})")]
     OutOfOrder { seq: u64, expected: u64 },
     #[error("chunk {seq} starts at value {offset}, expected {expected}")]
-    WrongOffset {
-        seq: u64,
-        offset: u64,
-        expected: u64,
-    },
+    WrongOffset { seq: u64, offset: u64, expected: u64 },
     #[error("chunk {seq} has {bytes} bytes, not a whole number of f32 values")]
     Ragged { seq: u64, bytes: usize },
     #[error("chunk {seq} is empty")]
@@ -64,13 +60,7 @@ impl ChunkCursor {
     /// Validates one chunk and decodes it into `dest[offset..]`, where `dest` is the
     /// whole flat vector. On error `dest` may hold part of the chunk: decode into a
     /// staging buffer and discard it when any chunk fails.
-    pub fn decode_into(
-        &mut self,
-        seq: u64,
-        offset: u64,
-        bytes: &[u8],
-        dest: &mut [f32],
-    ) -> Result<(), ChunkError> {
+    pub fn decode_into(&mut self, seq: u64, offset: u64, bytes: &[u8], dest: &mut [f32]) -> Result<(), ChunkError> {
         let len = self.check(seq, offset, bytes)?;
         let window = &mut dest[offset as usize..offset as usize + len];
         for (i, raw) in bytes.chunks_exact(4).enumerate() {
@@ -204,14 +194,8 @@ mod tests {
             Err(ChunkError::NotFinite { index: 7, .. })
         ));
         let ragged = vec![(0, 0, vec![0u8; 5])];
-        assert!(matches!(
-            decode_all(4, &ragged),
-            Err(ChunkError::Ragged { .. })
-        ));
+        assert!(matches!(decode_all(4, &ragged), Err(ChunkError::Ragged { .. })));
         let past = vec![(0, 0, encode(&[1.0; 5]))];
-        assert!(matches!(
-            decode_all(4, &past),
-            Err(ChunkError::PastEnd { .. })
-        ));
+        assert!(matches!(decode_all(4, &past), Err(ChunkError::PastEnd { .. })));
     }
 }

@@ -132,8 +132,8 @@ impl Identity {
     /// have been verified against the consortium CA by the TLS layer.
     pub fn from_cert_der(der: &[u8]) -> Result<Self, IdentityError> {
         use x509_parser::extensions::GeneralName;
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
         let san = cert
             .subject_alternative_name()
             .map_err(|e| IdentityError::BadCertificate(e.to_string()))?
@@ -163,9 +163,7 @@ impl fmt::Display for Identity {
 pub enum IdentityError {
     #[error("unknown role {0:?}: expected site, admin, auditor or coordinator")]
     UnknownRole(String),
-    #[error(
-        "invalid name {0:?}: use 1 to 64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
-    )]
+    #[error("invalid name {0:?}: use 1 to 64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")]
     BadName(String),
     #[error("{0:?} is not a medfl identity (expected spiffe://medfl/<role>/<name>)")]
     NotMedfl(String),

@@ -161,10 +161,7 @@ impl StudyManifest {
             return Err(invalid("name must be 1 to 200 characters"));
         }
         if self.rounds == 0 || self.rounds > 100_000 {
-            return Err(invalid(format!(
-                "rounds = {} is outside 1..=100000",
-                self.rounds
-            )));
+            return Err(invalid(format!("rounds = {} is outside 1..=100000", self.rounds)));
         }
         let data = &self.data;
         if data.dataset.is_empty() || data.label.is_empty() {
@@ -179,9 +176,7 @@ impl StudyManifest {
                 return Err(invalid(format!("feature {f:?} is listed twice")));
             }
             if f == &data.label {
-                return Err(invalid(format!(
-                    "the label {f:?} is also listed as a feature"
-                )));
+                return Err(invalid(format!("the label {f:?} is also listed as a feature")));
             }
         }
         self.model.validate(data.features.len())?;
@@ -203,9 +198,7 @@ impl StudyManifest {
             )));
         }
         if sel.round_deadline_secs == 0 || sel.round_deadline_secs > 7 * 24 * 3600 {
-            return Err(invalid(
-                "selection.round_deadline_secs must be 1 second to 7 days",
-            ));
+            return Err(invalid("selection.round_deadline_secs must be 1 second to 7 days"));
         }
         if sel.max_attempts == 0 {
             return Err(invalid("selection.max_attempts must be at least 1"));
@@ -277,16 +270,10 @@ min_sites = 2
     #[test]
     fn refuses_unknown_fields_and_bad_values() {
         let typo = MANIFEST.replace("rounds = 3", "rounds = 3\nroundz = 4");
-        assert!(matches!(
-            StudyManifest::from_toml(&typo),
-            Err(ManifestError::Parse(_))
-        ));
+        assert!(matches!(StudyManifest::from_toml(&typo), Err(ManifestError::Parse(_))));
         let label_as_feature = MANIFEST.replace(r#"["a", "b"]"#, r#"["a", "malignant"]"#);
         let err = StudyManifest::from_toml(&label_as_feature).expect_err("label as feature");
-        assert!(
-            err.to_string().contains("also listed as a feature"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("also listed as a feature"), "{err}");
         let zero = MANIFEST.replace("rounds = 3", "rounds = 0");
         assert!(StudyManifest::from_toml(&zero).is_err());
     }

@@ -146,12 +146,7 @@ impl ModelSpec {
     }
 
     /// Returns the logit for each row of `x` (row-major, `n_features` columns).
-    pub fn logits(
-        &self,
-        params: &[f32],
-        x: &[f32],
-        n_features: usize,
-    ) -> Result<Vec<f32>, ModelError> {
+    pub fn logits(&self, params: &[f32], x: &[f32], n_features: usize) -> Result<Vec<f32>, ModelError> {
         let want = self.num_params(n_features) as usize;
         if params.len() != want {
             return Err(ModelError::WrongLength {
@@ -191,17 +186,8 @@ impl ModelSpec {
     }
 
     /// Returns P(label = 1) for each row.
-    pub fn predict_proba(
-        &self,
-        params: &[f32],
-        x: &[f32],
-        n_features: usize,
-    ) -> Result<Vec<f32>, ModelError> {
-        Ok(self
-            .logits(params, x, n_features)?
-            .into_iter()
-            .map(sigmoid)
-            .collect())
+    pub fn predict_proba(&self, params: &[f32], x: &[f32], n_features: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(self.logits(params, x, n_features)?.into_iter().map(sigmoid).collect())
     }
 }
 
@@ -322,9 +308,7 @@ mod tests {
     fn standardization_change_of_coordinates_preserves_predictions() {
         let spec = mlp();
         let d = 5;
-        let x: Vec<f32> = (0..40)
-            .map(|i| (i as f32 * 1.7).sin() * 100.0 + i as f32)
-            .collect();
+        let x: Vec<f32> = (0..40).map(|i| (i as f32 * 1.7).sin() * 100.0 + i as f32).collect();
         let std = Standardizer::fit(&x, d);
         let raw = spec.init(d, 9);
         let before = spec.logits(&raw, &x, d).expect("valid model");

@@ -52,16 +52,13 @@ impl AgentSettings {
     /// Reads `agent.toml`, loads the identity and every dataset; any problem is an error
     /// that names the file and what to fix.
     pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-        let file: ConfigFile =
-            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let file: ConfigFile = toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         Self::from_file(file, path.parent().unwrap_or(Path::new(".")))
     }
 
     pub fn from_file(file: ConfigFile, base: &Path) -> Result<Self> {
-        let profile =
-            Profile::load(&base.join(&file.profile)).context("load the site's profile")?;
+        let profile = Profile::load(&base.join(&file.profile)).context("load the site's profile")?;
         if profile.file.role != "site" {
             bail!(
                 "profile {} is for role {:?}; an agent needs a site certificate",
@@ -128,13 +125,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 .iter()
                 .map(|d| pb::DatasetInfo {
                     name: d.0.name.clone(),
-                    columns: d
-                        .1
-                        .columns
-                        .iter()
-                        .cloned()
-                        .chain([d.0.label.clone()])
-                        .collect(),
+                    columns: d.1.columns.iter().cloned().chain([d.0.label.clone()]).collect(),
                 })
                 .collect(),
         };
@@ -173,11 +164,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     Ok(())
 }
 
-async fn refuse(
-    client: &mut SiteClient<Channel>,
-    work: &pb::WorkItem,
-    reason: String,
-) -> Result<()> {
+async fn refuse(client: &mut SiteClient<Channel>, work: &pb::WorkItem, reason: String) -> Result<()> {
     warn!(study = %work.study_id, round = work.round, %reason, "refusing work");
     client
         .report_refusal(pb::RefusalReport {
@@ -222,10 +209,7 @@ async fn handle_work(
         return refuse(
             client,
             &work,
-            format!(
-                "this site offers no dataset named {:?}",
-                manifest.data.dataset
-            ),
+            format!("this site offers no dataset named {:?}", manifest.data.dataset),
         )
         .await;
     };
@@ -261,54 +245,19 @@ async fn handle_work(
     let d = manifest.n_features();
     let start = global.clone();
     let table = dataset.clone();
-    let start_on = if work.round == 1 {
-        Start::Initial
-    } else {
-        Start::Global
-    };
-    let outcome = tokio::task::spawn_blocking(move || {
-        train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed)
-    })
-    .await
-    .context("training task")?
-    .map_err(|e| anyhow!("training failed: {e}"))?;
-    let delta: Vec<f32> = outcome
-        .params
-        .iter()
-        .zip(&global)
-        .map(|(n, g)| n - g)
-        .collect();
+    let start_on = if work.round == 1 { Start::Initial } else { Start::Global };
+    let outcome =
+        tokio::task::spawn_blocking(move || train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed))
+            .await
+            .context("training task")?
+            .map_err(|e| anyhow!("training failed: {e}"))?;
+    let delta: Vec<f32> = outcome.params.iter().zip(&global).map(|(n, g)| n - g).collect();
     if delta.iter().any(|v| !v.is_finite()) {
-        return refuse(
-            client,
-            &work,
-            "local training diverged (non-finite update)".into(),
-        )
-        .await;
+        return refuse(client, &work, "local training diverged (non-finite update)".into()).await;
     }
-    let update_id = format!(
-        "{site}-{}-{}-{}",
-        work.study_id,
-        work.round,
-        unix_ms(SystemTime::now())
-    );
-    upload(
-        client,
-        &work,
-        &manifest,
-        &update_id,
-        outcome.examples as u64,
-        &delta,
-    )
-    .await?;
-    log_egress(
-        settings,
-        &work,
-        &update_id,
-        outcome.examples,
-        &delta,
-        outcome.loss,
-    );
+    let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
+    upload(client, &work, &manifest, &update_id, outcome.examples as u64, &delta).await?;
+    log_egress(settings, &work, &update_id, outcome.examples, &delta, outcome.loss);
     client
         .report_metrics(pb::MetricsReport {
             study_id: work.study_id.clone(),
@@ -317,19 +266,11 @@ async fn handle_work(
         })
         .await
         .context("report metrics")?;
-    info!(
-        examples = outcome.examples,
-        loss = outcome.loss,
-        "update delivered"
-    );
+    info!(examples = outcome.examples, loss = outcome.loss, "update delivered");
     Ok(())
 }
 
-async fn download(
-    client: &mut SiteClient<Channel>,
-    work: &pb::WorkItem,
-    manifest: &StudyManifest,
-) -> Result<Vec<f32>> {
+async fn download(client: &mut SiteClient<Channel>, work: &pb::WorkItem, manifest: &StudyManifest) -> Result<Vec<f32>> {
     let stream = client
         .download_model(pb::DownloadModelRequest {
             study_id: work.study_id.clone(),
@@ -375,9 +316,7 @@ pub async fn upload(
             num_params: delta.len() as u64,
         })),
     };
-    let messages: Vec<pb::UpdateChunk> = std::iter::once(header)
-        .chain(update_chunks(delta))
-        .collect();
+    let messages: Vec<pb::UpdateChunk> = std::iter::once(header).chain(update_chunks(delta)).collect();
     let stream = futures::stream::iter(messages);
     Ok(client
         .upload_update(stream)

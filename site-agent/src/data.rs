@@ -192,9 +192,7 @@ impl Table {
     pub fn from_csv(cfg: &DatasetConfig, text: &str, file: &str) -> Result<Table, DataError> {
         let f = || file.to_string();
         let mut records = parse_csv(text, file)?.into_iter();
-        let (_, header) = records
-            .next()
-            .ok_or_else(|| DataError::Empty { file: f() })?;
+        let (_, header) = records.next().ok_or_else(|| DataError::Empty { file: f() })?;
         let header: Vec<String> = header.into_iter().map(|h| h.trim().to_string()).collect();
         if header.iter().all(String::is_empty) {
             return Err(DataError::NoColumns { file: f() });
@@ -291,8 +289,7 @@ impl Table {
         if !holes.is_empty() {
             let mut sum = vec![0f64; d];
             let mut count = vec![0usize; d];
-            let missing: std::collections::HashSet<(usize, usize)> =
-                holes.iter().copied().collect();
+            let missing: std::collections::HashSet<(usize, usize)> = holes.iter().copied().collect();
             for (r, row) in x.chunks_exact(d).enumerate() {
                 for j in 0..d {
                     if !missing.contains(&(r, j)) {
@@ -396,12 +393,7 @@ mod tests {
 
     #[test]
     fn loads_numeric_columns_and_skips_id() {
-        let t = Table::from_csv(
-            &cfg(),
-            "id,a,\"b, quoted\",y\np1,1,2,0\np2,3,4,1\n",
-            "t.csv",
-        )
-        .expect("valid csv");
+        let t = Table::from_csv(&cfg(), "id,a,\"b, quoted\",y\np1,1,2,0\np2,3,4,1\n", "t.csv").expect("valid csv");
         assert_eq!(t.columns, vec!["a", "b, quoted"]);
         assert_eq!(t.x, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(t.y, vec![0.0, 1.0]);
@@ -409,8 +401,7 @@ mod tests {
 
     #[test]
     fn missing_label_column_names_it() {
-        let err =
-            Table::from_csv(&cfg(), "id,a,b\np1,1,2\n", "t.csv").expect_err("no label column");
+        let err = Table::from_csv(&cfg(), "id,a,b\np1,1,2\n", "t.csv").expect_err("no label column");
         assert_eq!(
             err,
             DataError::MissingLabel {
@@ -419,27 +410,17 @@ mod tests {
                 columns: "id, a, b".into()
             }
         );
-        assert!(
-            err.to_string().contains("label column \"y\" is missing"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("label column \"y\" is missing"), "{err}");
     }
 
     #[test]
     fn errors_name_file_line_and_column() {
         let mut c = cfg();
         c.features = FeatureSelection::Columns(vec!["a".into()]);
-        let err =
-            Table::from_csv(&c, "id,a,y\np1,1,0\np2,x,1\n", "t.csv").expect_err("non-numeric");
-        assert_eq!(
-            err.to_string(),
-            "t.csv: line 3, column \"a\": \"x\" is not a number"
-        );
+        let err = Table::from_csv(&c, "id,a,y\np1,1,0\np2,x,1\n", "t.csv").expect_err("non-numeric");
+        assert_eq!(err.to_string(), "t.csv: line 3, column \"a\": \"x\" is not a number");
         let err = Table::from_csv(&cfg(), "id,a,y\np1,1\n", "t.csv").expect_err("short row");
-        assert_eq!(
-            err.to_string(),
-            "t.csv: line 2 has 2 fields, the header has 3"
-        );
+        assert_eq!(err.to_string(), "t.csv: line 2 has 2 fields, the header has 3");
         assert!(matches!(
             Table::from_csv(&cfg(), "", "t.csv"),
             Err(DataError::Empty { .. })
@@ -463,16 +444,10 @@ mod tests {
     #[test]
     fn select_reports_missing_schema_columns() {
         let t = Table::from_csv(&cfg(), "id,a,b,y\np1,1,2,0\n", "t.csv").expect("valid");
-        assert_eq!(
-            t.select(&["b".into(), "a".into()]).expect("present"),
-            vec![2.0, 1.0]
-        );
-        let err = t
-            .select(&["a".into(), "c".into()])
-            .expect_err("c is absent");
+        assert_eq!(t.select(&["b".into(), "a".into()]).expect("present"), vec![2.0, 1.0]);
+        let err = t.select(&["a".into(), "c".into()]).expect_err("c is absent");
         assert!(
-            err.to_string()
-                .contains("lacks the columns the study needs: c"),
+            err.to_string().contains("lacks the columns the study needs: c"),
             "{err}"
         );
     }

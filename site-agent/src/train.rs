@@ -53,9 +53,7 @@ fn layer_vars(
 fn forward(layers: &[(Var, Var)], x: &Tensor) -> candle_core::Result<Tensor> {
     let mut h = x.clone();
     for (i, (w, b)) in layers.iter().enumerate() {
-        h = h
-            .matmul(&w.as_tensor().t()?)?
-            .broadcast_add(b.as_tensor())?;
+        h = h.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
         if i + 1 < layers.len() {
             h = h.relu()?;
         }
@@ -152,12 +150,7 @@ pub fn train(
 
     let mut out = Vec::with_capacity(params.len());
     for (w, b) in &layers {
-        out.extend(
-            w.as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
+        out.extend(w.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         out.extend(b.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?);
     }
     standardizer.standardized_to_raw(spec, &mut out);
@@ -209,14 +202,10 @@ mod tests {
                 learning_rate: 0.05,
                 optimizer: Optimizer::Adam,
             };
-            let out =
-                train(&spec, 2, &init, Start::Initial, &x, &y, &cfg, 7).expect("training runs");
+            let out = train(&spec, 2, &init, Start::Initial, &x, &y, &cfg, 7).expect("training runs");
             // Continuing from the raw-coordinate result keeps the model good.
-            let again = train(&spec, 2, &out.params, Start::Global, &x, &y, &cfg, 8)
-                .expect("training runs");
-            let probs = spec
-                .predict_proba(&again.params, &x, 2)
-                .expect("valid model");
+            let again = train(&spec, 2, &out.params, Start::Global, &x, &y, &cfg, 8).expect("training runs");
+            let probs = spec.predict_proba(&again.params, &x, 2).expect("valid model");
             assert!(
                 accuracy(&probs, &y) > 0.85,
                 "{:?} lost accuracy when continuing",

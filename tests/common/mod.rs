@@ -29,13 +29,7 @@ pub fn bundled_table() -> Table {
 }
 
 /// A logistic-regression manifest over `features`.
-pub fn manifest(
-    features: &[String],
-    rounds: u32,
-    min_sites: u32,
-    deadline_secs: u64,
-    max_attempts: u32,
-) -> String {
+pub fn manifest(features: &[String], rounds: u32, min_sites: u32, deadline_secs: u64, max_attempts: u32) -> String {
     let features: Vec<String> = features.iter().map(|f| format!("{f:?}")).collect();
     format!(
         r#"name = "e2e"
@@ -76,11 +70,7 @@ pub async fn register(client: &mut SiteClient<Channel>, features: &[String]) -> 
             agent_version: "sim".into(),
             datasets: vec![pb::DatasetInfo {
                 name: "breast_cancer".into(),
-                columns: features
-                    .iter()
-                    .cloned()
-                    .chain(["malignant".to_string()])
-                    .collect(),
+                columns: features.iter().cloned().chain(["malignant".to_string()]).collect(),
             }],
         })
         .await
@@ -89,10 +79,7 @@ pub async fn register(client: &mut SiteClient<Channel>, features: &[String]) -> 
 }
 
 /// Polls until work arrives (or fails after `timeout`).
-pub async fn next_work(
-    client: &mut SiteClient<Channel>,
-    timeout: Duration,
-) -> Result<pb::WorkItem> {
+pub async fn next_work(client: &mut SiteClient<Channel>, timeout: Duration) -> Result<pb::WorkItem> {
     let start = std::time::Instant::now();
     while start.elapsed() < timeout {
         if let Some(work) = client
@@ -107,14 +94,8 @@ pub async fn next_work(
     bail!("no work within {timeout:?}")
 }
 
-pub fn header(
-    work: &pb::WorkItem,
-    update_id: &str,
-    examples: u64,
-    num_params: u64,
-) -> pb::UpdateChunk {
-    let manifest =
-        StudyManifest::from_toml(&work.manifest_toml).expect("coordinator sends valid manifests");
+pub fn header(work: &pb::WorkItem, update_id: &str, examples: u64, num_params: u64) -> pb::UpdateChunk {
+    let manifest = StudyManifest::from_toml(&work.manifest_toml).expect("coordinator sends valid manifests");
     pb::UpdateChunk {
         body: Some(pb::update_chunk::Body::Header(pb::UpdateHeader {
             study_id: work.study_id.clone(),
@@ -142,10 +123,9 @@ pub async fn upload(
     examples: u64,
     delta: &[f32],
 ) -> Result<pb::UploadReceipt, tonic::Status> {
-    let messages: Vec<pb::UpdateChunk> =
-        std::iter::once(header(work, update_id, examples, delta.len() as u64))
-            .chain(medfl_proto::stream::update_chunks(delta))
-            .collect();
+    let messages: Vec<pb::UpdateChunk> = std::iter::once(header(work, update_id, examples, delta.len() as u64))
+        .chain(medfl_proto::stream::update_chunks(delta))
+        .collect();
     Ok(client
         .upload_update(futures::stream::iter(messages))
         .await?
