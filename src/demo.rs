@@ -175,7 +175,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(workdir.join("manifest.toml"), manifest.to_toml())?;
     let study_id = fed.create_study(&manifest.to_toml()).await?;
     fed.start_study(&study_id).await?;
-    let status = crate::admin::watch(&mut fed.admin, &study_id, args.json).await?;
+    let status = crate::admin::watch(&mut fed.admin, &study_id, false).await?;
     let info = status.info.clone().unwrap_or_default();
     if info.rounds_completed < args.rounds {
         bail!(

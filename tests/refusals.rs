@@ -114,7 +114,7 @@ async fn connections_without_a_consortium_certificate_get_no_rpc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_come_from_certificates_and_gate_every_service() {
-    let mut fed = Federation::builder().sites(1).build().await.expect("federation starts");
+    let fed = Federation::builder().sites(1).build().await.expect("federation starts");
     let site = fed
         .profile("hospital-a")
         .expect("site profile")

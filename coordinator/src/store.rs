@@ -287,7 +287,7 @@ impl Store {
         if bytes.is_empty() {
             return Ok(None);
         }
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return Err(StoreError::CorruptChunk {
                 key: format!("{}#{index}", path.display()),
                 len: bytes.len(),

@@ -92,7 +92,7 @@ impl ChunkCursor {
                 expected: self.next_offset,
             });
         }
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return Err(ChunkError::Ragged {
                 seq,
                 bytes: bytes.len(),

@@ -1,0 +1,186 @@
+//! The `medfl` binary as users run it: pki, study commands, export and the demo.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use medfl::Federation;
+
+fn medfl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run medfl")
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "medfl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pki_init_and_issue_write_a_usable_bundle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    stdout(&medfl(&["pki", "init", "--dir", d]));
+    let again = medfl(&["pki", "init", "--dir", d]);
+    assert!(!again.status.success(), "a second init must refuse to overwrite the CA");
+    stdout(&medfl(&[
+        "pki",
+        "issue",
+        "--dir",
+        d,
+        "--role",
+        "coordinator",
+        "--name",
+        "coordinator",
+        "--dns",
+        "fl.example.org",
+        "--coordinator",
+        "https://fl.example.org:7443",
+    ]));
+    let out = stdout(&medfl(&[
+        "pki",
+        "issue",
+        "--dir",
+        d,
+        "--role",
+        "site",
+        "--name",
+        "hospital-a",
+    ]));
+    assert!(out.contains("spiffe://medfl/site/hospital-a"), "{out}");
+    let profile = std::fs::read_to_string(dir.path().join("hospital-a/profile.toml")).expect("profile");
+    assert!(
+        profile.contains("coordinator = \"https://fl.example.org:7443\""),
+        "{profile}"
+    );
+    assert!(profile.contains("server_name = \"fl.example.org\""), "{profile}");
+    let bad = medfl(&["pki", "issue", "--dir", d, "--role", "root", "--name", "x"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown role"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn study_commands_drive_a_running_coordinator() {
+    let table = bundled_table();
+    let split = medfl_shared::split::split_rows(&table.y, 2, 0.2, medfl_shared::split::SplitKind::Iid, 3);
+    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let fed = Federation::builder()
+        .tables(tables)
+        .build()
+        .await
+        .expect("federation starts");
+    let profile = fed.pki.join("admin/profile.toml");
+    let p = profile.to_str().expect("utf-8").to_string();
+    let manifest_path = fed.dir.join("manifest.toml");
+    std::fs::write(&manifest_path, manifest(&table.columns, 2, 2, 60, 2)).expect("manifest");
+    let m = manifest_path.to_str().expect("utf-8").to_string();
+
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || medfl(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+            .await
+            .expect("join")
+    };
+    let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let created = stdout(&run(a(&["study", "create", "--manifest", &m, "--profile", &p])).await);
+    let id = created
+        .split_whitespace()
+        .nth(2)
+        .expect("created study <id>")
+        .to_string();
+    stdout(&run(a(&["study", "start", &id, "--profile", &p])).await);
+    // --watch follows the study to its end.
+    let watched = stdout(&run(a(&["study", "status", &id, "--watch", "--profile", &p])).await);
+    assert!(watched.contains("completed, 2/2 rounds"), "{watched}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(
+        &run(a(&["study", "status", &id, "--json", "--profile", &p])).await,
+    ))
+    .expect("json");
+    assert_eq!(json["info"]["state"], "completed");
+    assert_eq!(json["rounds"].as_array().map(Vec::len), Some(2));
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&run(a(&["study", "list", "--json", "--profile", &p])).await)).expect("json");
+    assert_eq!(listed[0]["study_id"], id.as_str());
+    let sites: serde_json::Value =
+        serde_json::from_str(&stdout(&run(a(&["site", "list", "--json", "--profile", &p])).await)).expect("json");
+    assert_eq!(sites.as_array().map(Vec::len), Some(2));
+    assert_eq!(sites[0]["connected"], true);
+
+    let out = fed.dir.join("model.safetensors");
+    let o = out.to_str().expect("utf-8").to_string();
+    stdout(&run(a(&["study", "export", &id, "--out", &o, "--profile", &p])).await);
+    let bytes = std::fs::read(&out).expect("exported file");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("valid safetensors");
+    let info = meta.metadata().clone().expect("metadata");
+    assert_eq!(info.get("round").map(String::as_str), Some("2"));
+    assert_eq!(info.get("study_id"), Some(&id));
+    assert_eq!(info.get("manifest_hash").map(String::len), Some(64));
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("tensors");
+    assert_eq!(
+        tensors.tensor("layers.0.weight").expect("weight").shape(),
+        &[1, table.columns.len()]
+    );
+
+    let err = run(a(&["study", "abort", "s-missing", "--profile", &p])).await;
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("no study with id"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    tokio::time::timeout(Duration::from_secs(30), fed.shutdown())
+        .await
+        .expect("stops")
+        .expect("clean shutdown");
+}
+
+#[test]
+fn demo_json_reports_the_summary_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = dir.path().join("work");
+    let out = medfl(&[
+        "demo",
+        "--json",
+        "--rounds",
+        "3",
+        "--split",
+        "label-skew",
+        "--workdir",
+        w.to_str().expect("utf-8"),
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    for key in [
+        "rounds_completed",
+        "sites",
+        "test_accuracy",
+        "test_auc",
+        "centralized_accuracy",
+        "local_only_accuracy",
+        "workdir",
+    ] {
+        assert!(summary.get(key).is_some(), "missing {key}: {summary}");
+    }
+    assert_eq!(summary["rounds_completed"], 3);
+    assert_eq!(summary["sites"], 3);
+    assert_eq!(summary["local_only_accuracy"].as_object().map(|m| m.len()), Some(3));
+    assert!(summary["test_accuracy"].as_f64().is_some_and(|a| a > 0.85), "{summary}");
+    assert!(w.join("model.safetensors").exists());
+    assert!(
+        w.join("pki/admin/profile.toml").exists(),
+        "the workdir stays for later commands"
+    );
+}
