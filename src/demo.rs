@@ -253,12 +253,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             );
         }
         println!("\nmodel: {}", workdir.join("model.safetensors").display());
-        println!("admin profile: {}", workdir.join("pki/admin/profile.toml").display());
+        println!("admin profile: {}", workdir.join("admin/profile.toml").display());
     }
     if args.keep_running {
         eprintln!(
             "federation is up; try: medfl study status {study_id} --profile {}  (Ctrl-C to stop)",
-            workdir.join("pki/admin/profile.toml").display()
+            workdir.join("admin/profile.toml").display()
         );
         let _ = tokio::signal::ctrl_c().await;
     }

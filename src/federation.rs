@@ -152,7 +152,9 @@ impl FederationBuilder {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        let pki_dir = dir.join("pki");
+        // The CA sits at the root; each party's folder holds its identity bundle and,
+        // for the coordinator and agents, its config, store or data.
+        let pki_dir = dir.clone();
         pki::init(&pki_dir)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -191,7 +193,7 @@ impl FederationBuilder {
         let coord_dir = dir.join("coordinator");
         std::fs::create_dir_all(&coord_dir)?;
         let config = format!(
-            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \"../pki/coordinator\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\n",
+            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \".\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\n",
             self.liveness_secs, self.staging_budget_mib
         );
         std::fs::write(coord_dir.join("coordinator.toml"), config)?;
@@ -238,7 +240,7 @@ impl FederationBuilder {
                 std::fs::create_dir_all(&site_dir)?;
                 std::fs::write(site_dir.join("data.csv"), table.to_csv(&self.label))?;
                 let agent_toml = format!(
-                    "profile = \"../pki/{name}\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
+                    "profile = \".\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
                     self.dataset, self.label
                 );
                 std::fs::write(site_dir.join("agent.toml"), agent_toml)?;

@@ -180,7 +180,7 @@ fn demo_json_reports_the_summary_keys() {
     assert!(summary["test_accuracy"].as_f64().is_some_and(|a| a > 0.85), "{summary}");
     assert!(w.join("model.safetensors").exists());
     assert!(
-        w.join("pki/admin/profile.toml").exists(),
+        w.join("admin/profile.toml").exists(),
         "the workdir stays for later commands"
     );
 }

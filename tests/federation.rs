@@ -79,12 +79,7 @@ async fn three_real_agents_complete_a_study_and_log_what_left() {
 async fn aggregate_equals_the_weighted_mean_of_site_updates() {
     let features = feature_names(5);
     let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
-    let mut clients = Vec::new();
-    for name in fed.site_names.clone() {
-        let mut c = fed.site_client(&name).expect("client");
-        register(&mut c, &features).await.expect("register");
-        clients.push(c);
-    }
+    let mut clients = registered_sites(&fed, &features).await;
     let id = fed
         .create_study(&manifest(&features, 1, 3, 30, 1))
         .await
@@ -123,12 +118,7 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
 async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
     let features = feature_names(3);
     let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
-    let mut clients = Vec::new();
-    for name in fed.site_names.clone() {
-        let mut c = fed.site_client(&name).expect("client");
-        register(&mut c, &features).await.expect("register");
-        clients.push(c);
-    }
+    let mut clients = registered_sites(&fed, &features).await;
     let id = fed
         .create_study(&manifest(&features, 1, 2, 3, 1))
         .await
@@ -159,12 +149,7 @@ async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
 async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
     let features = feature_names(3);
     let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
-    let mut clients = Vec::new();
-    for name in fed.site_names.clone() {
-        let mut c = fed.site_client(&name).expect("client");
-        register(&mut c, &features).await.expect("register");
-        clients.push(c);
-    }
+    let mut clients = registered_sites(&fed, &features).await;
     let id = fed
         .create_study(&manifest(&features, 2, 3, 2, 1))
         .await

@@ -63,12 +63,7 @@ async fn peak_memory_stays_within_three_models_plus_64_mib() {
         "kind = \"logistic_regression\"",
         &format!("kind = \"mlp\"\nhidden = [{HIDDEN}, {HIDDEN}]"),
     );
-    let mut clients = Vec::new();
-    for name in fed.site_names.clone() {
-        let mut c = fed.site_client(&name).expect("client");
-        register(&mut c, &features).await.expect("register");
-        clients.push(c);
-    }
+    let mut clients = registered_sites(&fed, &features).await;
     let id = fed.create_study(&manifest).await.expect("create");
     fed.start_study(&id).await.expect("start");
     let mut works = Vec::new();

@@ -561,6 +561,7 @@ impl Engine {
         site: &str,
         update_id: &str,
         examples: u64,
+        train_loss: Option<f64>,
         update: &[f32],
     ) -> Result<(), ServiceError> {
         let mut acc = round.lock();
@@ -584,7 +585,7 @@ impl Engine {
             Received {
                 update_id: update_id.to_string(),
                 examples,
-                train_loss: None,
+                train_loss,
             },
         );
         let n = acc.received.len();

@@ -275,6 +275,9 @@ impl pb::site_server::Site for SiteService {
             }
         };
         check_text("update_id", &header.update_id)?;
+        if header.train_loss.is_some_and(|l| !l.is_finite()) {
+            return Err(Status::invalid_argument("train_loss must be finite"));
+        }
         let open = self.engine.open_round(&header.study_id, header.round)?;
         if !open.is_selected(&site) {
             return Err(Status::permission_denied(format!(
@@ -340,9 +343,10 @@ impl pb::site_server::Site for SiteService {
         let engine = self.engine.clone();
         let update_id = header.update_id.clone();
         let examples = header.num_examples;
+        let train_loss = header.train_loss;
         let site_name = site.clone();
         tokio::task::spawn_blocking(move || {
-            let result = engine.fold(&open, &site_name, &update_id, examples, &staging.values);
+            let result = engine.fold(&open, &site_name, &update_id, examples, train_loss, &staging.values);
             drop(staging);
             result
         })

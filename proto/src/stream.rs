@@ -1,6 +1,7 @@
 //! Reading and writing chunked model streams on the client side.
 
 use medfl_shared::chunk::{ChunkCursor, ChunkError, chunks};
+use medfl_shared::model::TensorSpec;
 use thiserror::Error;
 use tonic::{Status, Streaming};
 
@@ -39,6 +40,35 @@ pub async fn read_model(mut stream: Streaming<pb::ModelChunk>) -> Result<(pb::Mo
     }
     cursor.finish()?;
     Ok((header, params))
+}
+
+/// Returns the first message of an update stream for `work`: the update's id, its
+/// FedAvg weight and the layout of the model it updates.
+pub fn update_header(
+    work: &pb::WorkItem,
+    layout: &[TensorSpec],
+    update_id: &str,
+    examples: u64,
+    num_params: u64,
+    train_loss: Option<f64>,
+) -> pb::UpdateChunk {
+    pb::UpdateChunk {
+        body: Some(pb::update_chunk::Body::Header(pb::UpdateHeader {
+            study_id: work.study_id.clone(),
+            round: work.round,
+            update_id: update_id.to_string(),
+            num_examples: examples,
+            tensors: layout
+                .iter()
+                .map(|t| pb::TensorSpec {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                })
+                .collect(),
+            num_params,
+            train_loss,
+        })),
+    }
 }
 
 /// Returns the data messages of an update stream (the caller sends the header first).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
-use medfl_proto::stream::{read_model, update_chunks};
+use medfl_proto::stream::{read_model, update_chunks, update_header};
 use medfl_proto::transport::Profile;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;
@@ -52,8 +52,17 @@ impl AgentSettings {
     /// Reads `agent.toml`, loads the identity and every dataset; any problem is an error
     /// that names the file and what to fix.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, None)
+    }
+
+    /// Like [`AgentSettings::load`], with the identity bundle given on the command line
+    /// (relative to the working directory) instead of the config's `profile`.
+    pub fn load_with(path: &Path, profile: Option<&Path>) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-        let file: ConfigFile = toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let mut file: ConfigFile = toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        if let Some(p) = profile {
+            file.profile = std::path::absolute(p).with_context(|| format!("resolve {}", p.display()))?;
+        }
         Self::from_file(file, path.parent().unwrap_or(Path::new(".")))
     }
 
@@ -256,16 +265,18 @@ async fn handle_work(
         return refuse(client, &work, "local training diverged (non-finite update)".into()).await;
     }
     let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
-    upload(client, &work, &manifest, &update_id, outcome.examples as u64, &delta).await?;
+    let loss = outcome.loss.is_finite().then_some(outcome.loss);
+    upload(
+        client,
+        &work,
+        &manifest,
+        &update_id,
+        outcome.examples as u64,
+        &delta,
+        loss,
+    )
+    .await?;
     log_egress(settings, &work, &update_id, outcome.examples, &delta, outcome.loss);
-    client
-        .report_metrics(pb::MetricsReport {
-            study_id: work.study_id.clone(),
-            round: work.round,
-            train_loss: outcome.loss,
-        })
-        .await
-        .context("report metrics")?;
     info!(examples = outcome.examples, loss = outcome.loss, "update delivered");
     Ok(())
 }
@@ -298,24 +309,16 @@ pub async fn upload(
     update_id: &str,
     examples: u64,
     delta: &[f32],
+    train_loss: Option<f64>,
 ) -> Result<pb::UploadReceipt> {
-    let header = pb::UpdateChunk {
-        body: Some(pb::update_chunk::Body::Header(pb::UpdateHeader {
-            study_id: work.study_id.clone(),
-            round: work.round,
-            update_id: update_id.to_string(),
-            num_examples: examples,
-            tensors: manifest
-                .layout()
-                .into_iter()
-                .map(|t| pb::TensorSpec {
-                    name: t.name,
-                    shape: t.shape,
-                })
-                .collect(),
-            num_params: delta.len() as u64,
-        })),
-    };
+    let header = update_header(
+        work,
+        &manifest.layout(),
+        update_id,
+        examples,
+        delta.len() as u64,
+        train_loss,
+    );
     let messages: Vec<pb::UpdateChunk> = std::iter::once(header).chain(update_chunks(delta)).collect();
     let stream = futures::stream::iter(messages);
     Ok(client

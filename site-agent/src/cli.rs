@@ -12,6 +12,9 @@ pub struct AgentArgs {
     /// Path of agent.toml.
     #[arg(long)]
     pub config: PathBuf,
+    /// Identity bundle (a profile.toml or its directory); overrides the config's `profile`.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
     /// Overrides the coordinator address of the profile.
     #[arg(long)]
     pub coordinator: Option<String>,
@@ -25,7 +28,7 @@ pub const EXIT_CONFIG: u8 = 64;
 
 pub async fn main(args: AgentArgs) -> ExitCode {
     medfl_proto::telemetry::init(args.log_format == "json");
-    let mut settings = match crate::AgentSettings::load(&args.config) {
+    let mut settings = match crate::AgentSettings::load_with(&args.config, args.profile.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("medfl-agent: bad configuration: {e:#}");

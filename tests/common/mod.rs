@@ -96,23 +96,18 @@ pub async fn next_work(client: &mut SiteClient<Channel>, timeout: Duration) -> R
 
 pub fn header(work: &pb::WorkItem, update_id: &str, examples: u64, num_params: u64) -> pb::UpdateChunk {
     let manifest = StudyManifest::from_toml(&work.manifest_toml).expect("coordinator sends valid manifests");
-    pb::UpdateChunk {
-        body: Some(pb::update_chunk::Body::Header(pb::UpdateHeader {
-            study_id: work.study_id.clone(),
-            round: work.round,
-            update_id: update_id.into(),
-            num_examples: examples,
-            tensors: manifest
-                .layout()
-                .into_iter()
-                .map(|t| pb::TensorSpec {
-                    name: t.name,
-                    shape: t.shape,
-                })
-                .collect(),
-            num_params,
-        })),
+    medfl_proto::stream::update_header(work, &manifest.layout(), update_id, examples, num_params, None)
+}
+
+/// Site clients for every site of `fed`, each registered with `features`.
+pub async fn registered_sites(fed: &medfl::Federation, features: &[String]) -> Vec<SiteClient<Channel>> {
+    let mut clients = Vec::new();
+    for name in &fed.site_names {
+        let mut c = fed.site_client(name).expect("site client");
+        register(&mut c, features).await.expect("register");
+        clients.push(c);
     }
+    clients
 }
 
 /// Uploads `delta` as the site's update for `work`.

@@ -1,0 +1,35 @@
+//! The example files under deploy/ are what users copy: they must parse and validate.
+
+use std::path::PathBuf;
+
+fn example(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/examples")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+#[test]
+fn example_manifest_validates_and_matches_the_bundled_data() {
+    let manifest = medfl_shared::manifest::StudyManifest::from_toml(&example("manifest.toml")).expect("valid manifest");
+    let header =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/breast_cancer_wisconsin.csv"))
+            .expect("bundled data");
+    let columns: Vec<&str> = header.lines().next().expect("header").split(',').collect();
+    assert!(manifest.data.features.iter().all(|f| columns.contains(&f.as_str())));
+    assert_eq!(manifest.data.features.len(), 30);
+}
+
+#[test]
+fn example_coordinator_and_agent_configs_parse() {
+    let coordinator: medfl_coordinator::ConfigFile =
+        toml::from_str(&example("coordinator.toml")).expect("coordinator.toml");
+    assert_eq!(coordinator.listen.port(), 7443);
+    let agent: medfl_site_agent::agent::ConfigFile = toml::from_str(&example("agent.toml")).expect("agent.toml");
+    assert_eq!(agent.datasets.len(), 1);
+    for h in ["a", "b", "c"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/compose/hospital-{h}.toml"));
+        let text = std::fs::read_to_string(path).expect("compose agent config");
+        let _: medfl_site_agent::agent::ConfigFile = toml::from_str(&text).expect("compose agent config parses");
+    }
+}
