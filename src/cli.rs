@@ -35,6 +35,11 @@ pub enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Plans and checks privacy budgets with the accountant (no coordinator needed).
+    Privacy {
+        #[command(subcommand)]
+        command: crate::privacy::PrivacyCommand,
+    },
     /// Creates the consortium CA and issues identity bundles.
     Pki {
         #[command(subcommand)]
@@ -146,6 +151,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Study { conn, command } => crate::admin::study(&conn, command).await,
         Command::Site { conn, command } => crate::admin::site(&conn, command).await,
         Command::Pki { command } => run_pki(command),
+        Command::Privacy { command } => crate::privacy::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,5 +11,6 @@ pub mod admin;
 pub mod cli;
 pub mod demo;
 pub mod federation;
+pub mod privacy;
 
 pub use federation::{Federation, FederationBuilder};

@@ -7,6 +7,7 @@
 //! both sides of the wire.
 #![forbid(unsafe_code)]
 
+pub mod accountant;
 pub mod aggregate;
 pub mod chunk;
 pub mod identity;

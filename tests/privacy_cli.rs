@@ -1,0 +1,120 @@
+//! `medfl privacy epsilon|calibrate` against every reference case, through the binary.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn reference() -> Vec<Value> {
+    let path = std::env::var("MEDFL_DP_REFERENCE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/dp_accounting.json")
+        });
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "read the reference values at {}: {e} (set MEDFL_DP_REFERENCE)",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).expect("reference file is a JSON array")
+}
+
+fn num(case: &Value, key: &str) -> f64 {
+    match &case[key] {
+        Value::Number(n) => n.as_f64().expect("f64"),
+        Value::String(s) if s == "inf" => f64::INFINITY,
+        other => panic!("case lacks {key} ({other}): {case}"),
+    }
+}
+
+fn medfl_json(args: &[String]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(args)
+        .output()
+        .expect("run medfl");
+    assert!(
+        out.status.success(),
+        "medfl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn planning_tool_matches_the_reference_cases() {
+    let mut checked = 0;
+    for case in reference() {
+        let kind = case["kind"].as_str().unwrap_or_default();
+        let s = |k: &str| num(&case, k).to_string();
+        match kind {
+            "gaussian" | "poisson_subsampled_gaussian" | "paper_setting" | "sampled_without_replacement_gaussian" => {
+                let sampling = if kind == "sampled_without_replacement_gaussian" {
+                    "fixed"
+                } else {
+                    "poisson"
+                };
+                let args: Vec<String> = ["privacy", "epsilon", "--sigma", &s("sigma"), "--q", &s("q"), "--steps"]
+                    .iter()
+                    .map(|a| a.to_string())
+                    .chain([
+                        (num(&case, "T") as u64).to_string(),
+                        "--delta".into(),
+                        s("delta"),
+                        "--sampling".into(),
+                        sampling.into(),
+                        "--json".into(),
+                    ])
+                    .collect();
+                let out = medfl_json(&args);
+                let eps = out["epsilon"].as_f64().expect("epsilon");
+                assert!(eps <= num(&case, "eps_rdp") * 1.01, "{case}: {eps}");
+                if let Some(exact) = case.get("eps_exact").and_then(Value::as_f64) {
+                    assert!(eps >= exact, "{case}: {eps} below the exact value");
+                } else if case.get("pld_status").and_then(Value::as_str) == Some("ok") {
+                    assert!(eps >= num(&case, "eps_pld") * 0.995, "{case}: {eps} below PLD");
+                }
+                assert!(["rdp", "zcdp"].contains(&out["method"].as_str().unwrap_or_default()));
+            }
+            "calibration" => {
+                let args: Vec<String> = [
+                    "privacy",
+                    "calibrate",
+                    "--epsilon",
+                    &s("target_eps"),
+                    "--q",
+                    &s("q"),
+                    "--steps",
+                ]
+                .iter()
+                .map(|a| a.to_string())
+                .chain([
+                    (num(&case, "T") as u64).to_string(),
+                    "--delta".into(),
+                    s("delta"),
+                    "--json".into(),
+                ])
+                .collect();
+                let sigma = medfl_json(&args)["sigma"].as_f64().expect("sigma");
+                assert!(
+                    (sigma / num(&case, "sigma_rdp") - 1.0).abs() <= 0.01,
+                    "{case}: σ = {sigma}"
+                );
+            }
+            _ => continue,
+        }
+        checked += 1;
+    }
+    assert!(checked >= 150, "only {checked} cases checked");
+}
+
+#[test]
+fn pld_is_refused_with_a_reason_not_faked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args([
+            "privacy", "epsilon", "--sigma", "1", "--q", "0.01", "--steps", "100", "--delta", "1e-5", "--method", "pld",
+        ])
+        .output()
+        .expect("run medfl");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PLD accountant is not available"));
+}
