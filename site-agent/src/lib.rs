@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cli;
 pub mod data;
+pub mod dpsgd;
 pub mod train;
 
 pub use agent::{AgentSettings, run};
