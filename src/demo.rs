@@ -141,6 +141,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             dataset: "demo".into(),
             label: label.clone(),
             features: table.columns.clone(),
+            scaling: None,
         },
         selection: medfl_shared::manifest::Selection {
             min_sites: args.sites as u32,
@@ -149,6 +150,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         },
         training: training.clone(),
         strategy: Default::default(),
+        privacy: None,
     };
     manifest.validate()?;
 

@@ -179,3 +179,45 @@ async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
     assert!(info.reason.contains("round 1 failed"), "{}", info.reason);
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_privacy_study_it_cannot_protect_and_the_study_says_why() {
+    let table = bundled_table();
+    let split = split_rows(&table.y, 2, 0.2, SplitKind::Iid, 1);
+    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .build()
+        .await
+        .expect("federation starts");
+    let d = table.columns.len();
+    let zeros = vec!["0.0"; d].join(", ");
+    let ones = vec!["1.0"; d].join(", ");
+    let manifest = manifest(&table.columns, 1, 2, 30, 1).replace(
+        "[selection]",
+        &format!(
+            "[data.scaling]\ncenter = [{zeros}]\nscale = [{ones}]\n\n[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 0.1\nsteps_per_round = 10\ntarget_epsilon = 1.0\nbudget_epsilon = 1.0\n\n[selection]"
+        ),
+    );
+    let id = fed.create_study(&manifest).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for(&id, LONG, |i| i.state == medfl_proto::v1::StudyState::Failed as i32)
+        .await
+        .expect("study ends");
+    assert_eq!(
+        status.info.clone().expect("info").state,
+        medfl_proto::v1::StudyState::Failed as i32
+    );
+    assert_eq!(status.refusals.len(), 2, "both sites refused: {:?}", status.refusals);
+    assert!(
+        status
+            .refusals
+            .iter()
+            .all(|r| r.reason.contains("refuses studies with [privacy]"))
+    );
+    for name in &fed.site_names {
+        assert!(!fed.dir.join(name).join("egress.jsonl").exists(), "{name} sent nothing");
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}

@@ -30,10 +30,73 @@ pub struct StudyManifest {
     pub training: Training,
     #[serde(default)]
     pub strategy: Strategy,
+    /// Differential privacy settings; absent means the study runs without DP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Privacy>,
+}
+
+/// The unit of privacy a study protects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyUnit {
+    /// One patient row of one dataset (DP-SGD at each site).
+    Record,
+    /// One site's whole contribution (DP-FedAvg).
+    Site,
+}
+
+/// `[privacy]`: everything the coordinator, every site and an auditor need to derive
+/// the same σ and the same ε from the manifest alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    pub unit: PrivacyUnit,
+    pub delta: f64,
+    /// L2 clip norm: per example (C, record level) or per site update (S, site level).
+    pub clip_norm: f64,
+    /// Poisson sampling rate per step: of rows (record level) or of sites (site level).
+    pub sample_rate: f64,
+    /// DP-SGD steps per round at each site (record level).
+    #[serde(default = "one")]
+    pub steps_per_round: u32,
+    /// Noise multiplier σ; give this or `target_epsilon`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// ε that all `rounds` together may spend; σ is calibrated to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
+    /// The study's budget per ledger (per site dataset at record level).
+    pub budget_epsilon: f64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Public feature scaling, `x_std = (x − center) / scale`. Under DP the sites must not
+/// standardize with their own statistics (that would release them unaccounted), so a
+/// DP study carries public reference values instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicScaling {
+    pub center: Vec<f64>,
+    pub scale: Vec<f64>,
+}
+
+/// What the privacy settings work out to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyPlan {
+    pub sigma: f64,
+    pub per_round: crate::accountant::GaussianSteps,
+    /// ε of one round, and of all the manifest's rounds, at `delta`.
+    pub epsilon_per_round: f64,
+    pub epsilon_all_rounds: f64,
+    pub delta: f64,
+    pub budget_epsilon: f64,
 }
 
 /// Which dataset a study reads at each site, and which of its columns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSchema {
     /// Name under which sites register the dataset.
@@ -42,6 +105,9 @@ pub struct DataSchema {
     pub label: String,
     /// Feature columns, in model input order.
     pub features: Vec<String>,
+    /// Public feature scaling; required with `[privacy]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<PublicScaling>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,7 +282,108 @@ impl StudyManifest {
                 t.learning_rate
             )));
         }
+        if let Some(s) = &self.data.scaling {
+            let d = self.n_features();
+            if s.center.len() != d || s.scale.len() != d {
+                return Err(invalid(format!(
+                    "data.scaling needs {d} centers and {d} scales, one per feature"
+                )));
+            }
+            if s.scale.iter().any(|v| !(v.is_finite() && *v > 0.0)) || s.center.iter().any(|v| !v.is_finite()) {
+                return Err(invalid(
+                    "data.scaling scales must be positive and finite, centers finite",
+                ));
+            }
+        }
+        if self.privacy.is_some() {
+            self.privacy_plan()?;
+        }
         Ok(())
+    }
+
+    /// Works out σ and the ε of one round and of all rounds, and refuses settings that
+    /// cannot meet their budget, with the numbers.
+    pub fn privacy_plan(&self) -> Result<Option<PrivacyPlan>, ManifestError> {
+        use crate::accountant::{GaussianSteps, Sampling, calibrate_sigma, epsilon};
+        let Some(p) = &self.privacy else { return Ok(None) };
+        if p.unit == PrivacyUnit::Site {
+            return Err(invalid(
+                "privacy.unit = \"site\" (DP-FedAvg) is not available yet; use \"record\" (DP-SGD at each site)",
+            ));
+        }
+        if self.data.scaling.is_none() {
+            return Err(invalid(
+                "a study with [privacy] needs public feature scaling in data.scaling: sites may not standardize with their own statistics under DP",
+            ));
+        }
+        for (name, v) in [
+            ("delta", p.delta),
+            ("clip_norm", p.clip_norm),
+            ("budget_epsilon", p.budget_epsilon),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(format!("privacy.{name} = {v} must be positive and finite")));
+            }
+        }
+        if p.delta >= 1e-2 {
+            return Err(invalid(format!(
+                "privacy.delta = {} is too large to protect anyone; use at most 1e-2",
+                p.delta
+            )));
+        }
+        if !(p.sample_rate > 0.0 && p.sample_rate <= 1.0) {
+            return Err(invalid(format!(
+                "privacy.sample_rate = {} is outside (0, 1]",
+                p.sample_rate
+            )));
+        }
+        if p.steps_per_round == 0 {
+            return Err(invalid("privacy.steps_per_round must be at least 1"));
+        }
+        let all_steps = self.rounds as u64 * p.steps_per_round as u64;
+        let sigma = match (p.noise_multiplier, p.target_epsilon) {
+            (Some(s), None) => s,
+            (None, Some(target)) => {
+                if target > p.budget_epsilon {
+                    return Err(invalid(format!(
+                        "privacy.target_epsilon = {target} exceeds privacy.budget_epsilon = {}",
+                        p.budget_epsilon
+                    )));
+                }
+                calibrate_sigma(target, p.sample_rate, all_steps, p.delta, Sampling::Poisson)
+                    .map_err(|e| invalid(format!("privacy.target_epsilon cannot be met: {e}")))?
+            }
+            _ => {
+                return Err(invalid(
+                    "give exactly one of privacy.noise_multiplier and privacy.target_epsilon",
+                ));
+            }
+        };
+        let per_round = GaussianSteps {
+            sigma,
+            q: p.sample_rate,
+            steps: p.steps_per_round as u64,
+            sampling: Sampling::Poisson,
+        };
+        let eps = |steps| {
+            epsilon(&GaussianSteps { steps, ..per_round }, p.delta)
+                .map_err(|e| invalid(format!("privacy settings: {e}")))
+        };
+        let epsilon_per_round = eps(p.steps_per_round as u64)?;
+        if epsilon_per_round > p.budget_epsilon {
+            return Err(invalid(format!(
+                "one round costs ε = {epsilon_per_round:.4} (σ = {sigma:.4}, q = {}, {} steps, δ = {}), more than privacy.budget_epsilon = {}",
+                p.sample_rate, p.steps_per_round, p.delta, p.budget_epsilon
+            )));
+        }
+        Ok(Some(PrivacyPlan {
+            sigma,
+            per_round,
+            epsilon_per_round,
+            epsilon_all_rounds: eps(all_steps)?,
+            delta: p.delta,
+            budget_epsilon: p.budget_epsilon,
+        }))
     }
 
     /// Returns the hex SHA-256 of the canonical JSON form.
@@ -265,6 +432,48 @@ min_sites = 2
         let mut other = m.clone();
         other.rounds = 4;
         assert_ne!(m.hash(), other.hash());
+    }
+
+    fn with_privacy(privacy: &str) -> String {
+        MANIFEST.replace(
+            "[selection]",
+            &format!("[data.scaling]\ncenter = [0.0, 0.0]\nscale = [1.0, 1.0]\n\n[privacy]\n{privacy}\n\n[selection]"),
+        )
+    }
+
+    #[test]
+    fn privacy_plans_calibrate_and_refuse_with_the_numbers() {
+        let base = "unit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 0.1\nsteps_per_round = 10\nbudget_epsilon = 2.0";
+        let m = StudyManifest::from_toml(&with_privacy(&format!("{base}\ntarget_epsilon = 1.0"))).expect("valid");
+        let plan = m.privacy_plan().expect("plan").expect("privacy on");
+        assert!(
+            plan.epsilon_all_rounds <= 1.0 && plan.epsilon_all_rounds > 0.99,
+            "{plan:?}"
+        );
+        assert!(plan.epsilon_per_round < plan.epsilon_all_rounds);
+
+        let err = StudyManifest::from_toml(&with_privacy(&format!("{base}\nnoise_multiplier = 0.3")))
+            .expect_err("too little noise");
+        assert!(err.to_string().contains("one round costs ε ="), "{err}");
+        let err =
+            StudyManifest::from_toml(&with_privacy(&format!("{base}\ntarget_epsilon = 3.0"))).expect_err("over budget");
+        assert!(err.to_string().contains("exceeds privacy.budget_epsilon = 2"), "{err}");
+        let err = StudyManifest::from_toml(&with_privacy(base)).expect_err("neither sigma nor target");
+        assert!(err.to_string().contains("exactly one of"), "{err}");
+        let no_scaling = MANIFEST.replace(
+            "[selection]",
+            &format!("[privacy]\n{base}\ntarget_epsilon = 1.0\n\n[selection]"),
+        );
+        let err = StudyManifest::from_toml(&no_scaling).expect_err("no public scaling");
+        assert!(err.to_string().contains("public feature scaling"), "{err}");
+        let site =
+            with_privacy(&format!("{base}\ntarget_epsilon = 1.0")).replace("unit = \"record\"", "unit = \"site\"");
+        assert!(
+            StudyManifest::from_toml(&site)
+                .expect_err("site level")
+                .to_string()
+                .contains("not available yet")
+        );
     }
 
     #[test]

@@ -209,6 +209,16 @@ async fn handle_work(
         )
         .await;
     }
+    if manifest.privacy.is_some() {
+        // Training without the noise and the local ledger charge that [privacy] asks for
+        // would release an update the study promised to protect: refuse instead.
+        return refuse(
+            client,
+            &work,
+            "this agent does not yet run DP-SGD with a local privacy ledger; it refuses studies with [privacy]".into(),
+        )
+        .await;
+    }
     let Some(dataset) = settings
         .datasets
         .iter()
