@@ -124,6 +124,36 @@ pub struct NoisyRelease {
     pub effective_noise_multiplier: f64,
 }
 
+fn gaussian_measurement(
+    len: usize,
+    scale: f64,
+) -> Result<
+    opendp::core::Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<f64>>,
+    DpError,
+> {
+    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan()).with_size(len);
+    Ok(make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        domain,
+        L2Distance::<f64>::default(),
+        scale,
+        Some(NOISE_GRID_K),
+    )?)
+}
+
+/// Returns the noise multiplier to account for noising `len` values with
+/// [`add_gaussian_noise`]`(_, sensitivity, sigma)`, by OpenDP's privacy map, without
+/// drawing any noise: a site charges its ledger with this before it trains.
+pub fn effective_noise_multiplier(len: usize, sensitivity: f64, sigma: f64) -> Result<f64, DpError> {
+    if !(sensitivity.is_finite() && sensitivity > 0.0) {
+        return Err(DpError::BadClip(sensitivity));
+    }
+    if !(sigma.is_finite() && sigma > 0.0) {
+        return Err(DpError::BadSigma(sigma));
+    }
+    let rho = gaussian_measurement(len, sigma * sensitivity)?.map(&sensitivity)?;
+    Ok(1.0 / (2.0 * rho).sqrt())
+}
+
 /// Adds Gaussian noise of standard deviation `sigma · sensitivity` to every value of
 /// `sum` (a sum of contributions each of L2 norm ≤ `sensitivity`).
 pub fn add_gaussian_noise(sum: &[f32], sensitivity: f64, sigma: f64) -> Result<NoisyRelease, DpError> {
@@ -134,13 +164,7 @@ pub fn add_gaussian_noise(sum: &[f32], sensitivity: f64, sigma: f64) -> Result<N
         return Err(DpError::BadSigma(sigma));
     }
     let scale = sigma * sensitivity;
-    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan()).with_size(sum.len());
-    let measurement = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-        domain,
-        L2Distance::<f64>::default(),
-        scale,
-        Some(NOISE_GRID_K),
-    )?;
+    let measurement = gaussian_measurement(sum.len(), scale)?;
     let input: Vec<f64> = sum.iter().map(|v| *v as f64).collect();
     let noisy = measurement.invoke(&input)?;
     let rho = measurement.map(&sensitivity)?;
@@ -181,8 +205,11 @@ mod tests {
         // std 2.0; the sample std's own std is 2/√(2n) ≈ 0.003, so 1 % is > 6 of them.
         assert!((var.sqrt() - 2.0).abs() < 0.02, "std {}", var.sqrt());
         assert!(mean.abs() < 0.02, "mean {mean}");
-        // The accounted multiplier is OpenDP's, a hair below the requested 4.
+        // The accounted multiplier is OpenDP's, a hair below the requested 4, and known
+        // before any noise is drawn.
         assert!(release.effective_noise_multiplier <= 4.0 && release.effective_noise_multiplier > 4.0 * (1.0 - 1e-5));
+        let ahead = effective_noise_multiplier(n, 0.5, 4.0).expect("map");
+        assert_eq!(ahead, release.effective_noise_multiplier);
     }
 
     #[test]

@@ -190,6 +190,52 @@ mod tests {
     }
 
     #[test]
+    fn dp_sgd_learns_separable_data_with_noise() {
+        let spec = ModelSpec {
+            kind: ModelKind::LogisticRegression,
+            hidden: vec![],
+        };
+        let d = 4;
+        let (mut x, _) = data(2000, d, 5);
+        let y: Vec<f32> = x
+            .chunks_exact(d)
+            .map(|r| if r[0] + 0.5 * r[1] > 0.0 { 1.0 } else { 0.0 })
+            .collect();
+        x.iter_mut().for_each(|v| *v = *v * 100.0 + 50.0); // raw scale far from unit
+        let scaling = medfl_shared::model::Standardizer {
+            center: vec![50.0; d],
+            scale: vec![100.0; d],
+        };
+        let training = medfl_shared::manifest::Training {
+            local_epochs: 1,
+            batch_size: 1,
+            learning_rate: 0.1,
+            optimizer: medfl_shared::manifest::Optimizer::Adam,
+        };
+        let dp = DpSgdConfig {
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            sample_rate: 0.05,
+            steps: 60,
+        };
+        let out = train_dp(
+            &spec,
+            d,
+            &spec.init(d, 0),
+            crate::train::Start::Initial,
+            &x,
+            &y,
+            &scaling,
+            &training,
+            &dp,
+        )
+        .expect("trains");
+        let acc = medfl_shared::metrics::accuracy(&spec.predict_proba(&out.params, &x, d).expect("model"), &y);
+        assert!(acc > 0.9, "accuracy {acc}");
+        assert!(out.effective_noise_multiplier <= 1.0 && out.effective_noise_multiplier > 0.999);
+    }
+
+    #[test]
     fn vectorized_equals_the_per_example_loop() {
         for spec in [
             ModelSpec {
@@ -232,4 +278,89 @@ mod tests {
             prop_assert!(medfl_shared::dp::l2_norm(&g.sum) <= clip * (1.0 + 1e-5));
         }
     }
+}
+
+/// What one DP-SGD training run at a site does: σ and q from the study's privacy plan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpSgdConfig {
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+    pub sample_rate: f64,
+    pub steps: u32,
+}
+
+/// Result of [`train_dp`].
+#[derive(Debug, Clone)]
+pub struct DpTrainOutcome {
+    /// The new model on raw feature coordinates.
+    pub params: Vec<f32>,
+    /// Mean clipped-batch loss over the steps (released only as the site's policy allows).
+    pub mean_loss: f64,
+    pub steps: u32,
+    /// The smallest noise multiplier OpenDP's map gave for any step (what was charged).
+    pub effective_noise_multiplier: f64,
+}
+
+/// Record-level DP-SGD (Abadi et al. 2016, Algorithm 1) on public-scaled features:
+/// each step draws a Poisson sample (rate q), sums per-example gradients clipped to
+/// C, adds N(0, σ²C²) to every coordinate, divides by the expected batch q·n, and
+/// takes an SGD or Adam step (post-processing). `scaling` must be public (the
+/// manifest's), so the change of coordinates releases nothing about the rows.
+#[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
+pub fn train_dp(
+    spec: &ModelSpec,
+    d: usize,
+    params: &[f32],
+    start_on: crate::train::Start,
+    x: &[f32],
+    y: &[f32],
+    scaling: &medfl_shared::model::Standardizer,
+    training: &medfl_shared::manifest::Training,
+    dp: &DpSgdConfig,
+) -> anyhow::Result<DpTrainOutcome> {
+    use medfl_shared::manifest::Optimizer;
+    let n = y.len();
+    let mut xs = x.to_vec();
+    scaling.apply(&mut xs);
+    let mut theta = params.to_vec();
+    if start_on == crate::train::Start::Global {
+        scaling.raw_to_standardized(spec, &mut theta);
+    }
+    let expected_batch = (dp.sample_rate * n as f64).max(1.0);
+    let lr = training.learning_rate as f32;
+    let (mut m, mut v) = (vec![0f32; theta.len()], vec![0f32; theta.len()]);
+    let (mut loss_total, mut effective) = (0.0, f64::INFINITY);
+    for step in 1..=dp.steps {
+        let rows = medfl_shared::dp::poisson_sample(n, dp.sample_rate)?;
+        let bx: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| xs[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let by: Vec<f32> = rows.iter().map(|&r| y[r]).collect();
+        let batch = clipped_gradient_sum(spec, d, &theta, &bx, &by, dp.clip_norm)?;
+        loss_total += batch.mean_loss;
+        let noisy = medfl_shared::dp::add_gaussian_noise(&batch.sum, dp.clip_norm, dp.noise_multiplier)?;
+        effective = effective.min(noisy.effective_noise_multiplier);
+        let grad: Vec<f32> = noisy.values.iter().map(|g| g / expected_batch as f32).collect();
+        match training.optimizer {
+            Optimizer::Sgd => theta.iter_mut().zip(&grad).for_each(|(t, g)| *t -= lr * g),
+            Optimizer::Adam => {
+                // Kingma and Ba 2015, Algorithm 1, on the noisy gradient.
+                let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+                let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
+                for i in 0..theta.len() {
+                    m[i] = b1 * m[i] + (1.0 - b1) * grad[i];
+                    v[i] = b2 * v[i] + (1.0 - b2) * grad[i] * grad[i];
+                    theta[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+                }
+            }
+        }
+    }
+    scaling.standardized_to_raw(spec, &mut theta);
+    Ok(DpTrainOutcome {
+        params: theta,
+        mean_loss: loss_total / dp.steps.max(1) as f64,
+        steps: dp.steps,
+        effective_noise_multiplier: effective,
+    })
 }

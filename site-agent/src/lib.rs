@@ -12,6 +12,7 @@ pub mod agent;
 pub mod cli;
 pub mod data;
 pub mod dpsgd;
+pub mod ledger;
 pub mod train;
 
 pub use agent::{AgentSettings, run};

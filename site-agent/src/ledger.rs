@@ -1,0 +1,204 @@
+//! The site's own privacy ledger: every charge against each local dataset, across all
+//! studies, in the agent's sled store. The agent charges durably *before* the update
+//! it pays for leaves; a retried round is charged again, never released for free.
+//!
+//! Cumulative ε of a dataset composes the RDP curves of all its charges (Mironov 2017,
+//! Prop. 1) and converts once at the policy's δ (Canonne, Kamath, Steinke 2020,
+//! Prop. 12); see `medfl_shared::accountant`. This module is the only one in the agent
+//! that touches sled.
+
+use std::path::Path;
+
+use medfl_shared::accountant::{AccountantError, GaussianSteps, epsilon_rdp};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// One privacy expenditure against one dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Charge {
+    pub dataset: String,
+    pub study_id: String,
+    pub round: u32,
+    pub manifest_hash: String,
+    pub mechanism: GaussianSteps,
+    pub clip_norm: f64,
+    /// The δ at which ε_before and ε_after are computed (the policy's).
+    pub delta: f64,
+    pub epsilon_before: f64,
+    pub epsilon_after: f64,
+    pub at_unix_ms: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum LedgerError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("ledger entry {key} is corrupt: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+    #[error("accountant: {0}")]
+    Accountant(#[from] AccountantError),
+    #[error("dataset {dataset:?} would reach ε = {after:.4} at δ = {delta} (now {before:.4}), above its cap of {cap}")]
+    WouldExceed {
+        dataset: String,
+        before: f64,
+        after: f64,
+        cap: f64,
+        delta: f64,
+    },
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    db: sled::Db,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        Ok(Ledger {
+            db: sled::Config::new().path(path).cache_capacity(8 << 20).open()?,
+        })
+    }
+
+    /// Every charge against `dataset`, oldest first.
+    pub fn charges(&self, dataset: &str) -> Result<Vec<Charge>, LedgerError> {
+        self.db
+            .scan_prefix(format!("charge/{dataset}/").as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|source| LedgerError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Every charge, all datasets.
+    pub fn all(&self) -> Result<Vec<Charge>, LedgerError> {
+        self.db
+            .scan_prefix(b"charge/")
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|source| LedgerError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// ε spent so far on `dataset`, at `delta`.
+    pub fn spent(&self, dataset: &str, delta: f64) -> Result<f64, LedgerError> {
+        let mechanisms: Vec<GaussianSteps> = self.charges(dataset)?.into_iter().map(|c| c.mechanism).collect();
+        if mechanisms.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(epsilon_rdp(&mechanisms, delta)?)
+    }
+
+    /// Records a charge durably if it keeps the dataset within `cap` at `delta`, and
+    /// returns it; otherwise records nothing and says by how much it would overspend.
+    #[allow(clippy::too_many_arguments)] // the charge's fields, each distinct
+    pub fn charge(
+        &self,
+        dataset: &str,
+        study_id: &str,
+        round: u32,
+        manifest_hash: &str,
+        mechanism: GaussianSteps,
+        clip_norm: f64,
+        cap: f64,
+        delta: f64,
+    ) -> Result<Charge, LedgerError> {
+        let mut mechanisms: Vec<GaussianSteps> = self.charges(dataset)?.into_iter().map(|c| c.mechanism).collect();
+        let before = if mechanisms.is_empty() {
+            0.0
+        } else {
+            epsilon_rdp(&mechanisms, delta)?
+        };
+        mechanisms.push(mechanism);
+        let after = epsilon_rdp(&mechanisms, delta)?;
+        if after > cap {
+            return Err(LedgerError::WouldExceed {
+                dataset: dataset.to_string(),
+                before,
+                after,
+                cap,
+                delta,
+            });
+        }
+        let charge = Charge {
+            dataset: dataset.to_string(),
+            study_id: study_id.to_string(),
+            round,
+            manifest_hash: manifest_hash.to_string(),
+            mechanism,
+            clip_norm,
+            delta,
+            epsilon_before: before,
+            epsilon_after: after,
+            at_unix_ms: medfl_shared::unix_ms(std::time::SystemTime::now()),
+        };
+        let seq = self.db.generate_id()?;
+        let value = serde_json::to_vec(&charge).map_err(|source| LedgerError::Corrupt {
+            key: "new charge".into(),
+            source,
+        })?;
+        self.db
+            .insert(format!("charge/{dataset}/{seq:016}").as_bytes(), value)?;
+        self.db.flush()?;
+        Ok(charge)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medfl_shared::accountant::Sampling;
+
+    fn steps(sigma: f64) -> GaussianSteps {
+        GaussianSteps {
+            sigma,
+            q: 0.1,
+            steps: 20,
+            sampling: Sampling::Poisson,
+        }
+    }
+
+    #[test]
+    fn charges_accumulate_durably_and_the_cap_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cap = 1.0;
+        let mut last = 0.0;
+        let mut n = 0;
+        {
+            let ledger = Ledger::open(dir.path()).expect("open");
+            loop {
+                match ledger.charge("bc", "s-1", n + 1, "h", steps(6.0), 1.0, cap, 1e-5) {
+                    Ok(c) => {
+                        assert!(c.epsilon_after > c.epsilon_before && c.epsilon_before >= last);
+                        last = c.epsilon_after;
+                        n += 1;
+                    }
+                    Err(LedgerError::WouldExceed { after, .. }) => {
+                        assert!(after > cap);
+                        break;
+                    }
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            assert!(n >= 2 && last <= cap, "{n} charges, last ε {last}");
+        }
+        // Reopened, the ledger remembers and the refused charge left no trace.
+        let ledger = Ledger::open(dir.path()).expect("reopen");
+        assert_eq!(ledger.charges("bc").expect("charges").len(), n as usize);
+        assert!((ledger.spent("bc", 1e-5).expect("spent") - last).abs() < 1e-12);
+        assert_eq!(ledger.spent("other", 1e-5).expect("spent"), 0.0);
+    }
+}
