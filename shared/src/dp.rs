@@ -124,13 +124,11 @@ pub struct NoisyRelease {
     pub effective_noise_multiplier: f64,
 }
 
-fn gaussian_measurement(
-    len: usize,
-    scale: f64,
-) -> Result<
-    opendp::core::Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<f64>>,
-    DpError,
-> {
+/// OpenDP's Gaussian mechanism on a vector of f64 (zCDP, L2 sensitivity).
+type VectorGaussian =
+    opendp::core::Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<f64>>;
+
+fn gaussian_measurement(len: usize, scale: f64) -> Result<VectorGaussian, DpError> {
     let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan()).with_size(len);
     Ok(make_gaussian::<_, _, ZeroConcentratedDivergence>(
         domain,
