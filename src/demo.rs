@@ -90,6 +90,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         id_column: id,
         features: FeatureSelection::default(),
         missing: MissingPolicy::Drop,
+        max_epsilon: None,
     };
     let table = Table::from_csv(&cfg, &text, &file)?;
     let split = split_rows(&table.y, args.sites, 0.2, args.split, args.seed);

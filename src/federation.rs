@@ -30,6 +30,7 @@ pub struct FederationBuilder {
     liveness_secs: u64,
     staging_budget_mib: u64,
     coordinator_binary: Option<PathBuf>,
+    dataset_extra: Vec<(usize, String)>,
 }
 
 struct Agent {
@@ -94,6 +95,7 @@ impl Default for FederationBuilder {
             liveness_secs: 30,
             staging_budget_mib: 64,
             coordinator_binary: None,
+            dataset_extra: Vec::new(),
         }
     }
 }
@@ -131,6 +133,13 @@ impl FederationBuilder {
 
     pub fn staging_budget_mib(mut self, mib: u64) -> Self {
         self.staging_budget_mib = mib;
+        self
+    }
+
+    /// Appends TOML lines to the `[[datasets]]` entry of site `index`'s agent.toml
+    /// (e.g. a tighter `max_epsilon`).
+    pub fn dataset_setting(mut self, index: usize, toml_lines: &str) -> Self {
+        self.dataset_extra.push((index, toml_lines.to_string()));
         self
     }
 
@@ -235,14 +244,18 @@ impl FederationBuilder {
 
         // Real agents, each from its own config file and CSV.
         if let Some(tables) = self.tables {
-            for (name, table) in site_names.iter().zip(tables) {
+            for (index, (name, table)) in site_names.iter().zip(tables).enumerate() {
                 let site_dir = dir.join(name);
                 std::fs::create_dir_all(&site_dir)?;
                 std::fs::write(site_dir.join("data.csv"), table.to_csv(&self.label))?;
-                let agent_toml = format!(
+                let mut agent_toml = format!(
                     "profile = \".\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
                     self.dataset, self.label
                 );
+                for (_, extra) in self.dataset_extra.iter().filter(|(i, _)| *i == index) {
+                    agent_toml.push_str(extra);
+                    agent_toml.push('\n');
+                }
                 std::fs::write(site_dir.join("agent.toml"), agent_toml)?;
                 fed.start_agent(name)?;
             }
@@ -381,12 +394,18 @@ impl Federation {
         Ok(medfl_proto::stream::read_model(stream).await?)
     }
 
-    /// Stops agents, then the coordinator (which settles its rounds and flushes).
-    pub async fn shutdown(mut self) -> Result<()> {
+    /// Stops every agent gracefully (their stores close), keeping the federation's
+    /// directory, so a test can read what the sites recorded.
+    pub async fn stop_agents(&mut self) {
         for agent in self.agents.drain(..) {
             agent.shutdown.cancel();
             let _ = agent.task.await;
         }
+    }
+
+    /// Stops agents, then the coordinator (which settles its rounds and flushes).
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.stop_agents().await;
         match self.coordinator.take() {
             Some(Coordinator::Task(token, task)) => {
                 token.cancel();

@@ -180,8 +180,24 @@ async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
     fed.shutdown().await.expect("clean shutdown");
 }
 
+/// A record-level DP manifest over the bundled features, with public scaling taken from
+/// reference statistics (here: the whole bundled table, standing in for published ranges).
+fn dp_manifest(table: &medfl_site_agent::data::Table, rounds: u32, min_sites: u32, privacy: &str) -> String {
+    let d = table.columns.len();
+    let std = medfl_shared::model::Standardizer::fit(&table.x, d);
+    let list = |v: &[f32]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(", ");
+    manifest(&table.columns, rounds, min_sites, 60, 1).replace(
+        "[selection]",
+        &format!(
+            "[data.scaling]\ncenter = [{}]\nscale = [{}]\n\n[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\n{privacy}\n\n[strategy]\nweighting = \"uniform\"\n\n[selection]",
+            list(&std.center),
+            list(&std.scale)
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_refuses_a_privacy_study_it_cannot_protect_and_the_study_says_why() {
+async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
     let table = bundled_table();
     let split = split_rows(&table.y, 2, 0.2, SplitKind::Iid, 1);
     let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
@@ -190,34 +206,98 @@ async fn an_agent_refuses_a_privacy_study_it_cannot_protect_and_the_study_says_w
         .build()
         .await
         .expect("federation starts");
-    let d = table.columns.len();
-    let zeros = vec!["0.0"; d].join(", ");
-    let ones = vec!["1.0"; d].join(", ");
-    let manifest = manifest(&table.columns, 1, 2, 30, 1).replace(
-        "[selection]",
-        &format!(
-            "[data.scaling]\ncenter = [{zeros}]\nscale = [{ones}]\n\n[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 0.1\nsteps_per_round = 10\ntarget_epsilon = 1.0\nbudget_epsilon = 1.0\n\n[selection]"
-        ),
-    );
-    let id = fed.create_study(&manifest).await.expect("create");
+    let privacy = "sample_rate = 0.2\nsteps_per_round = 10\ntarget_epsilon = 1.0\nbudget_epsilon = 1.0";
+    let id = fed
+        .create_study(&dp_manifest(&table, 3, 2, privacy))
+        .await
+        .expect("create");
     fed.start_study(&id).await.expect("start");
     let status = fed
-        .wait_for(&id, LONG, |i| i.state == medfl_proto::v1::StudyState::Failed as i32)
+        .wait_for(&id, LONG, |i| i.state == medfl_proto::v1::StudyState::Completed as i32)
         .await
         .expect("study ends");
-    assert_eq!(
-        status.info.clone().expect("info").state,
-        medfl_proto::v1::StudyState::Failed as i32
+    let info = status.info.clone().expect("info");
+    assert_eq!(info.rounds_completed, 3, "{}: {:?}", info.reason, status.refusals);
+    let (_, params) = fed.export(&id, None).await.expect("export");
+    let test = table.subset(&split.test);
+    let spec = ModelSpec {
+        kind: ModelKind::LogisticRegression,
+        hidden: vec![],
+    };
+    let acc = accuracy(
+        &spec.predict_proba(&params, &test.x, test.columns.len()).expect("model"),
+        &test.y,
     );
-    assert_eq!(status.refusals.len(), 2, "both sites refused: {:?}", status.refusals);
-    assert!(
-        status
-            .refusals
-            .iter()
-            .all(|r| r.reason.contains("refuses studies with [privacy]"))
-    );
-    for name in &fed.site_names {
-        assert!(!fed.dir.join(name).join("egress.jsonl").exists(), "{name} sent nothing");
+    assert!(acc > 0.8, "DP federated accuracy {acc}");
+    let dir = fed.dir.clone();
+    let names = fed.site_names.clone();
+    fed.stop_agents().await;
+    for name in &names {
+        let ledger = medfl_site_agent::ledger::Ledger::open(&dir.join(name).join("agent-store")).expect("ledger");
+        let charges = ledger.charges("breast_cancer").expect("charges");
+        assert_eq!(charges.len(), 3, "{name} charged once per round");
+        let spent = ledger.spent("breast_cancer", 1e-5).expect("spent");
+        assert!(spent <= 1.0 && spent > 0.9, "{name} spent {spent}");
+        let log = std::fs::read_to_string(dir.join(name).join("egress.jsonl")).expect("egress log");
+        for line in log.lines() {
+            let e: serde_json::Value = serde_json::from_str(line).expect("json");
+            assert_eq!(e["num_examples"], 1, "no row count leaves under DP");
+            assert!(e["train_loss"].is_null(), "no loss leaves under DP");
+            assert!(e["dataset_epsilon_after"].as_f64().is_some_and(|x| x <= 1.0));
+        }
     }
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_with_a_tighter_local_cap_refuses_first_and_the_study_goes_on() {
+    let table = bundled_table();
+    let split = split_rows(&table.y, 2, 0.2, SplitKind::Iid, 1);
+    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .dataset_setting(1, "max_epsilon = 0.5")
+        .build()
+        .await
+        .expect("federation starts");
+    let privacy = "sample_rate = 0.2\nsteps_per_round = 10\ntarget_epsilon = 1.0\nbudget_epsilon = 1.0";
+    let id = fed
+        .create_study(&dp_manifest(&table, 4, 1, privacy))
+        .await
+        .expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for(&id, LONG, |i| i.state == medfl_proto::v1::StudyState::Completed as i32)
+        .await
+        .expect("study ends");
+    assert_eq!(status.info.clone().expect("info").rounds_completed, 4);
+    let refusals: Vec<_> = status.refusals.iter().filter(|r| r.site == "hospital-b").collect();
+    assert!(
+        !refusals.is_empty(),
+        "hospital-b must refuse once its cap is near: {:?}",
+        status.refusals
+    );
+    assert!(
+        refusals[0].reason.contains("above its cap of 0.5"),
+        "{}",
+        refusals[0].reason
+    );
+    assert!(
+        status.refusals.iter().all(|r| r.site == "hospital-b"),
+        "hospital-a has room: {:?}",
+        status.refusals
+    );
+    let last = status.rounds.iter().rfind(|r| r.committed).expect("committed rounds");
+    assert_eq!(last.contributors, vec!["hospital-a"]);
+    let dir = fed.dir.clone();
+    fed.stop_agents().await;
+    let spent = |site: &str| {
+        medfl_site_agent::ledger::Ledger::open(&dir.join(site).join("agent-store"))
+            .expect("ledger")
+            .spent("breast_cancer", 1e-5)
+            .expect("spent")
+    };
+    assert!(spent("hospital-b") <= 0.5);
+    assert!(spent("hospital-a") <= 1.0 && spent("hospital-a") > spent("hospital-b"));
     fed.shutdown().await.expect("clean shutdown");
 }

@@ -86,7 +86,10 @@ pub struct PublicScaling {
 /// What the privacy settings work out to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PrivacyPlan {
+    /// The noise multiplier to draw noise with.
     pub sigma: f64,
+    /// `per_round.sigma` is the multiplier accounted for it (by OpenDP's map: a hair
+    /// smaller, for the grid rounding); every ε here uses it.
     pub per_round: crate::accountant::GaussianSteps,
     /// ε of one round, and of all the manifest's rounds, at `delta`.
     pub epsilon_per_round: f64,
@@ -311,6 +314,11 @@ impl StudyManifest {
                 "privacy.unit = \"site\" (DP-FedAvg) is not available yet; use \"record\" (DP-SGD at each site)",
             ));
         }
+        if self.strategy.weighting != Weighting::Uniform {
+            return Err(invalid(
+                "a study with [privacy] must use strategy.weighting = \"uniform\": a site's example count is itself a statistic of its rows",
+            ));
+        }
         if self.data.scaling.is_none() {
             return Err(invalid(
                 "a study with [privacy] needs public feature scaling in data.scaling: sites may not standardize with their own statistics under DP",
@@ -341,8 +349,16 @@ impl StudyManifest {
             return Err(invalid("privacy.steps_per_round must be at least 1"));
         }
         let all_steps = self.rounds as u64 * p.steps_per_round as u64;
-        let sigma = match (p.noise_multiplier, p.target_epsilon) {
-            (Some(s), None) => s,
+        let n = self.num_params() as usize;
+        // What is accounted is the multiplier OpenDP's privacy map implies for the noise
+        // actually drawn (its grid rounding adds to the sensitivity), so calibrate that,
+        // then find the nominal σ whose map gives at least it.
+        let accounted = |nominal: f64| {
+            crate::dp::effective_noise_multiplier(n, p.clip_norm, nominal)
+                .map_err(|e| invalid(format!("privacy settings: {e}")))
+        };
+        let (sigma, sigma_accounted) = match (p.noise_multiplier, p.target_epsilon) {
+            (Some(s), None) => (s, accounted(s)?),
             (None, Some(target)) => {
                 if target > p.budget_epsilon {
                     return Err(invalid(format!(
@@ -350,8 +366,13 @@ impl StudyManifest {
                         p.budget_epsilon
                     )));
                 }
-                calibrate_sigma(target, p.sample_rate, all_steps, p.delta, Sampling::Poisson)
-                    .map_err(|e| invalid(format!("privacy.target_epsilon cannot be met: {e}")))?
+                let needed = calibrate_sigma(target, p.sample_rate, all_steps, p.delta, Sampling::Poisson)
+                    .map_err(|e| invalid(format!("privacy.target_epsilon cannot be met: {e}")))?;
+                let mut nominal = needed * needed / accounted(needed)?;
+                while accounted(nominal)? < needed {
+                    nominal *= 1.0 + 1e-9;
+                }
+                (nominal, accounted(nominal)?)
             }
             _ => {
                 return Err(invalid(
@@ -360,7 +381,7 @@ impl StudyManifest {
             }
         };
         let per_round = GaussianSteps {
-            sigma,
+            sigma: sigma_accounted,
             q: p.sample_rate,
             steps: p.steps_per_round as u64,
             sampling: Sampling::Poisson,
@@ -435,7 +456,7 @@ min_sites = 2
     }
 
     fn with_privacy(privacy: &str) -> String {
-        MANIFEST.replace(
+        format!("{MANIFEST}\n[strategy]\nweighting = \"uniform\"\n").replace(
             "[selection]",
             &format!("[data.scaling]\ncenter = [0.0, 0.0]\nscale = [1.0, 1.0]\n\n[privacy]\n{privacy}\n\n[selection]"),
         )
@@ -460,7 +481,15 @@ min_sites = 2
         assert!(err.to_string().contains("exceeds privacy.budget_epsilon = 2"), "{err}");
         let err = StudyManifest::from_toml(&with_privacy(base)).expect_err("neither sigma nor target");
         assert!(err.to_string().contains("exactly one of"), "{err}");
-        let no_scaling = MANIFEST.replace(
+        let by_examples = with_privacy(&format!("{base}\ntarget_epsilon = 1.0"))
+            .replace("weighting = \"uniform\"", "weighting = \"examples\"");
+        assert!(
+            StudyManifest::from_toml(&by_examples)
+                .expect_err("example weights")
+                .to_string()
+                .contains("uniform")
+        );
+        let no_scaling = format!("{MANIFEST}\n[strategy]\nweighting = \"uniform\"\n").replace(
             "[selection]",
             &format!("[privacy]\n{base}\ntarget_epsilon = 1.0\n\n[selection]"),
         );

@@ -21,7 +21,12 @@ use tonic::transport::Channel;
 use tracing::{info, instrument, warn};
 
 use crate::data::{DatasetConfig, Table};
+use crate::dpsgd::{DpSgdConfig, train_dp};
+use crate::ledger::{Ledger, LedgerError};
 use crate::train::{Start, train};
+use medfl_shared::accountant::GaussianSteps;
+use medfl_shared::manifest::PrivacyUnit;
+use medfl_shared::model::Standardizer;
 
 /// `agent.toml`. Relative paths are relative to the file's directory.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,8 +40,46 @@ pub struct ConfigFile {
     /// JSON-lines log of every update that leaves the site.
     #[serde(default)]
     pub egress_log: Option<PathBuf>,
+    /// Directory of the agent's own store (the privacy ledger).
+    #[serde(default = "default_store")]
+    pub store: PathBuf,
+    /// The site's local policy; the coordinator cannot override it.
+    #[serde(default)]
+    pub policy: Policy,
     #[serde(default)]
     pub datasets: Vec<DatasetConfig>,
+}
+
+fn default_store() -> PathBuf {
+    PathBuf::from("agent-store")
+}
+
+/// `[policy]` in agent.toml, owned by hospital IT.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// ε cap per dataset across all studies, at `delta` (a dataset may set its own).
+    pub max_epsilon: f64,
+    /// The δ at which the site accounts its datasets.
+    pub delta: f64,
+    /// Smallest noise multiplier the site accepts.
+    pub min_noise_multiplier: f64,
+    /// Privacy units the site takes part in.
+    pub allowed_units: Vec<PrivacyUnit>,
+    /// Whether the site takes part in studies without `[privacy]` at all.
+    pub allow_non_dp: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_epsilon: 1.0,
+            delta: 1e-5,
+            min_noise_multiplier: 0.5,
+            allowed_units: vec![PrivacyUnit::Record],
+            allow_non_dp: true,
+        }
+    }
 }
 
 /// A validated agent configuration with its datasets loaded.
@@ -46,6 +89,8 @@ pub struct AgentSettings {
     pub coordinator: Option<String>,
     pub egress_log: Option<PathBuf>,
     pub datasets: Vec<Arc<(DatasetConfig, Table)>>,
+    pub policy: Policy,
+    pub ledger: Ledger,
 }
 
 impl AgentSettings {
@@ -84,11 +129,24 @@ impl AgentSettings {
             info!(dataset = %cfg.name, rows = table.rows(), dropped = table.dropped, features = table.columns.len(), "dataset loaded");
             datasets.push(Arc::new((cfg, table)));
         }
+        let p = &file.policy;
+        if !(p.max_epsilon.is_finite() && p.max_epsilon >= 0.0 && p.delta > 0.0 && p.delta < 1e-2) {
+            bail!(
+                "[policy] needs max_epsilon ≥ 0 and 0 < delta < 1e-2 (got {} and {})",
+                p.max_epsilon,
+                p.delta
+            );
+        }
+        let store = base.join(&file.store);
+        let ledger = Ledger::open(&store)
+            .with_context(|| format!("open the agent store {} (is another agent using it?)", store.display()))?;
         Ok(AgentSettings {
             profile,
             coordinator: file.coordinator,
             egress_log: file.egress_log.map(|p| base.join(p)),
             datasets,
+            policy: file.policy,
+            ledger,
         })
     }
 }
@@ -209,15 +267,36 @@ async fn handle_work(
         )
         .await;
     }
-    if manifest.privacy.is_some() {
-        // Training without the noise and the local ledger charge that [privacy] asks for
-        // would release an update the study promised to protect: refuse instead.
-        return refuse(
-            client,
-            &work,
-            "this agent does not yet run DP-SGD with a local privacy ledger; it refuses studies with [privacy]".into(),
-        )
-        .await;
+    // The site's own policy decides, whatever the coordinator asks.
+    let plan = match manifest.privacy_plan() {
+        Ok(plan) => plan.zip(manifest.privacy.clone()),
+        Err(e) => return refuse(client, &work, format!("privacy settings refused: {e}")).await,
+    };
+    match &plan {
+        Some((_, p)) if !settings.policy.allowed_units.contains(&p.unit) => {
+            return refuse(
+                client,
+                &work,
+                format!("this site's policy does not allow privacy unit {:?}", p.unit),
+            )
+            .await;
+        }
+        Some((plan, _)) if plan.sigma < settings.policy.min_noise_multiplier => {
+            let reason = format!(
+                "noise multiplier σ = {:.4} is below this site's minimum of {}",
+                plan.sigma, settings.policy.min_noise_multiplier
+            );
+            return refuse(client, &work, reason).await;
+        }
+        None if !settings.policy.allow_non_dp => {
+            return refuse(
+                client,
+                &work,
+                "this site's policy takes part only in studies with [privacy]".into(),
+            )
+            .await;
+        }
+        _ => {}
     }
     let Some(dataset) = settings
         .datasets
@@ -265,29 +344,81 @@ async fn handle_work(
     let start = global.clone();
     let table = dataset.clone();
     let start_on = if work.round == 1 { Start::Initial } else { Start::Global };
-    let outcome =
-        tokio::task::spawn_blocking(move || train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed))
+    let (params, weight, loss, epsilon_after) = match plan {
+        Some((plan, p)) => {
+            // Charge durably first, with the multiplier OpenDP's map gives for this noise.
+            let cap = dataset.0.max_epsilon.unwrap_or(settings.policy.max_epsilon);
+            let effective = medfl_shared::dp::effective_noise_multiplier(global.len(), p.clip_norm, plan.sigma)?;
+            let mechanism = GaussianSteps {
+                sigma: effective,
+                ..plan.per_round
+            };
+            let charged = settings.ledger.charge(
+                &dataset.0.name,
+                &work.study_id,
+                work.round,
+                &work.manifest_hash,
+                mechanism,
+                p.clip_norm,
+                cap,
+                settings.policy.delta,
+            );
+            let charge = match charged {
+                Ok(c) => c,
+                Err(e @ LedgerError::WouldExceed { .. }) => return refuse(client, &work, e.to_string()).await,
+                Err(e) => return Err(e.into()),
+            };
+            info!(dataset = %dataset.0.name, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "privacy charged");
+            let scaling = match &manifest.data.scaling {
+                Some(s) => Standardizer {
+                    center: s.center.iter().map(|v| *v as f32).collect(),
+                    scale: s.scale.iter().map(|v| *v as f32).collect(),
+                },
+                None => return refuse(client, &work, "a [privacy] study must carry public data.scaling".into()).await,
+            };
+            let cfg = DpSgdConfig {
+                clip_norm: p.clip_norm,
+                noise_multiplier: plan.sigma,
+                sample_rate: p.sample_rate,
+                steps: p.steps_per_round,
+            };
+            let out = tokio::task::spawn_blocking(move || {
+                train_dp(&spec, d, &start, start_on, &x, &table.1.y, &scaling, &training, &cfg)
+            })
             .await
-            .context("training task")?
-            .map_err(|e| anyhow!("training failed: {e}"))?;
-    let delta: Vec<f32> = outcome.params.iter().zip(&global).map(|(n, g)| n - g).collect();
+            .context("training task")??;
+            if out.effective_noise_multiplier < effective {
+                bail!(
+                    "noise applied (σ_eff = {}) is below what was charged ({effective})",
+                    out.effective_noise_multiplier
+                );
+            }
+            // Under DP the example count and the loss are statistics of the rows: neither
+            // leaves (the study weighs sites uniformly).
+            (out.params, 1, None, Some(charge.epsilon_after))
+        }
+        None => {
+            let outcome =
+                tokio::task::spawn_blocking(move || train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed))
+                    .await
+                    .context("training task")?
+                    .map_err(|e| anyhow!("training failed: {e}"))?;
+            (
+                outcome.params,
+                outcome.examples as u64,
+                outcome.loss.is_finite().then_some(outcome.loss),
+                None,
+            )
+        }
+    };
+    let delta: Vec<f32> = params.iter().zip(&global).map(|(n, g)| n - g).collect();
     if delta.iter().any(|v| !v.is_finite()) {
         return refuse(client, &work, "local training diverged (non-finite update)".into()).await;
     }
     let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
-    let loss = outcome.loss.is_finite().then_some(outcome.loss);
-    upload(
-        client,
-        &work,
-        &manifest,
-        &update_id,
-        outcome.examples as u64,
-        &delta,
-        loss,
-    )
-    .await?;
-    log_egress(settings, &work, &update_id, outcome.examples, &delta, outcome.loss);
-    info!(examples = outcome.examples, loss = outcome.loss, "update delivered");
+    upload(client, &work, &manifest, &update_id, weight, &delta, loss).await?;
+    log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after);
+    info!(weight, ?loss, ?epsilon_after, "update delivered");
     Ok(())
 }
 
@@ -342,9 +473,10 @@ fn log_egress(
     settings: &AgentSettings,
     work: &pb::WorkItem,
     update_id: &str,
-    examples: usize,
+    weight: u64,
     delta: &[f32],
-    loss: f64,
+    loss: Option<f64>,
+    epsilon_after: Option<f64>,
 ) {
     let Some(path) = &settings.egress_log else {
         return;
@@ -358,8 +490,9 @@ fn log_egress(
         "manifest_hash": work.manifest_hash,
         "update_id": update_id,
         "num_params": delta.len(),
-        "num_examples": examples,
+        "num_examples": weight,
         "train_loss": loss,
+        "dataset_epsilon_after": epsilon_after,
         "sha256": sha256_hex(&bytes),
     });
     let written = std::fs::OpenOptions::new()

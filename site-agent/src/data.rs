@@ -59,6 +59,9 @@ pub struct DatasetConfig {
     pub features: FeatureSelection,
     #[serde(default)]
     pub missing: MissingPolicy,
+    /// This dataset's ε cap across all studies; defaults to `policy.max_epsilon`.
+    #[serde(default)]
+    pub max_epsilon: Option<f64>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -388,6 +391,7 @@ mod tests {
             id_column: Some("id".into()),
             features: FeatureSelection::default(),
             missing: MissingPolicy::Drop,
+            max_epsilon: None,
         }
     }
 

@@ -24,6 +24,7 @@ pub fn bundled_table() -> Table {
         id_column: Some("patient_id".into()),
         features: FeatureSelection::default(),
         missing: MissingPolicy::Drop,
+        max_epsilon: None,
     };
     Table::load(&cfg, std::path::Path::new("/")).expect("bundled data loads")
 }
