@@ -16,6 +16,11 @@ use serde_json::json;
 
 use crate::federation::Federation;
 
+/// DP-SGD sampling rate per step at each hospital (expected batch: q · rows).
+const DP_SAMPLE_RATE: f64 = 0.2;
+/// DP-SGD steps per round at each hospital.
+const DP_STEPS_PER_ROUND: u32 = 5;
+
 /// The bundled Breast Cancer Wisconsin (Diagnostic) data; see data/README.md.
 const BUNDLED_CSV: &str = include_str!("../data/breast_cancer_wisconsin.csv");
 
@@ -56,6 +61,13 @@ pub struct DemoArgs {
     /// Keeps the federation up after the study, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
+    /// Runs with patient-level DP (DP-SGD at each hospital), spending at most this ε
+    /// per hospital dataset over the whole study. Without it the demo runs without DP.
+    #[arg(long)]
+    pub epsilon: Option<f64>,
+    /// δ of the DP guarantee (with --epsilon).
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
 }
 
 fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table) -> Result<(f64, f64)> {
@@ -142,7 +154,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             dataset: "demo".into(),
             label: label.clone(),
             features: table.columns.clone(),
-            scaling: None,
+            // Under DP the hospitals may not scale with their own statistics; the public
+            // reference is the consortium's held-out set, which no hospital owns.
+            scaling: args.epsilon.is_some().then(|| {
+                let s = medfl_shared::model::Standardizer::fit(&test.x, test.columns.len());
+                medfl_shared::manifest::PublicScaling {
+                    center: s.center.iter().map(|v| *v as f64).collect(),
+                    scale: s.scale.iter().map(|v| *v as f64).collect(),
+                }
+            }),
         },
         selection: medfl_shared::manifest::Selection {
             min_sites: args.sites as u32,
@@ -150,8 +170,24 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             ..Default::default()
         },
         training: training.clone(),
-        strategy: Default::default(),
-        privacy: None,
+        strategy: medfl_shared::manifest::Strategy {
+            weighting: if args.epsilon.is_none() {
+                medfl_shared::manifest::Weighting::Examples
+            } else {
+                medfl_shared::manifest::Weighting::Uniform
+            },
+            ..Default::default()
+        },
+        privacy: args.epsilon.map(|epsilon| medfl_shared::manifest::Privacy {
+            unit: medfl_shared::manifest::PrivacyUnit::Record,
+            delta: args.delta,
+            clip_norm: 1.0,
+            sample_rate: DP_SAMPLE_RATE,
+            steps_per_round: DP_STEPS_PER_ROUND,
+            noise_multiplier: None,
+            target_epsilon: Some(epsilon),
+            budget_epsilon: epsilon,
+        }),
     };
     manifest.validate()?;
 
@@ -169,12 +205,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             workdir.display()
         );
     }
-    let mut fed = Federation::builder()
+    let mut builder = Federation::builder()
         .tables(site_tables.clone())
         .dataset("demo", &label)
-        .dir(&workdir)
-        .build()
-        .await?;
+        .dir(&workdir);
+    if let Some(epsilon) = args.epsilon {
+        // Each hospital's own cap for this dataset: the demo's budget.
+        for i in 0..args.sites {
+            builder = builder.dataset_setting(i, &format!("max_epsilon = {epsilon}"));
+        }
+    }
+    let mut fed = builder.build().await?;
     std::fs::write(workdir.join("manifest.toml"), manifest.to_toml())?;
     let study_id = fed.create_study(&manifest.to_toml()).await?;
     fed.start_study(&study_id).await?;
@@ -187,6 +228,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             args.rounds,
             info.reason
         );
+    }
+    // What each hospital's own ledger says it spent (the agents' stores close first).
+    fed.stop_agents().await;
+    let mut epsilon_spent = serde_json::Map::new();
+    if args.epsilon.is_some() {
+        for name in &fed.site_names {
+            let ledger = medfl_site_agent::ledger::Ledger::open(&workdir.join(name).join("agent-store"))?;
+            epsilon_spent.insert(name.clone(), json!(ledger.spent("demo", args.delta)?));
+        }
     }
     let (header, params) = fed.export(&study_id, None).await?;
     crate::admin::write_safetensors(&workdir.join("model.safetensors"), &header, &params)?;
@@ -234,6 +284,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "local_only_accuracy": local.iter().map(|l| (l.0.clone(), json!(l.3))).collect::<serde_json::Map<_, _>>(),
         "local_only_auc": local.iter().map(|l| (l.0.clone(), json!(l.4))).collect::<serde_json::Map<_, _>>(),
         "site_rows": local.iter().map(|l| (l.0.clone(), json!({"rows": l.1, "positives": l.2}))).collect::<serde_json::Map<_, _>>(),
+        "dp": args.epsilon.is_some(),
+        "epsilon_budget": args.epsilon,
+        "delta": args.epsilon.is_some().then_some(args.delta),
+        "epsilon_spent": epsilon_spent,
         "workdir": workdir.display().to_string(),
         "model_path": workdir.join("model.safetensors").display().to_string(),
     });
@@ -254,6 +308,23 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 acc,
                 auc
             );
+        }
+        if args.epsilon.is_none() {
+            println!("\nno differential privacy (add --epsilon 1 for patient-level DP)");
+        } else {
+            println!(
+                "\npatient-level DP (DP-SGD), δ = {:e}; each hospital's own ledger:",
+                args.delta
+            );
+            for (name, eps) in &epsilon_spent {
+                let eps = eps.as_f64().unwrap_or(f64::NAN);
+                let budget = args.epsilon.unwrap_or(f64::NAN);
+                println!(
+                    "  {name:<14} ε spent {eps:.4} of {budget}, left {:.4}",
+                    (budget - eps).max(0.0)
+                );
+            }
+            println!("(baselines above are trained without DP)");
         }
         println!("\nmodel: {}", workdir.join("model.safetensors").display());
         println!("admin profile: {}", workdir.join("admin/profile.toml").display());

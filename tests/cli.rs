@@ -184,3 +184,28 @@ fn demo_json_reports_the_summary_keys() {
         "the workdir stays for later commands"
     );
 }
+
+#[test]
+fn demo_with_patient_level_dp_stays_within_each_hospitals_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = dir.path().join("work");
+    let out = medfl(&[
+        "demo",
+        "--json",
+        "--epsilon",
+        "1",
+        "--workdir",
+        w.to_str().expect("utf-8"),
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    assert_eq!(summary["dp"], true);
+    assert_eq!(summary["delta"], 1e-5);
+    assert_eq!(summary["rounds_completed"], 15);
+    let spent = summary["epsilon_spent"].as_object().expect("per site");
+    assert_eq!(spent.len(), 3);
+    assert!(
+        spent.values().all(|e| e.as_f64().is_some_and(|e| e > 0.9 && e <= 1.0)),
+        "{summary}"
+    );
+    assert!(summary["test_accuracy"].as_f64().is_some_and(|a| a >= 0.9), "{summary}");
+}
