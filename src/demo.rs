@@ -19,7 +19,9 @@ use crate::federation::Federation;
 /// DP-SGD sampling rate per step at each hospital (expected batch: q · rows).
 const DP_SAMPLE_RATE: f64 = 0.2;
 /// DP-SGD steps per round at each hospital.
-const DP_STEPS_PER_ROUND: u32 = 5;
+const DP_STEPS_PER_ROUND: u32 = 2;
+/// Adam's learning rate under DP: fewer, noisier steps take larger ones.
+const DP_LEARNING_RATE: f64 = 0.1;
 
 /// The bundled Breast Cancer Wisconsin (Diagnostic) data; see data/README.md.
 const BUNDLED_CSV: &str = include_str!("../data/breast_cancer_wisconsin.csv");
@@ -134,7 +136,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let training = Training {
         local_epochs: 2,
         batch_size: 32,
-        learning_rate: 0.05,
+        learning_rate: if args.epsilon.is_some() { DP_LEARNING_RATE } else { 0.05 },
         optimizer: Optimizer::Adam,
     };
     let manifest = StudyManifest {
