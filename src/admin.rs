@@ -27,11 +27,15 @@ fn state_name(state: i32) -> &'static str {
         pb::StudyState::Completed => "completed",
         pb::StudyState::Aborted => "aborted",
         pb::StudyState::Failed => "failed",
+        pb::StudyState::BudgetExhausted => "budget_exhausted",
     }
 }
 
 fn is_terminal(state: i32) -> bool {
-    matches!(state_name(state), "completed" | "aborted" | "failed")
+    matches!(
+        state_name(state),
+        "completed" | "aborted" | "failed" | "budget_exhausted"
+    )
 }
 
 pub fn info_json(i: &pb::StudyInfo) -> Value {

@@ -35,6 +35,13 @@ pub enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Reads privacy ledgers and re-checks them (auditor or admin role).
+    Audit {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: crate::audit::AuditCommand,
+    },
     /// Plans and checks privacy budgets with the accountant (no coordinator needed).
     Privacy {
         #[command(subcommand)]
@@ -152,6 +159,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Site { conn, command } => crate::admin::site(&conn, command).await,
         Command::Pki { command } => run_pki(command),
         Command::Privacy { command } => crate::privacy::run(command),
+        Command::Audit { conn, command } => crate::audit::run(&conn, command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -364,7 +364,10 @@ impl Federation {
             let info = status.info.clone().unwrap_or_default();
             let ended = matches!(
                 info.state(),
-                pb::StudyState::Completed | pb::StudyState::Aborted | pb::StudyState::Failed
+                pb::StudyState::Completed
+                    | pb::StudyState::Aborted
+                    | pb::StudyState::Failed
+                    | pb::StudyState::BudgetExhausted
             );
             if done(&info) || ended {
                 return Ok(status);

@@ -20,7 +20,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::error::ServiceError;
-use crate::store::{DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError, StudyRecord, StudyState};
+use crate::store::{
+    ChargeRecord, DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError, StudyRecord, StudyState,
+};
 
 /// Settings of the engine that do not belong to any one study.
 #[derive(Debug, Clone)]
@@ -700,6 +702,22 @@ impl Engine {
                 return Ok(());
             }
             let round = study.rounds_completed + 1;
+            if let Some(reason) = self.budget_exhausted(&study, &manifest, round)? {
+                self.update_study(id, |s| {
+                    s.state = StudyState::BudgetExhausted;
+                    s.reason = reason.clone();
+                    Ok(())
+                })?;
+                warn!(%reason, "privacy budget exhausted");
+                self.emit(
+                    id,
+                    EventKind::StateChanged,
+                    round,
+                    "",
+                    format!("budget_exhausted: {reason}"),
+                );
+                return Ok(());
+            }
             let mut committed = false;
             let mut last_reason = String::new();
             for attempt in 1..=manifest.selection.max_attempts {
@@ -929,9 +947,79 @@ impl Engine {
         writer.finish()?;
         let _guard = lock(&self.study_lock);
         let mut study = self.study(id)?;
+        let charges = self.round_charges(&study, record)?;
         study.rounds_completed = record.round;
-        self.store.commit_round(&study, record)?;
+        // The round's privacy charges land in the same atomic batch that publishes it.
+        self.store.commit_round(&study, record, &charges)?;
         Ok(())
+    }
+
+    /// Each contributor's charge for a committed round of a `[privacy]` study: the
+    /// manifest's per-round mechanism, composed with the site's earlier charges in this
+    /// study (RDP composes additively, so k rounds are k × steps of the same mechanism).
+    fn round_charges(&self, study: &StudyRecord, record: &RoundRecord) -> Result<Vec<ChargeRecord>, ServiceError> {
+        let manifest =
+            StudyManifest::from_toml(&study.manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        let (Some(plan), Some(privacy)) = (
+            manifest
+                .privacy_plan()
+                .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?,
+            &manifest.privacy,
+        ) else {
+            return Ok(Vec::new());
+        };
+        let earlier = self.store.charges(&study.id)?;
+        record
+            .contributors
+            .iter()
+            .map(|site| {
+                let k = earlier.iter().filter(|c| &c.site == site).count() as u64;
+                Ok(ChargeRecord {
+                    study_id: study.id.clone(),
+                    round: record.round,
+                    site: site.clone(),
+                    dataset: manifest.data.dataset.clone(),
+                    mechanism: plan.per_round,
+                    clip_norm: privacy.clip_norm,
+                    delta: plan.delta,
+                    epsilon_before: study_epsilon(&plan, k)?,
+                    epsilon_after: study_epsilon(&plan, k + 1)?,
+                    at_ms: now_ms(),
+                })
+            })
+            .collect()
+    }
+
+    /// Returns why the next round may not start, if one site's ledger in this study
+    /// would pass the budget with one more round.
+    fn budget_exhausted(
+        &self,
+        study: &StudyRecord,
+        manifest: &StudyManifest,
+        round: u32,
+    ) -> Result<Option<String>, ServiceError> {
+        let Some(plan) = manifest
+            .privacy_plan()
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let charges = self.store.charges(&study.id)?;
+        let mut per_site: HashMap<&str, u64> = HashMap::new();
+        for c in &charges {
+            *per_site.entry(c.site.as_str()).or_default() += 1;
+        }
+        let (site, k) = per_site
+            .into_iter()
+            .max_by_key(|(s, k)| (*k, std::cmp::Reverse(*s)))
+            .unwrap_or(("any site", 0));
+        let next = study_epsilon(&plan, k + 1)?;
+        Ok((next > plan.budget_epsilon).then(|| {
+            format!(
+                "round {round} would bring the ledger of {site} for dataset {:?} to ε = {next:.4} at δ = {}, past the study's budget of {}",
+                manifest.data.dataset, plan.delta, plan.budget_epsilon
+            )
+        }))
     }
 
     #[allow(clippy::too_many_arguments)] // one record's fields, named at the call sites
@@ -968,6 +1056,18 @@ impl Engine {
         );
         Ok(RoundOutcome::Failed(reason))
     }
+}
+
+/// ε of `rounds` rounds of the plan's per-round mechanism, at the plan's δ.
+fn study_epsilon(plan: &medfl_shared::manifest::PrivacyPlan, rounds: u64) -> Result<f64, ServiceError> {
+    if rounds == 0 {
+        return Ok(0.0);
+    }
+    let steps = medfl_shared::accountant::GaussianSteps {
+        steps: plan.per_round.steps * rounds,
+        ..plan.per_round
+    };
+    medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
 }
 
 enum RoundOutcome {

@@ -46,6 +46,7 @@ fn state_pb(state: StudyState) -> pb::StudyState {
         StudyState::Completed => pb::StudyState::Completed,
         StudyState::Aborted => pb::StudyState::Aborted,
         StudyState::Failed => pb::StudyState::Failed,
+        StudyState::BudgetExhausted => pb::StudyState::BudgetExhausted,
     }
 }
 
@@ -560,5 +561,44 @@ impl pb::audit_server::Audit for AuditService {
 
     async fn get_study_status(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyStatus>, Status> {
         Ok(Response::new(status_pb(self.engine.view(&request.get_ref().study_id)?)))
+    }
+
+    async fn get_ledger(&self, request: Request<pb::LedgerRequest>) -> Result<Response<pb::LedgerReport>, Status> {
+        let req = request.into_inner();
+        let study = self.engine.study(&req.study_id)?;
+        let manifest =
+            StudyManifest::from_toml(&study.manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        let Some(privacy) = &manifest.privacy else {
+            return Err(Status::failed_precondition(format!(
+                "study {} runs without [privacy]: it has no ledger",
+                study.id
+            )));
+        };
+        let charges = self.engine.store.charges(&study.id).map_err(ServiceError::from)?;
+        let charges = charges
+            .into_iter()
+            .filter(|c| req.site.is_empty() || c.site == req.site)
+            .map(|c| pb::LedgerCharge {
+                study_id: c.study_id,
+                round: c.round,
+                site: c.site,
+                dataset: c.dataset,
+                mechanism: "poisson_subsampled_gaussian".into(),
+                noise_multiplier: c.mechanism.sigma,
+                sample_rate: c.mechanism.q,
+                steps: c.mechanism.steps,
+                clip_norm: c.clip_norm,
+                delta: c.delta,
+                epsilon_before: c.epsilon_before,
+                epsilon_after: c.epsilon_after,
+                at_unix_ms: c.at_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::LedgerReport {
+            study_id: study.id,
+            budget_epsilon: privacy.budget_epsilon,
+            delta: privacy.delta,
+            charges,
+        }))
     }
 }

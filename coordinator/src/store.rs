@@ -11,6 +11,7 @@
 //! | `round/<id>/<round:08>/<attempt:04>` | [`RoundRecord`] (JSON) |
 //! | `site/<name>` | [`SiteRecord`] (JSON) |
 //! | `refusal/<id>/<at_ms:016>/<site>` | [`RefusalRecord`] (JSON) |
+//! | `charge/<id>/<round:08>/<site>` | [`ChargeRecord`] (JSON), committed with its round |
 //!
 //! Model tensors live beside it as `<store>/models/<id>/<round:08>.f32` (flat
 //! little-endian f32). sled keeps every written value in memory, which would cost a
@@ -50,11 +51,16 @@ pub enum StudyState {
     Completed,
     Aborted,
     Failed,
+    /// The next round would have pushed a privacy ledger past the study's budget.
+    BudgetExhausted,
 }
 
 impl StudyState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, StudyState::Completed | StudyState::Aborted | StudyState::Failed)
+        matches!(
+            self,
+            StudyState::Completed | StudyState::Aborted | StudyState::Failed | StudyState::BudgetExhausted
+        )
     }
 }
 
@@ -99,6 +105,22 @@ pub struct SiteRecord {
     pub agent_version: String,
     pub datasets: Vec<DatasetRecord>,
     pub registered_ms: u64,
+}
+
+/// What one committed round cost one site's dataset, by the study's manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChargeRecord {
+    pub study_id: String,
+    pub round: u32,
+    pub site: String,
+    pub dataset: String,
+    pub mechanism: medfl_shared::accountant::GaussianSteps,
+    pub clip_norm: f64,
+    pub delta: f64,
+    /// This site's ε within this study before and after the round, at `delta`.
+    pub epsilon_before: f64,
+    pub epsilon_after: f64,
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -246,8 +268,19 @@ impl Store {
     /// Commits a round atomically and durably, after its model file was finished with
     /// [`Store::model_writer`]: the round record and the study's progress land
     /// together in one batch, then everything is flushed to disk.
-    pub fn commit_round(&self, study: &StudyRecord, round: &RoundRecord) -> Result<(), StoreError> {
+    pub fn commit_round(
+        &self,
+        study: &StudyRecord,
+        round: &RoundRecord,
+        charges: &[ChargeRecord],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        for c in charges {
+            batch.insert(
+                format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site).as_bytes(),
+                json(c)?,
+            );
+        }
         batch.insert(
             format!("round/{}/{:08}/{:04}", study.id, round.round, round.attempt).as_bytes(),
             json(round)?,
@@ -309,6 +342,21 @@ impl Store {
             index += 1;
         }
         Ok(out)
+    }
+
+    /// The study's privacy ledger, by round then site.
+    pub fn charges(&self, study_id: &str) -> Result<Vec<ChargeRecord>, StoreError> {
+        self.scan(&format!("charge/{study_id}/"))
+    }
+
+    /// Overwrites a charge. Only for tests of the audit's tamper detection.
+    #[doc(hidden)]
+    pub fn overwrite_charge_for_test(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
+        self.db.insert(
+            format!("charge/{}/{:08}/{}", charge.study_id, charge.round, charge.site).as_bytes(),
+            json(charge)?,
+        )?;
+        self.flush()
     }
 
     pub fn put_site(&self, site: &SiteRecord) -> Result<(), StoreError> {
@@ -376,7 +424,7 @@ mod tests {
                 writer.write(chunk).expect("chunk");
             }
             writer.finish().expect("finish");
-            store.commit_round(&s, &round).expect("commit");
+            store.commit_round(&s, &round, &[]).expect("commit");
         }
         let store = Store::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!(store.study("s-1").expect("read").expect("present").rounds_completed, 1);

@@ -1,0 +1,143 @@
+//! `medfl audit`: the privacy ledger of a study, and an independent recomputation of
+//! every recorded ε from its recorded parameters with the accountant.
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use medfl_proto::transport::Profile;
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::audit_client::AuditClient;
+use medfl_shared::accountant::{GaussianSteps, Sampling, epsilon};
+use serde_json::json;
+
+use crate::cli::Conn;
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Lists a study's privacy charges and cumulative ε per round, site and dataset.
+    Ledger {
+        #[arg(long)]
+        study: String,
+        /// Only this site's charges.
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recomputes every recorded ε from the recorded parameters; exits non-zero on any
+    /// mismatch.
+    Recompute {
+        #[arg(long)]
+        study: String,
+    },
+}
+
+/// Relative tolerance between a recorded and a recomputed ε.
+const TOLERANCE: f64 = 1e-9;
+
+async fn ledger(conn: &Conn, study: &str, site: Option<&str>) -> Result<pb::LedgerReport> {
+    let profile = Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))?;
+    let mut client = AuditClient::new(profile.channel(conn.coordinator.as_deref())?);
+    Ok(client
+        .get_ledger(pb::LedgerRequest {
+            study_id: study.to_string(),
+            site: site.unwrap_or_default().to_string(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Recomputes a charge's ε after it: the same mechanism for (charge's position in the
+/// site's ledger) rounds. Returns the recomputed value.
+fn recompute(charge: &pb::LedgerCharge, rounds_for_site: u64) -> Result<f64> {
+    let mechanism = GaussianSteps {
+        sigma: charge.noise_multiplier,
+        q: charge.sample_rate,
+        steps: charge.steps * rounds_for_site,
+        sampling: Sampling::Poisson,
+    };
+    Ok(epsilon(&mechanism, charge.delta)?)
+}
+
+pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
+    match command {
+        AuditCommand::Ledger { study, site, json } => {
+            let report = ledger(conn, &study, site.as_deref()).await?;
+            if json {
+                let charges: Vec<_> = report
+                    .charges
+                    .iter()
+                    .map(|c| {
+                        json!({"round": c.round, "site": c.site, "dataset": c.dataset, "mechanism": c.mechanism,
+                               "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate, "steps": c.steps,
+                               "clip_norm": c.clip_norm, "delta": c.delta, "epsilon_before": c.epsilon_before,
+                               "epsilon_after": c.epsilon_after, "at_unix_ms": c.at_unix_ms})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"study_id": report.study_id, "budget_epsilon": report.budget_epsilon, "delta": report.delta, "charges": charges})
+                );
+            } else {
+                println!(
+                    "study {}: budget ε = {} at δ = {:e}",
+                    report.study_id, report.budget_epsilon, report.delta
+                );
+                println!(
+                    "{:>5}  {:<16} {:<14} {:>8} {:>6} {:>6} {:>10} {:>10}",
+                    "round", "site", "dataset", "σ", "q", "steps", "ε before", "ε after"
+                );
+                for c in &report.charges {
+                    println!(
+                        "{:>5}  {:<16} {:<14} {:>8.4} {:>6} {:>6} {:>10.4} {:>10.4}",
+                        c.round,
+                        c.site,
+                        c.dataset,
+                        c.noise_multiplier,
+                        c.sample_rate,
+                        c.steps,
+                        c.epsilon_before,
+                        c.epsilon_after
+                    );
+                }
+            }
+        }
+        AuditCommand::Recompute { study } => {
+            let report = ledger(conn, &study, None).await?;
+            let mut seen: std::collections::HashMap<&str, u64> = Default::default();
+            let mut mismatches = Vec::new();
+            for c in &report.charges {
+                let k = seen.entry(c.site.as_str()).or_default();
+                *k += 1;
+                let want = recompute(c, *k)?;
+                let before = if *k == 1 { 0.0 } else { recompute(c, *k - 1)? };
+                let off = |a: f64, b: f64| (a - b).abs() > TOLERANCE * b.abs().max(1e-12);
+                if off(c.epsilon_after, want) || off(c.epsilon_before, before) {
+                    mismatches.push(format!(
+                        "round {} site {}: recorded ε {:.9} -> {:.9}, recomputed {before:.9} -> {want:.9}",
+                        c.round, c.site, c.epsilon_before, c.epsilon_after
+                    ));
+                }
+                if c.epsilon_after > report.budget_epsilon * (1.0 + TOLERANCE) {
+                    mismatches.push(format!(
+                        "round {} site {}: ε {} exceeds the budget {}",
+                        c.round, c.site, c.epsilon_after, report.budget_epsilon
+                    ));
+                }
+            }
+            if !mismatches.is_empty() {
+                bail!(
+                    "{} of {} charges do not recompute:\n{}",
+                    mismatches.len(),
+                    report.charges.len(),
+                    mismatches.join("\n")
+                );
+            }
+            println!(
+                "all {} charges of study {} recompute (tolerance {TOLERANCE:e})",
+                report.charges.len(),
+                report.study_id
+            );
+        }
+    }
+    Ok(())
+}
