@@ -2,19 +2,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use medfl::Federation;
-
-fn medfl(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_medfl"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run medfl")
-}
 
 fn stdout(out: &std::process::Output) -> String {
     assert!(

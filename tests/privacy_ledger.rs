@@ -30,14 +30,6 @@ fn study_eps(rounds: u64) -> f64 {
     .expect("valid")
 }
 
-fn medfl(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_medfl"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run medfl")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_and_audits_clean() {
     let features = feature_names(3);

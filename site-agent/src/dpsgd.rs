@@ -11,7 +11,7 @@
 //! [`clipped_gradient_sum_looped`] is the slow reference, kept for the equality test
 //! and the throughput comparison.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use medfl_shared::model::ModelSpec;
 
 /// The summed clipped per-example gradients of one batch, in the flat layout of
@@ -25,7 +25,8 @@ pub struct ClippedBatch {
     pub clipped: usize,
 }
 
-fn layer_tensors(
+/// Splits flat parameters into each layer's (weight [out, in], bias [out]) tensors.
+pub(crate) fn layer_tensors(
     spec: &ModelSpec,
     d: usize,
     params: &[f32],
@@ -133,10 +134,7 @@ pub fn clipped_gradient_sum_looped(
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
     let dev = Device::Cpu;
-    let layers: Vec<(Var, Var)> = layer_tensors(spec, d, params, &dev)?
-        .into_iter()
-        .map(|(w, b)| Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?)))
-        .collect::<candle_core::Result<_>>()?;
+    let layers = crate::train::layer_vars(spec, d, params, &dev)?;
     let mut sum = vec![0f32; params.len()];
     let (mut loss_total, mut clipped) = (0.0, 0);
     for (row, label) in x.chunks_exact(d).zip(y) {

@@ -65,10 +65,9 @@ impl Ledger {
         })
     }
 
-    /// Every charge against `dataset`, oldest first.
-    pub fn charges(&self, dataset: &str) -> Result<Vec<Charge>, LedgerError> {
+    fn scan(&self, prefix: &str) -> Result<Vec<Charge>, LedgerError> {
         self.db
-            .scan_prefix(format!("charge/{dataset}/").as_bytes())
+            .scan_prefix(prefix.as_bytes())
             .map(|kv| {
                 let (k, v) = kv?;
                 serde_json::from_slice(&v).map_err(|source| LedgerError::Corrupt {
@@ -79,18 +78,14 @@ impl Ledger {
             .collect()
     }
 
+    /// Every charge against `dataset`, oldest first.
+    pub fn charges(&self, dataset: &str) -> Result<Vec<Charge>, LedgerError> {
+        self.scan(&format!("charge/{dataset}/"))
+    }
+
     /// Every charge, all datasets.
     pub fn all(&self) -> Result<Vec<Charge>, LedgerError> {
-        self.db
-            .scan_prefix(b"charge/")
-            .map(|kv| {
-                let (k, v) = kv?;
-                serde_json::from_slice(&v).map_err(|source| LedgerError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    source,
-                })
-            })
-            .collect()
+        self.scan("charge/")
     }
 
     /// ε spent so far on `dataset`, at `delta`.

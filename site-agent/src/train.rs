@@ -31,22 +31,15 @@ const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const ADAM_EPS: f64 = 1e-8;
 
-fn layer_vars(
+pub(crate) fn layer_vars(
     spec: &ModelSpec,
     n_features: usize,
     params: &[f32],
     dev: &Device,
 ) -> candle_core::Result<Vec<(Var, Var)>> {
-    let mut at = 0;
-    spec.layer_dims(n_features)
+    crate::dpsgd::layer_tensors(spec, n_features, params, dev)?
         .into_iter()
-        .map(|(fan_in, fan_out)| {
-            let w = Tensor::from_slice(&params[at..at + fan_in * fan_out], (fan_out, fan_in), dev)?;
-            at += fan_in * fan_out;
-            let b = Tensor::from_slice(&params[at..at + fan_out], fan_out, dev)?;
-            at += fan_out;
-            Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?))
-        })
+        .map(|(w, b)| Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?)))
         .collect()
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -126,4 +127,13 @@ pub async fn upload(
         .upload_update(futures::stream::iter(messages))
         .await?
         .into_inner())
+}
+
+/// Runs the `medfl` binary with `args` (logs at warn), for the CLI tests.
+pub fn medfl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run medfl")
 }
