@@ -532,7 +532,7 @@ impl Engine {
     }
 
     /// Lends a staging buffer of `len` values, waiting while the budget is in use.
-    pub async fn staging_buffer(self: &Arc<Self>, len: usize) -> StagingBuffer {
+    pub async fn staging_buffer(self: &Arc<Self>, len: usize) -> Result<StagingBuffer, ServiceError> {
         let model_bytes = (len as u64 * 4).max(1);
         let semaphore = {
             let permits = (self.staging.budget_bytes / model_bytes).clamp(1, 64) as usize;
@@ -541,19 +541,18 @@ impl Engine {
                 .or_insert_with(|| Arc::new(Semaphore::new(permits)))
                 .clone()
         };
-        // The semaphore is never closed, so acquisition only fails if it were.
-        let permit = match semaphore.acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => unreachable!("staging semaphores are never closed"),
-        };
+        let permit = semaphore
+            .acquire_owned()
+            .await
+            .map_err(|_| ServiceError::Unavailable("the coordinator is not taking uploads now; retry".into()))?;
         let mut values = lock(&self.staging.buffers).pop().unwrap_or_default();
         values.clear();
         values.resize(len, 0.0);
-        StagingBuffer {
+        Ok(StagingBuffer {
             values,
             pool: self.clone(),
             _permit: permit,
-        }
+        })
     }
 
     /// Folds a complete, validated update into its round.

@@ -317,7 +317,7 @@ impl pb::site_server::Site for SiteService {
             )));
         }
 
-        let mut staging = self.engine.staging_buffer(want as usize).await;
+        let mut staging = self.engine.staging_buffer(want as usize).await?;
         let mut cursor = ChunkCursor::new(want);
         while let Some(msg) = stream.message().await? {
             if !open.is_open() {
