@@ -4,12 +4,25 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// The reference values: `MEDFL_DP_REFERENCE`, else the project's `../shared/reference/`
+/// beside the repository (it may hold more cases than the copy), else the copy in
+/// `shared/tests/data/`.
+fn reference_path() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("MEDFL_DP_REFERENCE") {
+        return p.into();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".");
+    let beside = root.join("../shared/reference/dp_accounting.json");
+    if beside.exists() {
+        beside
+    } else {
+        root.join("shared/tests/data/dp_accounting.json")
+    }
+}
+
 fn reference() -> Vec<Value> {
-    let path = std::env::var("MEDFL_DP_REFERENCE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/dp_accounting.json")
-        });
+    let path = reference_path();
+    eprintln!("reference values: {}", path.display());
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "read the reference values at {}: {e} (set MEDFL_DP_REFERENCE)",
