@@ -369,6 +369,12 @@ async fn handle_work(
                 Err(e) => return Err(e.into()),
             };
             info!(dataset = %dataset.0.name, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "privacy charged");
+            // Failpoint for crash tests: MEDFL_FAILPOINT=after_charge ends the process right
+            // after the durable charge, as a crash between charge and release would.
+            if std::env::var("MEDFL_FAILPOINT").as_deref() == Ok("after_charge") {
+                warn!("failpoint after_charge: exiting before training and release");
+                std::process::exit(137);
+            }
             let scaling = match &manifest.data.scaling {
                 Some(s) => Standardizer {
                     center: s.center.iter().map(|v| *v as f32).collect(),

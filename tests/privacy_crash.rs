@@ -1,0 +1,103 @@
+//! A site that crashes between charging its ledger and releasing its update: on
+//! restart the round is charged again, never released for free, and released once.
+
+mod common;
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+use medfl::Federation;
+use medfl_proto::v1 as pb;
+
+fn agent(config: &std::path::Path, failpoint: bool) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
+    cmd.args(["agent", "--config"]).arg(config).env("RUST_LOG", "warn");
+    if failpoint {
+        cmd.env("MEDFL_FAILPOINT", "after_charge");
+    }
+    cmd.spawn().expect("start agent")
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_charge_and_release_charges_again_and_releases_once() {
+    let table = bundled_table();
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = Federation::builder()
+        .sites(1)
+        .dir(owned.path())
+        .build()
+        .await
+        .expect("federation starts");
+    // hospital-a's agent runs as its own process, from its own folder.
+    let site = fed.dir.join("hospital-a");
+    std::fs::write(site.join("data.csv"), table.to_csv("malignant")).expect("data");
+    let config = site.join("agent.toml");
+    std::fs::write(
+        &config,
+        "profile = \".\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"breast_cancer\"\npath = \"data.csv\"\nlabel = \"malignant\"\nmax_epsilon = 5.0\n",
+    )
+    .expect("agent.toml");
+    let d = table.columns.len();
+    let zeros = vec!["0.0"; d].join(", ");
+    let scale = table.x.chunks_exact(d).fold(vec![1f32; d], |m, r| {
+        m.iter().zip(r).map(|(a, b)| a.max(b.abs())).collect()
+    });
+    let scale = scale.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(", ");
+    let manifest = manifest(&table.columns, 1, 1, 120, 1).replace(
+        "[selection]",
+        &format!(
+            "[data.scaling]\ncenter = [{zeros}]\nscale = [{scale}]\n\n[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 0.1\nsteps_per_round = 5\nnoise_multiplier = 2.0\nbudget_epsilon = 5.0\n\n[strategy]\nweighting = \"uniform\"\n\n[selection]"
+        ),
+    );
+    let id = fed.create_study(&manifest).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+
+    // First life: charges, then dies before training and release.
+    let mut first = agent(&config, true);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut first, Duration::from_secs(60)))
+        .await
+        .expect("join")
+        .expect("the agent hits its failpoint");
+    assert_eq!(status.code(), Some(137));
+    let ledger = medfl_site_agent::ledger::Ledger::open(&site.join("agent-store")).expect("ledger");
+    let after_crash = ledger.charges("breast_cancer").expect("charges");
+    drop(ledger);
+    assert_eq!(after_crash.len(), 1, "the charge was durable before the crash");
+    assert!(!site.join("egress.jsonl").exists(), "nothing was released");
+
+    // Second life: the round is still open; the site charges again and releases once.
+    let mut second = agent(&config, false);
+    let done = fed
+        .wait_for(&id, Duration::from_secs(120), |i| {
+            i.state == pb::StudyState::Completed as i32
+        })
+        .await;
+    let _ = second.kill();
+    let _ = second.wait();
+    let status = done.expect("study completes");
+    assert_eq!(status.rounds.iter().filter(|r| r.committed).count(), 1);
+    let ledger = medfl_site_agent::ledger::Ledger::open(&site.join("agent-store")).expect("ledger");
+    let charges = ledger.charges("breast_cancer").expect("charges");
+    assert_eq!(
+        charges.len(),
+        2,
+        "charged again after the crash, never released for free"
+    );
+    assert!(charges.iter().all(|c| c.round == 1 && c.study_id == id));
+    assert!(charges[1].epsilon_after > charges[0].epsilon_after);
+    let released = std::fs::read_to_string(site.join("egress.jsonl")).expect("egress log");
+    assert_eq!(released.lines().count(), 1, "released exactly once");
+    fed.shutdown().await.expect("clean shutdown");
+}
