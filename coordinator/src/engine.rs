@@ -266,12 +266,7 @@ impl Engine {
         agent_version: String,
         datasets: Vec<DatasetRecord>,
     ) -> Result<(), ServiceError> {
-        let registered_ms = self
-            .store
-            .sites()?
-            .into_iter()
-            .find(|s| s.name == name)
-            .map_or_else(now_ms, |s| s.registered_ms);
+        let registered_ms = self.store.site(name)?.map_or_else(now_ms, |s| s.registered_ms);
         self.store.put_site(&SiteRecord {
             name: name.to_string(),
             agent_version,
@@ -298,7 +293,7 @@ impl Engine {
     }
 
     pub fn require_registered(&self, site: &str) -> Result<(), ServiceError> {
-        if self.store.sites()?.iter().any(|s| s.name == site) {
+        if self.store.site(site)?.is_some() {
             Ok(())
         } else {
             Err(ServiceError::FailedPrecondition(format!(

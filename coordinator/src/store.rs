@@ -364,6 +364,14 @@ impl Store {
         Ok(())
     }
 
+    pub fn site(&self, name: &str) -> Result<Option<SiteRecord>, StoreError> {
+        let key = format!("site/{name}");
+        self.db
+            .get(key.as_bytes())?
+            .map(|v| parse(key.as_bytes(), &v))
+            .transpose()
+    }
+
     pub fn sites(&self) -> Result<Vec<SiteRecord>, StoreError> {
         self.scan("site/")
     }
