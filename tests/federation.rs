@@ -8,15 +8,12 @@ use common::*;
 use medfl::Federation;
 use medfl_shared::metrics::accuracy;
 use medfl_shared::model::{ModelKind, ModelSpec};
-use medfl_shared::split::{SplitKind, split_rows};
 
 const LONG: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_real_agents_complete_a_study_and_log_what_left() {
-    let table = bundled_table();
-    let split = split_rows(&table.y, 3, 0.2, SplitKind::Iid, 1);
-    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let (table, split, tables) = iid_site_tables(3);
     let mut fed = Federation::builder()
         .tables(tables)
         .build()
@@ -117,13 +114,7 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
     let features = feature_names(3);
-    let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
-    let mut clients = registered_sites(&fed, &features).await;
-    let id = fed
-        .create_study(&manifest(&features, 1, 2, 3, 1))
-        .await
-        .expect("create");
-    fed.start_study(&id).await.expect("start");
+    let (mut fed, mut clients, id) = started_simulated_study(3, &features, &manifest(&features, 1, 2, 3, 1)).await;
     let mut works = Vec::new();
     for c in clients.iter_mut() {
         works.push(next_work(c, Duration::from_secs(20)).await.expect("all three selected"));
@@ -148,13 +139,7 @@ async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
     let features = feature_names(3);
-    let mut fed = Federation::builder().sites(3).build().await.expect("federation starts");
-    let mut clients = registered_sites(&fed, &features).await;
-    let id = fed
-        .create_study(&manifest(&features, 2, 3, 2, 1))
-        .await
-        .expect("create");
-    fed.start_study(&id).await.expect("start");
+    let (mut fed, mut clients, id) = started_simulated_study(3, &features, &manifest(&features, 2, 3, 2, 1)).await;
     let w = next_work(&mut clients[0], Duration::from_secs(20)).await.expect("work");
     upload(&mut clients[0], &w, "only-one", 10, &[0.1; 4])
         .await
@@ -198,9 +183,7 @@ fn dp_manifest(table: &medfl_site_agent::data::Table, rounds: u32, min_sites: u3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
-    let table = bundled_table();
-    let split = split_rows(&table.y, 2, 0.2, SplitKind::Iid, 1);
-    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let (table, split, tables) = iid_site_tables(2);
     let mut fed = Federation::builder()
         .tables(tables)
         .build()
@@ -251,9 +234,7 @@ async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_with_a_tighter_local_cap_refuses_first_and_the_study_goes_on() {
-    let table = bundled_table();
-    let split = split_rows(&table.y, 2, 0.2, SplitKind::Iid, 1);
-    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let (table, _, tables) = iid_site_tables(2);
     let mut fed = Federation::builder()
         .tables(tables)
         .dataset_setting(1, "max_epsilon = 0.5")

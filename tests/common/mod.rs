@@ -137,3 +137,29 @@ pub fn medfl(args: &[&str]) -> std::process::Output {
         .output()
         .expect("run medfl")
 }
+
+/// The bundled table split IID across `n` sites (seed 1), with its split.
+pub fn iid_site_tables(n: usize) -> (Table, medfl_shared::split::Split, Vec<Table>) {
+    let table = bundled_table();
+    let split = medfl_shared::split::split_rows(&table.y, n, 0.2, medfl_shared::split::SplitKind::Iid, 1);
+    let tables = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    (table, split, tables)
+}
+
+/// A federation of `n` simulated sites offering `features`, with a study from
+/// `manifest` created and started.
+pub async fn started_simulated_study(
+    n: usize,
+    features: &[String],
+    manifest: &str,
+) -> (medfl::Federation, Vec<SiteClient<Channel>>, String) {
+    let mut fed = medfl::Federation::builder()
+        .sites(n)
+        .build()
+        .await
+        .expect("federation starts");
+    let clients = registered_sites(&fed, features).await;
+    let id = fed.create_study(manifest).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    (fed, clients, id)
+}
