@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use medfl_shared::aggregate::WeightedSum;
 use medfl_shared::chunk::CHUNK_VALUES;
-use medfl_shared::manifest::{StudyManifest, Weighting};
+use medfl_shared::manifest::{PrivacyPlan, StudyManifest, Weighting};
 use medfl_shared::{sha256_hex, unix_ms};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
@@ -307,6 +307,10 @@ impl Engine {
     pub fn create_study(&self, manifest_toml: &str, created_by: &str) -> Result<StudyRecord, ServiceError> {
         let manifest =
             StudyManifest::from_toml(manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        // Settings that cannot meet their budget are refused here, with the numbers.
+        manifest
+            .privacy_plan()
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         let manifest_hash = manifest.hash();
         let created_ms = now_ms();
         let nonce = format!(
@@ -664,6 +668,18 @@ impl Engine {
     }
 
     async fn drive(self: &Arc<Self>, id: &str, mut control: watch::Receiver<Control>) -> Result<(), ServiceError> {
+        // A study's manifest never changes: parse it and work out its privacy plan (the
+        // accountant, tens of milliseconds) once per driver, off the reactor.
+        let toml = self.study(id)?.manifest_toml;
+        let (manifest, privacy) = tokio::task::spawn_blocking(move || {
+            let manifest = StudyManifest::from_toml(&toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+            let privacy = manifest
+                .privacy_plan()
+                .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+            Ok::<_, ServiceError>((Arc::new(manifest), privacy))
+        })
+        .await
+        .map_err(|e| ServiceError::Unavailable(format!("planning task failed: {e}")))??;
         loop {
             match *control.borrow_and_update() {
                 Control::Run => {}
@@ -676,10 +692,6 @@ impl Engine {
             if study.state != StudyState::Running {
                 return Ok(());
             }
-            let manifest = Arc::new(
-                StudyManifest::from_toml(&study.manifest_toml)
-                    .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?,
-            );
             if study.rounds_completed >= manifest.rounds {
                 self.update_study(id, |s| {
                     s.state = StudyState::Completed;
@@ -696,7 +708,7 @@ impl Engine {
                 return Ok(());
             }
             let round = study.rounds_completed + 1;
-            if let Some(reason) = self.budget_exhausted(&study, &manifest, round)? {
+            if let Some(reason) = self.budget_exhausted(&study, &manifest, privacy.as_ref(), round)? {
                 self.update_study(id, |s| {
                     s.state = StudyState::BudgetExhausted;
                     s.reason = reason.clone();
@@ -716,7 +728,7 @@ impl Engine {
             let mut last_reason = String::new();
             for attempt in 1..=manifest.selection.max_attempts {
                 match self
-                    .run_round(&study, manifest.clone(), round, attempt, &mut control)
+                    .run_round(&study, manifest.clone(), privacy, round, attempt, &mut control)
                     .await?
                 {
                     RoundOutcome::Committed => {
@@ -763,6 +775,7 @@ impl Engine {
         self: &Arc<Self>,
         study: &StudyRecord,
         manifest: Arc<StudyManifest>,
+        privacy: Option<PrivacyPlan>,
         round: u32,
         attempt: u32,
         control: &mut watch::Receiver<Control>,
@@ -890,7 +903,8 @@ impl Engine {
         let engine = self.clone();
         let study_id = id.to_string();
         let rec = record.clone();
-        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc))
+        let for_commit = manifest.clone();
+        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc, &for_commit, privacy))
             .await
             .map_err(|e| ServiceError::Unavailable(format!("commit task failed: {e}")))??;
         info!(round, n_updates = record.contributors.len(), "round committed");
@@ -910,7 +924,14 @@ impl Engine {
 
     /// Writes the new global model chunk by chunk (previous chunk + mean update), then
     /// commits the round. Memory beyond the accumulator is one chunk.
-    fn commit(&self, id: &str, record: &RoundRecord, acc: &WeightedSum) -> Result<(), ServiceError> {
+    fn commit(
+        &self,
+        id: &str,
+        record: &RoundRecord,
+        acc: &WeightedSum,
+        manifest: &StudyManifest,
+        privacy: Option<PrivacyPlan>,
+    ) -> Result<(), ServiceError> {
         if acc.count() == 0 {
             return Err(ServiceError::FailedPrecondition("no update to commit".into()));
         }
@@ -941,7 +962,7 @@ impl Engine {
         writer.finish()?;
         let _guard = lock(&self.study_lock);
         let mut study = self.study(id)?;
-        let charges = self.round_charges(&study, record)?;
+        let charges = self.round_charges(&study, record, manifest, privacy)?;
         study.rounds_completed = record.round;
         // The round's privacy charges land in the same atomic batch that publishes it.
         self.store.commit_round(&study, record, &charges)?;
@@ -951,15 +972,14 @@ impl Engine {
     /// Each contributor's charge for a committed round of a `[privacy]` study: the
     /// manifest's per-round mechanism, composed with the site's earlier charges in this
     /// study (RDP composes additively, so k rounds are k × steps of the same mechanism).
-    fn round_charges(&self, study: &StudyRecord, record: &RoundRecord) -> Result<Vec<ChargeRecord>, ServiceError> {
-        let manifest =
-            StudyManifest::from_toml(&study.manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
-        let (Some(plan), Some(privacy)) = (
-            manifest
-                .privacy_plan()
-                .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?,
-            &manifest.privacy,
-        ) else {
+    fn round_charges(
+        &self,
+        study: &StudyRecord,
+        record: &RoundRecord,
+        manifest: &StudyManifest,
+        privacy: Option<PrivacyPlan>,
+    ) -> Result<Vec<ChargeRecord>, ServiceError> {
+        let (Some(plan), Some(settings)) = (privacy, &manifest.privacy) else {
             return Ok(Vec::new());
         };
         let earlier = self.store.charges(&study.id)?;
@@ -974,7 +994,7 @@ impl Engine {
                     site: site.clone(),
                     dataset: manifest.data.dataset.clone(),
                     mechanism: plan.per_round,
-                    clip_norm: privacy.clip_norm,
+                    clip_norm: settings.clip_norm,
                     delta: plan.delta,
                     epsilon_before: study_epsilon(&plan, k)?,
                     epsilon_after: study_epsilon(&plan, k + 1)?,
@@ -990,12 +1010,10 @@ impl Engine {
         &self,
         study: &StudyRecord,
         manifest: &StudyManifest,
+        privacy: Option<&PrivacyPlan>,
         round: u32,
     ) -> Result<Option<String>, ServiceError> {
-        let Some(plan) = manifest
-            .privacy_plan()
-            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?
-        else {
+        let Some(plan) = privacy else {
             return Ok(None);
         };
         let charges = self.store.charges(&study.id)?;
@@ -1007,7 +1025,7 @@ impl Engine {
             .into_iter()
             .max_by_key(|(s, k)| (*k, std::cmp::Reverse(*s)))
             .unwrap_or(("any site", 0));
-        let next = study_epsilon(&plan, k + 1)?;
+        let next = study_epsilon(plan, k + 1)?;
         Ok((next > plan.budget_epsilon).then(|| {
             format!(
                 "round {round} would bring the ledger of {site} for dataset {:?} to ε = {next:.4} at δ = {}, past the study's budget of {}",

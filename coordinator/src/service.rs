@@ -413,7 +413,12 @@ impl pb::admin_server::Admin for AdminService {
                 req.manifest_toml.len()
             )));
         }
-        let study = self.engine.create_study(&req.manifest_toml, &admin)?;
+        // Planning (the accountant) and writing the initial model are blocking work.
+        let engine = self.engine.clone();
+        let by = admin.clone();
+        let study = tokio::task::spawn_blocking(move || engine.create_study(&req.manifest_toml, &by))
+            .await
+            .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
         info!(study = %study.id, %admin, "study created by admin");
         Ok(Response::new(info_pb(&study)))
     }

@@ -298,17 +298,13 @@ impl StudyManifest {
                 ));
             }
         }
-        if self.privacy.is_some() {
-            self.privacy_plan()?;
-        }
+        self.check_privacy_settings()?;
         Ok(())
     }
 
-    /// Works out σ and the ε of one round and of all rounds, and refuses settings that
-    /// cannot meet their budget, with the numbers.
-    pub fn privacy_plan(&self) -> Result<Option<PrivacyPlan>, ManifestError> {
-        use crate::accountant::{GaussianSteps, Sampling, calibrate_sigma, epsilon};
-        let Some(p) = &self.privacy else { return Ok(None) };
+    /// Cheap checks of `[privacy]` that need no accounting; part of [`Self::validate`].
+    fn check_privacy_settings(&self) -> Result<(), ManifestError> {
+        let Some(p) = &self.privacy else { return Ok(()) };
         if p.unit == PrivacyUnit::Site {
             return Err(invalid(
                 "privacy.unit = \"site\" (DP-FedAvg) is not available yet; use \"record\" (DP-SGD at each site)",
@@ -348,6 +344,31 @@ impl StudyManifest {
         if p.steps_per_round == 0 {
             return Err(invalid("privacy.steps_per_round must be at least 1"));
         }
+        match (p.noise_multiplier, p.target_epsilon) {
+            (Some(_), None) => {}
+            (None, Some(target)) if target > p.budget_epsilon => {
+                return Err(invalid(format!(
+                    "privacy.target_epsilon = {target} exceeds privacy.budget_epsilon = {}",
+                    p.budget_epsilon
+                )));
+            }
+            (None, Some(_)) => {}
+            _ => {
+                return Err(invalid(
+                    "give exactly one of privacy.noise_multiplier and privacy.target_epsilon",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Works out σ and the ε of one round and of all rounds, and refuses settings that
+    /// cannot meet their budget, with the numbers. This runs the accountant (σ
+    /// calibration takes tens of milliseconds): call it once, off the async reactor.
+    pub fn privacy_plan(&self) -> Result<Option<PrivacyPlan>, ManifestError> {
+        use crate::accountant::{GaussianSteps, Sampling, calibrate_sigma, epsilon};
+        let Some(p) = &self.privacy else { return Ok(None) };
+        self.check_privacy_settings()?;
         let all_steps = self.rounds as u64 * p.steps_per_round as u64;
         let n = self.num_params() as usize;
         // What is accounted is the multiplier OpenDP's privacy map implies for the noise
@@ -473,8 +494,9 @@ min_sites = 2
         );
         assert!(plan.epsilon_per_round < plan.epsilon_all_rounds);
 
-        let err = StudyManifest::from_toml(&with_privacy(&format!("{base}\nnoise_multiplier = 0.3")))
-            .expect_err("too little noise");
+        // Parsing stays cheap; the plan (the accountant) is what refuses too little noise.
+        let weak = StudyManifest::from_toml(&with_privacy(&format!("{base}\nnoise_multiplier = 0.3"))).expect("parses");
+        let err = weak.privacy_plan().expect_err("too little noise");
         assert!(err.to_string().contains("one round costs ε ="), "{err}");
         let err =
             StudyManifest::from_toml(&with_privacy(&format!("{base}\ntarget_epsilon = 3.0"))).expect_err("over budget");

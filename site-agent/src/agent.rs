@@ -268,7 +268,12 @@ async fn handle_work(
         .await;
     }
     // The site's own policy decides, whatever the coordinator asks.
-    let plan = match manifest.privacy_plan() {
+    // The plan runs the accountant (tens of milliseconds): off the reactor.
+    let for_plan = manifest.clone();
+    let planned = tokio::task::spawn_blocking(move || for_plan.privacy_plan())
+        .await
+        .context("planning task")?;
+    let plan = match planned {
         Ok(plan) => plan.zip(manifest.privacy.clone()),
         Err(e) => return refuse(client, &work, format!("privacy settings refused: {e}")).await,
     };
