@@ -4,32 +4,11 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// The reference values: `MEDFL_DP_REFERENCE`, else the project's `../shared/reference/`
-/// beside the repository (it may hold more cases than the copy), else the copy in
-/// `shared/tests/data/`.
-fn reference_path() -> std::path::PathBuf {
-    if let Ok(p) = std::env::var("MEDFL_DP_REFERENCE") {
-        return p.into();
-    }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".");
-    let beside = root.join("../shared/reference/dp_accounting.json");
-    if beside.exists() {
-        beside
-    } else {
-        root.join("shared/tests/data/dp_accounting.json")
-    }
-}
+#[path = "../shared/tests/support/reference.rs"]
+mod support;
 
 fn reference() -> Vec<Value> {
-    let path = reference_path();
-    eprintln!("reference values: {}", path.display());
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "read the reference values at {}: {e} (set MEDFL_DP_REFERENCE)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).expect("reference file is a JSON array")
+    support::reference(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("."))
 }
 
 fn num(case: &Value, key: &str) -> f64 {

@@ -344,7 +344,8 @@ pub fn train_dp(
             Optimizer::Sgd => theta.iter_mut().zip(&grad).for_each(|(t, g)| *t -= lr * g),
             Optimizer::Adam => {
                 // Kingma and Ba 2015, Algorithm 1, on the noisy gradient.
-                let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+                use crate::train::{ADAM_EPS, BETA1, BETA2};
+                let (b1, b2, eps) = (BETA1 as f32, BETA2 as f32, ADAM_EPS as f32);
                 let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
                 for i in 0..theta.len() {
                     m[i] = b1 * m[i] + (1.0 - b1) * grad[i];

@@ -27,9 +27,9 @@ pub struct TrainOutcome {
 }
 
 /// Adam's constants (Kingma and Ba 2015, Algorithm 1).
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
-const ADAM_EPS: f64 = 1e-8;
+pub(crate) const BETA1: f64 = 0.9;
+pub(crate) const BETA2: f64 = 0.999;
+pub(crate) const ADAM_EPS: f64 = 1e-8;
 
 pub(crate) fn layer_vars(
     spec: &ModelSpec,
