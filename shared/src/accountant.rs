@@ -333,6 +333,20 @@ fn check(m: &GaussianSteps, delta: f64) -> Result<(), AccountantError> {
 /// ([Mir17] Prop. 1: RDP composes additively at each order); orders any mechanism
 /// cannot bound reliably are dropped.
 pub fn rdp_curve(mechanisms: &[GaussianSteps]) -> Vec<(f64, f64)> {
+    // A ledger is mostly the same mechanism round after round: merge equal mechanisms
+    // into one with their steps summed (T₁ε(α) + T₂ε(α) = (T₁+T₂)ε(α)), so each
+    // distinct mechanism's curve is computed once however long the ledger grows.
+    let mut merged: Vec<GaussianSteps> = Vec::new();
+    for m in mechanisms {
+        match merged
+            .iter_mut()
+            .find(|u| u.sigma == m.sigma && u.q == m.q && u.sampling == m.sampling)
+        {
+            Some(u) => u.steps += m.steps,
+            None => merged.push(*m),
+        }
+    }
+    let mechanisms = &merged[..];
     let orders = orders();
     let max_int = orders.iter().fold(0.0f64, |m, &a| m.max(a.ceil())) as usize;
     let diffs: Vec<Vec<Option<f64>>> = mechanisms
@@ -512,6 +526,32 @@ mod tests {
         };
         assert!(eps(1.0, 1000) > eps(2.0, 1000));
         assert!(eps(1.0, 2000) > eps(1.0, 1000));
+    }
+
+    #[test]
+    fn a_ledger_of_equal_charges_composes_like_one_mechanism_of_all_steps() {
+        let m = GaussianSteps {
+            sigma: 1.3,
+            q: 0.05,
+            steps: 7,
+            sampling: Sampling::Poisson,
+        };
+        let other = GaussianSteps { q: 0.1, ..m };
+        let ledger = [m, other, m, m];
+        let composed = rdp_curve(&ledger);
+        let by_hand: Vec<(f64, f64)> = rdp_curve(&[GaussianSteps { steps: 21, ..m }])
+            .into_iter()
+            .zip(rdp_curve(&[other]))
+            .map(|((a, x), (b, y))| {
+                assert_eq!(a, b);
+                (a, x + y)
+            })
+            .collect();
+        assert_eq!(composed.len(), by_hand.len());
+        for ((a, x), (b, y)) in composed.iter().zip(&by_hand) {
+            assert_eq!(a, b);
+            assert!((x - y).abs() <= 1e-12 * y.abs(), "α = {a}: {x} vs {y}");
+        }
     }
 
     #[test]
