@@ -31,6 +31,7 @@ pub struct FederationBuilder {
     staging_budget_mib: u64,
     coordinator_binary: Option<PathBuf>,
     dataset_extra: Vec<(usize, String)>,
+    policy: Option<String>,
 }
 
 struct Agent {
@@ -96,6 +97,7 @@ impl Default for FederationBuilder {
             staging_budget_mib: 64,
             coordinator_binary: None,
             dataset_extra: Vec::new(),
+            policy: None,
         }
     }
 }
@@ -140,6 +142,12 @@ impl FederationBuilder {
     /// (e.g. a tighter `max_epsilon`).
     pub fn dataset_setting(mut self, index: usize, toml_lines: &str) -> Self {
         self.dataset_extra.push((index, toml_lines.to_string()));
+        self
+    }
+
+    /// Gives every agent this `[policy]` (TOML lines) instead of the default one.
+    pub fn agent_policy(mut self, toml_lines: &str) -> Self {
+        self.policy = Some(toml_lines.to_string());
         self
     }
 
@@ -252,6 +260,9 @@ impl FederationBuilder {
                     "profile = \".\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
                     self.dataset, self.label
                 );
+                if let Some(policy) = &self.policy {
+                    agent_toml = agent_toml.replace("\n[[datasets]]", &format!("\n[policy]\n{policy}\n\n[[datasets]]"));
+                }
                 for (_, extra) in self.dataset_extra.iter().filter(|(i, _)| *i == index) {
                     agent_toml.push_str(extra);
                     agent_toml.push('\n');

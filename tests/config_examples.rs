@@ -21,6 +21,18 @@ fn example_manifest_validates_and_matches_the_bundled_data() {
 }
 
 #[test]
+fn example_site_level_manifest_plans_within_its_budget() {
+    let manifest =
+        medfl_shared::manifest::StudyManifest::from_toml(&example("manifest-site-dp.toml")).expect("valid manifest");
+    let plan = manifest.privacy_plan().expect("plan").expect("privacy on");
+    assert_eq!(plan.per_round.q, 1.0);
+    assert!(
+        plan.epsilon_all_rounds <= 8.0 && plan.epsilon_all_rounds > 7.9,
+        "{plan:?}"
+    );
+}
+
+#[test]
 fn example_coordinator_and_agent_configs_parse() {
     let coordinator: medfl_coordinator::ConfigFile =
         toml::from_str(&example("coordinator.toml")).expect("coordinator.toml");

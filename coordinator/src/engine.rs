@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use medfl_shared::aggregate::WeightedSum;
 use medfl_shared::chunk::CHUNK_VALUES;
-use medfl_shared::manifest::{PrivacyPlan, StudyManifest, Weighting};
+use medfl_shared::manifest::{PrivacyPlan, PrivacyUnit, StudyManifest, Weighting};
 use medfl_shared::{sha256_hex, unix_ms};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
@@ -146,6 +146,11 @@ impl OpenRound {
 
     pub fn is_open(&self) -> bool {
         !self.lock().closed && Instant::now() < self.deadline
+    }
+
+    /// The clip bound S of a site-level DP study.
+    fn site_clip_norm(&self) -> Option<f64> {
+        site_level(&self.manifest).map(|p| p.clip_norm)
     }
 
     fn weight(&self, examples: u64) -> f64 {
@@ -562,8 +567,11 @@ impl Engine {
         update_id: &str,
         examples: u64,
         train_loss: Option<f64>,
-        update: &[f32],
+        update: &mut [f32],
     ) -> Result<(), ServiceError> {
+        if let Some(bound) = round.site_clip_norm() {
+            clip_site_update(update, bound, site)?;
+        }
         let mut acc = round.lock();
         if acc.closed {
             return Err(ServiceError::FailedPrecondition(format!(
@@ -877,7 +885,9 @@ impl Engine {
             self.fail_round(id, round, attempt, selected, contributors, started_ms, reason.into())?;
             return Ok(RoundOutcome::Interrupted);
         }
-        if received.len() < min_sites {
+        // Under site-level DP the round releases its noisy sum whatever number of sites
+        // delivered: failing it for too few would publish that count without noise.
+        if received.len() < min_sites && site_level(&manifest).is_none() {
             let reason = format!(
                 "{} of {} selected sites delivered an update before the deadline; the quorum is {min_sites}",
                 received.len(),
@@ -932,9 +942,28 @@ impl Engine {
         manifest: &StudyManifest,
         privacy: Option<PrivacyPlan>,
     ) -> Result<(), ServiceError> {
-        if acc.count() == 0 {
+        let site_noise = match (site_level(manifest), privacy) {
+            (Some(p), Some(plan)) => {
+                let noise = medfl_shared::dp::GaussianNoise::new(acc.len(), p.clip_norm, plan.sigma)
+                    .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?;
+                if noise.effective_noise_multiplier < plan.per_round.sigma {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "the noise to draw (σ_eff = {}) is below what the ledger charges ({})",
+                        noise.effective_noise_multiplier, plan.per_round.sigma
+                    )));
+                }
+                Some(noise)
+            }
+            _ => None,
+        };
+        if acc.count() == 0 && site_noise.is_none() {
             return Err(ServiceError::FailedPrecondition("no update to commit".into()));
         }
+        // DP-FedAvg's fixed-denominator estimator (McMahan et al., ICLR 2018, Algorithm 1):
+        // Δ = (Σ_k clip(Δ_k) + N(0, σ²S²)) / W with W the number of sites the round
+        // selected, fixed before any site delivered, so the divisor reveals nothing.
+        let denominator = record.selected.len().max(1) as f32;
+        let mut noisy = Vec::new();
         let n = acc.len();
         let mut next = Vec::with_capacity(CHUNK_VALUES.min(n));
         let mut writer = self.store.model_writer(id, record.round)?;
@@ -950,13 +979,21 @@ impl Engine {
                     }));
                 }
             };
+            let prev = prev
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             next.clear();
-            next.extend(
-                prev.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .zip(acc.mean_slice(start..end))
-                    .map(|(g, m)| g + m),
-            );
+            match &site_noise {
+                Some(noise) => {
+                    noisy.clear();
+                    noisy.extend_from_slice(acc.sum_slice(start..end));
+                    noise
+                        .add_to(&mut noisy)
+                        .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?;
+                    next.extend(prev.zip(&noisy).map(|(g, s)| g + s / denominator));
+                }
+                None => next.extend(prev.zip(acc.mean_slice(start..end)).map(|(g, m)| g + m)),
+            }
             writer.write(&next)?;
         }
         writer.finish()?;
@@ -983,8 +1020,13 @@ impl Engine {
             return Ok(Vec::new());
         };
         let earlier = self.store.charges(&study.id)?;
-        record
-            .contributors
+        // Site level: one ledger for the study. Every eligible site's contribution went
+        // through the same mechanism this round, whether or not it delivered.
+        let ledgers = match settings.unit {
+            PrivacyUnit::Site => vec![ALL_SITES.to_string()],
+            PrivacyUnit::Record => record.contributors.clone(),
+        };
+        ledgers
             .iter()
             .map(|site| {
                 let k = earlier.iter().filter(|c| &c.site == site).count() as u64;
@@ -1026,9 +1068,14 @@ impl Engine {
             .max_by_key(|(s, k)| (*k, std::cmp::Reverse(*s)))
             .unwrap_or(("any site", 0));
         let next = study_epsilon(plan, k + 1)?;
+        let ledger = if site == ALL_SITES {
+            "the study's site-level ledger".to_string()
+        } else {
+            format!("the ledger of {site}")
+        };
         Ok((next > plan.budget_epsilon).then(|| {
             format!(
-                "round {round} would bring the ledger of {site} for dataset {:?} to ε = {next:.4} at δ = {}, past the study's budget of {}",
+                "round {round} would bring {ledger} for dataset {:?} to ε = {next:.4} at δ = {}, past the study's budget of {}",
                 manifest.data.dataset, plan.delta, plan.budget_epsilon
             )
         }))
@@ -1068,6 +1115,37 @@ impl Engine {
         );
         Ok(RoundOutcome::Failed(reason))
     }
+}
+
+/// The ledger name of a site-level study's one study-wide ledger.
+pub const ALL_SITES: &str = "*";
+
+/// The `[privacy]` settings of a site-level (DP-FedAvg) study.
+fn site_level(manifest: &StudyManifest) -> Option<&medfl_shared::manifest::Privacy> {
+    manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site)
+}
+
+/// How far past S a site's update may be and still count as clipped: f32 rounding of
+/// a correctly clipped vector stays within a few units in the 7th digit.
+const CLIP_SLACK: f64 = 1e-5;
+
+/// Checks that a site-level DP update was clipped to `bound` by its site, and clips it
+/// to a hair under `bound`, so that the sensitivity the noise is calibrated to holds
+/// exactly whatever the site's rounding (McMahan et al., ICLR 2018, Algorithm 1,
+/// "ClipFn"). An update well past the bound is a protocol violation and is refused.
+fn clip_site_update(update: &mut [f32], bound: f64, site: &str) -> Result<(), ServiceError> {
+    let norm = medfl_shared::dp::l2_norm(update);
+    if norm.is_nan() || norm > bound * (1.0 + CLIP_SLACK) {
+        return Err(ServiceError::InvalidArgument(format!(
+            "the update from {site} has L2 norm {norm:.6}, past the study's site clip bound S = {bound}: site-level DP requires each site to clip its delta to S before it leaves"
+        )));
+    }
+    let target = bound * (1.0 - 1e-6);
+    if norm > target {
+        let factor = (target / norm) as f32;
+        update.iter_mut().for_each(|v| *v *= factor);
+    }
+    Ok(())
 }
 
 /// ε of `rounds` rounds of the plan's per-round mechanism, at the plan's δ.

@@ -347,7 +347,8 @@ impl pb::site_server::Site for SiteService {
         let train_loss = header.train_loss;
         let site_name = site.clone();
         tokio::task::spawn_blocking(move || {
-            let result = engine.fold(&open, &site_name, &update_id, examples, train_loss, &staging.values);
+            let mut staging = staging;
+            let result = engine.fold(&open, &site_name, &update_id, examples, train_loss, &mut staging.values);
             drop(staging);
             result
         })

@@ -80,6 +80,11 @@ impl WeightedSum {
         self.sum.is_empty()
     }
 
+    /// Returns the raw sum `Σ_k w_k Δ_k` over `range` of the flat vector.
+    pub fn sum_slice(&self, range: std::ops::Range<usize>) -> &[f32] {
+        &self.sum[range]
+    }
+
     /// Returns the mean update over `range` of the flat vector.
     pub fn mean_slice(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = f32> + '_ {
         let inv = (1.0 / self.total_weight) as f32;

@@ -97,6 +97,10 @@ impl ClippedUpdate {
         &self.values
     }
 
+    pub fn into_values(self) -> Vec<f32> {
+        self.values
+    }
+
     pub fn bound(&self) -> f64 {
         self.bound
     }
@@ -142,36 +146,77 @@ fn gaussian_measurement(len: usize, scale: f64) -> Result<VectorGaussian, DpErro
 /// [`add_gaussian_noise`]`(_, sensitivity, sigma)`, by OpenDP's privacy map, without
 /// drawing any noise: a site charges its ledger with this before it trains.
 pub fn effective_noise_multiplier(len: usize, sensitivity: f64, sigma: f64) -> Result<f64, DpError> {
-    if !(sensitivity.is_finite() && sensitivity > 0.0) {
-        return Err(DpError::BadClip(sensitivity));
+    Ok(GaussianNoise::new(len, sensitivity, sigma)?.effective_noise_multiplier)
+}
+
+/// The Gaussian mechanism on a vector of `len` values of L2 sensitivity
+/// `sensitivity`, applied chunk by chunk so that a large model's noisy sum never needs
+/// a second model-sized buffer.
+///
+/// OpenDP's vector Gaussian rounds each value to the grid 2^k and adds independent
+/// discrete Gaussian noise of the same scale to each, so noising a vector in pieces
+/// draws exactly the distribution of noising it whole. Its privacy map, though,
+/// depends on the whole length (the rounding term √n·2^k), so the map is evaluated
+/// once for all `len` values here, and every chunk must come from the same vector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GaussianNoise {
+    len: usize,
+    pub sensitivity: f64,
+    /// Noise standard deviation added to each value: `σ · sensitivity`.
+    pub noise_std: f64,
+    /// ρ of the whole-vector release by OpenDP's privacy map (zCDP).
+    pub rho: f64,
+    /// The noise multiplier to account: `1/√(2ρ)` ≤ σ ([BS16] Prop. 1.6).
+    pub effective_noise_multiplier: f64,
+}
+
+impl GaussianNoise {
+    pub fn new(len: usize, sensitivity: f64, sigma: f64) -> Result<Self, DpError> {
+        if !(sensitivity.is_finite() && sensitivity > 0.0) {
+            return Err(DpError::BadClip(sensitivity));
+        }
+        if !(sigma.is_finite() && sigma > 0.0) {
+            return Err(DpError::BadSigma(sigma));
+        }
+        let noise_std = sigma * sensitivity;
+        let rho = gaussian_measurement(len, noise_std)?.map(&sensitivity)?;
+        Ok(GaussianNoise {
+            len,
+            sensitivity,
+            noise_std,
+            rho,
+            effective_noise_multiplier: 1.0 / (2.0 * rho).sqrt(),
+        })
     }
-    if !(sigma.is_finite() && sigma > 0.0) {
-        return Err(DpError::BadSigma(sigma));
+
+    /// Adds the noise to `chunk`, a piece of the vector this mechanism was built for.
+    pub fn add_to(&self, chunk: &mut [f32]) -> Result<(), DpError> {
+        if chunk.len() > self.len {
+            return Err(DpError::OpenDp(format!(
+                "a chunk of {} values is longer than the {} values the noise was accounted for",
+                chunk.len(),
+                self.len
+            )));
+        }
+        let input: Vec<f64> = chunk.iter().map(|v| *v as f64).collect();
+        let noisy = gaussian_measurement(chunk.len(), self.noise_std)?.invoke(&input)?;
+        chunk.iter_mut().zip(noisy).for_each(|(v, n)| *v = n as f32);
+        Ok(())
     }
-    let rho = gaussian_measurement(len, sigma * sensitivity)?.map(&sensitivity)?;
-    Ok(1.0 / (2.0 * rho).sqrt())
 }
 
 /// Adds Gaussian noise of standard deviation `sigma · sensitivity` to every value of
 /// `sum` (a sum of contributions each of L2 norm ≤ `sensitivity`).
 pub fn add_gaussian_noise(sum: &[f32], sensitivity: f64, sigma: f64) -> Result<NoisyRelease, DpError> {
-    if !(sensitivity.is_finite() && sensitivity > 0.0) {
-        return Err(DpError::BadClip(sensitivity));
-    }
-    if !(sigma.is_finite() && sigma > 0.0) {
-        return Err(DpError::BadSigma(sigma));
-    }
-    let scale = sigma * sensitivity;
-    let measurement = gaussian_measurement(sum.len(), scale)?;
-    let input: Vec<f64> = sum.iter().map(|v| *v as f64).collect();
-    let noisy = measurement.invoke(&input)?;
-    let rho = measurement.map(&sensitivity)?;
+    let noise = GaussianNoise::new(sum.len(), sensitivity, sigma)?;
+    let mut values = sum.to_vec();
+    noise.add_to(&mut values)?;
     Ok(NoisyRelease {
-        values: noisy.into_iter().map(|v| v as f32).collect(),
-        noise_std: scale,
+        values,
+        noise_std: noise.noise_std,
         sensitivity,
-        rho,
-        effective_noise_multiplier: 1.0 / (2.0 * rho).sqrt(),
+        rho: noise.rho,
+        effective_noise_multiplier: noise.effective_noise_multiplier,
     })
 }
 
@@ -208,6 +253,26 @@ mod tests {
         assert!(release.effective_noise_multiplier <= 4.0 && release.effective_noise_multiplier > 4.0 * (1.0 - 1e-5));
         let ahead = effective_noise_multiplier(n, 0.5, 4.0).expect("map");
         assert_eq!(ahead, release.effective_noise_multiplier);
+    }
+
+    #[test]
+    fn chunked_noise_is_accounted_for_the_whole_vector() {
+        let n = 100_000;
+        let noise = GaussianNoise::new(n, 2.0, 1.5).expect("mechanism");
+        assert_eq!(
+            noise.effective_noise_multiplier,
+            effective_noise_multiplier(n, 2.0, 1.5).expect("map")
+        );
+        let mut values = vec![1.0f32; n];
+        for chunk in values.chunks_mut(30_000) {
+            noise.add_to(chunk).expect("chunk");
+        }
+        let mean = values.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
+        let sd = (values.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+        // std 3.0 around 1.0; the sample std's own std is 3/√(2n) ≈ 0.007.
+        assert!((sd - 3.0).abs() < 0.05, "std {sd}");
+        assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
+        assert!(noise.add_to(&mut vec![0.0; n + 1]).is_err());
     }
 
     #[test]

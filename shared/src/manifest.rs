@@ -54,7 +54,8 @@ pub struct Privacy {
     pub delta: f64,
     /// L2 clip norm: per example (C, record level) or per site update (S, site level).
     pub clip_norm: f64,
-    /// Poisson sampling rate per step: of rows (record level) or of sites (site level).
+    /// Poisson sampling rate per step: of rows (record level); 1 at site level, where
+    /// every eligible site takes part in every round.
     pub sample_rate: f64,
     /// DP-SGD steps per round at each site (record level).
     #[serde(default = "one")]
@@ -108,7 +109,7 @@ pub struct DataSchema {
     pub label: String,
     /// Feature columns, in model input order.
     pub features: Vec<String>,
-    /// Public feature scaling; required with `[privacy]`.
+    /// Public feature scaling; required with record-level `[privacy]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<PublicScaling>,
 }
@@ -306,18 +307,37 @@ impl StudyManifest {
     fn check_privacy_settings(&self) -> Result<(), ManifestError> {
         let Some(p) = &self.privacy else { return Ok(()) };
         if p.unit == PrivacyUnit::Site {
-            return Err(invalid(
-                "privacy.unit = \"site\" (DP-FedAvg) is not available yet; use \"record\" (DP-SGD at each site)",
-            ));
+            // DP-FedAvg here is the plain Gaussian on the sum of every eligible site's
+            // clipped delta, once per round. Sampling sites at q < 1 would only amplify
+            // privacy while the selection stays secret from whoever sees the model, and
+            // medfl shows admins which sites took part in each round.
+            if p.sample_rate != 1.0 {
+                return Err(invalid(format!(
+                    "privacy.sample_rate = {} with unit = \"site\": site-level DP takes every eligible site each round (sample_rate = 1); subsampling sites would only amplify privacy if the selection stayed secret, and study status shows it",
+                    p.sample_rate
+                )));
+            }
+            if self.selection.fraction != 1.0 {
+                return Err(invalid(format!(
+                    "selection.fraction = {} with privacy.unit = \"site\": site-level DP takes every eligible site each round; leave selection.fraction at 1",
+                    self.selection.fraction
+                )));
+            }
+            if p.steps_per_round != 1 {
+                return Err(invalid(format!(
+                    "privacy.steps_per_round = {} with unit = \"site\": site-level DP releases one noisy sum per round; use 1",
+                    p.steps_per_round
+                )));
+            }
         }
         if self.strategy.weighting != Weighting::Uniform {
             return Err(invalid(
                 "a study with [privacy] must use strategy.weighting = \"uniform\": a site's example count is itself a statistic of its rows",
             ));
         }
-        if self.data.scaling.is_none() {
+        if p.unit == PrivacyUnit::Record && self.data.scaling.is_none() {
             return Err(invalid(
-                "a study with [privacy] needs public feature scaling in data.scaling: sites may not standardize with their own statistics under DP",
+                "a record-level [privacy] study needs public feature scaling in data.scaling: sites may not standardize with their own statistics under DP-SGD",
             ));
         }
         for (name, v) in [
@@ -519,12 +539,26 @@ min_sites = 2
         assert!(err.to_string().contains("public feature scaling"), "{err}");
         let site =
             with_privacy(&format!("{base}\ntarget_epsilon = 1.0")).replace("unit = \"record\"", "unit = \"site\"");
+        let err = StudyManifest::from_toml(&site).expect_err("site level with q < 1");
+        assert!(err.to_string().contains("every eligible site"), "{err}");
+        let site = site.replace("sample_rate = 0.1", "sample_rate = 1.0");
+        let err = StudyManifest::from_toml(&site).expect_err("site level with 10 steps a round");
+        assert!(err.to_string().contains("one noisy sum per round"), "{err}");
+        let site = site.replace("steps_per_round = 10", "steps_per_round = 1");
+        let plan = StudyManifest::from_toml(&site)
+            .expect("site level, q = 1, one step")
+            .privacy_plan()
+            .expect("plan")
+            .expect("privacy on");
+        // Three rounds of the plain Gaussian at ε = 1 overall.
+        assert_eq!(plan.per_round.q, 1.0);
         assert!(
-            StudyManifest::from_toml(&site)
-                .expect_err("site level")
-                .to_string()
-                .contains("not available yet")
+            plan.epsilon_all_rounds <= 1.0 && plan.epsilon_all_rounds > 0.99,
+            "{plan:?}"
         );
+        let sampled = site.replace("min_sites = 2", "min_sites = 2\nfraction = 0.5");
+        let err = StudyManifest::from_toml(&sampled).expect_err("site level with a fraction");
+        assert!(err.to_string().contains("leave selection.fraction at 1"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! model, train in a blocking thread, upload the update as a chunked stream;
 //! reconnect with jittered exponential backoff whenever the coordinator is away.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +26,8 @@ use crate::dpsgd::{DpSgdConfig, train_dp};
 use crate::ledger::{Ledger, LedgerError};
 use crate::train::{Start, train};
 use medfl_shared::accountant::GaussianSteps;
-use medfl_shared::manifest::PrivacyUnit;
+use medfl_shared::dp::ClippedUpdate;
+use medfl_shared::manifest::{PrivacyPlan, PrivacyUnit};
 use medfl_shared::model::Standardizer;
 
 /// `agent.toml`. Relative paths are relative to the file's directory.
@@ -91,7 +93,12 @@ pub struct AgentSettings {
     pub datasets: Vec<Arc<(DatasetConfig, Table)>>,
     pub policy: Policy,
     pub ledger: Ledger,
+    /// Privacy plans by manifest hash: a study's plan (σ calibration, tens of
+    /// milliseconds to seconds) is worked out once, not every round.
+    plans: Arc<std::sync::Mutex<HashMap<String, PlanResult>>>,
 }
+
+type PlanResult = std::result::Result<Option<PrivacyPlan>, String>;
 
 impl AgentSettings {
     /// Reads `agent.toml`, loads the identity and every dataset; any problem is an error
@@ -147,6 +154,7 @@ impl AgentSettings {
             datasets,
             policy: file.policy,
             ledger,
+            plans: Default::default(),
         })
     }
 }
@@ -269,10 +277,22 @@ async fn handle_work(
     }
     // The site's own policy decides, whatever the coordinator asks.
     // The plan runs the accountant (tens of milliseconds): off the reactor.
-    let for_plan = manifest.clone();
-    let planned = tokio::task::spawn_blocking(move || for_plan.privacy_plan())
-        .await
-        .context("planning task")?;
+    let cached = lock_plans(settings).get(&work.manifest_hash).cloned();
+    let planned = match cached {
+        Some(planned) => planned,
+        None => {
+            let for_plan = manifest.clone();
+            let planned = tokio::task::spawn_blocking(move || for_plan.privacy_plan().map_err(|e| e.to_string()))
+                .await
+                .context("planning task")?;
+            let mut plans = lock_plans(settings);
+            if plans.len() >= 64 {
+                plans.clear();
+            }
+            plans.insert(work.manifest_hash.clone(), planned.clone());
+            planned
+        }
+    };
     let plan = match planned {
         Ok(plan) => plan.zip(manifest.privacy.clone()),
         Err(e) => return refuse(client, &work, format!("privacy settings refused: {e}")).await,
@@ -380,33 +400,54 @@ async fn handle_work(
                 warn!("failpoint after_charge: exiting before training and release");
                 std::process::exit(137);
             }
-            let scaling = match &manifest.data.scaling {
-                Some(s) => Standardizer {
-                    center: s.center.iter().map(|v| *v as f32).collect(),
-                    scale: s.scale.iter().map(|v| *v as f32).collect(),
-                },
-                None => return refuse(client, &work, "a [privacy] study must carry public data.scaling".into()).await,
+            let params = match p.unit {
+                PrivacyUnit::Record => {
+                    let scaling = match &manifest.data.scaling {
+                        Some(s) => Standardizer {
+                            center: s.center.iter().map(|v| *v as f32).collect(),
+                            scale: s.scale.iter().map(|v| *v as f32).collect(),
+                        },
+                        None => {
+                            return refuse(client, &work, "a [privacy] study must carry public data.scaling".into())
+                                .await;
+                        }
+                    };
+                    let cfg = DpSgdConfig {
+                        clip_norm: p.clip_norm,
+                        noise_multiplier: plan.sigma,
+                        sample_rate: p.sample_rate,
+                        steps: p.steps_per_round,
+                    };
+                    let out = tokio::task::spawn_blocking(move || {
+                        train_dp(&spec, d, &start, start_on, &x, &table.1.y, &scaling, &training, &cfg)
+                    })
+                    .await
+                    .context("training task")??;
+                    if out.effective_noise_multiplier < effective {
+                        bail!(
+                            "noise applied (σ_eff = {}) is below what was charged ({effective})",
+                            out.effective_noise_multiplier
+                        );
+                    }
+                    out.params
+                }
+                // Site level (DP-FedAvg): ordinary local training; the delta is clipped
+                // to S below and the coordinator adds the noise to the sum. The charge
+                // above is the plain Gaussian of a round this site took part in: a bound
+                // the site can check itself, whatever the other sites do.
+                PrivacyUnit::Site => {
+                    tokio::task::spawn_blocking(move || {
+                        train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed)
+                    })
+                    .await
+                    .context("training task")?
+                    .map_err(|e| anyhow!("training failed: {e}"))?
+                    .params
+                }
             };
-            let cfg = DpSgdConfig {
-                clip_norm: p.clip_norm,
-                noise_multiplier: plan.sigma,
-                sample_rate: p.sample_rate,
-                steps: p.steps_per_round,
-            };
-            let out = tokio::task::spawn_blocking(move || {
-                train_dp(&spec, d, &start, start_on, &x, &table.1.y, &scaling, &training, &cfg)
-            })
-            .await
-            .context("training task")??;
-            if out.effective_noise_multiplier < effective {
-                bail!(
-                    "noise applied (σ_eff = {}) is below what was charged ({effective})",
-                    out.effective_noise_multiplier
-                );
-            }
             // Under DP the example count and the loss are statistics of the rows: neither
             // leaves (the study weighs sites uniformly).
-            (out.params, 1, None, Some(charge.epsilon_after))
+            (params, 1, None, Some(charge.epsilon_after))
         }
         None => {
             let outcome =
@@ -422,15 +463,22 @@ async fn handle_work(
             )
         }
     };
-    let delta: Vec<f32> = params.iter().zip(&global).map(|(n, g)| n - g).collect();
+    let mut delta: Vec<f32> = params.iter().zip(&global).map(|(n, g)| n - g).collect();
     if delta.iter().any(|v| !v.is_finite()) {
         return refuse(client, &work, "local training diverged (non-finite update)".into()).await;
+    }
+    if let Some(p) = manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site) {
+        delta = ClippedUpdate::clip(delta, p.clip_norm)?.into_values();
     }
     let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
     upload(client, &work, &manifest, &update_id, weight, &delta, loss).await?;
     log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after);
     info!(weight, ?loss, ?epsilon_after, "update delivered");
     Ok(())
+}
+
+fn lock_plans(settings: &AgentSettings) -> std::sync::MutexGuard<'_, HashMap<String, PlanResult>> {
+    settings.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn download(client: &mut SiteClient<Channel>, work: &pb::WorkItem, manifest: &StudyManifest) -> Result<Vec<f32>> {
@@ -501,6 +549,7 @@ fn log_egress(
         "manifest_hash": work.manifest_hash,
         "update_id": update_id,
         "num_params": delta.len(),
+        "l2_norm": medfl_shared::dp::l2_norm(delta),
         "num_examples": weight,
         "train_loss": loss,
         "dataset_epsilon_after": epsilon_after,

@@ -1,0 +1,198 @@
+//! Site-level DP (DP-FedAvg) end to end: each site's delta clipped to S, Gaussian noise
+//! of std σ·S added to the sum by the coordinator, one study-wide ledger charged per
+//! round, the round released whatever number of sites delivered.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use medfl::Federation;
+use medfl_proto::v1 as pb;
+use medfl_shared::accountant::{GaussianSteps, Sampling, epsilon};
+
+const SIGMA: f64 = 2.0;
+const CLIP: f64 = 1.0;
+const DELTA: f64 = 1e-5;
+const LONG: Duration = Duration::from_secs(120);
+
+fn rounds_eps(rounds: u64) -> f64 {
+    epsilon(
+        &GaussianSteps {
+            sigma: SIGMA,
+            q: 1.0,
+            steps: rounds,
+            sampling: Sampling::Poisson,
+        },
+        DELTA,
+    )
+    .expect("valid")
+}
+
+fn site_privacy(features: usize, budget: f64, sigma: f64) -> String {
+    let zeros = vec!["0.0"; features].join(", ");
+    let ones = vec!["1.0"; features].join(", ");
+    format!(
+        "[data.scaling]\ncenter = [{zeros}]\nscale = [{ones}]\n\n[privacy]\nunit = \"site\"\ndelta = {DELTA}\nclip_norm = {CLIP}\nsample_rate = 1.0\nnoise_multiplier = {sigma}\nbudget_epsilon = {budget}\n\n[strategy]\nweighting = \"uniform\"\n\n[selection]"
+    )
+}
+
+/// A vector of `n` equal values with L2 norm `norm`.
+fn flat(n: usize, norm: f64) -> Vec<f32> {
+    vec![(norm / (n as f64).sqrt()) as f32; n]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_noises_the_clipped_sum_and_charges_one_study_ledger() {
+    let features = feature_names(30);
+    // Two rounds fit the budget, a third would not.
+    let budget = (rounds_eps(2) + rounds_eps(3)) / 2.0;
+    let manifest = manifest(&features, 10, 3, 4, 1)
+        .replace("kind = \"logistic_regression\"", "kind = \"mlp\"\nhidden = [64]")
+        .replace("[selection]", &site_privacy(30, budget, SIGMA));
+    let (mut fed, mut clients, id) = started_simulated_study(3, &features, &manifest).await;
+    let n = 30 * 64 + 64 + 64 + 1;
+
+    // Round 1: an unclipped update is refused with the bound; clipped ones are folded.
+    let mut works = Vec::new();
+    for c in clients.iter_mut() {
+        works.push(next_work(c, Duration::from_secs(10)).await.expect("work"));
+    }
+    let err = upload(&mut clients[0], &works[0], "big", 1, &flat(n, 5.0))
+        .await
+        .expect_err("norm 5 > S = 1");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("past the study's site clip bound S = 1"),
+        "{}",
+        err.message()
+    );
+    let updates = [flat(n, 0.5), flat(n, 1.0), flat(n, 0.25)];
+    for (k, (c, w)) in clients.iter_mut().zip(&works).enumerate() {
+        upload(c, w, &format!("r1-{k}"), 1, &updates[k])
+            .await
+            .expect("clipped update");
+    }
+    fed.wait_for_round(&id, 1, LONG).await.expect("round 1 commits");
+    let (_, before) = fed.export(&id, Some(0)).await.expect("initial model");
+    let (_, after) = fed.export(&id, Some(1)).await.expect("round 1 model");
+    // What is left after removing the exact mean is the noise divided by the three
+    // sites: std σ·S/3 per value (a wrong divisor or missing noise shows here).
+    let residual: Vec<f64> = (0..n)
+        .map(|i| {
+            let sum: f64 = updates.iter().map(|u| u[i] as f64).sum();
+            after[i] as f64 - before[i] as f64 - sum / 3.0
+        })
+        .collect();
+    let mean = residual.iter().sum::<f64>() / n as f64;
+    let sd = (residual.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    let want = SIGMA * CLIP / 3.0;
+    // The sample std of 2049 draws is within 1.6 % (one sd) of the truth; allow 8 %.
+    assert!((sd - want).abs() < 0.08 * want, "noise std {sd}, want {want}");
+    assert!(mean.abs() < 5.0 * want / (n as f64).sqrt(), "noise mean {mean}");
+
+    // Round 2: one selected site never delivers; the round is still released at the
+    // deadline (failing it would publish the count of deliveries without noise).
+    let mut idle = clients.pop().expect("three sites");
+    let _ = next_work(&mut idle, Duration::from_secs(10)).await.expect("work");
+    for (k, c) in clients.iter_mut().enumerate() {
+        let w = next_work(c, Duration::from_secs(10)).await.expect("work");
+        upload(c, &w, &format!("r2-{k}"), 1, &flat(n, 1.0))
+            .await
+            .expect("update");
+    }
+    let status = fed
+        .wait_for(&id, LONG, |i| i.state == pb::StudyState::BudgetExhausted as i32)
+        .await
+        .expect("study ends");
+    let info = status.info.clone().expect("info");
+    assert_eq!(info.state, pb::StudyState::BudgetExhausted as i32, "{}", info.reason);
+    assert_eq!(info.rounds_completed, 2);
+    assert!(
+        info.reason
+            .contains("round 3 would bring the study's site-level ledger"),
+        "{}",
+        info.reason
+    );
+    let round2 = status
+        .rounds
+        .iter()
+        .find(|r| r.round == 2 && r.committed)
+        .expect("round 2");
+    assert_eq!(round2.contributors.len(), 2);
+    assert_eq!(round2.selected.len(), 3);
+
+    // One study-wide charge per round; the auditor's recomputation agrees.
+    let auditor = fed.pki.join("auditor/profile.toml");
+    let a = auditor.to_str().expect("utf-8");
+    let out = medfl(&["audit", "ledger", "--study", &id, "--json", "--profile", a]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let charges = report["charges"].as_array().expect("charges");
+    assert_eq!(charges.len(), 2, "{charges:?}");
+    assert!(charges.iter().all(|c| c["site"] == "*" && c["sample_rate"] == 1.0));
+    let last = charges[1]["epsilon_after"].as_f64().expect("ε");
+    assert!((last - rounds_eps(2)).abs() < 1e-3 * last && last <= budget, "{last}");
+    let out = medfl(&["audit", "recompute", "--study", &id, "--profile", a]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_clip_their_deltas_and_charge_their_own_ledgers() {
+    let (table, _, tables) = iid_site_tables(3);
+    let d = table.columns.len();
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .dir(owned.path())
+        // Hospital IT opts in to site-level DP (the default policy allows record level only).
+        .agent_policy("allowed_units = [\"record\", \"site\"]\nmax_epsilon = 100.0\ndelta = 1e-5")
+        .build()
+        .await
+        .expect("federation starts");
+    let manifest = manifest(&table.columns, 3, 3, 60, 2).replace("[selection]", &site_privacy(d, 100.0, 1.0));
+    let id = fed.create_study(&manifest).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for(&id, LONG, |i| i.state == pb::StudyState::Completed as i32)
+        .await
+        .expect("study ends");
+    let info = status.info.clone().expect("info");
+    assert_eq!(info.state, pb::StudyState::Completed as i32, "{}", info.reason);
+    for r in status.rounds.iter().filter(|r| r.committed) {
+        assert_eq!(r.contributors.len(), 3, "round {}: {:?}", r.round, r.contributors);
+    }
+    fed.stop_agents().await;
+    let per_round = epsilon(
+        &GaussianSteps {
+            sigma: 1.0,
+            q: 1.0,
+            steps: 3,
+            sampling: Sampling::Poisson,
+        },
+        DELTA,
+    )
+    .expect("valid");
+    for name in &fed.site_names {
+        let ledger =
+            medfl_site_agent::ledger::Ledger::open(&owned.path().join(name).join("agent-store")).expect("ledger");
+        let charges = ledger.charges("breast_cancer").expect("charges");
+        assert_eq!(charges.len(), 3, "{name}: one charge per round it took part in");
+        let spent = ledger.spent("breast_cancer", DELTA).expect("spent");
+        assert!(
+            (spent - per_round).abs() < 1e-3 * per_round,
+            "{name}: {spent} vs {per_round}"
+        );
+        // Every delta that left was clipped to S: the egress log records its norm.
+        let log = std::fs::read_to_string(owned.path().join(name).join("egress.jsonl")).expect("egress log");
+        assert_eq!(log.lines().count(), 3);
+        for line in log.lines() {
+            let entry: serde_json::Value = serde_json::from_str(line).expect("json line");
+            let norm = entry["l2_norm"].as_f64().expect("norm");
+            assert!(norm <= CLIP * (1.0 + 1e-5), "{name} sent a delta of norm {norm}");
+            assert!(entry["train_loss"].is_null(), "the loss is a statistic of the rows");
+        }
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
