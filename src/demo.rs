@@ -17,9 +17,9 @@ use serde_json::json;
 use crate::federation::Federation;
 
 /// DP-SGD sampling rate per step at each hospital (expected batch: q · rows).
-const DP_SAMPLE_RATE: f64 = 0.2;
+const DP_SAMPLE_RATE: f64 = 0.3;
 /// DP-SGD steps per round at each hospital.
-const DP_STEPS_PER_ROUND: u32 = 2;
+const DP_STEPS_PER_ROUND: u32 = 3;
 /// Adam's learning rate under DP: fewer, noisier steps take larger ones.
 const DP_LEARNING_RATE: f64 = 0.1;
 
@@ -63,13 +63,23 @@ pub struct DemoArgs {
     /// Keeps the federation up after the study, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
-    /// Runs with patient-level DP (DP-SGD at each hospital), spending at most this ε
-    /// per hospital dataset over the whole study. Without it the demo runs without DP.
-    #[arg(long)]
-    pub epsilon: Option<f64>,
-    /// δ of the DP guarantee (with --epsilon).
+    /// Patient-level DP (DP-SGD at each hospital): the ε each hospital dataset may
+    /// spend over the whole study.
+    #[arg(long, default_value_t = 1.0)]
+    pub epsilon: f64,
+    /// δ of the DP guarantee.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
+    /// Runs without differential privacy, to compare.
+    #[arg(long, conflicts_with = "epsilon")]
+    pub no_dp: bool,
+}
+
+impl DemoArgs {
+    /// The ε budget per hospital dataset, or `None` with `--no-dp`.
+    fn dp_epsilon(&self) -> Option<f64> {
+        (!self.no_dp).then_some(self.epsilon)
+    }
 }
 
 fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table) -> Result<(f64, f64)> {
@@ -83,6 +93,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     if args.sites == 0 || args.sites > 100 {
         bail!("--sites must be 1..=100");
     }
+    let dp_epsilon = args.dp_epsilon();
     let (text, file, label, id) = match &args.data {
         Some(path) => (
             std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
@@ -136,7 +147,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let training = Training {
         local_epochs: 2,
         batch_size: 32,
-        learning_rate: if args.epsilon.is_some() { DP_LEARNING_RATE } else { 0.05 },
+        learning_rate: if dp_epsilon.is_some() { DP_LEARNING_RATE } else { 0.05 },
         optimizer: Optimizer::Adam,
     };
     let manifest = StudyManifest {
@@ -158,7 +169,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             features: table.columns.clone(),
             // Under DP the hospitals may not scale with their own statistics; the public
             // reference is the consortium's held-out set, which no hospital owns.
-            scaling: args.epsilon.is_some().then(|| {
+            scaling: dp_epsilon.is_some().then(|| {
                 let s = medfl_shared::model::Standardizer::fit(&test.x, test.columns.len());
                 medfl_shared::manifest::PublicScaling {
                     center: s.center.iter().map(|v| *v as f64).collect(),
@@ -173,14 +184,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         },
         training: training.clone(),
         strategy: medfl_shared::manifest::Strategy {
-            weighting: if args.epsilon.is_none() {
+            weighting: if dp_epsilon.is_none() {
                 medfl_shared::manifest::Weighting::Examples
             } else {
                 medfl_shared::manifest::Weighting::Uniform
             },
             ..Default::default()
         },
-        privacy: args.epsilon.map(|epsilon| medfl_shared::manifest::Privacy {
+        privacy: dp_epsilon.map(|epsilon| medfl_shared::manifest::Privacy {
             unit: medfl_shared::manifest::PrivacyUnit::Record,
             delta: args.delta,
             clip_norm: 1.0,
@@ -211,7 +222,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .tables(site_tables.clone())
         .dataset("demo", &label)
         .dir(&workdir);
-    if let Some(epsilon) = args.epsilon {
+    if let Some(epsilon) = dp_epsilon {
         // Each hospital's own cap for this dataset: the demo's budget.
         for i in 0..args.sites {
             builder = builder.dataset_setting(i, &format!("max_epsilon = {epsilon}"));
@@ -234,7 +245,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // What each hospital's own ledger says it spent (the agents' stores close first).
     fed.stop_agents().await;
     let mut epsilon_spent = serde_json::Map::new();
-    if args.epsilon.is_some() {
+    if dp_epsilon.is_some() {
         for name in &fed.site_names {
             let ledger = medfl_site_agent::ledger::Ledger::open(&workdir.join(name).join("agent-store"))?;
             epsilon_spent.insert(name.clone(), json!(ledger.spent("demo", args.delta)?));
@@ -286,9 +297,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "local_only_accuracy": local.iter().map(|l| (l.0.clone(), json!(l.3))).collect::<serde_json::Map<_, _>>(),
         "local_only_auc": local.iter().map(|l| (l.0.clone(), json!(l.4))).collect::<serde_json::Map<_, _>>(),
         "site_rows": local.iter().map(|l| (l.0.clone(), json!({"rows": l.1, "positives": l.2}))).collect::<serde_json::Map<_, _>>(),
-        "dp": args.epsilon.is_some(),
-        "epsilon_budget": args.epsilon,
-        "delta": args.epsilon.is_some().then_some(args.delta),
+        "dp": dp_epsilon.is_some(),
+        "epsilon_budget": dp_epsilon,
+        "delta": dp_epsilon.is_some().then_some(args.delta),
         "epsilon_spent": epsilon_spent,
         "workdir": workdir.display().to_string(),
         "model_path": workdir.join("model.safetensors").display().to_string(),
@@ -311,8 +322,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 auc
             );
         }
-        if args.epsilon.is_none() {
-            println!("\nno differential privacy (add --epsilon 1 for patient-level DP)");
+        if dp_epsilon.is_none() {
+            println!("\nno differential privacy (--no-dp); without it the demo runs patient-level DP at ε = 1");
         } else {
             println!(
                 "\npatient-level DP (DP-SGD), δ = {:e}; each hospital's own ledger:",
@@ -320,7 +331,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             );
             for (name, eps) in &epsilon_spent {
                 let eps = eps.as_f64().unwrap_or(f64::NAN);
-                let budget = args.epsilon.unwrap_or(f64::NAN);
+                let budget = dp_epsilon.unwrap_or(f64::NAN);
                 println!(
                     "  {name:<14} ε spent {eps:.4} of {budget}, left {:.4}",
                     (budget - eps).max(0.0)

@@ -146,6 +146,7 @@ fn demo_json_reports_the_summary_keys() {
     let out = medfl(&[
         "demo",
         "--json",
+        "--no-dp",
         "--rounds",
         "3",
         "--split",
@@ -166,6 +167,7 @@ fn demo_json_reports_the_summary_keys() {
         assert!(summary.get(key).is_some(), "missing {key}: {summary}");
     }
     assert_eq!(summary["rounds_completed"], 3);
+    assert_eq!(summary["dp"], false);
     assert_eq!(summary["sites"], 3);
     assert_eq!(summary["local_only_accuracy"].as_object().map(|m| m.len()), Some(3));
     assert!(summary["test_accuracy"].as_f64().is_some_and(|a| a > 0.85), "{summary}");
@@ -177,19 +179,13 @@ fn demo_json_reports_the_summary_keys() {
 }
 
 #[test]
-fn demo_with_patient_level_dp_stays_within_each_hospitals_budget() {
+fn demo_runs_patient_level_dp_by_default_within_each_hospitals_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = dir.path().join("work");
-    let out = medfl(&[
-        "demo",
-        "--json",
-        "--epsilon",
-        "1",
-        "--workdir",
-        w.to_str().expect("utf-8"),
-    ]);
+    let out = medfl(&["demo", "--json", "--workdir", w.to_str().expect("utf-8")]);
     let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
-    assert_eq!(summary["dp"], true);
+    assert_eq!(summary["dp"], true, "patient-level DP at ε = 1 is the default");
+    assert_eq!(summary["epsilon_budget"], 1.0);
     assert_eq!(summary["delta"], 1e-5);
     assert_eq!(summary["rounds_completed"], 15);
     let spent = summary["epsilon_spent"].as_object().expect("per site");
