@@ -30,6 +30,7 @@ pub struct FederationBuilder {
     liveness_secs: u64,
     staging_budget_mib: u64,
     coordinator_binary: Option<PathBuf>,
+    coordinator_env: Vec<(String, String)>,
     dataset_extra: Vec<(usize, String)>,
     policy: Option<String>,
 }
@@ -49,7 +50,25 @@ pub struct Federation {
     pub site_names: Vec<String>,
     pub admin: AdminClient<Channel>,
     coordinator: Option<Coordinator>,
+    coordinator_binary: Option<PathBuf>,
     agents: Vec<Agent>,
+}
+
+/// Starts `medfl coordinator` on the federation's coordinator folder, logging to
+/// `coordinator.log` there (appended across restarts).
+fn spawn_coordinator(binary: &Path, coord_dir: &Path, env: &[(String, String)]) -> Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(coord_dir.join("coordinator.log"))?;
+    std::process::Command::new(binary)
+        .args(["coordinator", "--config"])
+        .arg(coord_dir.join("coordinator.toml"))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {}", binary.display()))
 }
 
 enum Coordinator {
@@ -96,6 +115,7 @@ impl Default for FederationBuilder {
             liveness_secs: 30,
             staging_budget_mib: 64,
             coordinator_binary: None,
+            coordinator_env: Vec::new(),
             dataset_extra: Vec::new(),
             policy: None,
         }
@@ -155,6 +175,13 @@ impl FederationBuilder {
     /// (`medfl coordinator --config …`) instead of a task in this process.
     pub fn coordinator_process(mut self, medfl_binary: &Path) -> Self {
         self.coordinator_binary = Some(medfl_binary.to_path_buf());
+        self
+    }
+
+    /// Sets an environment variable for the first coordinator process (e.g. a
+    /// `MEDFL_FAILPOINT`); [`Federation::restart_coordinator`] starts it without.
+    pub fn coordinator_env(mut self, key: &str, value: &str) -> Self {
+        self.coordinator_env.push((key.into(), value.into()));
         self
     }
 
@@ -226,15 +253,7 @@ impl FederationBuilder {
             Some(binary) => {
                 // The child binds the same port once this process lets go of it.
                 drop(listener);
-                let log = std::fs::File::create(coord_dir.join("coordinator.log"))?;
-                let child = std::process::Command::new(binary)
-                    .args(["coordinator", "--config"])
-                    .arg(coord_dir.join("coordinator.toml"))
-                    .stdout(log.try_clone()?)
-                    .stderr(log)
-                    .spawn()
-                    .with_context(|| format!("start {}", binary.display()))?;
-                Coordinator::Process(child)
+                Coordinator::Process(spawn_coordinator(binary, &coord_dir, &self.coordinator_env)?)
             }
         };
 
@@ -247,6 +266,7 @@ impl FederationBuilder {
             site_names: site_names.clone(),
             admin,
             coordinator: Some(coordinator),
+            coordinator_binary: self.coordinator_binary.clone(),
             agents: Vec::new(),
         };
 
@@ -452,6 +472,34 @@ impl Federation {
             }
             None => {}
         }
+    }
+
+    /// Waits up to `timeout` for a coordinator process to exit by itself; returns its
+    /// exit code (`None` if it is still running or not a process).
+    pub async fn wait_coordinator_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(Coordinator::Process(child)) = &mut self.coordinator
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.coordinator = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Starts the coordinator process again on the same config and store, after it
+    /// was killed or exited.
+    pub async fn restart_coordinator(&mut self) -> Result<()> {
+        self.kill_coordinator();
+        let Some(binary) = &self.coordinator_binary else {
+            bail!("only a coordinator process can be restarted (see FederationBuilder::coordinator_process)");
+        };
+        let child = spawn_coordinator(binary, &self.dir.join("coordinator"), &[])?;
+        self.coordinator = Some(Coordinator::Process(child));
+        self.wait_until_serving().await
     }
 
     /// The coordinator's process id, when it runs as a child process.

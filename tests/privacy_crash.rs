@@ -101,3 +101,74 @@ async fn a_crash_between_charge_and_release_charges_again_and_releases_once() {
     assert_eq!(released.lines().count(), 1, "released exactly once");
     fed.shutdown().await.expect("clean shutdown");
 }
+
+/// The coordinator side: a site-level DP round's noise is drawn into the model file
+/// before the batch that charges and publishes it. A crash in between leaves nothing
+/// charged and nothing served; the restarted coordinator reruns the round with fresh
+/// noise and charges it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_crash_before_commit_publishes_nothing_uncharged_and_charges_once() {
+    let features = feature_names(3);
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = Federation::builder()
+        .sites(2)
+        .dir(owned.path())
+        .coordinator_process(std::path::Path::new(env!("CARGO_BIN_EXE_medfl")))
+        .coordinator_env("MEDFL_FAILPOINT", "before_commit")
+        .build()
+        .await
+        .expect("federation starts");
+    let mut clients = registered_sites(&fed, &features).await;
+    let manifest = manifest(&features, 2, 2, 60, 1).replace(
+        "[selection]",
+        "[strategy]\nweighting = \"uniform\"\n\n[privacy]\nunit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nnoise_multiplier = 3.0\nbudget_epsilon = 10.0\n\n[selection]",
+    );
+    let id = fed.create_study(&manifest).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    for (k, c) in clients.iter_mut().enumerate() {
+        let work = next_work(c, Duration::from_secs(30)).await.expect("work");
+        upload(c, &work, &format!("first-{k}"), 1, &[0.1; 4])
+            .await
+            .expect("upload");
+    }
+    let status = fed
+        .wait_coordinator_exit(Duration::from_secs(30))
+        .await
+        .expect("the failpoint ends the coordinator");
+    assert_eq!(status.code(), Some(137));
+    {
+        let store = medfl_coordinator::store::Store::open(&fed.dir.join("coordinator/store"), 1 << 20).expect("store");
+        assert!(store.charges(&id).expect("charges").is_empty(), "nothing charged");
+        let study = store.study(&id).expect("read").expect("study");
+        assert_eq!(study.rounds_completed, 0, "nothing published");
+    }
+
+    fed.restart_coordinator().await.expect("restart without the failpoint");
+    for c in clients.iter_mut() {
+        register(c, &features).await.expect("sites reconnect");
+    }
+    for round in 1..=2 {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let work = next_work(c, Duration::from_secs(30)).await.expect("work after restart");
+            assert_eq!(work.round, round);
+            upload(c, &work, &format!("again-{k}-{round}"), 1, &[0.1; 4])
+                .await
+                .expect("upload");
+        }
+        fed.wait_for_round(&id, round, Duration::from_secs(60))
+            .await
+            .expect("round commits");
+    }
+    let status = fed
+        .wait_for(&id, Duration::from_secs(30), |i| {
+            i.state == pb::StudyState::Completed as i32
+        })
+        .await
+        .expect("completes");
+    assert_eq!(status.info.expect("info").rounds_completed, 2);
+    fed.kill_coordinator();
+    let store = medfl_coordinator::store::Store::open(&fed.dir.join("coordinator/store"), 1 << 20).expect("store");
+    let charges = store.charges(&id).expect("charges");
+    let rounds: Vec<u32> = charges.iter().map(|c| c.round).collect();
+    assert_eq!(rounds, vec![1, 2], "each released round charged exactly once");
+}

@@ -997,6 +997,12 @@ impl Engine {
             writer.write(&next)?;
         }
         writer.finish()?;
+        // Failpoint for crash tests: MEDFL_FAILPOINT=before_commit ends the process with
+        // the round's model written (its noise drawn) but neither charged nor published.
+        if std::env::var("MEDFL_FAILPOINT").as_deref() == Ok("before_commit") {
+            warn!("failpoint before_commit: exiting before the round's commit batch");
+            std::process::exit(137);
+        }
         let _guard = lock(&self.study_lock);
         let mut study = self.study(id)?;
         let charges = self.round_charges(&study, record, manifest, privacy)?;
