@@ -15,6 +15,7 @@ pub mod identity;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod secagg;
 pub mod split;
 
 /// Milliseconds since the Unix epoch, the one clock format on the wire and in the store.

@@ -1,0 +1,929 @@
+//! Secure aggregation: the math and crypto of SecAgg (Bonawitz et al., CCS 2017,
+//! "Practical Secure Aggregation for Privacy-Preserving Machine Learning", Fig. 4, the
+//! semi-honest protocol), without any I/O. The coordinator learns Σ_{u∈U3} x_u and
+//! nothing about one site's x_u, and still finishes when sites drop out after sharing
+//! keys.
+//!
+//! Rounds of one session (one attempt at one training round):
+//! 0. Advertise keys: each site u draws fresh X25519 pairs (c_u for encrypting shares,
+//!    s_u for masking) and a self-mask seed b_u, and signs (c_pk, s_pk) with its site
+//!    identity ([`advert_signing_bytes`]). U1 = sites that advertised.
+//! 1. Share keys: u Shamir-shares s_sk and b_u (t of |U1|) and seals one share of each
+//!    to every v ∈ U1 ([`seal_shares`]). U2 = sites that sent shares.
+//! 2. Masked input: `y_u = x_u + PRG(b_u) + Σ_{v∈U2∖u} ±PRG(s_uv) mod 2^32`
+//!    ([`MaskPlan::for_site`]); + when u < v by name, − otherwise. U3 = sites whose
+//!    masked input arrived.
+//! 3. Unmask: each survivor reveals its share of b_u for u ∈ U3 and of s_sk_v for
+//!    v ∈ U2∖U3, never both for one site ([`check_unmask_request`]); the coordinator
+//!    reconstructs ([`reconstruct_seed`], [`reconstruct_mask_key`]) and removes the
+//!    masks that do not cancel ([`MaskPlan::for_unmasking`]).
+//!
+//! Every key is fresh per session and every derivation is bound to the session id, the
+//! SHA-256 of the roster and parameters ([`SessionParams::session_id`]), so masks are
+//! never reused across rounds or attempts.
+//!
+//! PRG ([`add_keystream`]), specified exactly: ChaCha20 as in RFC 8439 (20 rounds,
+//! 256-bit key, 96-bit nonce, 32-bit block counter); key = the 32-byte seed, nonce =
+//! 12 zero bytes (each key expands one stream), block counter starting at 0; word i
+//! of the stream is bytes [4i, 4i+4) of the keystream read as a little-endian u32.
+//! A stream is at most 2^32 blocks = 2^36 words, which bounds the model size.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chacha20::ChaCha20;
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+use ring::aead;
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Domain separation for every hash, key derivation and signature of this protocol.
+pub const PROTOCOL: &[u8] = b"medfl-secagg-v1";
+
+/// Most values one session can mask: 2^32 ChaCha20 blocks of 16 words.
+pub const MAX_VALUES: u64 = 1 << 36;
+
+/// Most sites in one session: Shamir shares live in GF(256), x = 1..=255.
+pub const MAX_SITES: usize = 255;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum SecAggError {
+    #[error("invalid session parameters: {0}")]
+    Params(String),
+    #[error("the X25519 agreement with {0} is non-contributory (a low-order public key)")]
+    NonContributory(String),
+    #[error("a sealed share from {from} to {to} does not open: wrong key, wrong session or tampered")]
+    Open { from: String, to: String },
+    #[error("malformed share: {0}")]
+    MalformedShare(String),
+    #[error("shares with x = {0} disagree")]
+    ConflictingShares(u8),
+    #[error("{got} distinct shares, {need} needed to reconstruct")]
+    TooFewShares { got: usize, need: usize },
+    #[error("the masking key reconstructed for {0} does not match its advertised public key")]
+    WrongKey(String),
+    #[error("roster check failed: {0}")]
+    Roster(String),
+    #[error("quantization: {0}")]
+    Quantization(String),
+    #[error("no randomness from the operating system")]
+    Random,
+}
+
+type Result<T> = std::result::Result<T, SecAggError>;
+
+/// What every participant of one session agrees on. Its SHA-256 is the session id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionParams {
+    pub study_id: String,
+    pub round: u32,
+    pub attempt: u32,
+    /// U0: the sites selected for the round, sorted, no repeats. A site's Shamir
+    /// x-coordinate is its position here plus one.
+    pub roster: Vec<String>,
+    /// t: shares needed to reconstruct; also the fewest sites each stage may have.
+    pub threshold: u32,
+    /// Values per masked input.
+    pub num_values: u64,
+    /// log2 of the quantization scale γ (see [`Quantizer`]).
+    pub scale_log2: i32,
+}
+
+impl SessionParams {
+    pub fn validate(&self) -> Result<()> {
+        let n = self.roster.len();
+        if n > MAX_SITES {
+            return Err(SecAggError::Params(format!("{n} sites; at most {MAX_SITES}")));
+        }
+        if self.roster.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(SecAggError::Params("the roster must be sorted without repeats".into()));
+        }
+        if self.threshold < 2 || self.threshold as usize > n {
+            return Err(SecAggError::Params(format!(
+                "threshold t = {} must be in 2..={n}",
+                self.threshold
+            )));
+        }
+        if self.num_values == 0 || self.num_values > MAX_VALUES {
+            return Err(SecAggError::Params(format!(
+                "{} values; one session masks 1..={MAX_VALUES}",
+                self.num_values
+            )));
+        }
+        Ok(())
+    }
+
+    /// `SHA-256(PROTOCOL ‖ canonical JSON of the parameters)`.
+    pub fn session_id(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(PROTOCOL);
+        ctx.update(&serde_json::to_vec(self).unwrap_or_default());
+        let mut id = [0u8; 32];
+        id.copy_from_slice(ctx.finish().as_ref());
+        id
+    }
+
+    /// The Shamir x-coordinate of `site` (its roster position + 1).
+    pub fn x_of(&self, site: &str) -> Option<u8> {
+        self.roster
+            .binary_search_by(|s| s.as_str().cmp(site))
+            .ok()
+            .map(|i| (i + 1) as u8)
+    }
+}
+
+/// Length-prefixed concatenation, so that no two different field lists encode alike.
+fn encode_fields(fields: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(fields.iter().map(|f| f.len() + 4).sum());
+    for f in fields {
+        out.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    SystemRandom::new().fill(&mut b).map_err(|_| SecAggError::Random)?;
+    Ok(b)
+}
+
+/// HKDF-SHA256 (RFC 5869) with the session id as salt and `info` as context.
+fn derive_key(ikm: &[u8], session: &[u8; 32], info: &[u8]) -> [u8; 32] {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, session).extract(ikm);
+    let info = [PROTOCOL, info];
+    let mut out = [0u8; 32];
+    // Expanding 32 bytes from SHA-256 cannot fail (the limit is 255 · 32).
+    if let Ok(okm) = prk.expand(&info, hkdf::HKDF_SHA256) {
+        let _ = okm.fill(&mut out);
+    }
+    out
+}
+
+/// X25519, refusing a non-contributory result (RFC 7748 Sec. 6.1: an all-zero shared
+/// secret means the peer's key was of low order).
+fn agree(secret: &StaticSecret, peer_public: &[u8; 32], peer: &str) -> Result<[u8; 32]> {
+    let shared = secret.diffie_hellman(&PublicKey::from(*peer_public));
+    if !shared.was_contributory() {
+        return Err(SecAggError::NonContributory(peer.to_string()));
+    }
+    Ok(shared.to_bytes())
+}
+
+/// A site's public keys for one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertisedKeys {
+    /// For sealing shares (c_pk).
+    pub cipher: [u8; 32],
+    /// For pairwise masks (s_pk).
+    pub mask: [u8; 32],
+}
+
+/// A site's secrets for one session; dropped with it.
+pub struct SiteSecrets {
+    cipher: StaticSecret,
+    mask: StaticSecret,
+    self_seed: [u8; 32],
+}
+
+impl std::fmt::Debug for SiteSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteSecrets")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SiteSecrets {
+    /// Fresh keys and seed from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self> {
+        Ok(SiteSecrets {
+            cipher: StaticSecret::from(random_bytes::<32>()?),
+            mask: StaticSecret::from(random_bytes::<32>()?),
+            self_seed: random_bytes()?,
+        })
+    }
+
+    pub fn public(&self) -> AdvertisedKeys {
+        AdvertisedKeys {
+            cipher: PublicKey::from(&self.cipher).to_bytes(),
+            mask: PublicKey::from(&self.mask).to_bytes(),
+        }
+    }
+}
+
+/// The bytes a site signs with its identity key to advertise its keys.
+pub fn advert_signing_bytes(session: &[u8; 32], site: &str, keys: &AdvertisedKeys) -> Vec<u8> {
+    encode_fields(&[
+        PROTOCOL,
+        b"advertise",
+        session,
+        site.as_bytes(),
+        &keys.cipher,
+        &keys.mask,
+    ])
+}
+
+/// Shamir-shares a 32-byte secret t-of-n; share i (0-based) has x = i + 1 and is
+/// encoded as `x ‖ y` (33 bytes).
+fn split_secret(secret: &[u8; 32], t: u32, n: usize) -> Result<Vec<Vec<u8>>> {
+    let shares: Vec<Vec<u8>> = blahaj::Sharks(t as u8)
+        .dealer(secret)
+        .take(n)
+        .map(|s| Vec::from(&s))
+        .collect();
+    if shares.len() != n || shares.iter().enumerate().any(|(i, s)| s[0] as usize != i + 1) {
+        return Err(SecAggError::MalformedShare(
+            "the dealer did not produce x = 1..=n".into(),
+        ));
+    }
+    Ok(shares)
+}
+
+/// One recipient's shares of a sender's two secrets, as sealed for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharePair {
+    /// Share of the sender's masking key s_sk (x ‖ y).
+    pub mask_key: Vec<u8>,
+    /// Share of the sender's self-mask seed b (x ‖ y).
+    pub self_seed: Vec<u8>,
+}
+
+const SHARE_LEN: usize = 33;
+
+fn share_key(
+    secrets: &SiteSecrets,
+    session: &[u8; 32],
+    from: &str,
+    to: &str,
+    peer_c_pk: &[u8; 32],
+    peer: &str,
+) -> Result<aead::LessSafeKey> {
+    let shared = agree(&secrets.cipher, peer_c_pk, peer)?;
+    // One key per direction and session, so the all-zero nonce is never reused.
+    let info = encode_fields(&[b"share key", from.as_bytes(), to.as_bytes()]);
+    let key = derive_key(&shared, session, &info);
+    aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &key)
+        .map(aead::LessSafeKey::new)
+        .map_err(|_| SecAggError::Random)
+}
+
+fn share_ad(session: &[u8; 32], from: &str, to: &str) -> Vec<u8> {
+    encode_fields(&[PROTOCOL, b"share", session, from.as_bytes(), to.as_bytes()])
+}
+
+/// Round 1 at site `me`: shares s_sk and b t-of-|U1| and seals one pair to each
+/// v ∈ U1 (itself included) with ChaCha20-Poly1305 under a key from X25519(c_sk_me,
+/// c_pk_v) and HKDF; the associated data binds session, sender and recipient.
+/// Returns (recipient, sealed bytes) in `u1` order.
+pub fn seal_shares(
+    params: &SessionParams,
+    secrets: &SiteSecrets,
+    me: &str,
+    u1: &[(String, AdvertisedKeys)],
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let session = params.session_id();
+    let n = params.roster.len();
+    let mask_shares = split_secret(&secrets.mask.to_bytes(), params.threshold, n)?;
+    let seed_shares = split_secret(&secrets.self_seed, params.threshold, n)?;
+    u1.iter()
+        .map(|(to, keys)| {
+            let x = params
+                .x_of(to)
+                .ok_or_else(|| SecAggError::Roster(format!("{to} is not on the session's roster")))?;
+            let i = x as usize - 1;
+            let mut plain = Vec::with_capacity(2 * SHARE_LEN + 16);
+            plain.extend_from_slice(&mask_shares[i]);
+            plain.extend_from_slice(&seed_shares[i]);
+            let key = share_key(secrets, &session, me, to, &keys.cipher, to)?;
+            key.seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key([0; 12]),
+                aead::Aad::from(share_ad(&session, me, to)),
+                &mut plain,
+            )
+            .map_err(|_| SecAggError::Random)?;
+            Ok((to.clone(), plain))
+        })
+        .collect()
+}
+
+/// Round 2 at site `me`: opens the pair `from` sealed to it, and checks that both
+/// shares carry `me`'s x-coordinate.
+pub fn open_shares(
+    params: &SessionParams,
+    secrets: &SiteSecrets,
+    me: &str,
+    from: &str,
+    from_keys: &AdvertisedKeys,
+    sealed: &[u8],
+) -> Result<SharePair> {
+    let session = params.session_id();
+    let key = share_key(secrets, &session, from, me, &from_keys.cipher, from)?;
+    let mut buf = sealed.to_vec();
+    let plain = key
+        .open_in_place(
+            aead::Nonce::assume_unique_for_key([0; 12]),
+            aead::Aad::from(share_ad(&session, from, me)),
+            &mut buf,
+        )
+        .map_err(|_| SecAggError::Open {
+            from: from.to_string(),
+            to: me.to_string(),
+        })?;
+    if plain.len() != 2 * SHARE_LEN {
+        return Err(SecAggError::MalformedShare(format!("{} bytes", plain.len())));
+    }
+    let x = params.x_of(me);
+    if x != Some(plain[0]) || x != Some(plain[SHARE_LEN]) {
+        return Err(SecAggError::MalformedShare(format!(
+            "shares for {me} must have x = {x:?}"
+        )));
+    }
+    Ok(SharePair {
+        mask_key: plain[..SHARE_LEN].to_vec(),
+        self_seed: plain[SHARE_LEN..].to_vec(),
+    })
+}
+
+/// Reconstructs a 32-byte secret from shares (x ‖ y), deduplicated by x: repeats of a
+/// share are dropped, two different shares at one x are refused, and exactly the
+/// first t distinct shares are interpolated.
+pub fn reconstruct_seed(shares: &[Vec<u8>], threshold: u32) -> Result<[u8; 32]> {
+    let mut by_x: HashMap<u8, &Vec<u8>> = HashMap::new();
+    for s in shares {
+        if s.len() != SHARE_LEN || s[0] == 0 {
+            return Err(SecAggError::MalformedShare(format!("a share of {} bytes", s.len())));
+        }
+        match by_x.get(&s[0]) {
+            Some(prev) if *prev != s => return Err(SecAggError::ConflictingShares(s[0])),
+            Some(_) => {}
+            None => {
+                by_x.insert(s[0], s);
+            }
+        }
+    }
+    let t = threshold as usize;
+    if by_x.len() < t {
+        return Err(SecAggError::TooFewShares {
+            got: by_x.len(),
+            need: t,
+        });
+    }
+    let mut xs: Vec<u8> = by_x.keys().copied().collect();
+    xs.sort_unstable();
+    let chosen: Vec<blahaj::Share> = xs[..t]
+        .iter()
+        .map(|x| blahaj::Share::try_from(by_x[x].as_slice()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| SecAggError::MalformedShare(e.to_string()))?;
+    let secret = blahaj::Sharks(threshold as u8)
+        .recover(&chosen)
+        .map_err(|e| SecAggError::MalformedShare(e.to_string()))?;
+    secret
+        .try_into()
+        .map_err(|_| SecAggError::MalformedShare("the secret is not 32 bytes".into()))
+}
+
+/// Reconstructs a dropped site's masking key and checks that it reproduces the public
+/// key the site advertised (a wrong or forged share fails here, not in the sum).
+pub fn reconstruct_mask_key(shares: &[Vec<u8>], threshold: u32, site: &str, advertised: &[u8; 32]) -> Result<[u8; 32]> {
+    let key = reconstruct_seed(shares, threshold)?;
+    if PublicKey::from(&StaticSecret::from(key)).as_bytes() != advertised {
+        return Err(SecAggError::WrongKey(site.to_string()));
+    }
+    Ok(key)
+}
+
+/// Adds (or subtracts) the keystream of `key`, from word `offset` on, to `values`,
+/// wrapping mod 2^32. See the module docs for the exact PRG.
+pub fn add_keystream(key: &[u8; 32], offset: u64, values: &mut [u32], subtract: bool) {
+    let mut cipher = ChaCha20::new(key.into(), &[0u8; 12].into());
+    cipher.seek(offset * 4);
+    let mut buf = [0u8; 4096];
+    for chunk in values.chunks_mut(buf.len() / 4) {
+        let bytes = &mut buf[..chunk.len() * 4];
+        bytes.fill(0);
+        cipher.apply_keystream(bytes);
+        if subtract {
+            for (v, w) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+                *v = v.wrapping_sub(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            }
+        } else {
+            for (v, w) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+                *v = v.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            }
+        }
+    }
+}
+
+/// The masks one party adds to a vector: PRG keys with their signs.
+#[derive(Clone)]
+pub struct MaskPlan {
+    terms: Vec<([u8; 32], bool)>,
+}
+
+impl std::fmt::Debug for MaskPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskPlan").field("terms", &self.terms.len()).finish()
+    }
+}
+
+fn self_mask_key(seed: &[u8; 32], session: &[u8; 32]) -> [u8; 32] {
+    derive_key(seed, session, b"self mask")
+}
+
+fn pair_mask_key(shared: &[u8; 32], session: &[u8; 32]) -> [u8; 32] {
+    derive_key(shared, session, b"pair mask")
+}
+
+impl MaskPlan {
+    /// Round 2 at site `me`: PRG(b) plus, for every other v ∈ U2, +PRG(s_uv) if
+    /// me < v and −PRG(s_uv) otherwise ([BIK+17] Fig. 4, MaskedInputCollection).
+    pub fn for_site(
+        params: &SessionParams,
+        secrets: &SiteSecrets,
+        me: &str,
+        u2: &[(String, AdvertisedKeys)],
+    ) -> Result<Self> {
+        let session = params.session_id();
+        let mut terms = vec![(self_mask_key(&secrets.self_seed, &session), false)];
+        for (v, keys) in u2.iter().filter(|(v, _)| v != me) {
+            let shared = agree(&secrets.mask, &keys.mask, v)?;
+            terms.push((pair_mask_key(&shared, &session), me > v.as_str()));
+        }
+        Ok(MaskPlan { terms })
+    }
+
+    /// Round 3 at the coordinator: the masks left in Σ_{u∈U3} y_u, to subtract. Pairs
+    /// inside U3 cancel; left are PRG(b_u) for u ∈ U3 and ±PRG(s_uv) for u ∈ U3,
+    /// v ∈ U2∖U3, rebuilt from v's reconstructed masking key.
+    pub fn for_unmasking(
+        params: &SessionParams,
+        survivors: &[(String, AdvertisedKeys)],
+        self_seeds: &HashMap<String, [u8; 32]>,
+        dropped_keys: &HashMap<String, [u8; 32]>,
+    ) -> Result<Self> {
+        let session = params.session_id();
+        let mut terms = Vec::new();
+        for (u, keys) in survivors {
+            let seed = self_seeds
+                .get(u)
+                .ok_or_else(|| SecAggError::Roster(format!("no self-mask seed for survivor {u}")))?;
+            // Subtract what u added: its self mask ...
+            terms.push((self_mask_key(seed, &session), true));
+            // ... and its pair masks with each dropped v (u added + if u < v).
+            for (v, v_key) in dropped_keys {
+                let shared = agree(&StaticSecret::from(*v_key), &keys.mask, u)?;
+                let u_added_plus = u.as_str() < v.as_str();
+                terms.push((pair_mask_key(&shared, &session), u_added_plus));
+            }
+        }
+        Ok(MaskPlan { terms })
+    }
+
+    /// Applies every term to `values`, the words from `offset` on.
+    pub fn apply(&self, offset: u64, values: &mut [u32]) {
+        for (key, subtract) in &self.terms {
+            add_keystream(key, offset, values, *subtract);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.terms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.terms.is_empty()
+    }
+}
+
+/// A site's checks of the coordinator's rosters ([BIK+17] Fig. 4, and the issue's
+/// misbehaving-coordinator rules): U3 ⊆ U2 ⊆ U1 ⊆ roster, no repeats, each ≥ t.
+pub fn check_rosters(params: &SessionParams, stages: &[&[String]]) -> Result<()> {
+    let mut outer: BTreeSet<&str> = params.roster.iter().map(String::as_str).collect();
+    for (k, stage) in stages.iter().enumerate() {
+        let set: BTreeSet<&str> = stage.iter().map(String::as_str).collect();
+        if set.len() != stage.len() {
+            return Err(SecAggError::Roster(format!("U{} lists a site twice", k + 1)));
+        }
+        if let Some(extra) = set.iter().find(|s| !outer.contains(*s)) {
+            return Err(SecAggError::Roster(format!(
+                "U{} holds {extra}, which is not in U{}",
+                k + 1,
+                k
+            )));
+        }
+        if set.len() < params.threshold as usize {
+            return Err(SecAggError::Roster(format!(
+                "U{} has {} sites, fewer than t = {}",
+                k + 1,
+                set.len(),
+                params.threshold
+            )));
+        }
+        outer = set;
+    }
+    Ok(())
+}
+
+/// A site's check of an unmask request: survivors and dropped partition U2, the
+/// survivors are at least t, and `me` is a survivor. What to reveal follows: the
+/// self-seed share for survivors, the masking-key share for dropped sites, never both.
+pub fn check_unmask_request(
+    params: &SessionParams,
+    u2: &[String],
+    survivors: &[String],
+    dropped: &[String],
+    me: &str,
+) -> Result<()> {
+    let s: BTreeSet<&str> = survivors.iter().map(String::as_str).collect();
+    let d: BTreeSet<&str> = dropped.iter().map(String::as_str).collect();
+    if s.len() != survivors.len() || d.len() != dropped.len() {
+        return Err(SecAggError::Roster("the unmask request lists a site twice".into()));
+    }
+    if let Some(both) = s.intersection(&d).next() {
+        return Err(SecAggError::Roster(format!(
+            "{both} is listed as both survivor and dropped: revealing both of its shares would expose its input"
+        )));
+    }
+    let all: BTreeSet<&str> = s.union(&d).copied().collect();
+    let u2_set: BTreeSet<&str> = u2.iter().map(String::as_str).collect();
+    if all != u2_set {
+        return Err(SecAggError::Roster(
+            "survivors and dropped sites must together be U2".into(),
+        ));
+    }
+    if s.len() < params.threshold as usize {
+        return Err(SecAggError::Roster(format!(
+            "{} survivors, fewer than t = {}",
+            s.len(),
+            params.threshold
+        )));
+    }
+    if !s.contains(me) {
+        return Err(SecAggError::Roster(format!("{me} is not among the survivors")));
+    }
+    Ok(())
+}
+
+/// Fixed-point quantization into Z_2^32: clip to L2 norm `clip_norm`, clamp each value
+/// to ±`range`, scale by γ = 2^`scale_log2`, round stochastically (unbiased: ⌊γx⌋ + 1
+/// with probability γx − ⌊γx⌋), and store as two's complement. Sums wrap mod 2^32 and
+/// decode exactly while |Σ| < 2^31, which [`Quantizer::check_headroom`] guarantees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quantizer {
+    pub clip_norm: f64,
+    pub range: f64,
+    pub scale_log2: i32,
+}
+
+impl Quantizer {
+    pub fn scale(&self) -> f64 {
+        (self.scale_log2 as f64).exp2()
+    }
+
+    /// The largest |q| one site can send: γ·range rounded up.
+    pub fn max_abs(&self) -> f64 {
+        (self.scale() * self.range).ceil()
+    }
+
+    /// Refuses parameters under which the sum of `sites` inputs plus `noise_tail` (a
+    /// bound on the integer noise's magnitude, 0 without noise) could reach 2^31.
+    pub fn check_headroom(&self, sites: usize, noise_tail: f64) -> Result<()> {
+        let worst = sites as f64 * self.max_abs() + noise_tail;
+        if worst >= 2f64.powi(31) {
+            return Err(SecAggError::Quantization(format!(
+                "{sites} sites × {} + noise tail {noise_tail:.0} = {worst:.0} could wrap past 2^31; lower the scale or the range",
+                self.max_abs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The largest scale 2^k that leaves headroom for `sites` inputs and the noise.
+    pub fn largest_scale(clip_norm: f64, range: f64, sites: usize, noise_tail: f64) -> Result<Self> {
+        if !(clip_norm.is_finite() && clip_norm > 0.0 && range.is_finite() && range > 0.0) {
+            return Err(SecAggError::Quantization("clip norm and range must be positive".into()));
+        }
+        for k in (-20..=30).rev() {
+            let q = Quantizer {
+                clip_norm,
+                range,
+                scale_log2: k,
+            };
+            if q.check_headroom(sites, noise_tail).is_ok() {
+                return Ok(q);
+            }
+        }
+        Err(SecAggError::Quantization(format!("no scale fits {sites} sites")))
+    }
+
+    /// Quantizes `values` (clipped first) into `out`.
+    pub fn quantize(&self, values: &[f32], out: &mut Vec<u32>) -> Result<()> {
+        let clipped = crate::dp::ClippedUpdate::clip(values.to_vec(), self.clip_norm)
+            .map_err(|e| SecAggError::Quantization(e.to_string()))?;
+        let gamma = self.scale();
+        let rng = SystemRandom::new();
+        let mut coins = [0u8; 4096];
+        out.clear();
+        out.reserve(values.len());
+        for chunk in clipped.values().chunks(coins.len() / 4) {
+            rng.fill(&mut coins[..chunk.len() * 4])
+                .map_err(|_| SecAggError::Random)?;
+            for (v, c) in chunk.iter().zip(coins.chunks_exact(4)) {
+                let x = (*v as f64).clamp(-self.range, self.range) * gamma;
+                let floor = x.floor();
+                let u = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 / 4_294_967_296.0;
+                let q = floor + if u < x - floor { 1.0 } else { 0.0 };
+                out.push((q as i64 as i32) as u32);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes a (wrapped) sum of quantized inputs back to floats, two's complement.
+    pub fn dequantize(&self, sum: &[u32], out: &mut [f32]) {
+        let inv = 1.0 / self.scale();
+        for (o, s) in out.iter_mut().zip(sum) {
+            *o = (*s as i32 as f64 * inv) as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(n: usize, t: u32, d: u64) -> SessionParams {
+        SessionParams {
+            study_id: "s-1".into(),
+            round: 3,
+            attempt: 1,
+            roster: (0..n).map(|i| format!("site-{i:02}")).collect(),
+            threshold: t,
+            num_values: d,
+            scale_log2: 16,
+        }
+    }
+
+    #[test]
+    fn keystream_matches_rfc8439_and_seeks() {
+        // RFC 8439 Appendix A.1, test vector #1: key 0, nonce 0, block counter 0.
+        let mut words = [0u32; 4];
+        add_keystream(&[0; 32], 0, &mut words, false);
+        assert_eq!(words, [0xade0_b876, 0x903d_f1a0, 0xe56a_5d40, 0x28bd_8653]);
+        // Any window of the stream equals the same words of one long expansion.
+        let key = [7u8; 32];
+        let mut whole = vec![0u32; 5000];
+        add_keystream(&key, 0, &mut whole, false);
+        let mut part = vec![0u32; 1234];
+        add_keystream(&key, 1777, &mut part, false);
+        assert_eq!(part, whole[1777..1777 + 1234]);
+        add_keystream(&key, 1777, &mut part, true);
+        assert!(part.iter().all(|w| *w == 0));
+    }
+
+    /// The whole protocol in memory: returns the unmasked sum of `inputs` when the
+    /// sites in `drop_after_shares` vanish between sharing keys and masked input.
+    fn run(n: usize, t: u32, inputs: &[Vec<u32>], drop_after_shares: &[usize]) -> Result<Vec<u32>> {
+        let d = inputs[0].len();
+        let p = params(n, t, d as u64);
+        p.validate()?;
+        let secrets: Vec<SiteSecrets> = (0..n).map(|_| SiteSecrets::generate()).collect::<Result<_>>()?;
+        let u1: Vec<(String, AdvertisedKeys)> = p
+            .roster
+            .iter()
+            .cloned()
+            .zip(secrets.iter().map(|s| s.public()))
+            .collect();
+        // Round 1: everyone shares; inbox[v] = (from, sealed).
+        let mut inbox: Vec<Vec<(usize, Vec<u8>)>> = vec![Vec::new(); n];
+        for (u, secret) in secrets.iter().enumerate() {
+            for (to, sealed) in seal_shares(&p, secret, &p.roster[u], &u1)? {
+                let v = p.x_of(&to).expect("on roster") as usize - 1;
+                inbox[v].push((u, sealed));
+            }
+        }
+        let u2 = u1.clone();
+        // Round 2: survivors mask; dropped sites never send.
+        let survivors: Vec<usize> = (0..n).filter(|u| !drop_after_shares.contains(u)).collect();
+        let mut sum = vec![0u32; d];
+        for &u in &survivors {
+            let mut y = inputs[u].clone();
+            MaskPlan::for_site(&p, &secrets[u], &p.roster[u], &u2)?.apply(0, &mut y);
+            for (s, v) in sum.iter_mut().zip(&y) {
+                *s = s.wrapping_add(*v);
+            }
+        }
+        // Round 3: survivors open their inbox and reveal one share per site.
+        let names = |ix: &[usize]| ix.iter().map(|&i| p.roster[i].clone()).collect::<Vec<_>>();
+        let dropped: Vec<usize> = drop_after_shares.to_vec();
+        let mut seed_shares: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
+        let mut key_shares: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
+        for &v in &survivors {
+            check_unmask_request(&p, &p.roster, &names(&survivors), &names(&dropped), &p.roster[v])?;
+            for (from, sealed) in &inbox[v] {
+                let pair = open_shares(&p, &secrets[v], &p.roster[v], &p.roster[*from], &u1[*from].1, sealed)?;
+                if survivors.contains(from) {
+                    seed_shares.entry(*from).or_default().push(pair.self_seed);
+                } else {
+                    key_shares.entry(*from).or_default().push(pair.mask_key);
+                }
+            }
+        }
+        let mut seeds = HashMap::new();
+        for &u in &survivors {
+            seeds.insert(p.roster[u].clone(), reconstruct_seed(&seed_shares[&u], t)?);
+        }
+        let mut keys = HashMap::new();
+        for &v in &dropped {
+            let shares = key_shares.get(&v).cloned().unwrap_or_default();
+            keys.insert(
+                p.roster[v].clone(),
+                reconstruct_mask_key(&shares, t, &p.roster[v], &u1[v].1.mask)?,
+            );
+        }
+        let surv: Vec<(String, AdvertisedKeys)> = survivors.iter().map(|&u| u1[u].clone()).collect();
+        MaskPlan::for_unmasking(&p, &surv, &seeds, &keys)?.apply(0, &mut sum);
+        Ok(sum)
+    }
+
+    fn plain_sum(inputs: &[Vec<u32>], without: &[usize]) -> Vec<u32> {
+        let mut sum = vec![0u32; inputs[0].len()];
+        for (_, x) in inputs.iter().enumerate().filter(|(u, _)| !without.contains(u)) {
+            for (s, v) in sum.iter_mut().zip(x) {
+                *s = s.wrapping_add(*v);
+            }
+        }
+        sum
+    }
+
+    #[test]
+    fn unmasked_sum_is_exact_with_and_without_dropouts() {
+        let inputs: Vec<Vec<u32>> = (0..5u32)
+            .map(|u| {
+                (0..300u32)
+                    .map(|i| (i * 7919 + u * 104_729).wrapping_mul(2_654_435_761))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(run(5, 3, &inputs, &[]).expect("no dropout"), plain_sum(&inputs, &[]));
+        assert_eq!(run(5, 3, &inputs, &[2]).expect("one dropped"), plain_sum(&inputs, &[2]));
+        assert_eq!(
+            run(5, 3, &inputs, &[0, 4]).expect("two dropped"),
+            plain_sum(&inputs, &[0, 4])
+        );
+        // Fewer than t survivors: the unmask request is refused, nothing is revealed.
+        let err = run(5, 3, &inputs, &[1, 2, 3]).expect_err("two survivors");
+        assert!(matches!(err, SecAggError::Roster(_)), "{err}");
+    }
+
+    #[test]
+    fn a_masked_input_alone_looks_uniform() {
+        // Chi-square over byte values of one site's masked zeros (255 dof: the 0.999
+        // quantile is about 330).
+        let p = params(3, 2, 64 * 1024);
+        let secrets: Vec<SiteSecrets> = (0..3).map(|_| SiteSecrets::generate().expect("keys")).collect();
+        let u2: Vec<(String, AdvertisedKeys)> = p
+            .roster
+            .iter()
+            .cloned()
+            .zip(secrets.iter().map(|s| s.public()))
+            .collect();
+        let mut y = vec![0u32; 64 * 1024];
+        MaskPlan::for_site(&p, &secrets[0], &p.roster[0], &u2)
+            .expect("plan")
+            .apply(0, &mut y);
+        let mut counts = [0f64; 256];
+        for w in &y {
+            for b in w.to_le_bytes() {
+                counts[b as usize] += 1.0;
+            }
+        }
+        let expected = (y.len() * 4) as f64 / 256.0;
+        let chi2: f64 = counts.iter().map(|c| (c - expected).powi(2) / expected).sum();
+        assert!(chi2 < 330.0, "chi-square {chi2}");
+    }
+
+    #[test]
+    fn sealed_shares_bind_session_sender_and_recipient() {
+        let p = params(3, 2, 10);
+        let s: Vec<SiteSecrets> = (0..3).map(|_| SiteSecrets::generate().expect("keys")).collect();
+        let u1: Vec<(String, AdvertisedKeys)> = p.roster.iter().cloned().zip(s.iter().map(|s| s.public())).collect();
+        let sealed = seal_shares(&p, &s[0], &p.roster[0], &u1).expect("seal");
+        let to1 = &sealed[1].1;
+        assert!(open_shares(&p, &s[1], &p.roster[1], &p.roster[0], &u1[0].1, to1).is_ok());
+        // Another recipient, a claimed other sender, another session, a flipped bit.
+        assert!(open_shares(&p, &s[2], &p.roster[2], &p.roster[0], &u1[0].1, to1).is_err());
+        assert!(open_shares(&p, &s[1], &p.roster[1], &p.roster[2], &u1[2].1, to1).is_err());
+        let mut other = p.clone();
+        other.round += 1;
+        assert!(open_shares(&other, &s[1], &p.roster[1], &p.roster[0], &u1[0].1, to1).is_err());
+        let mut flipped = to1.clone();
+        flipped[5] ^= 1;
+        assert!(open_shares(&p, &s[1], &p.roster[1], &p.roster[0], &u1[0].1, &flipped).is_err());
+        assert_ne!(p.session_id(), other.session_id());
+    }
+
+    #[test]
+    fn reconstruction_dedupes_refuses_conflicts_and_checks_the_public_key() {
+        let secret = SiteSecrets::generate().expect("keys");
+        let key = secret.mask.to_bytes();
+        let public = secret.public().mask;
+        let shares = split_secret(&key, 3, 5).expect("split");
+        // Duplicates do not count twice.
+        let dup = vec![shares[0].clone(), shares[0].clone(), shares[1].clone()];
+        assert_eq!(
+            reconstruct_seed(&dup, 3),
+            Err(SecAggError::TooFewShares { got: 2, need: 3 })
+        );
+        let mut ok = dup.clone();
+        ok.push(shares[4].clone());
+        assert_eq!(reconstruct_mask_key(&ok, 3, "a", &public).expect("3 distinct"), key);
+        let mut conflict = ok.clone();
+        let mut forged = shares[1].clone();
+        forged[3] ^= 0x55;
+        conflict.push(forged.clone());
+        assert_eq!(reconstruct_seed(&conflict, 3), Err(SecAggError::ConflictingShares(2)));
+        // A forged share among exactly t yields a key that fails the public-key check.
+        let bad = vec![shares[0].clone(), forged, shares[2].clone()];
+        assert_eq!(
+            reconstruct_mask_key(&bad, 3, "a", &public),
+            Err(SecAggError::WrongKey("a".into()))
+        );
+    }
+
+    #[test]
+    fn low_order_public_keys_are_refused() {
+        let s = SiteSecrets::generate().expect("keys");
+        assert_eq!(
+            agree(&s.mask, &[0u8; 32], "evil"),
+            Err(SecAggError::NonContributory("evil".into()))
+        );
+    }
+
+    #[test]
+    fn roster_checks_catch_a_misbehaving_coordinator() {
+        let p = params(5, 3, 10);
+        let r = |ix: &[usize]| ix.iter().map(|&i| p.roster[i].clone()).collect::<Vec<_>>();
+        assert!(check_rosters(&p, &[&r(&[0, 1, 2, 3]), &r(&[0, 1, 2]), &r(&[0, 1, 2])]).is_ok());
+        assert!(check_rosters(&p, &[&r(&[0, 1, 2]), &r(&[0, 1, 3])]).is_err(), "U2 ⊄ U1");
+        assert!(check_rosters(&p, &[&r(&[0, 1])]).is_err(), "|U1| < t");
+        assert!(check_rosters(&p, &[&r(&[0, 1, 1, 2])]).is_err(), "repeat");
+        let u2 = r(&[0, 1, 2, 3]);
+        assert!(check_unmask_request(&p, &u2, &r(&[0, 1, 2]), &r(&[3]), &p.roster[0]).is_ok());
+        assert!(
+            check_unmask_request(&p, &u2, &r(&[0, 1, 2, 3]), &r(&[3]), &p.roster[0]).is_err(),
+            "both"
+        );
+        assert!(
+            check_unmask_request(&p, &u2, &r(&[0, 1]), &r(&[2, 3]), &p.roster[0]).is_err(),
+            "< t"
+        );
+        assert!(
+            check_unmask_request(&p, &u2, &r(&[0, 1, 2]), &r(&[]), &p.roster[0]).is_err(),
+            "≠ U2"
+        );
+        assert!(
+            check_unmask_request(&p, &u2, &r(&[1, 2, 3]), &r(&[0]), &p.roster[0]).is_err(),
+            "me dropped"
+        );
+    }
+
+    #[test]
+    fn quantized_sums_decode_within_rounding_and_headroom_is_enforced() {
+        let n = 10;
+        let q = Quantizer::largest_scale(1.0, 0.25, n, 0.0).expect("scale");
+        assert!(q.check_headroom(n, 0.0).is_ok());
+        assert!(q.check_headroom(n + 1, 0.0).is_err() || q.check_headroom(2 * n, 0.0).is_err());
+        let d = 1000;
+        let inputs: Vec<Vec<f32>> = (0..n)
+            .map(|u| {
+                (0..d)
+                    .map(|i| (((i * 31 + u * 17) % 200) as f32 - 100.0) * 1e-4)
+                    .collect()
+            })
+            .collect();
+        let mut sum = vec![0u32; d];
+        let mut qv = Vec::new();
+        for x in &inputs {
+            q.quantize(x, &mut qv).expect("quantize");
+            for (s, v) in sum.iter_mut().zip(&qv) {
+                *s = s.wrapping_add(*v);
+            }
+        }
+        let mut decoded = vec![0f32; d];
+        q.dequantize(&sum, &mut decoded);
+        for i in 0..d {
+            let want: f64 = inputs.iter().map(|x| x[i] as f64).sum();
+            // Each input rounds by less than one step 1/γ.
+            assert!(
+                (decoded[i] as f64 - want).abs() <= n as f64 / q.scale(),
+                "{i}: {} vs {want}",
+                decoded[i]
+            );
+        }
+    }
+}
