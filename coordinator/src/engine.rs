@@ -20,9 +20,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::error::ServiceError;
+use crate::secagg::SecureRound;
 use crate::store::{
     ChargeRecord, DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError, StudyRecord, StudyState,
 };
+use medfl_shared::secagg::SessionParams;
 
 /// Settings of the engine that do not belong to any one study.
 #[derive(Debug, Clone)]
@@ -90,6 +92,8 @@ pub struct Work {
     pub manifest_toml: String,
     pub deadline_ms: u64,
     pub num_params: u64,
+    /// The round's secure-aggregation session, if it runs one.
+    pub secure: Option<Arc<SecureRound>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +132,8 @@ pub struct OpenRound {
     deadline_ms: u64,
     acc: Mutex<RoundAcc>,
     progress: Notify,
+    /// Secure aggregation's session for this attempt, if the study uses it.
+    pub secure: Option<Arc<SecureRound>>,
 }
 
 impl OpenRound {
@@ -142,6 +148,11 @@ impl OpenRound {
     /// Returns the receipt id if this site's update is already folded.
     pub fn received_update(&self, site: &str) -> Option<String> {
         self.lock().received.get(site).map(|r| r.update_id.clone())
+    }
+
+    /// Wakes the round's driver: a site's message arrived.
+    pub fn notify_progress(&self) {
+        self.progress.notify_one();
     }
 
     pub fn is_open(&self) -> bool {
@@ -497,8 +508,12 @@ impl Engine {
         let open = lock(&self.open);
         open.values().find_map(|r| {
             let acc = r.lock();
-            let wanted =
-                r.is_selected(site) && !acc.closed && !acc.received.contains_key(site) && !acc.refused.contains(site);
+            let engaged = r.secure.as_ref().is_some_and(|s| s.has_advertised(site));
+            let wanted = r.is_selected(site)
+                && !acc.closed
+                && !acc.received.contains_key(site)
+                && !acc.refused.contains(site)
+                && !engaged;
             wanted.then(|| Work {
                 study_id: r.study_id.clone(),
                 round: r.round,
@@ -506,6 +521,7 @@ impl Engine {
                 manifest_toml: r.manifest_toml.clone(),
                 deadline_ms: r.deadline_ms,
                 num_params: r.manifest.num_params(),
+                secure: r.secure.clone(),
             })
         })
     }
@@ -533,6 +549,14 @@ impl Engine {
                 study.state, study.rounds_completed
             ))),
         }
+    }
+
+    /// Returns the open round running the secure-aggregation session `session_id`.
+    pub fn secure_round(&self, session_id: &[u8]) -> Option<(Arc<OpenRound>, Arc<SecureRound>)> {
+        lock(&self.open).values().find_map(|r| {
+            let sec = r.secure.as_ref()?;
+            (sec.session_id.as_slice() == session_id).then(|| (r.clone(), sec.clone()))
+        })
     }
 
     /// Lends a staging buffer of `len` values, waiting while the budget is in use.
@@ -817,6 +841,25 @@ impl Engine {
             ((manifest.selection.fraction * eligible.len() as f64).ceil() as usize).clamp(min_sites, eligible.len());
         let mut selected: Vec<String> = eligible.into_iter().take(k).collect();
         selected.sort();
+        let secure = match manifest.secagg() {
+            Some(sa) => {
+                let n = selected.len();
+                let quantizer = sa
+                    .quantizer(n)
+                    .map_err(|e| ServiceError::FailedPrecondition(format!("secure aggregation: {e}")))?;
+                let params = SessionParams {
+                    study_id: id.to_string(),
+                    round,
+                    attempt,
+                    roster: selected.clone(),
+                    threshold: sa.threshold_for(n),
+                    num_values: manifest.num_params(),
+                    scale_log2: quantizer.scale_log2,
+                };
+                Some(Arc::new(SecureRound::new(params, quantizer)?))
+            }
+            None => None,
+        };
 
         let open = Arc::new(OpenRound {
             study_id: id.to_string(),
@@ -835,6 +878,7 @@ impl Engine {
             }),
             progress: Notify::new(),
             manifest: manifest.clone(),
+            secure: secure.clone(),
         });
         lock(&self.open).insert(id.to_string(), open.clone());
         self.work.send_modify(|g| *g += 1);
@@ -846,6 +890,12 @@ impl Engine {
             "",
             format!("attempt {attempt}: selected {}", selected.join(", ")),
         );
+
+        if let Some(sec) = &secure {
+            return self
+                .finish_secure_round(study, &open, sec, manifest, privacy, started_ms, control)
+                .await;
+        }
 
         // Collect until every selected site delivered or refused, or the deadline.
         let mut interrupted = false;
@@ -928,6 +978,109 @@ impl Engine {
                 record.contributors.len(),
                 record.num_examples
             ),
+        );
+        Ok(RoundOutcome::Committed)
+    }
+
+    /// Runs a secure round's four stages (each waits for the sites of the previous one,
+    /// stage 0 until the round deadline, the others `stage_timeout_secs`), unmasks the
+    /// sum and commits its mean. Fewer than t sites at any stage fail the attempt with
+    /// nothing released and nothing charged.
+    #[allow(clippy::too_many_arguments)] // the round's context, as run_round has it
+    async fn finish_secure_round(
+        self: &Arc<Self>,
+        study: &StudyRecord,
+        open: &Arc<OpenRound>,
+        sec: &Arc<SecureRound>,
+        manifest: Arc<StudyManifest>,
+        privacy: Option<PrivacyPlan>,
+        started_ms: u64,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<RoundOutcome, ServiceError> {
+        let id = study.id.as_str();
+        let (round, attempt) = (open.round, open.attempt);
+        let stage_len = Duration::from_secs(manifest.secagg().map_or(30, |s| s.stage_timeout_secs));
+        let mut interrupted = false;
+        let mut failure = None;
+        'stages: for stage in 0..4 {
+            let until = if stage == 0 {
+                open.deadline
+            } else {
+                Instant::now() + stage_len
+            };
+            loop {
+                let (got, of) = sec.progress();
+                if got >= of {
+                    break;
+                }
+                tokio::select! {
+                    _ = open.progress.notified() => {}
+                    _ = tokio::time::sleep_until(until.into()) => break,
+                    _ = control.changed() => if *control.borrow() == Control::Abort { interrupted = true; break 'stages },
+                    _ = self.shutdown.cancelled() => { interrupted = true; break 'stages },
+                }
+            }
+            if let Some(reason) = sec.advance() {
+                failure = Some(reason);
+                break;
+            }
+            info!(round, stage = stage + 1, "secure aggregation stage opened");
+        }
+        open.lock().closed = true;
+        lock(&self.open).remove(id);
+        let selected = open.selected.clone();
+        if interrupted {
+            let reason = if self.shutdown.is_cancelled() {
+                "coordinator shutting down"
+            } else {
+                "study aborted"
+            };
+            sec.fail(reason);
+            self.fail_round(id, round, attempt, selected, vec![], started_ms, reason.into())?;
+            return Ok(RoundOutcome::Interrupted);
+        }
+        if let Some(reason) = failure {
+            return self.fail_round(id, round, attempt, selected, vec![], started_ms, reason);
+        }
+        let for_unmask = sec.clone();
+        let unmasked = tokio::task::spawn_blocking(move || for_unmask.unmask())
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("unmask task failed: {e}")))?;
+        let (sum, survivors) = match unmasked {
+            Ok(v) => v,
+            Err(e) => return self.fail_round(id, round, attempt, selected, vec![], started_ms, e.to_string()),
+        };
+        // Uniform FedAvg over the survivors: fold their mean once.
+        let inv = 1.0 / survivors.len() as f32;
+        let mean: Vec<f32> = sum.iter().map(|v| v * inv).collect();
+        let mut acc = WeightedSum::new(mean.len());
+        acc.fold(&mean, 1.0)
+            .map_err(|e| ServiceError::Internal(format!("secure aggregate: {e}")))?;
+        let record = RoundRecord {
+            round,
+            attempt,
+            committed: true,
+            selected,
+            num_examples: survivors.len() as u64,
+            contributors: survivors,
+            mean_train_loss: None,
+            started_ms,
+            finished_ms: now_ms(),
+            reason: String::new(),
+        };
+        let engine = self.clone();
+        let study_id = id.to_string();
+        let rec = record.clone();
+        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc, &manifest, privacy))
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("commit task failed: {e}")))??;
+        info!(round, n_updates = record.contributors.len(), "secure round committed");
+        self.emit(
+            id,
+            EventKind::RoundCommitted,
+            round,
+            "",
+            format!("{} masked updates, unmasked as one sum", record.contributors.len()),
         );
         Ok(RoundOutcome::Committed)
     }

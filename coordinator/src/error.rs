@@ -22,6 +22,8 @@ pub enum ServiceError {
     Unavailable(String),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl ServiceError {
@@ -34,7 +36,7 @@ impl ServiceError {
             ServiceError::AlreadyExists(_) => Code::AlreadyExists,
             ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
             ServiceError::Unavailable(_) => Code::Unavailable,
-            ServiceError::Store(_) => Code::Internal,
+            ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod pki;
+pub mod secagg;
 pub mod service;
 pub mod store;
 pub mod tls;

@@ -178,6 +178,69 @@ pub struct SiteService {
     pub engine: Arc<Engine>,
 }
 
+impl SiteService {
+    fn secure_session(
+        &self,
+        session_id: &[u8],
+    ) -> Result<(Arc<crate::engine::OpenRound>, Arc<crate::secagg::SecureRound>), Status> {
+        self.engine.secure_round(session_id).ok_or_else(|| {
+            Status::failed_precondition(
+                "no open secure-aggregation session has this id: the round closed, failed, or the message is a replay",
+            )
+        })
+    }
+
+    /// A masked input of secure aggregation: u32 words, summed mod 2^32 into the
+    /// session as a whole once every chunk arrived.
+    async fn upload_masked(
+        &self,
+        site: &str,
+        open: &Arc<crate::engine::OpenRound>,
+        header: &pb::UpdateHeader,
+        mut stream: Streaming<pb::UpdateChunk>,
+    ) -> Result<Response<pb::UploadReceipt>, Status> {
+        let sec = open.secure.clone().ok_or_else(|| {
+            Status::failed_precondition("this round does not run secure aggregation: send the update unmasked")
+        })?;
+        if header.secagg_session_id.is_empty() {
+            return Err(Status::failed_precondition(
+                "this round runs secure aggregation: the update must be a masked input (secagg_session_id)",
+            ));
+        }
+        sec.check_session(&header.secagg_session_id)?;
+        sec.check_masked(site)?;
+        let want = open.manifest.num_params();
+        if header.num_params != want {
+            return Err(Status::invalid_argument(format!(
+                "masked input of {} values, the model has {want}",
+                header.num_params
+            )));
+        }
+        let mut values = vec![0u32; want as usize];
+        let mut cursor = ChunkCursor::new(want);
+        while let Some(msg) = stream.message().await? {
+            match msg.body {
+                Some(pb::update_chunk::Body::Data(chunk)) => cursor
+                    .decode_u32_into(chunk.seq, chunk.offset, &chunk.values, &mut values)
+                    .map_err(ServiceError::from)?,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "only DataChunk messages may follow the UpdateHeader",
+                    ));
+                }
+            }
+        }
+        cursor.finish().map_err(ServiceError::from)?;
+        sec.add_masked(site, &values)?;
+        open.notify_progress();
+        self.engine.touch(site);
+        Ok(Response::new(pb::UploadReceipt {
+            update_id: header.update_id.clone(),
+            values_received: want,
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::site_server::Site for SiteService {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
@@ -229,6 +292,7 @@ impl pb::site_server::Site for SiteService {
             manifest_toml: w.manifest_toml,
             deadline_unix_ms: w.deadline_ms,
             num_params: w.num_params,
+            secagg: w.secure.map(|s| s.to_pb()),
         });
         Ok(Response::new(pb::PollWorkResponse { work }))
     }
@@ -285,6 +349,9 @@ impl pb::site_server::Site for SiteService {
                 "site {site} was not selected for round {} of study {}",
                 header.round, header.study_id
             )));
+        }
+        if !header.secagg_session_id.is_empty() || open.secure.is_some() {
+            return self.upload_masked(&site, &open, &header, stream).await;
         }
         if let Some(previous) = open.received_update(&site) {
             if previous == header.update_id {
@@ -359,6 +426,74 @@ impl pb::site_server::Site for SiteService {
             update_id: header.update_id,
             values_received: want,
         }))
+    }
+
+    async fn sec_agg_advertise(
+        &self,
+        request: Request<pb::SecAggAdvertiseRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let certificate = request
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| c.as_ref().to_vec()))
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let req = request.into_inner();
+        let (open, sec) = self.secure_session(&req.session_id)?;
+        self.engine.touch(&site);
+        sec.advertise(&site, req, certificate)?;
+        open.notify_progress();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn sec_agg_poll(&self, request: Request<pb::SecAggPollRequest>) -> Result<Response<pb::SecAggStage>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let req = request.into_inner();
+        self.engine.touch(&site);
+        let Some((_, sec)) = self.engine.secure_round(&req.session_id) else {
+            return Ok(Response::new(pb::SecAggStage {
+                stage: req.stage,
+                failed: true,
+                reason: "no open secure-aggregation session has this id: the round closed, failed or never had it"
+                    .into(),
+                ..Default::default()
+            }));
+        };
+        let until = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms as u64).min(MAX_POLL);
+        let mut changes = sec.watch();
+        loop {
+            if let Some(stage) = sec.poll(&site, req.stage)? {
+                return Ok(Response::new(stage));
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        Ok(Response::new(pb::SecAggStage {
+            stage: req.stage,
+            ..Default::default()
+        }))
+    }
+
+    async fn sec_agg_share_keys(
+        &self,
+        request: Request<pb::SecAggShareKeysRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let req = request.into_inner();
+        let (open, sec) = self.secure_session(&req.session_id)?;
+        sec.share_keys(&site, req.shares)?;
+        open.notify_progress();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn sec_agg_reveal(&self, request: Request<pb::SecAggRevealRequest>) -> Result<Response<pb::Ack>, Status> {
+        let site = caller(&request)?.name.to_string();
+        let req = request.into_inner();
+        let (open, sec) = self.secure_session(&req.session_id)?;
+        sec.reveal(&site, req.shares)?;
+        open.notify_progress();
+        Ok(Response::new(pb::Ack {}))
     }
 
     async fn report_refusal(&self, request: Request<pb::RefusalReport>) -> Result<Response<pb::Ack>, Status> {

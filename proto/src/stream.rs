@@ -67,6 +67,7 @@ pub fn update_header(
                 .collect(),
             num_params,
             train_loss,
+            secagg_session_id: Vec::new(),
         })),
     }
 }
@@ -74,6 +75,13 @@ pub fn update_header(
 /// Returns the data messages of an update stream (the caller sends the header first).
 pub fn update_chunks(values: &[f32]) -> impl Iterator<Item = pb::UpdateChunk> + '_ {
     chunks(values).map(|(seq, offset, values)| pb::UpdateChunk {
+        body: Some(pb::update_chunk::Body::Data(pb::DataChunk { seq, offset, values })),
+    })
+}
+
+/// Returns the data messages of a masked input (secure aggregation): u32 words.
+pub fn masked_chunks(values: &[u32]) -> impl Iterator<Item = pb::UpdateChunk> + '_ {
+    medfl_shared::chunk::chunks_u32(values).map(|(seq, offset, values)| pb::UpdateChunk {
         body: Some(pb::update_chunk::Body::Data(pb::DataChunk { seq, offset, values })),
     })
 }

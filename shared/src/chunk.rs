@@ -77,6 +77,18 @@ impl ChunkCursor {
         Ok(())
     }
 
+    /// Like [`Self::decode_into`] for a masked input of secure aggregation: the values
+    /// are little-endian u32 words in Z_2^32, any bit pattern valid.
+    pub fn decode_u32_into(&mut self, seq: u64, offset: u64, bytes: &[u8], dest: &mut [u32]) -> Result<(), ChunkError> {
+        let len = self.check(seq, offset, bytes)?;
+        let window = &mut dest[offset as usize..offset as usize + len];
+        for (w, raw) in window.iter_mut().zip(bytes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        }
+        self.advance(len);
+        Ok(())
+    }
+
     /// Validates framing only (order, offset, size) and returns the value count.
     fn check(&self, seq: u64, offset: u64, bytes: &[u8]) -> Result<usize, ChunkError> {
         if seq != self.next_seq {
@@ -131,6 +143,15 @@ impl ChunkCursor {
         }
         Ok(())
     }
+}
+
+/// Splits a vector of u32 words (a masked input) into `(seq, offset, bytes)` chunks.
+pub fn chunks_u32(values: &[u32]) -> impl Iterator<Item = (u64, u64, Vec<u8>)> + '_ {
+    values.chunks(CHUNK_VALUES).enumerate().map(|(seq, chunk)| {
+        let offset = (seq * CHUNK_VALUES) as u64;
+        let bytes = chunk.iter().flat_map(|w| w.to_le_bytes()).collect();
+        (seq as u64, offset, bytes)
+    })
 }
 
 /// Splits a flat vector into `(seq, offset, bytes)` chunks.

@@ -33,6 +33,70 @@ pub struct StudyManifest {
     /// Differential privacy settings; absent means the study runs without DP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<Privacy>,
+    /// Secure aggregation; absent means the coordinator sees each site's update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureAggregation>,
+}
+
+/// Which sites each site masks with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecAggGraph {
+    /// Every pair of sites (SecAgg, Bonawitz et al. 2017): right for hospital-sized cohorts.
+    Full,
+    /// A k-regular neighbour graph (SecAgg+, Bell et al. 2020), for large cohorts.
+    #[serde(rename = "secagg+")]
+    SecAggPlus,
+}
+
+/// `[secure_aggregation]`: the coordinator learns only the sum of the round's updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregation {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// t: the fewest sites every stage needs, and the shares that reconstruct a secret.
+    /// Each round uses max(t, ⌊n/2⌋ + 1) for its n selected sites.
+    pub threshold: u32,
+    #[serde(default = "full_graph")]
+    pub graph: SecAggGraph,
+    /// L2 clip of each site's delta before quantization.
+    pub clip_norm: f64,
+    /// Per-value clamp before quantization; defaults to `clip_norm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<f64>,
+    /// Seconds each key, share and unmask stage waits for the sites.
+    #[serde(default = "stage_timeout")]
+    pub stage_timeout_secs: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn full_graph() -> SecAggGraph {
+    SecAggGraph::Full
+}
+
+fn stage_timeout() -> u64 {
+    30
+}
+
+impl SecureAggregation {
+    pub fn range(&self) -> f64 {
+        self.range.unwrap_or(self.clip_norm)
+    }
+
+    /// The threshold a round of `n` selected sites uses: at least a majority, so
+    /// that no two disjoint halves of the sites could each reconstruct.
+    pub fn threshold_for(&self, n: usize) -> u32 {
+        self.threshold.max((n / 2 + 1) as u32)
+    }
+
+    /// The quantizer for a round of `n` sites: the finest scale with headroom.
+    pub fn quantizer(&self, n: usize) -> Result<crate::secagg::Quantizer, crate::secagg::SecAggError> {
+        crate::secagg::Quantizer::largest_scale(self.clip_norm, self.range(), n, 0.0)
+    }
 }
 
 /// The unit of privacy a study protects.
@@ -300,6 +364,46 @@ impl StudyManifest {
             }
         }
         self.check_privacy_settings()?;
+        self.check_secure_aggregation()?;
+        Ok(())
+    }
+
+    /// The `[secure_aggregation]` settings if the study uses it.
+    pub fn secagg(&self) -> Option<&SecureAggregation> {
+        self.secure_aggregation.as_ref().filter(|s| s.enabled)
+    }
+
+    fn check_secure_aggregation(&self) -> Result<(), ManifestError> {
+        let Some(sa) = self.secagg() else { return Ok(()) };
+        if sa.graph == SecAggGraph::SecAggPlus {
+            return Err(invalid(
+                "secure_aggregation.graph = \"secagg+\" is not available yet; use \"full\" (every pair of sites masks together)",
+            ));
+        }
+        if sa.threshold < 2 || sa.threshold > self.selection.min_sites {
+            return Err(invalid(format!(
+                "secure_aggregation.threshold = {} must be at least 2 and at most selection.min_sites = {} (a round may start with that few sites)",
+                sa.threshold, self.selection.min_sites
+            )));
+        }
+        if !(sa.clip_norm.is_finite() && sa.clip_norm > 0.0 && sa.range().is_finite() && sa.range() > 0.0) {
+            return Err(invalid(
+                "secure_aggregation.clip_norm and range must be positive and finite",
+            ));
+        }
+        if sa.stage_timeout_secs == 0 || sa.stage_timeout_secs > 3600 {
+            return Err(invalid("secure_aggregation.stage_timeout_secs must be 1..=3600"));
+        }
+        if self.strategy.weighting != Weighting::Uniform {
+            return Err(invalid(
+                "secure aggregation sums updates without seeing them, so it weighs sites uniformly: set strategy.weighting = \"uniform\"",
+            ));
+        }
+        if self.privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Site) {
+            return Err(invalid(
+                "site-level DP with secure aggregation needs the sites to add the noise in shares (distributed DP), which is not available yet: use record-level DP, or site-level DP without secure aggregation",
+            ));
+        }
         Ok(())
     }
 

@@ -24,6 +24,7 @@ use tracing::{info, instrument, warn};
 use crate::data::{DatasetConfig, Table};
 use crate::dpsgd::{DpSgdConfig, train_dp};
 use crate::ledger::{Ledger, LedgerError};
+use crate::secagg::{Credentials, Refusal, SiteSession};
 use crate::train::{Start, train};
 use medfl_shared::accountant::GaussianSteps;
 use medfl_shared::dp::ClippedUpdate;
@@ -352,8 +353,17 @@ async fn handle_work(
         Err(e) => return refuse(client, &work, e.to_string()).await,
     };
 
-    let global = download(client, &work, &manifest).await?;
     let site = settings.profile.file.name.clone();
+    // Secure aggregation: the session must match the approved manifest before any
+    // training, and the site's keys are drawn for this session only.
+    let mut session = None;
+    if work.secagg.is_some() || manifest.secagg().is_some() {
+        match SiteSession::new(&work, &manifest, &site) {
+            Ok(s) => session = Some(s),
+            Err(e) => return refuse(client, &work, format!("secure aggregation refused: {e}")).await,
+        }
+    }
+    let global = download(client, &work, &manifest).await?;
     let seed = u64::from_le_bytes(
         ring::digest::digest(
             &ring::digest::SHA256,
@@ -471,8 +481,32 @@ async fn handle_work(
         delta = ClippedUpdate::clip(delta, p.clip_norm)?.into_values();
     }
     let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
+    if let Some(mut session) = session {
+        let creds = Credentials::from_profile(&settings.profile)?;
+        let outcome = async {
+            session.advertise(client, &creds).await?;
+            session.share_keys(client, &creds).await?;
+            session
+                .send_masked(client, &work, &manifest, &update_id, &delta)
+                .await?;
+            log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, true);
+            session.reveal(client).await
+        }
+        .await;
+        return match outcome {
+            Ok(()) => {
+                info!(?epsilon_after, "masked update delivered and unmask answered");
+                Ok(())
+            }
+            Err(e) if e.downcast_ref::<Refusal>().is_some() => {
+                warn!(reason = %e, "secure aggregation: the coordinator's message failed a check; leaving the session");
+                refuse(client, &work, format!("secure aggregation: {e}")).await
+            }
+            Err(e) => Err(e),
+        };
+    }
     upload(client, &work, &manifest, &update_id, weight, &delta, loss).await?;
-    log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after);
+    log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, false);
     info!(weight, ?loss, ?epsilon_after, "update delivered");
     Ok(())
 }
@@ -528,6 +562,7 @@ pub async fn upload(
         .into_inner())
 }
 
+#[allow(clippy::too_many_arguments)] // one egress record's fields
 fn log_egress(
     settings: &AgentSettings,
     work: &pb::WorkItem,
@@ -536,6 +571,7 @@ fn log_egress(
     delta: &[f32],
     loss: Option<f64>,
     epsilon_after: Option<f64>,
+    masked: bool,
 ) {
     let Some(path) = &settings.egress_log else {
         return;
@@ -554,6 +590,8 @@ fn log_egress(
         "train_loss": loss,
         "dataset_epsilon_after": epsilon_after,
         "sha256": sha256_hex(&bytes),
+        // With secure aggregation what left is this update quantized and masked.
+        "secure_aggregation": masked,
     });
     let written = std::fs::OpenOptions::new()
         .create(true)

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod data;
 pub mod dpsgd;
 pub mod ledger;
+pub mod secagg;
 pub mod train;
 
 pub use agent::{AgentSettings, run};

@@ -1,0 +1,480 @@
+//! The site's side of secure aggregation (SecAgg, Bonawitz et al. 2017): one
+//! [`SiteSession`] per work item that carries a session. The site checks everything
+//! the coordinator relays (session parameters against the approved manifest, every
+//! other site's certificate and signature, the rosters, the unmask request) and
+//! aborts its participation with a reason when a check fails.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use medfl_proto::transport::Profile;
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::site_client::SiteClient;
+use medfl_shared::identity::{Identity, Role};
+use medfl_shared::manifest::StudyManifest;
+use medfl_shared::secagg::{
+    AdvertisedKeys, MaskPlan, Quantizer, SessionParams, SharePair, SiteSecrets, advert_signing_bytes, check_rosters,
+    check_unmask_request, open_shares, seal_shares,
+};
+use ring::signature::{ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use tonic::transport::Channel;
+use tracing::info;
+
+/// A refusal of the session: the site stops taking part, and says why.
+#[derive(Debug)]
+pub struct Refusal(pub String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn refuse<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Refusal(msg.into()).into())
+}
+
+/// The site's identity as secure aggregation uses it: the key of its certificate to
+/// sign its advertisement, and the consortium CA to check everyone else's.
+pub struct Credentials {
+    key: EcdsaKeyPair,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    pub fn from_profile(profile: &Profile) -> Result<Self> {
+        let key = PrivateKeyDer::from_pem_slice(profile.key_pem.as_bytes()).context("parse the site's key")?;
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            bail!("secure aggregation signs with the site's PKCS#8 ECDSA P-256 key; this key is another kind");
+        };
+        let key = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|e| anyhow!("the site's key is not an ECDSA P-256 key: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(profile.ca_pem.as_bytes()) {
+            roots.add(ca.context("parse the consortium CA")?)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .context("build the certificate verifier")?;
+        Ok(Credentials { key, verifier })
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
+        Ok(self
+            .key
+            .sign(&ring::rand::SystemRandom::new(), message)
+            .map_err(|_| anyhow!("signing failed"))?
+            .as_ref()
+            .to_vec())
+    }
+
+    /// Checks that `keys` come from a site certificate of the consortium CA naming
+    /// `keys.site`, signed by that certificate's key for this session.
+    pub fn verify(&self, session: &[u8; 32], keys: &pb::SiteKeys) -> Result<AdvertisedKeys> {
+        let site = &keys.site;
+        let der = CertificateDer::from(keys.certificate_der.as_slice());
+        if let Err(e) = self.verifier.verify_client_cert(&der, &[], UnixTime::now()) {
+            return refuse(format!(
+                "the certificate relayed for {site} does not verify against the consortium CA: {e}"
+            ));
+        }
+        let identity = Identity::from_cert_der(&keys.certificate_der)
+            .map_err(|e| Refusal(format!("the certificate relayed for {site} has no site identity: {e}")))?;
+        if identity.role != Role::Site || identity.name.as_str() != site {
+            return refuse(format!("the certificate relayed for {site} belongs to {identity}"));
+        }
+        let advertised = AdvertisedKeys {
+            cipher: key32(&keys.cipher_public_key, site)?,
+            mask: key32(&keys.mask_public_key, site)?,
+        };
+        let (_, cert) = x509_parser::parse_x509_certificate(&keys.certificate_der)
+            .map_err(|e| Refusal(format!("the certificate relayed for {site} does not parse: {e}")))?;
+        let public = UnparsedPublicKey::new(
+            &ECDSA_P256_SHA256_ASN1,
+            cert.public_key().subject_public_key.data.as_ref(),
+        );
+        if public
+            .verify(&advert_signing_bytes(session, site, &advertised), &keys.signature)
+            .is_err()
+        {
+            return refuse(format!(
+                "the keys relayed for {site} do not carry its signature for this session"
+            ));
+        }
+        Ok(advertised)
+    }
+}
+
+fn key32(bytes: &[u8], site: &str) -> Result<[u8; 32]> {
+    <[u8; 32]>::try_from(bytes).map_err(|_| Refusal(format!("a public key of {site} is not 32 bytes")).into())
+}
+
+/// One site's part in one session.
+#[derive(Debug)]
+pub struct SiteSession {
+    params: SessionParams,
+    session_id: [u8; 32],
+    me: String,
+    secrets: SiteSecrets,
+    quantizer: Quantizer,
+    stage_timeout: Duration,
+    u1: Vec<(String, AdvertisedKeys)>,
+    u2: Vec<String>,
+    inbox: HashMap<String, SharePair>,
+    revealed: bool,
+}
+
+impl SiteSession {
+    /// Checks the work item's session against the study's own manifest and this
+    /// site, and draws fresh keys for it.
+    pub fn new(work: &pb::WorkItem, manifest: &StudyManifest, me: &str) -> Result<Self> {
+        let Some(sa) = manifest.secagg() else {
+            return refuse("the work item carries a secure-aggregation session, the manifest has none");
+        };
+        let Some(s) = &work.secagg else {
+            return refuse("the manifest requires secure aggregation, the work item carries no session");
+        };
+        let params = SessionParams {
+            study_id: work.study_id.clone(),
+            round: work.round,
+            attempt: s.attempt,
+            roster: s.roster.clone(),
+            threshold: s.threshold,
+            num_values: s.num_values,
+            scale_log2: s.scale_log2,
+        };
+        params.validate().map_err(|e| Refusal(e.to_string()))?;
+        let session_id = params.session_id();
+        if s.session_id != session_id {
+            return refuse("the session id is not the hash of the session's parameters");
+        }
+        if params.x_of(me).is_none() {
+            return refuse(format!("{me} is not on the session's roster"));
+        }
+        if params.num_values != manifest.num_params() {
+            return refuse(format!(
+                "the session masks {} values, the approved model has {}",
+                params.num_values,
+                manifest.num_params()
+            ));
+        }
+        let n = params.roster.len();
+        if params.threshold < sa.threshold_for(n) {
+            return refuse(format!(
+                "threshold {} is below the approved {} for {n} sites",
+                params.threshold,
+                sa.threshold_for(n)
+            ));
+        }
+        let quantizer = sa.quantizer(n).map_err(|e| Refusal(e.to_string()))?;
+        if quantizer.scale_log2 != params.scale_log2 {
+            return refuse(format!(
+                "quantization scale 2^{} is not the approved 2^{} for {n} sites (it could wrap the sum)",
+                params.scale_log2, quantizer.scale_log2
+            ));
+        }
+        Ok(SiteSession {
+            params,
+            session_id,
+            me: me.to_string(),
+            secrets: SiteSecrets::generate().map_err(|e| anyhow!("{e}"))?,
+            quantizer,
+            stage_timeout: Duration::from_secs(sa.stage_timeout_secs),
+            u1: Vec::new(),
+            u2: Vec::new(),
+            inbox: HashMap::new(),
+            revealed: false,
+        })
+    }
+
+    /// Round 0: advertises this session's public keys, signed.
+    pub async fn advertise(&mut self, client: &mut SiteClient<Channel>, creds: &Credentials) -> Result<()> {
+        let keys = self.secrets.public();
+        let signature = creds.sign(&advert_signing_bytes(&self.session_id, &self.me, &keys))?;
+        client
+            .sec_agg_advertise(pb::SecAggAdvertiseRequest {
+                session_id: self.session_id.to_vec(),
+                cipher_public_key: keys.cipher.to_vec(),
+                mask_public_key: keys.mask.to_vec(),
+                signature,
+            })
+            .await
+            .context("advertise keys")?;
+        Ok(())
+    }
+
+    async fn wait_stage(&self, client: &mut SiteClient<Channel>, stage: u32) -> Result<pb::SecAggStage> {
+        // Stage 1 may wait for other sites' training, up to the round deadline.
+        let start = Instant::now();
+        let limit = self.stage_timeout * 2 + Duration::from_secs(if stage == 1 { 7 * 24 * 3600 } else { 0 });
+        loop {
+            let reply = client
+                .sec_agg_poll(pb::SecAggPollRequest {
+                    session_id: self.session_id.to_vec(),
+                    stage,
+                    wait_ms: 1000,
+                })
+                .await
+                .context("poll the secure-aggregation session")?
+                .into_inner();
+            if reply.failed {
+                bail!(
+                    "the secure-aggregation session ended at stage {stage}: {}",
+                    reply.reason
+                );
+            }
+            if reply.ready {
+                if reply.stage != stage {
+                    return refuse(format!(
+                        "asked for stage {stage}, the coordinator answered {}",
+                        reply.stage
+                    ));
+                }
+                return Ok(reply);
+            }
+            if start.elapsed() > limit {
+                bail!("stage {stage} did not open within {limit:?}");
+            }
+        }
+    }
+
+    /// Round 1: checks U1's certificates, signatures and size, then seals a share pair
+    /// to each member.
+    pub async fn share_keys(&mut self, client: &mut SiteClient<Channel>, creds: &Credentials) -> Result<()> {
+        let stage = self.wait_stage(client, 1).await?;
+        let mut u1 = Vec::new();
+        for keys in &stage.u1 {
+            u1.push((keys.site.clone(), creds.verify(&self.session_id, keys)?));
+        }
+        u1.sort_by(|a, b| a.0.cmp(&b.0));
+        let names: Vec<String> = u1.iter().map(|k| k.0.clone()).collect();
+        check_rosters(&self.params, &[&names]).map_err(|e| Refusal(e.to_string()))?;
+        match u1.iter().find(|(s, _)| s == &self.me) {
+            Some((_, k)) if *k == self.secrets.public() => {}
+            _ => return refuse("U1 does not carry this site's own keys as it advertised them"),
+        }
+        let shares = seal_shares(&self.params, &self.secrets, &self.me, &u1).map_err(|e| Refusal(e.to_string()))?;
+        self.u1 = u1;
+        client
+            .sec_agg_share_keys(pb::SecAggShareKeysRequest {
+                session_id: self.session_id.to_vec(),
+                shares: shares
+                    .into_iter()
+                    .map(|(to, ciphertext)| pb::SealedShare {
+                        from: self.me.clone(),
+                        to,
+                        ciphertext,
+                    })
+                    .collect(),
+            })
+            .await
+            .context("share keys")?;
+        Ok(())
+    }
+
+    /// Round 2: opens one share pair from every member of U2, then quantizes, masks
+    /// and uploads `delta`. Returns the masked words that left the site.
+    pub async fn send_masked(
+        &mut self,
+        client: &mut SiteClient<Channel>,
+        work: &pb::WorkItem,
+        manifest: &StudyManifest,
+        update_id: &str,
+        delta: &[f32],
+    ) -> Result<Vec<u32>> {
+        let stage = self.wait_stage(client, 2).await?;
+        let u1_names: Vec<String> = self.u1.iter().map(|k| k.0.clone()).collect();
+        check_rosters(&self.params, &[&u1_names, &stage.u2]).map_err(|e| Refusal(e.to_string()))?;
+        if !stage.u2.contains(&self.me) {
+            return refuse("U2 leaves out this site although it shared its keys");
+        }
+        for from in &stage.u2 {
+            let sealed = stage
+                .inbox
+                .iter()
+                .find(|s| &s.from == from && s.to == self.me)
+                .ok_or_else(|| Refusal(format!("no share pair from {from}, a member of U2")))?;
+            let keys = self
+                .u1
+                .iter()
+                .find(|k| &k.0 == from)
+                .map(|k| k.1)
+                .ok_or_else(|| Refusal(format!("{from} is not in U1")))?;
+            let pair = open_shares(&self.params, &self.secrets, &self.me, from, &keys, &sealed.ciphertext)
+                .map_err(|e| Refusal(e.to_string()))?;
+            self.inbox.insert(from.clone(), pair);
+        }
+        self.u2 = stage.u2.clone();
+        let u2_keys: Vec<(String, AdvertisedKeys)> =
+            self.u1.iter().filter(|k| self.u2.contains(&k.0)).cloned().collect();
+        let mut masked = Vec::new();
+        self.quantizer
+            .quantize(delta, &mut masked)
+            .map_err(|e| anyhow!("{e}"))?;
+        MaskPlan::for_site(&self.params, &self.secrets, &self.me, &u2_keys)
+            .map_err(|e| Refusal(e.to_string()))?
+            .apply(0, &mut masked);
+        let mut header =
+            medfl_proto::stream::update_header(work, &manifest.layout(), update_id, 1, masked.len() as u64, None);
+        if let Some(pb::update_chunk::Body::Header(h)) = &mut header.body {
+            h.secagg_session_id = self.session_id.to_vec();
+        }
+        let messages: Vec<pb::UpdateChunk> = std::iter::once(header)
+            .chain(medfl_proto::stream::masked_chunks(&masked))
+            .collect();
+        client
+            .upload_update(futures::stream::iter(messages))
+            .await
+            .context("upload the masked input")?;
+        Ok(masked)
+    }
+
+    /// Round 3: checks the unmask request and answers it once: the self-seed share of
+    /// each survivor, the masking-key share of each dropped site, never both.
+    pub async fn reveal(&mut self, client: &mut SiteClient<Channel>) -> Result<()> {
+        if self.revealed {
+            return refuse("this site already answered the session's unmask request");
+        }
+        let stage = self.wait_stage(client, 3).await?;
+        let u1_names: Vec<String> = self.u1.iter().map(|k| k.0.clone()).collect();
+        check_rosters(&self.params, &[&u1_names, &self.u2, &stage.survivors]).map_err(|e| Refusal(e.to_string()))?;
+        check_unmask_request(&self.params, &self.u2, &stage.survivors, &stage.dropped, &self.me)
+            .map_err(|e| Refusal(e.to_string()))?;
+        let mut shares = Vec::new();
+        for site in &self.u2 {
+            let pair = self
+                .inbox
+                .get(site)
+                .ok_or_else(|| Refusal(format!("no share pair from {site}")))?;
+            let survivor = stage.survivors.contains(site);
+            shares.push(pb::RevealedShare {
+                site: site.clone(),
+                self_seed: survivor,
+                share: if survivor {
+                    pair.self_seed.clone()
+                } else {
+                    pair.mask_key.clone()
+                },
+            });
+        }
+        self.revealed = true;
+        client
+            .sec_agg_reveal(pb::SecAggRevealRequest {
+                session_id: self.session_id.to_vec(),
+                shares,
+            })
+            .await
+            .context("reveal shares")?;
+        info!(
+            survivors = stage.survivors.len(),
+            dropped = stage.dropped.len(),
+            "unmask request answered"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+name = "sa"
+rounds = 2
+[model]
+kind = "logistic_regression"
+[data]
+dataset = "d"
+label = "y"
+features = ["a", "b"]
+[selection]
+min_sites = 3
+[strategy]
+weighting = "uniform"
+[secure_aggregation]
+threshold = 2
+clip_norm = 1.0
+"#;
+
+    fn work(manifest: &StudyManifest, tweak: impl Fn(&mut SessionParams)) -> pb::WorkItem {
+        let sa = manifest.secagg().expect("secagg");
+        let mut params = SessionParams {
+            study_id: "s-1".into(),
+            round: 1,
+            attempt: 1,
+            roster: vec!["a".into(), "b".into(), "c".into()],
+            threshold: sa.threshold_for(3),
+            num_values: manifest.num_params(),
+            scale_log2: sa.quantizer(3).expect("quantizer").scale_log2,
+        };
+        tweak(&mut params);
+        pb::WorkItem {
+            study_id: params.study_id.clone(),
+            round: params.round,
+            manifest_hash: manifest.hash(),
+            manifest_toml: manifest.to_toml(),
+            deadline_unix_ms: 0,
+            num_params: manifest.num_params(),
+            secagg: Some(pb::SecAggSession {
+                session_id: params.session_id().to_vec(),
+                roster: params.roster.clone(),
+                threshold: params.threshold,
+                num_values: params.num_values,
+                scale_log2: params.scale_log2,
+                attempt: params.attempt,
+            }),
+        }
+    }
+
+    fn refusal(work: &pb::WorkItem, manifest: &StudyManifest, me: &str) -> String {
+        SiteSession::new(work, manifest, me).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn a_session_that_differs_from_the_approved_manifest_is_refused() {
+        let m = StudyManifest::from_toml(MANIFEST).expect("manifest");
+        assert!(SiteSession::new(&work(&m, |_| {}), &m, "b").is_ok());
+        assert!(refusal(&work(&m, |_| {}), &m, "z").contains("not on the session's roster"));
+        let coarse = work(&m, |p| p.scale_log2 += 1);
+        assert!(
+            refusal(&coarse, &m, "a").contains("could wrap"),
+            "{}",
+            refusal(&coarse, &m, "a")
+        );
+        let lax = work(&m, |p| {
+            p.roster.push("d".into());
+            p.threshold = 2;
+        });
+        assert!(refusal(&lax, &m, "a").contains("below the approved"));
+        let bigger = work(&m, |p| p.num_values += 1);
+        assert!(refusal(&bigger, &m, "a").contains("approved model has"));
+        let mut forged = work(&m, |_| {});
+        if let Some(s) = &mut forged.secagg {
+            s.session_id[0] ^= 1;
+        }
+        assert!(refusal(&forged, &m, "a").contains("not the hash"));
+        let mut missing = work(&m, |_| {});
+        missing.secagg = None;
+        assert!(refusal(&missing, &m, "a").contains("carries no session"));
+    }
+}
