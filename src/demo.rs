@@ -73,6 +73,9 @@ pub struct DemoArgs {
     /// Runs without differential privacy, to compare.
     #[arg(long, conflicts_with = "epsilon")]
     pub no_dp: bool,
+    /// Runs without secure aggregation (the coordinator then sees each update), to compare.
+    #[arg(long)]
+    pub no_secagg: bool,
 }
 
 impl DemoArgs {
@@ -94,6 +97,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bail!("--sites must be 1..=100");
     }
     let dp_epsilon = args.dp_epsilon();
+    let secagg = !args.no_secagg;
+    if secagg && args.sites < 2 {
+        bail!(
+            "secure aggregation needs at least 2 hospitals; add --no-secagg to run with {}",
+            args.sites
+        );
+    }
     let (text, file, label, id) = match &args.data {
         Some(path) => (
             std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
@@ -184,7 +194,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         },
         training: training.clone(),
         strategy: medfl_shared::manifest::Strategy {
-            weighting: if dp_epsilon.is_none() {
+            // DP and secure aggregation weigh hospitals uniformly: an example count is a
+            // statistic of the rows, and a masked sum cannot be weighted per site.
+            weighting: if dp_epsilon.is_none() && !secagg {
                 medfl_shared::manifest::Weighting::Examples
             } else {
                 medfl_shared::manifest::Weighting::Uniform
@@ -200,6 +212,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             noise_multiplier: None,
             target_epsilon: Some(epsilon),
             budget_epsilon: epsilon,
+        }),
+        secure_aggregation: secagg.then(|| medfl_shared::manifest::SecureAggregation {
+            enabled: true,
+            threshold: (args.sites / 2 + 1).max(2) as u32,
+            graph: medfl_shared::manifest::SecAggGraph::Full,
+            // Generous: this clip is only the quantizer's range, DP clips far tighter.
+            clip_norm: 10.0,
+            range: None,
+            stage_timeout_secs: 30,
         }),
     };
     manifest.validate()?;
@@ -297,6 +318,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "local_only_accuracy": local.iter().map(|l| (l.0.clone(), json!(l.3))).collect::<serde_json::Map<_, _>>(),
         "local_only_auc": local.iter().map(|l| (l.0.clone(), json!(l.4))).collect::<serde_json::Map<_, _>>(),
         "site_rows": local.iter().map(|l| (l.0.clone(), json!({"rows": l.1, "positives": l.2}))).collect::<serde_json::Map<_, _>>(),
+        "secure_aggregation": secagg,
         "dp": dp_epsilon.is_some(),
         "epsilon_budget": dp_epsilon,
         "delta": dp_epsilon.is_some().then_some(args.delta),
@@ -338,6 +360,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 );
             }
             println!("(baselines above are trained without DP)");
+        }
+        if secagg {
+            println!(
+                "secure aggregation: on (SecAgg; the coordinator saw only the sum of each round's masked updates)"
+            );
+        } else {
+            println!("secure aggregation: off (--no-secagg); the coordinator saw each hospital's update");
         }
         println!("\nmodel: {}", workdir.join("model.safetensors").display());
         println!("admin profile: {}", workdir.join("admin/profile.toml").display());
