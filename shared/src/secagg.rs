@@ -876,7 +876,12 @@ mod tests {
     fn a_mask_applied_in_parallel_pieces_equals_the_serial_stream() {
         let p = params(3, 2, 300_000);
         let secrets: Vec<SiteSecrets> = (0..3).map(|_| SiteSecrets::generate().expect("keys")).collect();
-        let u2: Vec<(String, AdvertisedKeys)> = p.roster.iter().cloned().zip(secrets.iter().map(|s| s.public())).collect();
+        let u2: Vec<(String, AdvertisedKeys)> = p
+            .roster
+            .iter()
+            .cloned()
+            .zip(secrets.iter().map(|s| s.public()))
+            .collect();
         let plan = MaskPlan::for_site(&p, &secrets[1], &p.roster[1], &u2).expect("plan");
         let mut parallel = vec![5u32; 300_000];
         plan.apply(0, &mut parallel);
