@@ -217,6 +217,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             enabled: true,
             threshold: (args.sites / 2 + 1).max(2) as u32,
             graph: medfl_shared::manifest::SecAggGraph::Full,
+            neighbours: None,
             // Generous: this clip is only the quantizer's range, DP clips far tighter.
             clip_norm: 10.0,
             range: None,

@@ -77,8 +77,12 @@ fn delta(site: usize, n: usize) -> Vec<f32> {
 /// sharing keys; returns the federation, the study and each site's masked words.
 async fn round_with_losses(lost: &[usize]) -> (Federation, String, Vec<Option<Vec<u32>>>) {
     let features = feature_names(4);
-    let n = 5;
-    let (fed, clients, id) = started_simulated_study(n, &features, &secure_manifest(&features, 1, 5, 3)).await;
+    round_of(5, &secure_manifest(&features, 1, 5, 3), lost).await
+}
+
+async fn round_of(n: usize, manifest: &str, lost: &[usize]) -> (Federation, String, Vec<Option<Vec<u32>>>) {
+    let features = feature_names(4);
+    let (fed, clients, id) = started_simulated_study(n, &features, manifest).await;
     let mut tasks = Vec::new();
     for (k, client) in clients.into_iter().enumerate() {
         let name = fed.site_names[k].clone();
@@ -98,12 +102,16 @@ async fn round_with_losses(lost: &[usize]) -> (Federation, String, Vec<Option<Ve
 }
 
 async fn check_round_is_the_survivors_mean(lost: &[usize]) {
-    let (mut fed, id, masked) = round_with_losses(lost).await;
+    let (fed, id, masked) = round_with_losses(lost).await;
+    check_mean(fed, id, masked, 5, lost).await;
+}
+
+async fn check_mean(mut fed: Federation, id: String, masked: Vec<Option<Vec<u32>>>, n: usize, lost: &[usize]) {
     let status = fed.wait_for_round(&id, 1, LONG).await.expect("round commits");
     let info = status.info.clone().expect("info");
     assert_eq!(info.rounds_completed, 1, "{}", info.reason);
     let round = status.rounds.iter().find(|r| r.committed).expect("committed round");
-    let survivors: Vec<usize> = (0..5).filter(|k| !lost.contains(k)).collect();
+    let survivors: Vec<usize> = (0..n).filter(|k| !lost.contains(k)).collect();
     assert_eq!(round.contributors.len(), survivors.len());
     for (k, m) in masked.iter().enumerate() {
         assert_eq!(m.is_some(), !lost.contains(&k));
@@ -318,4 +326,15 @@ async fn three_real_agents_train_under_secure_aggregation() {
         assert!(log.lines().all(|l| l.contains("\"secure_aggregation\":true")), "{log}");
     }
     fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secagg_plus_with_four_neighbours_each_survives_a_lost_site() {
+    let features = feature_names(4);
+    let manifest = secure_manifest(&features, 1, 8, 3).replace(
+        "threshold = 3\n",
+        "threshold = 3\ngraph = \"secagg+\"\nneighbours = 4\n",
+    );
+    let (fed, id, masked) = round_of(8, &manifest, &[5]).await;
+    check_mean(fed, id, masked, 8, &[5]).await;
 }

@@ -847,14 +847,16 @@ impl Engine {
                 let quantizer = sa
                     .quantizer(n)
                     .map_err(|e| ServiceError::FailedPrecondition(format!("secure aggregation: {e}")))?;
+                let (threshold, neighbours) = sa.session_shape(n);
                 let params = SessionParams {
                     study_id: id.to_string(),
                     round,
                     attempt,
                     roster: selected.clone(),
-                    threshold: sa.threshold_for(n),
+                    threshold,
                     num_values: manifest.num_params(),
                     scale_log2: quantizer.scale_log2,
+                    neighbours,
                 };
                 Some(Arc::new(SecureRound::new(params, quantizer)?))
             }

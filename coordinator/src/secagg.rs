@@ -85,6 +85,7 @@ impl SecureRound {
             num_values: self.params.num_values,
             scale_log2: self.params.scale_log2,
             attempt: self.params.attempt,
+            neighbours: self.params.neighbours,
         }
     }
 
@@ -169,9 +170,16 @@ impl SecureRound {
             return Err(ServiceError::AlreadyExists(format!("{site} already shared its keys")));
         }
         let to: BTreeSet<&str> = shares.iter().map(|s| s.to.as_str()).collect();
-        let u1: BTreeSet<&str> = st.u1.iter().map(String::as_str).collect();
-        if to != u1 || shares.len() != u1.len() {
-            return Err(refuse("share keys with exactly one sealed pair for every site of U1"));
+        let peers: BTreeSet<&str> = st
+            .u1
+            .iter()
+            .filter(|v| self.params.are_peers(site, v))
+            .map(String::as_str)
+            .collect();
+        if to != peers || shares.len() != peers.len() {
+            return Err(refuse(
+                "share keys with exactly one sealed pair for every site of U1 that is this site or its neighbour",
+            ));
         }
         if shares
             .iter()
@@ -234,9 +242,16 @@ impl SecureRound {
         }
         let survivors: BTreeSet<&str> = st.u3.iter().map(String::as_str).collect();
         let named: BTreeSet<&str> = shares.iter().map(|s| s.site.as_str()).collect();
-        let u2: BTreeSet<&str> = st.u2.iter().map(String::as_str).collect();
-        if named != u2 || shares.len() != u2.len() {
-            return Err(refuse("reveal exactly one share for every site of U2"));
+        let peers: BTreeSet<&str> = st
+            .u2
+            .iter()
+            .filter(|v| self.params.are_peers(site, v))
+            .map(String::as_str)
+            .collect();
+        if named != peers || shares.len() != peers.len() {
+            return Err(refuse(
+                "reveal exactly one share for every site of U2 that is this site or its neighbour",
+            ));
         }
         for s in &shares {
             if s.self_seed != survivors.contains(s.site.as_str()) || s.share.len() != SHARE_LEN {

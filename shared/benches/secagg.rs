@@ -19,6 +19,7 @@ fn session(n: usize) -> (SessionParams, Vec<SiteSecrets>, Vec<(String, Advertise
         threshold: (n / 2 + 1) as u32,
         num_values: D as u64,
         scale_log2: 16,
+        neighbours: 0,
     };
     let secrets: Vec<SiteSecrets> = (0..n).map(|_| SiteSecrets::generate().expect("keys")).collect();
     let keys = params
@@ -55,6 +56,15 @@ fn secagg(c: &mut Criterion) {
             })
         });
     }
+    // SecAgg+ at n = 100: 14 neighbours (2·⌈log2 100⌉) instead of 99.
+    let (mut params, secrets, keys) = session(100);
+    params.neighbours = 14;
+    group.bench_function("mask_one_site_secagg+/n=100,k=14/1e6", |b| {
+        b.iter(|| {
+            let plan = MaskPlan::for_site(&params, &secrets[0], &params.roster[0], &keys).expect("plan");
+            plan.apply(0, &mut values);
+        })
+    });
     // Unmasking at n = 100 with 10 dropped: 90 self masks and 90 × 10 pair masks.
     let (params, _, keys) = session(100);
     let survivors: Vec<(String, AdvertisedKeys)> = keys[10..].to_vec();

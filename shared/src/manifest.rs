@@ -60,6 +60,9 @@ pub struct SecureAggregation {
     pub threshold: u32,
     #[serde(default = "full_graph")]
     pub graph: SecAggGraph,
+    /// k for `graph = "secagg+"` (even); default: the smallest even k ≥ 2·⌈log2 n⌉.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbours: Option<u32>,
     /// L2 clip of each site's delta before quantization.
     pub clip_norm: f64,
     /// Per-value clamp before quantization; defaults to `clip_norm`.
@@ -87,10 +90,22 @@ impl SecureAggregation {
         self.range.unwrap_or(self.clip_norm)
     }
 
-    /// The threshold a round of `n` selected sites uses: at least a majority, so
-    /// that no two disjoint halves of the sites could each reconstruct.
-    pub fn threshold_for(&self, n: usize) -> u32 {
-        self.threshold.max((n / 2 + 1) as u32)
+    /// The (threshold, neighbours) a round of `n` selected sites uses. Full graph:
+    /// t at least a majority of the n sites, so no two disjoint halves could each
+    /// reconstruct. SecAgg+: k neighbours (0 when k would reach n − 1: the full graph)
+    /// and t at least a majority of each neighbourhood of k + 1 (Bell et al. 2020).
+    pub fn session_shape(&self, n: usize) -> (u32, u32) {
+        let full = (self.threshold.max((n / 2 + 1) as u32), 0);
+        if self.graph == SecAggGraph::Full {
+            return full;
+        }
+        let log2n = usize::BITS - n.max(2).saturating_sub(1).leading_zeros();
+        let k = self.neighbours.unwrap_or(2 * log2n);
+        let k = k + k % 2;
+        if k as usize >= n.saturating_sub(1) {
+            return full;
+        }
+        (self.threshold.max(k.div_ceil(2) + 1).min(k + 1), k)
     }
 
     /// The quantizer for a round of `n` sites: the finest scale with headroom.
@@ -375,10 +390,17 @@ impl StudyManifest {
 
     fn check_secure_aggregation(&self) -> Result<(), ManifestError> {
         let Some(sa) = self.secagg() else { return Ok(()) };
-        if sa.graph == SecAggGraph::SecAggPlus {
+        if sa.graph == SecAggGraph::Full && sa.neighbours.is_some() {
             return Err(invalid(
-                "secure_aggregation.graph = \"secagg+\" is not available yet; use \"full\" (every pair of sites masks together)",
+                "secure_aggregation.neighbours applies to graph = \"secagg+\"; the full graph masks every pair",
             ));
+        }
+        if let Some(k) = sa.neighbours
+            && (k < 2 || !k.is_multiple_of(2))
+        {
+            return Err(invalid(format!(
+                "secure_aggregation.neighbours = {k} must be even and at least 2"
+            )));
         }
         if sa.threshold < 2 || sa.threshold > self.selection.min_sites {
             return Err(invalid(format!(

@@ -89,6 +89,10 @@ pub struct SessionParams {
     pub num_values: u64,
     /// log2 of the quantization scale γ (see [`Quantizer`]).
     pub scale_log2: i32,
+    /// k: each site masks with and shares to k neighbours (SecAgg+, Bell et al., CCS
+    /// 2020); 0 is the full graph of SecAgg.
+    #[serde(default)]
+    pub neighbours: u32,
 }
 
 impl SessionParams {
@@ -105,6 +109,22 @@ impl SessionParams {
                 "threshold t = {} must be in 2..={n}",
                 self.threshold
             )));
+        }
+        if self.neighbours != 0 {
+            let k = self.neighbours as usize;
+            if !k.is_multiple_of(2) || k < 2 || k >= n.saturating_sub(1) {
+                return Err(SecAggError::Params(format!(
+                    "{k} neighbours: SecAgg+ needs an even k with 2 ≤ k < {} (n − 1)",
+                    n.saturating_sub(1)
+                )));
+            }
+            if self.threshold as usize > k + 1 {
+                return Err(SecAggError::Params(format!(
+                    "threshold t = {} exceeds a neighbourhood of {} sites",
+                    self.threshold,
+                    k + 1
+                )));
+            }
         }
         if self.num_values == 0 || self.num_values > MAX_VALUES {
             return Err(SecAggError::Params(format!(
@@ -123,6 +143,46 @@ impl SessionParams {
         let mut id = [0u8; 32];
         id.copy_from_slice(ctx.finish().as_ref());
         id
+    }
+
+    /// The sites `site` masks with: every other site in the full graph; under SecAgg+
+    /// its k/2 predecessors and k/2 successors on a ring ordered by
+    /// SHA-256(session id ‖ name), a k-regular graph (Harary) that every participant
+    /// derives from the session alone ([BBG+20] Sec. 3; the ring order keeps the
+    /// coordinator from choosing who neighbours whom).
+    pub fn neighbours_of(&self, site: &str) -> Vec<String> {
+        let n = self.roster.len();
+        if self.neighbours == 0 || self.neighbours as usize >= n.saturating_sub(1) {
+            return self.roster.iter().filter(|s| s.as_str() != site).cloned().collect();
+        }
+        let session = self.session_id();
+        let mut ring: Vec<([u8; 32], &String)> = self
+            .roster
+            .iter()
+            .map(|s| {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                ctx.update(&session);
+                ctx.update(s.as_bytes());
+                let mut h = [0u8; 32];
+                h.copy_from_slice(ctx.finish().as_ref());
+                (h, s)
+            })
+            .collect();
+        ring.sort();
+        let Some(pos) = ring.iter().position(|(_, s)| s.as_str() == site) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = (1..=self.neighbours as usize / 2)
+            .flat_map(|d| [ring[(pos + d) % n].1.clone(), ring[(pos + n - d) % n].1.clone()])
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether `a` and `b` exchange shares (they are neighbours, or the same site).
+    pub fn are_peers(&self, a: &str, b: &str) -> bool {
+        a == b || self.neighbours == 0 || self.neighbours_of(a).iter().any(|s| s == b)
     }
 
     /// The Shamir x-coordinate of `site` (its roster position + 1).
@@ -274,8 +334,8 @@ fn share_ad(session: &[u8; 32], from: &str, to: &str) -> Vec<u8> {
     encode_fields(&[PROTOCOL, b"share", session, from.as_bytes(), to.as_bytes()])
 }
 
-/// Round 1 at site `me`: shares s_sk and b t-of-|U1| and seals one pair to each
-/// v ∈ U1 (itself included) with ChaCha20-Poly1305 under a key from X25519(c_sk_me,
+/// Round 1 at site `me`: shares s_sk and b t-of-n and seals one pair to each
+/// v ∈ U1 that is `me` or one of its neighbours with ChaCha20-Poly1305 under a key from X25519(c_sk_me,
 /// c_pk_v) and HKDF; the associated data binds session, sender and recipient.
 /// Returns (recipient, sealed bytes) in `u1` order.
 pub fn seal_shares(
@@ -289,6 +349,7 @@ pub fn seal_shares(
     let mask_shares = split_secret(&secrets.mask.to_bytes(), params.threshold, n)?;
     let seed_shares = split_secret(&secrets.self_seed, params.threshold, n)?;
     u1.iter()
+        .filter(|(to, _)| params.are_peers(me, to))
         .map(|(to, keys)| {
             let x = params
                 .x_of(to)
@@ -449,7 +510,8 @@ impl MaskPlan {
     ) -> Result<Self> {
         let session = params.session_id();
         let mut terms = vec![(self_mask_key(&secrets.self_seed, &session), false)];
-        for (v, keys) in u2.iter().filter(|(v, _)| v != me) {
+        let neighbours = params.neighbours_of(me);
+        for (v, keys) in u2.iter().filter(|(v, _)| v != me && neighbours.contains(v)) {
             let shared = agree(&secrets.mask, &keys.mask, v)?;
             terms.push((pair_mask_key(&shared, &session), me > v.as_str()));
         }
@@ -473,8 +535,9 @@ impl MaskPlan {
                 .ok_or_else(|| SecAggError::Roster(format!("no self-mask seed for survivor {u}")))?;
             // Subtract what u added: its self mask ...
             terms.push((self_mask_key(seed, &session), true));
-            // ... and its pair masks with each dropped v (u added + if u < v).
-            for (v, v_key) in dropped_keys {
+            // ... and its pair masks with each dropped neighbour v (u added + if u < v).
+            let neighbours = params.neighbours_of(u);
+            for (v, v_key) in dropped_keys.iter().filter(|(v, _)| neighbours.contains(v)) {
                 let shared = agree(&StaticSecret::from(*v_key), &keys.mask, u)?;
                 let u_added_plus = u.as_str() < v.as_str();
                 terms.push((pair_mask_key(&shared, &session), u_added_plus));
@@ -682,6 +745,7 @@ mod tests {
             threshold: t,
             num_values: d,
             scale_log2: 16,
+            neighbours: 0,
         }
     }
 
@@ -705,8 +769,12 @@ mod tests {
     /// The whole protocol in memory: returns the unmasked sum of `inputs` when the
     /// sites in `drop_after_shares` vanish between sharing keys and masked input.
     fn run(n: usize, t: u32, inputs: &[Vec<u32>], drop_after_shares: &[usize]) -> Result<Vec<u32>> {
-        let d = inputs[0].len();
-        let p = params(n, t, d as u64);
+        run_with(&params(n, t, inputs[0].len() as u64), inputs, drop_after_shares)
+    }
+
+    fn run_with(p: &SessionParams, inputs: &[Vec<u32>], drop_after_shares: &[usize]) -> Result<Vec<u32>> {
+        let (n, t, d) = (p.roster.len(), p.threshold, inputs[0].len());
+        let p = p.clone();
         p.validate()?;
         let secrets: Vec<SiteSecrets> = (0..n).map(|_| SiteSecrets::generate()).collect::<Result<_>>()?;
         let u1: Vec<(String, AdvertisedKeys)> = p
@@ -765,6 +833,29 @@ mod tests {
         let surv: Vec<(String, AdvertisedKeys)> = survivors.iter().map(|&u| u1[u].clone()).collect();
         MaskPlan::for_unmasking(&p, &surv, &seeds, &keys)?.apply(0, &mut sum);
         Ok(sum)
+    }
+
+    #[test]
+    fn secagg_plus_neighbourhoods_are_k_regular_and_unmask_exactly() {
+        let mut p = params(12, 3, 50);
+        p.neighbours = 4;
+        p.validate().expect("valid");
+        for site in &p.roster {
+            let nb = p.neighbours_of(site);
+            assert_eq!(nb.len(), 4, "{site}: {nb:?}");
+            assert!(nb.iter().all(|v| p.neighbours_of(v).contains(site)), "symmetric");
+        }
+        let inputs: Vec<Vec<u32>> = (0..12u32)
+            .map(|u| (0..50u32).map(|i| i * 31 + u * 1000).collect())
+            .collect();
+        assert_eq!(run_with(&p, &inputs, &[]).expect("no dropout"), plain_sum(&inputs, &[]));
+        assert_eq!(
+            run_with(&p, &inputs, &[3]).expect("one dropped"),
+            plain_sum(&inputs, &[3])
+        );
+        let mut odd = p.clone();
+        odd.neighbours = 3;
+        assert!(odd.validate().is_err());
     }
 
     fn plain_sum(inputs: &[Vec<u32>], without: &[usize]) -> Vec<u32> {

@@ -162,6 +162,7 @@ impl SiteSession {
             threshold: s.threshold,
             num_values: s.num_values,
             scale_log2: s.scale_log2,
+            neighbours: s.neighbours,
         };
         params.validate().map_err(|e| Refusal(e.to_string()))?;
         let session_id = params.session_id();
@@ -179,11 +180,17 @@ impl SiteSession {
             ));
         }
         let n = params.roster.len();
-        if params.threshold < sa.threshold_for(n) {
+        let (threshold, neighbours) = sa.session_shape(n);
+        if params.threshold < threshold {
             return refuse(format!(
-                "threshold {} is below the approved {} for {n} sites",
-                params.threshold,
-                sa.threshold_for(n)
+                "threshold {} is below the approved {threshold} for {n} sites",
+                params.threshold
+            ));
+        }
+        if params.neighbours != neighbours {
+            return refuse(format!(
+                "{} neighbours per site, the approved graph has {neighbours} for {n} sites",
+                params.neighbours
             ));
         }
         let quantizer = sa.quantizer(n).map_err(|e| Refusal(e.to_string()))?;
@@ -269,6 +276,13 @@ impl SiteSession {
         u1.sort_by(|a, b| a.0.cmp(&b.0));
         let names: Vec<String> = u1.iter().map(|k| k.0.clone()).collect();
         check_rosters(&self.params, &[&names]).map_err(|e| Refusal(e.to_string()))?;
+        let peers = names.iter().filter(|v| self.params.are_peers(&self.me, v)).count();
+        if peers < self.params.threshold as usize {
+            return refuse(format!(
+                "only {peers} of this site's neighbours (itself included) are in U1, fewer than t = {}",
+                self.params.threshold
+            ));
+        }
         match u1.iter().find(|(s, _)| s == &self.me) {
             Some((_, k)) if *k == self.secrets.public() => {}
             _ => return refuse("U1 does not carry this site's own keys as it advertised them"),
@@ -308,7 +322,7 @@ impl SiteSession {
         if !stage.u2.contains(&self.me) {
             return refuse("U2 leaves out this site although it shared its keys");
         }
-        for from in &stage.u2 {
+        for from in stage.u2.iter().filter(|v| self.params.are_peers(&self.me, v)) {
             let sealed = stage
                 .inbox
                 .iter()
@@ -361,7 +375,7 @@ impl SiteSession {
         check_unmask_request(&self.params, &self.u2, &stage.survivors, &stage.dropped, &self.me)
             .map_err(|e| Refusal(e.to_string()))?;
         let mut shares = Vec::new();
-        for site in &self.u2 {
+        for site in self.u2.iter().filter(|v| self.params.are_peers(&self.me, v)) {
             let pair = self
                 .inbox
                 .get(site)
@@ -423,9 +437,10 @@ clip_norm = 1.0
             round: 1,
             attempt: 1,
             roster: vec!["a".into(), "b".into(), "c".into()],
-            threshold: sa.threshold_for(3),
+            threshold: sa.session_shape(3).0,
             num_values: manifest.num_params(),
             scale_log2: sa.quantizer(3).expect("quantizer").scale_log2,
+            neighbours: 0,
         };
         tweak(&mut params);
         pb::WorkItem {
@@ -442,6 +457,7 @@ clip_norm = 1.0
                 num_values: params.num_values,
                 scale_log2: params.scale_log2,
                 attempt: params.attempt,
+                neighbours: params.neighbours,
             }),
         }
     }
