@@ -338,3 +338,38 @@ async fn secagg_plus_with_four_neighbours_each_survives_a_lost_site() {
     let (fed, id, masked) = round_of(8, &manifest, &[5]).await;
     check_mean(fed, id, masked, 8, &[5]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_refuses_does_not_hold_the_round_until_its_deadline() {
+    let features = feature_names(4);
+    // A deadline far beyond the test's patience: the round must close on the refusal.
+    let manifest =
+        secure_manifest(&features, 1, 3, 2).replace("round_deadline_secs = 30", "round_deadline_secs = 3600");
+    let (mut fed, mut clients, id) = started_simulated_study(3, &features, &manifest).await;
+    let mut refuser = clients.pop().expect("three sites");
+    let work = next_work(&mut refuser, Duration::from_secs(30)).await.expect("work");
+    refuser
+        .report_refusal(pb::RefusalReport {
+            study_id: work.study_id.clone(),
+            round: work.round,
+            reason: "policy: no".into(),
+        })
+        .await
+        .expect("refusal recorded");
+    let mut tasks = Vec::new();
+    for (k, client) in clients.into_iter().enumerate() {
+        let name = fed.site_names[k].clone();
+        let creds = Credentials::from_profile(&fed.profile(&name).expect("profile")).expect("credentials");
+        tasks.push(tokio::spawn(take_part(client, creds, name, delta(k, D), Until::Done)));
+    }
+    for t in tasks {
+        t.await.expect("site");
+    }
+    let status = fed
+        .wait_for_round(&id, 1, LONG)
+        .await
+        .expect("round commits without the refuser");
+    let round = status.rounds.iter().find(|r| r.committed).expect("committed");
+    assert_eq!(round.contributors.len(), 2);
+    fed.shutdown().await.expect("clean shutdown");
+}

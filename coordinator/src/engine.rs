@@ -1011,8 +1011,11 @@ impl Engine {
                 Instant::now() + stage_len
             };
             loop {
+                // A site that refused the round before advertising (its policy) will not
+                // advertise; later stages wait for their own sets, which exclude it.
                 let (got, of) = sec.progress();
-                if got >= of {
+                let refused = if stage == 0 { open.lock().refused.len() } else { 0 };
+                if got + refused >= of {
                     break;
                 }
                 tokio::select! {
