@@ -56,7 +56,7 @@ async fn site_round(
     let update_id = format!("{name}-{}", work.study_id);
     match creds {
         Some(creds) => {
-            let mut s = SiteSession::new(&work, &manifest, &name).expect("session");
+            let mut s = SiteSession::new(&work, &manifest, &name, None).expect("session");
             s.advertise(&mut client, &creds).await.expect("advertise");
             s.share_keys(&mut client, &creds).await.expect("share");
             s.send_masked(&mut client, &work, &manifest, &update_id, &delta)

@@ -47,7 +47,7 @@ async fn take_part(
 ) -> (SiteClient<Channel>, Option<Vec<u32>>) {
     let work = next_work(&mut client, Duration::from_secs(30)).await.expect("work");
     let manifest = StudyManifest::from_toml(&work.manifest_toml).expect("manifest");
-    let mut session = SiteSession::new(&work, &manifest, &name).expect("the session matches the manifest");
+    let mut session = SiteSession::new(&work, &manifest, &name, None).expect("the session matches the manifest");
     session.advertise(&mut client, &creds).await.expect("advertise");
     session.share_keys(&mut client, &creds).await.expect("share keys");
     if until == Until::SharedKeys {
@@ -201,7 +201,7 @@ async fn replays_and_forged_keys_are_refused() {
         let c = Credentials::from_profile(&fed.profile(&name).expect("profile")).expect("credentials");
         tasks.push(tokio::spawn(take_part(client, c, name, delta(k + 1, D), Until::Done)));
     }
-    let mut session = SiteSession::new(&work1, &manifest, "hospital-a").expect("session");
+    let mut session = SiteSession::new(&work1, &manifest, "hospital-a", None).expect("session");
     session.advertise(&mut first, &creds[0]).await.expect("advertise");
     session.share_keys(&mut first, &creds[0]).await.expect("share keys");
     session
@@ -371,5 +371,91 @@ async fn a_site_that_refuses_does_not_hold_the_round_until_its_deadline() {
         .expect("round commits without the refuser");
     let round = status.rounds.iter().find(|r| r.committed).expect("committed");
     assert_eq!(round.contributors.len(), 2);
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+/// Site-level DP under secure aggregation: each site adds its share of discrete
+/// Gaussian noise before masking; the unmasked sum carries σ·Δ over the t-site floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_add_the_noise_in_shares_under_site_level_dp() {
+    let features = feature_names(4);
+    let sigma = 2.0;
+    let zeros = ["0.0"; 4].join(", ");
+    let manifest = secure_manifest(&features, 1, 5, 3)
+        .replace("clip_norm = 10.0", "clip_norm = 1.0")
+        .replace(
+            "[secure_aggregation]",
+            &format!(
+                "[data.scaling]\ncenter = [{zeros}]\nscale = [1.0, 1.0, 1.0, 1.0]\n\n[privacy]\nunit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nnoise_multiplier = {sigma}\nbudget_epsilon = 50.0\n\n[secure_aggregation]"
+            ),
+        );
+    let parsed = StudyManifest::from_toml(&manifest).expect("site-level DP with secure aggregation is accepted");
+    let mismatched = manifest.replacen("clip_norm = 1.0", "clip_norm = 2.0", 1);
+    let err = StudyManifest::from_toml(&mismatched).expect_err("two clip norms");
+    assert!(
+        err.to_string()
+            .contains("set secure_aggregation.clip_norm to the same value"),
+        "{err}"
+    );
+    let plan = parsed.privacy_plan().expect("plan").expect("privacy on");
+    let (mut fed, clients, id) = started_simulated_study(5, &features, &manifest).await;
+    let mut tasks = Vec::new();
+    for (k, mut client) in clients.into_iter().enumerate() {
+        let name = fed.site_names[k].clone();
+        let creds = Credentials::from_profile(&fed.profile(&name).expect("profile")).expect("credentials");
+        let sigma = plan.sigma;
+        tasks.push(tokio::spawn(async move {
+            let work = next_work(&mut client, Duration::from_secs(30)).await.expect("work");
+            let manifest = StudyManifest::from_toml(&work.manifest_toml).expect("manifest");
+            let mut s = SiteSession::new(&work, &manifest, &name, Some(sigma)).expect("session");
+            s.advertise(&mut client, &creds).await.expect("advertise");
+            s.share_keys(&mut client, &creds).await.expect("share");
+            s.send_masked(&mut client, &work, &manifest, &format!("{name}-1"), &delta(k, D))
+                .await
+                .expect("masked");
+            s.reveal(&mut client).await.expect("reveal");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("site");
+    }
+    fed.wait_for_round(&id, 1, LONG).await.expect("round commits");
+    let (_, before) = fed.export(&id, Some(0)).await.expect("initial");
+    let (_, after) = fed.export(&id, Some(1)).await.expect("round 1");
+    let clipped: Vec<Vec<f32>> = (0..5)
+        .map(|k| {
+            medfl_shared::dp::ClippedUpdate::clip(delta(k, D), 1.0)
+                .expect("clip")
+                .into_values()
+        })
+        .collect();
+    let residual: Vec<f64> = (0..D)
+        .map(|i| {
+            let sum: f64 = clipped.iter().map(|c| c[i] as f64).sum();
+            (after[i] - before[i]) as f64 - sum / 5.0
+        })
+        .collect();
+    let mean = residual.iter().sum::<f64>() / D as f64;
+    let sd = (residual.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (D - 1) as f64).sqrt();
+    // Five survivors each add σ_i = σΔ/√3 (Δ ≈ γS); divided by the five selected.
+    let want = (5.0f64).sqrt() * sigma / (3.0f64).sqrt() / 5.0;
+    assert!((sd - want).abs() < 0.08 * want, "noise std {sd}, want {want}");
+    assert!(mean.abs() < 5.0 * want / (D as f64).sqrt(), "noise mean {mean}");
+    // One study-wide charge at the planned multiplier.
+    let auditor = fed.pki.join("auditor/profile.toml");
+    let out = medfl(&[
+        "audit",
+        "ledger",
+        "--study",
+        &id,
+        "--json",
+        "--profile",
+        auditor.to_str().expect("utf-8"),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let charges = report["charges"].as_array().expect("charges");
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0]["site"], "*");
+    assert!((charges[0]["noise_multiplier"].as_f64().expect("σ") - sigma).abs() < 1e-6);
     fed.shutdown().await.expect("clean shutdown");
 }

@@ -844,10 +844,11 @@ impl Engine {
         let secure = match manifest.secagg() {
             Some(sa) => {
                 let n = selected.len();
-                let quantizer = sa
-                    .quantizer(n)
-                    .map_err(|e| ServiceError::FailedPrecondition(format!("secure aggregation: {e}")))?;
                 let (threshold, neighbours) = sa.session_shape(n);
+                let noise = privacy.and_then(|p| manifest.distributed_noise(p.sigma, threshold));
+                let quantizer = sa
+                    .quantizer(n, noise.as_ref())
+                    .map_err(|e| ServiceError::FailedPrecondition(format!("secure aggregation: {e}")))?;
                 let params = SessionParams {
                     study_id: id.to_string(),
                     round,
@@ -1055,8 +1056,27 @@ impl Engine {
             Ok(v) => v,
             Err(e) => return self.fail_round(id, round, attempt, selected, vec![], started_ms, e.to_string()),
         };
-        // Uniform FedAvg over the survivors: fold their mean once.
-        let inv = 1.0 / survivors.len() as f32;
+        // Site-level DP: the sites' noise must carry at least what the ledger charges
+        // for this many survivors ([KLS21] Prop. 14; see DistributedNoise), and the
+        // mean takes DP-FedAvg's fixed denominator, the number selected.
+        let mut denominator = survivors.len();
+        if let (Some(plan), Some(noise)) = (
+            privacy,
+            privacy.and_then(|p| manifest.distributed_noise(p.sigma, sec.params.threshold)),
+        ) {
+            let carried = noise.charged_multiplier(&sec.quantizer, survivors.len());
+            if carried < plan.per_round.sigma {
+                let reason = format!(
+                    "the sites' noise carries σ = {carried} for {} survivors, below the {} the ledger charges; nothing was released",
+                    survivors.len(),
+                    plan.per_round.sigma
+                );
+                return self.fail_round(id, round, attempt, selected, vec![], started_ms, reason);
+            }
+            denominator = selected.len();
+        }
+        // Uniform FedAvg: fold the mean once.
+        let inv = 1.0 / denominator as f32;
         let mean: Vec<f32> = sum.iter().map(|v| v * inv).collect();
         let mut acc = WeightedSum::new(mean.len());
         acc.fold(&mean, 1.0)
@@ -1100,7 +1120,8 @@ impl Engine {
         manifest: &StudyManifest,
         privacy: Option<PrivacyPlan>,
     ) -> Result<(), ServiceError> {
-        let site_noise = match (site_level(manifest), privacy) {
+        // Under secure aggregation the sites added the noise in shares (distributed DP).
+        let site_noise = match (site_level(manifest).filter(|_| manifest.secagg().is_none()), privacy) {
             (Some(p), Some(plan)) => {
                 let noise = medfl_shared::dp::GaussianNoise::new(acc.len(), p.clip_norm, plan.sigma)
                     .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?;

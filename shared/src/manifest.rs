@@ -108,9 +108,14 @@ impl SecureAggregation {
         (self.threshold.max(k.div_ceil(2) + 1).min(k + 1), k)
     }
 
-    /// The quantizer for a round of `n` sites: the finest scale with headroom.
-    pub fn quantizer(&self, n: usize) -> Result<crate::secagg::Quantizer, crate::secagg::SecAggError> {
-        crate::secagg::Quantizer::largest_scale(self.clip_norm, self.range(), n, 0.0)
+    /// The quantizer for a round of `n` sites: the finest scale with headroom for
+    /// the inputs and, under site-level DP, the sites' distributed noise.
+    pub fn quantizer(
+        &self,
+        n: usize,
+        noise: Option<&crate::secagg::DistributedNoise>,
+    ) -> Result<crate::secagg::Quantizer, crate::secagg::SecAggError> {
+        crate::secagg::Quantizer::largest_scale_with_noise(self.clip_norm, self.range(), n, noise)
     }
 }
 
@@ -152,6 +157,10 @@ pub struct Privacy {
 fn one() -> u32 {
     1
 }
+
+/// The relative margin by which a distributed-DP round's accounted multiplier sits
+/// under σ: a round whose τ term would need more is failed, not charged less.
+pub const DDG_MARGIN: f64 = 1e-9;
 
 /// Public feature scaling, `x_std = (x − center) / scale`. Under DP the sites must not
 /// standardize with their own statistics (that would release them unaccounted), so a
@@ -421,10 +430,13 @@ impl StudyManifest {
                 "secure aggregation sums updates without seeing them, so it weighs sites uniformly: set strategy.weighting = \"uniform\"",
             ));
         }
-        if self.privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Site) {
-            return Err(invalid(
-                "site-level DP with secure aggregation needs the sites to add the noise in shares (distributed DP), which is not available yet: use record-level DP, or site-level DP without secure aggregation",
-            ));
+        if let Some(p) = self.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site)
+            && sa.clip_norm != p.clip_norm
+        {
+            return Err(invalid(format!(
+                "under site-level DP the sites clip to privacy.clip_norm = {} before masking: set secure_aggregation.clip_norm to the same value (it is {})",
+                p.clip_norm, sa.clip_norm
+            )));
         }
         Ok(())
     }
@@ -520,7 +532,14 @@ impl StudyManifest {
         // What is accounted is the multiplier OpenDP's privacy map implies for the noise
         // actually drawn (its grid rounding adds to the sensitivity), so calibrate that,
         // then find the nominal σ whose map gives at least it.
+        let distributed = self.distributed_dp();
         let accounted = |nominal: f64| {
+            if distributed {
+                // Distributed discrete Gaussian: exact integer noise, no grid rounding;
+                // each round checks that its survivors carry at least this much
+                // (DistributedNoise::charged_multiplier), a hair under σ for τ.
+                return Ok(nominal * (1.0 - DDG_MARGIN));
+            }
             crate::dp::effective_noise_multiplier(n, p.clip_norm, nominal)
                 .map_err(|e| invalid(format!("privacy settings: {e}")))
         };
@@ -572,6 +591,21 @@ impl StudyManifest {
             delta: p.delta,
             budget_epsilon: p.budget_epsilon,
         }))
+    }
+
+    /// Whether the study runs site-level DP under secure aggregation: the sites add
+    /// the noise in shares (distributed discrete Gaussian) instead of the coordinator.
+    pub fn distributed_dp(&self) -> bool {
+        self.secagg().is_some() && self.privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Site)
+    }
+
+    /// The sites' noise for a secure round with threshold `t`, under site-level DP.
+    pub fn distributed_noise(&self, sigma: f64, threshold: u32) -> Option<crate::secagg::DistributedNoise> {
+        self.distributed_dp().then(|| crate::secagg::DistributedNoise {
+            noise_multiplier: sigma,
+            threshold,
+            num_values: self.num_params(),
+        })
     }
 
     /// Returns the hex SHA-256 of the canonical JSON form.

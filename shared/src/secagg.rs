@@ -700,6 +700,32 @@ impl Quantizer {
         Err(SecAggError::Quantization(format!("no scale fits {sites} sites")))
     }
 
+    /// Like [`Self::largest_scale`], leaving room for the distributed noise too (its
+    /// tail grows with the scale).
+    pub fn largest_scale_with_noise(
+        clip_norm: f64,
+        range: f64,
+        sites: usize,
+        noise: Option<&DistributedNoise>,
+    ) -> Result<Self> {
+        let Some(noise) = noise else {
+            return Self::largest_scale(clip_norm, range, sites, 0.0);
+        };
+        for k in (-20..=30).rev() {
+            let q = Quantizer {
+                clip_norm,
+                range,
+                scale_log2: k,
+            };
+            if q.check_headroom(sites, noise.tail(&q, sites)).is_ok() {
+                return Ok(q);
+            }
+        }
+        Err(SecAggError::Quantization(format!(
+            "no scale leaves headroom for {sites} sites and the noise"
+        )))
+    }
+
     /// Quantizes `values` (clipped first) into `out`.
     pub fn quantize(&self, values: &[f32], out: &mut Vec<u32>) -> Result<()> {
         let clipped = crate::dp::ClippedUpdate::clip(values.to_vec(), self.clip_norm)
@@ -732,9 +758,105 @@ impl Quantizer {
     }
 }
 
+/// Distributed DP under secure aggregation (Kairouz, Liu, Steinke, ICML 2021, "The
+/// Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
+/// Aggregation", [KLS21]): each site adds discrete Gaussian noise N_Z(0, σ_i²) to its
+/// quantized input, with σ_i = σ·Δ/√t, so that the sum over at least t survivors
+/// carries variance ≥ σ²Δ², the study's noise multiplier σ at sensitivity Δ.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistributedNoise {
+    /// σ, the study's noise multiplier for the sum.
+    pub noise_multiplier: f64,
+    /// t: the fewest survivors a released sum can have.
+    pub threshold: u32,
+    /// d: values per update.
+    pub num_values: u64,
+}
+
+impl DistributedNoise {
+    /// Δ: the L2 sensitivity of one site's quantized input in integer units, γS + √d:
+    /// clipping bounds γx by γS and unconditional stochastic rounding moves each of the
+    /// d values by less than 1 ([KLS21] Thm. 1 with β = 0).
+    pub fn sensitivity(&self, q: &Quantizer) -> f64 {
+        q.scale() * q.clip_norm + (self.num_values as f64).sqrt()
+    }
+
+    /// σ_i = σΔ/√t, each site's noise standard deviation in integer units.
+    pub fn site_std(&self, q: &Quantizer) -> f64 {
+        self.noise_multiplier * self.sensitivity(q) / (self.threshold as f64).sqrt()
+    }
+
+    /// A bound on the magnitude of the summed noise of `n` sites for the headroom
+    /// check: 12 standard deviations (P < 10⁻³² per value).
+    pub fn tail(&self, q: &Quantizer, n: usize) -> f64 {
+        12.0 * (n as f64).sqrt() * self.site_std(q)
+    }
+
+    /// The plain-Gaussian noise multiplier whose RDP bounds that of the sum of
+    /// `survivors` sites' noise. [KLS21] Prop. 14 (Eq. 17): the sum of n discrete
+    /// Gaussians of variance σ_i² is (α, ε(α))-RDP with
+    /// ε(α) ≤ αΔ²/(2nσ_i²) + τd, τ = 10 Σ_{k=1}^{n−1} exp(−2π²σ_i² k/(k+1)).
+    /// With Δ²/(nσ_i²) = t/(nσ²) and α ≥ 1, ε(α) ≤ α/(2σ_c²) for
+    /// 1/σ_c² = t/(nσ²) + 2τd: the Gaussian's RDP at multiplier σ_c.
+    pub fn charged_multiplier(&self, q: &Quantizer, survivors: usize) -> f64 {
+        let sigma_i = self.site_std(q);
+        let tau = ddg_tau(sigma_i, survivors);
+        let s2 = self.noise_multiplier * self.noise_multiplier;
+        1.0 / (self.threshold as f64 / (survivors as f64 * s2) + 2.0 * tau * self.num_values as f64).sqrt()
+    }
+}
+
+/// τ of [KLS21] Prop. 14: `10 Σ_{k=1}^{n−1} exp(−2π² σ² k/(k+1))`, the distance of a
+/// sum of n discrete Gaussians of variance σ² (integer units) from one discrete Gaussian.
+pub fn ddg_tau(sigma: f64, n: usize) -> f64 {
+    let pi2 = std::f64::consts::PI * std::f64::consts::PI;
+    10.0 * (1..n)
+        .map(|k| (-2.0 * pi2 * sigma * sigma * k as f64 / (k as f64 + 1.0)).exp())
+        .sum::<f64>()
+}
+
+/// Adds N_Z(0, std²) to every word (two's complement, wrapping), with OpenDP's exact
+/// discrete Gaussian sampler (Canonne, Kamath, Steinke 2020, Algorithm 3).
+pub fn add_discrete_gaussian(values: &mut [u32], std: f64) -> Result<()> {
+    let scale = dashu::rational::RBig::try_from(std)
+        .map_err(|_| SecAggError::Quantization(format!("noise std {std} is not a finite number")))?;
+    for v in values.iter_mut() {
+        let noise =
+            opendp::traits::samplers::sample_discrete_gaussian(scale.clone()).map_err(|_| SecAggError::Random)?;
+        let noise =
+            i64::try_from(noise).map_err(|_| SecAggError::Quantization("a noise draw beyond 64 bits".into()))?;
+        *v = v.wrapping_add(noise as u32);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distributed_noise_is_accounted_for_its_survivors() {
+        let noise = DistributedNoise {
+            noise_multiplier: 1.5,
+            threshold: 4,
+            num_values: 10_000,
+        };
+        let q = Quantizer::largest_scale_with_noise(1.0, 1.0, 10, Some(&noise)).expect("scale");
+        assert!(q.check_headroom(10, noise.tail(&q, 10)).is_ok());
+        // At realistic scales τ vanishes: t survivors carry exactly σ, 4t carry 2σ.
+        assert!(ddg_tau(noise.site_std(&q), 10) < 1e-300);
+        assert!((noise.charged_multiplier(&q, 4) - 1.5).abs() < 1e-12);
+        assert!((noise.charged_multiplier(&q, 16) - 3.0).abs() < 1e-12);
+        // With tiny per-site noise τ is not negligible and the charge drops below σ.
+        assert!(ddg_tau(0.2, 10) > 1.0);
+        let mut words = vec![0u32; 50_000];
+        add_discrete_gaussian(&mut words, 40.0).expect("noise");
+        let xs: Vec<f64> = words.iter().map(|w| *w as i32 as f64).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt();
+        assert!((sd - 40.0).abs() < 1.0, "std {sd}");
+        assert!(mean.abs() < 1.0, "mean {mean}");
+    }
 
     fn params(n: usize, t: u32, d: u64) -> SessionParams {
         SessionParams {

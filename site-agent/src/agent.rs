@@ -358,7 +358,7 @@ async fn handle_work(
     // training, and the site's keys are drawn for this session only.
     let mut session = None;
     if work.secagg.is_some() || manifest.secagg().is_some() {
-        match SiteSession::new(&work, &manifest, &site) {
+        match SiteSession::new(&work, &manifest, &site, plan.as_ref().map(|(p, _)| p.sigma)) {
             Ok(s) => session = Some(s),
             Err(e) => return refuse(client, &work, format!("secure aggregation refused: {e}")).await,
         }
@@ -383,7 +383,13 @@ async fn handle_work(
         Some((plan, p)) => {
             // Charge durably first, with the multiplier OpenDP's map gives for this noise.
             let cap = dataset.0.max_epsilon.unwrap_or(settings.policy.max_epsilon);
-            let effective = medfl_shared::dp::effective_noise_multiplier(global.len(), p.clip_norm, plan.sigma)?;
+            // Distributed DP: exact integer noise whose multiplier the plan carries;
+            // otherwise what OpenDP's map gives for the noise drawn on its grid.
+            let effective = if manifest.distributed_dp() {
+                plan.per_round.sigma
+            } else {
+                medfl_shared::dp::effective_noise_multiplier(global.len(), p.clip_norm, plan.sigma)?
+            };
             let mechanism = GaussianSteps {
                 sigma: effective,
                 ..plan.per_round

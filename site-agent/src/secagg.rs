@@ -15,8 +15,8 @@ use medfl_proto::v1::site_client::SiteClient;
 use medfl_shared::identity::{Identity, Role};
 use medfl_shared::manifest::StudyManifest;
 use medfl_shared::secagg::{
-    AdvertisedKeys, MaskPlan, Quantizer, SessionParams, SharePair, SiteSecrets, advert_signing_bytes, check_rosters,
-    check_unmask_request, open_shares, seal_shares,
+    AdvertisedKeys, DistributedNoise, MaskPlan, Quantizer, SessionParams, SharePair, SiteSecrets,
+    add_discrete_gaussian, advert_signing_bytes, check_rosters, check_unmask_request, open_shares, seal_shares,
 };
 use ring::signature::{ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
 use rustls::pki_types::pem::PemObject;
@@ -137,6 +137,8 @@ pub struct SiteSession {
     me: String,
     secrets: SiteSecrets,
     quantizer: Quantizer,
+    /// This site's share of the noise, under site-level DP.
+    noise: Option<DistributedNoise>,
     stage_timeout: Duration,
     u1: Vec<(String, AdvertisedKeys)>,
     u2: Vec<String>,
@@ -146,8 +148,10 @@ pub struct SiteSession {
 
 impl SiteSession {
     /// Checks the work item's session against the study's own manifest and this
-    /// site, and draws fresh keys for it.
-    pub fn new(work: &pb::WorkItem, manifest: &StudyManifest, me: &str) -> Result<Self> {
+    /// site, and draws fresh keys for it. `dp_sigma` is the study's noise multiplier
+    /// from the site's own privacy plan (needed under site-level DP, where the site
+    /// adds its share of the noise).
+    pub fn new(work: &pb::WorkItem, manifest: &StudyManifest, me: &str, dp_sigma: Option<f64>) -> Result<Self> {
         let Some(sa) = manifest.secagg() else {
             return refuse("the work item carries a secure-aggregation session, the manifest has none");
         };
@@ -193,7 +197,12 @@ impl SiteSession {
                 params.neighbours
             ));
         }
-        let quantizer = sa.quantizer(n).map_err(|e| Refusal(e.to_string()))?;
+        let noise = match (manifest.distributed_dp(), dp_sigma) {
+            (false, _) => None,
+            (true, Some(sigma)) => manifest.distributed_noise(sigma, params.threshold),
+            (true, None) => return refuse("site-level DP under secure aggregation needs the study's σ"),
+        };
+        let quantizer = sa.quantizer(n, noise.as_ref()).map_err(|e| Refusal(e.to_string()))?;
         if quantizer.scale_log2 != params.scale_log2 {
             return refuse(format!(
                 "quantization scale 2^{} is not the approved 2^{} for {n} sites (it could wrap the sum)",
@@ -206,6 +215,7 @@ impl SiteSession {
             me: me.to_string(),
             secrets: SiteSecrets::generate().map_err(|e| anyhow!("{e}"))?,
             quantizer,
+            noise,
             stage_timeout: Duration::from_secs(sa.stage_timeout_secs),
             u1: Vec::new(),
             u2: Vec::new(),
@@ -345,6 +355,10 @@ impl SiteSession {
         self.quantizer
             .quantize(delta, &mut masked)
             .map_err(|e| anyhow!("{e}"))?;
+        if let Some(noise) = &self.noise {
+            // Noise before masking: no one ever sees this site's input without it.
+            add_discrete_gaussian(&mut masked, noise.site_std(&self.quantizer)).map_err(|e| anyhow!("{e}"))?;
+        }
         MaskPlan::for_site(&self.params, &self.secrets, &self.me, &u2_keys)
             .map_err(|e| Refusal(e.to_string()))?
             .apply(0, &mut masked);
@@ -439,7 +453,7 @@ clip_norm = 1.0
             roster: vec!["a".into(), "b".into(), "c".into()],
             threshold: sa.session_shape(3).0,
             num_values: manifest.num_params(),
-            scale_log2: sa.quantizer(3).expect("quantizer").scale_log2,
+            scale_log2: sa.quantizer(3, None).expect("quantizer").scale_log2,
             neighbours: 0,
         };
         tweak(&mut params);
@@ -463,13 +477,15 @@ clip_norm = 1.0
     }
 
     fn refusal(work: &pb::WorkItem, manifest: &StudyManifest, me: &str) -> String {
-        SiteSession::new(work, manifest, me).expect_err("refused").to_string()
+        SiteSession::new(work, manifest, me, None)
+            .expect_err("refused")
+            .to_string()
     }
 
     #[test]
     fn a_session_that_differs_from_the_approved_manifest_is_refused() {
         let m = StudyManifest::from_toml(MANIFEST).expect("manifest");
-        assert!(SiteSession::new(&work(&m, |_| {}), &m, "b").is_ok());
+        assert!(SiteSession::new(&work(&m, |_| {}), &m, "b", None).is_ok());
         assert!(refusal(&work(&m, |_| {}), &m, "z").contains("not on the session's roster"));
         let coarse = work(&m, |p| p.scale_log2 += 1);
         assert!(
