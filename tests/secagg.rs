@@ -209,6 +209,9 @@ async fn replays_and_forged_keys_are_refused() {
         .await
         .expect("masked input");
     session.reveal(&mut first).await.expect("reveal");
+    // A site answers an unmask request at most once per session.
+    let again = session.reveal(&mut first).await.expect_err("second unmask answer");
+    assert!(again.to_string().contains("already answered"), "{again}");
     let mut others: Vec<SiteClient<Channel>> = Vec::new();
     for t in tasks {
         others.push(t.await.expect("site").0);
