@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Times Flower 1.42's SecAgg+ building blocks on this machine, for the comparison with
-# `cargo bench -p medfl-shared --bench secagg` (same n, d and dropout). Installs Flower
-# into a throwaway virtual environment; prints one JSON object.
+# Times Flower 1.42's SecAgg+ on this machine, for the comparison with our benches
+# (same n, d and dropout): its building blocks (compare_flower_secagg.py, against
+# `cargo bench -p medfl-shared --bench secagg`) and a whole simulated round with and
+# without SecAgg+ (compare_flower_round.py, against `cargo bench --bench secure_round`).
+# Installs Flower into a throwaway virtual environment; prints JSON lines.
 set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
 venv="${FLWR_VENV:-${TMPDIR:-/tmp}/medfl-flwr-venv}"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q "flwr==1.42.*"
+    "$venv/bin/pip" install -q "flwr[simulation]==1.42.*"
 fi
-exec "$venv/bin/python" "$(dirname "$0")/compare_flower_secagg.py"
+"$venv/bin/python" "$here/compare_flower_secagg.py"
+for mode in secagg plain; do
+    "$venv/bin/python" "$here/compare_flower_round.py" "$mode" 2>/dev/null | tail -n 1
+done
