@@ -731,17 +731,20 @@ impl Quantizer {
         let clipped = crate::dp::ClippedUpdate::clip(values.to_vec(), self.clip_norm)
             .map_err(|e| SecAggError::Quantization(e.to_string()))?;
         let gamma = self.scale();
-        let rng = SystemRandom::new();
-        let mut coins = [0u8; 4096];
+        // Rounding coins from a ChaCha20 stream under a fresh key from the OS: the same
+        // CSPRNG construction as the kernel's, without a system call per 4 KiB.
+        let coin_key = random_bytes::<32>()?;
+        let mut coins = [0u32; 1024];
         out.clear();
         out.reserve(values.len());
-        for chunk in clipped.values().chunks(coins.len() / 4) {
-            rng.fill(&mut coins[..chunk.len() * 4])
-                .map_err(|_| SecAggError::Random)?;
-            for (v, c) in chunk.iter().zip(coins.chunks_exact(4)) {
+        for (i, chunk) in clipped.values().chunks(coins.len()).enumerate() {
+            let coins = &mut coins[..chunk.len()];
+            coins.fill(0);
+            add_keystream(&coin_key, (i * 1024) as u64, coins, false);
+            for (v, c) in chunk.iter().zip(coins.iter()) {
                 let x = (*v as f64).clamp(-self.range, self.range) * gamma;
                 let floor = x.floor();
-                let u = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64 / 4_294_967_296.0;
+                let u = *c as f64 / 4_294_967_296.0;
                 let q = floor + if u < x - floor { 1.0 } else { 0.0 };
                 out.push((q as i64 as i32) as u32);
             }
