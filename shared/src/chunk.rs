@@ -28,9 +28,19 @@ pub enum ChunkError {
 
 /// Encodes values as little-endian bytes.
 pub fn encode(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+    // Fixed-size stores into a sized buffer vectorize; a push per value does not.
+    let mut out = vec![0u8; values.len() * 4];
+    for (o, v) in out.chunks_exact_mut(4).zip(values) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Encodes u32 words (a masked input) as little-endian bytes.
+pub fn encode_u32(values: &[u32]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * 4];
+    for (o, v) in out.chunks_exact_mut(4).zip(values) {
+        o.copy_from_slice(&v.to_le_bytes());
     }
     out
 }
@@ -147,11 +157,10 @@ impl ChunkCursor {
 
 /// Splits a vector of u32 words (a masked input) into `(seq, offset, bytes)` chunks.
 pub fn chunks_u32(values: &[u32]) -> impl Iterator<Item = (u64, u64, Vec<u8>)> + '_ {
-    values.chunks(CHUNK_VALUES).enumerate().map(|(seq, chunk)| {
-        let offset = (seq * CHUNK_VALUES) as u64;
-        let bytes = chunk.iter().flat_map(|w| w.to_le_bytes()).collect();
-        (seq as u64, offset, bytes)
-    })
+    values
+        .chunks(CHUNK_VALUES)
+        .enumerate()
+        .map(|(seq, chunk)| (seq as u64, (seq * CHUNK_VALUES) as u64, encode_u32(chunk)))
 }
 
 /// Splits a flat vector into `(seq, offset, bytes)` chunks.
