@@ -84,8 +84,7 @@ async fn the_coordinator_noises_the_clipped_sum_and_charges_one_study_ledger() {
             after[i] as f64 - before[i] as f64 - sum / 3.0
         })
         .collect();
-    let mean = residual.iter().sum::<f64>() / n as f64;
-    let sd = (residual.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    let (mean, sd) = mean_and_std(&residual);
     let want = SIGMA * CLIP / 3.0;
     // The sample std of 2049 draws is within 1.6 % (one sd) of the truth; allow 8 %.
     assert!((sd - want).abs() < 0.08 * want, "noise std {sd}, want {want}");
@@ -152,17 +151,7 @@ async fn real_agents_clip_their_deltas_and_charge_their_own_ledgers() {
         .await
         .expect("federation starts");
     let manifest = manifest(&table.columns, 3, 3, 60, 2).replace("[selection]", &site_privacy(d, 100.0, 1.0));
-    let id = fed.create_study(&manifest).await.expect("create");
-    fed.start_study(&id).await.expect("start");
-    let status = fed
-        .wait_for(&id, LONG, |i| i.state == pb::StudyState::Completed as i32)
-        .await
-        .expect("study ends");
-    let info = status.info.clone().expect("info");
-    assert_eq!(info.state, pb::StudyState::Completed as i32, "{}", info.reason);
-    for r in status.rounds.iter().filter(|r| r.committed) {
-        assert_eq!(r.contributors.len(), 3, "round {}: {:?}", r.round, r.contributors);
-    }
+    complete_study(&mut fed, &manifest, 3).await;
     fed.stop_agents().await;
     let per_round = epsilon(
         &GaussianSteps {

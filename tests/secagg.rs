@@ -300,17 +300,7 @@ async fn three_real_agents_train_under_secure_aggregation() {
         "[selection]",
         "[strategy]\nweighting = \"uniform\"\n\n[secure_aggregation]\nthreshold = 2\nclip_norm = 10.0\n\n[selection]",
     );
-    let id = fed.create_study(&manifest).await.expect("create");
-    fed.start_study(&id).await.expect("start");
-    let status = fed
-        .wait_for(&id, LONG, |i| i.state == pb::StudyState::Completed as i32)
-        .await
-        .expect("study ends");
-    let info = status.info.clone().expect("info");
-    assert_eq!(info.state, pb::StudyState::Completed as i32, "{}", info.reason);
-    for r in status.rounds.iter().filter(|r| r.committed) {
-        assert_eq!(r.contributors.len(), 3);
-    }
+    let (id, _) = complete_study(&mut fed, &manifest, 3).await;
     let (_, params) = fed.export(&id, None).await.expect("export");
     let test = table.subset(&split.test);
     let spec = medfl_shared::model::ModelSpec {
@@ -438,8 +428,7 @@ async fn sites_add_the_noise_in_shares_under_site_level_dp() {
             (after[i] - before[i]) as f64 - sum / 5.0
         })
         .collect();
-    let mean = residual.iter().sum::<f64>() / D as f64;
-    let sd = (residual.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (D - 1) as f64).sqrt();
+    let (mean, sd) = mean_and_std(&residual);
     // Five survivors each add σ_i = σΔ/√3 (Δ ≈ γS); divided by the five selected.
     let want = (5.0f64).sqrt() * sigma / (3.0f64).sqrt() / 5.0;
     assert!((sd - want).abs() < 0.08 * want, "noise std {sd}, want {want}");

@@ -963,25 +963,37 @@ impl Engine {
             finished_ms: now_ms(),
             reason: String::new(),
         };
+        let message = format!(
+            "{} updates, {} examples",
+            record.contributors.len(),
+            record.num_examples
+        );
+        self.commit_and_announce(id, record, acc, manifest, privacy, message)
+            .await
+    }
+
+    /// Commits a round off the reactor (see [`Self::commit`]), then announces it.
+    async fn commit_and_announce(
+        self: &Arc<Self>,
+        id: &str,
+        record: RoundRecord,
+        acc: WeightedSum,
+        manifest: Arc<StudyManifest>,
+        privacy: Option<PrivacyPlan>,
+        message: String,
+    ) -> Result<RoundOutcome, ServiceError> {
         let engine = self.clone();
         let study_id = id.to_string();
         let rec = record.clone();
-        let for_commit = manifest.clone();
-        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc, &for_commit, privacy))
+        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc, &manifest, privacy))
             .await
             .map_err(|e| ServiceError::Unavailable(format!("commit task failed: {e}")))??;
-        info!(round, n_updates = record.contributors.len(), "round committed");
-        self.emit(
-            id,
-            EventKind::RoundCommitted,
-            round,
-            "",
-            format!(
-                "{} updates, {} examples",
-                record.contributors.len(),
-                record.num_examples
-            ),
+        info!(
+            round = record.round,
+            n_updates = record.contributors.len(),
+            "round committed"
         );
+        self.emit(id, EventKind::RoundCommitted, record.round, "", message);
         Ok(RoundOutcome::Committed)
     }
 
@@ -1093,21 +1105,9 @@ impl Engine {
             finished_ms: now_ms(),
             reason: String::new(),
         };
-        let engine = self.clone();
-        let study_id = id.to_string();
-        let rec = record.clone();
-        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc, &manifest, privacy))
+        let message = format!("{} masked updates, unmasked as one sum", record.contributors.len());
+        self.commit_and_announce(id, record, acc, manifest, privacy, message)
             .await
-            .map_err(|e| ServiceError::Unavailable(format!("commit task failed: {e}")))??;
-        info!(round, n_updates = record.contributors.len(), "secure round committed");
-        self.emit(
-            id,
-            EventKind::RoundCommitted,
-            round,
-            "",
-            format!("{} masked updates, unmasked as one sum", record.contributors.len()),
-        );
-        Ok(RoundOutcome::Committed)
     }
 
     /// Writes the new global model chunk by chunk (previous chunk + mean update), then

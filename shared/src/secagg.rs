@@ -861,6 +861,22 @@ mod tests {
         assert!(mean.abs() < 1.0, "mean {mean}");
     }
 
+    /// Fresh secrets for every site of the roster, and their advertised keys.
+    fn keyed(p: &SessionParams) -> (Vec<SiteSecrets>, Vec<(String, AdvertisedKeys)>) {
+        let secrets: Vec<SiteSecrets> = p
+            .roster
+            .iter()
+            .map(|_| SiteSecrets::generate().expect("keys"))
+            .collect();
+        let keys = p
+            .roster
+            .iter()
+            .cloned()
+            .zip(secrets.iter().map(|s| s.public()))
+            .collect();
+        (secrets, keys)
+    }
+
     fn params(n: usize, t: u32, d: u64) -> SessionParams {
         SessionParams {
             study_id: "s-1".into(),
@@ -901,13 +917,7 @@ mod tests {
         let (n, t, d) = (p.roster.len(), p.threshold, inputs[0].len());
         let p = p.clone();
         p.validate()?;
-        let secrets: Vec<SiteSecrets> = (0..n).map(|_| SiteSecrets::generate()).collect::<Result<_>>()?;
-        let u1: Vec<(String, AdvertisedKeys)> = p
-            .roster
-            .iter()
-            .cloned()
-            .zip(secrets.iter().map(|s| s.public()))
-            .collect();
+        let (secrets, u1) = keyed(&p);
         // Round 1: everyone shares; inbox[v] = (from, sealed).
         let mut inbox: Vec<Vec<(usize, Vec<u8>)>> = vec![Vec::new(); n];
         for (u, secret) in secrets.iter().enumerate() {
@@ -1018,13 +1028,7 @@ mod tests {
         // Chi-square over byte values of one site's masked zeros (255 dof: the 0.999
         // quantile is about 330).
         let p = params(3, 2, 64 * 1024);
-        let secrets: Vec<SiteSecrets> = (0..3).map(|_| SiteSecrets::generate().expect("keys")).collect();
-        let u2: Vec<(String, AdvertisedKeys)> = p
-            .roster
-            .iter()
-            .cloned()
-            .zip(secrets.iter().map(|s| s.public()))
-            .collect();
+        let (secrets, u2) = keyed(&p);
         let mut y = vec![0u32; 64 * 1024];
         MaskPlan::for_site(&p, &secrets[0], &p.roster[0], &u2)
             .expect("plan")
@@ -1043,8 +1047,7 @@ mod tests {
     #[test]
     fn sealed_shares_bind_session_sender_and_recipient() {
         let p = params(3, 2, 10);
-        let s: Vec<SiteSecrets> = (0..3).map(|_| SiteSecrets::generate().expect("keys")).collect();
-        let u1: Vec<(String, AdvertisedKeys)> = p.roster.iter().cloned().zip(s.iter().map(|s| s.public())).collect();
+        let (s, u1) = keyed(&p);
         let sealed = seal_shares(&p, &s[0], &p.roster[0], &u1).expect("seal");
         let to1 = &sealed[1].1;
         assert!(open_shares(&p, &s[1], &p.roster[1], &p.roster[0], &u1[0].1, to1).is_ok());
@@ -1091,13 +1094,7 @@ mod tests {
     #[test]
     fn a_mask_applied_in_parallel_pieces_equals_the_serial_stream() {
         let p = params(3, 2, 300_000);
-        let secrets: Vec<SiteSecrets> = (0..3).map(|_| SiteSecrets::generate().expect("keys")).collect();
-        let u2: Vec<(String, AdvertisedKeys)> = p
-            .roster
-            .iter()
-            .cloned()
-            .zip(secrets.iter().map(|s| s.public()))
-            .collect();
+        let (secrets, u2) = keyed(&p);
         let plan = MaskPlan::for_site(&p, &secrets[1], &p.roster[1], &u2).expect("plan");
         let mut parallel = vec![5u32; 300_000];
         plan.apply(0, &mut parallel);

@@ -163,3 +163,40 @@ pub async fn started_simulated_study(
     fed.start_study(&id).await.expect("start");
     (fed, clients, id)
 }
+
+/// Creates and starts a study from `manifest`, waits for it to complete, and checks
+/// that every committed round had `contributors` sites. Returns its id and status.
+pub async fn complete_study(
+    fed: &mut medfl::Federation,
+    manifest: &str,
+    contributors: usize,
+) -> (String, pb::StudyStatus) {
+    let id = fed.create_study(manifest).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for(&id, Duration::from_secs(120), |i| {
+            i.state == pb::StudyState::Completed as i32
+        })
+        .await
+        .expect("study ends");
+    let info = status.info.clone().expect("info");
+    assert_eq!(info.state, pb::StudyState::Completed as i32, "{}", info.reason);
+    for r in status.rounds.iter().filter(|r| r.committed) {
+        assert_eq!(
+            r.contributors.len(),
+            contributors,
+            "round {}: {:?}",
+            r.round,
+            r.contributors
+        );
+    }
+    (id, status)
+}
+
+/// The sample mean and standard deviation of `xs`.
+pub fn mean_and_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
