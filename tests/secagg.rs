@@ -451,3 +451,61 @@ async fn sites_add_the_noise_in_shares_under_site_level_dp() {
     assert!((charges[0]["noise_multiplier"].as_f64().expect("σ") - sigma).abs() < 1e-6);
     fed.shutdown().await.expect("clean shutdown");
 }
+
+/// Five agent processes, two killed right after sharing their keys (their failpoint
+/// ends them): the three survivors' round still commits, the two unmasked as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agent_processes_killed_after_sharing_keys_do_not_stop_the_round() {
+    let (table, _, tables) = iid_site_tables(5);
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = Federation::builder()
+        .sites(5)
+        .dir(owned.path())
+        .build()
+        .await
+        .expect("federation starts");
+    let mut agents = Vec::new();
+    for (k, (name, t)) in fed.site_names.clone().iter().zip(&tables).enumerate() {
+        let dir = fed.dir.join(name);
+        std::fs::write(dir.join("data.csv"), t.to_csv("malignant")).expect("data");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            "profile = \".\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"breast_cancer\"\npath = \"data.csv\"\nlabel = \"malignant\"\n",
+        )
+        .expect("agent.toml");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_medfl"));
+        cmd.args(["agent", "--config"]).arg(&config).env("RUST_LOG", "warn");
+        if k == 1 || k == 3 {
+            cmd.env("MEDFL_FAILPOINT", "secagg_after_share");
+        }
+        agents.push(cmd.spawn().expect("start agent"));
+    }
+    let manifest = manifest(&table.columns, 1, 5, 60, 1).replace(
+        "[selection]",
+        "[strategy]\nweighting = \"uniform\"\n\n[secure_aggregation]\nthreshold = 3\nclip_norm = 10.0\nstage_timeout_secs = 3\n\n[selection]",
+    );
+    let id = fed.create_study(&manifest).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed.wait_for_round(&id, 1, LONG).await;
+    let mut exits = Vec::new();
+    for mut a in agents {
+        let code = a.try_wait().expect("poll agent").and_then(|s| s.code());
+        let _ = a.kill();
+        let _ = a.wait();
+        exits.push(code);
+    }
+    let status = status.expect("round 1 commits");
+    let round = status.rounds.iter().find(|r| r.committed).expect("committed round");
+    assert_eq!(
+        round.contributors,
+        vec!["hospital-a", "hospital-c", "hospital-e"],
+        "{:?}",
+        status.rounds
+    );
+    assert_eq!(exits[1], Some(137), "hospital-b died at its failpoint");
+    assert_eq!(exits[3], Some(137), "hospital-d died at its failpoint");
+    let (_, params) = fed.export(&id, Some(1)).await.expect("round 1 model");
+    assert!(params.iter().all(|v| v.is_finite()));
+    fed.shutdown().await.expect("clean shutdown");
+}

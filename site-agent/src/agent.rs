@@ -492,6 +492,12 @@ async fn handle_work(
         let outcome = async {
             session.advertise(client, &creds).await?;
             session.share_keys(client, &creds).await?;
+            // Failpoint for dropout tests: MEDFL_FAILPOINT=secagg_after_share ends the
+            // process after the site's shares left and before its masked input does.
+            if std::env::var("MEDFL_FAILPOINT").as_deref() == Ok("secagg_after_share") {
+                warn!("failpoint secagg_after_share: exiting before the masked input");
+                std::process::exit(137);
+            }
             session
                 .send_masked(client, &work, &manifest, &update_id, &delta)
                 .await?;

@@ -79,7 +79,8 @@ impl Credentials {
         Ok(Credentials { key, verifier })
     }
 
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
+    /// Signs `message` with the site's certificate key (ECDSA P-256, ASN.1 DER).
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
         Ok(self
             .key
             .sign(&ring::rand::SystemRandom::new(), message)
@@ -222,6 +223,11 @@ impl SiteSession {
             inbox: HashMap::new(),
             revealed: false,
         })
+    }
+
+    /// This session's public keys, as the site advertises them.
+    pub fn public_keys(&self) -> AdvertisedKeys {
+        self.secrets.public()
     }
 
     /// Round 0: advertises this session's public keys, signed.
