@@ -22,16 +22,18 @@
 //! SHA-256 of the roster and parameters ([`SessionParams::session_id`]), so masks are
 //! never reused across rounds or attempts.
 //!
-//! PRG ([`add_keystream`]), specified exactly: ChaCha20 as in RFC 8439 (20 rounds,
-//! 256-bit key, 96-bit nonce, 32-bit block counter); key = the 32-byte seed, nonce =
-//! 12 zero bytes (each key expands one stream), block counter starting at 0; word i
-//! of the stream is bytes [4i, 4i+4) of the keystream read as a little-endian u32.
-//! A stream is at most 2^32 blocks = 2^36 words, which bounds the model size.
+//! PRG ([`add_keystream`]), specified exactly: AES-128 in counter mode as GCM runs it
+//! (NIST SP 800-38D, Sec. 6.5, GCTR from inc32(J0) with J0 = IV ‖ 0^31 ‖ 1). The
+//! AES key is the first 16 bytes of the 32-byte seed. The stream is cut into blocks
+//! of [`PRG_BLOCK_WORDS`] words; block b is the GCTR keystream under IV = b as a
+//! 96-bit big-endian integer (counter blocks IV ‖ 2, IV ‖ 3, …, 32-bit big-endian).
+//! Word i of block b is bytes [4i, 4i+4) of that keystream read as a little-endian
+//! u32, and is word b·PRG_BLOCK_WORDS + i of the stream. (ring computes it as the
+//! ciphertext of AES-128-GCM over zero bytes, whose tag is discarded.) A stream holds
+//! [`MAX_VALUES`] words at most, which bounds the model size.
 
 use std::collections::{BTreeSet, HashMap};
 
-use chacha20::ChaCha20;
-use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use ring::aead;
 use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -42,8 +44,11 @@ use x25519_dalek::{PublicKey, StaticSecret};
 /// Domain separation for every hash, key derivation and signature of this protocol.
 pub const PROTOCOL: &[u8] = b"medfl-secagg-v1";
 
-/// Most values one session can mask: 2^32 ChaCha20 blocks of 16 words.
+/// Most values one session can mask (2^22 PRG blocks).
 pub const MAX_VALUES: u64 = 1 << 36;
+
+/// Words per PRG block: each block has its own IV (see the module docs).
+pub const PRG_BLOCK_WORDS: usize = 1 << 14;
 
 /// Most sites in one session: Shamir shares live in GF(256), x = 1..=255.
 pub const MAX_SITES: usize = 255;
@@ -460,22 +465,35 @@ pub fn reconstruct_mask_key(shares: &[Vec<u8>], threshold: u32, site: &str, adve
 /// Adds (or subtracts) the keystream of `key`, from word `offset` on, to `values`,
 /// wrapping mod 2^32. See the module docs for the exact PRG.
 pub fn add_keystream(key: &[u8; 32], offset: u64, values: &mut [u32], subtract: bool) {
-    let mut cipher = ChaCha20::new(key.into(), &[0u8; 12].into());
-    cipher.seek(offset * 4);
-    let mut buf = [0u8; 4096];
-    for chunk in values.chunks_mut(buf.len() / 4) {
-        let bytes = &mut buf[..chunk.len() * 4];
+    let Ok(unbound) = aead::UnboundKey::new(&aead::AES_128_GCM, &key[..16]) else {
+        return; // 16 bytes always make an AES-128 key
+    };
+    let cipher = aead::LessSafeKey::new(unbound);
+    let mut buf = vec![0u8; PRG_BLOCK_WORDS * 4];
+    let mut done = 0usize;
+    while done < values.len() {
+        let word = offset + done as u64;
+        let block = word / PRG_BLOCK_WORDS as u64;
+        let skip = (word % PRG_BLOCK_WORDS as u64) as usize;
+        let take = (PRG_BLOCK_WORDS - skip).min(values.len() - done);
+        let bytes = &mut buf[..(skip + take) * 4];
         bytes.fill(0);
-        cipher.apply_keystream(bytes);
+        let mut iv = [0u8; 12];
+        iv[4..].copy_from_slice(&block.to_be_bytes());
+        // Encrypting zeros yields the GCTR keystream; the tag is not used.
+        let _ = cipher.seal_in_place_separate_tag(aead::Nonce::assume_unique_for_key(iv), aead::Aad::empty(), bytes);
+        let chunk = &mut values[done..done + take];
+        let stream = bytes[skip * 4..].chunks_exact(4);
         if subtract {
-            for (v, w) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+            for (v, w) in chunk.iter_mut().zip(stream) {
                 *v = v.wrapping_sub(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
             }
         } else {
-            for (v, w) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+            for (v, w) in chunk.iter_mut().zip(stream) {
                 *v = v.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
             }
         }
+        done += take;
     }
 }
 
@@ -557,7 +575,8 @@ impl MaskPlan {
             }
             return;
         }
-        let piece = values.len().div_ceil(threads);
+        // Pieces start on PRG block boundaries, so no block is expanded twice.
+        let piece = values.len().div_ceil(threads).next_multiple_of(PRG_BLOCK_WORDS);
         std::thread::scope(|scope| {
             for (i, slice) in values.chunks_mut(piece).enumerate() {
                 let start = offset + (i * piece) as u64;
@@ -731,8 +750,8 @@ impl Quantizer {
         let clipped = crate::dp::ClippedUpdate::clip(values.to_vec(), self.clip_norm)
             .map_err(|e| SecAggError::Quantization(e.to_string()))?;
         let gamma = self.scale();
-        // Rounding coins from a ChaCha20 stream under a fresh key from the OS: the same
-        // CSPRNG construction as the kernel's, without a system call per 4 KiB.
+        // Rounding coins from the PRG under a fresh key from the OS: a CSPRNG without
+        // a system call per 4 KiB.
         let coin_key = random_bytes::<32>()?;
         let mut coins = [0u32; 1024];
         out.clear();
@@ -891,18 +910,20 @@ mod tests {
     }
 
     #[test]
-    fn keystream_matches_rfc8439_and_seeks() {
-        // RFC 8439 Appendix A.1, test vector #1: key 0, nonce 0, block counter 0.
+    fn keystream_matches_the_gcm_test_vector_and_seeks() {
+        // McGrew & Viega, GCM spec, test case 2: K = 0^128, IV = 0^96, P = 0^128 gives
+        // C = 0388dace60b6a392f328c2b971b2fe78, the GCTR keystream of our block 0.
         let mut words = [0u32; 4];
         add_keystream(&[0; 32], 0, &mut words, false);
-        assert_eq!(words, [0xade0_b876, 0x903d_f1a0, 0xe56a_5d40, 0x28bd_8653]);
-        // Any window of the stream equals the same words of one long expansion.
+        assert_eq!(words, [0xce_da_88_03, 0x92_a3_b6_60, 0xb9_c2_28_f3, 0x78_fe_b2_71]);
+        // Any window of the stream equals the same words of one long expansion,
+        // across PRG blocks.
         let key = [7u8; 32];
-        let mut whole = vec![0u32; 5000];
+        let mut whole = vec![0u32; 3 * PRG_BLOCK_WORDS + 100];
         add_keystream(&key, 0, &mut whole, false);
-        let mut part = vec![0u32; 1234];
+        let mut part = vec![0u32; PRG_BLOCK_WORDS + 1234];
         add_keystream(&key, 1777, &mut part, false);
-        assert_eq!(part, whole[1777..1777 + 1234]);
+        assert_eq!(part, whole[1777..1777 + PRG_BLOCK_WORDS + 1234]);
         add_keystream(&key, 1777, &mut part, true);
         assert!(part.iter().all(|w| *w == 0));
     }
