@@ -47,7 +47,9 @@ async fn take_part(
 ) -> (SiteClient<Channel>, Option<Vec<u32>>) {
     let work = next_work(&mut client, Duration::from_secs(30)).await.expect("work");
     let manifest = StudyManifest::from_toml(&work.manifest_toml).expect("manifest");
-    let mut session = SiteSession::new(&work, &manifest, &name, None).expect("the session matches the manifest");
+    // Like an agent, the site works out σ from the manifest itself (site-level DP).
+    let sigma = manifest.privacy_plan().expect("plan").map(|p| p.sigma);
+    let mut session = SiteSession::new(&work, &manifest, &name, sigma).expect("the session matches the manifest");
     session.advertise(&mut client, &creds).await.expect("advertise");
     session.share_keys(&mut client, &creds).await.expect("share keys");
     if until == Until::SharedKeys {
@@ -373,15 +375,7 @@ async fn a_site_that_refuses_does_not_hold_the_round_until_its_deadline() {
 async fn sites_add_the_noise_in_shares_under_site_level_dp() {
     let features = feature_names(4);
     let sigma = 2.0;
-    let zeros = ["0.0"; 4].join(", ");
-    let manifest = secure_manifest(&features, 1, 5, 3)
-        .replace("clip_norm = 10.0", "clip_norm = 1.0")
-        .replace(
-            "[secure_aggregation]",
-            &format!(
-                "[data.scaling]\ncenter = [{zeros}]\nscale = [1.0, 1.0, 1.0, 1.0]\n\n[privacy]\nunit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nnoise_multiplier = {sigma}\nbudget_epsilon = 50.0\n\n[secure_aggregation]"
-            ),
-        );
+    let manifest = site_dp_manifest(&features, sigma);
     let parsed = StudyManifest::from_toml(&manifest).expect("site-level DP with secure aggregation is accepted");
     let mismatched = manifest.replacen("clip_norm = 1.0", "clip_norm = 2.0", 1);
     let err = StudyManifest::from_toml(&mismatched).expect_err("two clip norms");
@@ -507,5 +501,46 @@ async fn two_agent_processes_killed_after_sharing_keys_do_not_stop_the_round() {
     assert_eq!(exits[3], Some(137), "hospital-d died at its failpoint");
     let (_, params) = fed.export(&id, Some(1)).await.expect("round 1 model");
     assert!(params.iter().all(|v| v.is_finite()));
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+/// Five sites, threshold 3, site-level DP (σ, S = 1) under secure aggregation.
+fn site_dp_manifest(features: &[String], sigma: f64) -> String {
+    let zeros = ["0.0"; 4].join(", ");
+    secure_manifest(features, 1, 5, 3)
+        .replace("clip_norm = 10.0", "clip_norm = 1.0")
+        .replace(
+            "[secure_aggregation]",
+            &format!(
+                "[data.scaling]\ncenter = [{zeros}]\nscale = [1.0, 1.0, 1.0, 1.0]\n\n[privacy]\nunit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nnoise_multiplier = {sigma}\nbudget_epsilon = 50.0\n\n[secure_aggregation]"
+            ),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_threshold_a_dp_round_charges_nothing() {
+    let features = feature_names(4);
+    let (mut fed, id, _) = round_of(5, &site_dp_manifest(&features, 2.0), &[0, 2, 4]).await;
+    let status = fed
+        .wait_for(&id, LONG, |i| i.state == pb::StudyState::Failed as i32)
+        .await
+        .expect("study ends");
+    assert_eq!(status.info.expect("info").rounds_completed, 0);
+    let auditor = fed.pki.join("auditor/profile.toml");
+    let out = medfl(&[
+        "audit",
+        "ledger",
+        "--study",
+        &id,
+        "--json",
+        "--profile",
+        auditor.to_str().expect("utf-8"),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        report["charges"].as_array().map(Vec::len),
+        Some(0),
+        "nothing released, nothing charged"
+    );
     fed.shutdown().await.expect("clean shutdown");
 }
