@@ -80,12 +80,9 @@ async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_a
     }
 
     // The auditor reads the ledger and recomputes every charge.
+    let charges = audit_ledger(&fed, &id);
     let auditor = fed.pki.join("auditor/profile.toml");
     let a = auditor.to_str().expect("utf-8");
-    let out = medfl(&["audit", "ledger", "--study", &id, "--json", "--profile", a]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let charges = report["charges"].as_array().expect("charges");
     assert_eq!(charges.len(), 6, "two sites × three rounds");
     let last = charges.iter().rfind(|c| c["site"] == "hospital-a").expect("hospital-a");
     assert!((last["epsilon_after"].as_f64().expect("eps") - study_eps(3)).abs() < 1e-6);

@@ -122,12 +122,9 @@ async fn the_coordinator_noises_the_clipped_sum_and_charges_one_study_ledger() {
     assert_eq!(round2.selected.len(), 3);
 
     // One study-wide charge per round; the auditor's recomputation agrees.
+    let charges = audit_ledger(&fed, &id);
     let auditor = fed.pki.join("auditor/profile.toml");
     let a = auditor.to_str().expect("utf-8");
-    let out = medfl(&["audit", "ledger", "--study", &id, "--json", "--profile", a]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let charges = report["charges"].as_array().expect("charges");
     assert_eq!(charges.len(), 2, "{charges:?}");
     assert!(charges.iter().all(|c| c["site"] == "*" && c["sample_rate"] == 1.0));
     let last = charges[1]["epsilon_after"].as_f64().expect("ε");

@@ -428,18 +428,7 @@ async fn sites_add_the_noise_in_shares_under_site_level_dp() {
     assert!((sd - want).abs() < 0.08 * want, "noise std {sd}, want {want}");
     assert!(mean.abs() < 5.0 * want / (D as f64).sqrt(), "noise mean {mean}");
     // One study-wide charge at the planned multiplier.
-    let auditor = fed.pki.join("auditor/profile.toml");
-    let out = medfl(&[
-        "audit",
-        "ledger",
-        "--study",
-        &id,
-        "--json",
-        "--profile",
-        auditor.to_str().expect("utf-8"),
-    ]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let charges = report["charges"].as_array().expect("charges");
+    let charges = audit_ledger(&fed, &id);
     assert_eq!(charges.len(), 1);
     assert_eq!(charges[0]["site"], "*");
     assert!((charges[0]["noise_multiplier"].as_f64().expect("σ") - sigma).abs() < 1e-6);
@@ -526,21 +515,6 @@ async fn below_the_threshold_a_dp_round_charges_nothing() {
         .await
         .expect("study ends");
     assert_eq!(status.info.expect("info").rounds_completed, 0);
-    let auditor = fed.pki.join("auditor/profile.toml");
-    let out = medfl(&[
-        "audit",
-        "ledger",
-        "--study",
-        &id,
-        "--json",
-        "--profile",
-        auditor.to_str().expect("utf-8"),
-    ]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(
-        report["charges"].as_array().map(Vec::len),
-        Some(0),
-        "nothing released, nothing charged"
-    );
+    assert!(audit_ledger(&fed, &id).is_empty(), "nothing released, nothing charged");
     fed.shutdown().await.expect("clean shutdown");
 }

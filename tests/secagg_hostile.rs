@@ -177,15 +177,7 @@ fn session(manifest: &StudyManifest) -> (SessionParams, pb::WorkItem) {
         manifest_toml: manifest.to_toml(),
         deadline_unix_ms: 0,
         num_params: manifest.num_params(),
-        secagg: Some(pb::SecAggSession {
-            session_id: params.session_id().to_vec(),
-            roster: params.roster.clone(),
-            threshold: params.threshold,
-            num_values: params.num_values,
-            scale_log2: params.scale_log2,
-            attempt: 1,
-            neighbours: params.neighbours,
-        }),
+        secagg: Some(medfl_proto::secagg::session_to_pb(&params)),
     };
     (params, work)
 }

@@ -78,15 +78,7 @@ impl SecureRound {
     }
 
     pub fn to_pb(&self) -> pb::SecAggSession {
-        pb::SecAggSession {
-            session_id: self.session_id.to_vec(),
-            roster: self.params.roster.clone(),
-            threshold: self.params.threshold,
-            num_values: self.params.num_values,
-            scale_log2: self.params.scale_log2,
-            attempt: self.params.attempt,
-            neighbours: self.params.neighbours,
-        }
+        medfl_proto::secagg::session_to_pb(&self.params)
     }
 
     pub fn check_session(&self, session_id: &[u8]) -> Result<(), ServiceError> {

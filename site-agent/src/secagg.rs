@@ -159,16 +159,7 @@ impl SiteSession {
         let Some(s) = &work.secagg else {
             return refuse("the manifest requires secure aggregation, the work item carries no session");
         };
-        let params = SessionParams {
-            study_id: work.study_id.clone(),
-            round: work.round,
-            attempt: s.attempt,
-            roster: s.roster.clone(),
-            threshold: s.threshold,
-            num_values: s.num_values,
-            scale_log2: s.scale_log2,
-            neighbours: s.neighbours,
-        };
+        let params = medfl_proto::secagg::session_from_pb(work, s);
         params.validate().map_err(|e| Refusal(e.to_string()))?;
         let session_id = params.session_id();
         if s.session_id != session_id {
@@ -470,15 +461,7 @@ clip_norm = 1.0
             manifest_toml: manifest.to_toml(),
             deadline_unix_ms: 0,
             num_params: manifest.num_params(),
-            secagg: Some(pb::SecAggSession {
-                session_id: params.session_id().to_vec(),
-                roster: params.roster.clone(),
-                threshold: params.threshold,
-                num_values: params.num_values,
-                scale_log2: params.scale_log2,
-                attempt: params.attempt,
-                neighbours: params.neighbours,
-            }),
+            secagg: Some(medfl_proto::secagg::session_to_pb(&params)),
         }
     }
 

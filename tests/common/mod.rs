@@ -200,3 +200,20 @@ pub fn mean_and_std(xs: &[f64]) -> (f64, f64) {
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, var.sqrt())
 }
+
+/// The auditor's `medfl audit ledger --json` for study `id` (the charges as JSON).
+pub fn audit_ledger(fed: &medfl::Federation, id: &str) -> Vec<serde_json::Value> {
+    let auditor = fed.pki.join("auditor/profile.toml");
+    let out = medfl(&[
+        "audit",
+        "ledger",
+        "--study",
+        id,
+        "--json",
+        "--profile",
+        auditor.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    report["charges"].as_array().cloned().expect("charges")
+}
