@@ -139,7 +139,8 @@ async fn all_five_sites_unmask_to_the_mean_and_a_masked_input_looks_uniform() {
     fed.shutdown().await.expect("clean shutdown");
     // What the coordinator received from hospital-a, byte by byte: its plain input is
     // small integers (mostly 0x00 and 0xff bytes); masked, the bytes must be uniform.
-    // Chi-square with 255 degrees of freedom: the 0.999 quantile is about 330.
+    // Chi-square with 255 degrees of freedom: the 1 − 10⁻⁶ quantile is about 377 (plain
+    // small integers score in the hundreds of thousands).
     let words = masked[0].as_ref().expect("sent");
     assert_eq!(words.len(), D);
     let mut counts = [0f64; 256];
@@ -150,7 +151,7 @@ async fn all_five_sites_unmask_to_the_mean_and_a_masked_input_looks_uniform() {
     }
     let expected = (words.len() * 4) as f64 / 256.0;
     let chi2: f64 = counts.iter().map(|c| (c - expected).powi(2) / expected).sum();
-    assert!(chi2 < 330.0, "chi-square {chi2}: the masked input is not uniform");
+    assert!(chi2 < 380.0, "chi-square {chi2}: the masked input is not uniform");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

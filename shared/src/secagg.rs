@@ -1046,8 +1046,8 @@ mod tests {
 
     #[test]
     fn a_masked_input_alone_looks_uniform() {
-        // Chi-square over byte values of one site's masked zeros (255 dof: the 0.999
-        // quantile is about 330).
+        // Chi-square over byte values of one site's masked zeros (255 dof: the 1 − 10⁻⁶
+        // quantile is about 377 by Wilson–Hilferty, so a false alarm is one in a million).
         let p = params(3, 2, 64 * 1024);
         let (secrets, u2) = keyed(&p);
         let mut y = vec![0u32; 64 * 1024];
@@ -1062,7 +1062,7 @@ mod tests {
         }
         let expected = (y.len() * 4) as f64 / 256.0;
         let chi2: f64 = counts.iter().map(|c| (c - expected).powi(2) / expected).sum();
-        assert!(chi2 < 330.0, "chi-square {chi2}");
+        assert!(chi2 < 380.0, "chi-square {chi2}");
     }
 
     #[test]
