@@ -162,12 +162,7 @@ impl SecureRound {
             return Err(ServiceError::AlreadyExists(format!("{site} already shared its keys")));
         }
         let to: BTreeSet<&str> = shares.iter().map(|s| s.to.as_str()).collect();
-        let peers: BTreeSet<&str> = st
-            .u1
-            .iter()
-            .filter(|v| self.params.are_peers(site, v))
-            .map(String::as_str)
-            .collect();
+        let peers = self.peers_in(&st.u1, site);
         if to != peers || shares.len() != peers.len() {
             return Err(refuse(
                 "share keys with exactly one sealed pair for every site of U1 that is this site or its neighbour",
@@ -185,10 +180,21 @@ impl SecureRound {
         Ok(())
     }
 
+    /// The members of `set` that exchange shares with `site` (itself included).
+    fn peers_in<'a>(&self, set: &'a [String], site: &str) -> BTreeSet<&'a str> {
+        set.iter()
+            .filter(|v| self.params.are_peers(site, v))
+            .map(String::as_str)
+            .collect()
+    }
+
     /// Whether `site` may send a masked input now.
     pub fn check_masked(&self, site: &str) -> Result<(), ServiceError> {
-        let st = self.lock();
-        Self::expect_stage(&st, 2, "a masked input")?;
+        Self::may_send_masked(&self.lock(), site)
+    }
+
+    fn may_send_masked(st: &State, site: &str) -> Result<(), ServiceError> {
+        Self::expect_stage(st, 2, "a masked input")?;
         if !st.u2.iter().any(|s| s == site) {
             return Err(ServiceError::PermissionDenied(format!("{site} is not in U2")));
         }
@@ -202,8 +208,10 @@ impl SecureRound {
 
     /// Round 2: adds a complete masked input into the sum (mod 2^32).
     pub fn add_masked(&self, site: &str, values: &[u32]) -> Result<(), ServiceError> {
-        self.check_masked(site)?;
+        // Checked under the same lock as the sum, so two concurrent streams from one
+        // site cannot both be added.
         let mut st = self.lock();
+        Self::may_send_masked(&st, site)?;
         if values.len() as u64 != self.params.num_values {
             return Err(refuse("masked input of the wrong length"));
         }
@@ -234,12 +242,7 @@ impl SecureRound {
         }
         let survivors: BTreeSet<&str> = st.u3.iter().map(String::as_str).collect();
         let named: BTreeSet<&str> = shares.iter().map(|s| s.site.as_str()).collect();
-        let peers: BTreeSet<&str> = st
-            .u2
-            .iter()
-            .filter(|v| self.params.are_peers(site, v))
-            .map(String::as_str)
-            .collect();
+        let peers = self.peers_in(&st.u2, site);
         if named != peers || shares.len() != peers.len() {
             return Err(refuse(
                 "reveal exactly one share for every site of U2 that is this site or its neighbour",

@@ -231,7 +231,10 @@ impl SiteService {
             }
         }
         cursor.finish().map_err(ServiceError::from)?;
-        sec.add_masked(site, &values)?;
+        let (for_sum, who) = (sec.clone(), site.to_string());
+        tokio::task::spawn_blocking(move || for_sum.add_masked(&who, &values))
+            .await
+            .map_err(|e| Status::internal(format!("masked-sum task failed: {e}")))??;
         open.notify_progress();
         self.engine.touch(site);
         Ok(Response::new(pb::UploadReceipt {

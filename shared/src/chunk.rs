@@ -28,19 +28,19 @@ pub enum ChunkError {
 
 /// Encodes values as little-endian bytes.
 pub fn encode(values: &[f32]) -> Vec<u8> {
-    // Fixed-size stores into a sized buffer vectorize; a push per value does not.
-    let mut out = vec![0u8; values.len() * 4];
-    for (o, v) in out.chunks_exact_mut(4).zip(values) {
-        o.copy_from_slice(&v.to_le_bytes());
-    }
-    out
+    encode_with(values, |v| v.to_le_bytes())
 }
 
 /// Encodes u32 words (a masked input) as little-endian bytes.
 pub fn encode_u32(values: &[u32]) -> Vec<u8> {
+    encode_with(values, |v| v.to_le_bytes())
+}
+
+fn encode_with<T: Copy>(values: &[T], le_bytes: impl Fn(T) -> [u8; 4]) -> Vec<u8> {
+    // Fixed-size stores into a sized buffer vectorize; a push per value does not.
     let mut out = vec![0u8; values.len() * 4];
     for (o, v) in out.chunks_exact_mut(4).zip(values) {
-        o.copy_from_slice(&v.to_le_bytes());
+        o.copy_from_slice(&le_bytes(*v));
     }
     out
 }
