@@ -13,9 +13,12 @@ use tonic::transport::Channel;
 
 use crate::cli::{Conn, SiteCommand, StudyCommand};
 
+fn profile(conn: &Conn) -> Result<Profile> {
+    Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))
+}
+
 fn client(conn: &Conn) -> Result<AdminClient<Channel>> {
-    let profile = Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))?;
-    Ok(AdminClient::new(profile.channel(conn.coordinator.as_deref())?))
+    Ok(AdminClient::new(profile(conn)?.channel(conn.coordinator.as_deref())?))
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -193,10 +196,8 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
     match command {
         StudyCommand::Create { manifest } => {
             let text = std::fs::read_to_string(&manifest).with_context(|| format!("read {}", manifest.display()))?;
-            let info = admin
-                .create_study(pb::CreateStudyRequest { manifest_toml: text })
-                .await?
-                .into_inner();
+            let request = profile(conn)?.signed_create(&text)?;
+            let info = admin.create_study(request).await?.into_inner();
             println!("created study {} (manifest {})", info.study_id, info.manifest_hash);
         }
         StudyCommand::List { json } => {
@@ -294,8 +295,29 @@ pub fn write_safetensors(path: &Path, header: &pb::ModelHeader, params: &[f32]) 
 pub async fn site(conn: &Conn, command: SiteCommand) -> Result<()> {
     let mut admin = client(conn)?;
     match command {
+        SiteCommand::Invite { name, ttl_hours, days } => {
+            let invite = admin
+                .invite_site(pb::InviteRequest {
+                    name: name.clone(),
+                    ttl_secs: ttl_hours * 3600,
+                    certificate_days: days,
+                })
+                .await?
+                .into_inner();
+            println!("{}", invite.token);
+            eprintln!(
+                "one-time enrolment token for site {name}, valid until {} ms since the epoch; on the site: \
+                 medfl-agent enroll --coordinator URL --ca ca.pem --token TOKEN --out DIR",
+                invite.expires_unix_ms
+            );
+        }
+        SiteCommand::Revoke { name, role } => {
+            let r = admin.revoke(pb::RevokeRequest { role, name }).await?.into_inner();
+            println!("revoked {}/{} at {} (by {})", r.role, r.name, r.at_unix_ms, r.by);
+        }
         SiteCommand::List { json } => {
-            let sites = admin.list_sites(pb::Empty {}).await?.into_inner().sites;
+            let list = admin.list_sites(pb::Empty {}).await?.into_inner();
+            let (sites, revoked) = (list.sites, list.revoked);
             if json {
                 let rows: Vec<Value> = sites
                     .iter()
@@ -305,7 +327,10 @@ pub async fn site(conn: &Conn, command: SiteCommand) -> Result<()> {
                                      "datasets": s.datasets.iter().map(|d| d.name.clone()).collect::<Vec<_>>()})
                     })
                     .collect();
-                println!("{}", Value::Array(rows));
+                println!(
+                    "{}",
+                    json!({"sites": rows, "revoked": revoked.iter().map(|r| json!({"role": r.role, "name": r.name, "at_unix_ms": r.at_unix_ms, "by": r.by})).collect::<Vec<_>>()})
+                );
             } else {
                 for s in &sites {
                     let datasets: Vec<&str> = s.datasets.iter().map(|d| d.name.as_str()).collect();
@@ -315,6 +340,12 @@ pub async fn site(conn: &Conn, command: SiteCommand) -> Result<()> {
                         if s.connected { "connected" } else { "disconnected" },
                         s.agent_version,
                         datasets.join(", ")
+                    );
+                }
+                for r in &revoked {
+                    println!(
+                        "{:<24} REVOKED {}/{} at {} by {}",
+                        r.name, r.role, r.name, r.at_unix_ms, r.by
                     );
                 }
             }

@@ -29,6 +29,53 @@ pub enum AuditCommand {
         #[arg(long)]
         study: String,
     },
+    /// Lists the coordinator's tamper-evident audit log: every admin action,
+    /// enrolment, revocation, state change, round event and budget charge.
+    Log {
+        /// Only this study's entries.
+        #[arg(long)]
+        study: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes the whole audit log, with its public key and a signed checkpoint, to FILE.
+    Export {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Checks an exported audit log (or a site's egress log) offline: no coordinator
+    /// needed. Names the first bad entry; exits non-zero on any.
+    Verify {
+        file: std::path::PathBuf,
+        /// The log's public key (hex), to refuse a log re-signed by another key.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+}
+
+async fn audit_lines(conn: &Conn, study: Option<&str>) -> Result<Vec<String>> {
+    let profile = Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))?;
+    let mut client = AuditClient::new(profile.channel(conn.coordinator.as_deref())?);
+    let mut stream = client
+        .get_audit_log(pb::AuditLogRequest {
+            study_id: study.unwrap_or_default().to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(line) = stream.message().await? {
+        lines.push(line.line);
+    }
+    Ok(lines)
+}
+
+/// `medfl audit verify`: the verdict on an export, in words.
+pub fn verify_file(path: &std::path::Path, public_key: Option<&str>) -> Result<medfl_shared::chainlog::Verified> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let is_egress = text.lines().next().is_some_and(|l| l.contains("\"log\":\"egress\""));
+    // A site's live egress log has no checkpoint; an audit export always ends with one.
+    medfl_shared::chainlog::verify_export(&text, public_key, !is_egress)
+        .map_err(|e| anyhow::anyhow!("{}: TAMPERED OR DAMAGED at {e}", path.display()))
 }
 
 /// Relative tolerance between a recorded and a recomputed ε.
@@ -60,6 +107,56 @@ fn recompute(charge: &pb::LedgerCharge, rounds_for_site: u64) -> Result<f64> {
 
 pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
     match command {
+        AuditCommand::Log { study, json } => {
+            use medfl_shared::chainlog::Line;
+            for text in audit_lines(conn, study.as_deref()).await? {
+                let line: Line = serde_json::from_str(&text).context("the coordinator sent a bad audit line")?;
+                match line {
+                    Line::Entry(e) if json => println!("{}", serde_json::to_string(&e)?),
+                    Line::Entry(e) => println!(
+                        "{:>6}  {}  {:<24} {:<16} {:<16} {}",
+                        e.seq,
+                        e.at_ms,
+                        e.actor,
+                        e.action,
+                        if e.study.is_empty() { "-" } else { &e.study },
+                        e.details
+                    ),
+                    Line::Header(h) if !json => println!("audit log of {}, key {}", h.keeper, h.public_key),
+                    _ => {}
+                }
+            }
+        }
+        AuditCommand::Export { out } => {
+            let lines = audit_lines(conn, None).await?;
+            let mut text = lines.join("\n");
+            text.push('\n');
+            let verified = medfl_shared::chainlog::verify_export(&text, None, true)
+                .map_err(|e| anyhow::anyhow!("the coordinator's own log does not verify: {e}"))?;
+            std::fs::write(&out, text).with_context(|| format!("write {}", out.display()))?;
+            println!(
+                "wrote {} audit entries to {} (key {}, head {})",
+                verified.entries,
+                out.display(),
+                verified.header.public_key,
+                verified.head
+            );
+        }
+        AuditCommand::Verify { file, public_key } => {
+            let v = verify_file(&file, public_key.as_deref())?;
+            println!(
+                "OK: {} {} entries of {}, every link and signature checks{}; key {}",
+                v.entries,
+                v.header.log,
+                v.header.keeper,
+                if v.checkpointed {
+                    ", and the signed checkpoint covers them all"
+                } else {
+                    " (no checkpoint: a live log)"
+                },
+                v.header.public_key
+            );
+        }
         AuditCommand::Ledger { study, site, json } => {
             let report = ledger(conn, &study, site.as_deref()).await?;
             if json {

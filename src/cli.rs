@@ -112,10 +112,28 @@ pub enum StudyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SiteCommand {
-    /// Lists registered sites and whether they are connected.
+    /// Lists registered sites, whether they are connected, and revoked identities.
     List {
         #[arg(long)]
         json: bool,
+    },
+    /// Prints a one-time enrolment token for site NAME (`medfl-agent enroll --token`).
+    Invite {
+        name: String,
+        /// Hours the token stays valid.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+        /// Days the site's certificate stays valid (it renews before expiry).
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Revokes every certificate issued to NAME so far: refused at its next
+    /// handshake, its open connections closed.
+    Revoke {
+        name: String,
+        /// site, admin or auditor.
+        #[arg(long, default_value = "site")]
+        role: String,
     },
 }
 

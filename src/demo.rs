@@ -223,6 +223,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             range: None,
             stage_timeout_secs: 30,
         }),
+        admins: Vec::new(),
     };
     manifest.validate()?;
 

@@ -237,8 +237,10 @@ impl FederationBuilder {
         let coord_dir = dir.join("coordinator");
         std::fs::create_dir_all(&coord_dir)?;
         let config = format!(
-            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \".\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\n",
-            self.liveness_secs, self.staging_budget_mib
+            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \".\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\nca = {:?}\n",
+            self.liveness_secs,
+            self.staging_budget_mib,
+            pki_dir.display().to_string()
         );
         std::fs::write(coord_dir.join("coordinator.toml"), config)?;
         let coordinator = match &self.coordinator_binary {
@@ -348,9 +350,7 @@ impl Federation {
     pub async fn create_study(&mut self, manifest_toml: &str) -> Result<String> {
         let info = self
             .admin
-            .create_study(pb::CreateStudyRequest {
-                manifest_toml: manifest_toml.to_string(),
-            })
+            .create_study(self.profile("admin")?.signed_create(manifest_toml)?)
             .await
             .context("create study")?
             .into_inner();

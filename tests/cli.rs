@@ -108,8 +108,9 @@ async fn study_commands_drive_a_running_coordinator() {
     assert_eq!(listed[0]["study_id"], id.as_str());
     let sites: serde_json::Value =
         serde_json::from_str(&stdout(&run(a(&["site", "list", "--json", "--profile", &p])).await)).expect("json");
-    assert_eq!(sites.as_array().map(Vec::len), Some(2));
-    assert_eq!(sites[0]["connected"], true);
+    assert_eq!(sites["sites"].as_array().map(Vec::len), Some(2));
+    assert_eq!(sites["sites"][0]["connected"], true);
+    assert_eq!(sites["revoked"].as_array().map(Vec::len), Some(0));
 
     let out = fed.dir.join("model.safetensors");
     let o = out.to_str().expect("utf-8").to_string();

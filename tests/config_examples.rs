@@ -38,6 +38,8 @@ fn example_coordinator_and_agent_configs_parse() {
         toml::from_str(&example("coordinator.toml")).expect("coordinator.toml");
     assert_eq!(coordinator.listen.port(), 7443);
     let agent: medfl_site_agent::agent::ConfigFile = toml::from_str(&example("agent.toml")).expect("agent.toml");
+    let policy: medfl_site_agent::policy::Policy = toml::from_str(&example("policy.toml")).expect("policy.toml");
+    policy.validate().expect("the example policy validates");
     assert_eq!(agent.datasets.len(), 1);
     for h in ["a", "b", "c"] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/compose/hospital-{h}.toml"));

@@ -57,11 +57,7 @@ async fn three_real_agents_complete_a_study_and_log_what_left() {
 
     // Every update that left a site is in that site's egress log, with its digest.
     for name in &fed.site_names {
-        let log = std::fs::read_to_string(fed.dir.join(name).join("egress.jsonl")).expect("egress log");
-        let entries: Vec<serde_json::Value> = log
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect();
+        let entries = egress_updates(&fed.dir.join(name).join("egress.jsonl"));
         assert_eq!(entries.len(), 4, "{name} sent one update per round");
         assert!(
             entries
@@ -221,12 +217,12 @@ async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
         assert_eq!(charges.len(), 3, "{name} charged once per round");
         let spent = ledger.spent("breast_cancer", 1e-5).expect("spent");
         assert!(spent <= 1.0 && spent > 0.9, "{name} spent {spent}");
-        let log = std::fs::read_to_string(dir.join(name).join("egress.jsonl")).expect("egress log");
-        for line in log.lines() {
-            let e: serde_json::Value = serde_json::from_str(line).expect("json");
+        let log = egress_updates(&dir.join(name).join("egress.jsonl"));
+        assert_eq!(log.len(), 3);
+        for e in log {
             assert_eq!(e["num_examples"], 1, "no row count leaves under DP");
             assert!(e["train_loss"].is_null(), "no loss leaves under DP");
-            assert!(e["dataset_epsilon_after"].as_f64().is_some_and(|x| x <= 1.0));
+            assert!(e["epsilon_after"].as_f64().is_some_and(|x| x <= 1.0));
         }
     }
     fed.shutdown().await.expect("clean shutdown");

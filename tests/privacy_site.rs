@@ -171,10 +171,9 @@ async fn real_agents_clip_their_deltas_and_charge_their_own_ledgers() {
             "{name}: {spent} vs {per_round}"
         );
         // Every delta that left was clipped to S: the egress log records its norm.
-        let log = std::fs::read_to_string(owned.path().join(name).join("egress.jsonl")).expect("egress log");
-        assert_eq!(log.lines().count(), 3);
-        for line in log.lines() {
-            let entry: serde_json::Value = serde_json::from_str(line).expect("json line");
+        let log = egress_updates(&owned.path().join(name).join("egress.jsonl"));
+        assert_eq!(log.len(), 3);
+        for entry in log {
             let norm = entry["l2_norm"].as_f64().expect("norm");
             assert!(norm <= CLIP * (1.0 + 1e-5), "{name} sent a delta of norm {norm}");
             assert!(entry["train_loss"].is_null(), "the loss is a statistic of the rows");

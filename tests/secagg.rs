@@ -317,9 +317,9 @@ async fn three_real_agents_train_under_secure_aggregation() {
     assert!(acc > 0.9, "accuracy {acc} under secure aggregation");
     fed.stop_agents().await;
     for name in &fed.site_names {
-        let log = std::fs::read_to_string(owned.path().join(name).join("egress.jsonl")).expect("egress log");
-        assert_eq!(log.lines().count(), 3);
-        assert!(log.lines().all(|l| l.contains("\"secure_aggregation\":true")), "{log}");
+        let log = egress_updates(&owned.path().join(name).join("egress.jsonl"));
+        assert_eq!(log.len(), 3);
+        assert!(log.iter().all(|e| e["secure_aggregation"] == true), "{log:?}");
     }
     fed.shutdown().await.expect("clean shutdown");
 }

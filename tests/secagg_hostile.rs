@@ -136,6 +136,12 @@ impl pb::site_server::Site for Fake {
         self.state.lock().expect("state").revealed = true;
         Ok(Response::new(pb::Ack {}))
     }
+    async fn renew_certificate(
+        &self,
+        _: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        unimplemented()
+    }
 }
 
 const MANIFEST: &str = r#"
@@ -178,6 +184,7 @@ fn session(manifest: &StudyManifest) -> (SessionParams, pb::WorkItem) {
         deadline_unix_ms: 0,
         num_params: manifest.num_params(),
         secagg: Some(medfl_proto::secagg::session_to_pb(&params)),
+        ..Default::default()
     };
     (params, work)
 }
@@ -186,10 +193,11 @@ fn session(manifest: &StudyManifest) -> (SessionParams, pb::WorkItem) {
 /// hospital-a connected to it.
 async fn serve(fed: &Federation, fake: Arc<Fake>, stop: CancellationToken) -> SiteClient<tonic::transport::Channel> {
     let profile = Profile::load(&fed.pki.join("coordinator")).expect("coordinator profile");
-    let tls = medfl_coordinator::tls::server_config(&profile).expect("tls");
+    let revocations = Arc::new(medfl_coordinator::governance::Revocations::default());
+    let tls = medfl_coordinator::tls::server_config(&profile, revocations.clone()).expect("tls");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("https://127.0.0.1:{}", listener.local_addr().expect("addr").port());
-    let incoming = medfl_coordinator::tls::incoming(listener, tls, stop.clone());
+    let incoming = medfl_coordinator::tls::incoming(listener, tls, revocations, stop.clone());
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::site_server::SiteServer::from_arc(fake))

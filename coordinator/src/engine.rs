@@ -10,10 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use medfl_shared::aggregate::WeightedSum;
+use medfl_shared::chainlog::{from_hex, to_hex};
 use medfl_shared::chunk::CHUNK_VALUES;
 use medfl_shared::manifest::{PrivacyPlan, PrivacyUnit, StudyManifest, Weighting};
+use medfl_shared::sign::{study_signing_bytes, verify_by_certificate};
 use medfl_shared::{sha256_hex, unix_ms};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use serde_json::json;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,7 +25,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::error::ServiceError;
 use crate::secagg::SecureRound;
 use crate::store::{
-    ChargeRecord, DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError, StudyRecord, StudyState,
+    AuditEvent, COORDINATOR, ChargeRecord, DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError,
+    StudyRecord, StudyState,
 };
 use medfl_shared::secagg::SessionParams;
 
@@ -33,6 +37,8 @@ pub struct EngineConfig {
     pub liveness_timeout: Duration,
     /// Memory for staging uploads in flight; at least one upload is always staged.
     pub staging_budget_bytes: u64,
+    /// Days a renewed certificate stays valid.
+    pub certificate_days: u32,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +46,7 @@ impl Default for EngineConfig {
         EngineConfig {
             liveness_timeout: Duration::from_secs(30),
             staging_budget_bytes: 64 << 20,
+            certificate_days: 30,
         }
     }
 }
@@ -94,6 +101,10 @@ pub struct Work {
     pub num_params: u64,
     /// The round's secure-aggregation session, if it runs one.
     pub secure: Option<Arc<SecureRound>>,
+    /// The creating admin's signature of the manifest hash, and its certificate.
+    pub manifest_signature: Vec<u8>,
+    pub creator_cert: Vec<u8>,
+    pub settings: medfl_shared::manifest::RoundSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +138,8 @@ pub struct OpenRound {
     pub manifest: Arc<StudyManifest>,
     manifest_toml: String,
     pub manifest_hash: String,
+    manifest_signature: Vec<u8>,
+    creator_cert: Vec<u8>,
     pub selected: Vec<String>,
     deadline: Instant,
     deadline_ms: u64,
@@ -215,9 +228,13 @@ pub struct Engine {
     staging: Staging,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Revoked identities and the connections to close on revocation.
+    pub revocations: Arc<crate::governance::Revocations>,
+    /// The consortium CA, when this coordinator enrols sites.
+    pub(crate) ca: Option<crate::pki::Ca>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
 }
 
@@ -226,10 +243,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Engine {
-    pub fn new(store: Store, config: EngineConfig, tracker: TaskTracker, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        config: EngineConfig,
+        ca: Option<crate::pki::Ca>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, ServiceError> {
+        let revoked = store
+            .revocations()?
+            .into_iter()
+            .filter_map(|r| {
+                let identity = medfl_shared::identity::Identity::new(r.role.parse().ok()?, r.name.parse().ok()?);
+                Some((identity, (r.at_ms / 1000) as i64))
+            })
+            .collect::<Vec<_>>();
         let (events, _) = broadcast::channel(1024);
         let (work, _) = watch::channel(0);
-        Arc::new(Engine {
+        Ok(Arc::new(Engine {
             store,
             staging: Staging {
                 budget_bytes: config.staging_budget_bytes,
@@ -245,7 +276,9 @@ impl Engine {
             work,
             tracker,
             shutdown,
-        })
+            revocations: Arc::new(crate::governance::Revocations::new(revoked)),
+            ca,
+        }))
     }
 
     /// Restarts the drivers of studies that were running when the coordinator stopped.
@@ -275,6 +308,10 @@ impl Engine {
     }
 
     // ------------------------------------------------------------------ sites
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
 
     pub fn register_site(
         &self,
@@ -320,9 +357,26 @@ impl Engine {
 
     // ------------------------------------------------------------------ studies
 
-    pub fn create_study(&self, manifest_toml: &str, created_by: &str) -> Result<StudyRecord, ServiceError> {
+    /// Creates a study from a manifest the calling admin signed with its certificate
+    /// key (`signature` over [`study_signing_bytes`] of the manifest's hash).
+    pub fn create_study(
+        &self,
+        manifest_toml: &str,
+        created_by: &str,
+        signature: &[u8],
+        creator_cert: &[u8],
+    ) -> Result<StudyRecord, ServiceError> {
         let manifest =
             StudyManifest::from_toml(manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        let signed = verify_by_certificate(creator_cert, &study_signing_bytes(&manifest.hash()), signature)
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        if !signed {
+            return Err(ServiceError::InvalidArgument(format!(
+                "the request carries no valid signature of manifest {} by {created_by}'s certificate key; \
+                 sign it (medfl study create does) so sites can check who approved the study",
+                manifest.hash()
+            )));
+        }
         // Settings that cannot meet their budget are refused here, with the numbers.
         manifest
             .privacy_plan()
@@ -345,6 +399,8 @@ impl Engine {
             created_ms,
             created_by: created_by.to_string(),
             reason: String::new(),
+            signature: to_hex(signature),
+            creator_cert: to_hex(creator_cert),
         };
         let initial = manifest.model.init(manifest.n_features(), manifest.seed);
         self.store.create_study(&study, &initial)?;
@@ -363,17 +419,18 @@ impl Engine {
     fn update_study<R>(
         &self,
         id: &str,
+        actor: &str,
         f: impl FnOnce(&mut StudyRecord) -> Result<R, ServiceError>,
     ) -> Result<(StudyRecord, R), ServiceError> {
         let _guard = lock(&self.study_lock);
         let mut study = self.study(id)?;
         let out = f(&mut study)?;
-        self.store.put_study(&study)?;
+        self.store.put_study(&study, actor)?;
         Ok((study, out))
     }
 
-    pub fn start_study(self: &Arc<Self>, id: &str) -> Result<StudyRecord, ServiceError> {
-        let (study, ()) = self.update_study(id, |s| match s.state {
+    pub fn start_study(self: &Arc<Self>, id: &str, by: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, by, |s| match s.state {
             StudyState::Created => {
                 s.state = StudyState::Running;
                 Ok(())
@@ -396,8 +453,8 @@ impl Engine {
         Ok(study)
     }
 
-    pub fn pause_study(&self, id: &str) -> Result<StudyRecord, ServiceError> {
-        let (study, ()) = self.update_study(id, |s| match s.state {
+    pub fn pause_study(&self, id: &str, by: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, by, |s| match s.state {
             StudyState::Running => {
                 s.state = StudyState::Paused;
                 Ok(())
@@ -419,8 +476,8 @@ impl Engine {
         Ok(study)
     }
 
-    pub fn resume_study(self: &Arc<Self>, id: &str) -> Result<StudyRecord, ServiceError> {
-        let (study, ()) = self.update_study(id, |s| match s.state {
+    pub fn resume_study(self: &Arc<Self>, id: &str, by: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, by, |s| match s.state {
             StudyState::Paused => {
                 s.state = StudyState::Running;
                 Ok(())
@@ -440,8 +497,8 @@ impl Engine {
         Ok(study)
     }
 
-    pub fn abort_study(&self, id: &str) -> Result<StudyRecord, ServiceError> {
-        let (study, ()) = self.update_study(id, |s| {
+    pub fn abort_study(&self, id: &str, by: &str) -> Result<StudyRecord, ServiceError> {
+        let (study, ()) = self.update_study(id, by, |s| {
             if s.state.is_terminal() {
                 return Err(ServiceError::FailedPrecondition(format!(
                     "study {id} already ended ({:?})",
@@ -522,6 +579,9 @@ impl Engine {
                 deadline_ms: r.deadline_ms,
                 num_params: r.manifest.num_params(),
                 secure: r.secure.clone(),
+                manifest_signature: r.manifest_signature.clone(),
+                creator_cert: r.creator_cert.clone(),
+                settings: r.manifest.round_settings(),
             })
         })
     }
@@ -686,7 +746,7 @@ impl Engine {
             async move {
                 if let Err(e) = engine.drive(&id, rx).await {
                     error!(study = %id, error = %e, "study driver stopped on an error");
-                    let _ = engine.update_study(&id, |s| {
+                    let _ = engine.update_study(&id, COORDINATOR, |s| {
                         s.state = StudyState::Failed;
                         s.reason = format!("coordinator error: {e}");
                         Ok(())
@@ -725,7 +785,7 @@ impl Engine {
                 return Ok(());
             }
             if study.rounds_completed >= manifest.rounds {
-                self.update_study(id, |s| {
+                self.update_study(id, COORDINATOR, |s| {
                     s.state = StudyState::Completed;
                     Ok(())
                 })?;
@@ -741,7 +801,7 @@ impl Engine {
             }
             let round = study.rounds_completed + 1;
             if let Some(reason) = self.budget_exhausted(&study, &manifest, privacy.as_ref(), round)? {
-                self.update_study(id, |s| {
+                self.update_study(id, COORDINATOR, |s| {
                     s.state = StudyState::BudgetExhausted;
                     s.reason = reason.clone();
                     Ok(())
@@ -776,7 +836,7 @@ impl Engine {
                     "round {round} failed {} times; last: {last_reason}",
                     manifest.selection.max_attempts
                 );
-                self.update_study(id, |s| {
+                self.update_study(id, COORDINATOR, |s| {
                     s.state = StudyState::Failed;
                     s.reason = reason.clone();
                     Ok(())
@@ -870,6 +930,8 @@ impl Engine {
             attempt,
             manifest_toml: study.manifest_toml.clone(),
             manifest_hash: study.manifest_hash.clone(),
+            manifest_signature: from_hex(&study.signature).unwrap_or_default(),
+            creator_cert: from_hex(&study.creator_cert).unwrap_or_default(),
             selected: selected.clone(),
             deadline,
             deadline_ms: started_ms + deadline_len.as_millis() as u64,
@@ -883,6 +945,12 @@ impl Engine {
             manifest: manifest.clone(),
             secure: secure.clone(),
         });
+        self.store.audit(&[AuditEvent::new(
+            COORDINATOR,
+            "round.start",
+            id,
+            json!({"round": round, "attempt": attempt, "selected": selected, "secure_aggregation": secure.is_some()}),
+        )])?;
         lock(&self.open).insert(id.to_string(), open.clone());
         self.work.send_modify(|g| *g += 1);
         info!(round, attempt, selected = ?selected, "round started");

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod governance;
 pub mod pki;
 pub mod secagg;
 pub mod service;
@@ -22,16 +23,18 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use medfl_proto::transport::Profile;
-use medfl_proto::v1::{admin_server::AdminServer, audit_server::AuditServer, site_server::SiteServer};
+use medfl_proto::v1::{
+    admin_server::AdminServer, audit_server::AuditServer, enrollment_server::EnrollmentServer, site_server::SiteServer,
+};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::auth::RoleGate;
+use crate::auth::{Access, RoleGate};
 use crate::engine::{Engine, EngineConfig};
-use crate::service::{AdminService, AuditService, SiteService};
+use crate::service::{AdminService, AuditService, EnrollmentService, SiteService};
 use crate::store::Store;
 
 /// `coordinator.toml`. Relative paths are relative to the file's directory.
@@ -57,6 +60,17 @@ pub struct ConfigFile {
     /// Seconds to settle the open round and flush on shutdown.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// The consortium CA directory (`ca.pem`, `ca.key`): with it the coordinator
+    /// enrols sites (`medfl site invite`) and renews their certificates.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Days a certificate renewed by a site stays valid.
+    #[serde(default = "default_certificate_days")]
+    pub certificate_days: u32,
+}
+
+fn default_certificate_days() -> u32 {
+    30
 }
 
 fn default_listen() -> SocketAddr {
@@ -84,6 +98,7 @@ pub struct Settings {
     pub engine: EngineConfig,
     pub store_cache_bytes: u64,
     pub grace: Duration,
+    pub ca: Option<PathBuf>,
 }
 
 impl Settings {
@@ -114,9 +129,11 @@ impl Settings {
             engine: EngineConfig {
                 liveness_timeout: Duration::from_secs(file.liveness_timeout_secs),
                 staging_budget_bytes: file.staging_budget_mib << 20,
+                certificate_days: file.certificate_days.max(1),
             },
             store_cache_bytes: file.store_cache_mib << 20,
             grace: Duration::from_secs(file.shutdown_grace_secs),
+            ca: file.ca.map(|p| base.join(p)),
         })
     }
 }
@@ -124,34 +141,47 @@ impl Settings {
 /// Serves until `shutdown` fires, then stops taking RPCs, settles the open rounds
 /// (they are recorded as interrupted and resume on restart) and flushes the store.
 pub async fn run(listener: TcpListener, settings: Settings, shutdown: CancellationToken) -> Result<()> {
-    let tls = tls::server_config(&settings.profile)?;
     let store = Store::open(&settings.store, settings.store_cache_bytes)
         .with_context(|| format!("open sled store {}", settings.store.display()))?;
+    let ca = match &settings.ca {
+        Some(dir) => {
+            Some(pki::Ca::load(dir).with_context(|| format!("load the consortium CA from {}", dir.display()))?)
+        }
+        None => None,
+    };
     let tracker = TaskTracker::new();
     let engine = Engine::new(
         store.clone(),
         settings.engine.clone(),
+        ca,
         tracker.clone(),
         shutdown.clone(),
-    );
+    )
+    .context("load the revocation list")?;
+    let tls = tls::server_config(&settings.profile, engine.revocations.clone())?;
+    let gate = |access| RoleGate::new(access, engine.revocations.clone());
     engine.resume_running().context("resume running studies")?;
     info!(addr = %listener.local_addr()?, "coordinator listening (mTLS, TLS 1.3)");
 
-    let incoming = tls::incoming(listener, tls, shutdown.clone());
+    let incoming = tls::incoming(listener, tls, engine.revocations.clone(), shutdown.clone());
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(SiteServer::with_interceptor(
             SiteService { engine: engine.clone() },
-            RoleGate::SITE,
+            gate(Access::SITE),
         ))
         .add_service(AdminServer::with_interceptor(
             AdminService { engine: engine.clone() },
-            RoleGate::ADMIN,
+            gate(Access::ADMIN),
         ))
         .add_service(AuditServer::with_interceptor(
             AuditService { engine: engine.clone() },
-            RoleGate::AUDIT,
+            gate(Access::AUDIT),
+        ))
+        .add_service(EnrollmentServer::with_interceptor(
+            EnrollmentService { engine: engine.clone() },
+            gate(Access::ENROLLMENT),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await

@@ -33,7 +33,7 @@ pub fn init(dir: &Path) -> Result<()> {
         bail!("{} already holds a CA; refusing to overwrite it", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let key = KeyPair::generate().context("generate CA key")?;
+    let key = new_key().context("generate CA key")?;
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -80,29 +80,11 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
         dns.push("localhost".into());
         ips.push(IpAddr::from([127, 0, 0, 1]));
     }
-    let key = KeyPair::generate().context("generate key")?;
-    let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, req.identity.to_string());
-    params
-        .subject_alt_names
-        .push(SanType::URI(req.identity.uri().try_into().context("identity URI")?));
-    for name in &dns {
-        params.subject_alt_names.push(SanType::DnsName(
-            name.clone().try_into().with_context(|| format!("DNS name {name:?}"))?,
-        ));
-    }
-    for ip in &ips {
-        params.subject_alt_names.push(SanType::IpAddress(*ip));
-    }
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    params.use_authority_key_identifier_extension = true;
+    let key = new_key().context("generate key")?;
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(req.days.max(1));
-    let cert = params.signed_by(&key, &issuer).context("sign certificate")?;
+    let cert = leaf_params(&req.identity, &dns, &ips, now, req.days)?
+        .signed_by(&key, &issuer)
+        .context("sign certificate")?;
 
     let consortium = if req.identity.role == Role::Coordinator {
         let c = Consortium {
@@ -143,6 +125,120 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
     };
     write_file(&bundle.join(PROFILE_FILE), &toml::to_string(&profile)?)?;
     Ok(bundle)
+}
+
+/// Every key of the consortium is Ed25519: certificates, and the signatures sites
+/// and admins make with their certificate keys (secure aggregation, study creation).
+pub fn new_key() -> Result<KeyPair> {
+    KeyPair::generate_for(&rcgen::PKCS_ED25519).context("generate an Ed25519 key")
+}
+
+/// How far back a certificate's validity starts, for clocks that run behind. Its
+/// issue time is `not_before + BACKDATE`, which revocation compares against.
+pub const BACKDATE: Duration = Duration::hours(1);
+
+fn leaf_params(
+    identity: &Identity,
+    dns: &[String],
+    ips: &[IpAddr],
+    issued: OffsetDateTime,
+    days: i64,
+) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, identity.to_string());
+    params
+        .subject_alt_names
+        .push(SanType::URI(identity.uri().try_into().context("identity URI")?));
+    for name in dns {
+        params.subject_alt_names.push(SanType::DnsName(
+            name.clone().try_into().with_context(|| format!("DNS name {name:?}"))?,
+        ));
+    }
+    for ip in ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = issued - BACKDATE;
+    params.not_after = issued + Duration::days(days.max(1));
+    Ok(params)
+}
+
+/// The consortium CA, loaded by a coordinator that enrols sites.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+/// A certificate the CA signed over a CSR.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub not_after: OffsetDateTime,
+}
+
+impl Ca {
+    /// Loads `dir/ca.pem` and `dir/ca.key`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let ca_pem =
+            std::fs::read_to_string(dir.join(CA_CERT)).with_context(|| format!("read the CA in {}", dir.display()))?;
+        let key_pem = std::fs::read_to_string(dir.join(CA_KEY))
+            .with_context(|| format!("read the CA key in {}", dir.display()))?;
+        let key = KeyPair::from_pem(&key_pem).context("parse CA key")?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).context("parse CA certificate")?;
+        Ok(Ca { issuer, ca_pem })
+    }
+
+    /// Signs a certificate for `identity` over the public key of `csr_der`, after
+    /// checking the CSR's own signature (the requester holds the key) and that any
+    /// identity it asks for is `identity`. Its issue time is `issued`.
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        identity: &Identity,
+        issued: OffsetDateTime,
+        days: i64,
+    ) -> std::result::Result<Issued, String> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der)
+            .map_err(|e| format!("the CSR does not parse or its signature does not verify: {e}"))?;
+        for san in &csr.params.subject_alt_names {
+            if let SanType::URI(uri) = san
+                && uri.as_str() != identity.uri()
+            {
+                return Err(format!(
+                    "the CSR asks for {}, but this enrolment is for {}",
+                    uri.as_str(),
+                    identity.uri()
+                ));
+            }
+        }
+        let cert = leaf_params(identity, &[], &[], issued, days)
+            .map_err(|e| format!("{e:#}"))?
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| format!("signing failed: {e}"))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            not_after: issued + Duration::days(days.max(1)),
+        })
+    }
+}
+
+/// A CSR for `identity` made with `key` (DER), as an enrolling agent sends it.
+pub fn csr_for(identity: &Identity, key: &KeyPair) -> Result<Vec<u8>> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, identity.to_string());
+    params
+        .subject_alt_names
+        .push(SanType::URI(identity.uri().try_into().context("identity URI")?));
+    Ok(params.serialize_request(key).context("make the CSR")?.der().to_vec())
 }
 
 fn load_consortium(dir: &Path) -> Option<Consortium> {

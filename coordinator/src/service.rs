@@ -14,7 +14,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
-use crate::auth::caller;
+use crate::auth::{caller, caller_certificate};
 use crate::engine::{Engine, Event, EventKind, StudyView};
 use crate::error::ServiceError;
 use crate::store::{DatasetRecord, StudyRecord, StudyState};
@@ -296,6 +296,9 @@ impl pb::site_server::Site for SiteService {
             deadline_unix_ms: w.deadline_ms,
             num_params: w.num_params,
             secagg: w.secure.map(|s| s.to_pb()),
+            manifest_signature: w.manifest_signature,
+            creator_certificate_der: w.creator_cert,
+            settings: Some(medfl_proto::settings::settings_to_pb(&w.settings)),
         });
         Ok(Response::new(pb::PollWorkResponse { work }))
     }
@@ -499,6 +502,27 @@ impl pb::site_server::Site for SiteService {
         Ok(Response::new(pb::Ack {}))
     }
 
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        let identity = caller(&request)?.clone();
+        let req = request.into_inner();
+        if req.csr_der.len() > MAX_CSR {
+            return Err(Status::invalid_argument(format!(
+                "the CSR is larger than {MAX_CSR} bytes"
+            )));
+        }
+        let engine = self.engine.clone();
+        let issued = tokio::task::spawn_blocking(move || {
+            let days = i64::from(engine.certificate_days());
+            engine.renew(&identity, &req.csr_der, days)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("renewal task failed: {e}")))??;
+        Ok(Response::new(certificate_pb(&self.engine, issued)))
+    }
+
     async fn report_refusal(&self, request: Request<pb::RefusalReport>) -> Result<Response<pb::Ack>, Status> {
         let site = caller(&request)?.name.to_string();
         let req = request.into_inner();
@@ -545,7 +569,13 @@ fn event_pb(engine: &Engine, e: Event) -> Result<pb::StudyEvent, Status> {
 impl pb::admin_server::Admin for AdminService {
     async fn create_study(&self, request: Request<pb::CreateStudyRequest>) -> Result<Response<pb::StudyInfo>, Status> {
         let admin = caller(&request)?.to_string();
+        let cert = caller_certificate(&request)?.to_vec();
         let req = request.into_inner();
+        if req.signature.len() > 512 {
+            return Err(Status::invalid_argument(
+                "the signature is longer than any Ed25519 signature",
+            ));
+        }
         if req.manifest_toml.len() > MAX_MANIFEST {
             return Err(Status::invalid_argument(format!(
                 "manifest is {} bytes; the limit is {MAX_MANIFEST}",
@@ -555,9 +585,10 @@ impl pb::admin_server::Admin for AdminService {
         // Planning (the accountant) and writing the initial model are blocking work.
         let engine = self.engine.clone();
         let by = admin.clone();
-        let study = tokio::task::spawn_blocking(move || engine.create_study(&req.manifest_toml, &by))
-            .await
-            .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
+        let study =
+            tokio::task::spawn_blocking(move || engine.create_study(&req.manifest_toml, &by, &req.signature, &cert))
+                .await
+                .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
         info!(study = %study.id, %admin, "study created by admin");
         Ok(Response::new(info_pb(&study)))
     }
@@ -570,26 +601,38 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn start_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
+        let admin = caller(&request)?;
+        let id = &request.get_ref().study_id;
+        self.engine.authorize_control(id, admin)?;
         Ok(Response::new(info_pb(
-            &self.engine.start_study(&request.get_ref().study_id)?,
+            &self.engine.start_study(id, &admin.to_string())?,
         )))
     }
 
     async fn pause_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
+        let admin = caller(&request)?;
+        let id = &request.get_ref().study_id;
+        self.engine.authorize_control(id, admin)?;
         Ok(Response::new(info_pb(
-            &self.engine.pause_study(&request.get_ref().study_id)?,
+            &self.engine.pause_study(id, &admin.to_string())?,
         )))
     }
 
     async fn resume_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
+        let admin = caller(&request)?;
+        let id = &request.get_ref().study_id;
+        self.engine.authorize_control(id, admin)?;
         Ok(Response::new(info_pb(
-            &self.engine.resume_study(&request.get_ref().study_id)?,
+            &self.engine.resume_study(id, &admin.to_string())?,
         )))
     }
 
     async fn abort_study(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyInfo>, Status> {
+        let admin = caller(&request)?;
+        let id = &request.get_ref().study_id;
+        self.engine.authorize_control(id, admin)?;
         Ok(Response::new(info_pb(
-            &self.engine.abort_study(&request.get_ref().study_id)?,
+            &self.engine.abort_study(id, &admin.to_string())?,
         )))
     }
 
@@ -647,7 +690,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ExportModelRequest>,
     ) -> Result<Response<Self::ExportModelStream>, Status> {
+        let admin = caller(&request)?.clone();
         let req = request.into_inner();
+        self.engine.authorize_control(&req.study_id, &admin)?;
         let study = self.engine.study(&req.study_id)?;
         let round = req.round.unwrap_or(study.rounds_completed);
         if round > study.rounds_completed {
@@ -683,7 +728,91 @@ impl pb::admin_server::Admin for AdminService {
                 }
             })
             .collect();
-        Ok(Response::new(pb::SiteList { sites }))
+        let revoked = self
+            .engine
+            .store
+            .revocations()
+            .map_err(ServiceError::from)?
+            .into_iter()
+            .map(|r| pb::Revoked {
+                role: r.role,
+                name: r.name,
+                at_unix_ms: r.at_ms,
+                by: r.by,
+            })
+            .collect();
+        Ok(Response::new(pb::SiteList { sites, revoked }))
+    }
+
+    async fn invite_site(&self, request: Request<pb::InviteRequest>) -> Result<Response<pb::Invite>, Status> {
+        let admin = caller(&request)?.to_string();
+        let req = request.into_inner();
+        check_text("name", &req.name)?;
+        let ttl = Duration::from_secs(if req.ttl_secs == 0 {
+            86_400
+        } else {
+            req.ttl_secs.min(30 * 86_400)
+        });
+        let days = if req.certificate_days == 0 {
+            30
+        } else {
+            req.certificate_days.min(397)
+        };
+        let (token, expires) = self.engine.invite(&req.name, ttl, days, &admin)?;
+        info!(site = %req.name, %admin, "enrolment token issued");
+        Ok(Response::new(pb::Invite {
+            token,
+            expires_unix_ms: expires,
+        }))
+    }
+
+    async fn revoke(&self, request: Request<pb::RevokeRequest>) -> Result<Response<pb::Revoked>, Status> {
+        let admin = caller(&request)?.to_string();
+        let req = request.into_inner();
+        check_text("name", &req.name)?;
+        check_text("role", &req.role)?;
+        let r = self.engine.revoke(&req.role, &req.name, &admin)?;
+        Ok(Response::new(pb::Revoked {
+            role: r.role,
+            name: r.name,
+            at_unix_ms: r.at_ms,
+            by: r.by,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------- enrolment
+
+#[derive(Debug, Clone)]
+pub struct EnrollmentService {
+    pub engine: Arc<Engine>,
+}
+
+/// Largest CSR accepted.
+const MAX_CSR: usize = 16 * 1024;
+
+fn certificate_pb(engine: &Engine, issued: crate::pki::Issued) -> pb::CertificateResponse {
+    pb::CertificateResponse {
+        certificate_pem: issued.cert_pem,
+        ca_pem: engine.ca_pem().unwrap_or_default(),
+        not_after_unix_ms: (issued.not_after.unix_timestamp() * 1000) as u64,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::enrollment_server::Enrollment for EnrollmentService {
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::CertificateResponse>, Status> {
+        let req = request.into_inner();
+        if req.csr_der.len() > MAX_CSR {
+            return Err(Status::invalid_argument(format!(
+                "the CSR is larger than {MAX_CSR} bytes"
+            )));
+        }
+        let engine = self.engine.clone();
+        let issued = tokio::task::spawn_blocking(move || engine.enroll(&req.token, &req.csr_der))
+            .await
+            .map_err(|e| Status::internal(format!("enrolment task failed: {e}")))??;
+        Ok(Response::new(certificate_pb(&self.engine, issued)))
     }
 }
 
@@ -705,6 +834,44 @@ impl pb::audit_server::Audit for AuditService {
 
     async fn get_study_status(&self, request: Request<pb::StudyRef>) -> Result<Response<pb::StudyStatus>, Status> {
         Ok(Response::new(status_pb(self.engine.view(&request.get_ref().study_id)?)))
+    }
+
+    type GetAuditLogStream = BoxStream<pb::AuditLogLine>;
+
+    async fn get_audit_log(
+        &self,
+        request: Request<pb::AuditLogRequest>,
+    ) -> Result<Response<Self::GetAuditLogStream>, Status> {
+        use medfl_shared::chainlog::{FORMAT, Header, Line};
+        let study = request.into_inner().study_id;
+        let store = self.engine.store.clone();
+        let (checkpoint, entries) = tokio::task::spawn_blocking(move || store.audit_export())
+            .await
+            .map_err(|e| Status::internal(format!("audit export task failed: {e}")))?
+            .map_err(ServiceError::from)?;
+        let header = Line::Header(Header {
+            format: FORMAT.into(),
+            log: "audit".into(),
+            keeper: "coordinator".into(),
+            public_key: self.engine.store.audit_public_key(),
+        });
+        let filtered = !study.is_empty();
+        let lines = std::iter::once(header)
+            .chain(
+                entries
+                    .into_iter()
+                    .filter(move |e| !filtered || e.study == study)
+                    .map(Line::Entry),
+            )
+            .chain((!filtered).then_some(Line::Checkpoint(checkpoint)))
+            .map(|line| {
+                serde_json::to_string(&line)
+                    .map(|line| pb::AuditLogLine { line })
+                    .map_err(|e| Status::internal(format!("encode audit line: {e}")))
+            });
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            lines.collect::<Vec<_>>(),
+        ))))
     }
 
     async fn get_ledger(&self, request: Request<pb::LedgerRequest>) -> Result<Response<pb::LedgerReport>, Status> {

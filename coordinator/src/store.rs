@@ -12,6 +12,14 @@
 //! | `site/<name>` | [`SiteRecord`] (JSON) |
 //! | `refusal/<id>/<at_ms:016>/<site>` | [`RefusalRecord`] (JSON) |
 //! | `charge/<id>/<round:08>/<site>` | [`ChargeRecord`] (JSON), committed with its round |
+//! | `audit/<seq:016>` | [`Entry`] of the audit log (JSON), in the batch of what it records |
+//!
+//! Every write that changes what the consortium did (a study created or changing
+//! state, a round committed or failed, a budget charge, a refusal, a registration,
+//! an enrolment or revocation) appends its audit entry in the same sled batch, so the
+//! audit log holds exactly what happened. Entries are hash-chained and signed by the
+//! coordinator's audit key (`<store>/audit-key.pk8`, Ed25519, made on first open); see
+//! [`medfl_shared::chainlog`].
 //!
 //! Model tensors live beside it as `<store>/models/<id>/<round:08>.f32` (flat
 //! little-endian f32). sled keeps every written value in memory, which would cost a
@@ -24,8 +32,12 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
+use medfl_shared::chainlog::{Chain, Checkpoint, Entry, Signer};
 use medfl_shared::chunk::{CHUNK_VALUES, encode};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::json;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -40,6 +52,37 @@ pub enum StoreError {
     CorruptChunk { key: String, len: usize },
     #[error("encode record: {0}")]
     Encode(serde_json::Error),
+    #[error("audit key: {0}")]
+    AuditKey(String),
+}
+
+/// Who the coordinator's own actions are attributed to in the audit log.
+pub const COORDINATOR: &str = "coordinator";
+
+/// One thing to record in the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub actor: String,
+    pub action: &'static str,
+    pub study: String,
+    pub details: serde_json::Value,
+}
+
+impl AuditEvent {
+    pub fn new(actor: impl Into<String>, action: &'static str, study: &str, details: serde_json::Value) -> Self {
+        AuditEvent {
+            actor: actor.into(),
+            action,
+            study: study.to_string(),
+            details,
+        }
+    }
+}
+
+/// The audit log's key and the chain's head; the mutex orders appends.
+struct AuditLog {
+    signer: Signer,
+    chain: Mutex<Chain>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +120,12 @@ pub struct StudyRecord {
     pub created_by: String,
     /// Why the study is in its state (failure, abort), or empty.
     pub reason: String,
+    /// Hex Ed25519 signature of the manifest hash by the creating admin.
+    #[serde(default)]
+    pub signature: String,
+    /// Hex DER of the creating admin's certificate.
+    #[serde(default)]
+    pub creator_cert: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,10 +180,38 @@ pub struct RefusalRecord {
     pub at_ms: u64,
 }
 
+/// A one-time enrolment token, stored by its SHA-256 (the token itself is shown once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InviteRecord {
+    pub name: String,
+    pub expires_ms: u64,
+    pub certificate_days: u32,
+    pub created_by: String,
+    pub used_ms: Option<u64>,
+}
+
+/// A revoked identity: certificates naming it issued up to `at_ms` are refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokedRecord {
+    pub role: String,
+    pub name: String,
+    pub at_ms: u64,
+    pub by: String,
+}
+
+/// Why an enrolment token was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redeem {
+    Unknown,
+    Used,
+    Expired,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     models: PathBuf,
+    audit: Arc<AuditLog>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -188,6 +265,27 @@ fn parse<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError>
     })
 }
 
+/// Reads the audit key, or makes one (owner-only) on first open.
+fn audit_key(path: &Path) -> Result<Signer, StoreError> {
+    let der = match std::fs::read(path) {
+        Ok(der) => der,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let pkcs8 = Signer::generate_pkcs8().map_err(|e| StoreError::AuditKey(e.to_string()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io_err(path))?;
+            f.write_all(&pkcs8).and_then(|()| f.sync_all()).map_err(io_err(path))?;
+            pkcs8
+        }
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    Signer::from_pkcs8(&der).map_err(|e| StoreError::AuditKey(format!("{}: {e}", path.display())))
+}
+
 fn study_key(id: &str) -> String {
     format!("study/{id}")
 }
@@ -201,7 +299,63 @@ impl Store {
             .open()?;
         let models = path.join("models");
         std::fs::create_dir_all(&models).map_err(io_err(&models))?;
-        Ok(Store { db, models })
+        let signer = audit_key(&path.join("audit-key.pk8"))?;
+        let chain = match db.scan_prefix(b"audit/").next_back() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                let last: Entry = parse(&k, &v)?;
+                Chain::after(&last).map_err(|e| StoreError::AuditKey(e.to_string()))?
+            }
+            None => Chain::default(),
+        };
+        Ok(Store {
+            db,
+            models,
+            audit: Arc::new(AuditLog {
+                signer,
+                chain: Mutex::new(chain),
+            }),
+        })
+    }
+
+    /// Applies `batch` with the audit entries of `events`, atomically and durably.
+    fn apply(&self, mut batch: sled::Batch, events: &[AuditEvent]) -> Result<(), StoreError> {
+        let mut chain = self.audit.chain.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = *chain;
+        let at_ms = medfl_shared::unix_ms(std::time::SystemTime::now());
+        for e in events {
+            let entry = next.append(&self.audit.signer, at_ms, &e.actor, e.action, &e.study, &e.details);
+            batch.insert(format!("audit/{:016}", entry.seq).as_bytes(), json(&entry)?);
+        }
+        self.db.apply_batch(batch)?;
+        self.flush()?;
+        *chain = next;
+        Ok(())
+    }
+
+    /// Records events that change no other record (a round started, an invitation).
+    pub fn audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        self.apply(sled::Batch::default(), events)
+    }
+
+    /// The audit log's entries, in order; only those about `study` when it is given.
+    pub fn audit_entries(&self, study: Option<&str>) -> Result<Vec<Entry>, StoreError> {
+        let all: Vec<Entry> = self.scan("audit/")?;
+        Ok(all.into_iter().filter(|e| study.is_none_or(|s| e.study == s)).collect())
+    }
+
+    /// A signed checkpoint of the audit log now, and the entries it covers.
+    pub fn audit_export(&self) -> Result<(Checkpoint, Vec<Entry>), StoreError> {
+        let chain = self.audit.chain.lock().unwrap_or_else(|p| p.into_inner());
+        let checkpoint = chain.checkpoint(&self.audit.signer, medfl_shared::unix_ms(std::time::SystemTime::now()));
+        let entries: Vec<Entry> = self.scan("audit/")?;
+        drop(chain);
+        Ok((checkpoint, entries))
+    }
+
+    /// Hex Ed25519 public key of the audit log.
+    pub fn audit_public_key(&self) -> String {
+        self.audit.signer.public_key_hex()
     }
 
     fn model_path(&self, id: &str, round: u32) -> PathBuf {
@@ -245,12 +399,28 @@ impl Store {
             writer.write(chunk)?;
         }
         writer.finish()?;
-        self.put_study(study)
+        let mut batch = sled::Batch::default();
+        batch.insert(study_key(&study.id).as_bytes(), json(study)?);
+        let event = AuditEvent::new(
+            study.created_by.clone(),
+            "study.create",
+            &study.id,
+            json!({"name": study.name, "manifest_hash": study.manifest_hash, "rounds": study.rounds_total, "signature": study.signature}),
+        );
+        self.apply(batch, &[event])
     }
 
-    pub fn put_study(&self, study: &StudyRecord) -> Result<(), StoreError> {
-        self.db.insert(study_key(&study.id).as_bytes(), json(study)?)?;
-        self.flush()
+    /// Writes a study's new state; `actor` is who changed it.
+    pub fn put_study(&self, study: &StudyRecord, actor: &str) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(study_key(&study.id).as_bytes(), json(study)?);
+        let event = AuditEvent::new(
+            actor,
+            "study.state",
+            &study.id,
+            json!({"state": study.state, "rounds_completed": study.rounds_completed, "reason": study.reason}),
+        );
+        self.apply(batch, &[event])
     }
 
     pub fn study(&self, id: &str) -> Result<Option<StudyRecord>, StoreError> {
@@ -275,28 +445,48 @@ impl Store {
         charges: &[ChargeRecord],
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        let mut events = vec![AuditEvent::new(
+            COORDINATOR,
+            "round.commit",
+            &study.id,
+            json!({"round": round.round, "attempt": round.attempt, "contributors": round.contributors, "num_examples": round.num_examples}),
+        )];
         for c in charges {
             batch.insert(
                 format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site).as_bytes(),
                 json(c)?,
             );
+            events.push(AuditEvent::new(
+                COORDINATOR,
+                "budget.charge",
+                &study.id,
+                json!({"round": c.round, "site": c.site, "dataset": c.dataset, "sigma": c.mechanism.sigma,
+                       "q": c.mechanism.q, "steps": c.mechanism.steps, "delta": c.delta,
+                       "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after}),
+            ));
         }
         batch.insert(
             format!("round/{}/{:08}/{:04}", study.id, round.round, round.attempt).as_bytes(),
             json(round)?,
         );
         batch.insert(study_key(&study.id).as_bytes(), json(study)?);
-        self.db.apply_batch(batch)?;
-        self.flush()
+        self.apply(batch, &events)
     }
 
     /// Records a round attempt that did not commit.
     pub fn record_failed_round(&self, study_id: &str, round: &RoundRecord) -> Result<(), StoreError> {
-        self.db.insert(
+        let mut batch = sled::Batch::default();
+        batch.insert(
             format!("round/{study_id}/{:08}/{:04}", round.round, round.attempt).as_bytes(),
             json(round)?,
-        )?;
-        self.flush()
+        );
+        let event = AuditEvent::new(
+            COORDINATOR,
+            "round.fail",
+            study_id,
+            json!({"round": round.round, "attempt": round.attempt, "reason": round.reason}),
+        );
+        self.apply(batch, &[event])
     }
 
     pub fn rounds(&self, study_id: &str) -> Result<Vec<RoundRecord>, StoreError> {
@@ -359,9 +549,23 @@ impl Store {
         self.flush()
     }
 
+    /// Records a site's registration; a registration that changes nothing (a
+    /// reconnect) is written without an audit entry.
     pub fn put_site(&self, site: &SiteRecord) -> Result<(), StoreError> {
-        self.db.insert(format!("site/{}", site.name).as_bytes(), json(site)?)?;
-        Ok(())
+        let key = format!("site/{}", site.name);
+        if self.site(&site.name)?.as_ref() == Some(site) {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(key.as_bytes(), json(site)?);
+        let datasets: Vec<&str> = site.datasets.iter().map(|d| d.name.as_str()).collect();
+        let event = AuditEvent::new(
+            format!("site/{}", site.name),
+            "site.register",
+            "",
+            json!({"agent_version": site.agent_version, "datasets": datasets}),
+        );
+        self.apply(batch, &[event])
     }
 
     pub fn site(&self, name: &str) -> Result<Option<SiteRecord>, StoreError> {
@@ -376,10 +580,76 @@ impl Store {
         self.scan("site/")
     }
 
+    /// Stores an invitation under the hash of its token.
+    pub fn put_invite(&self, token_hash: &str, invite: &InviteRecord) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(format!("invite/{token_hash}").as_bytes(), json(invite)?);
+        let event = AuditEvent::new(
+            invite.created_by.clone(),
+            "site.invite",
+            "",
+            json!({"site": invite.name, "expires_ms": invite.expires_ms, "certificate_days": invite.certificate_days}),
+        );
+        self.apply(batch, &[event])
+    }
+
+    /// Marks the invitation of `token_hash` used, once: a concurrent or later second
+    /// use finds it used.
+    pub fn redeem_invite(&self, token_hash: &str, now_ms: u64) -> Result<Result<InviteRecord, Redeem>, StoreError> {
+        let key = format!("invite/{token_hash}");
+        loop {
+            let Some(old) = self.db.get(key.as_bytes())? else {
+                return Ok(Err(Redeem::Unknown));
+            };
+            let mut invite: InviteRecord = parse(key.as_bytes(), &old)?;
+            if invite.used_ms.is_some() {
+                return Ok(Err(Redeem::Used));
+            }
+            if now_ms > invite.expires_ms {
+                return Ok(Err(Redeem::Expired));
+            }
+            invite.used_ms = Some(now_ms);
+            if self
+                .db
+                .compare_and_swap(key.as_bytes(), Some(old), Some(json(&invite)?))?
+                .is_ok()
+            {
+                self.flush()?;
+                return Ok(Ok(invite));
+            }
+        }
+    }
+
+    pub fn put_revocation(&self, revoked: &RevokedRecord) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            format!("revoked/{}/{}", revoked.role, revoked.name).as_bytes(),
+            json(revoked)?,
+        );
+        let event = AuditEvent::new(
+            revoked.by.clone(),
+            "identity.revoke",
+            "",
+            json!({"role": revoked.role, "name": revoked.name, "at_ms": revoked.at_ms}),
+        );
+        self.apply(batch, &[event])
+    }
+
+    pub fn revocations(&self) -> Result<Vec<RevokedRecord>, StoreError> {
+        self.scan("revoked/")
+    }
+
     pub fn add_refusal(&self, study_id: &str, refusal: &RefusalRecord) -> Result<(), StoreError> {
         let key = format!("refusal/{study_id}/{:016}/{}", refusal.at_ms, refusal.site);
-        self.db.insert(key.as_bytes(), json(refusal)?)?;
-        self.flush()
+        let mut batch = sled::Batch::default();
+        batch.insert(key.as_bytes(), json(refusal)?);
+        let event = AuditEvent::new(
+            format!("site/{}", refusal.site),
+            "site.refusal",
+            study_id,
+            json!({"round": refusal.round, "reason": refusal.reason}),
+        );
+        self.apply(batch, &[event])
     }
 
     pub fn refusals(&self, study_id: &str) -> Result<Vec<RefusalRecord>, StoreError> {
@@ -403,6 +673,8 @@ mod tests {
             created_ms: 1,
             created_by: "admin/a".into(),
             reason: String::new(),
+            signature: String::new(),
+            creator_cert: String::new(),
         }
     }
 

@@ -1,15 +1,22 @@
-//! The coordinator's side of mTLS: TLS 1.3 only, a client certificate from the
-//! consortium CA required on every connection, handshakes done before a connection
-//! reaches tonic, so a plaintext client or a stranger never gets an RPC served.
+//! The coordinator's side of mTLS: TLS 1.3 only, handshakes done before a connection
+//! reaches tonic. A client certificate, when presented, must chain to the consortium
+//! CA and not be revoked; a client without one reaches only the enrolment service
+//! (the [`crate::auth::RoleGate`]s refuse it everywhere else). Each connection of an
+//! identity is closed when that identity is revoked.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use medfl_proto::transport::Profile;
+use medfl_shared::identity::Identity;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -17,11 +24,65 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::governance::{Revocations, issued_secs};
+
 /// A handshake that takes longer than this is dropped (slow-loris guard).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The CA's verifier, then the revocation list.
+#[derive(Debug)]
+struct RevocationAware {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for RevocationAware {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if let (Ok(identity), Some(issued)) = (Identity::from_cert_der(end_entity), issued_secs(end_entity))
+            && self.revocations.is_revoked(&identity, issued)
+        {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// Builds the rustls server configuration from the coordinator's profile.
-pub fn server_config(profile: &Profile) -> Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(profile: &Profile, revocations: Arc<Revocations>) -> Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(profile.ca_pem.as_bytes()) {
@@ -30,8 +91,13 @@ pub fn server_config(profile: &Profile) -> Result<Arc<rustls::ServerConfig>> {
             .context("add consortium CA")?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
         .build()
         .context("build client-certificate verifier")?;
+    let verifier = Arc::new(RevocationAware {
+        inner: verifier,
+        revocations,
+    });
     let certs = CertificateDer::pem_slice_iter(profile.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("parse coordinator certificate")?;
@@ -51,8 +117,9 @@ pub fn server_config(profile: &Profile) -> Result<Arc<rustls::ServerConfig>> {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    revocations: Arc<Revocations>,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<Guarded, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -71,10 +138,26 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let revocations = revocations.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let identity = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|leaf| Identity::from_cert_der(leaf).ok());
+                        let revoked = match identity {
+                            Some(id) => revocations.track(&id),
+                            None => CancellationToken::new(),
+                        };
+                        let _ = tx
+                            .send(Ok(Guarded {
+                                inner: stream,
+                                revoked: Box::pin(revoked.cancelled_owned()),
+                            }))
+                            .await;
                     }
                     Ok(Err(error)) => debug!(%peer, %error, "tls handshake refused"),
                     Err(_) => debug!(%peer, "tls handshake timed out"),
@@ -83,4 +166,56 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A TLS connection that fails its next read or write once its identity is revoked,
+/// which makes the HTTP/2 server drop it (and every stream on it).
+pub struct Guarded {
+    inner: TlsStream<TcpStream>,
+    revoked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Guarded {
+    fn check(&mut self, cx: &mut TaskContext<'_>) -> Result<(), std::io::Error> {
+        match self.revoked.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the peer's identity was revoked",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
 }

@@ -7,9 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod secagg;
+pub mod settings;
 pub mod stream;
 pub mod telemetry;
 pub mod transport;
+
+/// The encoded `FileDescriptorSet` of `medfl.v1`: every service and method, for
+/// checks that must cover each RPC (a new RPC is covered without editing them).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/medfl_descriptor.bin"));
 
 /// Version 1 of the protocol.
 #[allow(clippy::all, missing_docs)] // generated code

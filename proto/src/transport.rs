@@ -63,6 +63,8 @@ pub enum TransportError {
     },
     #[error("configure TLS: {0}")]
     Tls(tonic::transport::Error),
+    #[error("the profile's key: {0}")]
+    Key(String),
 }
 
 fn read(path: &Path) -> Result<String, TransportError> {
@@ -112,5 +114,30 @@ impl Profile {
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_lazy())
+    }
+
+    /// The certificate's key as a signer (every consortium key is Ed25519).
+    pub fn signer(&self) -> Result<medfl_shared::sign::Signer, TransportError> {
+        use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| TransportError::Key(e.to_string()))?;
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            return Err(TransportError::Key("not a PKCS#8 key".into()));
+        };
+        medfl_shared::sign::Signer::from_pkcs8(pkcs8.secret_pkcs8_der()).map_err(|e| TransportError::Key(e.to_string()))
+    }
+
+    /// A study-creation request for `manifest_toml`, signed with this admin's key
+    /// over the manifest's canonical hash.
+    pub fn signed_create(&self, manifest_toml: &str) -> Result<crate::v1::CreateStudyRequest, TransportError> {
+        let manifest = medfl_shared::manifest::StudyManifest::from_toml(manifest_toml)
+            .map_err(|e| TransportError::Key(format!("the manifest to sign does not parse: {e}")))?;
+        let signature = self
+            .signer()?
+            .sign(&medfl_shared::sign::study_signing_bytes(&manifest.hash()));
+        Ok(crate::v1::CreateStudyRequest {
+            manifest_toml: manifest_toml.to_string(),
+            signature,
+        })
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod accountant;
 pub mod aggregate;
+pub mod chainlog;
 pub mod chunk;
 pub mod dp;
 pub mod identity;
@@ -16,6 +17,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod secagg;
+pub mod sign;
 pub mod split;
 
 /// Milliseconds since the Unix epoch, the one clock format on the wire and in the store.

@@ -36,6 +36,60 @@ pub struct StudyManifest {
     /// Secure aggregation; absent means the coordinator sees each site's update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecureAggregation>,
+    /// Admins besides the study's creator who may start, pause, resume, abort and
+    /// export it. Every admin may read every study.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admins: Vec<Name>,
+}
+
+/// What one round asks a site to do, as its work item carries it. A site refuses a
+/// round whose settings differ from the manifest it approved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundSettings {
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub optimizer: String,
+    /// Zero without `[privacy]`.
+    pub clip_norm: f64,
+    pub sample_rate: f64,
+    pub steps_per_round: u32,
+}
+
+impl RoundSettings {
+    /// Each setting of `asked` that differs from `self` (the approved one), in words.
+    pub fn differences(&self, asked: &RoundSettings) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |name: &str, approved: String, got: String| {
+            if approved != got {
+                out.push(format!("{name} {got} (approved: {approved})"));
+            }
+        };
+        check(
+            "local_epochs",
+            self.local_epochs.to_string(),
+            asked.local_epochs.to_string(),
+        );
+        check("batch_size", self.batch_size.to_string(), asked.batch_size.to_string());
+        check(
+            "learning_rate",
+            self.learning_rate.to_string(),
+            asked.learning_rate.to_string(),
+        );
+        check("optimizer", self.optimizer.clone(), asked.optimizer.clone());
+        check("clip_norm", self.clip_norm.to_string(), asked.clip_norm.to_string());
+        check(
+            "sample_rate",
+            self.sample_rate.to_string(),
+            asked.sample_rate.to_string(),
+        );
+        check(
+            "steps_per_round",
+            self.steps_per_round.to_string(),
+            asked.steps_per_round.to_string(),
+        );
+        out
+    }
 }
 
 /// Which sites each site masks with.
@@ -303,6 +357,21 @@ fn invalid(msg: impl Into<String>) -> ManifestError {
 }
 
 impl StudyManifest {
+    /// The settings every round of this study asks for.
+    pub fn round_settings(&self) -> RoundSettings {
+        let t = &self.training;
+        let p = self.privacy.as_ref();
+        RoundSettings {
+            local_epochs: t.local_epochs,
+            batch_size: t.batch_size,
+            learning_rate: t.learning_rate,
+            optimizer: format!("{:?}", t.optimizer).to_lowercase(),
+            clip_norm: p.map_or(0.0, |p| p.clip_norm),
+            sample_rate: p.map_or(0.0, |p| p.sample_rate),
+            steps_per_round: p.map_or(0, |p| p.steps_per_round),
+        }
+    }
+
     /// Parses and validates a manifest.
     pub fn from_toml(text: &str) -> Result<Self, ManifestError> {
         let manifest: StudyManifest = toml::from_str(text)?;

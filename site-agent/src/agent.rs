@@ -3,7 +3,6 @@
 //! reconnect with jittered exponential backoff whenever the coordinator is away.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,7 +13,7 @@ use medfl_proto::transport::Profile;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;
 use medfl_shared::manifest::StudyManifest;
-use medfl_shared::{sha256_hex, unix_ms};
+use medfl_shared::unix_ms;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +22,9 @@ use tracing::{info, instrument, warn};
 
 use crate::data::{DatasetConfig, Table};
 use crate::dpsgd::{DpSgdConfig, train_dp};
+use crate::egress::{EgressLog, load_or_create_key};
 use crate::ledger::{Ledger, LedgerError};
+pub use crate::policy::Policy;
 use crate::secagg::{Credentials, Refusal, SiteSession};
 use crate::train::{Start, train};
 use medfl_shared::accountant::GaussianSteps;
@@ -40,7 +41,8 @@ pub struct ConfigFile {
     /// Overrides the coordinator address of the profile.
     #[serde(default)]
     pub coordinator: Option<String>,
-    /// JSON-lines log of every update that leaves the site.
+    /// The egress log (hash-chained, signed JSON lines of everything that leaves the
+    /// site); default `<store>/egress.jsonl`.
     #[serde(default)]
     pub egress_log: Option<PathBuf>,
     /// Directory of the agent's own store (the privacy ledger).
@@ -48,7 +50,11 @@ pub struct ConfigFile {
     pub store: PathBuf,
     /// The site's local policy; the coordinator cannot override it.
     #[serde(default)]
-    pub policy: Policy,
+    pub policy: Option<Policy>,
+    /// The policy in its own file (`policy.toml`, the `[policy]` fields at top level),
+    /// for hospital IT to own apart from the agent's config.
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
     #[serde(default)]
     pub datasets: Vec<DatasetConfig>,
 }
@@ -57,40 +63,13 @@ fn default_store() -> PathBuf {
     PathBuf::from("agent-store")
 }
 
-/// `[policy]` in agent.toml, owned by hospital IT.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Policy {
-    /// ε cap per dataset across all studies, at `delta` (a dataset may set its own).
-    pub max_epsilon: f64,
-    /// The δ at which the site accounts its datasets.
-    pub delta: f64,
-    /// Smallest noise multiplier the site accepts.
-    pub min_noise_multiplier: f64,
-    /// Privacy units the site takes part in.
-    pub allowed_units: Vec<PrivacyUnit>,
-    /// Whether the site takes part in studies without `[privacy]` at all.
-    pub allow_non_dp: bool,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            max_epsilon: 1.0,
-            delta: 1e-5,
-            min_noise_multiplier: 0.5,
-            allowed_units: vec![PrivacyUnit::Record],
-            allow_non_dp: true,
-        }
-    }
-}
-
 /// A validated agent configuration with its datasets loaded.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub profile: Profile,
     pub coordinator: Option<String>,
-    pub egress_log: Option<PathBuf>,
+    /// Where everything that leaves the site is logged before it leaves.
+    pub egress: Arc<EgressLog>,
     pub datasets: Vec<Arc<(DatasetConfig, Table)>>,
     pub policy: Policy,
     pub ledger: Ledger,
@@ -102,6 +81,14 @@ pub struct AgentSettings {
 type PlanResult = std::result::Result<Option<PrivacyPlan>, String>;
 
 impl AgentSettings {
+    /// Each dataset's name and its own ε cap, for the policy's review.
+    pub fn dataset_caps(&self) -> Vec<(String, Option<f64>)> {
+        self.datasets
+            .iter()
+            .map(|d| (d.0.name.clone(), d.0.max_epsilon))
+            .collect()
+    }
+
     /// Reads `agent.toml`, loads the identity and every dataset; any problem is an error
     /// that names the file and what to fix.
     pub fn load(path: &Path) -> Result<Self> {
@@ -131,29 +118,41 @@ impl AgentSettings {
         if file.datasets.is_empty() {
             bail!("the config lists no [[datasets]]; an agent with no data has nothing to offer");
         }
-        let mut datasets = Vec::new();
+        let mut datasets: Vec<Arc<(DatasetConfig, Table)>> = Vec::new();
         for cfg in file.datasets {
             let table = Table::load(&cfg, base)?;
             info!(dataset = %cfg.name, rows = table.rows(), dropped = table.dropped, features = table.columns.len(), "dataset loaded");
             datasets.push(Arc::new((cfg, table)));
         }
-        let p = &file.policy;
-        if !(p.max_epsilon.is_finite() && p.max_epsilon >= 0.0 && p.delta > 0.0 && p.delta < 1e-2) {
-            bail!(
-                "[policy] needs max_epsilon ≥ 0 and 0 < delta < 1e-2 (got {} and {})",
-                p.max_epsilon,
-                p.delta
-            );
-        }
+        let policy = match (file.policy, &file.policy_file) {
+            (Some(_), Some(_)) => bail!("the config has both [policy] and policy_file; keep one"),
+            (Some(p), None) => p,
+            (None, Some(path)) => {
+                let path = base.join(path);
+                let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?
+            }
+            (None, None) => Policy::default(),
+        };
+        policy.validate().map_err(|e| anyhow!(e))?;
         let store = base.join(&file.store);
         let ledger = Ledger::open(&store)
             .with_context(|| format!("open the agent store {} (is another agent using it?)", store.display()))?;
+        let egress_path = file
+            .egress_log
+            .map(|p| base.join(p))
+            .unwrap_or_else(|| store.join("egress.jsonl"));
+        let egress = EgressLog::open(
+            &egress_path,
+            load_or_create_key(&store.join("egress-key.pk8"))?,
+            &format!("site/{}", profile.file.name),
+        )?;
         Ok(AgentSettings {
             profile,
             coordinator: file.coordinator,
-            egress_log: file.egress_log.map(|p| base.join(p)),
+            egress: Arc::new(egress),
             datasets,
-            policy: file.policy,
+            policy,
             ledger,
             plans: Default::default(),
         })
@@ -205,6 +204,15 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 })
                 .collect(),
         };
+        let names: Vec<&str> = register.datasets.iter().map(|d| d.name.as_str()).collect();
+        settings.egress.record(
+            "register",
+            "",
+            0,
+            &prost::Message::encode_to_vec(&register),
+            None,
+            serde_json::json!({"datasets": names}),
+        )?;
         if let Err(status) = client.register(register).await {
             let wait = backoff.step();
             warn!(code = ?status.code(), message = status.message(), retry_in = ?wait, "register failed");
@@ -240,16 +248,51 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     Ok(())
 }
 
-async fn refuse(client: &mut SiteClient<Channel>, work: &pb::WorkItem, reason: String) -> Result<()> {
+/// Checks that the study's manifest carries its creating admin's signature, by a
+/// certificate of the consortium CA.
+fn check_approval(settings: &AgentSettings, work: &pb::WorkItem, manifest: &StudyManifest) -> Result<()> {
+    let creds = Credentials::from_profile(&settings.profile)?;
+    let admin = creds
+        .verify_certificate(&work.creator_certificate_der)
+        .context("the study's creator certificate")?;
+    if admin.role != medfl_shared::identity::Role::Admin {
+        bail!("the study was created by {admin}, who is not an admin");
+    }
+    let signed = medfl_shared::sign::verify_by_certificate(
+        &work.creator_certificate_der,
+        &medfl_shared::sign::study_signing_bytes(&manifest.hash()),
+        &work.manifest_signature,
+    )?;
+    if !signed {
+        bail!(
+            "manifest {} does not carry {admin}'s signature: it is not the manifest the admin approved",
+            manifest.hash()
+        );
+    }
+    Ok(())
+}
+
+async fn refuse(
+    client: &mut SiteClient<Channel>,
+    settings: &AgentSettings,
+    work: &pb::WorkItem,
+    reason: String,
+) -> Result<()> {
     warn!(study = %work.study_id, round = work.round, %reason, "refusing work");
-    client
-        .report_refusal(pb::RefusalReport {
-            study_id: work.study_id.clone(),
-            round: work.round,
-            reason,
-        })
-        .await
-        .context("report refusal")?;
+    let report = pb::RefusalReport {
+        study_id: work.study_id.clone(),
+        round: work.round,
+        reason,
+    };
+    settings.egress.record(
+        "refusal",
+        &work.study_id,
+        work.round,
+        &prost::Message::encode_to_vec(&report),
+        None,
+        serde_json::json!({"reason": report.reason}),
+    )?;
+    client.report_refusal(report).await.context("report refusal")?;
     Ok(())
 }
 
@@ -262,11 +305,12 @@ async fn handle_work(
     // The site checks the manifest itself: it trusts the text, not the coordinator's hash.
     let manifest = match StudyManifest::from_toml(&work.manifest_toml) {
         Ok(m) => m,
-        Err(e) => return refuse(client, &work, format!("manifest is invalid: {e}")).await,
+        Err(e) => return refuse(client, settings, &work, format!("manifest is invalid: {e}")).await,
     };
     if manifest.hash() != work.manifest_hash {
         return refuse(
             client,
+            settings,
             &work,
             format!(
                 "manifest hash mismatch: got {}, computed {}",
@@ -275,6 +319,25 @@ async fn handle_work(
             ),
         )
         .await;
+    }
+    // Who approved the study: an admin certificate of the consortium CA signed this
+    // manifest's hash; the coordinator cannot make up a study on its own.
+    if let Err(e) = check_approval(settings, &work, &manifest) {
+        return refuse(client, settings, &work, format!("{e:#}")).await;
+    }
+    // The round must ask for exactly what the manifest says.
+    let asked = work.settings.as_ref().map(medfl_proto::settings::settings_from_pb);
+    let differences = match &asked {
+        Some(asked) => manifest.round_settings().differences(asked),
+        None => vec!["the work item carries no round settings".into()],
+    };
+    if !differences.is_empty() {
+        let reason = format!(
+            "round {} asks for settings the approved manifest does not: {}",
+            work.round,
+            differences.join(", ")
+        );
+        return refuse(client, settings, &work, reason).await;
     }
     // The site's own policy decides, whatever the coordinator asks.
     // The plan runs the accountant (tens of milliseconds): off the reactor.
@@ -296,33 +359,16 @@ async fn handle_work(
     };
     let plan = match planned {
         Ok(plan) => plan.zip(manifest.privacy.clone()),
-        Err(e) => return refuse(client, &work, format!("privacy settings refused: {e}")).await,
+        Err(e) => return refuse(client, settings, &work, format!("privacy settings refused: {e}")).await,
     };
-    match &plan {
-        Some((_, p)) if !settings.policy.allowed_units.contains(&p.unit) => {
-            return refuse(
-                client,
-                &work,
-                format!("this site's policy does not allow privacy unit {:?}", p.unit),
-            )
-            .await;
-        }
-        Some((plan, _)) if plan.sigma < settings.policy.min_noise_multiplier => {
-            let reason = format!(
-                "noise multiplier σ = {:.4} is below this site's minimum of {}",
-                plan.sigma, settings.policy.min_noise_multiplier
-            );
-            return refuse(client, &work, reason).await;
-        }
-        None if !settings.policy.allow_non_dp => {
-            return refuse(
-                client,
-                &work,
-                "this site's policy takes part only in studies with [privacy]".into(),
-            )
-            .await;
-        }
-        _ => {}
+    let reasons = settings.policy.review(
+        &manifest,
+        plan.as_ref().map(|(p, _)| p),
+        &settings.dataset_caps(),
+        unix_ms(SystemTime::now()),
+    );
+    if !reasons.is_empty() {
+        return refuse(client, settings, &work, reasons.join("; ")).await;
     }
     let Some(dataset) = settings
         .datasets
@@ -332,6 +378,7 @@ async fn handle_work(
     else {
         return refuse(
             client,
+            settings,
             &work,
             format!("this site offers no dataset named {:?}", manifest.data.dataset),
         )
@@ -340,6 +387,7 @@ async fn handle_work(
     if dataset.0.label != manifest.data.label {
         return refuse(
             client,
+            settings,
             &work,
             format!(
                 "dataset {:?} has label {:?}, the study asks for {:?}",
@@ -350,7 +398,7 @@ async fn handle_work(
     }
     let x = match dataset.1.select(&manifest.data.features) {
         Ok(x) => x,
-        Err(e) => return refuse(client, &work, e.to_string()).await,
+        Err(e) => return refuse(client, settings, &work, e.to_string()).await,
     };
 
     let site = settings.profile.file.name.clone();
@@ -360,7 +408,7 @@ async fn handle_work(
     if work.secagg.is_some() || manifest.secagg().is_some() {
         match SiteSession::new(&work, &manifest, &site, plan.as_ref().map(|(p, _)| p.sigma)) {
             Ok(s) => session = Some(s),
-            Err(e) => return refuse(client, &work, format!("secure aggregation refused: {e}")).await,
+            Err(e) => return refuse(client, settings, &work, format!("secure aggregation refused: {e}")).await,
         }
     }
     let global = download(client, &work, &manifest).await?;
@@ -406,7 +454,9 @@ async fn handle_work(
             );
             let charge = match charged {
                 Ok(c) => c,
-                Err(e @ LedgerError::WouldExceed { .. }) => return refuse(client, &work, e.to_string()).await,
+                Err(e @ LedgerError::WouldExceed { .. }) => {
+                    return refuse(client, settings, &work, e.to_string()).await;
+                }
                 Err(e) => return Err(e.into()),
             };
             info!(dataset = %dataset.0.name, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "privacy charged");
@@ -424,8 +474,13 @@ async fn handle_work(
                             scale: s.scale.iter().map(|v| *v as f32).collect(),
                         },
                         None => {
-                            return refuse(client, &work, "a [privacy] study must carry public data.scaling".into())
-                                .await;
+                            return refuse(
+                                client,
+                                settings,
+                                &work,
+                                "a [privacy] study must carry public data.scaling".into(),
+                            )
+                            .await;
                         }
                     };
                     let cfg = DpSgdConfig {
@@ -481,7 +536,13 @@ async fn handle_work(
     };
     let mut delta: Vec<f32> = params.iter().zip(&global).map(|(n, g)| n - g).collect();
     if delta.iter().any(|v| !v.is_finite()) {
-        return refuse(client, &work, "local training diverged (non-finite update)".into()).await;
+        return refuse(
+            client,
+            settings,
+            &work,
+            "local training diverged (non-finite update)".into(),
+        )
+        .await;
     }
     if let Some(p) = manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site) {
         delta = ClippedUpdate::clip(delta, p.clip_norm)?.into_values();
@@ -498,10 +559,10 @@ async fn handle_work(
                 warn!("failpoint secagg_after_share: exiting before the masked input");
                 std::process::exit(137);
             }
+            log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, true)?;
             session
                 .send_masked(client, &work, &manifest, &update_id, &delta)
                 .await?;
-            log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, true);
             session.reveal(client).await
         }
         .await;
@@ -512,13 +573,13 @@ async fn handle_work(
             }
             Err(e) if e.downcast_ref::<Refusal>().is_some() => {
                 warn!(reason = %e, "secure aggregation: the coordinator's message failed a check; leaving the session");
-                refuse(client, &work, format!("secure aggregation: {e}")).await
+                refuse(client, settings, &work, format!("secure aggregation: {e}")).await
             }
             Err(e) => Err(e),
         };
     }
+    log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, false)?;
     upload(client, &work, &manifest, &update_id, weight, &delta, loss).await?;
-    log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, false);
     info!(weight, ?loss, ?epsilon_after, "update delivered");
     Ok(())
 }
@@ -584,33 +645,23 @@ fn log_egress(
     loss: Option<f64>,
     epsilon_after: Option<f64>,
     masked: bool,
-) {
-    let Some(path) = &settings.egress_log else {
-        return;
-    };
-    let bytes = medfl_shared::chunk::encode(delta);
-    let entry = serde_json::json!({
-        "at_unix_ms": unix_ms(SystemTime::now()),
-        "kind": "model_update",
-        "study_id": work.study_id,
-        "round": work.round,
-        "manifest_hash": work.manifest_hash,
-        "update_id": update_id,
-        "num_params": delta.len(),
-        "l2_norm": medfl_shared::dp::l2_norm(delta),
-        "num_examples": weight,
-        "train_loss": loss,
-        "dataset_epsilon_after": epsilon_after,
-        "sha256": sha256_hex(&bytes),
-        // With secure aggregation what left is this update quantized and masked.
-        "secure_aggregation": masked,
-    });
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| writeln!(f, "{entry}"));
-    if let Err(e) = written {
-        warn!(path = %path.display(), error = %e, "cannot write the egress log");
-    }
+) -> Result<()> {
+    // With secure aggregation what leaves is this update quantized and masked; the
+    // log names the update it came from.
+    settings.egress.record(
+        if masked { "masked_update" } else { "model_update" },
+        &work.study_id,
+        work.round,
+        &medfl_shared::chunk::encode(delta),
+        epsilon_after,
+        serde_json::json!({
+            "manifest_hash": work.manifest_hash,
+            "update_id": update_id,
+            "num_params": delta.len(),
+            "l2_norm": medfl_shared::dp::l2_norm(delta),
+            "num_examples": weight,
+            "train_loss": loss,
+            "secure_aggregation": masked,
+        }),
+    )
 }

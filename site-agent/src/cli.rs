@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 /// Runs a medfl site agent next to a hospital's data.
 #[derive(Debug, Clone, Parser)]
 pub struct AgentArgs {
-    /// Path of agent.toml.
-    #[arg(long)]
-    pub config: PathBuf,
+    /// Path of agent.toml (every command but `enroll` needs it).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     /// Identity bundle (a profile.toml or its directory); overrides the config's `profile`.
     #[arg(long)]
     pub profile: Option<PathBuf>,
@@ -33,6 +33,44 @@ pub enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Shows the egress log (everything that left the site) after checking its hash
+    /// chain and signatures.
+    Egress {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Joins the consortium: makes the site's key here (it never leaves), sends a CSR
+    /// with the admin's one-time token and writes the identity bundle to OUT.
+    Enroll {
+        /// Coordinator URL, e.g. https://coordinator.example.org:7443.
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        token: String,
+        /// The consortium CA certificate (from the admin), to verify the coordinator.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Directory for the bundle (cert.pem, key.pem, ca.pem, profile.toml).
+        #[arg(long)]
+        out: PathBuf,
+        /// The name in the coordinator's certificate, if not the URL's host.
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// Checks the site's policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyCommand {
+    /// Says whether this site would take part in the study of a manifest, and why not.
+    Check {
+        #[arg(long)]
+        manifest: PathBuf,
+    },
 }
 
 /// Exit status for a configuration error (EX_USAGE).
@@ -40,7 +78,34 @@ pub const EXIT_CONFIG: u8 = 64;
 
 pub async fn main(args: AgentArgs) -> ExitCode {
     medfl_proto::telemetry::init(args.log_format == "json");
-    let mut settings = match crate::AgentSettings::load_with(&args.config, args.profile.as_deref()) {
+    if let Some(AgentCommand::Enroll {
+        coordinator,
+        token,
+        ca,
+        out,
+        server_name,
+    }) = &args.command
+    {
+        return match crate::enroll::enroll(coordinator, token, ca, out, server_name.as_deref()).await {
+            Ok(profile) => {
+                println!(
+                    "enrolled as site {}; identity bundle in {} (point agent.toml's profile at it)",
+                    profile.file.name,
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("medfl-agent enroll: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(config) = &args.config else {
+        eprintln!("medfl-agent: --config agent.toml is required");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let mut settings = match crate::AgentSettings::load_with(config, args.profile.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("medfl-agent: bad configuration: {e:#}");
@@ -50,8 +115,16 @@ pub async fn main(args: AgentArgs) -> ExitCode {
     if args.coordinator.is_some() {
         settings.coordinator = args.coordinator;
     }
-    if let Some(AgentCommand::Ledger { json }) = args.command {
-        return match print_ledger(&settings, json) {
+    let done = match args.command {
+        Some(AgentCommand::Ledger { json }) => Some(print_ledger(&settings, json)),
+        Some(AgentCommand::Egress { json }) => Some(print_egress(&settings, json)),
+        Some(AgentCommand::Policy {
+            command: PolicyCommand::Check { manifest },
+        }) => Some(policy_check(&settings, &manifest)),
+        _ => None,
+    };
+    if let Some(done) = done {
+        return match done {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("medfl-agent: {e:#}");
@@ -103,4 +176,82 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
         println!("{}", serde_json::Value::Array(report));
     }
     Ok(())
+}
+
+fn print_egress(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<()> {
+    use medfl_shared::chainlog::{Line, verify_export};
+    let path = settings.egress.path();
+    let text = std::fs::read_to_string(path)?;
+    let verified = verify_export(&text, None, false)
+        .map_err(|e| anyhow::anyhow!("{}: TAMPERED OR DAMAGED at {e}", path.display()))?;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Line::Entry(e) = serde_json::from_str(line)? {
+            if json {
+                println!("{}", serde_json::to_string(&e)?);
+            } else {
+                let d: serde_json::Value = serde_json::from_str(&e.details)?;
+                println!(
+                    "{:>6}  {}  {:<14} study {:<16} round {:>4}  {:>10} bytes  sha256 {}  ε after {}",
+                    e.seq,
+                    e.at_ms,
+                    e.action,
+                    if e.study.is_empty() { "-" } else { &e.study },
+                    d["round"],
+                    d["bytes"],
+                    d["sha256"].as_str().unwrap_or("-"),
+                    d["epsilon_after"]
+                );
+            }
+        }
+    }
+    if !json {
+        println!(
+            "{} entries; hash chain and signatures check (key {})",
+            verified.entries, verified.header.public_key
+        );
+    }
+    Ok(())
+}
+
+/// `medfl-agent policy check`: the review the agent runs on every work item.
+fn policy_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let manifest = medfl_shared::manifest::StudyManifest::from_toml(&text)?;
+    let plan = manifest
+        .privacy_plan()
+        .map_err(|e| anyhow::anyhow!("REFUSED: privacy settings cannot be planned: {e}"))?;
+    let reasons = settings.policy.review(
+        &manifest,
+        plan.as_ref(),
+        &settings.dataset_caps(),
+        medfl_shared::unix_ms(std::time::SystemTime::now()),
+    );
+    println!("manifest {} (study {:?})", manifest.hash(), manifest.name);
+    if let Some(plan) = &plan {
+        println!(
+            "privacy: σ = {:.4}, ε = {:.4} over {} rounds at δ = {:e}",
+            plan.sigma, plan.epsilon_all_rounds, manifest.rounds, plan.delta
+        );
+        let cap = settings
+            .dataset_caps()
+            .into_iter()
+            .find(|(name, _)| *name == manifest.data.dataset)
+            .map(|(_, cap)| cap.unwrap_or(settings.policy.max_epsilon));
+        if let Some(cap) = cap.filter(|&cap| plan.epsilon_all_rounds > cap) {
+            println!(
+                "NOTE: the whole study would spend more than dataset {:?}'s cap of {cap}; this site takes part \
+                 until its ledger reaches the cap, then refuses the rest",
+                manifest.data.dataset
+            );
+        }
+    }
+    if reasons.is_empty() {
+        println!("ACCEPTED: this site's policy admits this study");
+        Ok(())
+    } else {
+        for r in &reasons {
+            println!("REFUSED: {r}");
+        }
+        anyhow::bail!("this site's policy refuses the study ({} reasons above)", reasons.len())
+    }
 }

@@ -12,7 +12,10 @@ pub mod agent;
 pub mod cli;
 pub mod data;
 pub mod dpsgd;
+pub mod egress;
+pub mod enroll;
 pub mod ledger;
+pub mod policy;
 pub mod secagg;
 pub mod train;
 

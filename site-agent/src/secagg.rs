@@ -18,9 +18,8 @@ use medfl_shared::secagg::{
     AdvertisedKeys, DistributedNoise, MaskPlan, Quantizer, SessionParams, SharePair, SiteSecrets,
     add_discrete_gaussian, advert_signing_bytes, check_rosters, check_unmask_request, open_shares, seal_shares,
 };
-use ring::signature::{ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 use tonic::transport::Channel;
 use tracing::info;
@@ -44,7 +43,7 @@ fn refuse<T>(msg: impl Into<String>) -> Result<T> {
 /// The site's identity as secure aggregation uses it: the key of its certificate to
 /// sign its advertisement, and the consortium CA to check everyone else's.
 pub struct Credentials {
-    key: EcdsaKeyPair,
+    key: medfl_shared::sign::Signer,
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
@@ -56,16 +55,7 @@ impl std::fmt::Debug for Credentials {
 
 impl Credentials {
     pub fn from_profile(profile: &Profile) -> Result<Self> {
-        let key = PrivateKeyDer::from_pem_slice(profile.key_pem.as_bytes()).context("parse the site's key")?;
-        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
-            bail!("secure aggregation signs with the site's PKCS#8 ECDSA P-256 key; this key is another kind");
-        };
-        let key = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_ASN1_SIGNING,
-            pkcs8.secret_pkcs8_der(),
-            &ring::rand::SystemRandom::new(),
-        )
-        .map_err(|e| anyhow!("the site's key is not an ECDSA P-256 key: {e}"))?;
+        let key = profile.signer().context("the site's certificate key")?;
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(profile.ca_pem.as_bytes()) {
             roots.add(ca.context("parse the consortium CA")?)?;
@@ -79,28 +69,29 @@ impl Credentials {
         Ok(Credentials { key, verifier })
     }
 
-    /// Signs `message` with the site's certificate key (ECDSA P-256, ASN.1 DER).
+    /// Signs `message` with the site's certificate key (Ed25519).
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
-        Ok(self
-            .key
-            .sign(&ring::rand::SystemRandom::new(), message)
-            .map_err(|_| anyhow!("signing failed"))?
-            .as_ref()
-            .to_vec())
+        Ok(self.key.sign(message))
+    }
+
+    /// Checks that `der` chains to the consortium CA and returns whom it names.
+    pub fn verify_certificate(&self, der: &[u8]) -> Result<Identity> {
+        let cert = CertificateDer::from(der);
+        if let Err(e) = self.verifier.verify_client_cert(&cert, &[], UnixTime::now()) {
+            return refuse(format!(
+                "the certificate does not verify against the consortium CA: {e}"
+            ));
+        }
+        Identity::from_cert_der(der).map_err(|e| Refusal(format!("the certificate names no identity: {e}")).into())
     }
 
     /// Checks that `keys` come from a site certificate of the consortium CA naming
     /// `keys.site`, signed by that certificate's key for this session.
     pub fn verify(&self, session: &[u8; 32], keys: &pb::SiteKeys) -> Result<AdvertisedKeys> {
         let site = &keys.site;
-        let der = CertificateDer::from(keys.certificate_der.as_slice());
-        if let Err(e) = self.verifier.verify_client_cert(&der, &[], UnixTime::now()) {
-            return refuse(format!(
-                "the certificate relayed for {site} does not verify against the consortium CA: {e}"
-            ));
-        }
-        let identity = Identity::from_cert_der(&keys.certificate_der)
-            .map_err(|e| Refusal(format!("the certificate relayed for {site} has no site identity: {e}")))?;
+        let identity = self
+            .verify_certificate(&keys.certificate_der)
+            .map_err(|e| Refusal(format!("the certificate relayed for {site}: {e}")))?;
         if identity.role != Role::Site || identity.name.as_str() != site {
             return refuse(format!("the certificate relayed for {site} belongs to {identity}"));
         }
@@ -108,16 +99,13 @@ impl Credentials {
             cipher: key32(&keys.cipher_public_key, site)?,
             mask: key32(&keys.mask_public_key, site)?,
         };
-        let (_, cert) = x509_parser::parse_x509_certificate(&keys.certificate_der)
-            .map_err(|e| Refusal(format!("the certificate relayed for {site} does not parse: {e}")))?;
-        let public = UnparsedPublicKey::new(
-            &ECDSA_P256_SHA256_ASN1,
-            cert.public_key().subject_public_key.data.as_ref(),
-        );
-        if public
-            .verify(&advert_signing_bytes(session, site, &advertised), &keys.signature)
-            .is_err()
-        {
+        let signed = medfl_shared::sign::verify_by_certificate(
+            &keys.certificate_der,
+            &advert_signing_bytes(session, site, &advertised),
+            &keys.signature,
+        )
+        .map_err(|e| Refusal(format!("the certificate relayed for {site}: {e}")))?;
+        if !signed {
             return refuse(format!(
                 "the keys relayed for {site} do not carry its signature for this session"
             ));
@@ -462,6 +450,7 @@ clip_norm = 1.0
             deadline_unix_ms: 0,
             num_params: manifest.num_params(),
             secagg: Some(medfl_proto::secagg::session_to_pb(&params)),
+            ..Default::default()
         }
     }
 

@@ -217,3 +217,23 @@ pub fn audit_ledger(fed: &medfl::Federation, id: &str) -> Vec<serde_json::Value>
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     report["charges"].as_array().cloned().expect("charges")
 }
+
+/// The model updates a site's egress log records, after checking the log's hash chain
+/// and signatures: each entry's details, with its `kind`. Empty if there is no log.
+#[allow(dead_code)]
+pub fn egress_updates(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    medfl_shared::chainlog::verify_export(&text, None, false).expect("the egress log verifies");
+    text.lines()
+        .filter_map(|l| match serde_json::from_str(l).expect("egress line") {
+            medfl_shared::chainlog::Line::Entry(e) if e.action.ends_with("_update") => {
+                let mut details: serde_json::Value = serde_json::from_str(&e.details).expect("details");
+                details["kind"] = serde_json::Value::from(e.action);
+                Some(details)
+            }
+            _ => None,
+        })
+        .collect()
+}

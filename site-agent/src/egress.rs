@@ -1,0 +1,173 @@
+//! The site's egress log: every message that carries the site's data-derived content
+//! (model updates, masked inputs, refusals with their reasons, registrations) is
+//! written here, durably, *before* it is sent: time, study, round, kind, byte count,
+//! the SHA-256 of the payload and the ε charged with it. Entries are hash-chained and
+//! signed with the site's egress key (`<store>/egress-key.pk8`, Ed25519), the same
+//! scheme as the coordinator's audit log ([`medfl_shared::chainlog`]), so hospital IT
+//! can check the file with `medfl-agent egress --verify` or `medfl audit verify`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+use medfl_shared::chainlog::{Chain, FORMAT, Header, Line, Signer};
+use medfl_shared::{sha256_hex, unix_ms};
+use serde_json::{Value, json};
+
+#[derive(Debug)]
+pub struct EgressLog {
+    path: PathBuf,
+    keeper: String,
+    signer: Signer,
+    chain: Mutex<Chain>,
+}
+
+/// Reads the key at `path`, or makes one (owner-only) the first time.
+pub fn load_or_create_key(path: &Path) -> Result<Signer> {
+    let der = match std::fs::read(path) {
+        Ok(der) => der,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let pkcs8 = Signer::generate_pkcs8()?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("create {}", path.display()))?;
+            f.write_all(&pkcs8).and_then(|()| f.sync_all())?;
+            pkcs8
+        }
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    Signer::from_pkcs8(&der).with_context(|| format!("{}", path.display()))
+}
+
+impl EgressLog {
+    /// Opens the log at `path` (continuing its chain) or starts it with its header.
+    pub fn open(path: &Path, signer: Signer, keeper: &str) -> Result<Self> {
+        let chain = match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mut chain = Chain::default();
+                let mut header = None;
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    match serde_json::from_str::<Line>(line) {
+                        Ok(Line::Header(h)) => header = Some(h),
+                        Ok(Line::Entry(e)) => chain = Chain::after(&e)?,
+                        Ok(Line::Checkpoint(_)) => {}
+                        Err(e) => bail!(
+                            "{} is not a medfl egress log ({e}); move it aside to start a new one",
+                            path.display()
+                        ),
+                    }
+                }
+                match header {
+                    Some(h) if h.public_key == signer.public_key_hex() => chain,
+                    Some(_) => bail!(
+                        "{} was signed with another egress key; move it aside to start a new one",
+                        path.display()
+                    ),
+                    None => bail!("{} has no header line", path.display()),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let header = Line::Header(Header {
+                    format: FORMAT.into(),
+                    log: "egress".into(),
+                    keeper: keeper.to_string(),
+                    public_key: signer.public_key_hex(),
+                });
+                append_line(path, &serde_json::to_string(&header)?)?;
+                Chain::default()
+            }
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        Ok(EgressLog {
+            path: path.to_path_buf(),
+            keeper: keeper.to_string(),
+            signer,
+            chain: Mutex::new(chain),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records one outgoing message durably; call it before sending. `payload` is the
+    /// bytes that leave (their SHA-256 and length are logged, not the bytes).
+    pub fn record(
+        &self,
+        kind: &'static str,
+        study: &str,
+        round: u32,
+        payload: &[u8],
+        epsilon: Option<f64>,
+        extra: Value,
+    ) -> Result<()> {
+        let mut details = json!({
+            "round": round,
+            "bytes": payload.len(),
+            "sha256": sha256_hex(payload),
+            "epsilon_after": epsilon,
+        });
+        if let (Some(d), Value::Object(extra)) = (details.as_object_mut(), extra) {
+            d.extend(extra);
+        }
+        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = *chain;
+        let entry = next.append(
+            &self.signer,
+            unix_ms(SystemTime::now()),
+            &self.keeper,
+            kind,
+            study,
+            &details,
+        );
+        append_line(&self.path, &serde_json::to_string(&Line::Entry(entry))?)
+            .with_context(|| format!("write the egress log {}; nothing was sent", self.path.display()))?;
+        *chain = next;
+        Ok(())
+    }
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    writeln!(f, "{line}")?;
+    f.sync_data()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_continues_across_restarts_and_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("egress.jsonl");
+        let key = dir.path().join("k.pk8");
+        {
+            let log = EgressLog::open(&path, load_or_create_key(&key).expect("key"), "site/a").expect("open");
+            log.record("model_update", "s-1", 1, b"abc", Some(0.5), json!({}))
+                .expect("record");
+        }
+        let log = EgressLog::open(&path, load_or_create_key(&key).expect("key"), "site/a").expect("reopen");
+        log.record("refusal", "s-1", 2, b"why", None, json!({"reason": "why"}))
+            .expect("record");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let v = medfl_shared::chainlog::verify_export(&text, None, false).expect("verifies");
+        assert_eq!(v.entries, 2);
+        let other = dir.path().join("other.pk8");
+        assert!(EgressLog::open(&path, load_or_create_key(&other).expect("key"), "site/a").is_err());
+    }
+}
