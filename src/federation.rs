@@ -33,6 +33,8 @@ pub struct FederationBuilder {
     coordinator_env: Vec<(String, String)>,
     dataset_extra: Vec<(usize, String)>,
     policy: Option<String>,
+    coordinator_extra: String,
+    agent_extra: String,
 }
 
 struct Agent {
@@ -118,6 +120,8 @@ impl Default for FederationBuilder {
             coordinator_env: Vec::new(),
             dataset_extra: Vec::new(),
             policy: None,
+            coordinator_extra: String::new(),
+            agent_extra: String::new(),
         }
     }
 }
@@ -162,6 +166,20 @@ impl FederationBuilder {
     /// (e.g. a tighter `max_epsilon`).
     pub fn dataset_setting(mut self, index: usize, toml_lines: &str) -> Self {
         self.dataset_extra.push((index, toml_lines.to_string()));
+        self
+    }
+
+    /// Appends top-level TOML lines to coordinator.toml (e.g. `certificate_days = 60`).
+    pub fn coordinator_setting(mut self, toml_lines: &str) -> Self {
+        self.coordinator_extra.push_str(toml_lines);
+        self.coordinator_extra.push('\n');
+        self
+    }
+
+    /// Adds top-level TOML lines to every agent.toml (e.g. `renew_before_expiry_hours`).
+    pub fn agent_setting(mut self, toml_lines: &str) -> Self {
+        self.agent_extra.push_str(toml_lines);
+        self.agent_extra.push('\n');
         self
     }
 
@@ -241,7 +259,7 @@ impl FederationBuilder {
             self.liveness_secs,
             self.staging_budget_mib,
             pki_dir.display().to_string()
-        );
+        ) + &self.coordinator_extra;
         std::fs::write(coord_dir.join("coordinator.toml"), config)?;
         let coordinator = match &self.coordinator_binary {
             None => {
@@ -279,8 +297,8 @@ impl FederationBuilder {
                 std::fs::create_dir_all(&site_dir)?;
                 std::fs::write(site_dir.join("data.csv"), table.to_csv(&self.label))?;
                 let mut agent_toml = format!(
-                    "profile = \".\"\negress_log = \"egress.jsonl\"\n\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
-                    self.dataset, self.label
+                    "profile = \".\"\negress_log = \"egress.jsonl\"\n{}\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
+                    self.agent_extra, self.dataset, self.label
                 );
                 if let Some(policy) = &self.policy {
                     agent_toml = agent_toml.replace("\n[[datasets]]", &format!("\n[policy]\n{policy}\n\n[[datasets]]"));

@@ -630,3 +630,46 @@ async fn a_site_refuses_what_it_did_not_approve_and_says_why() {
     assert!(String::from_utf8_lossy(&shown.stdout).contains("hash chain and signatures check"));
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_renews_its_certificate_before_expiry_without_stopping_work() {
+    // Harness certificates last 30 days; asking for renewal with 1000 h (41 days) left
+    // makes it due at once, and the 60-day certificate the coordinator issues is not.
+    let (table, _, tables) = iid_site_tables(2);
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .coordinator_setting("certificate_days = 60")
+        .agent_setting("renew_before_expiry_hours = 1000")
+        .build()
+        .await
+        .expect("federation starts");
+    let before: Vec<String> = fed
+        .site_names
+        .iter()
+        .map(|n| std::fs::read_to_string(fed.dir.join(n).join("cert.pem")).expect("cert"))
+        .collect();
+    let (id, _) = complete_study(&mut fed, &manifest(&table.columns, 2, 2, 60, 2), 2).await;
+    for (name, old) in fed.site_names.clone().iter().zip(before) {
+        let profile = Profile::load(&fed.dir.join(name)).expect("profile");
+        assert_ne!(profile.cert_pem, old, "{name} renewed its certificate");
+        let (remaining, _) = medfl_site_agent::renew::validity(&profile).expect("validity");
+        assert!(
+            remaining > 59 * 86_400,
+            "{name}: the renewed certificate lasts 60 days ({remaining} s left)"
+        );
+        assert!(!medfl_site_agent::renew::due(
+            &profile,
+            Some(Duration::from_secs(1000 * 3600))
+        ));
+    }
+    let auditor = fed.pki.join("auditor");
+    let log = medfl(&["audit", "log", "--json", "--profile", auditor.to_str().expect("utf8")]);
+    let log = String::from_utf8_lossy(&log.stdout).to_string();
+    assert_eq!(
+        log.matches("\"action\":\"site.renew\"").count(),
+        2,
+        "one renewal per site: {log}"
+    );
+    assert!(log.contains(&id));
+    fed.shutdown().await.expect("clean shutdown");
+}

@@ -320,6 +320,11 @@ async fn three_real_agents_train_under_secure_aggregation() {
         let log = egress_updates(&owned.path().join(name).join("egress.jsonl"));
         assert_eq!(log.len(), 3);
         assert!(log.iter().all(|e| e["secure_aggregation"] == true), "{log:?}");
+        // Every protocol message left through the egress log too.
+        let raw = std::fs::read_to_string(owned.path().join(name).join("egress.jsonl")).expect("egress log");
+        for kind in ["secagg.advertise", "secagg.shares", "secagg.reveal"] {
+            assert_eq!(raw.matches(&format!("\"action\":\"{kind}\"")).count(), 3, "{kind}");
+        }
     }
     fed.shutdown().await.expect("clean shutdown");
 }

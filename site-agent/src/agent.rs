@@ -45,6 +45,9 @@ pub struct ConfigFile {
     /// site); default `<store>/egress.jsonl`.
     #[serde(default)]
     pub egress_log: Option<PathBuf>,
+    /// Renew the certificate when less than this is left; default: a third of its lifetime.
+    #[serde(default)]
+    pub renew_before_expiry_hours: Option<u64>,
     /// Directory of the agent's own store (the privacy ledger).
     #[serde(default = "default_store")]
     pub store: PathBuf,
@@ -66,7 +69,9 @@ fn default_store() -> PathBuf {
 /// A validated agent configuration with its datasets loaded.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
-    pub profile: Profile,
+    /// The site's identity now; renewal replaces it while the agent runs.
+    identity: Arc<std::sync::RwLock<Profile>>,
+    pub renew_before: Option<Duration>,
     pub coordinator: Option<String>,
     /// Where everything that leaves the site is logged before it leaves.
     pub egress: Arc<EgressLog>,
@@ -81,6 +86,15 @@ pub struct AgentSettings {
 type PlanResult = std::result::Result<Option<PrivacyPlan>, String>;
 
 impl AgentSettings {
+    /// The site's current identity bundle.
+    pub fn profile(&self) -> Profile {
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_profile(&self, profile: Profile) {
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = profile;
+    }
+
     /// Each dataset's name and its own ε cap, for the policy's review.
     pub fn dataset_caps(&self) -> Vec<(String, Option<f64>)> {
         self.datasets
@@ -148,7 +162,8 @@ impl AgentSettings {
             &format!("site/{}", profile.file.name),
         )?;
         Ok(AgentSettings {
-            profile,
+            identity: Arc::new(std::sync::RwLock::new(profile)),
+            renew_before: file.renew_before_expiry_hours.map(|h| Duration::from_secs(h * 3600)),
             coordinator: file.coordinator,
             egress: Arc::new(egress),
             datasets,
@@ -186,12 +201,13 @@ impl Backoff {
 
 /// Runs the agent until `shutdown` fires.
 pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<()> {
-    let channel = settings.profile.channel(settings.coordinator.as_deref())?;
-    let mut client = SiteClient::new(channel);
+    let profile = settings.profile();
+    let mut client = SiteClient::new(profile.channel(settings.coordinator.as_deref())?);
     let settings = Arc::new(settings);
     let mut backoff = Backoff::new();
-    let site = settings.profile.file.name.clone();
-    info!(%site, coordinator = settings.coordinator.as_deref().unwrap_or(&settings.profile.file.coordinator), "agent starting");
+    let mut next_renewal_try = std::time::Instant::now();
+    let site = profile.file.name.clone();
+    info!(%site, coordinator = settings.coordinator.as_deref().unwrap_or(&profile.file.coordinator), "agent starting");
     'connect: while !shutdown.is_cancelled() {
         let register = pb::RegisterRequest {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -221,6 +237,23 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         backoff.reset();
         info!("registered with the coordinator");
         loop {
+            let current = settings.profile();
+            if std::time::Instant::now() >= next_renewal_try && crate::renew::due(&current, settings.renew_before) {
+                match crate::renew::renew(&mut client, &current, &settings.egress).await {
+                    Ok(renewed) => {
+                        client = SiteClient::new(renewed.channel(settings.coordinator.as_deref())?);
+                        settings.set_profile(renewed);
+                        info!("certificate renewed; new connections use it");
+                    }
+                    Err(e) => {
+                        next_renewal_try = std::time::Instant::now() + Duration::from_secs(600);
+                        warn!(
+                            error = format!("{e:#}"),
+                            "certificate renewal failed; retrying in 10 minutes"
+                        );
+                    }
+                }
+            }
             let polled = tokio::select! {
                 r = client.poll_work(pb::PollWorkRequest { wait_ms: 20_000 }) => r,
                 _ = shutdown.cancelled() => break 'connect,
@@ -251,7 +284,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
 /// Checks that the study's manifest carries its creating admin's signature, by a
 /// certificate of the consortium CA.
 fn check_approval(settings: &AgentSettings, work: &pb::WorkItem, manifest: &StudyManifest) -> Result<()> {
-    let creds = Credentials::from_profile(&settings.profile)?;
+    let creds = Credentials::from_profile(&settings.profile())?;
     let admin = creds
         .verify_certificate(&work.creator_certificate_der)
         .context("the study's creator certificate")?;
@@ -401,7 +434,7 @@ async fn handle_work(
         Err(e) => return refuse(client, settings, &work, e.to_string()).await,
     };
 
-    let site = settings.profile.file.name.clone();
+    let site = settings.profile().file.name.clone();
     // Secure aggregation: the session must match the approved manifest before any
     // training, and the site's keys are drawn for this session only.
     let mut session = None;
@@ -549,7 +582,8 @@ async fn handle_work(
     }
     let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
     if let Some(mut session) = session {
-        let creds = Credentials::from_profile(&settings.profile)?;
+        session.log_to(settings.egress.clone());
+        let creds = Credentials::from_profile(&settings.profile())?;
         let outcome = async {
             session.advertise(client, &creds).await?;
             session.share_keys(client, &creds).await?;

@@ -91,7 +91,7 @@ pub async fn enroll(
     Ok(Profile::load(out)?)
 }
 
-fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
+pub(crate) fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

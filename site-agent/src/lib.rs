@@ -16,6 +16,7 @@ pub mod egress;
 pub mod enroll;
 pub mod ledger;
 pub mod policy;
+pub mod renew;
 pub mod secagg;
 pub mod train;
 

@@ -133,6 +133,8 @@ pub struct SiteSession {
     u2: Vec<String>,
     inbox: HashMap<String, SharePair>,
     revealed: bool,
+    /// Where each message is logged before it leaves (the agent's egress log).
+    egress: Option<Arc<crate::egress::EgressLog>>,
 }
 
 impl SiteSession {
@@ -201,7 +203,27 @@ impl SiteSession {
             u2: Vec::new(),
             inbox: HashMap::new(),
             revealed: false,
+            egress: None,
         })
+    }
+
+    /// Logs every message of this session to `egress` before it is sent.
+    pub fn log_to(&mut self, egress: Arc<crate::egress::EgressLog>) {
+        self.egress = Some(egress);
+    }
+
+    fn record(&self, kind: &'static str, message: &impl prost::Message) -> Result<()> {
+        match &self.egress {
+            Some(log) => log.record(
+                kind,
+                &self.params.study_id,
+                self.params.round,
+                &message.encode_to_vec(),
+                None,
+                serde_json::json!({"attempt": self.params.attempt}),
+            ),
+            None => Ok(()),
+        }
     }
 
     /// This session's public keys, as the site advertises them.
@@ -213,15 +235,14 @@ impl SiteSession {
     pub async fn advertise(&mut self, client: &mut SiteClient<Channel>, creds: &Credentials) -> Result<()> {
         let keys = self.secrets.public();
         let signature = creds.sign(&advert_signing_bytes(&self.session_id, &self.me, &keys))?;
-        client
-            .sec_agg_advertise(pb::SecAggAdvertiseRequest {
-                session_id: self.session_id.to_vec(),
-                cipher_public_key: keys.cipher.to_vec(),
-                mask_public_key: keys.mask.to_vec(),
-                signature,
-            })
-            .await
-            .context("advertise keys")?;
+        let request = pb::SecAggAdvertiseRequest {
+            session_id: self.session_id.to_vec(),
+            cipher_public_key: keys.cipher.to_vec(),
+            mask_public_key: keys.mask.to_vec(),
+            signature,
+        };
+        self.record("secagg.advertise", &request)?;
+        client.sec_agg_advertise(request).await.context("advertise keys")?;
         Ok(())
     }
 
@@ -284,20 +305,19 @@ impl SiteSession {
         }
         let shares = seal_shares(&self.params, &self.secrets, &self.me, &u1).map_err(|e| Refusal(e.to_string()))?;
         self.u1 = u1;
-        client
-            .sec_agg_share_keys(pb::SecAggShareKeysRequest {
-                session_id: self.session_id.to_vec(),
-                shares: shares
-                    .into_iter()
-                    .map(|(to, ciphertext)| pb::SealedShare {
-                        from: self.me.clone(),
-                        to,
-                        ciphertext,
-                    })
-                    .collect(),
-            })
-            .await
-            .context("share keys")?;
+        let request = pb::SecAggShareKeysRequest {
+            session_id: self.session_id.to_vec(),
+            shares: shares
+                .into_iter()
+                .map(|(to, ciphertext)| pb::SealedShare {
+                    from: self.me.clone(),
+                    to,
+                    ciphertext,
+                })
+                .collect(),
+        };
+        self.record("secagg.shares", &request)?;
+        client.sec_agg_share_keys(request).await.context("share keys")?;
         Ok(())
     }
 
@@ -391,13 +411,12 @@ impl SiteSession {
             });
         }
         self.revealed = true;
-        client
-            .sec_agg_reveal(pb::SecAggRevealRequest {
-                session_id: self.session_id.to_vec(),
-                shares,
-            })
-            .await
-            .context("reveal shares")?;
+        let request = pb::SecAggRevealRequest {
+            session_id: self.session_id.to_vec(),
+            shares,
+        };
+        self.record("secagg.reveal", &request)?;
+        client.sec_agg_reveal(request).await.context("reveal shares")?;
         info!(
             survivors = stage.survivors.len(),
             dropped = stage.dropped.len(),
