@@ -316,6 +316,7 @@ async fn the_audit_log_exports_and_verify_names_each_tampering() {
             .await
             .expect("round commits");
     }
+    fed.export(&id, None).await.expect("an admin exports the model");
     let auditor = fed.pki.join("auditor");
     let out = fed.dir.join("audit.jsonl");
     let out_s = out.to_str().expect("utf8");
@@ -335,6 +336,7 @@ async fn the_audit_log_exports_and_verify_names_each_tampering() {
         "study.state",
         "round.start",
         "round.commit",
+        "model.export",
     ] {
         assert!(good.contains(&format!("\"action\":\"{action}\"")), "no {action} entry");
     }

@@ -701,7 +701,17 @@ impl pb::admin_server::Admin for AdminService {
                 study.id, study.rounds_completed
             )));
         }
-        Ok(Response::new(model_stream(self.engine.clone(), &study, round)?))
+        let stream = model_stream(self.engine.clone(), &study, round)?;
+        self.engine
+            .store
+            .audit(&[crate::store::AuditEvent::new(
+                admin.to_string(),
+                "model.export",
+                &study.id,
+                serde_json::json!({"round": round}),
+            )])
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(stream))
     }
 
     async fn list_sites(&self, _request: Request<pb::Empty>) -> Result<Response<pb::SiteList>, Status> {
