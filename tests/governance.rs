@@ -171,23 +171,26 @@ fn anonymous_tls(fed: &Federation) -> std::path::PathBuf {
     fed.pki.join("ca.pem")
 }
 
+/// An enrolment token for site `name`, valid `ttl_secs`.
+async fn invite_token(fed: &mut Federation, name: &str, ttl_secs: u64) -> String {
+    fed.admin
+        .invite_site(pb::InviteRequest {
+            name: name.into(),
+            ttl_secs,
+            certificate_days: 2,
+        })
+        .await
+        .expect("invite")
+        .into_inner()
+        .token
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolment_revocation_and_reenrolment() {
     let mut fed = Federation::builder().sites(1).build().await.expect("federation starts");
     let url = format!("https://{}", fed.addr);
     let ca = anonymous_tls(&fed);
-    let invite = |name: &str, ttl_secs: u64| pb::InviteRequest {
-        name: name.into(),
-        ttl_secs,
-        certificate_days: 2,
-    };
-    let token = fed
-        .admin
-        .invite_site(invite("hospital-new", 600))
-        .await
-        .expect("invite")
-        .into_inner()
-        .token;
+    let token = invite_token(&mut fed, "hospital-new", 600).await;
     let out = fed.dir.join("enrolled");
     let profile = medfl_site_agent::enroll::enroll(&url, &token, &ca, &out, Some("localhost"))
         .await
@@ -205,26 +208,14 @@ async fn enrolment_revocation_and_reenrolment() {
         .await
         .expect_err("second use");
     assert!(format!("{again:#}").contains("already used"), "{again:#}");
-    let short = fed
-        .admin
-        .invite_site(invite("hospital-late", 1))
-        .await
-        .expect("invite")
-        .into_inner()
-        .token;
+    let short = invite_token(&mut fed, "hospital-late", 1).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let late = medfl_site_agent::enroll::enroll(&url, &short, &ca, &fed.dir.join("late"), Some("localhost"))
         .await
         .expect_err("expired");
     assert!(format!("{late:#}").contains("expired"), "{late:#}");
     // A CSR that asks for another identity than the token's is refused.
-    let wrong = fed
-        .admin
-        .invite_site(invite("hospital-x", 600))
-        .await
-        .expect("invite")
-        .into_inner()
-        .token;
+    let wrong = invite_token(&mut fed, "hospital-x", 600).await;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
     let csr = pki::csr_for(&Identity::new(Role::Site, "hospital-y".parse().expect("name")), &key).expect("csr");
     let channel = Endpoint::from_shared(url.clone())
@@ -276,13 +267,7 @@ async fn enrolment_revocation_and_reenrolment() {
     );
     // Other identities are untouched, and the site can be enrolled anew.
     fed.admin.list_studies(pb::Empty {}).await.expect("admin still served");
-    let token = fed
-        .admin
-        .invite_site(invite("hospital-new", 600))
-        .await
-        .expect("invite")
-        .into_inner()
-        .token;
+    let token = invite_token(&mut fed, "hospital-new", 600).await;
     let renewed = medfl_site_agent::enroll::enroll(&url, &token, &ca, &fed.dir.join("re"), Some("localhost"))
         .await
         .expect("re-enrols");
@@ -522,19 +507,8 @@ async fn a_site_refuses_what_it_did_not_approve_and_says_why() {
         ..Default::default()
     });
 
-    // Serve the fake with the consortium's coordinator identity.
-    let coordinator = fed.profile("coordinator").expect("coordinator");
-    let revocations = Arc::new(medfl_coordinator::governance::Revocations::default());
-    let tls = medfl_coordinator::tls::server_config(&coordinator, revocations.clone()).expect("tls");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("https://127.0.0.1:{}", listener.local_addr().expect("addr").port());
     let stop = CancellationToken::new();
-    let incoming = medfl_coordinator::tls::incoming(listener, tls, revocations, stop.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::site_server::SiteServer::from_arc(fake.clone()))
-            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
-    );
+    let url = serve_fake_coordinator(&fed, fake.clone(), stop.clone()).await;
 
     // A real agent whose policy approves exactly one manifest.
     let dir = fed.dir.join("crafted-site");

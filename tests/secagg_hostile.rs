@@ -7,8 +7,8 @@ mod common;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use common::serve_fake_coordinator;
 use medfl::Federation;
-use medfl_proto::transport::Profile;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;
 use medfl_shared::manifest::StudyManifest;
@@ -192,17 +192,7 @@ fn session(manifest: &StudyManifest) -> (SessionParams, pb::WorkItem) {
 /// Serves `fake` with the consortium's coordinator identity; returns a client for
 /// hospital-a connected to it.
 async fn serve(fed: &Federation, fake: Arc<Fake>, stop: CancellationToken) -> SiteClient<tonic::transport::Channel> {
-    let profile = Profile::load(&fed.pki.join("coordinator")).expect("coordinator profile");
-    let revocations = Arc::new(medfl_coordinator::governance::Revocations::default());
-    let tls = medfl_coordinator::tls::server_config(&profile, revocations.clone()).expect("tls");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("https://127.0.0.1:{}", listener.local_addr().expect("addr").port());
-    let incoming = medfl_coordinator::tls::incoming(listener, tls, revocations, stop.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::site_server::SiteServer::from_arc(fake))
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
-    );
+    let url = serve_fake_coordinator(fed, fake, stop).await;
     SiteClient::new(
         fed.profile("hospital-a")
             .expect("profile")

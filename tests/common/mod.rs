@@ -237,3 +237,25 @@ pub fn egress_updates(path: &std::path::Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// Serves a fake Site service with the consortium's coordinator identity over real
+/// mTLS on loopback until `stop`; returns its URL.
+#[allow(dead_code)]
+pub async fn serve_fake_coordinator<S: pb::site_server::Site>(
+    fed: &medfl::Federation,
+    fake: std::sync::Arc<S>,
+    stop: tokio_util::sync::CancellationToken,
+) -> String {
+    let profile = fed.profile("coordinator").expect("coordinator profile");
+    let revocations = std::sync::Arc::new(medfl_coordinator::governance::Revocations::default());
+    let tls = medfl_coordinator::tls::server_config(&profile, revocations.clone()).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().expect("addr").port());
+    let incoming = medfl_coordinator::tls::incoming(listener, tls, revocations, stop.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::site_server::SiteServer::from_arc(fake))
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+    );
+    url
+}
