@@ -1,5 +1,6 @@
-//! A site that crashes between charging its ledger and releasing its update: on
-//! restart the round is charged again, never released for free, and released once.
+//! A site that crashes between charging its ledger and releasing its update: the
+//! charge and the update it pays for were kept together, so on restart the site sends
+//! that same update, charged exactly once and released once.
 
 mod common;
 
@@ -31,7 +32,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitS
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_between_charge_and_release_charges_again_and_releases_once() {
+async fn a_crash_between_charge_and_release_resends_the_paid_update_once() {
     let table = bundled_table();
     let owned = tempfile::tempdir().expect("tempdir");
     let mut fed = Federation::builder()
@@ -64,7 +65,7 @@ async fn a_crash_between_charge_and_release_charges_again_and_releases_once() {
     let id = fed.create_study(&manifest).await.expect("create");
     fed.start_study(&id).await.expect("start");
 
-    // First life: charges, then dies before training and release.
+    // First life: trains, charges (with the update kept), then dies before release.
     let mut first = agent(&config, true);
     let status = tokio::task::spawn_blocking(move || wait_exit(&mut first, Duration::from_secs(60)))
         .await
@@ -80,7 +81,7 @@ async fn a_crash_between_charge_and_release_charges_again_and_releases_once() {
         "nothing was released"
     );
 
-    // Second life: the round is still open; the site charges again and releases once.
+    // Second life: the round is still open; the site sends the update it paid for.
     let mut second = agent(&config, false);
     let done = fed
         .wait_for(&id, Duration::from_secs(120), |i| {
@@ -93,15 +94,19 @@ async fn a_crash_between_charge_and_release_charges_again_and_releases_once() {
     assert_eq!(status.rounds.iter().filter(|r| r.committed).count(), 1);
     let ledger = medfl_site_agent::ledger::Ledger::open(&site.join("agent-store")).expect("ledger");
     let charges = ledger.charges("breast_cancer").expect("charges");
-    assert_eq!(
-        charges.len(),
-        2,
-        "charged again after the crash, never released for free"
-    );
-    assert!(charges.iter().all(|c| c.round == 1 && c.study_id == id));
-    assert!(charges[1].epsilon_after > charges[0].epsilon_after);
+    assert_eq!(charges, after_crash, "no second charge: the same output was sent");
+    let kept = ledger
+        .release(&id, 1, &status.info.as_ref().expect("info").manifest_hash)
+        .expect("read")
+        .expect("the paid update is kept");
     let released = egress_updates(&site.join("egress.jsonl"));
     assert_eq!(released.len(), 1, "released exactly once");
+    assert_eq!(
+        released[0]["update_id"],
+        kept.update_id.as_str(),
+        "the update sent is the one paid for"
+    );
+    assert_eq!(released[0]["epsilon_after"], charges[0].epsilon_after);
     fed.shutdown().await.expect("clean shutdown");
 }
 

@@ -16,7 +16,6 @@ use medfl_shared::manifest::{PrivacyPlan, PrivacyUnit, StudyManifest, Weighting}
 use medfl_shared::sign::{study_signing_bytes, verify_by_certificate};
 use medfl_shared::{sha256_hex, unix_ms};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
-use serde_json::json;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,8 +24,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::error::ServiceError;
 use crate::secagg::SecureRound;
 use crate::store::{
-    AuditEvent, COORDINATOR, ChargeRecord, DatasetRecord, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError,
-    StudyRecord, StudyState,
+    COORDINATOR, ChargeRecord, DatasetRecord, INTERRUPTED, ROUND_OPEN, RefusalRecord, RoundRecord, SiteRecord, Store,
+    StoreError, StudyRecord, StudyState,
 };
 use medfl_shared::secagg::SessionParams;
 
@@ -816,9 +815,31 @@ impl Engine {
                 );
                 return Ok(());
             }
-            let mut committed = false;
+            // Attempts continue their numbering across restarts (a secure-aggregation
+            // session id includes it); one left open by a crash is marked interrupted,
+            // and only real failures count against max_attempts.
+            let mut attempt = 0;
+            let mut failures = 0;
             let mut last_reason = String::new();
-            for attempt in 1..=manifest.selection.max_attempts {
+            for mut r in self.store.rounds(id)?.into_iter().filter(|r| r.round == round) {
+                attempt = attempt.max(r.attempt);
+                if r.reason == ROUND_OPEN {
+                    r.reason = format!("{INTERRUPTED}: the coordinator stopped during the attempt");
+                    r.finished_ms = now_ms();
+                    self.store.record_failed_round(id, &r)?;
+                    warn!(
+                        round,
+                        attempt = r.attempt,
+                        "an attempt left open by a coordinator stop is marked interrupted"
+                    );
+                } else if !r.committed && !r.reason.starts_with(INTERRUPTED) {
+                    failures += 1;
+                    last_reason = r.reason;
+                }
+            }
+            let mut committed = false;
+            while failures < manifest.selection.max_attempts {
+                attempt += 1;
                 match self
                     .run_round(&study, manifest.clone(), privacy, round, attempt, &mut control)
                     .await?
@@ -827,7 +848,10 @@ impl Engine {
                         committed = true;
                         break;
                     }
-                    RoundOutcome::Failed(reason) => last_reason = reason,
+                    RoundOutcome::Failed(reason) => {
+                        failures += 1;
+                        last_reason = reason;
+                    }
                     RoundOutcome::Interrupted => return Ok(()),
                 }
             }
@@ -945,12 +969,21 @@ impl Engine {
             manifest: manifest.clone(),
             secure: secure.clone(),
         });
-        self.store.audit(&[AuditEvent::new(
-            COORDINATOR,
-            "round.start",
+        self.store.open_round(
             id,
-            json!({"round": round, "attempt": attempt, "selected": selected, "secure_aggregation": secure.is_some()}),
-        )])?;
+            &RoundRecord {
+                round,
+                attempt,
+                committed: false,
+                selected: selected.clone(),
+                contributors: vec![],
+                num_examples: 0,
+                mean_train_loss: None,
+                started_ms,
+                finished_ms: 0,
+                reason: ROUND_OPEN.into(),
+            },
+        )?;
         lock(&self.open).insert(id.to_string(), open.clone());
         self.work.send_modify(|g| *g += 1);
         info!(round, attempt, selected = ?selected, "round started");
@@ -999,9 +1032,9 @@ impl Engine {
         let contributors: Vec<String> = received.iter().map(|r| r.0.clone()).collect();
         if interrupted {
             let reason = if self.shutdown.is_cancelled() {
-                "coordinator shutting down"
+                "interrupted: the coordinator was shutting down"
             } else {
-                "study aborted"
+                "interrupted: the study was aborted"
             };
             self.fail_round(id, round, attempt, selected, contributors, started_ms, reason.into())?;
             return Ok(RoundOutcome::Interrupted);
@@ -1117,9 +1150,9 @@ impl Engine {
         let selected = open.selected.clone();
         if interrupted {
             let reason = if self.shutdown.is_cancelled() {
-                "coordinator shutting down"
+                "interrupted: the coordinator was shutting down"
             } else {
-                "study aborted"
+                "interrupted: the study was aborted"
             };
             sec.fail(reason);
             self.fail_round(id, round, attempt, selected, vec![], started_ms, reason.into())?;

@@ -56,6 +56,13 @@ pub enum StoreError {
     AuditKey(String),
 }
 
+/// The reason of a round attempt that is still running (written when it starts, so a
+/// crash leaves a trace; the restarted driver marks it interrupted).
+pub const ROUND_OPEN: &str = "open";
+/// The start of the reason of an attempt that ended without a verdict (shutdown,
+/// abort, crash): it does not count against `max_attempts`.
+pub const INTERRUPTED: &str = "interrupted";
+
 /// Who the coordinator's own actions are attributed to in the audit log.
 pub const COORDINATOR: &str = "coordinator";
 
@@ -471,6 +478,22 @@ impl Store {
         );
         batch.insert(study_key(&study.id).as_bytes(), json(study)?);
         self.apply(batch, &events)
+    }
+
+    /// Records that a round attempt started (reason [`ROUND_OPEN`]), with its audit entry.
+    pub fn open_round(&self, study_id: &str, round: &RoundRecord) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            format!("round/{study_id}/{:08}/{:04}", round.round, round.attempt).as_bytes(),
+            json(round)?,
+        );
+        let event = AuditEvent::new(
+            COORDINATOR,
+            "round.start",
+            study_id,
+            json!({"round": round.round, "attempt": round.attempt, "selected": round.selected}),
+        );
+        self.apply(batch, &[event])
     }
 
     /// Records a round attempt that did not commit.

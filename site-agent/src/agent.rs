@@ -444,143 +444,184 @@ async fn handle_work(
             Err(e) => return refuse(client, settings, &work, format!("secure aggregation refused: {e}")).await,
         }
     }
-    let global = download(client, &work, &manifest).await?;
-    let seed = u64::from_le_bytes(
-        ring::digest::digest(
-            &ring::digest::SHA256,
-            format!("{site}/{}/{}", work.study_id, work.round).as_bytes(),
-        )
-        .as_ref()[..8]
-            .try_into()
-            .unwrap_or([0; 8]),
-    );
-    let spec = manifest.model.clone();
-    let training = manifest.training.clone();
-    let d = manifest.n_features();
-    let start = global.clone();
-    let table = dataset.clone();
-    let start_on = if work.round == 1 { Start::Initial } else { Start::Global };
-    let (params, weight, loss, epsilon_after) = match plan {
-        Some((plan, p)) => {
-            // Charge durably first, with the multiplier OpenDP's map gives for this noise.
-            let cap = dataset.0.max_epsilon.unwrap_or(settings.policy.max_epsilon);
-            // Distributed DP: exact integer noise whose multiplier the plan carries;
-            // otherwise what OpenDP's map gives for the noise drawn on its grid.
-            let effective = if manifest.distributed_dp() {
-                plan.per_round.sigma
-            } else {
-                medfl_shared::dp::effective_noise_multiplier(global.len(), p.clip_norm, plan.sigma)?
-            };
-            let mechanism = GaussianSteps {
-                sigma: effective,
-                ..plan.per_round
-            };
-            let charged = settings.ledger.charge(
-                &dataset.0.name,
-                &work.study_id,
-                work.round,
-                &work.manifest_hash,
-                mechanism,
-                p.clip_norm,
-                cap,
-                settings.policy.delta,
+    // A DP update this site already paid for is sent again as it was: no new noise and
+    // no new charge (unless sites add noise at masking: distributed DP draws afresh).
+    let reusable = plan.is_some() && !manifest.distributed_dp();
+    let cached = if reusable {
+        settings
+            .ledger
+            .release(&work.study_id, work.round, &work.manifest_hash)?
+    } else {
+        None
+    };
+    let (delta, weight, loss, epsilon_after, update_id) = match cached {
+        Some(r) => {
+            info!(update_id = %r.update_id, "resending the update this site already paid for");
+            (r.values, 1, None, Some(r.epsilon_after), r.update_id)
+        }
+        None => {
+            let global = download(client, &work, &manifest).await?;
+            let seed = u64::from_le_bytes(
+                ring::digest::digest(
+                    &ring::digest::SHA256,
+                    format!("{site}/{}/{}", work.study_id, work.round).as_bytes(),
+                )
+                .as_ref()[..8]
+                    .try_into()
+                    .unwrap_or([0; 8]),
             );
-            let charge = match charged {
-                Ok(c) => c,
-                Err(e @ LedgerError::WouldExceed { .. }) => {
-                    return refuse(client, settings, &work, e.to_string()).await;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            info!(dataset = %dataset.0.name, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "privacy charged");
-            // Failpoint for crash tests: MEDFL_FAILPOINT=after_charge ends the process right
-            // after the durable charge, as a crash between charge and release would.
-            if std::env::var("MEDFL_FAILPOINT").as_deref() == Ok("after_charge") {
-                warn!("failpoint after_charge: exiting before training and release");
-                std::process::exit(137);
-            }
-            let params = match p.unit {
-                PrivacyUnit::Record => {
-                    let scaling = match &manifest.data.scaling {
-                        Some(s) => Standardizer {
-                            center: s.center.iter().map(|v| *v as f32).collect(),
-                            scale: s.scale.iter().map(|v| *v as f32).collect(),
-                        },
-                        None => {
-                            return refuse(
-                                client,
-                                settings,
-                                &work,
-                                "a [privacy] study must carry public data.scaling".into(),
-                            )
-                            .await;
+            let spec = manifest.model.clone();
+            let training = manifest.training.clone();
+            let d = manifest.n_features();
+            let start = global.clone();
+            let table = dataset.clone();
+            let start_on = if work.round == 1 { Start::Initial } else { Start::Global };
+            let mut charge_plan = None;
+            let (params, weight, loss) = match plan {
+                Some((plan, p)) => {
+                    // The multiplier OpenDP's map gives for this noise is what is charged.
+                    let cap = dataset.0.max_epsilon.unwrap_or(settings.policy.max_epsilon);
+                    // Distributed DP: exact integer noise whose multiplier the plan carries;
+                    // otherwise what OpenDP's map gives for the noise drawn on its grid.
+                    let effective = if manifest.distributed_dp() {
+                        plan.per_round.sigma
+                    } else {
+                        medfl_shared::dp::effective_noise_multiplier(global.len(), p.clip_norm, plan.sigma)?
+                    };
+                    let mechanism = GaussianSteps {
+                        sigma: effective,
+                        ..plan.per_round
+                    };
+                    // Refuse before training if the round would pass the cap; the charge
+                    // itself lands with the update it pays for, below.
+                    match settings
+                        .ledger
+                        .check(&dataset.0.name, mechanism, cap, settings.policy.delta)
+                    {
+                        Ok(_) => {}
+                        Err(e @ LedgerError::WouldExceed { .. }) => {
+                            return refuse(client, settings, &work, e.to_string()).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    charge_plan = Some((mechanism, p.clip_norm, cap));
+                    let params = match p.unit {
+                        PrivacyUnit::Record => {
+                            let scaling = match &manifest.data.scaling {
+                                Some(s) => Standardizer {
+                                    center: s.center.iter().map(|v| *v as f32).collect(),
+                                    scale: s.scale.iter().map(|v| *v as f32).collect(),
+                                },
+                                None => {
+                                    return refuse(
+                                        client,
+                                        settings,
+                                        &work,
+                                        "a [privacy] study must carry public data.scaling".into(),
+                                    )
+                                    .await;
+                                }
+                            };
+                            let cfg = DpSgdConfig {
+                                clip_norm: p.clip_norm,
+                                noise_multiplier: plan.sigma,
+                                sample_rate: p.sample_rate,
+                                steps: p.steps_per_round,
+                            };
+                            let out = tokio::task::spawn_blocking(move || {
+                                train_dp(&spec, d, &start, start_on, &x, &table.1.y, &scaling, &training, &cfg)
+                            })
+                            .await
+                            .context("training task")??;
+                            if out.effective_noise_multiplier < effective {
+                                bail!(
+                                    "noise applied (σ_eff = {}) is below what was charged ({effective})",
+                                    out.effective_noise_multiplier
+                                );
+                            }
+                            out.params
+                        }
+                        // Site level (DP-FedAvg): ordinary local training; the delta is clipped
+                        // to S below and the coordinator adds the noise to the sum. The charge
+                        // above is the plain Gaussian of a round this site took part in: a bound
+                        // the site can check itself, whatever the other sites do.
+                        PrivacyUnit::Site => {
+                            tokio::task::spawn_blocking(move || {
+                                train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed)
+                            })
+                            .await
+                            .context("training task")?
+                            .map_err(|e| anyhow!("training failed: {e}"))?
+                            .params
                         }
                     };
-                    let cfg = DpSgdConfig {
-                        clip_norm: p.clip_norm,
-                        noise_multiplier: plan.sigma,
-                        sample_rate: p.sample_rate,
-                        steps: p.steps_per_round,
-                    };
-                    let out = tokio::task::spawn_blocking(move || {
-                        train_dp(&spec, d, &start, start_on, &x, &table.1.y, &scaling, &training, &cfg)
-                    })
-                    .await
-                    .context("training task")??;
-                    if out.effective_noise_multiplier < effective {
-                        bail!(
-                            "noise applied (σ_eff = {}) is below what was charged ({effective})",
-                            out.effective_noise_multiplier
-                        );
-                    }
-                    out.params
+                    // Under DP the example count and the loss are statistics of the rows: neither
+                    // leaves (the study weighs sites uniformly).
+                    (params, 1, None)
                 }
-                // Site level (DP-FedAvg): ordinary local training; the delta is clipped
-                // to S below and the coordinator adds the noise to the sum. The charge
-                // above is the plain Gaussian of a round this site took part in: a bound
-                // the site can check itself, whatever the other sites do.
-                PrivacyUnit::Site => {
-                    tokio::task::spawn_blocking(move || {
+                None => {
+                    let outcome = tokio::task::spawn_blocking(move || {
                         train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed)
                     })
                     .await
                     .context("training task")?
-                    .map_err(|e| anyhow!("training failed: {e}"))?
-                    .params
+                    .map_err(|e| anyhow!("training failed: {e}"))?;
+                    (
+                        outcome.params,
+                        outcome.examples as u64,
+                        outcome.loss.is_finite().then_some(outcome.loss),
+                    )
                 }
             };
-            // Under DP the example count and the loss are statistics of the rows: neither
-            // leaves (the study weighs sites uniformly).
-            (params, 1, None, Some(charge.epsilon_after))
-        }
-        None => {
-            let outcome =
-                tokio::task::spawn_blocking(move || train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed))
-                    .await
-                    .context("training task")?
-                    .map_err(|e| anyhow!("training failed: {e}"))?;
-            (
-                outcome.params,
-                outcome.examples as u64,
-                outcome.loss.is_finite().then_some(outcome.loss),
-                None,
-            )
+            let mut delta: Vec<f32> = params.iter().zip(&global).map(|(n, g)| n - g).collect();
+            if delta.iter().any(|v| !v.is_finite()) {
+                return refuse(
+                    client,
+                    settings,
+                    &work,
+                    "local training diverged (non-finite update)".into(),
+                )
+                .await;
+            }
+            if let Some(p) = manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site) {
+                delta = ClippedUpdate::clip(delta, p.clip_norm)?.into_values();
+            }
+            let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
+            // Charge durably, with the update it pays for in the same batch, before it leaves.
+            let epsilon_after = match charge_plan {
+                Some((mechanism, clip_norm, cap)) => {
+                    let charged = settings.ledger.charge_release(
+                        &dataset.0.name,
+                        &work.study_id,
+                        work.round,
+                        &work.manifest_hash,
+                        mechanism,
+                        clip_norm,
+                        cap,
+                        settings.policy.delta,
+                        reusable.then_some((update_id.as_str(), delta.as_slice())),
+                    );
+                    let charge = match charged {
+                        Ok(c) => c,
+                        Err(e @ LedgerError::WouldExceed { .. }) => {
+                            return refuse(client, settings, &work, e.to_string()).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    info!(dataset = %dataset.0.name, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "privacy charged");
+                    // Failpoint for crash tests: MEDFL_FAILPOINT=after_charge ends the process right
+                    // after the durable charge, as a crash between charge and release would.
+                    if std::env::var("MEDFL_FAILPOINT").as_deref() == Ok("after_charge") {
+                        warn!("failpoint after_charge: exiting before the release");
+                        std::process::exit(137);
+                    }
+                    Some(charge.epsilon_after)
+                }
+                None => None,
+            };
+            (delta, weight, loss, epsilon_after, update_id)
         }
     };
-    let mut delta: Vec<f32> = params.iter().zip(&global).map(|(n, g)| n - g).collect();
-    if delta.iter().any(|v| !v.is_finite()) {
-        return refuse(
-            client,
-            settings,
-            &work,
-            "local training diverged (non-finite update)".into(),
-        )
-        .await;
-    }
-    if let Some(p) = manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site) {
-        delta = ClippedUpdate::clip(delta, p.clip_norm)?.into_values();
-    }
-    let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
     if let Some(mut session) = session {
         session.log_to(settings.egress.clone());
         let creds = Credentials::from_profile(&settings.profile())?;

@@ -1,6 +1,9 @@
 //! The site's own privacy ledger: every charge against each local dataset, across all
 //! studies, in the agent's sled store. The agent charges durably *before* the update
-//! it pays for leaves; a retried round is charged again, never released for free.
+//! it pays for leaves, and in the same batch keeps that update (a *release*): if the
+//! round is retried (a crash, a lost stream, a coordinator restart) the site sends the
+//! very same values again, which costs no further privacy, instead of drawing new
+//! noise and paying again. Exactly one charge per released output.
 //!
 //! Cumulative ε of a dataset composes the RDP curves of all its charges (Mironov 2017,
 //! Prop. 1) and converts once at the policy's δ (Canonne, Kamath, Steinke 2020,
@@ -45,6 +48,17 @@ pub enum LedgerError {
         cap: f64,
         delta: f64,
     },
+}
+
+/// An update the site paid for, kept until a later round of its study is released.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub study_id: String,
+    pub round: u32,
+    pub manifest_hash: String,
+    pub update_id: String,
+    pub epsilon_after: f64,
+    pub values: Vec<f32>,
 }
 
 #[derive(Clone)]
@@ -97,20 +111,24 @@ impl Ledger {
         Ok(epsilon_rdp(&mechanisms, delta)?)
     }
 
-    /// Records a charge durably if it keeps the dataset within `cap` at `delta`, and
-    /// returns it; otherwise records nothing and says by how much it would overspend.
-    #[allow(clippy::too_many_arguments)] // the charge's fields, each distinct
-    pub fn charge(
+    /// The update released for `study_id`'s `round` under `manifest_hash`, if any.
+    pub fn release(&self, study_id: &str, round: u32, manifest_hash: &str) -> Result<Option<Release>, LedgerError> {
+        let key = release_key(study_id, round);
+        let Some(bytes) = self.db.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let release: Release = serde_json::from_slice(&bytes).map_err(|source| LedgerError::Corrupt { key, source })?;
+        Ok((release.manifest_hash == manifest_hash).then_some(release))
+    }
+
+    /// ε of `dataset` before and after one more `mechanism`, or the overspend.
+    pub fn check(
         &self,
         dataset: &str,
-        study_id: &str,
-        round: u32,
-        manifest_hash: &str,
         mechanism: GaussianSteps,
-        clip_norm: f64,
         cap: f64,
         delta: f64,
-    ) -> Result<Charge, LedgerError> {
+    ) -> Result<(f64, f64), LedgerError> {
         let mut mechanisms: Vec<GaussianSteps> = self.charges(dataset)?.into_iter().map(|c| c.mechanism).collect();
         let before = if mechanisms.is_empty() {
             0.0
@@ -128,6 +146,52 @@ impl Ledger {
                 delta,
             });
         }
+        Ok((before, after))
+    }
+
+    /// Records a charge durably if it keeps the dataset within `cap` at `delta`, and
+    /// returns it; otherwise records nothing and says by how much it would overspend.
+    #[allow(clippy::too_many_arguments)] // the charge's fields, each distinct
+    pub fn charge(
+        &self,
+        dataset: &str,
+        study_id: &str,
+        round: u32,
+        manifest_hash: &str,
+        mechanism: GaussianSteps,
+        clip_norm: f64,
+        cap: f64,
+        delta: f64,
+    ) -> Result<Charge, LedgerError> {
+        self.charge_release(
+            dataset,
+            study_id,
+            round,
+            manifest_hash,
+            mechanism,
+            clip_norm,
+            cap,
+            delta,
+            None,
+        )
+    }
+
+    /// Like [`Ledger::charge`], and keeps `release` (update id and values) in the same
+    /// durable batch, replacing any earlier release of the study.
+    #[allow(clippy::too_many_arguments)] // the charge's fields, each distinct
+    pub fn charge_release(
+        &self,
+        dataset: &str,
+        study_id: &str,
+        round: u32,
+        manifest_hash: &str,
+        mechanism: GaussianSteps,
+        clip_norm: f64,
+        cap: f64,
+        delta: f64,
+        release: Option<(&str, &[f32])>,
+    ) -> Result<Charge, LedgerError> {
+        let (before, after) = self.check(dataset, mechanism, cap, delta)?;
         let charge = Charge {
             dataset: dataset.to_string(),
             study_id: study_id.to_string(),
@@ -145,11 +209,34 @@ impl Ledger {
             key: "new charge".into(),
             source,
         })?;
-        self.db
-            .insert(format!("charge/{dataset}/{seq:016}").as_bytes(), value)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(format!("charge/{dataset}/{seq:016}").as_bytes(), value);
+        if let Some((update_id, values)) = release {
+            for old in self.db.scan_prefix(format!("release/{study_id}/").as_bytes()).keys() {
+                batch.remove(old?);
+            }
+            let release = Release {
+                study_id: study_id.to_string(),
+                round,
+                manifest_hash: manifest_hash.to_string(),
+                update_id: update_id.to_string(),
+                epsilon_after: after,
+                values: values.to_vec(),
+            };
+            let bytes = serde_json::to_vec(&release).map_err(|source| LedgerError::Corrupt {
+                key: "new release".into(),
+                source,
+            })?;
+            batch.insert(release_key(study_id, round).as_bytes(), bytes);
+        }
+        self.db.apply_batch(batch)?;
         self.db.flush()?;
         Ok(charge)
     }
+}
+
+fn release_key(study_id: &str, round: u32) -> String {
+    format!("release/{study_id}/{round:08}")
 }
 
 #[cfg(test)]
