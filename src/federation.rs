@@ -511,11 +511,18 @@ impl Federation {
     /// Starts the coordinator process again on the same config and store, after it
     /// was killed or exited.
     pub async fn restart_coordinator(&mut self) -> Result<()> {
+        self.restart_coordinator_with_env(&[]).await
+    }
+
+    /// Like [`Federation::restart_coordinator`], with environment variables for the new
+    /// process (e.g. a `MEDFL_FAILPOINT`).
+    pub async fn restart_coordinator_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         self.kill_coordinator();
         let Some(binary) = &self.coordinator_binary else {
             bail!("only a coordinator process can be restarted (see FederationBuilder::coordinator_process)");
         };
-        let child = spawn_coordinator(binary, &self.dir.join("coordinator"), &[])?;
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let child = spawn_coordinator(binary, &self.dir.join("coordinator"), &env)?;
         self.coordinator = Some(Coordinator::Process(child));
         self.wait_until_serving().await
     }

@@ -163,20 +163,6 @@ async fn a_round_below_quorum_fails_with_a_reason_and_the_study_says_why() {
 
 /// A record-level DP manifest over the bundled features, with public scaling taken from
 /// reference statistics (here: the whole bundled table, standing in for published ranges).
-fn dp_manifest(table: &medfl_site_agent::data::Table, rounds: u32, min_sites: u32, privacy: &str) -> String {
-    let d = table.columns.len();
-    let std = medfl_shared::model::Standardizer::fit(&table.x, d);
-    let list = |v: &[f32]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(", ");
-    manifest(&table.columns, rounds, min_sites, 60, 1).replace(
-        "[selection]",
-        &format!(
-            "[data.scaling]\ncenter = [{}]\nscale = [{}]\n\n[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\n{privacy}\n\n[strategy]\nweighting = \"uniform\"\n\n[selection]",
-            list(&std.center),
-            list(&std.scale)
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
     let (table, split, tables) = iid_site_tables(2);

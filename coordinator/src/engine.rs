@@ -1289,6 +1289,12 @@ impl Engine {
         study.rounds_completed = record.round;
         // The round's privacy charges land in the same atomic batch that publishes it.
         self.store.commit_round(&study, record, &charges)?;
+        // Failpoint for crash tests: MEDFL_FAILPOINT=after_commit ends the process with the
+        // round committed and charged but not yet announced to anyone.
+        if std::env::var("MEDFL_FAILPOINT").as_deref() == Ok("after_commit") {
+            warn!("failpoint after_commit: exiting before the round is announced");
+            std::process::exit(137);
+        }
         Ok(())
     }
 

@@ -259,3 +259,20 @@ pub async fn serve_fake_coordinator<S: pb::site_server::Site>(
     );
     url
 }
+
+/// A record-level DP manifest over `table` (public scaling from the whole table,
+/// uniform weighting) with the `[privacy]` lines `privacy`.
+#[allow(dead_code)]
+pub fn dp_manifest(table: &medfl_site_agent::data::Table, rounds: u32, min_sites: u32, privacy: &str) -> String {
+    let d = table.columns.len();
+    let std = medfl_shared::model::Standardizer::fit(&table.x, d);
+    let list = |v: &[f32]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(", ");
+    manifest(&table.columns, rounds, min_sites, 60, 1).replace(
+        "[selection]",
+        &format!(
+            "[data.scaling]\ncenter = [{}]\nscale = [{}]\n\n[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\n{privacy}\n\n[strategy]\nweighting = \"uniform\"\n\n[selection]",
+            list(&std.center),
+            list(&std.scale)
+        ),
+    )
+}
