@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        .codec_path("crate::codec::StrictCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -337,3 +337,59 @@ async fn agents_killed_at_a_dozen_points_never_pay_twice() {
     }
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_settles_the_open_round_exits_zero_and_a_restart_resumes() {
+    let (table, _, tables) = iid_site_tables(3);
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .dir(owned.path())
+        .agent_policy("max_epsilon = 50.0")
+        .coordinator_process(std::path::Path::new(env!("CARGO_BIN_EXE_medfl")))
+        .build()
+        .await
+        .expect("federation starts");
+    let laggard = spawn_laggard(&fed, table.columns.clone());
+    let id = fed.create_study(&crash_manifest(&table)).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    fed.wait_for_round(&id, 2, Duration::from_secs(60))
+        .await
+        .expect("two rounds");
+    // Wait for an open attempt, then ask the process to stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fed
+        .status(&id)
+        .await
+        .expect("status")
+        .rounds
+        .iter()
+        .any(|r| r.reason == "open")
+    {
+        assert!(Instant::now() < deadline, "no round opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = fed.coordinator_pid().expect("a process").to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    assert!(sent.success());
+    // The default grace period is 10 s; the process settles well within it.
+    let exit = fed
+        .wait_coordinator_exit(Duration::from_secs(15))
+        .await
+        .expect("exits within the grace period");
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    fed.restart_coordinator().await.expect("restart");
+    let status = fed.status(&id).await.expect("status");
+    assert!(
+        status
+            .rounds
+            .iter()
+            .any(|r| r.reason.starts_with("interrupted: the coordinator was shutting down")),
+        "the open round was settled as interrupted: {:?}",
+        status.rounds.iter().map(|r| &r.reason).collect::<Vec<_>>()
+    );
+    let status = check_exactly_once(&mut fed, &id).await;
+    assert!(status.rounds.iter().all(|r| r.reason != "open"));
+    laggard.abort();
+    fed.shutdown().await.expect("clean shutdown");
+}

@@ -167,6 +167,11 @@ impl OpenRound {
         self.progress.notify_one();
     }
 
+    /// When the round stops taking updates.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     pub fn is_open(&self) -> bool {
         !self.lock().closed && Instant::now() < self.deadline
     }

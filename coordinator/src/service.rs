@@ -25,6 +25,29 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 const MAX_POLL: Duration = Duration::from_secs(30);
 /// Longest text field accepted from a caller (names, reasons, versions).
 const MAX_TEXT: usize = 4096;
+/// Longest an upload may sit idle between two messages (slow-loris guard); the round's
+/// deadline bounds the whole stream as well.
+const STREAM_IDLE: Duration = Duration::from_secs(30);
+
+/// The next message of an upload stream, bounded by the idle limit and by `deadline`.
+async fn next_message(
+    stream: &mut Streaming<pb::UpdateChunk>,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Option<pb::UpdateChunk>, Status> {
+    let idle = tokio::time::Instant::now() + STREAM_IDLE;
+    let until = deadline.map_or(idle, |d| d.min(idle));
+    match tokio::time::timeout_at(until, stream.message()).await {
+        Ok(message) => message,
+        Err(_) if deadline.is_some_and(|d| d <= idle) => Err(Status::deadline_exceeded(
+            "the round's deadline passed while the update was streaming",
+        )),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the update stream sat idle for {} s",
+            STREAM_IDLE.as_secs()
+        ))),
+    }
+}
+
 /// Largest manifest accepted.
 const MAX_MANIFEST: usize = 256 * 1024;
 
@@ -218,7 +241,7 @@ impl SiteService {
         }
         let mut values = vec![0u32; want as usize];
         let mut cursor = ChunkCursor::new(want);
-        while let Some(msg) = stream.message().await? {
+        while let Some(msg) = next_message(&mut stream, Some(open.deadline().into())).await? {
             match msg.body {
                 Some(pb::update_chunk::Body::Data(chunk)) => cursor
                     .decode_u32_into(chunk.seq, chunk.offset, &chunk.values, &mut values)
@@ -335,7 +358,7 @@ impl pb::site_server::Site for SiteService {
         let site = caller(&request)?.name.to_string();
         tracing::Span::current().record("site", site.as_str());
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        let header = match next_message(&mut stream, None).await? {
             Some(pb::UpdateChunk {
                 body: Some(pb::update_chunk::Body::Header(h)),
             }) => h,
@@ -392,7 +415,7 @@ impl pb::site_server::Site for SiteService {
 
         let mut staging = self.engine.staging_buffer(want as usize).await?;
         let mut cursor = ChunkCursor::new(want);
-        while let Some(msg) = stream.message().await? {
+        while let Some(msg) = next_message(&mut stream, Some(open.deadline().into())).await? {
             if !open.is_open() {
                 return Err(Status::failed_precondition(format!(
                     "round {} of study {} closed while the update was streaming",

@@ -6,6 +6,7 @@
 //! `medfl-shared`; the gRPC adapters convert and validate on receipt.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod secagg;
 pub mod settings;
 pub mod stream;
