@@ -1,0 +1,6 @@
+
+;
+s-1u-1 
+*
+layers.0.weight*
+layers.0.bias0
