@@ -12,6 +12,7 @@ pub mod audit;
 pub mod cli;
 pub mod demo;
 pub mod federation;
+pub mod load;
 pub mod privacy;
 
 pub use federation::{Federation, FederationBuilder};

@@ -1,0 +1,131 @@
+//! A load driver: many lightweight simulated sites in one process, each with its own
+//! certificate and its own mTLS connection, that register, long-poll for work and
+//! answer every round with a fixed synthetic update (training replaced, so what is
+//! measured is the system's own cost). Used by the load tests and benchmarks.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use medfl_proto::stream::{update_chunks, update_header};
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::site_client::SiteClient;
+use medfl_shared::manifest::StudyManifest;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::Federation;
+
+/// One simulated site: a name and its own mTLS channel.
+#[derive(Clone)]
+pub struct SimulatedSite {
+    pub name: String,
+    client: SiteClient<Channel>,
+}
+
+/// How many connections are opened or calls made at once.
+const CONCURRENCY: usize = 64;
+
+/// Connects a simulated site for each of `names` (their bundles are in the federation's
+/// PKI) and registers it with one dataset offering `features`.
+pub async fn connect(fed: &Federation, names: &[String], dataset: &str, features: &[String]) -> Result<Vec<SimulatedSite>> {
+    let mut sites = Vec::with_capacity(names.len());
+    for name in names {
+        sites.push(SimulatedSite {
+            name: name.clone(),
+            client: fed.site_client(name)?,
+        });
+    }
+    let request = pb::RegisterRequest {
+        agent_version: "load".into(),
+        datasets: vec![pb::DatasetInfo {
+            name: dataset.to_string(),
+            columns: features.to_vec(),
+        }],
+    };
+    let results: Vec<Result<()>> = futures::stream::iter(sites.iter().cloned())
+        .map(|mut s| {
+            let request = request.clone();
+            async move {
+                s.client
+                    .register(request)
+                    .await
+                    .with_context(|| format!("register {}", s.name))?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<()>>()?;
+    Ok(sites)
+}
+
+/// Sends one heartbeat from every site, `CONCURRENCY` at a time; returns how many
+/// the coordinator answered.
+pub async fn heartbeat_all(sites: &[SimulatedSite]) -> usize {
+    futures::stream::iter(sites.iter().cloned())
+        .map(|mut s| async move { s.client.heartbeat(pb::HeartbeatRequest {}).await.is_ok() })
+        .buffer_unordered(CONCURRENCY)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await
+}
+
+/// Every site answers every work item with `update` until `stop`; each task returns the
+/// rounds its site delivered.
+pub fn answer_rounds(sites: Vec<SimulatedSite>, update: Arc<Vec<f32>>, stop: CancellationToken) -> JoinSet<Result<u32>> {
+    let mut tasks = JoinSet::new();
+    for mut site in sites {
+        let update = update.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut delivered = 0;
+            let mut layouts: Option<(String, Vec<medfl_shared::model::TensorSpec>)> = None;
+            loop {
+                let polled = tokio::select! {
+                    r = site.client.poll_work(pb::PollWorkRequest { wait_ms: 2000 }) => r,
+                    _ = stop.cancelled() => return Ok(delivered),
+                };
+                let Some(work) = polled.with_context(|| format!("{} polls", site.name))?.into_inner().work else {
+                    continue;
+                };
+                if layouts.as_ref().is_none_or(|(h, _)| *h != work.manifest_hash) {
+                    let manifest = StudyManifest::from_toml(&work.manifest_toml)?;
+                    layouts = Some((work.manifest_hash.clone(), manifest.layout()));
+                }
+                let layout = &layouts.as_ref().expect("set above").1;
+                let id = format!("{}-{}-{}", site.name, work.study_id, work.round);
+                let head = update_header(&work, layout, &id, 1, update.len() as u64, None);
+                let update = update.clone();
+                let messages =
+                    futures::stream::iter(std::iter::once(head).chain(update_chunks(&update).collect::<Vec<_>>()));
+                site.client
+                    .upload_update(messages)
+                    .await
+                    .with_context(|| format!("{} uploads round {}", site.name, work.round))?;
+                delivered += 1;
+            }
+        });
+    }
+    tasks
+}
+
+/// Reads a process's memory from procfs: (current RSS, peak RSS) in bytes.
+pub fn rss_bytes(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("read procfs")?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("bad {name} line"))?;
+        Ok(kib * 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
