@@ -29,7 +29,12 @@ const CONCURRENCY: usize = 64;
 
 /// Connects a simulated site for each of `names` (their bundles are in the federation's
 /// PKI) and registers it with one dataset offering `features`.
-pub async fn connect(fed: &Federation, names: &[String], dataset: &str, features: &[String]) -> Result<Vec<SimulatedSite>> {
+pub async fn connect(
+    fed: &Federation,
+    names: &[String],
+    dataset: &str,
+    features: &[String],
+) -> Result<Vec<SimulatedSite>> {
     let mut sites = Vec::with_capacity(names.len());
     for name in names {
         sites.push(SimulatedSite {
@@ -75,7 +80,11 @@ pub async fn heartbeat_all(sites: &[SimulatedSite]) -> usize {
 
 /// Every site answers every work item with `update` until `stop`; each task returns the
 /// rounds its site delivered.
-pub fn answer_rounds(sites: Vec<SimulatedSite>, update: Arc<Vec<f32>>, stop: CancellationToken) -> JoinSet<Result<u32>> {
+pub fn answer_rounds(
+    sites: Vec<SimulatedSite>,
+    update: Arc<Vec<f32>>,
+    stop: CancellationToken,
+) -> JoinSet<Result<u32>> {
     let mut tasks = JoinSet::new();
     for mut site in sites {
         let update = update.clone();
@@ -88,7 +97,11 @@ pub fn answer_rounds(sites: Vec<SimulatedSite>, update: Arc<Vec<f32>>, stop: Can
                     r = site.client.poll_work(pb::PollWorkRequest { wait_ms: 2000 }) => r,
                     _ = stop.cancelled() => return Ok(delivered),
                 };
-                let Some(work) = polled.with_context(|| format!("{} polls", site.name))?.into_inner().work else {
+                let Some(work) = polled
+                    .with_context(|| format!("{} polls", site.name))?
+                    .into_inner()
+                    .work
+                else {
                     continue;
                 };
                 if layouts.as_ref().is_none_or(|(h, _)| *h != work.manifest_hash) {

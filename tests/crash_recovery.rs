@@ -76,6 +76,16 @@ async fn check_exactly_once(fed: &mut Federation, id: &str) -> pb::StudyStatus {
         "every round committed exactly once"
     );
     assert!(status.rounds.iter().all(|r| r.reason != "open"), "no attempt left open");
+    // The laggard is dropped from every round at the deadline, with the reason on record.
+    assert!(
+        status
+            .rounds
+            .iter()
+            .filter(|r| r.committed)
+            .all(|r| r.reason == "dropped at the deadline (no update): hospital-slow"),
+        "{:?}",
+        status.rounds.iter().map(|r| &r.reason).collect::<Vec<_>>()
+    );
 
     let contributed: BTreeSet<(u32, String)> = status
         .rounds

@@ -28,7 +28,9 @@ async fn two_hundred_sites_complete_ten_rounds() {
         .expect("federation starts");
     let pid = fed.coordinator_pid().expect("a process");
     let names = fed.site_names.clone();
-    let sites = connect(&fed, &names, "breast_cancer", &features).await.expect("connect");
+    let sites = connect(&fed, &names, "breast_cancer", &features)
+        .await
+        .expect("connect");
     let (rss_idle, _) = rss_bytes(pid).expect("rss");
     let id = fed
         .create_study(&manifest(&features, 10, SITES as u32, 120, 1))
@@ -77,7 +79,9 @@ async fn a_thousand_idle_sites_have_every_heartbeat_served() {
         .expect("federation starts");
     let pid = fed.coordinator_pid().expect("a process");
     let names = fed.site_names.clone();
-    let sites = connect(&fed, &names, "breast_cancer", &features).await.expect("connect");
+    let sites = connect(&fed, &names, "breast_cancer", &features)
+        .await
+        .expect("connect");
     for _ in 0..3 {
         assert_eq!(heartbeat_all(&sites).await, SITES, "every heartbeat served");
     }

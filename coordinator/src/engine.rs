@@ -1022,11 +1022,19 @@ impl Engine {
                 _ = self.shutdown.cancelled() => { interrupted = true; break },
             }
         }
-        let acc = {
+        let (acc, late) = {
             let mut acc = open.lock();
             acc.closed = true;
-            std::mem::replace(&mut acc.sum, WeightedSum::new(0))
+            let late: Vec<String> = selected
+                .iter()
+                .filter(|s| !acc.received.contains_key(*s) && !acc.refused.contains(*s))
+                .cloned()
+                .collect();
+            (std::mem::replace(&mut acc.sum, WeightedSum::new(0)), late)
         };
+        if !late.is_empty() && !interrupted {
+            warn!(round, attempt, late = ?late, "sites dropped from the round: no update before the deadline");
+        }
         let received: Vec<(String, u64, Option<f64>)> = open
             .lock()
             .received
@@ -1067,7 +1075,12 @@ impl Engine {
             mean_train_loss: (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64),
             started_ms,
             finished_ms: now_ms(),
-            reason: String::new(),
+            // A committed round says who was dropped for missing the deadline.
+            reason: if late.is_empty() {
+                String::new()
+            } else {
+                format!("dropped at the deadline (no update): {}", late.join(", "))
+            },
         };
         let message = format!(
             "{} updates, {} examples",
