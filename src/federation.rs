@@ -348,8 +348,11 @@ impl Federation {
         loop {
             match self.admin.list_studies(pb::Empty {}).await {
                 Ok(_) => return Ok(()),
-                Err(e) if start.elapsed() > Duration::from_secs(20) => {
-                    bail!("coordinator did not come up: {e}")
+                Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                    bail!(
+                        "coordinator did not come up: {e}; its log ends:\n{}",
+                        self.coordinator_log_tail()
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -524,7 +527,36 @@ impl Federation {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let child = spawn_coordinator(binary, &self.dir.join("coordinator"), &env)?;
         self.coordinator = Some(Coordinator::Process(child));
-        self.wait_until_serving().await
+        if env.is_empty() {
+            return self.wait_until_serving().await;
+        }
+        // A process started with a failpoint may reach it (and exit) before a probe
+        // sees it serving; both are fine here.
+        let start = Instant::now();
+        loop {
+            if let Some(Coordinator::Process(child)) = &mut self.coordinator
+                && child.try_wait()?.is_some()
+            {
+                return Ok(());
+            }
+            match self.admin.list_studies(pb::Empty {}).await {
+                Ok(_) => return Ok(()),
+                Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                    bail!(
+                        "coordinator did not come up: {e}; its log ends:\n{}",
+                        self.coordinator_log_tail()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// The last lines of a coordinator process's log, for failure messages.
+    fn coordinator_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("coordinator").join("coordinator.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// The coordinator's process id, when it runs as a child process.
