@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .codec_path("crate::codec::StrictCodec")
+        // Tensor chunks are `Bytes`: decoded as slices of the received buffer (no copy),
+        // and one encoded model shared by every site's download stream.
+        .bytes(".medfl.v1.DataChunk.values")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -42,6 +42,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::audit::AuditCommand,
     },
+    /// Sizing benchmarks for operators: aggregation and whole rounds on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
     /// Plans and checks privacy budgets with the accountant (no coordinator needed).
     Privacy {
         #[command(subcommand)]
@@ -177,6 +182,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Site { conn, command } => crate::admin::site(&conn, command).await,
         Command::Pki { command } => run_pki(command),
         Command::Privacy { command } => crate::privacy::run(command),
+        Command::Bench { command } => crate::bench::run(command).await,
         Command::Audit { conn, command } => crate::audit::run(&conn, command).await,
     };
     match result {

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod federation;

@@ -197,3 +197,33 @@ fn demo_runs_patient_level_dp_by_default_within_each_hospitals_budget() {
     );
     assert!(summary["test_accuracy"].as_f64().is_some_and(|a| a >= 0.9), "{summary}");
 }
+
+#[test]
+fn the_sizing_benchmarks_report_their_figures_as_json() {
+    let out = medfl(&[
+        "bench",
+        "aggregate",
+        "--sites",
+        "5",
+        "--params",
+        "70000",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for field in ["gbps", "check_gbps", "reference_gbps", "ratio"] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
+    }
+    assert!(r["peak_rss_bytes"].as_u64().is_some_and(|v| v > 0));
+    let out = medfl(&[
+        "bench", "round", "--sites", "3", "--params", "5000", "--rounds", "2", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["params"], 32 * 156 + 1);
+    for field in ["round_seconds", "ingest_gbps", "tcp_reference_gbps"] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
+    }
+}

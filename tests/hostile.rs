@@ -110,7 +110,7 @@ fn data(seq: u64, offset: u64, bytes: Vec<u8>) -> pb::UpdateChunk {
         body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
             seq,
             offset,
-            values: bytes,
+            values: bytes.into(),
         })),
     }
 }

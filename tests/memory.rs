@@ -42,7 +42,7 @@ fn synthetic_update(
             body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
                 seq: i as u64,
                 offset: (i * CHUNK_VALUES) as u64,
-                values: encode(&vec![value; len]),
+                values: encode(&vec![value; len]).into(),
             })),
         }
     });

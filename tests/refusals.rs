@@ -221,7 +221,7 @@ async fn malformed_updates_are_refused_and_nothing_is_folded() {
             body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
                 seq: 1,
                 offset: 0,
-                values: vec![0; 16],
+                values: vec![0u8; 16].into(),
             })),
         },
     ];

@@ -236,7 +236,13 @@ pub struct Engine {
     pub revocations: Arc<crate::governance::Revocations>,
     /// The consortium CA, when this coordinator enrols sites.
     pub(crate) ca: Option<crate::pki::Ca>,
+    /// Per study, the encoded global model of the last round broadcast: one copy that
+    /// every site's download stream shares.
+    broadcast: tokio::sync::Mutex<HashMap<String, (u32, EncodedModel)>>,
 }
+
+/// A committed model as the chunks that go on the wire.
+pub type EncodedModel = Arc<Vec<bytes::Bytes>>;
 
 pub(crate) fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
@@ -282,6 +288,7 @@ impl Engine {
             shutdown,
             revocations: Arc::new(crate::governance::Revocations::new(revoked)),
             ca,
+            broadcast: Default::default(),
         }))
     }
 
@@ -588,6 +595,37 @@ impl Engine {
                 settings: r.manifest.round_settings(),
             })
         })
+    }
+
+    /// The encoded chunks of `study_id`'s committed model of `round`, loaded once from
+    /// the store and shared by every site that downloads it (the study's entry is
+    /// replaced when a later round is broadcast).
+    pub async fn broadcast_model(self: &Arc<Self>, study_id: &str, round: u32) -> Result<EncodedModel, ServiceError> {
+        let mut cache = self.broadcast.lock().await;
+        if let Some((r, chunks)) = cache.get(study_id)
+            && *r == round
+        {
+            return Ok(chunks.clone());
+        }
+        let engine = self.clone();
+        let id = study_id.to_string();
+        let chunks = tokio::task::spawn_blocking(move || {
+            let mut chunks = Vec::new();
+            while let Some(bytes) = engine.store.model_chunk(&id, round, chunks.len())? {
+                chunks.push(bytes::Bytes::from(bytes));
+            }
+            Ok::<_, StoreError>(chunks)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("model load task failed: {e}")))??;
+        if chunks.is_empty() {
+            return Err(ServiceError::NotFound(format!(
+                "study {study_id} has no committed model for round {round}"
+            )));
+        }
+        let chunks = Arc::new(chunks);
+        cache.insert(study_id.to_string(), (round, chunks.clone()));
+        Ok(chunks)
     }
 
     /// Returns the open round of a study if it is `round`, with an error a site can act

@@ -146,21 +146,11 @@ fn tensors_pb(layout: &[TensorSpec]) -> Vec<pb::TensorSpec> {
         .collect()
 }
 
-/// Streams a committed model: a header, then its chunks read lazily from the store.
-fn model_stream(
-    engine: Arc<Engine>,
-    study: &StudyRecord,
-    round: u32,
-) -> Result<BoxStream<pb::ModelChunk>, ServiceError> {
+/// A committed model's stream header.
+fn model_header(study: &StudyRecord, round: u32) -> Result<pb::ModelChunk, ServiceError> {
     let manifest =
         StudyManifest::from_toml(&study.manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
-    if engine.store.model_chunk(&study.id, round, 0)?.is_none() {
-        return Err(ServiceError::NotFound(format!(
-            "study {} has no committed model for round {round}",
-            study.id
-        )));
-    }
-    let header = pb::ModelChunk {
+    Ok(pb::ModelChunk {
         body: Some(pb::model_chunk::Body::Header(pb::ModelHeader {
             study_id: study.id.clone(),
             round,
@@ -168,7 +158,23 @@ fn model_stream(
             tensors: tensors_pb(&manifest.layout()),
             num_params: manifest.num_params(),
         })),
-    };
+    })
+}
+
+/// Streams a committed model for an export: a header, then its chunks read lazily
+/// from the store (an old round need not displace the broadcast copy).
+fn model_stream(
+    engine: Arc<Engine>,
+    study: &StudyRecord,
+    round: u32,
+) -> Result<BoxStream<pb::ModelChunk>, ServiceError> {
+    if engine.store.model_chunk(&study.id, round, 0)?.is_none() {
+        return Err(ServiceError::NotFound(format!(
+            "study {} has no committed model for round {round}",
+            study.id
+        )));
+    }
+    let header = model_header(study, round)?;
     let id = study.id.clone();
     let chunks = futures::stream::unfold((0usize, 0u64), move |(index, offset)| {
         let engine = engine.clone();
@@ -177,14 +183,7 @@ fn model_stream(
             match engine.store.model_chunk(&id, round, index) {
                 Ok(Some(bytes)) => {
                     let next_offset = offset + bytes.len() as u64 / 4;
-                    let chunk = pb::ModelChunk {
-                        body: Some(pb::model_chunk::Body::Data(pb::DataChunk {
-                            seq: index as u64,
-                            offset,
-                            values: bytes,
-                        })),
-                    };
-                    Some((Ok(chunk), (index + 1, next_offset)))
+                    Some((Ok(data_chunk(index, offset, bytes.into())), (index + 1, next_offset)))
                 }
                 Ok(None) => None,
                 Err(e) => Some((Err(Status::from(ServiceError::from(e))), (usize::MAX, offset))),
@@ -192,6 +191,36 @@ fn model_stream(
         }
     });
     Ok(Box::pin(futures::stream::once(async move { Ok(header) }).chain(chunks)))
+}
+
+fn data_chunk(index: usize, offset: u64, values: bytes::Bytes) -> pb::ModelChunk {
+    pb::ModelChunk {
+        body: Some(pb::model_chunk::Body::Data(pb::DataChunk {
+            seq: index as u64,
+            offset,
+            values,
+        })),
+    }
+}
+
+/// Streams the global model to a site from the one encoded copy every site's stream
+/// shares ([`Engine::broadcast_model`]): each message is a reference, not a copy.
+async fn broadcast_stream(
+    engine: Arc<Engine>,
+    study: &StudyRecord,
+    round: u32,
+) -> Result<BoxStream<pb::ModelChunk>, ServiceError> {
+    let header = model_header(study, round)?;
+    let chunks = engine.broadcast_model(&study.id, round).await?;
+    let messages = (0..chunks.len()).scan(0u64, move |offset, i| {
+        let values = chunks[i].clone();
+        let start = *offset;
+        *offset += values.len() as u64 / 4;
+        Some(Ok(data_chunk(i, start, values)))
+    });
+    Ok(Box::pin(futures::stream::iter(
+        std::iter::once(Ok(header)).chain(messages),
+    )))
 }
 
 // ---------------------------------------------------------------------- site
@@ -343,11 +372,9 @@ impl pb::site_server::Site for SiteService {
         }
         self.engine.touch(&site);
         let study = self.engine.study(&req.study_id)?;
-        Ok(Response::new(model_stream(
-            self.engine.clone(),
-            &study,
-            req.round.saturating_sub(1),
-        )?))
+        Ok(Response::new(
+            broadcast_stream(self.engine.clone(), &study, req.round.saturating_sub(1)).await?,
+        ))
     }
 
     #[instrument(skip_all, fields(site))]

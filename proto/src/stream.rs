@@ -75,13 +75,21 @@ pub fn update_header(
 /// Returns the data messages of an update stream (the caller sends the header first).
 pub fn update_chunks(values: &[f32]) -> impl Iterator<Item = pb::UpdateChunk> + '_ {
     chunks(values).map(|(seq, offset, values)| pb::UpdateChunk {
-        body: Some(pb::update_chunk::Body::Data(pb::DataChunk { seq, offset, values })),
+        body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
+            seq,
+            offset,
+            values: values.into(),
+        })),
     })
 }
 
 /// Returns the data messages of a masked input (secure aggregation): u32 words.
 pub fn masked_chunks(values: &[u32]) -> impl Iterator<Item = pb::UpdateChunk> + '_ {
     medfl_shared::chunk::chunks_u32(values).map(|(seq, offset, values)| pb::UpdateChunk {
-        body: Some(pb::update_chunk::Body::Data(pb::DataChunk { seq, offset, values })),
+        body: Some(pb::update_chunk::Body::Data(pb::DataChunk {
+            seq,
+            offset,
+            values: values.into(),
+        })),
     })
 }

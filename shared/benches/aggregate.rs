@@ -1,0 +1,71 @@
+//! Aggregation throughput: the coordinator's fold (little-endian chunks straight off
+//! the wire, weighted, into one f32 accumulator, on the machine's cores) beside a plain
+//! `a += b` loop over the same data in the same run, the memory-bandwidth reference.
+//! N ∈ {10, 100, 1000} × d ∈ {10^5, 10^6, 10^7}; four distinct updates are cycled, so
+//! memory stays a few models. Throughput is in bytes of update per second.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use medfl_shared::aggregate::{WeightedSum, add_assign};
+use medfl_shared::chunk::chunks;
+
+fn synthetic(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn aggregation(c: &mut Criterion) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut group = c.benchmark_group("fedavg");
+    group.sample_size(10);
+    for d in [100_000usize, 1_000_000, 10_000_000] {
+        let decoded: Vec<Vec<f32>> = (0..4).map(|k| synthetic(d, k + 1)).collect();
+        let encoded: Vec<Vec<Vec<u8>>> = decoded.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
+        let refs: Vec<Vec<&[u8]>> = encoded
+            .iter()
+            .map(|u| u.iter().map(|c| c.as_slice()).collect())
+            .collect();
+        for n in [10usize, 100, 1000] {
+            if n * d > 1_000_000_000 {
+                continue; // 4 TB of traffic per sample: out of this machine's time budget
+            }
+            group.throughput(Throughput::Bytes((n * d * 4) as u64));
+            let id = format!("n{n}_d{d}");
+            group.bench_function(BenchmarkId::new("fold_le_bytes", &id), |b| {
+                let mut acc = WeightedSum::new(d);
+                b.iter(|| {
+                    acc.reset(d);
+                    for k in 0..n {
+                        acc.fold_chunks(&refs[k % 4], (k + 1) as f64, threads).expect("fold");
+                    }
+                    acc.sum_slice(0..1)[0]
+                })
+            });
+            group.bench_function(BenchmarkId::new("plain_add_reference", &id), |b| {
+                let mut acc = vec![0f32; d];
+                let per = d.div_ceil(threads);
+                b.iter(|| {
+                    acc.iter_mut().for_each(|v| *v = 0.0);
+                    for k in 0..n {
+                        std::thread::scope(|s| {
+                            for (a, u) in acc.chunks_mut(per).zip(decoded[k % 4].chunks(per)) {
+                                s.spawn(move || add_assign(a, u));
+                            }
+                        });
+                    }
+                    acc[0]
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, aggregation);
+criterion_main!(benches);

@@ -1,0 +1,283 @@
+//! `medfl bench`: sizing tools for operators. `aggregate` runs the coordinator's
+//! aggregation kernels on synthetic updates beside a plain `a += b` loop over the same
+//! data, measured in the same run; `round` runs whole rounds with simulated sites over
+//! mTLS on loopback beside a raw loopback TCP transfer of the same bytes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use medfl_shared::aggregate::{WeightedSum, add_assign};
+use medfl_shared::chunk::all_finite_le;
+use medfl_shared::chunk::{CHUNK_VALUES, chunks};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Aggregation throughput of N updates of D parameters, beside a plain-loop
+    /// memory-bandwidth reference measured in the same run.
+    Aggregate {
+        #[arg(long, default_value_t = 100)]
+        sites: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Threads for the fold (default: the machine's cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Repetitions; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whole rounds with N simulated sites sending D-parameter updates over mTLS on
+    /// loopback (training replaced by a fixed update), beside raw loopback TCP.
+    Round {
+        #[arg(long, default_value_t = 100)]
+        sites: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Aggregate {
+            sites,
+            params,
+            threads,
+            repeats,
+            json,
+        } => {
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let r = tokio::task::spawn_blocking(move || aggregate(sites, params, threads, repeats.max(1))).await??;
+            if json {
+                println!("{r}");
+            } else {
+                println!(
+                    "aggregate {sites} updates x {params} params on {threads} threads: fold {:.2} GB/s, checks {:.2} GB/s, \
+                     plain a += b {:.2} GB/s (fold = {:.0} % of it); peak RSS {:.1} MiB",
+                    r["gbps"].as_f64().unwrap_or(0.0),
+                    r["check_gbps"].as_f64().unwrap_or(0.0),
+                    r["reference_gbps"].as_f64().unwrap_or(0.0),
+                    100.0 * r["ratio"].as_f64().unwrap_or(0.0),
+                    r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
+                );
+            }
+            Ok(())
+        }
+        BenchCommand::Round {
+            sites,
+            params,
+            rounds,
+            json,
+        } => {
+            let r = round(sites, params, rounds.max(1)).await?;
+            if json {
+                println!("{r}");
+            } else {
+                println!(
+                    "{sites} sites x {params} params over mTLS: round {:.2} s (median of {rounds}), ingest {:.2} GB/s; \
+                     raw loopback TCP {:.2} GB/s (ingest = {:.0} % of it)",
+                    r["round_seconds"].as_f64().unwrap_or(0.0),
+                    r["ingest_gbps"].as_f64().unwrap_or(0.0),
+                    r["tcp_reference_gbps"].as_f64().unwrap_or(0.0),
+                    100.0 * r["ratio"].as_f64().unwrap_or(0.0),
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Values in [-1, 1) from a xorshift generator: benchmark data, not randomness.
+fn synthetic(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn peak_rss() -> u64 {
+    crate::load::rss_bytes(std::process::id()).map_or(0, |r| r.1)
+}
+
+/// The coordinator's aggregation path on `sites` updates of `params` values: each
+/// update's little-endian chunks (as they arrive) checked finite, then folded with its
+/// weight into one accumulator. At most four distinct updates are kept and reused, so
+/// memory stays a few models whatever `sites`.
+pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) -> Result<serde_json::Value> {
+    if sites == 0 || params == 0 {
+        bail!("--sites and --params must be at least 1");
+    }
+    let distinct = sites.min(4);
+    let decoded: Vec<Vec<f32>> = (0..distinct).map(|k| synthetic(params, k as u64 + 1)).collect();
+    let encoded: Vec<Vec<Vec<u8>>> = decoded.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
+    let refs: Vec<Vec<&[u8]>> = encoded
+        .iter()
+        .map(|u| u.iter().map(|c| c.as_slice()).collect())
+        .collect();
+    let bytes = (sites * params * 4) as f64;
+    let mut acc = WeightedSum::new(params);
+    let mut reference = vec![0f32; params];
+    let (mut fold, mut check, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let start = Instant::now();
+        for k in 0..sites {
+            if !refs[k % distinct].iter().all(|c| all_finite_le(c)) {
+                bail!("synthetic update {k} is not finite");
+            }
+        }
+        check.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+
+        acc.reset(params);
+        let start = Instant::now();
+        for k in 0..sites {
+            acc.fold_chunks(&refs[k % distinct], (k + 1) as f64, threads)?;
+        }
+        fold.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+
+        reference.iter_mut().for_each(|v| *v = 0.0);
+        let start = Instant::now();
+        for k in 0..sites {
+            let update = &decoded[k % distinct];
+            if threads == 1 {
+                add_assign(&mut reference, update);
+            } else {
+                let per = params.div_ceil(threads).max(CHUNK_VALUES);
+                std::thread::scope(|scope| {
+                    for (a, b) in reference.chunks_mut(per).zip(update.chunks(per)) {
+                        scope.spawn(move || add_assign(a, b));
+                    }
+                });
+            }
+        }
+        plain.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+    }
+    // Keep the results observable so neither loop is optimized away.
+    let checksum =
+        acc.sum_slice(0..params.min(16)).iter().sum::<f32>() + reference[..params.min(16)].iter().sum::<f32>();
+    let (gbps, reference_gbps) = (median(fold), median(plain));
+    Ok(json!({
+        "sites": sites,
+        "params": params,
+        "threads": threads,
+        "repeats": repeats,
+        "gbps": gbps,
+        "check_gbps": median(check),
+        "reference_gbps": reference_gbps,
+        "ratio": gbps / reference_gbps,
+        "peak_rss_bytes": peak_rss(),
+        "checksum": checksum,
+    }))
+}
+
+/// Raw loopback TCP: one connection carrying `bytes` bytes, in GB/s.
+async fn tcp_reference(bytes: usize) -> Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<usize, std::io::Error>(got);
+            }
+            got += n;
+        }
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let block = vec![7u8; 1 << 20];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        let n = block.len().min(bytes - sent);
+        s.write_all(&block[..n]).await?;
+        sent += n;
+    }
+    s.shutdown().await?;
+    let got = reader.await??;
+    let secs = start.elapsed().as_secs_f64();
+    if got != bytes {
+        bail!("the TCP reference received {got} of {bytes} bytes");
+    }
+    Ok(bytes as f64 / secs / 1e9)
+}
+
+/// Whole rounds over mTLS on loopback: an in-process coordinator, `sites` simulated
+/// sites answering each round with the same `params`-value update.
+pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_json::Value> {
+    use medfl_proto::v1 as pb;
+    // An MLP 30 → h → 1 has 32h + 1 parameters.
+    let hidden = (params.saturating_sub(1) / 32).max(1);
+    let actual = 32 * hidden + 1;
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    let mut fed = crate::Federation::builder()
+        .sites(sites)
+        .dir(dir.path())
+        .staging_budget_mib(((actual * 4) >> 20) as u64 * 2 + 64)
+        .build()
+        .await?;
+    let features: Vec<String> = (0..30).map(|i| format!("f{i}")).collect();
+    let names = fed.site_names.clone();
+    let connected = crate::load::connect(&fed, &names, "bench", &features).await?;
+    let feature_list: Vec<String> = features.iter().map(|f| format!("{f:?}")).collect();
+    let manifest = format!(
+        "name = \"bench\"\nrounds = {rounds}\n\n[model]\nkind = \"mlp\"\nhidden = [{hidden}]\n\n[data]\ndataset = \"bench\"\nlabel = \"y\"\nfeatures = [{}]\n\n[selection]\nmin_sites = {sites}\nround_deadline_secs = 600\nmax_attempts = 1\n\n[strategy]\nweighting = \"uniform\"\n",
+        feature_list.join(", ")
+    );
+    let id = fed.create_study(&manifest).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks = crate::load::answer_rounds(connected, Arc::new(synthetic(actual, 3)), stop.clone());
+    fed.start_study(&id).await?;
+    let status = fed
+        .wait_for(&id, Duration::from_secs(3600), |i| {
+            i.state != pb::StudyState::Running as i32
+        })
+        .await?;
+    stop.cancel();
+    drop(tasks);
+    let info = status.info.clone().context("no study info")?;
+    if info.state != pb::StudyState::Completed as i32 {
+        bail!("the benchmark study ended as {}: {}", info.state, info.reason);
+    }
+    let times: Vec<f64> = status
+        .rounds
+        .iter()
+        .filter(|r| r.committed)
+        .map(|r| (r.finished_unix_ms - r.started_unix_ms) as f64 / 1000.0)
+        .collect();
+    let round_seconds = median(times);
+    let bytes = sites * actual * 4;
+    let ingest_gbps = bytes as f64 / round_seconds / 1e9;
+    let tcp = tcp_reference(bytes).await?;
+    fed.shutdown().await?;
+    Ok(json!({
+        "sites": sites,
+        "params": actual,
+        "rounds": rounds,
+        "round_seconds": round_seconds,
+        "ingest_gbps": ingest_gbps,
+        "tcp_reference_gbps": tcp,
+        "ratio": ingest_gbps / tcp,
+        "peak_rss_bytes": peak_rss(),
+    }))
+}
