@@ -21,7 +21,8 @@ D = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
 REPEATS = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 
 rng = np.random.default_rng(1)
-distinct = [rng.uniform(-1, 1, D).astype(np.float32) for _ in range(min(N, 4))]
+DISTINCT = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+distinct = [rng.uniform(-1, 1, D).astype(np.float32) for _ in range(min(N, DISTINCT))]
 updates = [([distinct[k % len(distinct)]], k + 1) for k in range(N)]
 bytes_ = N * D * 4
 

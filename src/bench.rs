@@ -157,10 +157,11 @@ pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) ->
         let start = Instant::now();
         for k in 0..sites {
             let update = &decoded[k % distinct];
-            if threads == 1 {
+            // The same split as the fold: whole chunks per thread, no thread for one.
+            let per = params.div_ceil(CHUNK_VALUES).div_ceil(threads) * CHUNK_VALUES;
+            if per >= params {
                 add_assign(&mut reference, update);
             } else {
-                let per = params.div_ceil(threads).max(CHUNK_VALUES);
                 std::thread::scope(|scope| {
                     for (a, b) in reference.chunks_mut(per).zip(update.chunks(per)) {
                         scope.spawn(move || add_assign(a, b));

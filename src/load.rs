@@ -79,15 +79,17 @@ pub async fn heartbeat_all(sites: &[SimulatedSite]) -> usize {
 }
 
 /// Every site answers every work item with `update` until `stop`; each task returns the
-/// rounds its site delivered.
+/// rounds its site delivered. The update is encoded once and shared by every site.
 pub fn answer_rounds(
     sites: Vec<SimulatedSite>,
     update: Arc<Vec<f32>>,
     stop: CancellationToken,
 ) -> JoinSet<Result<u32>> {
     let mut tasks = JoinSet::new();
+    let encoded: Arc<Vec<pb::UpdateChunk>> = Arc::new(update_chunks(&update).collect());
     for mut site in sites {
         let update = update.clone();
+        let encoded = encoded.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
             let mut delivered = 0;
@@ -111,9 +113,9 @@ pub fn answer_rounds(
                 let layout = &layouts.as_ref().expect("set above").1;
                 let id = format!("{}-{}-{}", site.name, work.study_id, work.round);
                 let head = update_header(&work, layout, &id, 1, update.len() as u64, None);
-                let update = update.clone();
-                let messages =
-                    futures::stream::iter(std::iter::once(head).chain(update_chunks(&update).collect::<Vec<_>>()));
+                // Cloning a chunk clones a reference to its bytes.
+                let chunks: Vec<pb::UpdateChunk> = encoded.iter().cloned().collect();
+                let messages = futures::stream::iter(std::iter::once(head).chain(chunks));
                 site.client
                     .upload_update(messages)
                     .await

@@ -1,4 +1,4 @@
-//! Coordinator memory while aggregating 50 updates of a 10-million-parameter model
+//! Coordinator memory while aggregating 100 updates of a 10-million-parameter model
 //! must stay under 3 × model size + 64 MiB, whatever the number of sites.
 //!
 //! The coordinator runs as its own process (the real `medfl coordinator` binary); the
@@ -14,7 +14,7 @@ use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_shared::chunk::{CHUNK_VALUES, encode};
 
-const SITES: usize = 50;
+const SITES: usize = 100;
 const HIDDEN: usize = 3150; // 30 → 3150 → 3150 → 1: 10,026,451 parameters
 
 fn vm_hwm_bytes(pid: u32) -> u64 {

@@ -37,6 +37,10 @@ use crate::engine::{Engine, EngineConfig};
 use crate::service::{AdminService, AuditService, EnrollmentService, SiteService};
 use crate::store::Store;
 
+/// HTTP/2 flow-control windows: per stream, and per connection.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// `coordinator.toml`. Relative paths are relative to the file's directory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +169,10 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: Cancellati
 
     let incoming = tls::incoming(listener, tls, engine.revocations.clone(), shutdown.clone());
     tonic::transport::Server::builder()
+        // HTTP/2's default 64 KiB windows stall a model upload every 64 KiB; these let a
+        // site keep a few chunks in flight (the staging budget still bounds memory).
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(SiteServer::with_interceptor(

@@ -112,7 +112,10 @@ impl Profile {
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            // Room for a few 1 MiB chunks in flight (HTTP/2's default window is 64 KiB).
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20));
         Ok(endpoint.connect_lazy())
     }
 
