@@ -6,7 +6,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use medfl_shared::aggregate::{WeightedSum, add_assign};
-use medfl_shared::chunk::chunks;
+use medfl_shared::chunk::{CHUNK_VALUES, chunks};
 
 fn synthetic(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -49,10 +49,15 @@ fn aggregation(c: &mut Criterion) {
             });
             group.bench_function(BenchmarkId::new("plain_add_reference", &id), |b| {
                 let mut acc = vec![0f32; d];
-                let per = d.div_ceil(threads);
+                // The same split as the fold: whole chunks per thread, no thread for one.
+                let per = d.div_ceil(CHUNK_VALUES).div_ceil(threads) * CHUNK_VALUES;
                 b.iter(|| {
                     acc.iter_mut().for_each(|v| *v = 0.0);
                     for k in 0..n {
+                        if per >= d {
+                            add_assign(&mut acc, &decoded[k % 4]);
+                            continue;
+                        }
                         std::thread::scope(|s| {
                             for (a, u) in acc.chunks_mut(per).zip(decoded[k % 4].chunks(per)) {
                                 s.spawn(move || add_assign(a, u));
