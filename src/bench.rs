@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use medfl_shared::aggregate::{WeightedSum, add_assign};
+use medfl_shared::aggregate::{WeightedSum, add_assign, synthetic_update};
 use medfl_shared::chunk::all_finite_le;
 use medfl_shared::chunk::{CHUNK_VALUES, chunks};
 use serde_json::json;
@@ -96,19 +96,6 @@ pub async fn run(command: BenchCommand) -> Result<()> {
     }
 }
 
-/// Values in [-1, 1) from a xorshift generator: benchmark data, not randomness.
-fn synthetic(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -127,7 +114,7 @@ pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) ->
         bail!("--sites and --params must be at least 1");
     }
     let distinct = sites.min(4);
-    let decoded: Vec<Vec<f32>> = (0..distinct).map(|k| synthetic(params, k as u64 + 1)).collect();
+    let decoded: Vec<Vec<f32>> = (0..distinct).map(|k| synthetic_update(params, k as u64 + 1)).collect();
     let encoded: Vec<Vec<Vec<u8>>> = decoded.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
     let refs: Vec<Vec<&[u8]>> = encoded
         .iter()
@@ -247,7 +234,7 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
     );
     let id = fed.create_study(&manifest).await?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let tasks = crate::load::answer_rounds(connected, Arc::new(synthetic(actual, 3)), stop.clone());
+    let tasks = crate::load::answer_rounds(connected, Arc::new(synthetic_update(actual, 3)), stop.clone());
     fed.start_study(&id).await?;
     let status = fed
         .wait_for(&id, Duration::from_secs(3600), |i| {

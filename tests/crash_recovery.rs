@@ -230,15 +230,24 @@ async fn a_coordinator_killed_at_a_dozen_points_finishes_the_study_charging_once
     fed.stop_agents().await;
     // Each site's own ledger: one charge per round it released, never two.
     for name in fed.site_names.clone() {
-        let ledger =
-            medfl_site_agent::ledger::Ledger::open(&fed.dir.join(&name).join("agent-store")).expect("site ledger");
-        let mut per_round: BTreeMap<u32, usize> = BTreeMap::new();
-        for c in ledger.charges("breast_cancer").expect("charges") {
-            *per_round.entry(c.round).or_default() += 1;
-        }
-        assert!(per_round.values().all(|&n| n == 1), "{name}: {per_round:?}");
+        charged_once_per_round(&fed.dir.join(&name), &name);
     }
     fed.shutdown().await.expect("clean shutdown");
+}
+
+/// A site's own ledger holds one charge per round it released, never two; returns
+/// the charges per round.
+fn charged_once_per_round(site: &std::path::Path, name: &str) -> BTreeMap<u32, usize> {
+    let ledger = medfl_site_agent::ledger::Ledger::open(&site.join("agent-store")).expect("site ledger");
+    let mut per_round: BTreeMap<u32, usize> = BTreeMap::new();
+    for c in ledger.charges("breast_cancer").expect("charges") {
+        *per_round.entry(c.round).or_default() += 1;
+    }
+    assert!(
+        per_round.values().all(|&n| n == 1),
+        "{name} paid twice for a round: {per_round:?}"
+    );
+    per_round
 }
 
 fn spawn_agent(config: &std::path::Path) -> Child {
@@ -316,16 +325,7 @@ async fn agents_killed_at_a_dozen_points_never_pay_twice() {
     }
     for name in fed.site_names.clone() {
         let site = fed.dir.join(&name);
-        let ledger = medfl_site_agent::ledger::Ledger::open(&site.join("agent-store")).expect("site ledger");
-        let charges = ledger.charges("breast_cancer").expect("charges");
-        let mut per_round: BTreeMap<u32, usize> = BTreeMap::new();
-        for c in &charges {
-            *per_round.entry(c.round).or_default() += 1;
-        }
-        assert!(
-            per_round.values().all(|&n| n == 1),
-            "{name} paid twice for a round: {per_round:?}"
-        );
+        let per_round = charged_once_per_round(&site, &name);
         // Every update that left was paid for, and a round resent carries the same update.
         let mut sent: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
         for u in egress_updates(&site.join("agent-store").join("egress.jsonl")) {

@@ -482,34 +482,29 @@ impl Store {
 
     /// Records that a round attempt started (reason [`ROUND_OPEN`]), with its audit entry.
     pub fn open_round(&self, study_id: &str, round: &RoundRecord) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            format!("round/{study_id}/{:08}/{:04}", round.round, round.attempt).as_bytes(),
-            json(round)?,
-        );
-        let event = AuditEvent::new(
-            COORDINATOR,
-            "round.start",
-            study_id,
-            json!({"round": round.round, "attempt": round.attempt, "selected": round.selected}),
-        );
-        self.apply(batch, &[event])
+        let details = json!({"round": round.round, "attempt": round.attempt, "selected": round.selected});
+        self.put_round(study_id, round, "round.start", details)
     }
 
     /// Records a round attempt that did not commit.
     pub fn record_failed_round(&self, study_id: &str, round: &RoundRecord) -> Result<(), StoreError> {
+        let details = json!({"round": round.round, "attempt": round.attempt, "reason": round.reason});
+        self.put_round(study_id, round, "round.fail", details)
+    }
+
+    fn put_round(
+        &self,
+        study_id: &str,
+        round: &RoundRecord,
+        action: &'static str,
+        details: serde_json::Value,
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         batch.insert(
             format!("round/{study_id}/{:08}/{:04}", round.round, round.attempt).as_bytes(),
             json(round)?,
         );
-        let event = AuditEvent::new(
-            COORDINATOR,
-            "round.fail",
-            study_id,
-            json!({"round": round.round, "attempt": round.attempt, "reason": round.reason}),
-        );
-        self.apply(batch, &[event])
+        self.apply(batch, &[AuditEvent::new(COORDINATOR, action, study_id, details)])
     }
 
     pub fn rounds(&self, study_id: &str) -> Result<Vec<RoundRecord>, StoreError> {

@@ -5,27 +5,15 @@
 //! memory stays a few models. Throughput is in bytes of update per second.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use medfl_shared::aggregate::{WeightedSum, add_assign};
+use medfl_shared::aggregate::{WeightedSum, add_assign, synthetic_update};
 use medfl_shared::chunk::{CHUNK_VALUES, chunks};
-
-fn synthetic(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
 
 fn aggregation(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut group = c.benchmark_group("fedavg");
     group.sample_size(10);
     for d in [100_000usize, 1_000_000, 10_000_000] {
-        let decoded: Vec<Vec<f32>> = (0..4).map(|k| synthetic(d, k + 1)).collect();
+        let decoded: Vec<Vec<f32>> = (0..4).map(|k| synthetic_update(d, k + 1)).collect();
         let encoded: Vec<Vec<Vec<u8>>> = decoded.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
         let refs: Vec<Vec<&[u8]>> = encoded
             .iter()

@@ -169,6 +169,20 @@ pub fn fold_le_bytes(acc: &mut [f32], bytes: &[u8], w: f32) {
     }
 }
 
+/// Values in [-1, 1) from a xorshift generator (Marsaglia 2003): benchmark and load
+/// data, not randomness.
+pub fn synthetic_update(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 /// The memory-bandwidth reference the benchmarks compare against: `a += b`.
 pub fn add_assign(acc: &mut [f32], b: &[f32]) {
     for (a, b) in acc.iter_mut().zip(b) {
