@@ -177,7 +177,7 @@ impl OpenRound {
     }
 
     /// The clip bound S of a site-level DP study.
-    fn site_clip_norm(&self) -> Option<f64> {
+    pub fn site_clip_norm(&self) -> Option<f64> {
         site_level(&self.manifest).map(|p| p.clip_norm)
     }
 
@@ -663,18 +663,7 @@ impl Engine {
 
     /// Lends a staging buffer of `len` values, waiting while the budget is in use.
     pub async fn staging_buffer(self: &Arc<Self>, len: usize) -> Result<StagingBuffer, ServiceError> {
-        let model_bytes = (len as u64 * 4).max(1);
-        let semaphore = {
-            let permits = (self.staging.budget_bytes / model_bytes).clamp(1, 64) as usize;
-            lock(&self.staging.permits)
-                .entry(model_bytes)
-                .or_insert_with(|| Arc::new(Semaphore::new(permits)))
-                .clone()
-        };
-        let permit = semaphore
-            .acquire_owned()
-            .await
-            .map_err(|_| ServiceError::Unavailable("the coordinator is not taking uploads now; retry".into()))?;
+        let permit = self.staging_permit(len).await?;
         let mut values = lock(&self.staging.buffers).pop().unwrap_or_default();
         values.clear();
         values.resize(len, 0.0);
@@ -683,6 +672,23 @@ impl Engine {
             pool: self.clone(),
             _permit: permit,
         })
+    }
+
+    /// Room for one upload of `len` values in the staging budget: held while its
+    /// received chunks are kept, so memory stays bounded whatever the number of sites.
+    pub async fn staging_permit(&self, len: usize) -> Result<OwnedSemaphorePermit, ServiceError> {
+        let model_bytes = (len as u64 * 4).max(1);
+        let semaphore = {
+            let permits = (self.staging.budget_bytes / model_bytes).clamp(1, 64) as usize;
+            lock(&self.staging.permits)
+                .entry(model_bytes)
+                .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+                .clone()
+        };
+        semaphore
+            .acquire_owned()
+            .await
+            .map_err(|_| ServiceError::Unavailable("the coordinator is not taking uploads now; retry".into()))
     }
 
     /// Folds a complete, validated update into its round.
@@ -698,6 +704,44 @@ impl Engine {
         if let Some(bound) = round.site_clip_norm() {
             clip_site_update(update, bound, site)?;
         }
+        self.fold_with(round, site, update_id, examples, train_loss, |sum, w| {
+            sum.fold(update, w)
+        })
+    }
+
+    /// Folds a complete update straight from the chunks it arrived in (accepted by a
+    /// `ChunkCursor`: whole, ordered, finite), without a decoded copy.
+    #[allow(clippy::too_many_arguments)] // one update's fields
+    pub fn fold_bytes(
+        &self,
+        round: &OpenRound,
+        site: &str,
+        update_id: &str,
+        examples: u64,
+        train_loss: Option<f64>,
+        chunks: &[bytes::Bytes],
+    ) -> Result<(), ServiceError> {
+        if round.site_clip_norm().is_some() {
+            return Err(ServiceError::Internal(
+                "a site-level DP update must be clipped: fold it decoded".into(),
+            ));
+        }
+        let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.fold_with(round, site, update_id, examples, train_loss, |sum, w| {
+            sum.fold_chunks(&refs, w, threads)
+        })
+    }
+
+    fn fold_with(
+        &self,
+        round: &OpenRound,
+        site: &str,
+        update_id: &str,
+        examples: u64,
+        train_loss: Option<f64>,
+        fold: impl FnOnce(&mut WeightedSum, f64) -> Result<(), medfl_shared::aggregate::AggregateError>,
+    ) -> Result<(), ServiceError> {
         let mut acc = round.lock();
         if acc.closed {
             return Err(ServiceError::FailedPrecondition(format!(
@@ -711,9 +755,7 @@ impl Engine {
                 prev.update_id, round.round
             )));
         }
-        acc.sum
-            .fold(update, round.weight(examples))
-            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        fold(&mut acc.sum, round.weight(examples)).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         acc.received.insert(
             site.to_string(),
             Received {

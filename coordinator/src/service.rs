@@ -48,6 +48,26 @@ async fn next_message(
     }
 }
 
+/// The data chunk of an upload message, while the round is still open.
+fn data_of(
+    msg: pb::UpdateChunk,
+    open: &crate::engine::OpenRound,
+    header: &pb::UpdateHeader,
+) -> Result<pb::DataChunk, Status> {
+    if !open.is_open() {
+        return Err(Status::failed_precondition(format!(
+            "round {} of study {} closed while the update was streaming",
+            header.round, header.study_id
+        )));
+    }
+    match msg.body {
+        Some(pb::update_chunk::Body::Data(chunk)) => Ok(chunk),
+        _ => Err(Status::invalid_argument(
+            "only DataChunk messages may follow the UpdateHeader",
+        )),
+    }
+}
+
 /// Largest manifest accepted.
 const MAX_MANIFEST: usize = 256 * 1024;
 
@@ -440,43 +460,52 @@ impl pb::site_server::Site for SiteService {
             )));
         }
 
-        let mut staging = self.engine.staging_buffer(want as usize).await?;
-        let mut cursor = ChunkCursor::new(want);
-        while let Some(msg) = next_message(&mut stream, Some(open.deadline().into())).await? {
-            if !open.is_open() {
-                return Err(Status::failed_precondition(format!(
-                    "round {} of study {} closed while the update was streaming",
-                    header.round, header.study_id
-                )));
-            }
-            match msg.body {
-                Some(pb::update_chunk::Body::Data(chunk)) => {
-                    cursor
-                        .decode_into(chunk.seq, chunk.offset, &chunk.values, &mut staging.values)
-                        .map_err(ServiceError::from)?;
-                }
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "only DataChunk messages may follow the UpdateHeader",
-                    ));
-                }
-            }
-        }
-        cursor.finish().map_err(ServiceError::from)?;
-
         let engine = self.engine.clone();
         let update_id = header.update_id.clone();
         let examples = header.num_examples;
         let train_loss = header.train_loss;
         let site_name = site.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut staging = staging;
-            let result = engine.fold(&open, &site_name, &update_id, examples, train_loss, &mut staging.values);
-            drop(staging);
-            result
-        })
-        .await
-        .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
+        let deadline = Some(open.deadline().into());
+        let mut cursor = ChunkCursor::new(want);
+        if open.site_clip_norm().is_none() {
+            // Keep the chunks as they arrived (slices of the received buffers), check
+            // each, and fold them in one pass once the update is whole.
+            let permit = self.engine.staging_permit(want as usize).await?;
+            let mut chunks = Vec::new();
+            while let Some(msg) = next_message(&mut stream, deadline).await? {
+                let chunk = data_of(msg, &open, &header)?;
+                cursor
+                    .accept(chunk.seq, chunk.offset, &chunk.values)
+                    .map_err(ServiceError::from)?;
+                chunks.push(chunk.values);
+            }
+            cursor.finish().map_err(ServiceError::from)?;
+            tokio::task::spawn_blocking(move || {
+                let result = engine.fold_bytes(&open, &site_name, &update_id, examples, train_loss, &chunks);
+                drop((chunks, permit));
+                result
+            })
+            .await
+            .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
+        } else {
+            // Site-level DP clips the update first: decode it into a staging buffer.
+            let mut staging = self.engine.staging_buffer(want as usize).await?;
+            while let Some(msg) = next_message(&mut stream, deadline).await? {
+                let chunk = data_of(msg, &open, &header)?;
+                cursor
+                    .decode_into(chunk.seq, chunk.offset, &chunk.values, &mut staging.values)
+                    .map_err(ServiceError::from)?;
+            }
+            cursor.finish().map_err(ServiceError::from)?;
+            tokio::task::spawn_blocking(move || {
+                let mut staging = staging;
+                let result = engine.fold(&open, &site_name, &update_id, examples, train_loss, &mut staging.values);
+                drop(staging);
+                result
+            })
+            .await
+            .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
+        }
         self.engine.touch(&site);
         Ok(Response::new(pb::UploadReceipt {
             update_id: header.update_id,

@@ -100,12 +100,13 @@ impl WeightedSum {
         Ok(())
     }
 
-    /// Adds `weight ·` the update whose little-endian chunks are `chunks` (each
-    /// [`crate::chunk::CHUNK_VALUES`] values, the last maybe shorter), on up to
-    /// `threads` threads. The chunks must already be checked (whole, finite).
+    /// Adds `weight ·` the update whose little-endian chunks are `chunks`: contiguous,
+    /// in order, together the whole model (as a [`crate::chunk::ChunkCursor`] accepted
+    /// them: whole and finite), on up to `threads` threads, each taking a run of whole
+    /// chunks and the matching part of the sum.
     pub fn fold_chunks(&mut self, chunks: &[&[u8]], weight: f64, threads: usize) -> Result<(), AggregateError> {
         let got: usize = chunks.iter().map(|c| c.len() / 4).sum();
-        if got != self.sum.len() {
+        if got != self.sum.len() || chunks.iter().any(|c| !c.len().is_multiple_of(4)) {
             return Err(AggregateError::WrongLength {
                 got,
                 want: self.sum.len(),
@@ -115,24 +116,24 @@ impl WeightedSum {
             return Err(AggregateError::BadWeight(weight));
         }
         let w = weight as f32;
-        let threads = threads.clamp(1, chunks.len().max(1));
-        if threads == 1 {
-            for (acc, bytes) in self.sum.chunks_mut(crate::chunk::CHUNK_VALUES).zip(chunks) {
-                fold_le_bytes(acc, bytes, w);
+        let fold_run = |mut acc: &mut [f32], run: &[&[u8]]| {
+            for bytes in run {
+                let (head, tail) = acc.split_at_mut(bytes.len() / 4);
+                fold_le_bytes(head, bytes, w);
+                acc = tail;
             }
+        };
+        let per = chunks.len().div_ceil(threads.max(1)).max(1);
+        if per >= chunks.len() {
+            fold_run(&mut self.sum, chunks);
         } else {
-            let per = chunks.len().div_ceil(threads);
             std::thread::scope(|scope| {
-                for (accs, bytes) in self
-                    .sum
-                    .chunks_mut(crate::chunk::CHUNK_VALUES * per)
-                    .zip(chunks.chunks(per))
-                {
-                    scope.spawn(move || {
-                        for (acc, b) in accs.chunks_mut(crate::chunk::CHUNK_VALUES).zip(bytes) {
-                            fold_le_bytes(acc, b, w);
-                        }
-                    });
+                let mut rest: &mut [f32] = &mut self.sum;
+                for run in chunks.chunks(per) {
+                    let len: usize = run.iter().map(|c| c.len() / 4).sum();
+                    let (part, tail) = rest.split_at_mut(len);
+                    rest = tail;
+                    scope.spawn(move || fold_run(part, run));
                 }
             });
         }
@@ -235,6 +236,14 @@ mod tests {
         assert!(!all_finite_le(&bad));
         let mut short = WeightedSum::new(n + 1);
         assert!(short.fold_chunks(&refs, 1.0, 2).is_err());
+        // Chunks of any size, as a site may send them, fold the same.
+        let small: Vec<Vec<u8>> = update.chunks(1000).map(crate::chunk::encode).collect();
+        let small: Vec<&[u8]> = small.iter().map(|c| c.as_slice()).collect();
+        let mut direct = WeightedSum::new(n);
+        direct.fold(&update, 2.5).expect("fold");
+        let mut bytes = WeightedSum::new(n);
+        bytes.fold_chunks(&small, 2.5, 2).expect("fold small chunks");
+        assert_eq!(direct.sum_slice(0..n), bytes.sum_slice(0..n));
     }
 
     #[test]

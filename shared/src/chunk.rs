@@ -38,6 +38,23 @@ pub fn all_finite_le(bytes: &[u8]) -> bool {
     special == 0
 }
 
+/// The first non-finite value of a chunk starting at `offset`, as an error.
+fn check_finite(offset: u64, bytes: &[u8]) -> Result<(), ChunkError> {
+    if all_finite_le(bytes) {
+        return Ok(());
+    }
+    let (i, value) = bytes
+        .chunks_exact(4)
+        .map(|raw| f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
+        .unwrap_or((0, f32::NAN));
+    Err(ChunkError::NotFinite {
+        index: offset + i as u64,
+        value,
+    })
+}
+
 pub fn encode(values: &[f32]) -> Vec<u8> {
     encode_with(values, |v| v.to_le_bytes())
 }
@@ -85,22 +102,20 @@ impl ChunkCursor {
         let len = self.check(seq, offset, bytes)?;
         // One branch-free check, then one branch-free copy: both vectorize, where a
         // check per value inside the copy would not.
-        if !all_finite_le(bytes) {
-            let (i, value) = bytes
-                .chunks_exact(4)
-                .map(|raw| f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
-                .enumerate()
-                .find(|(_, v)| !v.is_finite())
-                .unwrap_or((0, f32::NAN));
-            return Err(ChunkError::NotFinite {
-                index: offset + i as u64,
-                value,
-            });
-        }
+        check_finite(offset, bytes)?;
         let window = &mut dest[offset as usize..offset as usize + len];
         for (w, raw) in window.iter_mut().zip(bytes.chunks_exact(4)) {
             *w = f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         }
+        self.advance(len);
+        Ok(())
+    }
+
+    /// Validates one chunk (framing and finite values) without decoding it, for a
+    /// caller that keeps the received bytes and folds them once the stream is whole.
+    pub fn accept(&mut self, seq: u64, offset: u64, bytes: &[u8]) -> Result<(), ChunkError> {
+        let len = self.check(seq, offset, bytes)?;
+        check_finite(offset, bytes)?;
         self.advance(len);
         Ok(())
     }
