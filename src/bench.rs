@@ -235,6 +235,25 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
     let id = fed.create_study(&manifest).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let tasks = crate::load::answer_rounds(connected, Arc::new(synthetic_update(actual, 3)), stop.clone());
+    // The study's event feed times each round's ingest: from its start to its last update.
+    let mut events = fed
+        .admin
+        .watch_study(pb::StudyRef { study_id: id.clone() })
+        .await?
+        .into_inner();
+    let windows: Arc<std::sync::Mutex<std::collections::BTreeMap<u32, (u64, u64)>>> = Default::default();
+    let seen = windows.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(e)) = events.message().await {
+            let mut windows = seen.lock().unwrap_or_else(|p| p.into_inner());
+            let w = windows.entry(e.round).or_insert((u64::MAX, 0));
+            match pb::EventKind::try_from(e.kind) {
+                Ok(pb::EventKind::RoundStarted) => w.0 = e.at_unix_ms,
+                Ok(pb::EventKind::UpdateReceived) => w.1 = w.1.max(e.at_unix_ms),
+                _ => {}
+            }
+        }
+    });
     fed.start_study(&id).await?;
     let status = fed
         .wait_for(&id, Duration::from_secs(3600), |i| {
@@ -243,6 +262,8 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
         .await?;
     stop.cancel();
     drop(tasks);
+    watcher.abort();
+    let windows = windows.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let info = status.info.clone().context("no study info")?;
     if info.state != pb::StudyState::Completed as i32 {
         bail!("the benchmark study ended as {}: {}", info.state, info.reason);
@@ -254,8 +275,18 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
         .map(|r| (r.finished_unix_ms - r.started_unix_ms) as f64 / 1000.0)
         .collect();
     let round_seconds = median(times);
+    let ingest: Vec<f64> = windows
+        .values()
+        .filter(|(start, end)| *start != u64::MAX && end > start)
+        .map(|(start, end)| (end - start) as f64 / 1000.0)
+        .collect();
+    let ingest_seconds = if ingest.is_empty() {
+        round_seconds
+    } else {
+        median(ingest)
+    };
     let bytes = sites * actual * 4;
-    let ingest_gbps = bytes as f64 / round_seconds / 1e9;
+    let ingest_gbps = bytes as f64 / ingest_seconds / 1e9;
     let tcp = tcp_reference(bytes).await?;
     fed.shutdown().await?;
     Ok(json!({
@@ -263,6 +294,7 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
         "params": actual,
         "rounds": rounds,
         "round_seconds": round_seconds,
+        "ingest_seconds": ingest_seconds,
         "ingest_gbps": ingest_gbps,
         "tcp_reference_gbps": tcp,
         "ratio": ingest_gbps / tcp,
