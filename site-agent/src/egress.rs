@@ -52,7 +52,19 @@ impl EgressLog {
     /// Opens the log at `path` (continuing its chain) or starts it with its header.
     pub fn open(path: &Path, signer: Signer, keeper: &str) -> Result<Self> {
         let chain = match std::fs::read_to_string(path) {
-            Ok(text) => {
+            Ok(mut text) => {
+                // A crash can cut the last line short: that entry was never complete, so
+                // its message was never sent (a record is written before its send).
+                if !text.is_empty() && !text.ends_with('\n') {
+                    let keep = text.rfind('\n').map_or(0, |i| i + 1);
+                    tracing::warn!(path = %path.display(), "dropping a torn last line of the egress log");
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .and_then(|f| f.set_len(keep as u64))
+                        .with_context(|| format!("truncate {}", path.display()))?;
+                    text.truncate(keep);
+                }
                 let mut chain = Chain::default();
                 let mut header = None;
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -142,7 +154,12 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
         .append(true)
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
-    writeln!(f, "{line}")?;
+    // One write of the whole line, so a crash leaves it whole or torn at the end,
+    // never interleaved.
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    f.write_all(&buf)?;
     f.sync_data()?;
     Ok(())
 }
@@ -167,6 +184,17 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("read");
         let v = medfl_shared::chainlog::verify_export(&text, None, false).expect("verifies");
         assert_eq!(v.entries, 2);
+        // A line torn by a crash is dropped on the next open, and the chain goes on.
+        std::fs::write(&path, format!("{text}{{\"kind\":\"entry\",\"seq\":2,\"at_ms")).expect("tear");
+        let log = EgressLog::open(&path, load_or_create_key(&key).expect("key"), "site/a").expect("reopen torn");
+        log.record("refusal", "s-1", 3, b"x", None, json!({})).expect("record");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(
+            medfl_shared::chainlog::verify_export(&text, None, false)
+                .expect("verifies")
+                .entries,
+            3
+        );
         let other = dir.path().join("other.pk8");
         assert!(EgressLog::open(&path, load_or_create_key(&other).expect("key"), "site/a").is_err());
     }
