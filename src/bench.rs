@@ -29,6 +29,11 @@ pub enum BenchCommand {
         /// Repetitions; the median is reported.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// The strategy whose kernel runs: fedavg (the streaming fold), a server
+        /// optimizer (the fold, then its step over the model) or a robust aggregator
+        /// (over N distinct updates held in memory, as the coordinator holds them).
+        #[arg(long, default_value = "fedavg", value_parser = crate::demo::STRATEGIES)]
+        strategy: String,
         #[arg(long)]
         json: bool,
     },
@@ -53,18 +58,30 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             params,
             threads,
             repeats,
+            strategy,
             json,
         } => {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let r = tokio::task::spawn_blocking(move || aggregate(sites, params, threads, repeats.max(1))).await??;
+            let r = tokio::task::spawn_blocking(move || {
+                if strategy == "fedavg" || strategy == "fedprox" {
+                    aggregate(sites, params, threads, repeats.max(1))
+                } else {
+                    aggregate_strategy(&strategy, sites, params, threads, repeats.max(1))
+                }
+            })
+            .await??;
             if json {
                 println!("{r}");
             } else {
                 println!(
-                    "aggregate {sites} updates x {params} params on {threads} threads: fold {:.2} GB/s, checks {:.2} GB/s, \
-                     plain a += b {:.2} GB/s (fold = {:.0} % of it); peak RSS {:.1} MiB",
+                    "aggregate {sites} updates x {params} params on {threads} threads, {}: {:.2} GB/s{}, \
+                     plain a += b {:.2} GB/s (= {:.0} % of it); peak RSS {:.1} MiB",
+                    r["strategy"].as_str().unwrap_or("fedavg"),
                     r["gbps"].as_f64().unwrap_or(0.0),
-                    r["check_gbps"].as_f64().unwrap_or(0.0),
+                    r["check_gbps"]
+                        .as_f64()
+                        .map(|c| format!(", checks {c:.2} GB/s"))
+                        .unwrap_or_default(),
                     r["reference_gbps"].as_f64().unwrap_or(0.0),
                     100.0 * r["ratio"].as_f64().unwrap_or(0.0),
                     r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
@@ -163,12 +180,117 @@ pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) ->
         acc.sum_slice(0..params.min(16)).iter().sum::<f32>() + reference[..params.min(16)].iter().sum::<f32>();
     let (gbps, reference_gbps) = (median(fold), median(plain));
     Ok(json!({
+        "strategy": "fedavg",
         "sites": sites,
         "params": params,
         "threads": threads,
         "repeats": repeats,
         "gbps": gbps,
         "check_gbps": median(check),
+        "reference_gbps": reference_gbps,
+        "ratio": gbps / reference_gbps,
+        "peak_rss_bytes": peak_rss(),
+        "checksum": checksum,
+    }))
+}
+
+/// `a += b` over `updates` into `reference` on `threads` threads (whole chunks each):
+/// the memory-bandwidth reference, in GB/s of update bytes.
+fn plain_reference(updates: &[&[f32]], reference: &mut [f32], threads: usize) -> f64 {
+    let params = reference.len();
+    reference.iter_mut().for_each(|v| *v = 0.0);
+    let per = params.div_ceil(CHUNK_VALUES).div_ceil(threads) * CHUNK_VALUES;
+    let start = Instant::now();
+    for update in updates {
+        if per >= params {
+            add_assign(reference, update);
+        } else {
+            std::thread::scope(|scope| {
+                for (a, b) in reference.chunks_mut(per).zip(update.chunks(per)) {
+                    scope.spawn(move || add_assign(a, b));
+                }
+            });
+        }
+    }
+    (updates.len() * params * 4) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// A strategy's kernel on `sites` updates of `params` values, beside the plain loop.
+/// Robust aggregators run over `sites` distinct updates in memory (the coordinator
+/// holds a robust round's updates); a server optimizer runs the FedAvg fold, then its
+/// step over the model with its state, and is timed for both.
+pub fn aggregate_strategy(
+    name: &str,
+    sites: usize,
+    params: usize,
+    threads: usize,
+    repeats: usize,
+) -> Result<serde_json::Value> {
+    use medfl_shared::manifest::Robust;
+    use medfl_shared::strategy::{coordinate_median, multi_krum, trimmed_mean};
+    if sites == 0 || params == 0 {
+        bail!("--sites and --params must be at least 1");
+    }
+    let (strategy, _) = crate::demo::demo_strategy(name, sites.max(5), medfl_shared::manifest::Weighting::Uniform)?;
+    let robust = strategy.robust(sites);
+    let distinct = if robust.is_some() { sites } else { sites.min(4) };
+    let held = distinct as u64 * params as u64 * 4;
+    if held > 32 << 30 {
+        bail!(
+            "{sites} distinct updates of {params} values need {} GiB; use fewer",
+            held >> 30
+        );
+    }
+    let updates: Vec<Vec<f32>> = (0..distinct).map(|k| synthetic_update(params, k as u64 + 1)).collect();
+    let refs: Vec<&[f32]> = (0..sites).map(|k| updates[k % distinct].as_slice()).collect();
+    let bytes = (sites * params * 4) as f64;
+    let optimizer = strategy.server_optimizer();
+    let mut out = vec![0f32; params];
+    let mut model = vec![0f32; params];
+    let mut state = vec![0f32; params * optimizer.slots()];
+    let mut acc = WeightedSum::new(params);
+    let mut reference = vec![0f32; params];
+    let (mut runs, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let start = Instant::now();
+        match robust {
+            Some(Robust::Median) => coordinate_median(&refs, &mut out, threads)?,
+            Some(Robust::TrimmedMean { trim }) => trimmed_mean(&refs, trim, &mut out, threads)?,
+            Some(Robust::Krum { f, m }) => {
+                multi_krum(&refs, f, m, &mut out, threads)?;
+            }
+            None => {
+                acc.reset(params);
+                for u in &refs {
+                    acc.fold(u, 1.0)?;
+                }
+                let mut index = 0;
+                for (x, mean) in model
+                    .chunks_mut(CHUNK_VALUES)
+                    .zip(acc.sum_slice(0..params).chunks(CHUNK_VALUES))
+                {
+                    let len = x.len();
+                    let slots = optimizer.slots();
+                    let s = &mut state[index * slots..(index + len) * slots];
+                    optimizer.step(x, mean, s);
+                    index += len;
+                }
+            }
+        }
+        runs.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+        plain.push(plain_reference(&refs, &mut reference, threads));
+    }
+    let checksum = out[..params.min(16)].iter().sum::<f32>()
+        + model[..params.min(16)].iter().sum::<f32>()
+        + reference[..params.min(16)].iter().sum::<f32>();
+    let (gbps, reference_gbps) = (median(runs), median(plain));
+    Ok(json!({
+        "strategy": name,
+        "sites": sites,
+        "params": params,
+        "threads": threads,
+        "repeats": repeats,
+        "gbps": gbps,
         "reference_gbps": reference_gbps,
         "ratio": gbps / reference_gbps,
         "peak_rss_bytes": peak_rss(),

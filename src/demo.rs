@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use medfl_shared::manifest::{Optimizer, StudyManifest, Training};
+use medfl_shared::manifest::{Optimizer, Strategy, StrategyKind, StudyManifest, Training, Weighting};
 use medfl_shared::metrics::{accuracy, roc_auc};
 use medfl_shared::model::{ModelKind, ModelSpec};
 use medfl_shared::split::{SplitKind, split_rows};
@@ -76,6 +76,78 @@ pub struct DemoArgs {
     /// Runs without secure aggregation (the coordinator then sees each update), to compare.
     #[arg(long)]
     pub no_secagg: bool,
+    /// The federated strategy: fedavg; server optimizers fedavgm, fedadam, fedyogi,
+    /// fedadagrad; fedprox (a proximal term in local training); robust aggregators
+    /// median, trimmed-mean, krum (these need --no-secagg: they read each update).
+    #[arg(long, default_value = "fedavg", value_parser = STRATEGIES)]
+    pub strategy: String,
+}
+
+/// What `--strategy` takes.
+pub const STRATEGIES: [&str; 9] = [
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedprox",
+    "median",
+    "trimmed-mean",
+    "krum",
+];
+
+/// FedProx's μ in the demo (on the sites' standardized features).
+const DEMO_PROXIMAL_MU: f64 = 0.1;
+
+/// The manifest's `[strategy]` (and FedProx's μ) for `--strategy`, with the demo's
+/// hyperparameters: η = 0.1 and τ = 10⁻³ for the adaptive optimizers (Reddi et al.
+/// 2021 tune both; 0.1 is Flower's FedAdam default), Krum tolerating one hostile site,
+/// a trimmed mean that drops at least one value at each end.
+pub fn demo_strategy(name: &str, sites: usize, weighting: Weighting) -> Result<(Strategy, Option<f64>)> {
+    let mut strategy = Strategy {
+        weighting,
+        ..Default::default()
+    };
+    let mut mu = None;
+    let adaptive = |kind| Strategy {
+        kind,
+        server_learning_rate: Some(0.1),
+        tau: Some(1e-3),
+        weighting,
+        ..Default::default()
+    };
+    match name {
+        "fedavg" => {}
+        "fedavgm" => {
+            strategy.kind = StrategyKind::FedAvgM;
+            strategy.momentum = Some(0.5);
+        }
+        "fedadam" => strategy = adaptive(StrategyKind::FedAdam),
+        "fedyogi" => strategy = adaptive(StrategyKind::FedYogi),
+        "fedadagrad" => strategy = adaptive(StrategyKind::FedAdagrad),
+        "fedprox" => mu = Some(DEMO_PROXIMAL_MU),
+        "median" | "trimmed-mean" | "krum" => {
+            strategy.weighting = Weighting::Uniform;
+            match name {
+                "median" => strategy.kind = StrategyKind::Median,
+                "trimmed-mean" => {
+                    strategy.kind = StrategyKind::TrimmedMean;
+                    strategy.trim_fraction = Some(if sites < 5 { 0.34 } else { 0.2 });
+                }
+                _ => {
+                    if sites < 5 {
+                        bail!(
+                            "--strategy krum tolerates one hostile hospital and needs at least 2f + 3 = 5; use --sites 5 or more"
+                        );
+                    }
+                    strategy.kind = StrategyKind::Krum;
+                    strategy.byzantine = Some(1);
+                }
+            }
+        }
+        other => bail!("unknown strategy {other:?}; one of {}", STRATEGIES.join(", ")),
+    }
+    Ok((strategy, mu))
 }
 
 impl DemoArgs {
@@ -98,6 +170,24 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let dp_epsilon = args.dp_epsilon();
     let secagg = !args.no_secagg;
+    let robust = matches!(args.strategy.as_str(), "median" | "trimmed-mean" | "krum");
+    if robust && secagg {
+        bail!(
+            "--strategy {} reads each hospital's update, which secure aggregation hides from the coordinator: add --no-secagg",
+            args.strategy
+        );
+    }
+    // DP and secure aggregation weigh hospitals uniformly: an example count is a
+    // statistic of the rows, and a masked sum cannot be weighted per site.
+    let weighting = if dp_epsilon.is_none() && !secagg {
+        Weighting::Examples
+    } else {
+        Weighting::Uniform
+    };
+    let (strategy, proximal_mu) = demo_strategy(&args.strategy, args.sites, weighting)?;
+    // The adaptive optimizers step, and the robust aggregators compare updates, on a
+    // public feature scale.
+    let public_scale = strategy.server_optimizer().slots() == 2 || strategy.kind.is_robust();
     if secagg && args.sites < 2 {
         bail!(
             "secure aggregation needs at least 2 hospitals; add --no-secagg to run with {}",
@@ -159,6 +249,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         batch_size: 32,
         learning_rate: if dp_epsilon.is_some() { DP_LEARNING_RATE } else { 0.05 },
         optimizer: Optimizer::Adam,
+        proximal_mu,
     };
     let manifest = StudyManifest {
         name: format!(
@@ -178,8 +269,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             label: label.clone(),
             features: table.columns.clone(),
             // Under DP the hospitals may not scale with their own statistics; the public
-            // reference is the consortium's held-out set, which no hospital owns.
-            scaling: dp_epsilon.is_some().then(|| {
+            // reference is the consortium's held-out set, which no hospital owns. The
+            // adaptive server optimizers and robust aggregators work on that scale too.
+            scaling: (dp_epsilon.is_some() || public_scale).then(|| {
                 let s = medfl_shared::model::Standardizer::fit(&test.x, test.columns.len());
                 medfl_shared::manifest::PublicScaling {
                     center: s.center.iter().map(|v| *v as f64).collect(),
@@ -193,16 +285,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             ..Default::default()
         },
         training: training.clone(),
-        strategy: medfl_shared::manifest::Strategy {
-            // DP and secure aggregation weigh hospitals uniformly: an example count is a
-            // statistic of the rows, and a masked sum cannot be weighted per site.
-            weighting: if dp_epsilon.is_none() && !secagg {
-                medfl_shared::manifest::Weighting::Examples
-            } else {
-                medfl_shared::manifest::Weighting::Uniform
-            },
-            ..Default::default()
-        },
+        strategy,
         privacy: dp_epsilon.map(|epsilon| medfl_shared::manifest::Privacy {
             unit: medfl_shared::manifest::PrivacyUnit::Record,
             delta: args.delta,
@@ -278,6 +361,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     crate::admin::write_safetensors(&workdir.join("model.safetensors"), &header, &params)?;
     let d = table.columns.len();
     let (fed_acc, fed_auc) = evaluate(&model, &params, &test)?;
+    // The global model of every round on the held-out set: the learning curve.
+    let mut curve = Vec::new();
+    for r in 1..=info.rounds_completed {
+        let (_, round_params) = fed.export(&study_id, Some(r)).await?;
+        curve.push(evaluate(&model, &round_params, &test)?.0);
+    }
+    let rounds_to_95 = curve.iter().position(|a| *a >= 0.95).map(|i| i + 1);
 
     // Baselines with the same optimizer and the same number of epochs over each row.
     let epochs = Training {
@@ -313,7 +403,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "seed": args.seed,
         "model": args.model,
         "test_rows": test.rows(),
+        "strategy": args.strategy,
         "test_accuracy": fed_acc,
+        "accuracy_by_round": curve,
+        "rounds_to_accuracy_0_95": rounds_to_95,
         "test_auc": fed_auc,
         "centralized_accuracy": central_acc,
         "centralized_auc": central_auc,
@@ -331,7 +424,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     if args.json {
         println!("{summary}");
     } else {
-        println!("\nstudy {study_id}: {} rounds committed", info.rounds_completed);
+        println!(
+            "\nstudy {study_id}: {} rounds committed, strategy {}",
+            info.rounds_completed, args.strategy
+        );
+        let curve_text: Vec<String> = curve.iter().map(|a| format!("{a:.3}")).collect();
+        println!("test accuracy by round: {}", curve_text.join(" "));
+        match rounds_to_95 {
+            Some(r) => println!("reached accuracy 0.95 at round {r}"),
+            None => println!("did not reach accuracy 0.95 in {} rounds", info.rounds_completed),
+        }
         println!("{:<36} {:>9} {:>8}", "model (test set)", "accuracy", "ROC AUC");
         println!("{:<36} {:>9.4} {:>8.4}", "federated (medfl)", fed_acc, fed_auc);
         println!(

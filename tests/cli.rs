@@ -217,6 +217,27 @@ fn the_sizing_benchmarks_report_their_figures_as_json() {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
     assert!(r["peak_rss_bytes"].as_u64().is_some_and(|v| v > 0));
+    for strategy in ["median", "trimmed-mean", "krum", "fedyogi"] {
+        let out = medfl(&[
+            "bench",
+            "aggregate",
+            "--sites",
+            "7",
+            "--params",
+            "5000",
+            "--repeats",
+            "1",
+            "--strategy",
+            strategy,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(r["strategy"], strategy);
+        for field in ["gbps", "reference_gbps", "ratio"] {
+            assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{strategy} {field}: {r}");
+        }
+    }
     let out = medfl(&[
         "bench", "round", "--sites", "3", "--params", "5000", "--rounds", "2", "--json",
     ]);

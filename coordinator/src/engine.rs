@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub staging_budget_bytes: u64,
     /// Days a renewed certificate stays valid.
     pub certificate_days: u32,
+    /// Memory a robust strategy's round may hold (its N updates); a round that would
+    /// need more fails with the figures.
+    pub robust_memory_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +49,7 @@ impl Default for EngineConfig {
             liveness_timeout: Duration::from_secs(30),
             staging_budget_bytes: 64 << 20,
             certificate_days: 30,
+            robust_memory_bytes: 4 << 30,
         }
     }
 }
@@ -123,6 +127,8 @@ struct Received {
 #[derive(Debug)]
 struct RoundAcc {
     sum: WeightedSum,
+    /// A robust strategy's round keeps every update, by site (`sum` stays empty).
+    kept: BTreeMap<String, Vec<f32>>,
     received: BTreeMap<String, Received>,
     refused: HashSet<String>,
     closed: bool,
@@ -179,6 +185,13 @@ impl OpenRound {
     /// The clip bound S of a site-level DP study.
     pub fn site_clip_norm(&self) -> Option<f64> {
         site_level(&self.manifest).map(|p| p.clip_norm)
+    }
+
+    /// Whether uploads must be decoded before they are folded: to be clipped or bounded,
+    /// or kept whole for a robust strategy.
+    pub fn needs_decoded(&self) -> bool {
+        let strategy = &self.manifest.strategy;
+        self.site_clip_norm().is_some() || strategy.norm_bound.is_some() || strategy.kind.is_robust()
     }
 
     fn weight(&self, examples: u64) -> f64 {
@@ -703,9 +716,23 @@ impl Engine {
     ) -> Result<(), ServiceError> {
         if let Some(bound) = round.site_clip_norm() {
             clip_site_update(update, bound, site)?;
+        } else if let Some(bound) = round.manifest.strategy.norm_bound {
+            // Norm bounding (Sun et al. 2019): scale down, never refuse.
+            let norm = medfl_shared::dp::l2_norm(update);
+            if norm > bound {
+                let factor = (bound / norm) as f32;
+                update.iter_mut().for_each(|v| *v *= factor);
+            }
         }
-        self.fold_with(round, site, update_id, examples, train_loss, |sum, w| {
-            sum.fold(update, w)
+        if round.manifest.strategy.kind.is_robust() {
+            let whole = update.to_vec();
+            return self.fold_with(round, site, update_id, examples, train_loss, |acc, _| {
+                acc.kept.insert(site.to_string(), whole);
+                Ok(())
+            });
+        }
+        self.fold_with(round, site, update_id, examples, train_loss, |acc, w| {
+            acc.sum.fold(update, w)
         })
     }
 
@@ -721,15 +748,15 @@ impl Engine {
         train_loss: Option<f64>,
         chunks: &[bytes::Bytes],
     ) -> Result<(), ServiceError> {
-        if round.site_clip_norm().is_some() {
+        if round.needs_decoded() {
             return Err(ServiceError::Internal(
-                "a site-level DP update must be clipped: fold it decoded".into(),
+                "this study clips, bounds or keeps each update: fold it decoded".into(),
             ));
         }
         let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.fold_with(round, site, update_id, examples, train_loss, |sum, w| {
-            sum.fold_chunks(&refs, w, threads)
+        self.fold_with(round, site, update_id, examples, train_loss, |acc, w| {
+            acc.sum.fold_chunks(&refs, w, threads)
         })
     }
 
@@ -740,7 +767,7 @@ impl Engine {
         update_id: &str,
         examples: u64,
         train_loss: Option<f64>,
-        fold: impl FnOnce(&mut WeightedSum, f64) -> Result<(), medfl_shared::aggregate::AggregateError>,
+        fold: impl FnOnce(&mut RoundAcc, f64) -> Result<(), medfl_shared::aggregate::AggregateError>,
     ) -> Result<(), ServiceError> {
         let mut acc = round.lock();
         if acc.closed {
@@ -755,7 +782,7 @@ impl Engine {
                 prev.update_id, round.round
             )));
         }
-        fold(&mut acc.sum, round.weight(examples)).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        fold(&mut acc, round.weight(examples)).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         acc.received.insert(
             site.to_string(),
             Received {
@@ -1010,6 +1037,19 @@ impl Engine {
             ((manifest.selection.fraction * eligible.len() as f64).ceil() as usize).clamp(min_sites, eligible.len());
         let mut selected: Vec<String> = eligible.into_iter().take(k).collect();
         selected.sort();
+        let robust = manifest.strategy.kind.is_robust();
+        let hold = selected.len() as u64 * manifest.num_params() * 4;
+        if robust && hold > self.config.robust_memory_bytes {
+            let reason = format!(
+                "strategy {} holds every update of the round: {} sites × {} parameters is {} MiB, over the coordinator's robust_memory_mib = {}",
+                manifest.strategy.kind.name(),
+                selected.len(),
+                manifest.num_params(),
+                hold >> 20,
+                self.config.robust_memory_bytes >> 20
+            );
+            return self.fail_round(id, round, attempt, selected, vec![], started_ms, reason);
+        }
         let secure = match manifest.secagg() {
             Some(sa) => {
                 let n = selected.len();
@@ -1045,7 +1085,8 @@ impl Engine {
             deadline,
             deadline_ms: started_ms + deadline_len.as_millis() as u64,
             acc: Mutex::new(RoundAcc {
-                sum: WeightedSum::new(manifest.num_params() as usize),
+                sum: WeightedSum::new(if robust { 0 } else { manifest.num_params() as usize }),
+                kept: BTreeMap::new(),
                 received: BTreeMap::new(),
                 refused: HashSet::new(),
                 closed: false,
@@ -1102,7 +1143,7 @@ impl Engine {
                 _ = self.shutdown.cancelled() => { interrupted = true; break },
             }
         }
-        let (acc, late) = {
+        let (acc, kept, late) = {
             let mut acc = open.lock();
             acc.closed = true;
             let late: Vec<String> = selected
@@ -1110,7 +1151,11 @@ impl Engine {
                 .filter(|s| !acc.received.contains_key(*s) && !acc.refused.contains(*s))
                 .cloned()
                 .collect();
-            (std::mem::replace(&mut acc.sum, WeightedSum::new(0)), late)
+            (
+                std::mem::replace(&mut acc.sum, WeightedSum::new(0)),
+                std::mem::take(&mut acc.kept),
+                late,
+            )
         };
         if !late.is_empty() && !interrupted {
             warn!(round, attempt, late = ?late, "sites dropped from the round: no update before the deadline");
@@ -1143,6 +1188,24 @@ impl Engine {
             return self.fail_round(id, round, attempt, selected, contributors, started_ms, reason);
         }
 
+        // A robust strategy aggregates the kept updates now.
+        let mut note = String::new();
+        let acc = if robust {
+            let for_task = manifest.clone();
+            let aggregated = tokio::task::spawn_blocking(move || robust_aggregate(&for_task, kept))
+                .await
+                .map_err(|e| ServiceError::Unavailable(format!("aggregation task failed: {e}")))?;
+            match aggregated {
+                Ok((acc, kept_note)) => {
+                    note = kept_note;
+                    acc
+                }
+                Err(reason) => return self.fail_round(id, round, attempt, selected, contributors, started_ms, reason),
+            }
+        } else {
+            acc
+        };
+
         // Aggregate and commit durably before announcing the new model.
         let losses: Vec<f64> = received.iter().filter_map(|r| r.2).collect();
         let record = RoundRecord {
@@ -1163,7 +1226,7 @@ impl Engine {
             },
         };
         let message = format!(
-            "{} updates, {} examples",
+            "{} updates, {} examples{note}",
             record.contributors.len(),
             record.num_examples
         );
@@ -1341,15 +1404,23 @@ impl Engine {
         // Δ = (Σ_k clip(Δ_k) + N(0, σ²S²)) / W with W the number of sites the round
         // selected, fixed before any site delivered, so the divisor reveals nothing.
         let denominator = record.selected.len().max(1) as f32;
-        let mut noisy = Vec::new();
         let n = acc.len();
-        let mut next = Vec::with_capacity(CHUNK_VALUES.min(n));
         let mut writer = self.store.model_writer(id, record.round)?;
-        for (index, start) in (0..n).step_by(CHUNK_VALUES).enumerate() {
-            let end = (start + CHUNK_VALUES).min(n);
-            let prev = self.store.model_chunk(id, record.round - 1, index)?;
-            let prev = match prev {
-                Some(bytes) if bytes.len() == (end - start) * 4 => bytes,
+        // The server optimizer steps from the last committed round's state (Reddi et al.
+        // 2021, Algorithm 2), written beside the round's model.
+        let optimizer = manifest.strategy.server_optimizer();
+        let slots = optimizer.slots();
+        let mut state_writer = match slots {
+            0 => None,
+            _ => Some(self.store.state_writer(id, record.round)?),
+        };
+        let mut noisy = Vec::new();
+        let chunk_range = |index: usize| index * CHUNK_VALUES..((index + 1) * CHUNK_VALUES).min(n);
+        // Chunk `index` of the previous model and of the round's Δ, appended to x and d.
+        let mut read_chunk = |index: usize, x: &mut Vec<f32>, d: &mut Vec<f32>| -> Result<(), ServiceError> {
+            let range = chunk_range(index);
+            let prev = match self.store.model_chunk(id, record.round - 1, index)? {
+                Some(bytes) if bytes.len() == range.len() * 4 => bytes,
                 other => {
                     return Err(ServiceError::Store(StoreError::CorruptChunk {
                         key: format!("model/{id}/{:08}/{index:08}", record.round - 1),
@@ -1357,24 +1428,71 @@ impl Engine {
                     }));
                 }
             };
-            let prev = prev
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            next.clear();
+            x.extend(
+                prev.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
             match &site_noise {
                 Some(noise) => {
                     noisy.clear();
-                    noisy.extend_from_slice(acc.sum_slice(start..end));
+                    noisy.extend_from_slice(acc.sum_slice(range));
                     noise
                         .add_to(&mut noisy)
                         .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?;
-                    next.extend(prev.zip(&noisy).map(|(g, s)| g + s / denominator));
+                    d.extend(noisy.iter().map(|s| s / denominator));
                 }
-                None => next.extend(prev.zip(acc.mean_slice(start..end)).map(|(g, m)| g + m)),
+                None => d.extend(acc.mean_slice(range)),
             }
-            writer.write(&next)?;
+            Ok(())
+        };
+        let chunks = n.div_ceil(CHUNK_VALUES);
+        // The adaptive optimizers normalize each coordinate, so with public feature
+        // scaling in the manifest they step on the standardized scale (the map is linear,
+        // so Δ maps as x does): on raw coordinates a step of η is far too large for a
+        // weight of a feature measured in thousands. That holds the whole model (and Δ)
+        // in memory, two model-sized vectors more than the streaming path below.
+        let scaling = manifest.data.scaling.as_ref().filter(|_| slots == 2);
+        if let Some(scaling) = scaling {
+            let standardizer = scaling.standardizer();
+            let (mut x, mut d) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for index in 0..chunks {
+                read_chunk(index, &mut x, &mut d)?;
+            }
+            standardizer.raw_to_standardized(&manifest.model, &mut x);
+            standardizer.raw_to_standardized(&manifest.model, &mut d);
+            for index in 0..chunks {
+                let range = chunk_range(index);
+                let mut state = self
+                    .store
+                    .state_chunk(id, record.round - 1, index, slots, range.len())?;
+                optimizer.step(&mut x[range.clone()], &d[range], &mut state);
+                if let Some(w) = state_writer.as_mut() {
+                    w.write(&state)?;
+                }
+            }
+            standardizer.standardized_to_raw(&manifest.model, &mut x);
+            for chunk in x.chunks(CHUNK_VALUES) {
+                writer.write(chunk)?;
+            }
+        } else {
+            let mut next = Vec::with_capacity(CHUNK_VALUES.min(n));
+            let mut delta = Vec::with_capacity(CHUNK_VALUES.min(n));
+            for index in 0..chunks {
+                next.clear();
+                delta.clear();
+                read_chunk(index, &mut next, &mut delta)?;
+                let mut state = self.store.state_chunk(id, record.round - 1, index, slots, next.len())?;
+                optimizer.step(&mut next, &delta, &mut state);
+                writer.write(&next)?;
+                if let Some(w) = state_writer.as_mut() {
+                    w.write(&state)?;
+                }
+            }
         }
         writer.finish()?;
+        if let Some(w) = state_writer {
+            w.finish()?;
+        }
         // Failpoint for crash tests: MEDFL_FAILPOINT=before_commit ends the process with
         // the round's model written (its noise drawn) but neither charged nor published.
         if std::env::var("MEDFL_FAILPOINT").as_deref() == Ok("before_commit") {
@@ -1548,6 +1666,53 @@ fn study_epsilon(plan: &medfl_shared::manifest::PrivacyPlan, rounds: u64) -> Res
         ..plan.per_round
     };
     medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+}
+
+/// Aggregates a robust strategy's round into a one-update sum (its total weight 1,
+/// so the sum is the aggregate), with a note of what Krum kept; an error is the
+/// reason the round fails (too few updates for the strategy).
+///
+/// With public feature scaling in the manifest the updates are compared on the
+/// standardized scale (the map is linear): on raw coordinates the first layer's bias
+/// absorbs `W·center` and a weight's size follows its feature's unit, so distances
+/// (Krum) and per-coordinate order statistics would be dominated by a few coordinates.
+fn robust_aggregate(
+    manifest: &StudyManifest,
+    mut kept: BTreeMap<String, Vec<f32>>,
+) -> Result<(WeightedSum, String), String> {
+    use medfl_shared::manifest::Robust;
+    use medfl_shared::strategy::{coordinate_median, multi_krum, trimmed_mean};
+    let strategy = &manifest.strategy;
+    let len = manifest.num_params() as usize;
+    let standardizer = manifest.data.scaling.as_ref().map(|s| s.standardizer());
+    if let Some(std) = &standardizer {
+        kept.values_mut()
+            .for_each(|u| std.raw_to_standardized(&manifest.model, u));
+    }
+    let names: Vec<&String> = kept.keys().collect();
+    let updates: Vec<&[f32]> = kept.values().map(|u| u.as_slice()).collect();
+    let n = updates.len();
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let mut out = vec![0f32; len];
+    let mut note = String::new();
+    let result = match strategy.robust(n) {
+        Some(Robust::Median) => coordinate_median(&updates, &mut out, threads),
+        Some(Robust::TrimmedMean { trim }) => trimmed_mean(&updates, trim, &mut out, threads),
+        Some(Robust::Krum { f, m }) => {
+            multi_krum(&updates, f, m.min(n.saturating_sub(f)), &mut out, threads).map(|chosen| {
+                let chosen: Vec<&str> = chosen.iter().map(|i| names[*i].as_str()).collect();
+                note = format!("; krum kept {}", chosen.join(", "));
+            })
+        }
+        None => return Err("not a robust strategy".into()),
+    };
+    result.map_err(|e| format!("{}: {e}", strategy.kind.name()))?;
+    if let Some(std) = &standardizer {
+        std.standardized_to_raw(&manifest.model, &mut out);
+    }
+    let mut acc = WeightedSum::new(len);
+    acc.fold(&out, 1.0).map_err(|e| e.to_string())?;
+    Ok((acc, note))
 }
 
 enum RoundOutcome {

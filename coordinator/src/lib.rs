@@ -71,6 +71,14 @@ pub struct ConfigFile {
     /// Days a certificate renewed by a site stays valid.
     #[serde(default = "default_certificate_days")]
     pub certificate_days: u32,
+    /// Memory a round of a robust strategy (median, trimmed mean, Krum) may hold: it
+    /// keeps every update of the round, N × model bytes. MiB.
+    #[serde(default = "default_robust_memory")]
+    pub robust_memory_mib: u64,
+}
+
+fn default_robust_memory() -> u64 {
+    4096
 }
 
 fn default_certificate_days() -> u32 {
@@ -134,6 +142,7 @@ impl Settings {
                 liveness_timeout: Duration::from_secs(file.liveness_timeout_secs),
                 staging_budget_bytes: file.staging_budget_mib << 20,
                 certificate_days: file.certificate_days.max(1),
+                robust_memory_bytes: file.robust_memory_mib << 20,
             },
             store_cache_bytes: file.store_cache_mib << 20,
             grace: Duration::from_secs(file.shutdown_grace_secs),

@@ -467,7 +467,7 @@ impl pb::site_server::Site for SiteService {
         let site_name = site.clone();
         let deadline = Some(open.deadline().into());
         let mut cursor = ChunkCursor::new(want);
-        if open.site_clip_norm().is_none() {
+        if !open.needs_decoded() {
             // Keep the chunks as they arrived (slices of the received buffers), check
             // each, and fold them in one pass once the update is whole.
             let permit = self.engine.staging_permit(want as usize).await?;
@@ -488,7 +488,8 @@ impl pb::site_server::Site for SiteService {
             .await
             .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
         } else {
-            // Site-level DP clips the update first: decode it into a staging buffer.
+            // Site-level DP or norm bounding clips the update first, and a robust strategy
+            // keeps it whole: decode it into a staging buffer.
             let mut staging = self.engine.staging_buffer(want as usize).await?;
             while let Some(msg) = next_message(&mut stream, deadline).await? {
                 let chunk = data_of(msg, &open, &header)?;

@@ -26,7 +26,10 @@
 //! model's size per commit; a file costs only the page cache. A model file is written
 //! to a temporary name, fsynced and renamed *before* the commit batch that makes its
 //! round count, so a committed round always has its whole model, and the file of an
-//! attempt that never committed is simply overwritten by the next attempt.
+//! attempt that never committed is simply overwritten by the next attempt. A study
+//! with a stateful server optimizer (FedAvgM, FedAdam, FedYogi, FedAdagrad) keeps its
+//! state after each round the same way, as `<round:08>.opt.f32`, so a restarted
+//! coordinator continues from the state of the last committed round.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -369,9 +372,58 @@ impl Store {
         self.models.join(id).join(format!("{round:08}.f32"))
     }
 
+    /// The server optimizer's state after `round` (its slots chunk by chunk).
+    fn state_path(&self, id: &str, round: u32) -> PathBuf {
+        self.models.join(id).join(format!("{round:08}.opt.f32"))
+    }
+
     /// Starts writing the model of `round`.
     pub fn model_writer(&self, id: &str, round: u32) -> Result<ModelWriter, StoreError> {
-        let path = self.model_path(id, round);
+        self.writer(id, self.model_path(id, round))
+    }
+
+    /// Starts writing the server optimizer's state after `round`: for each model chunk
+    /// in order, its `slots` arrays (m, then v) of the chunk's length. Like the model, it
+    /// is finished before the commit batch that makes the round count.
+    pub fn state_writer(&self, id: &str, round: u32) -> Result<ModelWriter, StoreError> {
+        self.writer(id, self.state_path(id, round))
+    }
+
+    /// The optimizer state of model chunk `index` after `round` (`slots` × the chunk's
+    /// `len` values): zeros after round 0, before any round ran.
+    pub fn state_chunk(
+        &self,
+        id: &str,
+        round: u32,
+        index: usize,
+        slots: usize,
+        len: usize,
+    ) -> Result<Vec<f32>, StoreError> {
+        if round == 0 || slots == 0 {
+            return Ok(vec![0.0; slots * len]);
+        }
+        let path = self.state_path(id, round);
+        let mut file = File::open(&path).map_err(io_err(&path))?;
+        let chunk_bytes = (CHUNK_VALUES * slots * 4) as u64;
+        file.seek(SeekFrom::Start(index as u64 * chunk_bytes))
+            .map_err(io_err(&path))?;
+        let mut bytes = Vec::with_capacity(slots * len * 4);
+        file.take((slots * len * 4) as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io_err(&path))?;
+        if bytes.len() != slots * len * 4 {
+            return Err(StoreError::CorruptChunk {
+                key: format!("{}#{index}", path.display()),
+                len: bytes.len(),
+            });
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    fn writer(&self, id: &str, path: PathBuf) -> Result<ModelWriter, StoreError> {
         let dir = self.models.join(id);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let tmp = path.with_extension("f32.tmp");

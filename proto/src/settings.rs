@@ -13,6 +13,7 @@ pub fn settings_to_pb(s: &RoundSettings) -> pb::RoundSettings {
         clip_norm: s.clip_norm,
         sample_rate: s.sample_rate,
         steps_per_round: s.steps_per_round,
+        proximal_mu: s.proximal_mu,
     }
 }
 
@@ -25,5 +26,6 @@ pub fn settings_from_pb(s: &pb::RoundSettings) -> RoundSettings {
         clip_norm: s.clip_norm,
         sample_rate: s.sample_rate,
         steps_per_round: s.steps_per_round,
+        proximal_mu: s.proximal_mu,
     }
 }

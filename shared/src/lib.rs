@@ -19,6 +19,7 @@ pub mod model;
 pub mod secagg;
 pub mod sign;
 pub mod split;
+pub mod strategy;
 
 /// Milliseconds since the Unix epoch, the one clock format on the wire and in the store.
 pub fn unix_ms(t: std::time::SystemTime) -> u64 {

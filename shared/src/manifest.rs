@@ -54,6 +54,8 @@ pub struct RoundSettings {
     pub clip_norm: f64,
     pub sample_rate: f64,
     pub steps_per_round: u32,
+    /// FedProx's μ; zero without it.
+    pub proximal_mu: f64,
 }
 
 impl RoundSettings {
@@ -87,6 +89,11 @@ impl RoundSettings {
             "steps_per_round",
             self.steps_per_round.to_string(),
             asked.steps_per_round.to_string(),
+        );
+        check(
+            "proximal_mu",
+            self.proximal_mu.to_string(),
+            asked.proximal_mu.to_string(),
         );
         out
     }
@@ -226,6 +233,16 @@ pub struct PublicScaling {
     pub scale: Vec<f64>,
 }
 
+impl PublicScaling {
+    /// The scaling as the model code applies it.
+    pub fn standardizer(&self) -> crate::model::Standardizer {
+        crate::model::Standardizer {
+            center: self.center.iter().map(|v| *v as f32).collect(),
+            scale: self.scale.iter().map(|v| *v as f32).collect(),
+        }
+    }
+}
+
 /// What the privacy settings work out to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PrivacyPlan {
@@ -297,6 +314,10 @@ pub struct Training {
     pub batch_size: u32,
     pub learning_rate: f64,
     pub optimizer: Optimizer,
+    /// FedProx (Li et al., MLSys 2020, Eq. 2): μ of the proximal term μ/2 ‖w − w_t‖²
+    /// added to each site's local objective, keeping non-IID sites near the global model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proximal_mu: Option<f64>,
 }
 
 impl Default for Training {
@@ -306,14 +327,58 @@ impl Default for Training {
             batch_size: 32,
             learning_rate: 0.05,
             optimizer: Optimizer::Adam,
+            proximal_mu: None,
         }
     }
 }
 
+/// How the coordinator turns a round's updates into the next global model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StrategyKind {
+    /// Weighted mean, x ← x + η Δ (McMahan et al. 2017).
+    #[serde(alias = "fedavg")]
     FedAvg,
+    /// Server momentum (Hsu et al. 2019).
+    #[serde(alias = "fedavgm")]
+    FedAvgM,
+    /// Adaptive server optimizers (Reddi et al., ICLR 2021).
+    #[serde(alias = "fedadam")]
+    FedAdam,
+    #[serde(alias = "fedyogi")]
+    FedYogi,
+    #[serde(alias = "fedadagrad")]
+    FedAdagrad,
+    /// Coordinate-wise median (Yin et al. 2018).
+    Median,
+    /// Coordinate-wise trimmed mean (Yin et al. 2018).
+    #[serde(alias = "trimmed-mean")]
+    TrimmedMean,
+    /// Krum / Multi-Krum (Blanchard et al. 2017).
+    Krum,
+}
+
+impl StrategyKind {
+    /// Whether the strategy needs every update in plaintext (not a weighted sum).
+    pub fn is_robust(self) -> bool {
+        matches!(
+            self,
+            StrategyKind::Median | StrategyKind::TrimmedMean | StrategyKind::Krum
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StrategyKind::FedAvg => "fed_avg",
+            StrategyKind::FedAvgM => "fed_avg_m",
+            StrategyKind::FedAdam => "fed_adam",
+            StrategyKind::FedYogi => "fed_yogi",
+            StrategyKind::FedAdagrad => "fed_adagrad",
+            StrategyKind::Median => "median",
+            StrategyKind::TrimmedMean => "trimmed_mean",
+            StrategyKind::Krum => "krum",
+        }
+    }
 }
 
 /// How FedAvg weighs each site's update.
@@ -326,11 +391,41 @@ pub enum Weighting {
     Uniform,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `[strategy]`: the aggregator and the server optimizer, with their hyperparameters.
+/// A hyperparameter left out takes the default of its kind (Flower's, where Flower
+/// has the strategy); one given for a kind that does not use it is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Strategy {
     pub kind: StrategyKind,
     pub weighting: Weighting,
+    /// η, the server learning rate (default 1, or 0.1 for FedAdam and FedAdagrad and
+    /// 0.01 for FedYogi).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_learning_rate: Option<f64>,
+    /// FedAvgM's momentum β (default 0.9), or the adaptive optimizers' β₁ (default 0.9,
+    /// 0 for FedAdagrad).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    /// β₂ of FedAdam and FedYogi (default 0.99).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    /// τ, the adaptive optimizers' degree of adaptivity (default 1e-9, FedYogi 1e-3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tau: Option<f64>,
+    /// β of the trimmed mean: the fraction of values dropped at each end (default 0.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trim_fraction: Option<f64>,
+    /// f of Krum: the number of hostile sites to tolerate (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<u32>,
+    /// m of Multi-Krum: the number of best-scored updates averaged (default 1: Krum).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub krum_select: Option<u32>,
+    /// Norm bounding (Sun et al. 2019): each update is scaled down to this L2 norm
+    /// before it is aggregated. Any plaintext strategy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_bound: Option<f64>,
 }
 
 impl Default for Strategy {
@@ -338,7 +433,135 @@ impl Default for Strategy {
         Strategy {
             kind: StrategyKind::FedAvg,
             weighting: Weighting::Examples,
+            server_learning_rate: None,
+            momentum: None,
+            beta2: None,
+            tau: None,
+            trim_fraction: None,
+            byzantine: None,
+            krum_select: None,
+            norm_bound: None,
         }
+    }
+}
+
+/// A robust aggregator with its parameters, for a round of `n` updates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Robust {
+    Median,
+    TrimmedMean { trim: usize },
+    Krum { f: usize, m: usize },
+}
+
+impl Strategy {
+    /// The server optimizer with its hyperparameters (robust kinds step with η).
+    pub fn server_optimizer(&self) -> crate::strategy::ServerOptimizer {
+        use crate::strategy::ServerOptimizer as O;
+        let k = self.kind;
+        let lr = self.server_learning_rate.unwrap_or(match k {
+            StrategyKind::FedAdam | StrategyKind::FedAdagrad => 0.1,
+            StrategyKind::FedYogi => 0.01,
+            _ => 1.0,
+        }) as f32;
+        let beta1 = self
+            .momentum
+            .unwrap_or(if k == StrategyKind::FedAdagrad { 0.0 } else { 0.9 }) as f32;
+        let beta2 = self.beta2.unwrap_or(0.99) as f32;
+        let tau = self.tau.unwrap_or(if k == StrategyKind::FedYogi { 1e-3 } else { 1e-9 }) as f32;
+        match k {
+            StrategyKind::FedAvgM => O::AvgM { lr, momentum: beta1 },
+            StrategyKind::FedAdam => O::Adam { lr, beta1, beta2, tau },
+            StrategyKind::FedYogi => O::Yogi { lr, beta1, beta2, tau },
+            StrategyKind::FedAdagrad => O::Adagrad { lr, beta1, tau },
+            _ => O::Avg { lr },
+        }
+    }
+
+    /// The robust aggregator for a round of `n` updates, if the kind is one.
+    pub fn robust(&self, n: usize) -> Option<Robust> {
+        match self.kind {
+            StrategyKind::Median => Some(Robust::Median),
+            StrategyKind::TrimmedMean => Some(Robust::TrimmedMean {
+                trim: (self.trim_fraction.unwrap_or(0.2) * n as f64).floor() as usize,
+            }),
+            StrategyKind::Krum => Some(Robust::Krum {
+                f: self.byzantine.unwrap_or(1) as usize,
+                m: self.krum_select.unwrap_or(1) as usize,
+            }),
+            _ => None,
+        }
+    }
+
+    fn validate(&self, min_sites: u32) -> Result<(), ManifestError> {
+        use StrategyKind as K;
+        let k = self.kind;
+        let adaptive = matches!(k, K::FedAdam | K::FedYogi | K::FedAdagrad);
+        let uses = |field: &str| match field {
+            "server_learning_rate" => true,
+            "momentum" => k == K::FedAvgM || adaptive,
+            "beta2" => matches!(k, K::FedAdam | K::FedYogi),
+            "tau" => adaptive,
+            "trim_fraction" => k == K::TrimmedMean,
+            "byzantine" | "krum_select" => k == K::Krum,
+            _ => true,
+        };
+        for (field, given) in [
+            ("server_learning_rate", self.server_learning_rate.is_some()),
+            ("momentum", self.momentum.is_some()),
+            ("beta2", self.beta2.is_some()),
+            ("tau", self.tau.is_some()),
+            ("trim_fraction", self.trim_fraction.is_some()),
+            ("byzantine", self.byzantine.is_some()),
+            ("krum_select", self.krum_select.is_some()),
+        ] {
+            if given && !uses(field) {
+                return Err(invalid(format!(
+                    "strategy.{field} does not apply to kind = \"{}\"",
+                    k.name()
+                )));
+            }
+        }
+        let in_range = |name: &str, v: Option<f64>, ok: &dyn Fn(f64) -> bool, range: &str| match v {
+            Some(v) if !(v.is_finite() && ok(v)) => Err(invalid(format!("strategy.{name} = {v} is outside {range}"))),
+            _ => Ok(()),
+        };
+        in_range(
+            "server_learning_rate",
+            self.server_learning_rate,
+            &|v| v > 0.0 && v <= 10.0,
+            "(0, 10]",
+        )?;
+        in_range("momentum", self.momentum, &|v| (0.0..1.0).contains(&v), "[0, 1)")?;
+        in_range("beta2", self.beta2, &|v| (0.0..1.0).contains(&v), "[0, 1)")?;
+        in_range("tau", self.tau, &|v| v > 0.0 && v <= 1.0, "(0, 1]")?;
+        in_range(
+            "trim_fraction",
+            self.trim_fraction,
+            &|v| (0.0..0.5).contains(&v),
+            "[0, 0.5)",
+        )?;
+        in_range("norm_bound", self.norm_bound, &|v| v > 0.0, "(0, ∞)")?;
+        if k.is_robust() && self.weighting != Weighting::Uniform {
+            return Err(invalid(format!(
+                "strategy.kind = \"{}\" weighs every site the same: set strategy.weighting = \"uniform\"",
+                k.name()
+            )));
+        }
+        if let Some(Robust::Krum { f, m }) = self.robust(min_sites as usize) {
+            if (min_sites as usize) < 2 * f + 3 {
+                return Err(invalid(format!(
+                    "Krum with strategy.byzantine = {f} needs every round to have at least 2f + 3 = {} updates: raise selection.min_sites (it is {min_sites})",
+                    2 * f + 3
+                )));
+            }
+            if m == 0 || m + f > min_sites as usize {
+                return Err(invalid(format!(
+                    "strategy.krum_select = {m} must be 1 to selection.min_sites − byzantine = {}",
+                    min_sites as usize - f
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -369,6 +592,7 @@ impl StudyManifest {
             clip_norm: p.map_or(0.0, |p| p.clip_norm),
             sample_rate: p.map_or(0.0, |p| p.sample_rate),
             steps_per_round: p.map_or(0, |p| p.steps_per_round),
+            proximal_mu: t.proximal_mu.unwrap_or(0.0),
         }
     }
 
@@ -443,6 +667,11 @@ impl StudyManifest {
                 t.learning_rate
             )));
         }
+        if let Some(mu) = t.proximal_mu
+            && !(mu.is_finite() && (0.0..=100.0).contains(&mu))
+        {
+            return Err(invalid(format!("training.proximal_mu = {mu} is outside [0, 100]")));
+        }
         if let Some(s) = &self.data.scaling {
             let d = self.n_features();
             if s.center.len() != d || s.scale.len() != d {
@@ -456,6 +685,7 @@ impl StudyManifest {
                 ));
             }
         }
+        self.strategy.validate(self.selection.min_sites)?;
         self.check_privacy_settings()?;
         self.check_secure_aggregation()?;
         Ok(())
@@ -499,6 +729,17 @@ impl StudyManifest {
                 "secure aggregation sums updates without seeing them, so it weighs sites uniformly: set strategy.weighting = \"uniform\"",
             ));
         }
+        if self.strategy.kind.is_robust() {
+            return Err(invalid(format!(
+                "strategy.kind = \"{}\" needs every site's update in plaintext, and secure aggregation shows the coordinator only their sum: use a mean-based strategy (fed_avg, fed_avg_m, fed_adam, fed_yogi, fed_adagrad) or turn secure aggregation off",
+                self.strategy.kind.name()
+            )));
+        }
+        if self.strategy.norm_bound.is_some() {
+            return Err(invalid(
+                "strategy.norm_bound needs each update's norm, which secure aggregation hides: the sites already clip to secure_aggregation.clip_norm before masking",
+            ));
+        }
         if let Some(p) = self.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site)
             && sa.clip_norm != p.clip_norm
         {
@@ -535,6 +776,17 @@ impl StudyManifest {
                     "privacy.steps_per_round = {} with unit = \"site\": site-level DP releases one noisy sum per round; use 1",
                     p.steps_per_round
                 )));
+            }
+            if self.strategy.kind.is_robust() {
+                return Err(invalid(format!(
+                    "strategy.kind = \"{}\" with site-level DP: the Gaussian noise is calibrated to the sum of clipped updates, whose sensitivity a median, trimmed mean or Krum selection does not have; use a mean-based strategy",
+                    self.strategy.kind.name()
+                )));
+            }
+            if self.strategy.norm_bound.is_some() {
+                return Err(invalid(
+                    "strategy.norm_bound with site-level DP: every update is already clipped to privacy.clip_norm",
+                ));
             }
         }
         if self.strategy.weighting != Weighting::Uniform {
@@ -788,6 +1040,62 @@ min_sites = 2
         let sampled = site.replace("min_sites = 2", "min_sites = 2\nfraction = 0.5");
         let err = StudyManifest::from_toml(&sampled).expect_err("site level with a fraction");
         assert!(err.to_string().contains("leave selection.fraction at 1"), "{err}");
+    }
+
+    #[test]
+    fn strategies_refuse_what_they_cannot_do_in_words() {
+        let with = |strategy: &str| format!("{MANIFEST}\n[strategy]\n{strategy}\n");
+        let err = |text: String| StudyManifest::from_toml(&text).expect_err("refused").to_string();
+        let m = StudyManifest::from_toml(&with("kind = \"fedadam\"\nserver_learning_rate = 0.05\ntau = 0.001"))
+            .expect("FedAdam by its alias");
+        assert_eq!(m.strategy.kind, StrategyKind::FedAdam);
+        assert_eq!(
+            m.strategy.server_optimizer(),
+            crate::strategy::ServerOptimizer::Adam {
+                lr: 0.05,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 0.001
+            }
+        );
+        assert!(err(with("kind = \"fed_avg\"\ntrim_fraction = 0.1")).contains("does not apply to kind = \"fed_avg\""));
+        assert!(err(with("kind = \"median\"")).contains("set strategy.weighting = \"uniform\""));
+        let krum = with("kind = \"krum\"\nweighting = \"uniform\"\nbyzantine = 1");
+        assert!(
+            err(krum.clone()).contains("at least 2f + 3 = 5 updates"),
+            "{}",
+            err(krum.clone())
+        );
+        let krum5 = krum.replace("min_sites = 2", "min_sites = 5");
+        let m = StudyManifest::from_toml(&krum5).expect("Krum with five sites");
+        assert_eq!(m.strategy.robust(5), Some(Robust::Krum { f: 1, m: 1 }));
+        assert!(
+            err(with(
+                "kind = \"trimmed_mean\"\nweighting = \"uniform\"\ntrim_fraction = 0.5"
+            ))
+            .contains("[0, 0.5)")
+        );
+        let secure = format!(
+            "{}\n[secure_aggregation]\nthreshold = 2\nclip_norm = 1.0\n",
+            with("kind = \"median\"\nweighting = \"uniform\"")
+        );
+        assert!(err(secure.clone()).contains("needs every site's update in plaintext"));
+        let bounded = secure.replace("kind = \"median\"", "kind = \"fed_avg\"\nnorm_bound = 2.0");
+        assert!(err(bounded).contains("norm_bound needs each update's norm"));
+        let site_dp = with_privacy(
+            "unit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nbudget_epsilon = 2.0\nnoise_multiplier = 1.0",
+        )
+        .replace("weighting = \"uniform\"", "weighting = \"uniform\"\nkind = \"median\"");
+        assert!(err(site_dp).contains("whose sensitivity a median"));
+        let prox = MANIFEST.replace("[selection]", "[training]\nproximal_mu = -1.0\n\n[selection]");
+        assert!(err(prox).contains("proximal_mu = -1 is outside [0, 100]"));
+        let prox = MANIFEST.replace("[selection]", "[training]\nproximal_mu = 0.1\n\n[selection]");
+        let m = StudyManifest::from_toml(&prox).expect("FedProx");
+        assert_eq!(m.round_settings().proximal_mu, 0.1);
+        // A manifest without the new fields hashes as before they existed.
+        let plain = StudyManifest::from_toml(MANIFEST).expect("plain");
+        let json = serde_json::to_string(&plain.strategy).expect("json");
+        assert_eq!(json, r#"{"kind":"fed_avg","weighting":"examples"}"#);
     }
 
     #[test]

@@ -30,7 +30,6 @@ use crate::train::{Start, train};
 use medfl_shared::accountant::GaussianSteps;
 use medfl_shared::dp::ClippedUpdate;
 use medfl_shared::manifest::{PrivacyPlan, PrivacyUnit};
-use medfl_shared::model::Standardizer;
 
 /// `agent.toml`. Relative paths are relative to the file's directory.
 #[derive(Debug, Clone, Deserialize)]
@@ -508,10 +507,7 @@ async fn handle_work(
                     let params = match p.unit {
                         PrivacyUnit::Record => {
                             let scaling = match &manifest.data.scaling {
-                                Some(s) => Standardizer {
-                                    center: s.center.iter().map(|v| *v as f32).collect(),
-                                    scale: s.scale.iter().map(|v| *v as f32).collect(),
-                                },
+                                Some(s) => s.standardizer(),
                                 None => {
                                     return refuse(
                                         client,

@@ -209,6 +209,7 @@ mod tests {
             batch_size: 1,
             learning_rate: 0.1,
             optimizer: medfl_shared::manifest::Optimizer::Adam,
+            proximal_mu: None,
         };
         let dp = DpSgdConfig {
             clip_norm: 1.0,
@@ -328,6 +329,9 @@ pub fn train_dp(
     let lr = training.learning_rate as f32;
     let (mut m, mut v) = (vec![0f32; theta.len()], vec![0f32; theta.len()]);
     let (mut loss_total, mut effective) = (0.0, f64::INFINITY);
+    // FedProx's proximal gradient μ (θ − θ_t) is added after the noise: it reads no row.
+    let mu = training.proximal_mu.unwrap_or(0.0) as f32;
+    let anchor = theta.clone();
     for step in 1..=dp.steps {
         let rows = medfl_shared::dp::poisson_sample(n, dp.sample_rate)?;
         let bx: Vec<f32> = rows
@@ -339,7 +343,12 @@ pub fn train_dp(
         loss_total += batch.mean_loss;
         let noisy = medfl_shared::dp::add_gaussian_noise(&batch.sum, dp.clip_norm, dp.noise_multiplier)?;
         effective = effective.min(noisy.effective_noise_multiplier);
-        let grad: Vec<f32> = noisy.values.iter().map(|g| g / expected_batch as f32).collect();
+        let grad: Vec<f32> = noisy
+            .values
+            .iter()
+            .zip(theta.iter().zip(&anchor))
+            .map(|(g, (t, a))| g / expected_batch as f32 + mu * (t - a))
+            .collect();
         match training.optimizer {
             Optimizer::Sgd => theta.iter_mut().zip(&grad).for_each(|(t, g)| *t -= lr * g),
             Optimizer::Adam => {

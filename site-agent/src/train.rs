@@ -97,6 +97,15 @@ pub fn train(
     let y_all = Tensor::from_slice(y, (n, 1), &dev)?;
     let layers = layer_vars(spec, n_features, &start, &dev)?;
     let vars: Vec<&Var> = layers.iter().flat_map(|(w, b)| [w, b]).collect();
+    // FedProx: the gradient of μ/2 ‖w − w_t‖² is μ (w − w_t), w_t the starting model.
+    let mu = cfg.proximal_mu.unwrap_or(0.0);
+    let anchors: Vec<Tensor> = if mu > 0.0 {
+        vars.iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let mut moments: Vec<(Tensor, Tensor)> = vars
         .iter()
         .map(|v| Ok((v.zeros_like()?, v.zeros_like()?)))
@@ -121,9 +130,17 @@ pub fn train(
             batches += 1;
             let grads = loss.backward()?;
             step += 1;
-            for (var, (m, v)) in vars.iter().zip(moments.iter_mut()) {
+            for (i, (var, (m, v))) in vars.iter().zip(moments.iter_mut()).enumerate() {
                 let Some(g) = grads.get(var.as_tensor()) else {
                     continue;
+                };
+                let prox;
+                let g = match anchors.get(i) {
+                    Some(anchor) => {
+                        prox = (g + ((var.as_tensor() - anchor)? * mu)?)?;
+                        &prox
+                    }
+                    None => g,
                 };
                 match cfg.optimizer {
                     Optimizer::Sgd => var.set(&(var.as_tensor() - g.affine(lr, 0.0)?)?)?,
@@ -194,6 +211,7 @@ mod tests {
                 batch_size: 32,
                 learning_rate: 0.05,
                 optimizer: Optimizer::Adam,
+                proximal_mu: None,
             };
             let out = train(&spec, 2, &init, Start::Initial, &x, &y, &cfg, 7).expect("training runs");
             // Continuing from the raw-coordinate result keeps the model good.

@@ -1,0 +1,192 @@
+//! Strategies end to end, over mTLS on loopback: robust aggregators against a site
+//! that poisons every round, and a server optimizer's state that survives a
+//! coordinator restart.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use medfl::Federation;
+use medfl::federation::site_name;
+use medfl::load::{answer_rounds, connect};
+use medfl_proto::v1 as pb;
+use medfl_shared::metrics::accuracy;
+use medfl_shared::model::{ModelKind, ModelSpec, Standardizer};
+use medfl_shared::strategy::ServerOptimizer;
+use tokio_util::sync::CancellationToken;
+
+/// `manifest` with its sites listed, public feature scaling (the robust aggregators
+/// compare updates on it) and a `[strategy]` section.
+fn with_strategy(base: String, sites: &[String], scaling: &Standardizer, strategy: &str) -> String {
+    let listed: Vec<String> = sites.iter().map(|s| format!("{s:?}")).collect();
+    let list = |v: &[f32]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(", ");
+    base.replace(
+        "[selection]\n",
+        &format!("[selection]\nsites = [{}]\n", listed.join(", ")),
+    )
+    .replace(
+        "\n[selection]",
+        &format!(
+            "\n[data.scaling]\ncenter = [{}]\nscale = [{}]\n\n[selection]",
+            list(&scaling.center),
+            list(&scaling.scale)
+        ),
+    ) + &format!("\n[strategy]\nweighting = \"uniform\"\n{strategy}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn robust_aggregators_hold_against_a_poisoning_site() {
+    // Four real hospitals (IID) and a fifth site that answers every round with the same
+    // scaled update, pushing every weight of the model down by 3.
+    let (table, split, tables) = iid_site_tables(4);
+    let test = table.subset(&split.test);
+    let features = table.columns.clone();
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .sites(5)
+        .build()
+        .await
+        .expect("federation starts");
+    let honest: Vec<String> = (0..4).map(site_name).collect();
+    let all: Vec<String> = (0..5).map(site_name).collect();
+    let hostile = connect(&fed, &all[4..], "breast_cancer", &features)
+        .await
+        .expect("the hostile site registers");
+    let stop = CancellationToken::new();
+    let d = features.len() + 1;
+    let mut poisoner = answer_rounds(hostile, Arc::new(vec![-3.0; d]), stop.clone());
+    let spec = ModelSpec {
+        kind: ModelKind::LogisticRegression,
+        hidden: vec![],
+    };
+    let rounds = 5;
+    // The consortium's public reference scale: the held-out rows no hospital owns.
+    let scaling = Standardizer::fit(&test.x, d - 1);
+    let mut run = async |sites: &[String], strategy: &str| -> f64 {
+        let text = with_strategy(
+            manifest(&features, rounds, sites.len() as u32, 60, 1),
+            sites,
+            &scaling,
+            strategy,
+        );
+        let (id, _) = complete_study(&mut fed, &text, sites.len()).await;
+        let (_, params) = fed.export(&id, None).await.expect("export");
+        let probs = spec.predict_proba(&params, &test.x, d - 1).expect("valid model");
+        accuracy(&probs, &test.y)
+    };
+    let clean = run(&honest, "kind = \"fed_avg\"").await;
+    let fedavg = run(&all, "kind = \"fed_avg\"").await;
+    let median = run(&all, "kind = \"median\"").await;
+    let trimmed = run(&all, "kind = \"trimmed_mean\"\ntrim_fraction = 0.2").await;
+    let krum = run(&all, "kind = \"krum\"\nbyzantine = 1").await;
+    stop.cancel();
+    let delivered = poisoner
+        .join_next()
+        .await
+        .expect("task")
+        .expect("joined")
+        .expect("poisoner");
+    eprintln!(
+        "test accuracy after {rounds} rounds: clean FedAvg (4 honest sites) {clean:.4}; with one poisoning site of 5: FedAvg {fedavg:.4}, median {median:.4}, trimmed mean {trimmed:.4}, Krum {krum:.4} (the poisoner delivered {delivered} updates)"
+    );
+    assert_eq!(delivered, 4 * rounds, "the poisoner took part in every poisoned round");
+    assert!(clean > 0.9, "the clean run learns: {clean}");
+    for (name, acc) in [("median", median), ("trimmed mean", trimmed), ("Krum", krum)] {
+        assert!(
+            (acc - clean).abs() <= 0.03,
+            "{name} under poisoning: {acc:.4}, clean {clean:.4}"
+        );
+    }
+    assert!(
+        fedavg < clean - 0.1,
+        "FedAvg should visibly suffer from the poisoner: {fedavg:.4} vs clean {clean:.4}"
+    );
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_optimizer_state_survives_a_coordinator_restart() {
+    // Two simulated sites send the same fixed update every round, so FedAdam's whole
+    // trajectory is known: the test replays it with the same kernel and compares. Had
+    // the restart lost m and v, Adam's step would restart small (bias of zero state)
+    // and the final model would differ. A third site is selected but never answers, so
+    // each round before the restart runs to its 1-s deadline and the pause lands mid-study.
+    let features = feature_names(30);
+    let mut fed = Federation::builder()
+        .sites(3)
+        .coordinator_process(std::path::Path::new(env!("CARGO_BIN_EXE_medfl")))
+        .build()
+        .await
+        .expect("federation starts");
+    let names = fed.site_names.clone();
+    let update: Vec<f32> = (0..31).map(|i| 0.01 * (i as f32 - 15.0)).collect();
+    let rounds = 8;
+    let text = manifest(&features, rounds, 2, 1, 3)
+        + "\n[strategy]\nkind = \"fed_adam\"\nweighting = \"uniform\"\nserver_learning_rate = 0.01\ntau = 0.001\n";
+    let mut sites = connect(&fed, &names, "breast_cancer", &features)
+        .await
+        .expect("connect");
+    let _silent = sites.pop();
+    let stop = CancellationToken::new();
+    let tasks = answer_rounds(sites, Arc::new(update.clone()), stop.clone());
+    let id = fed.create_study(&text).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    fed.wait_for_round(&id, 2, Duration::from_secs(60))
+        .await
+        .expect("two rounds");
+    fed.admin
+        .pause_study(pb::StudyRef { study_id: id.clone() })
+        .await
+        .expect("pause");
+    let paused = fed
+        .wait_for(&id, Duration::from_secs(60), |i| {
+            i.state == pb::StudyState::Paused as i32
+        })
+        .await
+        .expect("paused");
+    let at = paused.info.expect("info").rounds_completed;
+    assert!(at < rounds, "paused before the end (at round {at})");
+    stop.cancel();
+    drop(tasks);
+    fed.kill_coordinator();
+    fed.restart_coordinator().await.expect("restart");
+    let sites = connect(&fed, &names[..2], "breast_cancer", &features)
+        .await
+        .expect("reconnect");
+    let stop = CancellationToken::new();
+    let _tasks = answer_rounds(sites, Arc::new(update.clone()), stop.clone());
+    fed.admin
+        .resume_study(pb::StudyRef { study_id: id.clone() })
+        .await
+        .expect("resume");
+    let done = fed
+        .wait_for(&id, Duration::from_secs(120), |i| {
+            i.state == pb::StudyState::Completed as i32
+        })
+        .await
+        .expect("completes");
+    stop.cancel();
+    assert_eq!(done.info.expect("info").rounds_completed, rounds);
+
+    let (_, mut want) = fed.export(&id, Some(0)).await.expect("initial model");
+    let (_, got) = fed.export(&id, None).await.expect("final model");
+    let adam = ServerOptimizer::Adam {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.99,
+        tau: 0.001,
+    };
+    let mut state = vec![0f32; 2 * want.len()];
+    for _ in 0..rounds {
+        adam.step(&mut want, &update, &mut state);
+    }
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+            "parameter {i}: {g} after a restart at round {at}, {w} replayed"
+        );
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
