@@ -5,6 +5,8 @@
 # (same n, d and dropout): its building blocks (compare_flower_secagg.py, against
 # `cargo bench -p medfl-shared --bench secagg`) and a whole simulated round with and
 # without SecAgg+ (compare_flower_round.py, against `cargo bench --bench secure_round`).
+# and the robust aggregators (compare_flower_robust.py against `medfl bench aggregate
+# --strategy median|trimmed-mean|krum`).
 # Installs Flower into a throwaway virtual environment; prints JSON lines.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -24,3 +26,11 @@ for nd in "100 1000000" "10 1000000" "100 100000"; do
     "$venv/bin/python" "$here/compare_flower_fedavg.py" "$1" "$2" 5
     if [ -x "$medfl" ]; then "$medfl" bench aggregate --sites "$1" --params "$2" --json; fi
 done
+# Robust aggregators (and FedAvg again, in the same run), N = 100 distinct updates of
+# D = 10^6, beside `medfl bench aggregate --strategy ...` on the same N x D.
+"$venv/bin/python" "$here/compare_flower_robust.py" 100 1000000 5
+if [ -x "$medfl" ]; then
+    for strategy in fedavg median trimmed-mean krum; do
+        "$medfl" bench aggregate --sites 100 --params 1000000 --strategy "$strategy" --json
+    done
+fi
