@@ -68,6 +68,8 @@ pub fn status_json(s: &pb::StudyStatus) -> Value {
             "started_unix_ms": r.started_unix_ms,
             "finished_unix_ms": r.finished_unix_ms,
             "reason": r.reason,
+            "clip_norm": (r.clip_norm > 0.0).then_some(r.clip_norm),
+            "next_clip_norm": (r.next_clip_norm > 0.0).then_some(r.next_clip_norm),
         })).collect::<Vec<_>>(),
         "refusals": s.refusals.iter().map(|r| json!({
             "site": r.site, "round": r.round, "reason": r.reason, "at_unix_ms": r.at_unix_ms,
@@ -115,11 +117,14 @@ fn print_status(s: &pb::StudyStatus) {
                 "-".into()
             };
             let state = if r.committed { "committed" } else { "failed" };
-            let detail = if r.committed {
+            let mut detail = if r.committed {
                 r.contributors.join(", ")
             } else {
                 r.reason.clone()
             };
+            if r.clip_norm > 0.0 {
+                detail.push_str(&format!(" (clip {:.4} → {:.4})", r.clip_norm, r.next_clip_norm));
+            }
             println!(
                 "  {:>5} {:>7} {:<9} {:>8} {:>10}  {detail}",
                 r.round, r.attempt, state, r.num_examples, loss

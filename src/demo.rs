@@ -295,6 +295,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             noise_multiplier: None,
             target_epsilon: Some(epsilon),
             budget_epsilon: epsilon,
+            adaptive_clipping: None,
         }),
         secure_aggregation: secagg.then(|| medfl_shared::manifest::SecureAggregation {
             enabled: true,

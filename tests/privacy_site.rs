@@ -181,3 +181,83 @@ async fn real_agents_clip_their_deltas_and_charge_their_own_ledgers() {
     }
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_clipping_moves_the_clip_toward_its_quantile_at_the_same_charge() {
+    // Andrew et al. 2021: every update here is well inside C (norm 0.1 against C_0 = 1),
+    // so the noised fraction of unclipped updates is near 1, above γ = 0.2, and C
+    // shrinks round by round; the ledger charges exactly what a fixed clip would (the
+    // count's noise is part of σ). With σ_b = 1.1 (> σ/2) over 3 sites, log C drifts by
+    // −η·0.8 = −0.24 a round with noise 0.11: after 8 rounds −1.9 ± 0.31, so C_8 < 0.8·C_0
+    // fails only past 5 standard deviations.
+    let features = feature_names(30);
+    let rounds = 8;
+    let privacy = site_privacy(30, 100.0, SIGMA).replace(
+        "budget_epsilon = 100\n",
+        "budget_epsilon = 100\n\n[privacy.adaptive_clipping]\ntarget_quantile = 0.2\nlearning_rate = 0.3\ncount_noise_multiplier = 1.1\n",
+    );
+    assert!(privacy.contains("adaptive_clipping"), "{privacy}");
+    let manifest = manifest(&features, rounds, 3, 30, 1)
+        .replace("kind = \"logistic_regression\"", "kind = \"mlp\"\nhidden = [64]")
+        .replace("[selection]", &privacy);
+    let (mut fed, mut clients, id) = started_simulated_study(3, &features, &manifest).await;
+    let n = 30 * 64 + 64 + 64 + 1;
+    for round in 1..=rounds {
+        for (k, c) in clients.iter_mut().enumerate() {
+            let w = next_work(c, Duration::from_secs(10)).await.expect("work");
+            assert_eq!(w.round, round);
+            upload(c, &w, &format!("r{round}-{k}"), 1, &flat(n, 0.1))
+                .await
+                .expect("update");
+        }
+        fed.wait_for_round(&id, round, LONG).await.expect("round commits");
+    }
+    let status = fed
+        .wait_for(&id, LONG, |i| i.state == pb::StudyState::Completed as i32)
+        .await
+        .expect("completes");
+    let committed: Vec<&pb::RoundRecord> = status.rounds.iter().filter(|r| r.committed).collect();
+    assert_eq!(committed.len(), rounds as usize);
+    assert_eq!(committed[0].clip_norm, CLIP, "C_0 defaults to clip_norm");
+    for pair in committed.windows(2) {
+        assert_eq!(
+            pair[1].clip_norm, pair[0].next_clip_norm,
+            "round {} starts where {} left C",
+            pair[1].round, pair[0].round
+        );
+    }
+    let last_round = committed[rounds as usize - 1];
+    let clips: Vec<f64> = committed
+        .iter()
+        .map(|r| r.clip_norm)
+        .chain([last_round.next_clip_norm])
+        .collect();
+    eprintln!("adaptive clip norms by round: {clips:?}");
+    assert!(
+        clips[rounds as usize] < 0.8 * clips[0],
+        "C should shrink toward the norms (0.1): {clips:?}"
+    );
+
+    // Round 1's noise: std z_Δ·C_0/3 with z_Δ = (σ⁻² − (2σ_b)⁻²)^(−½).
+    let z_delta = medfl_shared::dp::adaptive_vector_multiplier(SIGMA, 1.1).expect("room");
+    let (_, before) = fed.export(&id, Some(0)).await.expect("initial model");
+    let (_, after) = fed.export(&id, Some(1)).await.expect("round 1 model");
+    let update = flat(n, 0.1);
+    let residual: Vec<f64> = (0..n)
+        .map(|i| after[i] as f64 - before[i] as f64 - update[i] as f64)
+        .collect();
+    let (_, sd) = mean_and_std(&residual);
+    let want = z_delta * CLIP / 3.0;
+    assert!(
+        (sd - want).abs() < 0.08 * want,
+        "noise std {sd}, want {want} (z_Δ = {z_delta})"
+    );
+
+    // The ledger: the same per-round charge as a fixed clip at σ.
+    let charges = audit_ledger(&fed, &id);
+    assert_eq!(charges.len(), rounds as usize, "{charges:?}");
+    let last = charges[rounds as usize - 1]["epsilon_after"].as_f64().expect("ε");
+    let fixed = rounds_eps(rounds as u64);
+    assert!((last - fixed).abs() < 1e-3 * fixed, "{last} vs {fixed}");
+    fed.shutdown().await.expect("clean shutdown");
+}

@@ -131,6 +131,9 @@ struct RoundAcc {
     kept: BTreeMap<String, Vec<f32>>,
     received: BTreeMap<String, Received>,
     refused: HashSet<String>,
+    /// Adaptive clipping: how many folded updates needed no clipping at C_t (released
+    /// only noised, at commit).
+    unclipped: u32,
     closed: bool,
 }
 
@@ -152,6 +155,8 @@ pub struct OpenRound {
     progress: Notify,
     /// Secure aggregation's session for this attempt, if the study uses it.
     pub secure: Option<Arc<SecureRound>>,
+    /// Adaptive clipping: the clip norm C_t of this round.
+    pub adaptive_clip: Option<f64>,
 }
 
 impl OpenRound {
@@ -714,8 +719,19 @@ impl Engine {
         train_loss: Option<f64>,
         update: &mut [f32],
     ) -> Result<(), ServiceError> {
+        let mut unclipped = 0;
         if let Some(bound) = round.site_clip_norm() {
             clip_site_update(update, bound, site)?;
+            // Adaptive clipping: clip again to C_t ≤ S, counting the updates within it.
+            if let Some(c) = round.adaptive_clip {
+                let norm = medfl_shared::dp::l2_norm(update);
+                unclipped = u32::from(norm <= c);
+                let target = c * (1.0 - 1e-6);
+                if norm > target {
+                    let factor = (target / norm) as f32;
+                    update.iter_mut().for_each(|v| *v *= factor);
+                }
+            }
         } else if let Some(bound) = round.manifest.strategy.norm_bound {
             // Norm bounding (Sun et al. 2019): scale down, never refuse.
             let norm = medfl_shared::dp::l2_norm(update);
@@ -732,7 +748,9 @@ impl Engine {
             });
         }
         self.fold_with(round, site, update_id, examples, train_loss, |acc, w| {
-            acc.sum.fold(update, w)
+            acc.sum.fold(update, w)?;
+            acc.unclipped += unclipped;
+            Ok(())
         })
     }
 
@@ -984,6 +1002,19 @@ impl Engine {
         }
     }
 
+    /// The clip norm of the next round of an adaptive-clipping study: what the last
+    /// committed round set, or `initial`.
+    fn current_clip(&self, id: &str, initial: f64) -> Result<f64, ServiceError> {
+        Ok(self
+            .store
+            .rounds(id)?
+            .iter()
+            .filter(|r| r.committed)
+            .max_by_key(|r| r.round)
+            .and_then(|r| r.next_clip_norm)
+            .unwrap_or(initial))
+    }
+
     fn eligible_sites(&self, manifest: &StudyManifest) -> Result<Vec<String>, ServiceError> {
         let allowed: HashSet<&str> = manifest.selection.sites.iter().map(|n| n.as_str()).collect();
         let mut eligible: Vec<String> = self
@@ -1037,6 +1068,10 @@ impl Engine {
             ((manifest.selection.fraction * eligible.len() as f64).ceil() as usize).clamp(min_sites, eligible.len());
         let mut selected: Vec<String> = eligible.into_iter().take(k).collect();
         selected.sort();
+        let adaptive_clip = match site_level(&manifest).and_then(|p| p.adaptive_clipping.as_ref().map(|a| (p, a))) {
+            Some((p, a)) => Some(self.current_clip(id, a.initial_clip_norm.unwrap_or(p.clip_norm))?),
+            None => None,
+        };
         let robust = manifest.strategy.kind.is_robust();
         let hold = selected.len() as u64 * manifest.num_params() * 4;
         if robust && hold > self.config.robust_memory_bytes {
@@ -1089,11 +1124,13 @@ impl Engine {
                 kept: BTreeMap::new(),
                 received: BTreeMap::new(),
                 refused: HashSet::new(),
+                unclipped: 0,
                 closed: false,
             }),
             progress: Notify::new(),
             manifest: manifest.clone(),
             secure: secure.clone(),
+            adaptive_clip,
         });
         self.store.open_round(
             id,
@@ -1108,6 +1145,8 @@ impl Engine {
                 started_ms,
                 finished_ms: 0,
                 reason: ROUND_OPEN.into(),
+                clip_norm: None,
+                next_clip_norm: None,
             },
         )?;
         lock(&self.open).insert(id.to_string(), open.clone());
@@ -1143,7 +1182,7 @@ impl Engine {
                 _ = self.shutdown.cancelled() => { interrupted = true; break },
             }
         }
-        let (acc, kept, late) = {
+        let (acc, kept, late, unclipped) = {
             let mut acc = open.lock();
             acc.closed = true;
             let late: Vec<String> = selected
@@ -1155,6 +1194,7 @@ impl Engine {
                 std::mem::replace(&mut acc.sum, WeightedSum::new(0)),
                 std::mem::take(&mut acc.kept),
                 late,
+                acc.unclipped,
             )
         };
         if !late.is_empty() && !interrupted {
@@ -1224,22 +1264,26 @@ impl Engine {
             } else {
                 format!("dropped at the deadline (no update): {}", late.join(", "))
             },
+            clip_norm: adaptive_clip,
+            next_clip_norm: None,
         };
         let message = format!(
             "{} updates, {} examples{note}",
             record.contributors.len(),
             record.num_examples
         );
-        self.commit_and_announce(id, record, acc, manifest, privacy, message)
+        self.commit_and_announce(id, record, acc, unclipped, manifest, privacy, message)
             .await
     }
 
     /// Commits a round off the reactor (see [`Self::commit`]), then announces it.
+    #[allow(clippy::too_many_arguments)] // the round's outcome, as commit takes it
     async fn commit_and_announce(
         self: &Arc<Self>,
         id: &str,
         record: RoundRecord,
         acc: WeightedSum,
+        unclipped: u32,
         manifest: Arc<StudyManifest>,
         privacy: Option<PrivacyPlan>,
         message: String,
@@ -1247,7 +1291,7 @@ impl Engine {
         let engine = self.clone();
         let study_id = id.to_string();
         let rec = record.clone();
-        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc, &manifest, privacy))
+        tokio::task::spawn_blocking(move || engine.commit(&study_id, &rec, &acc, unclipped, &manifest, privacy))
             .await
             .map_err(|e| ServiceError::Unavailable(format!("commit task failed: {e}")))??;
         info!(
@@ -1366,9 +1410,11 @@ impl Engine {
             started_ms,
             finished_ms: now_ms(),
             reason: String::new(),
+            clip_norm: None,
+            next_clip_norm: None,
         };
         let message = format!("{} masked updates, unmasked as one sum", record.contributors.len());
-        self.commit_and_announce(id, record, acc, manifest, privacy, message)
+        self.commit_and_announce(id, record, acc, 0, manifest, privacy, message)
             .await
     }
 
@@ -1379,15 +1425,26 @@ impl Engine {
         id: &str,
         record: &RoundRecord,
         acc: &WeightedSum,
+        unclipped: u32,
         manifest: &StudyManifest,
         privacy: Option<PrivacyPlan>,
     ) -> Result<(), ServiceError> {
+        let mut record = record.clone();
+        let record = &mut record;
         // Under secure aggregation the sites added the noise in shares (distributed DP).
         let site_noise = match (site_level(manifest).filter(|_| manifest.secagg().is_none()), privacy) {
             (Some(p), Some(plan)) => {
-                let noise = medfl_shared::dp::GaussianNoise::new(acc.len(), p.clip_norm, plan.sigma)
-                    .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?;
-                if noise.effective_noise_multiplier < plan.per_round.sigma {
+                let noise = match (&p.adaptive_clipping, record.clip_norm) {
+                    (Some(adaptive), Some(clip)) => {
+                        let (noise, next) =
+                            adaptive_clip_release(adaptive, p.clip_norm, clip, unclipped, record, acc.len(), &plan)?;
+                        record.next_clip_norm = Some(next);
+                        noise
+                    }
+                    _ => medfl_shared::dp::GaussianNoise::new(acc.len(), p.clip_norm, plan.sigma)
+                        .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?,
+                };
+                if record.clip_norm.is_none() && noise.effective_noise_multiplier < plan.per_round.sigma {
                     return Err(ServiceError::FailedPrecondition(format!(
                         "the noise to draw (σ_eff = {}) is below what the ledger charges ({})",
                         noise.effective_noise_multiplier, plan.per_round.sigma
@@ -1611,6 +1668,8 @@ impl Engine {
             started_ms,
             finished_ms: now_ms(),
             reason: reason.clone(),
+            clip_norm: None,
+            next_clip_norm: None,
         };
         self.store.record_failed_round(id, &record)?;
         warn!(round, attempt, %reason, "round failed");
@@ -1666,6 +1725,61 @@ fn study_epsilon(plan: &medfl_shared::manifest::PrivacyPlan, rounds: u64) -> Res
         ..plan.per_round
     };
     medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+}
+
+/// Adaptive clipping's releases for one round (Andrew et al. 2021, Algorithm 1 and
+/// Theorem 1): the noise for the sum of updates clipped to C_t, at multiplier z_Δ, and
+/// the next clip norm from the count of unclipped updates noised at std σ_b (centered:
+/// Σ(b_i − ½), sensitivity ½). z_Δ starts from the plan's σ and is raised until the
+/// two composed, as OpenDP's maps account them, carry at least the σ the ledger
+/// charges; the count is divided by the number of sites selected (fixed before any
+/// delivered) like the sum.
+fn adaptive_clip_release(
+    adaptive: &medfl_shared::manifest::AdaptiveClipping,
+    max_clip: f64,
+    clip: f64,
+    unclipped: u32,
+    record: &RoundRecord,
+    len: usize,
+    plan: &PrivacyPlan,
+) -> Result<(medfl_shared::dp::GaussianNoise, f64), ServiceError> {
+    use medfl_shared::dp::{GaussianNoise, adaptive_vector_multiplier, composed_multiplier, next_clip_norm};
+    let dp_err = |e: medfl_shared::dp::DpError| ServiceError::InvalidArgument(format!("adaptive clipping noise: {e}"));
+    let sigma_b = adaptive.count_noise_multiplier;
+    let count_noise = GaussianNoise::new(1, 0.5, 2.0 * sigma_b).map_err(dp_err)?;
+    let mut z_delta = adaptive_vector_multiplier(plan.sigma, sigma_b).ok_or_else(|| {
+        ServiceError::FailedPrecondition(format!(
+            "adaptive clipping: count_noise_multiplier = {sigma_b} must exceed σ/2 = {}",
+            plan.sigma / 2.0
+        ))
+    })?;
+    let mut vector_noise = GaussianNoise::new(len, clip, z_delta).map_err(dp_err)?;
+    for _ in 0..64 {
+        let carried = composed_multiplier(
+            vector_noise.effective_noise_multiplier,
+            count_noise.effective_noise_multiplier,
+        );
+        if carried >= plan.per_round.sigma {
+            let selected = record.selected.len().max(1) as f64;
+            let mut centered = [(unclipped as f64 - selected / 2.0) as f32];
+            count_noise.add_to(&mut centered).map_err(dp_err)?;
+            let fraction = (centered[0] as f64 + selected / 2.0) / selected;
+            let next = next_clip_norm(
+                clip,
+                fraction,
+                adaptive.target_quantile,
+                adaptive.learning_rate,
+                max_clip,
+            );
+            return Ok((vector_noise, next));
+        }
+        z_delta *= 1.0 + (plan.per_round.sigma / carried - 1.0).max(1e-9) * 2.0;
+        vector_noise = GaussianNoise::new(len, clip, z_delta).map_err(dp_err)?;
+    }
+    Err(ServiceError::FailedPrecondition(format!(
+        "adaptive clipping at C = {clip}: no noise multiplier carries the σ = {} the ledger charges",
+        plan.per_round.sigma
+    )))
 }
 
 /// Aggregates a robust strategy's round into a one-update sum (its total weight 1,

@@ -123,6 +123,8 @@ fn status_pb(v: StudyView) -> pb::StudyStatus {
                 finished_unix_ms: r.finished_ms,
                 reason: r.reason,
                 attempt: r.attempt,
+                clip_norm: r.clip_norm.unwrap_or(0.0),
+                next_clip_norm: r.next_clip_norm.unwrap_or(0.0),
             })
             .collect(),
         refusals: v

@@ -150,6 +150,12 @@ pub struct RoundRecord {
     pub started_ms: u64,
     pub finished_ms: u64,
     pub reason: String,
+    /// Adaptive clipping: the clip norm C_t the round used, and C_{t+1} from its noised
+    /// count (a DP release, so public).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_clip_norm: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -508,7 +514,8 @@ impl Store {
             COORDINATOR,
             "round.commit",
             &study.id,
-            json!({"round": round.round, "attempt": round.attempt, "contributors": round.contributors, "num_examples": round.num_examples}),
+            json!({"round": round.round, "attempt": round.attempt, "contributors": round.contributors, "num_examples": round.num_examples,
+                   "clip_norm": round.clip_norm, "next_clip_norm": round.next_clip_norm}),
         )];
         for c in charges {
             batch.insert(
@@ -768,6 +775,8 @@ mod tests {
                 started_ms: 1,
                 finished_ms: 2,
                 reason: String::new(),
+                clip_norm: None,
+                next_clip_norm: None,
             };
             let mut writer = store.model_writer("s-1", 1).expect("writer");
             for chunk in model.chunks(CHUNK_VALUES) {

@@ -149,6 +149,31 @@ pub fn effective_noise_multiplier(len: usize, sensitivity: f64, sigma: f64) -> R
     Ok(GaussianNoise::new(len, sensitivity, sigma)?.effective_noise_multiplier)
 }
 
+/// Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021, §3 and
+/// Theorem 1): a round releases the sum of updates clipped to C with noise multiplier
+/// z_Δ and the count of updates that needed no clipping, centered (Σ(b_i − ½), L2
+/// sensitivity ½ when one site is added or removed), with noise std σ_b. The two
+/// Gaussians compose (RDP adds: α/2z_Δ² + α/2(2σ_b)²) to one of multiplier z with
+/// z⁻² = z_Δ⁻² + (2σ_b)⁻². Returns z_Δ for a target z, or `None` when σ_b ≤ z/2
+/// leaves nothing for the vector.
+pub fn adaptive_vector_multiplier(z: f64, sigma_b: f64) -> Option<f64> {
+    let rest = z.powi(-2) - (2.0 * sigma_b).powi(-2);
+    (z > 0.0 && sigma_b > 0.0 && rest > 0.0).then(|| rest.powf(-0.5))
+}
+
+/// The multiplier of two composed Gaussian releases of multipliers `a` and `b`:
+/// (a⁻² + b⁻²)^(−½).
+pub fn composed_multiplier(a: f64, b: f64) -> f64 {
+    (a.powi(-2) + b.powi(-2)).powf(-0.5)
+}
+
+/// The geometric clip update of adaptive clipping (Andrew et al. 2021, Algorithm 1):
+/// `C ← C · exp(−η_C (b̃ − γ))`, with b̃ the noised fraction of unclipped updates and
+/// γ the target quantile; clamped to `(0, max]`.
+pub fn next_clip_norm(clip: f64, unclipped_fraction: f64, target_quantile: f64, lr: f64, max: f64) -> f64 {
+    (clip * (-lr * (unclipped_fraction - target_quantile)).exp()).clamp(max * 1e-6, max)
+}
+
 /// The Gaussian mechanism on a vector of `len` values of L2 sensitivity
 /// `sensitivity`, applied chunk by chunk so that a large model's noisy sum never needs
 /// a second model-sized buffer.
@@ -224,6 +249,20 @@ pub fn add_gaussian_noise(sum: &[f32], sensitivity: f64, sigma: f64) -> Result<N
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn adaptive_clipping_splits_the_noise_as_andrew_et_al() {
+        // Their Table/§3 example: z = 1, σ_b = m/20 with m = 100 sites → σ_b = 5,
+        // z_Δ = (1 − 1/100)^(−½) ≈ 1.00504.
+        let z_delta = adaptive_vector_multiplier(1.0, 5.0).expect("room for the vector");
+        assert!((z_delta - (1.0f64 - 0.01).powf(-0.5)).abs() < 1e-12);
+        assert!((composed_multiplier(z_delta, 2.0 * 5.0) - 1.0).abs() < 1e-12);
+        assert_eq!(adaptive_vector_multiplier(1.0, 0.5), None);
+        // b̃ = γ leaves C; all updates unclipped shrinks it; the bound caps it.
+        assert_eq!(next_clip_norm(2.0, 0.5, 0.5, 0.2, 10.0), 2.0);
+        assert!((next_clip_norm(2.0, 1.0, 0.5, 0.2, 10.0) - 2.0 * (-0.1f64).exp()).abs() < 1e-12);
+        assert_eq!(next_clip_norm(9.9, 0.0, 0.5, 0.2, 10.0), 10.0);
+    }
 
     proptest! {
         #[test]

@@ -213,6 +213,39 @@ pub struct Privacy {
     pub target_epsilon: Option<f64>,
     /// The study's budget per ledger (per site dataset at record level).
     pub budget_epsilon: f64,
+    /// Adaptive clipping (site level, without secure aggregation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_clipping: Option<AdaptiveClipping>,
+}
+
+/// `[privacy.adaptive_clipping]` (Andrew et al., NeurIPS 2021): the coordinator clips
+/// each site's update to C_t ≤ `clip_norm` (the sites still clip to `clip_norm`),
+/// releases the noised fraction of updates that needed no clipping, and moves C
+/// toward that quantile: C ← C·exp(−η_C (b̃ − γ)). The count's noise is part of the
+/// round's accounted σ (see `dp::adaptive_vector_multiplier`), so the ledger charges
+/// the same per round as with a fixed clip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipping {
+    /// γ, the quantile of update norms to clip at.
+    #[serde(default = "half")]
+    pub target_quantile: f64,
+    /// η_C, the geometric step of the clip norm.
+    #[serde(default = "clip_lr")]
+    pub learning_rate: f64,
+    /// σ_b, the noise std of the count of unclipped updates; must exceed σ/2.
+    pub count_noise_multiplier: f64,
+    /// C_0 (default: `clip_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_clip_norm: Option<f64>,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn clip_lr() -> f64 {
+    0.2
 }
 
 fn one() -> u32 {
@@ -788,6 +821,30 @@ impl StudyManifest {
                     "strategy.norm_bound with site-level DP: every update is already clipped to privacy.clip_norm",
                 ));
             }
+            if let Some(a) = &p.adaptive_clipping {
+                if self.secagg().is_some() {
+                    return Err(invalid(
+                        "privacy.adaptive_clipping needs each update's norm at the coordinator, which secure aggregation hides; use a fixed clip_norm with secure aggregation",
+                    ));
+                }
+                let ok = a.target_quantile > 0.0
+                    && a.target_quantile < 1.0
+                    && a.learning_rate > 0.0
+                    && a.learning_rate <= 10.0
+                    && a.count_noise_multiplier.is_finite()
+                    && a.count_noise_multiplier > 0.0
+                    && a.initial_clip_norm.is_none_or(|c| c > 0.0 && c <= p.clip_norm);
+                if !ok {
+                    return Err(invalid(format!(
+                        "privacy.adaptive_clipping needs target_quantile in (0, 1), learning_rate in (0, 10], count_noise_multiplier > 0 and initial_clip_norm in (0, clip_norm = {}]",
+                        p.clip_norm
+                    )));
+                }
+            }
+        } else if p.adaptive_clipping.is_some() {
+            return Err(invalid(
+                "privacy.adaptive_clipping applies to unit = \"site\" (DP-FedAvg); DP-SGD clips each example to clip_norm",
+            ));
         }
         if self.strategy.weighting != Weighting::Uniform {
             return Err(invalid(
@@ -887,6 +944,15 @@ impl StudyManifest {
                 ));
             }
         };
+        if let Some(a) = &p.adaptive_clipping
+            && crate::dp::adaptive_vector_multiplier(sigma, a.count_noise_multiplier).is_none()
+        {
+            return Err(invalid(format!(
+                "privacy.adaptive_clipping.count_noise_multiplier = {} leaves no noise for the update sum: it must exceed σ/2 = {:.4} (Andrew et al. 2021 suggest about the expected number of sites / 20)",
+                a.count_noise_multiplier,
+                sigma / 2.0
+            )));
+        }
         let per_round = GaussianSteps {
             sigma: sigma_accounted,
             q: p.sample_rate,
@@ -1087,6 +1153,23 @@ min_sites = 2
         )
         .replace("weighting = \"uniform\"", "weighting = \"uniform\"\nkind = \"median\"");
         assert!(err(site_dp).contains("whose sensitivity a median"));
+        // Adaptive clipping: site level only, no secure aggregation, σ_b > σ/2.
+        let adaptive = |unit: &str, sigma_b: f64| {
+            with_privacy(&format!(
+                "unit = \"{unit}\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nbudget_epsilon = 20.0\nnoise_multiplier = 1.0\n\n[privacy.adaptive_clipping]\ncount_noise_multiplier = {sigma_b}"
+            ))
+        };
+        assert!(err(adaptive("record", 1.0)).contains("applies to unit = \"site\""));
+        let weak = StudyManifest::from_toml(&adaptive("site", 0.5)).expect("parses");
+        let e = weak.privacy_plan().expect_err("σ_b ≤ σ/2").to_string();
+        assert!(e.contains("must exceed σ/2 = 0.5"), "{e}");
+        let ok = StudyManifest::from_toml(&adaptive("site", 0.6)).expect("parses");
+        assert!(ok.privacy_plan().expect("plan").is_some());
+        let secure = format!(
+            "{}\n[secure_aggregation]\nthreshold = 2\nclip_norm = 1.0\n",
+            adaptive("site", 0.6)
+        );
+        assert!(err(secure).contains("adaptive_clipping needs each update's norm"));
         let prox = MANIFEST.replace("[selection]", "[training]\nproximal_mu = -1.0\n\n[selection]");
         assert!(err(prox).contains("proximal_mu = -1 is outside [0, 100]"));
         let prox = MANIFEST.replace("[selection]", "[training]\nproximal_mu = 0.1\n\n[selection]");
