@@ -69,6 +69,10 @@ pub fn status_json(s: &pb::StudyStatus) -> Value {
             "finished_unix_ms": r.finished_unix_ms,
             "reason": r.reason,
             "clip_norm": (r.clip_norm > 0.0).then_some(r.clip_norm),
+            "evaluation": (r.eval_sites > 0).then(|| json!({
+                "sites": r.eval_sites, "examples": r.eval_examples,
+                "accuracy": r.eval_accuracy, "loss": r.eval_loss,
+            })),
             "next_clip_norm": (r.next_clip_norm > 0.0).then_some(r.next_clip_norm),
         })).collect::<Vec<_>>(),
         "refusals": s.refusals.iter().map(|r| json!({
@@ -122,6 +126,12 @@ fn print_status(s: &pb::StudyStatus) {
             } else {
                 r.reason.clone()
             };
+            if r.eval_sites > 0 {
+                detail.push_str(&format!(
+                    " (held-out accuracy {:.4}, loss {:.4}: {} rows at {} sites)",
+                    r.eval_accuracy, r.eval_loss, r.eval_examples, r.eval_sites
+                ));
+            }
             if r.clip_norm > 0.0 {
                 detail.push_str(&format!(" (clip {:.4} → {:.4})", r.clip_norm, r.next_clip_norm));
             }

@@ -307,6 +307,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             range: None,
             stage_timeout_secs: 30,
         }),
+        // Federated evaluation needs plaintext per-site totals: only without DP and
+        // secure aggregation.
+        evaluation: (dp_epsilon.is_none() && !secagg).then_some(medfl_shared::manifest::Evaluation {
+            holdout_fraction: 0.2,
+            min_sites: 2,
+        }),
         admins: Vec::new(),
     };
     manifest.validate()?;
@@ -369,6 +375,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         curve.push(evaluate(&model, &round_params, &test)?.0);
     }
     let rounds_to_95 = curve.iter().position(|a| *a >= 0.95).map(|i| i + 1);
+    // Federated evaluation: each round's starting model on the sites' held-out rows.
+    let federated_eval: Vec<serde_json::Value> = status
+        .rounds
+        .iter()
+        .filter(|r| r.committed && r.eval_sites > 0)
+        .map(|r| {
+            json!({"round": r.round, "model_of_round": r.round - 1, "accuracy": r.eval_accuracy,
+                   "loss": r.eval_loss, "sites": r.eval_sites, "examples": r.eval_examples})
+        })
+        .collect();
 
     // Baselines with the same optimizer and the same number of epochs over each row.
     let epochs = Training {
@@ -408,6 +424,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "test_accuracy": fed_acc,
         "accuracy_by_round": curve,
         "rounds_to_accuracy_0_95": rounds_to_95,
+        "federated_evaluation": federated_eval,
         "test_auc": fed_auc,
         "centralized_accuracy": central_acc,
         "centralized_auc": central_auc,
@@ -434,6 +451,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         match rounds_to_95 {
             Some(r) => println!("reached accuracy 0.95 at round {r}"),
             None => println!("did not reach accuracy 0.95 in {} rounds", info.rounds_completed),
+        }
+        if !federated_eval.is_empty() {
+            let text: Vec<String> = federated_eval
+                .iter()
+                .map(|e| format!("{:.3}", e["accuracy"].as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            println!(
+                "federated evaluation (the model entering each round, on the hospitals' held-out rows): {}",
+                text.join(" ")
+            );
         }
         println!("{:<36} {:>9} {:>8}", "model (test set)", "accuracy", "ROC AUC");
         println!("{:<36} {:>9.4} {:>8.4}", "federated (medfl)", fed_acc, fed_auc);

@@ -190,3 +190,99 @@ async fn server_optimizer_state_survives_a_coordinator_restart() {
     }
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_evaluation_publishes_only_totals_over_enough_sites() {
+    // Three real hospitals hold out 20 % of their rows and score the model each round
+    // starts from; the coordinator publishes the totals (k = 2 sites at least). A study
+    // asking for k = 4 with three sites publishes nothing.
+    let (table, _, tables) = iid_site_tables(3);
+    let features = table.columns.clone();
+    let rows: Vec<usize> = tables.iter().map(|t| t.rows()).collect();
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .build()
+        .await
+        .expect("federation starts");
+    let evaluation = |k: u32| {
+        manifest(&features, 4, 3, 60, 1) + &format!("\n[evaluation]\nholdout_fraction = 0.2\nmin_sites = {k}\n")
+    };
+    let (id, status) = complete_study(&mut fed, &evaluation(2), 3).await;
+    let held: u64 = rows.iter().map(|n| (0.2 * *n as f64).ceil() as u64).sum();
+    for r in status.rounds.iter().filter(|r| r.committed) {
+        if r.round == 1 {
+            assert_eq!(
+                r.eval_sites, 0,
+                "round 1 starts from the initial model: nothing to score"
+            );
+            continue;
+        }
+        assert_eq!(r.eval_sites, 3, "round {}", r.round);
+        assert_eq!(r.eval_examples, held, "round {}", r.round);
+        assert!(
+            r.eval_accuracy > 0.85 && r.eval_accuracy <= 1.0,
+            "round {}: {}",
+            r.round,
+            r.eval_accuracy
+        );
+        assert!(r.eval_loss.is_finite() && r.eval_loss > 0.0);
+    }
+    let out = medfl(&[
+        "study",
+        "status",
+        &id,
+        "--profile",
+        fed.pki.join("admin/profile.toml").to_str().expect("utf-8"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("held-out accuracy"), "{text}");
+    // What left each site is in its egress log.
+    let egress = egress_updates(&fed.dir.join(site_name(0)).join("egress.jsonl"));
+    assert!(
+        egress.iter().any(|e| e["evaluation"]["examples"].as_u64().is_some()),
+        "{egress:?}"
+    );
+    let (_, status) = complete_study(&mut fed, &evaluation(4), 3).await;
+    assert!(
+        status.rounds.iter().all(|r| r.eval_sites == 0),
+        "k = 4 > 3 sites: nothing published"
+    );
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluation_totals_that_are_not_counts_are_refused() {
+    let features = feature_names(30);
+    let text = manifest(&features, 2, 1, 60, 1) + "\n[evaluation]\nholdout_fraction = 0.2\n";
+    let (mut fed, mut clients, id) = started_simulated_study(1, &features, &text).await;
+    let work = next_work(&mut clients[0], Duration::from_secs(10)).await.expect("work");
+    let mut head = header(&work, "u1", 10, 31);
+    if let Some(pb::update_chunk::Body::Header(h)) = head.body.as_mut() {
+        h.evaluation = Some(pb::Evaluation {
+            examples: 5,
+            correct: 6,
+            loss_sum: 1.0,
+        });
+    }
+    let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
+        .chain(medfl_proto::stream::update_chunks(&[0.0; 31]))
+        .collect();
+    let err = clients[0]
+        .upload_update(futures::stream::iter(messages))
+        .await
+        .expect_err("6 of 5 correct");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("not counts of held-out rows"),
+        "{}",
+        err.message()
+    );
+    // The round still takes a proper update.
+    upload(&mut clients[0], &work, "u2", 10, &[0.0; 31])
+        .await
+        .expect("valid update");
+    fed.wait_for_round(&id, 1, Duration::from_secs(30))
+        .await
+        .expect("round 1");
+    fed.shutdown().await.expect("clean shutdown");
+}

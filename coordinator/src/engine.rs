@@ -24,8 +24,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::error::ServiceError;
 use crate::secagg::SecureRound;
 use crate::store::{
-    COORDINATOR, ChargeRecord, DatasetRecord, INTERRUPTED, ROUND_OPEN, RefusalRecord, RoundRecord, SiteRecord, Store,
-    StoreError, StudyRecord, StudyState,
+    COORDINATOR, ChargeRecord, DatasetRecord, EvalRecord, INTERRUPTED, ROUND_OPEN, RefusalRecord, RoundRecord,
+    SiteRecord, Store, StoreError, StudyRecord, StudyState,
 };
 use medfl_shared::secagg::SessionParams;
 
@@ -117,12 +117,26 @@ enum Control {
     Abort,
 }
 
-#[derive(Debug)]
-struct Received {
-    update_id: String,
-    examples: u64,
-    train_loss: Option<f64>,
+/// What an upload says besides its values.
+#[derive(Debug, Clone)]
+pub struct UpdateMeta {
+    pub update_id: String,
+    /// FedAvg weight: the site's number of training examples.
+    pub examples: u64,
+    pub train_loss: Option<f64>,
+    /// `[evaluation]`: the round's starting model on the site's held-out rows.
+    pub evaluation: Option<EvalCounts>,
 }
+
+/// One site's held-out totals: rows, rows classified right, summed cross-entropy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalCounts {
+    pub examples: u64,
+    pub correct: u64,
+    pub loss_sum: f64,
+}
+
+type Received = UpdateMeta;
 
 #[derive(Debug)]
 struct RoundAcc {
@@ -714,9 +728,7 @@ impl Engine {
         &self,
         round: &OpenRound,
         site: &str,
-        update_id: &str,
-        examples: u64,
-        train_loss: Option<f64>,
+        meta: UpdateMeta,
         update: &mut [f32],
     ) -> Result<(), ServiceError> {
         let mut unclipped = 0;
@@ -742,12 +754,12 @@ impl Engine {
         }
         if round.manifest.strategy.kind.is_robust() {
             let whole = update.to_vec();
-            return self.fold_with(round, site, update_id, examples, train_loss, |acc, _| {
+            return self.fold_with(round, site, meta, |acc, _| {
                 acc.kept.insert(site.to_string(), whole);
                 Ok(())
             });
         }
-        self.fold_with(round, site, update_id, examples, train_loss, |acc, w| {
+        self.fold_with(round, site, meta, |acc, w| {
             acc.sum.fold(update, w)?;
             acc.unclipped += unclipped;
             Ok(())
@@ -756,14 +768,11 @@ impl Engine {
 
     /// Folds a complete update straight from the chunks it arrived in (accepted by a
     /// `ChunkCursor`: whole, ordered, finite), without a decoded copy.
-    #[allow(clippy::too_many_arguments)] // one update's fields
     pub fn fold_bytes(
         &self,
         round: &OpenRound,
         site: &str,
-        update_id: &str,
-        examples: u64,
-        train_loss: Option<f64>,
+        meta: UpdateMeta,
         chunks: &[bytes::Bytes],
     ) -> Result<(), ServiceError> {
         if round.needs_decoded() {
@@ -773,18 +782,14 @@ impl Engine {
         }
         let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.fold_with(round, site, update_id, examples, train_loss, |acc, w| {
-            acc.sum.fold_chunks(&refs, w, threads)
-        })
+        self.fold_with(round, site, meta, |acc, w| acc.sum.fold_chunks(&refs, w, threads))
     }
 
     fn fold_with(
         &self,
         round: &OpenRound,
         site: &str,
-        update_id: &str,
-        examples: u64,
-        train_loss: Option<f64>,
+        meta: UpdateMeta,
         fold: impl FnOnce(&mut RoundAcc, f64) -> Result<(), medfl_shared::aggregate::AggregateError>,
     ) -> Result<(), ServiceError> {
         let mut acc = round.lock();
@@ -800,15 +805,8 @@ impl Engine {
                 prev.update_id, round.round
             )));
         }
-        fold(&mut acc, round.weight(examples)).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
-        acc.received.insert(
-            site.to_string(),
-            Received {
-                update_id: update_id.to_string(),
-                examples,
-                train_loss,
-            },
-        );
+        fold(&mut acc, round.weight(meta.examples)).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        acc.received.insert(site.to_string(), meta);
         let n = acc.received.len();
         drop(acc);
         info!(study = %round.study_id, round = round.round, site, n_updates = n, "update folded");
@@ -1147,6 +1145,7 @@ impl Engine {
                 reason: ROUND_OPEN.into(),
                 clip_norm: None,
                 next_clip_norm: None,
+                eval: None,
             },
         )?;
         lock(&self.open).insert(id.to_string(), open.clone());
@@ -1206,6 +1205,7 @@ impl Engine {
             .iter()
             .map(|(s, r)| (s.clone(), r.examples, r.train_loss))
             .collect();
+        let evaluations: Vec<EvalCounts> = open.lock().received.values().filter_map(|r| r.evaluation).collect();
         lock(&self.open).remove(id);
         let contributors: Vec<String> = received.iter().map(|r| r.0.clone()).collect();
         if interrupted {
@@ -1265,6 +1265,10 @@ impl Engine {
                 format!("dropped at the deadline (no update): {}", late.join(", "))
             },
             clip_norm: adaptive_clip,
+            eval: manifest
+                .evaluation
+                .as_ref()
+                .and_then(|e| eval_totals(&evaluations, e.min_sites as usize)),
             next_clip_norm: None,
         };
         let message = format!(
@@ -1412,6 +1416,7 @@ impl Engine {
             reason: String::new(),
             clip_norm: None,
             next_clip_norm: None,
+            eval: None,
         };
         let message = format!("{} masked updates, unmasked as one sum", record.contributors.len());
         self.commit_and_announce(id, record, acc, 0, manifest, privacy, message)
@@ -1670,6 +1675,7 @@ impl Engine {
             reason: reason.clone(),
             clip_norm: None,
             next_clip_norm: None,
+            eval: None,
         };
         self.store.record_failed_round(id, &record)?;
         warn!(round, attempt, %reason, "round failed");
@@ -1725,6 +1731,23 @@ fn study_epsilon(plan: &medfl_shared::manifest::PrivacyPlan, rounds: u64) -> Res
         ..plan.per_round
     };
     medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+}
+
+/// The published evaluation of a round: totals over the sites that reported, only
+/// when at least `min_sites` did (one site's totals would be its own statistics).
+fn eval_totals(evaluations: &[EvalCounts], min_sites: usize) -> Option<EvalRecord> {
+    let examples: u64 = evaluations.iter().map(|e| e.examples).sum();
+    if evaluations.len() < min_sites || examples == 0 {
+        return None;
+    }
+    let correct: u64 = evaluations.iter().map(|e| e.correct).sum();
+    let loss: f64 = evaluations.iter().map(|e| e.loss_sum).sum();
+    Some(EvalRecord {
+        sites: evaluations.len() as u32,
+        examples,
+        accuracy: correct as f64 / examples as f64,
+        loss: loss / examples as f64,
+    })
 }
 
 /// Adaptive clipping's releases for one round (Andrew et al. 2021, Algorithm 1 and

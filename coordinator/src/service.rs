@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::auth::{caller, caller_certificate};
-use crate::engine::{Engine, Event, EventKind, StudyView};
+use crate::engine::{Engine, EvalCounts, Event, EventKind, StudyView, UpdateMeta};
 use crate::error::ServiceError;
 use crate::store::{DatasetRecord, StudyRecord, StudyState};
 
@@ -125,6 +125,10 @@ fn status_pb(v: StudyView) -> pb::StudyStatus {
                 attempt: r.attempt,
                 clip_norm: r.clip_norm.unwrap_or(0.0),
                 next_clip_norm: r.next_clip_norm.unwrap_or(0.0),
+                eval_sites: r.eval.as_ref().map_or(0, |e| e.sites),
+                eval_examples: r.eval.as_ref().map_or(0, |e| e.examples),
+                eval_accuracy: r.eval.as_ref().map_or(f64::NAN, |e| e.accuracy),
+                eval_loss: r.eval.as_ref().map_or(f64::NAN, |e| e.loss),
             })
             .collect(),
         refusals: v
@@ -462,10 +466,39 @@ impl pb::site_server::Site for SiteService {
             )));
         }
 
+        let evaluation = match (&header.evaluation, &open.manifest.evaluation) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Status::invalid_argument(format!(
+                    "study {} has no [evaluation]: an update may not carry held-out totals",
+                    header.study_id
+                )));
+            }
+            (Some(e), Some(_)) => {
+                if e.examples == 0
+                    || e.examples > 1_000_000_000
+                    || e.correct > e.examples
+                    || !(e.loss_sum.is_finite() && e.loss_sum >= 0.0)
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "evaluation totals are not counts of held-out rows: {} examples, {} correct, loss sum {}",
+                        e.examples, e.correct, e.loss_sum
+                    )));
+                }
+                Some(EvalCounts {
+                    examples: e.examples,
+                    correct: e.correct,
+                    loss_sum: e.loss_sum,
+                })
+            }
+        };
+        let meta = UpdateMeta {
+            update_id: header.update_id.clone(),
+            examples: header.num_examples,
+            train_loss: header.train_loss,
+            evaluation,
+        };
         let engine = self.engine.clone();
-        let update_id = header.update_id.clone();
-        let examples = header.num_examples;
-        let train_loss = header.train_loss;
         let site_name = site.clone();
         let deadline = Some(open.deadline().into());
         let mut cursor = ChunkCursor::new(want);
@@ -483,7 +516,7 @@ impl pb::site_server::Site for SiteService {
             }
             cursor.finish().map_err(ServiceError::from)?;
             tokio::task::spawn_blocking(move || {
-                let result = engine.fold_bytes(&open, &site_name, &update_id, examples, train_loss, &chunks);
+                let result = engine.fold_bytes(&open, &site_name, meta, &chunks);
                 drop((chunks, permit));
                 result
             })
@@ -502,7 +535,7 @@ impl pb::site_server::Site for SiteService {
             cursor.finish().map_err(ServiceError::from)?;
             tokio::task::spawn_blocking(move || {
                 let mut staging = staging;
-                let result = engine.fold(&open, &site_name, &update_id, examples, train_loss, &mut staging.values);
+                let result = engine.fold(&open, &site_name, meta, &mut staging.values);
                 drop(staging);
                 result
             })

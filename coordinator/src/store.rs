@@ -156,6 +156,19 @@ pub struct RoundRecord {
     pub clip_norm: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_clip_norm: Option<f64>,
+    /// `[evaluation]`: the model this round started from (the previous round's) on the
+    /// held-out rows of the sites that reported, when at least `min_sites` did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalRecord>,
+}
+
+/// A round's published evaluation totals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub sites: u32,
+    pub examples: u64,
+    pub accuracy: f64,
+    pub loss: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -515,7 +528,7 @@ impl Store {
             "round.commit",
             &study.id,
             json!({"round": round.round, "attempt": round.attempt, "contributors": round.contributors, "num_examples": round.num_examples,
-                   "clip_norm": round.clip_norm, "next_clip_norm": round.next_clip_norm}),
+                   "clip_norm": round.clip_norm, "next_clip_norm": round.next_clip_norm, "evaluation": round.eval}),
         )];
         for c in charges {
             batch.insert(
@@ -777,6 +790,7 @@ mod tests {
                 reason: String::new(),
                 clip_norm: None,
                 next_clip_norm: None,
+                eval: None,
             };
             let mut writer = store.model_writer("s-1", 1).expect("writer");
             for chunk in model.chunks(CHUNK_VALUES) {

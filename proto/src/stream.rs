@@ -68,6 +68,7 @@ pub fn update_header(
             num_params,
             train_loss,
             secagg_session_id: Vec::new(),
+            evaluation: None,
         })),
     }
 }

@@ -36,6 +36,9 @@ pub struct StudyManifest {
     /// Secure aggregation; absent means the coordinator sees each site's update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecureAggregation>,
+    /// Federated evaluation on each site's held-out rows; absent means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<Evaluation>,
     /// Admins besides the study's creator who may start, pause, resume, abort and
     /// export it. Every admin may read every study.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -96,6 +99,37 @@ impl RoundSettings {
             asked.proximal_mu.to_string(),
         );
         out
+    }
+}
+
+/// `[evaluation]`: each site holds out a fixed share of its rows (never trained on)
+/// and scores the global model it receives on them every round; the coordinator
+/// publishes only the totals over at least `min_sites` sites.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    /// Share of each site's rows held out, in (0, 0.5].
+    pub holdout_fraction: f64,
+    /// Fewest sites a round's evaluation totals must cover to be published (k ≥ 2).
+    #[serde(default = "two")]
+    pub min_sites: u32,
+}
+
+fn two() -> u32 {
+    2
+}
+
+impl Evaluation {
+    /// The held-out rows of a table of `n` rows: a seeded shuffle's first
+    /// ⌈fraction·n⌉ (the same every round, so they are never trained on), sorted.
+    pub fn holdout_rows(&self, n: usize, seed: u64) -> Vec<usize> {
+        use rand::{SeedableRng, seq::SliceRandom};
+        let mut rows: Vec<usize> = (0..n).collect();
+        rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x6576_616c));
+        let k = ((self.holdout_fraction * n as f64).ceil() as usize).min(n.saturating_sub(1));
+        let mut held = rows[..k].to_vec();
+        held.sort_unstable();
+        held
     }
 }
 
@@ -719,6 +753,29 @@ impl StudyManifest {
             }
         }
         self.strategy.validate(self.selection.min_sites)?;
+        if let Some(e) = &self.evaluation {
+            if !(e.holdout_fraction > 0.0 && e.holdout_fraction <= 0.5) {
+                return Err(invalid(format!(
+                    "evaluation.holdout_fraction = {} is outside (0, 0.5]",
+                    e.holdout_fraction
+                )));
+            }
+            if e.min_sites < 2 {
+                return Err(invalid(
+                    "evaluation.min_sites must be at least 2: one site's totals would be its own statistics",
+                ));
+            }
+            if self.privacy.is_some() {
+                return Err(invalid(
+                    "[evaluation] with [privacy]: a site's held-out accuracy and loss are statistics of its rows, which would need their own accounted noise; medfl does not release them under DP (evaluate the exported model on public data instead)",
+                ));
+            }
+            if self.secagg().is_some() {
+                return Err(invalid(
+                    "[evaluation] with secure aggregation: each site's held-out totals would reach the coordinator in the clear, which secure aggregation is there to prevent",
+                ));
+            }
+        }
         self.check_privacy_settings()?;
         self.check_secure_aggregation()?;
         Ok(())
@@ -1170,6 +1227,23 @@ min_sites = 2
             adaptive("site", 0.6)
         );
         assert!(err(secure).contains("adaptive_clipping needs each update's norm"));
+        // Federated evaluation: plaintext per-site totals, so neither DP nor secure
+        // aggregation, and published over at least two sites.
+        let eval = format!("{MANIFEST}\n[evaluation]\nholdout_fraction = 0.2\n");
+        let m = StudyManifest::from_toml(&eval).expect("evaluation");
+        let held = m.evaluation.as_ref().expect("set").holdout_rows(100, 7);
+        assert_eq!(held.len(), 20);
+        assert_eq!(held, m.evaluation.as_ref().expect("set").holdout_rows(100, 7), "stable");
+        assert!(err(eval.replace("0.2", "0.7")).contains("outside (0, 0.5]"));
+        assert!(err(format!("{eval}min_sites = 1\n")).contains("at least 2"));
+        let dp = with_privacy(
+            "unit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nbudget_epsilon = 20.0\nnoise_multiplier = 1.0",
+        ) + "\n[evaluation]\nholdout_fraction = 0.2\n";
+        assert!(err(dp).contains("does not release them under DP"));
+        let secure = format!(
+            "{eval}\n[strategy]\nweighting = \"uniform\"\n\n[secure_aggregation]\nthreshold = 2\nclip_norm = 1.0\n"
+        );
+        assert!(err(secure).contains("in the clear"));
         let prox = MANIFEST.replace("[selection]", "[training]\nproximal_mu = -1.0\n\n[selection]");
         assert!(err(prox).contains("proximal_mu = -1 is outside [0, 100]"));
         let prox = MANIFEST.replace("[selection]", "[training]\nproximal_mu = 0.1\n\n[selection]");

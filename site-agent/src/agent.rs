@@ -432,6 +432,9 @@ async fn handle_work(
         Ok(x) => x,
         Err(e) => return refuse(client, settings, &work, e.to_string()).await,
     };
+    // [evaluation]: a fixed share of the rows is held out (never trained on) and scores
+    // the global model this round received.
+    let (x, y, holdout) = split_holdout(&manifest, x, &dataset.1.y);
 
     let site = settings.profile().file.name.clone();
     // Secure aggregation: the session must match the approved manifest before any
@@ -453,13 +456,19 @@ async fn handle_work(
     } else {
         None
     };
-    let (delta, weight, loss, epsilon_after, update_id) = match cached {
+    let (delta, weight, loss, epsilon_after, update_id, evaluation) = match cached {
         Some(r) => {
             info!(update_id = %r.update_id, "resending the update this site already paid for");
-            (r.values, 1, None, Some(r.epsilon_after), r.update_id)
+            (r.values, 1, None, Some(r.epsilon_after), r.update_id, None)
         }
         None => {
             let global = download(client, &work, &manifest).await?;
+            // Round 1 starts from the study's initial model, which is read on standardized
+            // coordinates (see train::Start): there is no raw-coordinate model to score yet.
+            let evaluation = match &holdout {
+                Some((hx, hy)) if work.round > 1 => Some(evaluate(&manifest, &global, hx, hy)?),
+                _ => None,
+            };
             let seed = u64::from_le_bytes(
                 ring::digest::digest(
                     &ring::digest::SHA256,
@@ -473,7 +482,6 @@ async fn handle_work(
             let training = manifest.training.clone();
             let d = manifest.n_features();
             let start = global.clone();
-            let table = dataset.clone();
             let start_on = if work.round == 1 { Start::Initial } else { Start::Global };
             let mut charge_plan = None;
             let (params, weight, loss) = match plan {
@@ -525,7 +533,7 @@ async fn handle_work(
                                 steps: p.steps_per_round,
                             };
                             let out = tokio::task::spawn_blocking(move || {
-                                train_dp(&spec, d, &start, start_on, &x, &table.1.y, &scaling, &training, &cfg)
+                                train_dp(&spec, d, &start, start_on, &x, &y, &scaling, &training, &cfg)
                             })
                             .await
                             .context("training task")??;
@@ -543,7 +551,7 @@ async fn handle_work(
                         // the site can check itself, whatever the other sites do.
                         PrivacyUnit::Site => {
                             tokio::task::spawn_blocking(move || {
-                                train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed)
+                                train(&spec, d, &start, start_on, &x, &y, &training, seed)
                             })
                             .await
                             .context("training task")?
@@ -556,12 +564,11 @@ async fn handle_work(
                     (params, 1, None)
                 }
                 None => {
-                    let outcome = tokio::task::spawn_blocking(move || {
-                        train(&spec, d, &start, start_on, &x, &table.1.y, &training, seed)
-                    })
-                    .await
-                    .context("training task")?
-                    .map_err(|e| anyhow!("training failed: {e}"))?;
+                    let outcome =
+                        tokio::task::spawn_blocking(move || train(&spec, d, &start, start_on, &x, &y, &training, seed))
+                            .await
+                            .context("training task")?
+                            .map_err(|e| anyhow!("training failed: {e}"))?;
                     (
                         outcome.params,
                         outcome.examples as u64,
@@ -615,7 +622,7 @@ async fn handle_work(
                 }
                 None => None,
             };
-            (delta, weight, loss, epsilon_after, update_id)
+            (delta, weight, loss, epsilon_after, update_id, evaluation)
         }
     };
     if let Some(mut session) = session {
@@ -630,7 +637,17 @@ async fn handle_work(
                 warn!("failpoint secagg_after_share: exiting before the masked input");
                 std::process::exit(137);
             }
-            log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, true)?;
+            log_egress(
+                settings,
+                &work,
+                &update_id,
+                weight,
+                &delta,
+                loss,
+                None,
+                epsilon_after,
+                true,
+            )?;
             session
                 .send_masked(client, &work, &manifest, &update_id, &delta)
                 .await?;
@@ -649,10 +666,73 @@ async fn handle_work(
             Err(e) => Err(e),
         };
     }
-    log_egress(settings, &work, &update_id, weight, &delta, loss, epsilon_after, false)?;
-    upload(client, &work, &manifest, &update_id, weight, &delta, loss).await?;
+    log_egress(
+        settings,
+        &work,
+        &update_id,
+        weight,
+        &delta,
+        loss,
+        evaluation.as_ref(),
+        epsilon_after,
+        false,
+    )?;
+    upload(client, &work, &manifest, &update_id, weight, &delta, loss, evaluation).await?;
     info!(weight, ?loss, ?epsilon_after, "update delivered");
     Ok(())
+}
+
+/// Splits the selected rows `x` (row-major) and labels into training rows and, with
+/// `[evaluation]`, the held-out rows (see `Evaluation::holdout_rows`).
+#[allow(clippy::type_complexity)] // (train x, train y, held-out (x, y))
+fn split_holdout(
+    manifest: &StudyManifest,
+    x: Vec<f32>,
+    y: &[f32],
+) -> (Vec<f32>, Vec<f32>, Option<(Vec<f32>, Vec<f32>)>) {
+    let Some(evaluation) = &manifest.evaluation else {
+        return (x, y.to_vec(), None);
+    };
+    let d = manifest.n_features();
+    let held = evaluation.holdout_rows(y.len(), manifest.seed);
+    let mut is_held = vec![false; y.len()];
+    held.iter().for_each(|r| is_held[*r] = true);
+    let (mut tx, mut ty, mut hx, mut hy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (r, label) in y.iter().enumerate() {
+        let row = &x[r * d..(r + 1) * d];
+        if is_held[r] {
+            hx.extend_from_slice(row);
+            hy.push(*label);
+        } else {
+            tx.extend_from_slice(row);
+            ty.push(*label);
+        }
+    }
+    (tx, ty, Some((hx, hy)))
+}
+
+/// The received global model scored on the held-out rows: how many are classified
+/// right at 0.5 and the summed binary cross-entropy.
+fn evaluate(manifest: &StudyManifest, global: &[f32], x: &[f32], y: &[f32]) -> Result<pb::Evaluation> {
+    let probs = manifest.model.predict_proba(global, x, manifest.n_features())?;
+    let correct = probs
+        .iter()
+        .zip(y)
+        .filter(|(p, y)| (**p >= 0.5) == (**y >= 0.5))
+        .count();
+    let loss_sum: f64 = probs
+        .iter()
+        .zip(y)
+        .map(|(p, y)| {
+            let p = (*p as f64).clamp(1e-7, 1.0 - 1e-7);
+            -(*y as f64 * p.ln() + (1.0 - *y as f64) * (1.0 - p).ln())
+        })
+        .sum();
+    Ok(pb::Evaluation {
+        examples: y.len() as u64,
+        correct: correct as u64,
+        loss_sum,
+    })
 }
 
 fn lock_plans(settings: &AgentSettings) -> std::sync::MutexGuard<'_, HashMap<String, PlanResult>> {
@@ -680,6 +760,7 @@ async fn download(client: &mut SiteClient<Channel>, work: &pb::WorkItem, manifes
 }
 
 /// Streams an update: header, then chunks. Used by the agent and by simulated sites.
+#[allow(clippy::too_many_arguments)] // one update's fields
 pub async fn upload(
     client: &mut SiteClient<Channel>,
     work: &pb::WorkItem,
@@ -688,8 +769,9 @@ pub async fn upload(
     examples: u64,
     delta: &[f32],
     train_loss: Option<f64>,
+    evaluation: Option<pb::Evaluation>,
 ) -> Result<pb::UploadReceipt> {
-    let header = update_header(
+    let mut header = update_header(
         work,
         &manifest.layout(),
         update_id,
@@ -697,6 +779,9 @@ pub async fn upload(
         delta.len() as u64,
         train_loss,
     );
+    if let Some(pb::update_chunk::Body::Header(h)) = header.body.as_mut() {
+        h.evaluation = evaluation;
+    }
     let messages: Vec<pb::UpdateChunk> = std::iter::once(header).chain(update_chunks(delta)).collect();
     let stream = futures::stream::iter(messages);
     Ok(client
@@ -714,6 +799,7 @@ fn log_egress(
     weight: u64,
     delta: &[f32],
     loss: Option<f64>,
+    evaluation: Option<&pb::Evaluation>,
     epsilon_after: Option<f64>,
     masked: bool,
 ) -> Result<()> {
@@ -732,6 +818,7 @@ fn log_egress(
             "l2_norm": medfl_shared::dp::l2_norm(delta),
             "num_examples": weight,
             "train_loss": loss,
+            "evaluation": evaluation.map(|e| serde_json::json!({"examples": e.examples, "correct": e.correct, "loss_sum": e.loss_sum})),
             "secure_aggregation": masked,
         }),
     )
