@@ -296,23 +296,7 @@ fn parse<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError>
 
 /// Reads the audit key, or makes one (owner-only) on first open.
 fn audit_key(path: &Path) -> Result<Signer, StoreError> {
-    let der = match std::fs::read(path) {
-        Ok(der) => der,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let pkcs8 = Signer::generate_pkcs8().map_err(|e| StoreError::AuditKey(e.to_string()))?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io_err(path))?;
-            f.write_all(&pkcs8).and_then(|()| f.sync_all()).map_err(io_err(path))?;
-            pkcs8
-        }
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    Signer::from_pkcs8(&der).map_err(|e| StoreError::AuditKey(format!("{}: {e}", path.display())))
+    medfl_proto::transport::load_or_create_signing_key(path).map_err(|e| StoreError::AuditKey(e.to_string()))
 }
 
 fn study_key(id: &str) -> String {

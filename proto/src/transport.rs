@@ -144,3 +144,34 @@ impl Profile {
         })
     }
 }
+
+/// Reads an Ed25519 signing key (PKCS#8 DER) from `path`, or makes one there on first
+/// use: owner-only (0600), created exclusively and fsynced before it is used. The
+/// coordinator's audit key and each site's egress key.
+pub fn load_or_create_signing_key(path: &Path) -> Result<medfl_shared::sign::Signer, TransportError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| TransportError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let der = match std::fs::read(path) {
+        Ok(der) => der,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let pkcs8 = medfl_shared::sign::Signer::generate_pkcs8().map_err(|e| TransportError::Key(e.to_string()))?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            f.write_all(&pkcs8).and_then(|()| f.sync_all()).map_err(io)?;
+            pkcs8
+        }
+        Err(e) => return Err(io(e)),
+    };
+    medfl_shared::sign::Signer::from_pkcs8(&der).map_err(|e| TransportError::Key(format!("{}: {e}", path.display())))
+}

@@ -68,8 +68,10 @@ fn default_store() -> PathBuf {
 /// A validated agent configuration with its datasets loaded.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
-    /// The site's identity now; renewal replaces it while the agent runs.
-    identity: Arc<std::sync::RwLock<Profile>>,
+    /// The site's identity now, with the credentials built from it once (its signing
+    /// key and a verifier for the consortium CA); renewal replaces both while the
+    /// agent runs.
+    identity: Arc<std::sync::RwLock<(Profile, Arc<Credentials>)>>,
     pub renew_before: Option<Duration>,
     pub coordinator: Option<String>,
     /// Where everything that leaves the site is logged before it leaves.
@@ -87,11 +89,18 @@ type PlanResult = std::result::Result<Option<PrivacyPlan>, String>;
 impl AgentSettings {
     /// The site's current identity bundle.
     pub fn profile(&self) -> Profile {
-        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).0.clone()
     }
 
-    fn set_profile(&self, profile: Profile) {
-        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = profile;
+    /// The credentials of the current identity.
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    fn set_profile(&self, profile: Profile) -> Result<()> {
+        let credentials = Arc::new(Credentials::from_profile(&profile)?);
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = (profile, credentials);
+        Ok(())
     }
 
     /// Each dataset's name and its own ε cap, for the policy's review.
@@ -161,7 +170,10 @@ impl AgentSettings {
             &format!("site/{}", profile.file.name),
         )?;
         Ok(AgentSettings {
-            identity: Arc::new(std::sync::RwLock::new(profile)),
+            identity: Arc::new(std::sync::RwLock::new((
+                profile.clone(),
+                Arc::new(Credentials::from_profile(&profile)?),
+            ))),
             renew_before: file.renew_before_expiry_hours.map(|h| Duration::from_secs(h * 3600)),
             coordinator: file.coordinator,
             egress: Arc::new(egress),
@@ -240,9 +252,17 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             if std::time::Instant::now() >= next_renewal_try && crate::renew::due(&current, settings.renew_before) {
                 match crate::renew::renew(&mut client, &current, &settings.egress).await {
                     Ok(renewed) => {
-                        client = SiteClient::new(renewed.channel(settings.coordinator.as_deref())?);
-                        settings.set_profile(renewed);
-                        info!("certificate renewed; new connections use it");
+                        let channel = renewed.channel(settings.coordinator.as_deref())?;
+                        match settings.set_profile(renewed) {
+                            Ok(()) => {
+                                client = SiteClient::new(channel);
+                                info!("certificate renewed; new connections use it");
+                            }
+                            Err(e) => warn!(
+                                error = format!("{e:#}"),
+                                "the renewed certificate is unusable; keeping the current one"
+                            ),
+                        }
                     }
                     Err(e) => {
                         next_renewal_try = std::time::Instant::now() + Duration::from_secs(600);
@@ -283,7 +303,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
 /// Checks that the study's manifest carries its creating admin's signature, by a
 /// certificate of the consortium CA.
 fn check_approval(settings: &AgentSettings, work: &pb::WorkItem, manifest: &StudyManifest) -> Result<()> {
-    let creds = Credentials::from_profile(&settings.profile())?;
+    let creds = settings.credentials();
     let admin = creds
         .verify_certificate(&work.creator_certificate_der)
         .context("the study's creator certificate")?;
@@ -627,7 +647,7 @@ async fn handle_work(
     };
     if let Some(mut session) = session {
         session.log_to(settings.egress.clone());
-        let creds = Credentials::from_profile(&settings.profile())?;
+        let creds = settings.credentials();
         let outcome = async {
             session.advertise(client, &creds).await?;
             session.share_keys(client, &creds).await?;

@@ -24,28 +24,9 @@ pub struct EgressLog {
     chain: Mutex<Chain>,
 }
 
-/// Reads the key at `path`, or makes one (owner-only) the first time.
+/// The site's egress key (`<store>/egress-key.pk8`): read, or made owner-only on first use.
 pub fn load_or_create_key(path: &Path) -> Result<Signer> {
-    let der = match std::fs::read(path) {
-        Ok(der) => der,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let pkcs8 = Signer::generate_pkcs8()?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("create {}", path.display()))?;
-            f.write_all(&pkcs8).and_then(|()| f.sync_all())?;
-            pkcs8
-        }
-        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
-    };
-    Signer::from_pkcs8(&der).with_context(|| format!("{}", path.display()))
+    Ok(medfl_proto::transport::load_or_create_signing_key(path)?)
 }
 
 impl EgressLog {
