@@ -77,14 +77,15 @@ pub struct DemoArgs {
     #[arg(long)]
     pub no_secagg: bool,
     /// The federated strategy: fedavg; server optimizers fedavgm, fedadam, fedyogi,
-    /// fedadagrad; fedprox (a proximal term in local training); robust aggregators
-    /// median, trimmed-mean, krum (these need --no-secagg: they read each update).
+    /// fedadagrad; fedprox (a proximal term in local training); scaffold (control
+    /// variates, local SGD; needs --no-dp --no-secagg); robust aggregators median,
+    /// trimmed-mean, krum (these need --no-secagg: they read each update).
     #[arg(long, default_value = "fedavg", value_parser = STRATEGIES)]
     pub strategy: String,
 }
 
 /// What `--strategy` takes.
-pub const STRATEGIES: [&str; 9] = [
+pub const STRATEGIES: [&str; 10] = [
     "fedavg",
     "fedavgm",
     "fedadam",
@@ -94,6 +95,7 @@ pub const STRATEGIES: [&str; 9] = [
     "median",
     "trimmed-mean",
     "krum",
+    "scaffold",
 ];
 
 /// FedProx's μ in the demo (on the sites' standardized features).
@@ -126,6 +128,10 @@ pub fn demo_strategy(name: &str, sites: usize, weighting: Weighting) -> Result<(
         "fedyogi" => strategy = adaptive(StrategyKind::FedYogi),
         "fedadagrad" => strategy = adaptive(StrategyKind::FedAdagrad),
         "fedprox" => mu = Some(DEMO_PROXIMAL_MU),
+        "scaffold" => {
+            strategy.kind = StrategyKind::Scaffold;
+            strategy.weighting = Weighting::Uniform;
+        }
         "median" | "trimmed-mean" | "krum" => {
             strategy.weighting = Weighting::Uniform;
             match name {
@@ -187,7 +193,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let (strategy, proximal_mu) = demo_strategy(&args.strategy, args.sites, weighting)?;
     // The adaptive optimizers step, and the robust aggregators compare updates, on a
     // public feature scale.
-    let public_scale = strategy.server_optimizer().slots() == 2 || strategy.kind.is_robust();
+    let scaffold = strategy.kind == StrategyKind::Scaffold;
+    if scaffold && (dp_epsilon.is_some() || secagg) {
+        bail!(
+            "--strategy scaffold sends each hospital's control variate, an average of its un-noised gradients: add --no-dp --no-secagg"
+        );
+    }
+    let public_scale = strategy.server_optimizer().slots() == 2 || strategy.kind.is_robust() || scaffold;
     if secagg && args.sites < 2 {
         bail!(
             "secure aggregation needs at least 2 hospitals; add --no-secagg to run with {}",
@@ -247,8 +259,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let training = Training {
         local_epochs: 2,
         batch_size: 32,
-        learning_rate: if dp_epsilon.is_some() { DP_LEARNING_RATE } else { 0.05 },
-        optimizer: Optimizer::Adam,
+        // SCAFFOLD corrects plain SGD steps, which take a larger rate than Adam's.
+        learning_rate: if dp_epsilon.is_some() || scaffold {
+            DP_LEARNING_RATE
+        } else {
+            0.05
+        },
+        optimizer: if scaffold { Optimizer::Sgd } else { Optimizer::Adam },
         proximal_mu,
     };
     let manifest = StudyManifest {

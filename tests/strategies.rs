@@ -286,3 +286,72 @@ async fn evaluation_totals_that_are_not_counts_are_refused() {
         .expect("round 1");
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_keeps_the_global_control_variate_the_mean_of_the_sites() {
+    // SCAFFOLD (Karimireddy et al. 2020) with every site in every round: c starts at 0
+    // and moves by the mean of the sites' Δc_i, so after each round it is the mean of
+    // the sites' own control variates, which they keep in their stores. The sites'
+    // data are label-skewed, where the correction matters.
+    let table = bundled_table();
+    let split = medfl_shared::split::split_rows(&table.y, 3, 0.2, medfl_shared::split::SplitKind::LabelSkew, 2);
+    let tables: Vec<_> = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let test = table.subset(&split.test);
+    let features = table.columns.clone();
+    let d = features.len();
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .build()
+        .await
+        .expect("federation starts");
+    let scaling = Standardizer::fit(&test.x, d);
+    let rounds = 5;
+    let text = with_strategy(
+        manifest(&features, rounds, 3, 60, 1)
+            .replace("optimizer = \"adam\"", "optimizer = \"sgd\"\n")
+            .replace("learning_rate = 0.05", "learning_rate = 0.1"),
+        &fed.site_names.clone(),
+        &scaling,
+        "kind = \"scaffold\"",
+    );
+    let (id, _) = complete_study(&mut fed, &text, 3).await;
+    let (_, params) = fed.export(&id, None).await.expect("export");
+    let spec = ModelSpec {
+        kind: ModelKind::LogisticRegression,
+        hidden: vec![],
+    };
+    let probs = spec.predict_proba(&params, &test.x, d).expect("valid model");
+    let acc = accuracy(&probs, &test.y);
+    assert!(acc > 0.9, "SCAFFOLD on label-skewed sites: {acc}");
+    fed.stop_agents().await;
+
+    let read = |path: std::path::PathBuf| -> Vec<f32> {
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let sites: Vec<Vec<f32>> = fed
+        .site_names
+        .iter()
+        .map(|s| read(fed.dir.join(s).join("agent-store/scaffold").join(format!("{id}.f32"))))
+        .collect();
+    let global = read(
+        fed.dir
+            .join(format!("coordinator/store/models/{id}/{rounds:08}.opt.f32")),
+    );
+    assert_eq!(global.len(), d + 1);
+    assert!(
+        global.iter().any(|v| v.abs() > 1e-4),
+        "the control variate moved: {global:?}"
+    );
+    for (j, c) in global.iter().enumerate() {
+        let mean = sites.iter().map(|s| s[j] as f64).sum::<f64>() / 3.0;
+        assert!(
+            (*c as f64 - mean).abs() <= 1e-3 * mean.abs().max(1e-2),
+            "coordinate {j}: c = {c}, mean of c_i = {mean}"
+        );
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}

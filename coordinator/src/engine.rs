@@ -641,10 +641,22 @@ impl Engine {
         }
         let engine = self.clone();
         let id = study_id.to_string();
+        let control =
+            StudyManifest::from_toml(&self.study(study_id)?.manifest_toml).is_ok_and(|m| m.control_variates());
         let chunks = tokio::task::spawn_blocking(move || {
             let mut chunks = Vec::new();
             while let Some(bytes) = engine.store.model_chunk(&id, round, chunks.len())? {
                 chunks.push(bytes::Bytes::from(bytes));
+            }
+            // SCAFFOLD: the global control variate after `round` follows the model.
+            if control {
+                let model_chunks = chunks.len();
+                let n: usize = chunks.iter().map(|c| c.len() / 4).sum();
+                for index in 0..model_chunks {
+                    let len = CHUNK_VALUES.min(n - index * CHUNK_VALUES);
+                    let c = engine.store.state_chunk(&id, round, index, 1, len)?;
+                    chunks.push(bytes::Bytes::from(medfl_shared::chunk::encode(&c)));
+                }
             }
             Ok::<_, StoreError>(chunks)
         })
@@ -1118,7 +1130,7 @@ impl Engine {
             deadline,
             deadline_ms: started_ms + deadline_len.as_millis() as u64,
             acc: Mutex::new(RoundAcc {
-                sum: WeightedSum::new(if robust { 0 } else { manifest.num_params() as usize }),
+                sum: WeightedSum::new(if robust { 0 } else { manifest.wire_params() as usize }),
                 kept: BTreeMap::new(),
                 received: BTreeMap::new(),
                 refused: HashSet::new(),
@@ -1466,13 +1478,15 @@ impl Engine {
         // Δ = (Σ_k clip(Δ_k) + N(0, σ²S²)) / W with W the number of sites the round
         // selected, fixed before any site delivered, so the divisor reveals nothing.
         let denominator = record.selected.len().max(1) as f32;
-        let n = acc.len();
+        // The model's values (under SCAFFOLD the sum also holds the control-variate changes).
+        let n = manifest.num_params() as usize;
         let mut writer = self.store.model_writer(id, record.round)?;
         // The server optimizer steps from the last committed round's state (Reddi et al.
         // 2021, Algorithm 2), written beside the round's model.
         let optimizer = manifest.strategy.server_optimizer();
         let slots = optimizer.slots();
-        let mut state_writer = match slots {
+        let scaffold = manifest.control_variates();
+        let mut state_writer = match slots + usize::from(scaffold) {
             0 => None,
             _ => Some(self.store.state_writer(id, record.round)?),
         };
@@ -1543,6 +1557,22 @@ impl Engine {
                 next.clear();
                 delta.clear();
                 read_chunk(index, &mut next, &mut delta)?;
+                if scaffold {
+                    // SCAFFOLD (Karimireddy et al. 2020, Algorithm 1, server): x ← x + η_g Δx̄
+                    // and c ← c + (1/N) Σ Δc_i, N the sites selected.
+                    let range = chunk_range(index);
+                    let mut c = self.store.state_chunk(id, record.round - 1, index, 1, range.len())?;
+                    let dc = acc.sum_slice(n + range.start..n + range.end);
+                    for (c, d) in c.iter_mut().zip(dc) {
+                        *c += d / denominator;
+                    }
+                    optimizer.step(&mut next, &delta, &mut []);
+                    writer.write(&next)?;
+                    if let Some(w) = state_writer.as_mut() {
+                        w.write(&c)?;
+                    }
+                    continue;
+                }
                 let mut state = self.store.state_chunk(id, record.round - 1, index, slots, next.len())?;
                 optimizer.step(&mut next, &delta, &mut state);
                 writer.write(&next)?;

@@ -173,16 +173,23 @@ fn tensors_pb(layout: &[TensorSpec]) -> Vec<pb::TensorSpec> {
 }
 
 /// A committed model's stream header.
-fn model_header(study: &StudyRecord, round: u32) -> Result<pb::ModelChunk, ServiceError> {
+/// The header of a model stream: the model's tensors, or with `wire` what a site
+/// downloads (under SCAFFOLD the model, then the global control variate).
+fn model_header(study: &StudyRecord, round: u32, wire: bool) -> Result<pb::ModelChunk, ServiceError> {
     let manifest =
         StudyManifest::from_toml(&study.manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+    let (layout, num_params) = if wire {
+        (manifest.wire_layout(), manifest.wire_params())
+    } else {
+        (manifest.layout(), manifest.num_params())
+    };
     Ok(pb::ModelChunk {
         body: Some(pb::model_chunk::Body::Header(pb::ModelHeader {
             study_id: study.id.clone(),
             round,
             manifest_hash: study.manifest_hash.clone(),
-            tensors: tensors_pb(&manifest.layout()),
-            num_params: manifest.num_params(),
+            tensors: tensors_pb(&layout),
+            num_params,
         })),
     })
 }
@@ -200,7 +207,7 @@ fn model_stream(
             study.id
         )));
     }
-    let header = model_header(study, round)?;
+    let header = model_header(study, round, false)?;
     let id = study.id.clone();
     let chunks = futures::stream::unfold((0usize, 0u64), move |(index, offset)| {
         let engine = engine.clone();
@@ -236,7 +243,7 @@ async fn broadcast_stream(
     study: &StudyRecord,
     round: u32,
 ) -> Result<BoxStream<pb::ModelChunk>, ServiceError> {
-    let header = model_header(study, round)?;
+    let header = model_header(study, round, true)?;
     let chunks = engine.broadcast_model(&study.id, round).await?;
     let messages = (0..chunks.len()).scan(0u64, move |offset, i| {
         let values = chunks[i].clone();
@@ -448,8 +455,9 @@ impl pb::site_server::Site for SiteService {
                 header.round
             )));
         }
-        let want = open.manifest.num_params();
-        let layout = open.manifest.layout();
+        // Under SCAFFOLD an update is the model delta, then the control-variate change.
+        let want = open.manifest.wire_params();
+        let layout = open.manifest.wire_layout();
         if header.num_params != want || header.tensors != tensors_pb(&layout) {
             let shapes: Vec<String> = layout.iter().map(|t| format!("{}{:?}", t.name, t.shape)).collect();
             return Err(Status::invalid_argument(format!(

@@ -423,6 +423,9 @@ pub enum StrategyKind {
     TrimmedMean,
     /// Krum / Multi-Krum (Blanchard et al. 2017).
     Krum,
+    /// SCAFFOLD (Karimireddy et al., ICML 2020): control variates correct each site's
+    /// drift; every update carries the change of the site's control variate too.
+    Scaffold,
 }
 
 impl StrategyKind {
@@ -444,6 +447,7 @@ impl StrategyKind {
             StrategyKind::Median => "median",
             StrategyKind::TrimmedMean => "trimmed_mean",
             StrategyKind::Krum => "krum",
+            StrategyKind::Scaffold => "scaffold",
         }
     }
 }
@@ -563,6 +567,11 @@ impl Strategy {
         use StrategyKind as K;
         let k = self.kind;
         let adaptive = matches!(k, K::FedAdam | K::FedYogi | K::FedAdagrad);
+        if k == K::Scaffold && self.weighting != Weighting::Uniform {
+            return Err(invalid(
+                "strategy.kind = \"scaffold\" averages the sites' control variates uniformly: set strategy.weighting = \"uniform\"",
+            ));
+        }
         let uses = |field: &str| match field {
             "server_learning_rate" => true,
             "momentum" => k == K::FedAvgM || adaptive,
@@ -753,6 +762,9 @@ impl StudyManifest {
             }
         }
         self.strategy.validate(self.selection.min_sites)?;
+        if self.strategy.kind == StrategyKind::Scaffold {
+            self.check_scaffold()?;
+        }
         if let Some(e) = &self.evaluation {
             if !(e.holdout_fraction > 0.0 && e.holdout_fraction <= 0.5) {
                 return Err(invalid(format!(
@@ -779,6 +791,58 @@ impl StudyManifest {
         self.check_privacy_settings()?;
         self.check_secure_aggregation()?;
         Ok(())
+    }
+
+    /// SCAFFOLD's preconditions (see `StrategyKind::Scaffold`).
+    fn check_scaffold(&self) -> Result<(), ManifestError> {
+        if self.training.optimizer != Optimizer::Sgd {
+            return Err(invalid(
+                "strategy.kind = \"scaffold\" corrects plain SGD steps (Karimireddy et al. 2020, Algorithm 1): set training.optimizer = \"sgd\"",
+            ));
+        }
+        if self.data.scaling.is_none() {
+            return Err(invalid(
+                "strategy.kind = \"scaffold\" needs public feature scaling in data.scaling: every site's control variate must be on the same coordinates, not on each site's own scale",
+            ));
+        }
+        if self.privacy.is_some() {
+            return Err(invalid(
+                "strategy.kind = \"scaffold\" with [privacy]: a site's control variate is an average of its un-noised gradients, and sending it would release them outside the DP guarantee; medfl refuses SCAFFOLD under DP",
+            ));
+        }
+        if self.secagg().is_some() {
+            return Err(invalid(
+                "strategy.kind = \"scaffold\" with secure aggregation is not supported: the control-variate half of each update would need its own masked sum",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether every update also carries the site's control-variate change (SCAFFOLD).
+    pub fn control_variates(&self) -> bool {
+        self.strategy.kind == StrategyKind::Scaffold
+    }
+
+    /// The tensors a site uploads and downloads: the model's, and under SCAFFOLD the
+    /// control variate's after them (`control.` + the model tensor's name).
+    pub fn wire_layout(&self) -> Vec<TensorSpec> {
+        let mut layout = self.layout();
+        if self.control_variates() {
+            let control: Vec<TensorSpec> = layout
+                .iter()
+                .map(|t| TensorSpec {
+                    name: format!("control.{}", t.name),
+                    shape: t.shape.clone(),
+                })
+                .collect();
+            layout.extend(control);
+        }
+        layout
+    }
+
+    /// The values a site uploads and downloads: twice the model's under SCAFFOLD.
+    pub fn wire_params(&self) -> u64 {
+        self.num_params() * if self.control_variates() { 2 } else { 1 }
     }
 
     /// The `[secure_aggregation]` settings if the study uses it.
@@ -1227,6 +1291,25 @@ min_sites = 2
             adaptive("site", 0.6)
         );
         assert!(err(secure).contains("adaptive_clipping needs each update's norm"));
+        // SCAFFOLD: local SGD on public scaling, no DP, no secure aggregation.
+        let scaffold = format!(
+            "{}\n[strategy]\nkind = \"scaffold\"\nweighting = \"uniform\"\n",
+            MANIFEST.replace(
+                "[selection]",
+                "[data.scaling]\ncenter = [0.0, 0.0]\nscale = [1.0, 1.0]\n\n[selection]"
+            )
+        );
+        assert!(err(scaffold.clone()).contains("set training.optimizer = \"sgd\""));
+        let sgd = scaffold.replace("[selection]", "[training]\noptimizer = \"sgd\"\n\n[selection]");
+        let m = StudyManifest::from_toml(&sgd).expect("SCAFFOLD");
+        assert_eq!(m.wire_params(), 2 * m.num_params());
+        assert!(m.wire_layout().iter().any(|t| t.name == "control.layers.0.weight"));
+        assert!(
+            err(sgd.replace("[data.scaling]\ncenter = [0.0, 0.0]\nscale = [1.0, 1.0]\n", ""))
+                .contains("public feature scaling")
+        );
+        let secure = format!("{sgd}\n[secure_aggregation]\nthreshold = 2\nclip_norm = 1.0\n");
+        assert!(err(secure).contains("control-variate half"));
         // Federated evaluation: plaintext per-site totals, so neither DP nor secure
         // aggregation, and published over at least two sites.
         let eval = format!("{MANIFEST}\n[evaluation]\nholdout_fraction = 0.2\n");

@@ -26,7 +26,7 @@ use crate::egress::{EgressLog, load_or_create_key};
 use crate::ledger::{Ledger, LedgerError};
 pub use crate::policy::Policy;
 use crate::secagg::{Credentials, Refusal, SiteSession};
-use crate::train::{Start, train};
+use crate::train::{Start, train, train_scaffold};
 use medfl_shared::accountant::GaussianSteps;
 use medfl_shared::dp::ClippedUpdate;
 use medfl_shared::manifest::{PrivacyPlan, PrivacyUnit};
@@ -79,6 +79,8 @@ pub struct AgentSettings {
     pub datasets: Vec<Arc<(DatasetConfig, Table)>>,
     pub policy: Policy,
     pub ledger: Ledger,
+    /// The agent's store directory (the ledger, SCAFFOLD's control variates).
+    pub store: PathBuf,
     /// Privacy plans by manifest hash: a study's plan (σ calibration, tens of
     /// milliseconds to seconds) is worked out once, not every round.
     plans: Arc<std::sync::Mutex<HashMap<String, PlanResult>>>,
@@ -180,6 +182,7 @@ impl AgentSettings {
             datasets,
             policy,
             ledger,
+            store,
             plans: Default::default(),
         })
     }
@@ -476,13 +479,24 @@ async fn handle_work(
     } else {
         None
     };
+    let mut scaffold_next: Option<Vec<f32>> = None;
     let (delta, weight, loss, epsilon_after, update_id, evaluation) = match cached {
         Some(r) => {
             info!(update_id = %r.update_id, "resending the update this site already paid for");
             (r.values, 1, None, Some(r.epsilon_after), r.update_id, None)
         }
         None => {
-            let global = download(client, &work, &manifest).await?;
+            let mut global = download(client, &work, &manifest).await?;
+            // SCAFFOLD: the global control variate follows the model; this site's own
+            // is kept in its store between rounds.
+            let control = match manifest.control_variates() {
+                true => {
+                    let c = global.split_off(manifest.num_params() as usize);
+                    let c_i = load_control(&settings.store, &work.study_id, c.len())?;
+                    Some((c, c_i))
+                }
+                false => None,
+            };
             // Round 1 starts from the study's initial model, which is read on standardized
             // coordinates (see train::Start): there is no raw-coordinate model to score yet.
             let evaluation = match &holdout {
@@ -504,6 +518,7 @@ async fn handle_work(
             let start = global.clone();
             let start_on = if work.round == 1 { Start::Initial } else { Start::Global };
             let mut charge_plan = None;
+            let mut control_next: Option<Vec<f32>> = None;
             let (params, weight, loss) = match plan {
                 Some((plan, p)) => {
                     // The multiplier OpenDP's map gives for this noise is what is charged.
@@ -584,11 +599,19 @@ async fn handle_work(
                     (params, 1, None)
                 }
                 None => {
-                    let outcome =
-                        tokio::task::spawn_blocking(move || train(&spec, d, &start, start_on, &x, &y, &training, seed))
-                            .await
-                            .context("training task")?
-                            .map_err(|e| anyhow!("training failed: {e}"))?;
+                    let scaling = manifest.data.scaling.as_ref().map(|s| s.standardizer());
+                    let for_control = control.clone();
+                    let (outcome, c_next) = tokio::task::spawn_blocking(move || match (for_control, scaling) {
+                        (Some((c, c_i)), Some(scaling)) => {
+                            train_scaffold(&spec, d, &start, start_on, &x, &y, &training, &scaling, &c, &c_i, seed)
+                                .map(|(o, c_next)| (o, Some(c_next)))
+                        }
+                        _ => train(&spec, d, &start, start_on, &x, &y, &training, seed).map(|o| (o, None)),
+                    })
+                    .await
+                    .context("training task")?
+                    .map_err(|e| anyhow!("training failed: {e}"))?;
+                    control_next = c_next;
                     (
                         outcome.params,
                         outcome.examples as u64,
@@ -608,6 +631,21 @@ async fn handle_work(
             }
             if let Some(p) = manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site) {
                 delta = ClippedUpdate::clip(delta, p.clip_norm)?.into_values();
+            }
+            // SCAFFOLD: the update carries Δc_i = c_i⁺ − c_i after the model delta; c_i⁺
+            // is kept once the update is delivered.
+            if let (Some((_, c_i)), Some(c_next)) = (&control, &control_next) {
+                if c_next.iter().any(|v| !v.is_finite()) {
+                    return refuse(
+                        client,
+                        settings,
+                        &work,
+                        "local training diverged (non-finite control variate)".into(),
+                    )
+                    .await;
+                }
+                delta.extend(c_next.iter().zip(c_i).map(|(n, o)| n - o));
+                scaffold_next = Some(c_next.clone());
             }
             let update_id = format!("{site}-{}-{}-{}", work.study_id, work.round, unix_ms(SystemTime::now()));
             // Charge durably, with the update it pays for in the same batch, before it leaves.
@@ -698,8 +736,39 @@ async fn handle_work(
         false,
     )?;
     upload(client, &work, &manifest, &update_id, weight, &delta, loss, evaluation).await?;
+    if let Some(c_next) = scaffold_next {
+        save_control(&settings.store, &work.study_id, &c_next)?;
+    }
     info!(weight, ?loss, ?epsilon_after, "update delivered");
     Ok(())
+}
+
+/// SCAFFOLD: this site's control variate for a study (zeros before its first round).
+fn load_control(store: &Path, study_id: &str, len: usize) -> Result<Vec<f32>> {
+    let path = store.join("scaffold").join(format!("{study_id}.f32"));
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == len * 4 => Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()),
+        Ok(bytes) => bail!(
+            "{}: {} bytes, the study's control variate has {len} values",
+            path.display(),
+            bytes.len()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![0.0; len]),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// Replaces this site's control variate for a study (written whole, then renamed).
+fn save_control(store: &Path, study_id: &str, values: &[f32]) -> Result<()> {
+    let dir = store.join("scaffold");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(format!("{study_id}.f32"));
+    let tmp = path.with_extension("f32.tmp");
+    std::fs::write(&tmp, medfl_shared::chunk::encode(values)).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("replace {}", path.display()))
 }
 
 /// Splits the selected rows `x` (row-major) and labels into training rows and, with
@@ -769,7 +838,7 @@ async fn download(client: &mut SiteClient<Channel>, work: &pb::WorkItem, manifes
         .context("download global model")?
         .into_inner();
     let (header, params) = read_model(stream).await?;
-    if header.num_params != manifest.num_params() || header.manifest_hash != work.manifest_hash {
+    if header.num_params != manifest.wire_params() || header.manifest_hash != work.manifest_hash {
         bail!(
             "global model does not match the approved manifest ({} values, hash {})",
             header.num_params,
@@ -793,7 +862,7 @@ pub async fn upload(
 ) -> Result<pb::UploadReceipt> {
     let mut header = update_header(
         work,
-        &manifest.layout(),
+        &manifest.wire_layout(),
         update_id,
         examples,
         delta.len() as u64,

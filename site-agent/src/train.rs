@@ -171,6 +171,93 @@ pub fn train(
     })
 }
 
+/// SCAFFOLD's local training (Karimireddy et al., ICML 2020, Algorithm 1, lines 9–12,
+/// option II): K plain SGD steps `y ← y − η_l (g_i(y) − c_i + c)` on the study's public
+/// feature scale (every site's control variate must be on the same coordinates), then
+/// `c_i⁺ = c_i − c + (x − y)/(K η_l)`. `c` and `c_i` are on that scale; returns the
+/// new model on raw coordinates and c_i⁺.
+#[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
+pub fn train_scaffold(
+    spec: &ModelSpec,
+    n_features: usize,
+    params: &[f32],
+    start_on: Start,
+    x: &[f32],
+    y: &[f32],
+    cfg: &Training,
+    scaling: &Standardizer,
+    c: &[f32],
+    c_i: &[f32],
+    seed: u64,
+) -> candle_core::Result<(TrainOutcome, Vec<f32>)> {
+    let dev = Device::Cpu;
+    let n = y.len();
+    let mut xs = x.to_vec();
+    scaling.apply(&mut xs);
+    let mut start = params.to_vec();
+    if start_on == Start::Global {
+        scaling.raw_to_standardized(spec, &mut start);
+    }
+    let x_all = Tensor::from_slice(&xs, (n, n_features), &dev)?;
+    let y_all = Tensor::from_slice(y, (n, 1), &dev)?;
+    let layers = layer_vars(spec, n_features, &start, &dev)?;
+    let vars: Vec<&Var> = layers.iter().flat_map(|(w, b)| [w, b]).collect();
+    // The drift correction c − c_i, cut to each variable (flat order: each layer's
+    // weight, then its bias, as the model layout).
+    let mut corrections = Vec::with_capacity(vars.len());
+    let mut offset = 0;
+    for var in &vars {
+        let len = var.as_tensor().elem_count();
+        let part: Vec<f32> = (offset..offset + len).map(|j| c[j] - c_i[j]).collect();
+        corrections.push(Tensor::from_slice(&part, var.as_tensor().shape(), &dev)?);
+        offset += len;
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let batch = (cfg.batch_size as usize).clamp(1, n.max(1));
+    let lr = cfg.learning_rate;
+    let mut steps = 0u64;
+    let mut last_epoch_loss = 0.0;
+    for _ in 0..cfg.local_epochs {
+        order.shuffle(&mut rng);
+        let (mut epoch_loss, mut batches) = (0.0, 0);
+        for idx in order.chunks(batch) {
+            let idx = Tensor::from_slice(idx, idx.len(), &dev)?;
+            let xb = x_all.index_select(&idx, 0)?;
+            let yb = y_all.index_select(&idx, 0)?;
+            let loss = bce_with_logits(&forward(&layers, &xb)?, &yb)?;
+            epoch_loss += loss.to_scalar::<f32>()? as f64;
+            batches += 1;
+            let grads = loss.backward()?;
+            steps += 1;
+            for (var, correction) in vars.iter().zip(&corrections) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    var.set(&(var.as_tensor() - ((g + correction)? * lr)?)?)?;
+                }
+            }
+        }
+        last_epoch_loss = epoch_loss / batches.max(1) as f64;
+    }
+    let mut out = Vec::with_capacity(params.len());
+    for (w, b) in &layers {
+        out.extend(w.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        out.extend(b.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    let scale = 1.0 / (steps.max(1) as f64 * lr) as f32;
+    let c_next: Vec<f32> = (0..out.len())
+        .map(|j| c_i[j] - c[j] + (start[j] - out[j]) * scale)
+        .collect();
+    scaling.standardized_to_raw(spec, &mut out);
+    Ok((
+        TrainOutcome {
+            params: out,
+            loss: last_epoch_loss,
+            examples: n,
+        },
+        c_next,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
