@@ -335,6 +335,15 @@ impl Federation {
         Ok(())
     }
 
+    /// Stops a site's agent gracefully and waits (up to 30 s) until it let go of its store.
+    pub async fn stop_agent(&mut self, name: &str) {
+        if let Some(pos) = self.agents.iter().position(|a| a.name == name) {
+            let agent = self.agents.remove(pos);
+            agent.shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(30), agent.task).await;
+        }
+    }
+
     /// Kills a site's agent abruptly, as a crash or a pulled cable would.
     pub fn kill_agent(&mut self, name: &str) {
         if let Some(pos) = self.agents.iter().position(|a| a.name == name) {

@@ -271,6 +271,8 @@ pub struct Engine {
     /// Per study, the encoded global model of the last round broadcast: one copy that
     /// every site's download stream shares.
     broadcast: tokio::sync::Mutex<HashMap<String, (u32, EncodedModel)>>,
+    /// Process counters for `/metrics`.
+    pub counters: crate::metrics::Counters,
 }
 
 /// A committed model as the chunks that go on the wire.
@@ -321,6 +323,7 @@ impl Engine {
             revocations: Arc::new(crate::governance::Revocations::new(revoked)),
             ca,
             broadcast: Default::default(),
+            counters: Default::default(),
         }))
     }
 

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod governance;
+pub mod metrics;
 pub mod pki;
 pub mod secagg;
 pub mod service;
@@ -75,6 +76,10 @@ pub struct ConfigFile {
     /// keeps every update of the round, N × model bytes. MiB.
     #[serde(default = "default_robust_memory")]
     pub robust_memory_mib: u64,
+    /// Address for `/metrics` (Prometheus) and `/healthz` over plain HTTP, e.g.
+    /// `127.0.0.1:9464`; absent means none. Keep it inside the operator's network.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_robust_memory() -> u64 {
@@ -111,6 +116,7 @@ pub struct Settings {
     pub store_cache_bytes: u64,
     pub grace: Duration,
     pub ca: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -147,6 +153,7 @@ impl Settings {
             store_cache_bytes: file.store_cache_mib << 20,
             grace: Duration::from_secs(file.shutdown_grace_secs),
             ca: file.ca.map(|p| base.join(p)),
+            metrics_listen: file.metrics_listen,
         })
     }
 }
@@ -176,6 +183,28 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: Cancellati
     engine.resume_running().context("resume running studies")?;
     info!(addr = %listener.local_addr()?, "coordinator listening (mTLS, TLS 1.3)");
 
+    if let Some(addr) = settings.metrics_listen {
+        let (engine, shutdown) = (engine.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = metrics::serve(addr, engine, shutdown).await {
+                tracing::error!(error = format!("{e:#}"), "metrics endpoint stopped");
+            }
+        });
+    }
+    // grpc.health.v1 for probes and load balancers: the server ("") and each service
+    // serve while the coordinator runs (no certificate needed, as for enrolment).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in [
+        "",
+        "medfl.v1.Site",
+        "medfl.v1.Admin",
+        "medfl.v1.Audit",
+        "medfl.v1.Enrollment",
+    ] {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let incoming = tls::incoming(listener, tls, engine.revocations.clone(), shutdown.clone());
     tonic::transport::Server::builder()
         // HTTP/2's default 64 KiB windows stall a model upload every 64 KiB; these let a
@@ -196,6 +225,7 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: Cancellati
             AuditService { engine: engine.clone() },
             gate(Access::AUDIT),
         ))
+        .add_service(health_service)
         .add_service(EnrollmentServer::with_interceptor(
             EnrollmentService { engine: engine.clone() },
             gate(Access::ENROLLMENT),

@@ -245,6 +245,8 @@ async fn broadcast_stream(
 ) -> Result<BoxStream<pb::ModelChunk>, ServiceError> {
     let header = model_header(study, round, true)?;
     let chunks = engine.broadcast_model(&study.id, round).await?;
+    let bytes: usize = chunks.iter().map(|c| c.len()).sum();
+    crate::metrics::Counters::add(&engine.counters.model_bytes_sent, bytes as u64);
     let messages = (0..chunks.len()).scan(0u64, move |offset, i| {
         let values = chunks[i].clone();
         let start = *offset;
@@ -264,6 +266,13 @@ pub struct SiteService {
 }
 
 impl SiteService {
+    /// Counts a received update of `values` values for `/metrics`.
+    fn count_update(&self, values: u64) {
+        let c = &self.engine.counters;
+        crate::metrics::Counters::add(&c.updates_received, 1);
+        crate::metrics::Counters::add(&c.update_bytes_received, values * 4);
+    }
+
     fn secure_session(
         &self,
         session_id: &[u8],
@@ -322,6 +331,7 @@ impl SiteService {
             .map_err(|e| Status::internal(format!("masked-sum task failed: {e}")))??;
         open.notify_progress();
         self.engine.touch(site);
+        self.count_update(want);
         Ok(Response::new(pb::UploadReceipt {
             update_id: header.update_id.clone(),
             values_received: want,
@@ -551,6 +561,7 @@ impl pb::site_server::Site for SiteService {
             .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
         }
         self.engine.touch(&site);
+        self.count_update(want);
         Ok(Response::new(pb::UploadReceipt {
             update_id: header.update_id,
             values_received: want,

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod ops;
 pub mod secagg;
 pub mod settings;
 pub mod stream;

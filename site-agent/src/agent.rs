@@ -50,6 +50,10 @@ pub struct ConfigFile {
     /// Directory of the agent's own store (the privacy ledger).
     #[serde(default = "default_store")]
     pub store: PathBuf,
+    /// Address for `/metrics` (Prometheus) and `/healthz` over plain HTTP, e.g.
+    /// `127.0.0.1:9465`; absent means none. Keep it on the hospital's own network.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The site's local policy; the coordinator cannot override it.
     #[serde(default)]
     pub policy: Option<Policy>,
@@ -81,6 +85,7 @@ pub struct AgentSettings {
     pub ledger: Ledger,
     /// The agent's store directory (the ledger, SCAFFOLD's control variates).
     pub store: PathBuf,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Privacy plans by manifest hash: a study's plan (σ calibration, tens of
     /// milliseconds to seconds) is worked out once, not every round.
     plans: Arc<std::sync::Mutex<HashMap<String, PlanResult>>>,
@@ -183,6 +188,7 @@ impl AgentSettings {
             policy,
             ledger,
             store,
+            metrics_listen: file.metrics_listen,
             plans: Default::default(),
         })
     }
@@ -218,6 +224,20 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     let profile = settings.profile();
     let mut client = SiteClient::new(profile.channel(settings.coordinator.as_deref())?);
     let settings = Arc::new(settings);
+    // The metrics endpoint lives as long as this function (the guard cancels it when the
+    // agent stops, returns or is dropped), so it never keeps the store open after.
+    let metrics_stop = shutdown.child_token();
+    let _metrics_guard = metrics_stop.clone().drop_guard();
+    if let Some(addr) = settings.metrics_listen {
+        let for_render = settings.clone();
+        let render: medfl_proto::ops::Render = Arc::new(move || render_metrics(&for_render));
+        let stop = metrics_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = medfl_proto::ops::serve(addr, render, stop).await {
+                warn!(error = %e, %addr, "metrics endpoint stopped");
+            }
+        });
+    }
     let mut backoff = Backoff::new();
     let mut next_renewal_try = std::time::Instant::now();
     let site = profile.file.name.clone();
@@ -741,6 +761,62 @@ async fn handle_work(
     }
     info!(weight, ?loss, ?epsilon_after, "update delivered");
     Ok(())
+}
+
+/// The agent's metrics: what left the site by kind (from the egress log's writes),
+/// refusals by reason, and the ε each dataset's ledger has spent at the policy's δ.
+fn render_metrics(settings: &AgentSettings) -> Result<String, String> {
+    use medfl_proto::ops::{family, label};
+    let mut out = String::new();
+    let totals = settings.egress.totals();
+    family(
+        &mut out,
+        "medfl_agent_egress_messages_total",
+        "counter",
+        "Messages that left the site since the agent started, by kind (each first written to the egress log).",
+        totals
+            .iter()
+            .map(|(k, t)| (format!("{{kind=\"{k}\"}}"), t.0 as f64))
+            .collect(),
+    );
+    family(
+        &mut out,
+        "medfl_agent_egress_bytes_total",
+        "counter",
+        "Payload bytes that left the site since the agent started, by kind.",
+        totals
+            .iter()
+            .map(|(k, t)| (format!("{{kind=\"{k}\"}}"), t.1 as f64))
+            .collect(),
+    );
+    family(
+        &mut out,
+        "medfl_agent_refusals_total",
+        "counter",
+        "Work this site refused since the agent started, by the reason's first clause.",
+        settings
+            .egress
+            .refusals()
+            .iter()
+            .map(|(r, n)| (format!("{{reason=\"{}\"}}", label(r)), *n as f64))
+            .collect(),
+    );
+    let mut spent = Vec::new();
+    for d in &settings.datasets {
+        let eps = settings
+            .ledger
+            .spent(&d.0.name, settings.policy.delta)
+            .map_err(|e| e.to_string())?;
+        spent.push((format!("{{dataset=\"{}\"}}", label(&d.0.name)), eps));
+    }
+    family(
+        &mut out,
+        "medfl_agent_epsilon_spent",
+        "gauge",
+        "ε this site's ledger has spent on each dataset, across all studies, at the policy's δ.",
+        spent,
+    );
+    Ok(out)
 }
 
 /// SCAFFOLD: this site's control variate for a study (zeros before its first round).

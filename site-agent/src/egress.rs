@@ -6,6 +6,7 @@
 //! scheme as the coordinator's audit log ([`medfl_shared::chainlog`]), so hospital IT
 //! can check the file with `medfl-agent egress --verify` or `medfl audit verify`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -22,6 +23,10 @@ pub struct EgressLog {
     keeper: String,
     signer: Signer,
     chain: Mutex<Chain>,
+    /// Since this process started: (messages, bytes) by kind, and refusals by the
+    /// reason's first clause, for `/metrics`.
+    totals: Mutex<BTreeMap<&'static str, (u64, u64)>>,
+    refusals: Mutex<BTreeMap<String, u64>>,
 }
 
 /// The site's egress key (`<store>/egress-key.pk8`): read, or made owner-only on first use.
@@ -85,6 +90,8 @@ impl EgressLog {
             keeper: keeper.to_string(),
             signer,
             chain: Mutex::new(chain),
+            totals: Default::default(),
+            refusals: Default::default(),
         })
     }
 
@@ -103,6 +110,14 @@ impl EgressLog {
         epsilon: Option<f64>,
         extra: Value,
     ) -> Result<()> {
+        let refusal = (kind == "refusal")
+            .then(|| {
+                extra
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .map(medfl_proto::ops::reason_kind)
+            })
+            .flatten();
         let mut details = json!({
             "round": round,
             "bytes": payload.len(),
@@ -125,7 +140,29 @@ impl EgressLog {
         append_line(&self.path, &serde_json::to_string(&Line::Entry(entry))?)
             .with_context(|| format!("write the egress log {}; nothing was sent", self.path.display()))?;
         *chain = next;
+        drop(chain);
+        let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let t = totals.entry(kind).or_default();
+        *t = (t.0 + 1, t.1 + payload.len() as u64);
+        if let Some(reason) = refusal {
+            *self
+                .refusals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(reason)
+                .or_default() += 1;
+        }
         Ok(())
+    }
+
+    /// (messages, bytes) logged by kind since this process started.
+    pub fn totals(&self) -> BTreeMap<&'static str, (u64, u64)> {
+        self.totals.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Refusals logged by the reason's first clause since this process started.
+    pub fn refusals(&self) -> BTreeMap<String, u64> {
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
