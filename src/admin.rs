@@ -262,15 +262,89 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
                 .into_inner();
             let (header, params) = medfl_proto::stream::read_model(stream).await?;
             write_safetensors(&out, &header, &params)?;
+            // The model card that goes with it: what trained it and what it cost.
+            let status = admin.get_study_status(r(&id)).await?.into_inner();
+            let channel = profile(conn)?.channel(conn.coordinator.as_deref())?;
+            let ledger = match medfl_proto::v1::audit_client::AuditClient::new(channel)
+                .get_ledger(pb::LedgerRequest {
+                    study_id: id.clone(),
+                    site: String::new(),
+                })
+                .await
+            {
+                Ok(report) => Some(report.into_inner()),
+                // A study without [privacy] has no ledger.
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => None,
+                Err(e) => return Err(e.into()),
+            };
+            let card = model_card(&header, &status, ledger.as_ref());
+            let card_path = out.with_extension("card.json");
+            std::fs::write(&card_path, serde_json::to_string_pretty(&card)? + "\n")
+                .with_context(|| format!("write {}", card_path.display()))?;
             println!(
-                "exported study {id} round {} ({} parameters) to {}",
+                "exported study {id} round {} ({} parameters) to {}, model card {}",
                 header.round,
                 params.len(),
-                out.display()
+                out.display(),
+                card_path.display()
             );
         }
     }
     Ok(())
+}
+
+/// The model card of an exported model: the manifest it was trained under, the rounds
+/// and sites that made it, and the privacy it cost by the coordinator's ledger up to the
+/// exported round (per ledger: each site dataset at record level, `*` at site level).
+pub fn model_card(header: &pb::ModelHeader, status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>) -> Value {
+    let info = status.info.clone().unwrap_or_default();
+    let rounds: Vec<&pb::RoundRecord> = status
+        .rounds
+        .iter()
+        .filter(|r| r.committed && r.round <= header.round)
+        .collect();
+    let mut sites: Vec<&str> = rounds
+        .iter()
+        .flat_map(|r| r.contributors.iter().map(String::as_str))
+        .collect();
+    sites.sort_unstable();
+    sites.dedup();
+    let privacy = ledger.map(|ledger| {
+        let charges: Vec<&pb::LedgerCharge> = ledger.charges.iter().filter(|c| c.round <= header.round).collect();
+        let mut spent: std::collections::BTreeMap<String, f64> = Default::default();
+        for c in &charges {
+            let key = if c.site == "*" {
+                "*".to_string()
+            } else {
+                format!("{}/{}", c.site, c.dataset)
+            };
+            let e = spent.entry(key).or_default();
+            *e = e.max(c.epsilon_after);
+        }
+        json!({
+            "unit": if charges.iter().any(|c| c.site == "*") { "site" } else { "record" },
+            "delta": ledger.delta,
+            "budget_epsilon": ledger.budget_epsilon,
+            "epsilon_by_ledger": spent,
+            "epsilon_max": spent.values().copied().fold(0.0, f64::max),
+            "mechanism": charges.first().map(|c| c.mechanism.clone()),
+            "accountant": "Rényi DP of the (Poisson-)subsampled Gaussian (Mironov, Talwar, Zhang 2019), composed over steps and rounds, converted to (ε, δ) by Canonne, Kamath, Steinke 2020, Prop. 12",
+        })
+    });
+    json!({
+        "study_id": info.study_id,
+        "study_name": info.name,
+        "manifest_hash": header.manifest_hash,
+        "round": header.round,
+        "rounds_total": info.rounds_total,
+        "rounds_committed": rounds.len(),
+        "sites": sites,
+        "updates": rounds.iter().map(|r| r.contributors.len()).sum::<usize>(),
+        "tensors": header.tensors.iter().map(|t| json!({"name": t.name, "shape": t.shape})).collect::<Vec<_>>(),
+        "num_params": header.num_params,
+        "privacy": privacy,
+        "exported_unix_ms": medfl_shared::unix_ms(std::time::SystemTime::now()),
+    })
 }
 
 fn report(info: pb::StudyInfo, what: &str) {

@@ -126,6 +126,16 @@ async fn study_commands_drive_a_running_coordinator() {
         tensors.tensor("layers.0.weight").expect("weight").shape(),
         &[1, table.columns.len()]
     );
+    // The model card beside it.
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fed.dir.join("model.card.json")).expect("model card"))
+            .expect("json");
+    assert_eq!(card["study_id"], id.as_str());
+    assert_eq!(card["round"], 2);
+    assert_eq!(card["rounds_committed"], 2);
+    assert_eq!(card["sites"].as_array().map(Vec::len), Some(2));
+    assert_eq!(card["manifest_hash"].as_str().map(str::len), Some(64));
+    assert!(card["privacy"].is_null(), "no [privacy]: {card}");
 
     let err = run(a(&["study", "abort", "s-missing", "--profile", &p])).await;
     assert!(!err.status.success());

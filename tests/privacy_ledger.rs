@@ -93,6 +93,35 @@ async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_a
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The model card of an export says what the model cost, ledger by ledger.
+    let admin = fed.pki.join("admin/profile.toml");
+    let out_path = fed.dir.join("dp-model.safetensors");
+    let out = medfl(&[
+        "study",
+        "export",
+        &id,
+        "--out",
+        out_path.to_str().expect("utf-8"),
+        "--profile",
+        admin.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fed.dir.join("dp-model.card.json")).expect("card"))
+            .expect("json");
+    assert_eq!(card["privacy"]["unit"], "record");
+    assert_eq!(card["privacy"]["delta"], DELTA);
+    let by_ledger = card["privacy"]["epsilon_by_ledger"].as_object().expect("ledgers");
+    assert_eq!(by_ledger.len(), 2, "{card}");
+    for eps in by_ledger.values() {
+        assert!((eps.as_f64().expect("ε") - study_eps(3)).abs() < 1e-6, "{card}");
+    }
+    assert!(
+        card["privacy"]["accountant"]
+            .as_str()
+            .is_some_and(|a| a.contains("Rényi"))
+    );
+
     // Tamper with a recorded σ in a copy of the store; a coordinator on the copy fails the audit.
     let dir = fed.dir.clone();
     fed.shutdown().await.expect("clean shutdown");
