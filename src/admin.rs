@@ -21,6 +21,11 @@ fn client(conn: &Conn) -> Result<AdminClient<Channel>> {
     Ok(AdminClient::new(profile(conn)?.channel(conn.coordinator.as_deref())?))
 }
 
+/// A study state's name, as the CLI and reports print it.
+pub fn state_label(state: i32) -> &'static str {
+    state_name(state)
+}
+
 fn state_name(state: i32) -> &'static str {
     match pb::StudyState::try_from(state).unwrap_or(pb::StudyState::Unspecified) {
         pb::StudyState::Unspecified => "unknown",
@@ -252,6 +257,13 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
                 print_status(&status);
             }
         }
+        StudyCommand::Report { id, out } => {
+            let status = admin.get_study_status(r(&id)).await?.into_inner();
+            let ledger = study_ledger(conn, &id).await?;
+            let html = crate::report::study_report(&status, ledger.as_ref());
+            std::fs::write(&out, html).with_context(|| format!("write {}", out.display()))?;
+            println!("report on study {id} written to {}", out.display());
+        }
         StudyCommand::Export { id, out, round } => {
             let stream = admin
                 .export_model(pb::ExportModelRequest {
@@ -264,19 +276,7 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
             write_safetensors(&out, &header, &params)?;
             // The model card that goes with it: what trained it and what it cost.
             let status = admin.get_study_status(r(&id)).await?.into_inner();
-            let channel = profile(conn)?.channel(conn.coordinator.as_deref())?;
-            let ledger = match medfl_proto::v1::audit_client::AuditClient::new(channel)
-                .get_ledger(pb::LedgerRequest {
-                    study_id: id.clone(),
-                    site: String::new(),
-                })
-                .await
-            {
-                Ok(report) => Some(report.into_inner()),
-                // A study without [privacy] has no ledger.
-                Err(e) if e.code() == tonic::Code::FailedPrecondition => None,
-                Err(e) => return Err(e.into()),
-            };
+            let ledger = study_ledger(conn, &id).await?;
             let card = model_card(&header, &status, ledger.as_ref());
             let card_path = out.with_extension("card.json");
             std::fs::write(&card_path, serde_json::to_string_pretty(&card)? + "\n")
@@ -345,6 +345,24 @@ pub fn model_card(header: &pb::ModelHeader, status: &pb::StudyStatus, ledger: Op
         "privacy": privacy,
         "exported_unix_ms": medfl_shared::unix_ms(std::time::SystemTime::now()),
     })
+}
+
+/// The study's privacy ledger, or `None` for a study without `[privacy]`.
+async fn study_ledger(conn: &Conn, id: &str) -> Result<Option<pb::LedgerReport>> {
+    let channel = profile(conn)?.channel(conn.coordinator.as_deref())?;
+    let request = pb::LedgerRequest {
+        study_id: id.to_string(),
+        site: String::new(),
+    };
+    match medfl_proto::v1::audit_client::AuditClient::new(channel)
+        .get_ledger(request)
+        .await
+    {
+        Ok(report) => Ok(Some(report.into_inner())),
+        // A study without [privacy] has no ledger.
+        Err(e) if e.code() == tonic::Code::FailedPrecondition => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn report(info: pb::StudyInfo, what: &str) {

@@ -104,6 +104,12 @@ pub enum StudyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Writes one self-contained HTML report: manifest, rounds, curves, privacy ledger.
+    Report {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Exports a committed global model as safetensors.
     Export {
         id: String,

@@ -15,5 +15,6 @@ pub mod demo;
 pub mod federation;
 pub mod load;
 pub mod privacy;
+pub mod report;
 
 pub use federation::{Federation, FederationBuilder};

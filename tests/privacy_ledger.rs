@@ -122,6 +122,27 @@ async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_a
             .is_some_and(|a| a.contains("Rényi"))
     );
 
+    // The study report: one file, its charts inline, nothing fetched.
+    let report_path = fed.dir.join("report.html");
+    let out = medfl(&[
+        "study",
+        "report",
+        &id,
+        "--out",
+        report_path.to_str().expect("utf-8"),
+        "--profile",
+        admin.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let html = std::fs::read_to_string(&report_path).expect("report");
+    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("ε spent by round"));
+    assert!(html.contains("hospital-a / breast_cancer") && html.contains("hospital-b / breast_cancer"));
+    assert!(html.matches("<svg").count() >= 1, "the ε chart inline");
+    assert!(html.contains("budget_exhausted") && html.contains("[privacy]"));
+    for fetch in ["<script", " src=", " href=", "<link"] {
+        assert!(!html.contains(fetch), "the report must not fetch anything ({fetch})");
+    }
+
     // Tamper with a recorded σ in a copy of the store; a coordinator on the copy fails the audit.
     let dir = fed.dir.clone();
     fed.shutdown().await.expect("clean shutdown");

@@ -109,6 +109,7 @@ fn info_pb(s: &StudyRecord) -> pb::StudyInfo {
 fn status_pb(v: StudyView) -> pb::StudyStatus {
     pb::StudyStatus {
         info: Some(info_pb(&v.study)),
+        manifest_toml: v.study.manifest_toml.clone(),
         rounds: v
             .rounds
             .into_iter()
