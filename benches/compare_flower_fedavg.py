@@ -7,9 +7,9 @@ Usage: compare_flower_fedavg.py N D [REPEATS]
 """
 
 import json
-import statistics
 import sys
-import time
+
+import flower_timing
 
 import numpy as np
 from flwr.common import ndarrays_to_parameters
@@ -28,12 +28,7 @@ bytes_ = N * D * 4
 
 
 def timed(fn):
-    runs = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        runs.append(bytes_ / (time.perf_counter() - start) / 1e9)
-    return statistics.median(runs)
+    return flower_timing.timed(fn, bytes_, REPEATS)
 
 
 print(json.dumps({"flower": "aggregate", "sites": N, "params": D, "gbps": timed(lambda: aggregate(updates))}))

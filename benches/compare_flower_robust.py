@@ -10,9 +10,9 @@ Usage: compare_flower_robust.py N D [REPEATS]
 """
 
 import json
-import statistics
 import sys
-import time
+
+import flower_timing
 
 import numpy as np
 from flwr.server.strategy.aggregate import (
@@ -32,12 +32,7 @@ bytes_ = N * D * 4
 
 
 def timed(fn):
-    runs = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        runs.append(bytes_ / (time.perf_counter() - start) / 1e9)
-    return statistics.median(runs)
+    return flower_timing.timed(fn, bytes_, REPEATS)
 
 
 for name, fn in [

@@ -70,6 +70,58 @@ pub enum Start {
     Global,
 }
 
+/// Minibatch epochs of `cfg` over `(x_all, y_all)` (`n` rows, shuffled by `seed`): for
+/// each batch, each variable's gradient goes to `update(index, var, grad, step)` (step
+/// counts batches from 1). Returns the mean loss of the last epoch and the steps taken.
+fn epochs(
+    layers: &[(Var, Var)],
+    x_all: &Tensor,
+    y_all: &Tensor,
+    cfg: &Training,
+    seed: u64,
+    mut update: impl FnMut(usize, &Var, &Tensor, i32) -> candle_core::Result<()>,
+) -> candle_core::Result<(f64, i32)> {
+    let dev = Device::Cpu;
+    let n = y_all.dims()[0];
+    let vars: Vec<&Var> = layers.iter().flat_map(|(w, b)| [w, b]).collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let batch = (cfg.batch_size as usize).clamp(1, n.max(1));
+    let mut step = 0i32;
+    let mut last_epoch_loss = 0.0;
+    for _ in 0..cfg.local_epochs {
+        order.shuffle(&mut rng);
+        let (mut epoch_loss, mut batches) = (0.0, 0);
+        for idx in order.chunks(batch) {
+            let idx = Tensor::from_slice(idx, idx.len(), &dev)?;
+            let xb = x_all.index_select(&idx, 0)?;
+            let yb = y_all.index_select(&idx, 0)?;
+            let loss = bce_with_logits(&forward(layers, &xb)?, &yb)?;
+            epoch_loss += loss.to_scalar::<f32>()? as f64;
+            batches += 1;
+            let grads = loss.backward()?;
+            step += 1;
+            for (i, var) in vars.iter().enumerate() {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    update(i, var, g, step)?;
+                }
+            }
+        }
+        last_epoch_loss = epoch_loss / batches.max(1) as f64;
+    }
+    Ok((last_epoch_loss, step))
+}
+
+/// The layers' values, flat in the model layout's order (each layer's weight, then bias).
+fn flatten(layers: &[(Var, Var)]) -> candle_core::Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for (w, b) in layers {
+        out.extend(w.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        out.extend(b.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
 /// Trains from `params` on rows `x` (raw, row-major) and labels `y`; returns the new
 /// model on raw coordinates.
 #[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
@@ -110,63 +162,34 @@ pub fn train(
         .iter()
         .map(|v| Ok((v.zeros_like()?, v.zeros_like()?)))
         .collect::<candle_core::Result<_>>()?;
-
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let batch = (cfg.batch_size as usize).clamp(1, n.max(1));
     let lr = cfg.learning_rate;
-    let mut step = 0i32;
-    let mut last_epoch_loss = 0.0;
-    for _ in 0..cfg.local_epochs {
-        order.shuffle(&mut rng);
-        let mut epoch_loss = 0.0;
-        let mut batches = 0;
-        for idx in order.chunks(batch) {
-            let idx = Tensor::from_slice(idx, idx.len(), &dev)?;
-            let xb = x_all.index_select(&idx, 0)?;
-            let yb = y_all.index_select(&idx, 0)?;
-            let loss = bce_with_logits(&forward(&layers, &xb)?, &yb)?;
-            epoch_loss += loss.to_scalar::<f32>()? as f64;
-            batches += 1;
-            let grads = loss.backward()?;
-            step += 1;
-            for (i, (var, (m, v))) in vars.iter().zip(moments.iter_mut()).enumerate() {
-                let Some(g) = grads.get(var.as_tensor()) else {
-                    continue;
-                };
-                let prox;
-                let g = match anchors.get(i) {
-                    Some(anchor) => {
-                        prox = (g + ((var.as_tensor() - anchor)? * mu)?)?;
-                        &prox
-                    }
-                    None => g,
-                };
-                match cfg.optimizer {
-                    Optimizer::Sgd => var.set(&(var.as_tensor() - g.affine(lr, 0.0)?)?)?,
-                    Optimizer::Adam => {
-                        *m = ((&*m * BETA1)? + (g * (1.0 - BETA1))?)?;
-                        *v = ((&*v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
-                        let m_hat = (&*m / (1.0 - BETA1.powi(step)))?;
-                        let v_hat = (&*v / (1.0 - BETA2.powi(step)))?;
-                        let delta = (m_hat / (v_hat.sqrt()? + ADAM_EPS)?)?;
-                        var.set(&(var.as_tensor() - (delta * lr)?)?)?;
-                    }
-                }
+    let (loss, _) = epochs(&layers, &x_all, &y_all, cfg, seed, |i, var, g, step| {
+        let prox;
+        let g = match anchors.get(i) {
+            Some(anchor) => {
+                prox = (g + ((var.as_tensor() - anchor)? * mu)?)?;
+                &prox
+            }
+            None => g,
+        };
+        match cfg.optimizer {
+            Optimizer::Sgd => var.set(&(var.as_tensor() - g.affine(lr, 0.0)?)?),
+            Optimizer::Adam => {
+                let (m, v) = &mut moments[i];
+                *m = ((&*m * BETA1)? + (g * (1.0 - BETA1))?)?;
+                *v = ((&*v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+                let m_hat = (&*m / (1.0 - BETA1.powi(step)))?;
+                let v_hat = (&*v / (1.0 - BETA2.powi(step)))?;
+                let delta = (m_hat / (v_hat.sqrt()? + ADAM_EPS)?)?;
+                var.set(&(var.as_tensor() - (delta * lr)?)?)
             }
         }
-        last_epoch_loss = epoch_loss / batches.max(1) as f64;
-    }
-
-    let mut out = Vec::with_capacity(params.len());
-    for (w, b) in &layers {
-        out.extend(w.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        out.extend(b.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?);
-    }
+    })?;
+    let mut out = flatten(&layers)?;
     standardizer.standardized_to_raw(spec, &mut out);
     Ok(TrainOutcome {
         params: out,
-        loss: last_epoch_loss,
+        loss,
         examples: n,
     })
 }
@@ -201,48 +224,20 @@ pub fn train_scaffold(
     let x_all = Tensor::from_slice(&xs, (n, n_features), &dev)?;
     let y_all = Tensor::from_slice(y, (n, 1), &dev)?;
     let layers = layer_vars(spec, n_features, &start, &dev)?;
-    let vars: Vec<&Var> = layers.iter().flat_map(|(w, b)| [w, b]).collect();
-    // The drift correction c − c_i, cut to each variable (flat order: each layer's
-    // weight, then its bias, as the model layout).
-    let mut corrections = Vec::with_capacity(vars.len());
+    // The drift correction c − c_i, cut to each variable (flat in the layout's order).
+    let mut corrections = Vec::new();
     let mut offset = 0;
-    for var in &vars {
+    for var in layers.iter().flat_map(|(w, b)| [w, b]) {
         let len = var.as_tensor().elem_count();
         let part: Vec<f32> = (offset..offset + len).map(|j| c[j] - c_i[j]).collect();
         corrections.push(Tensor::from_slice(&part, var.as_tensor().shape(), &dev)?);
         offset += len;
     }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let batch = (cfg.batch_size as usize).clamp(1, n.max(1));
     let lr = cfg.learning_rate;
-    let mut steps = 0u64;
-    let mut last_epoch_loss = 0.0;
-    for _ in 0..cfg.local_epochs {
-        order.shuffle(&mut rng);
-        let (mut epoch_loss, mut batches) = (0.0, 0);
-        for idx in order.chunks(batch) {
-            let idx = Tensor::from_slice(idx, idx.len(), &dev)?;
-            let xb = x_all.index_select(&idx, 0)?;
-            let yb = y_all.index_select(&idx, 0)?;
-            let loss = bce_with_logits(&forward(&layers, &xb)?, &yb)?;
-            epoch_loss += loss.to_scalar::<f32>()? as f64;
-            batches += 1;
-            let grads = loss.backward()?;
-            steps += 1;
-            for (var, correction) in vars.iter().zip(&corrections) {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    var.set(&(var.as_tensor() - ((g + correction)? * lr)?)?)?;
-                }
-            }
-        }
-        last_epoch_loss = epoch_loss / batches.max(1) as f64;
-    }
-    let mut out = Vec::with_capacity(params.len());
-    for (w, b) in &layers {
-        out.extend(w.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        out.extend(b.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?);
-    }
+    let (loss, steps) = epochs(&layers, &x_all, &y_all, cfg, seed, |i, var, g, _| {
+        var.set(&(var.as_tensor() - ((g + &corrections[i])? * lr)?)?)
+    })?;
+    let mut out = flatten(&layers)?;
     let scale = 1.0 / (steps.max(1) as f64 * lr) as f32;
     let c_next: Vec<f32> = (0..out.len())
         .map(|j| c_i[j] - c[j] + (start[j] - out[j]) * scale)
@@ -251,7 +246,7 @@ pub fn train_scaffold(
     Ok((
         TrainOutcome {
             params: out,
-            loss: last_epoch_loss,
+            loss,
             examples: n,
         },
         c_next,
