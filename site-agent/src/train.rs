@@ -70,6 +70,44 @@ pub enum Start {
     Global,
 }
 
+/// A local training problem on the training scale: rows (n × d) and labels as tensors,
+/// and the starting model as variables (`start` flat).
+struct Problem {
+    x: Tensor,
+    y: Tensor,
+    layers: Vec<(Var, Var)>,
+    start: Vec<f32>,
+}
+
+impl Problem {
+    /// Rows `x` (raw) and the model `params` (raw, or standardized for the initial model)
+    /// on the scale `scaling` sets.
+    #[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
+    fn new(
+        spec: &ModelSpec,
+        n_features: usize,
+        params: &[f32],
+        start_on: Start,
+        x: &[f32],
+        y: &[f32],
+        scaling: &Standardizer,
+    ) -> candle_core::Result<Self> {
+        let dev = Device::Cpu;
+        let mut xs = x.to_vec();
+        scaling.apply(&mut xs);
+        let mut start = params.to_vec();
+        if start_on == Start::Global {
+            scaling.raw_to_standardized(spec, &mut start);
+        }
+        Ok(Problem {
+            x: Tensor::from_slice(&xs, (y.len(), n_features), &dev)?,
+            y: Tensor::from_slice(y, (y.len(), 1), &dev)?,
+            layers: layer_vars(spec, n_features, &start, &dev)?,
+            start,
+        })
+    }
+}
+
 /// Minibatch epochs of `cfg` over `(x_all, y_all)` (`n` rows, shuffled by `seed`): for
 /// each batch, each variable's gradient goes to `update(index, var, grad, step)` (step
 /// counts batches from 1). Returns the mean loss of the last epoch and the steps taken.
@@ -135,19 +173,10 @@ pub fn train(
     cfg: &Training,
     seed: u64,
 ) -> candle_core::Result<TrainOutcome> {
-    let dev = Device::Cpu;
     let n = y.len();
     let standardizer = Standardizer::fit(x, n_features);
-    let mut xs = x.to_vec();
-    standardizer.apply(&mut xs);
-    let mut start = params.to_vec();
-    if start_on == Start::Global {
-        standardizer.raw_to_standardized(spec, &mut start);
-    }
-
-    let x_all = Tensor::from_slice(&xs, (n, n_features), &dev)?;
-    let y_all = Tensor::from_slice(y, (n, 1), &dev)?;
-    let layers = layer_vars(spec, n_features, &start, &dev)?;
+    let problem = Problem::new(spec, n_features, params, start_on, x, y, &standardizer)?;
+    let (x_all, y_all, layers) = (&problem.x, &problem.y, &problem.layers);
     let vars: Vec<&Var> = layers.iter().flat_map(|(w, b)| [w, b]).collect();
     // FedProx: the gradient of μ/2 ‖w − w_t‖² is μ (w − w_t), w_t the starting model.
     let mu = cfg.proximal_mu.unwrap_or(0.0);
@@ -163,7 +192,7 @@ pub fn train(
         .map(|v| Ok((v.zeros_like()?, v.zeros_like()?)))
         .collect::<candle_core::Result<_>>()?;
     let lr = cfg.learning_rate;
-    let (loss, _) = epochs(&layers, &x_all, &y_all, cfg, seed, |i, var, g, step| {
+    let (loss, _) = epochs(layers, x_all, y_all, cfg, seed, |i, var, g, step| {
         let prox;
         let g = match anchors.get(i) {
             Some(anchor) => {
@@ -185,7 +214,7 @@ pub fn train(
             }
         }
     })?;
-    let mut out = flatten(&layers)?;
+    let mut out = flatten(layers)?;
     standardizer.standardized_to_raw(spec, &mut out);
     Ok(TrainOutcome {
         params: out,
@@ -215,15 +244,8 @@ pub fn train_scaffold(
 ) -> candle_core::Result<(TrainOutcome, Vec<f32>)> {
     let dev = Device::Cpu;
     let n = y.len();
-    let mut xs = x.to_vec();
-    scaling.apply(&mut xs);
-    let mut start = params.to_vec();
-    if start_on == Start::Global {
-        scaling.raw_to_standardized(spec, &mut start);
-    }
-    let x_all = Tensor::from_slice(&xs, (n, n_features), &dev)?;
-    let y_all = Tensor::from_slice(y, (n, 1), &dev)?;
-    let layers = layer_vars(spec, n_features, &start, &dev)?;
+    let problem = Problem::new(spec, n_features, params, start_on, x, y, scaling)?;
+    let (x_all, y_all, layers, start) = (&problem.x, &problem.y, &problem.layers, &problem.start);
     // The drift correction c − c_i, cut to each variable (flat in the layout's order).
     let mut corrections = Vec::new();
     let mut offset = 0;
@@ -234,10 +256,10 @@ pub fn train_scaffold(
         offset += len;
     }
     let lr = cfg.learning_rate;
-    let (loss, steps) = epochs(&layers, &x_all, &y_all, cfg, seed, |i, var, g, _| {
+    let (loss, steps) = epochs(layers, x_all, y_all, cfg, seed, |i, var, g, _| {
         var.set(&(var.as_tensor() - ((g + &corrections[i])? * lr)?)?)
     })?;
-    let mut out = flatten(&layers)?;
+    let mut out = flatten(layers)?;
     let scale = 1.0 / (steps.max(1) as f64 * lr) as f32;
     let c_next: Vec<f32> = (0..out.len())
         .map(|j| c_i[j] - c[j] + (start[j] - out[j]) * scale)
