@@ -297,6 +297,39 @@ mod tests {
     }
 
     #[test]
+    fn fedprox_keeps_local_training_near_the_global_model() {
+        // Li et al. 2020: the proximal term μ/2‖w − w_t‖² pulls the local solution toward
+        // the model the round started from; the larger μ, the smaller the update.
+        let (x, y) = blobs();
+        let spec = ModelSpec {
+            kind: ModelKind::LogisticRegression,
+            hidden: vec![],
+        };
+        let start = spec.init(2, 1);
+        let distance = |mu: Option<f64>| {
+            let cfg = Training {
+                local_epochs: 5,
+                batch_size: 32,
+                learning_rate: 0.05,
+                optimizer: Optimizer::Sgd,
+                proximal_mu: mu,
+            };
+            // From the initial model (standardized scale), compared on that scale.
+            let out = train(&spec, 2, &start, Start::Initial, &x, &y, &cfg, 7).expect("training runs");
+            let mut params = out.params;
+            Standardizer::fit(&x, 2).raw_to_standardized(&spec, &mut params);
+            params
+                .iter()
+                .zip(&start)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let (free, held) = (distance(None), distance(Some(5.0)));
+        assert!(held < 0.5 * free, "μ = 5 moved {held}, μ = 0 moved {free}");
+    }
+
+    #[test]
     fn logistic_regression_and_mlp_learn_separable_data() {
         let (x, y) = blobs();
         for spec in [
