@@ -209,7 +209,9 @@ pub async fn watch(admin: &mut AdminClient<Channel>, id: &str, json_lines: bool)
 }
 
 pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
-    let mut admin = client(conn)?;
+    // One channel for the admin calls and the ledger read (the Audit service).
+    let channel = profile(conn)?.channel(conn.coordinator.as_deref())?;
+    let mut admin = AdminClient::new(channel.clone());
     let r = |id: &str| pb::StudyRef {
         study_id: id.to_string(),
     };
@@ -259,7 +261,7 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
         }
         StudyCommand::Report { id, out } => {
             let status = admin.get_study_status(r(&id)).await?.into_inner();
-            let ledger = study_ledger(conn, &id).await?;
+            let ledger = study_ledger(channel.clone(), &id).await?;
             let html = crate::report::study_report(&status, ledger.as_ref());
             std::fs::write(&out, html).with_context(|| format!("write {}", out.display()))?;
             println!("report on study {id} written to {}", out.display());
@@ -276,7 +278,7 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
             write_safetensors(&out, &header, &params)?;
             // The model card that goes with it: what trained it and what it cost.
             let status = admin.get_study_status(r(&id)).await?.into_inner();
-            let ledger = study_ledger(conn, &id).await?;
+            let ledger = study_ledger(channel.clone(), &id).await?;
             let card = model_card(&header, &status, ledger.as_ref());
             let card_path = out.with_extension("card.json");
             std::fs::write(&card_path, serde_json::to_string_pretty(&card)? + "\n")
@@ -348,8 +350,7 @@ pub fn model_card(header: &pb::ModelHeader, status: &pb::StudyStatus, ledger: Op
 }
 
 /// The study's privacy ledger, or `None` for a study without `[privacy]`.
-async fn study_ledger(conn: &Conn, id: &str) -> Result<Option<pb::LedgerReport>> {
-    let channel = profile(conn)?.channel(conn.coordinator.as_deref())?;
+async fn study_ledger(channel: Channel, id: &str) -> Result<Option<pb::LedgerReport>> {
     let request = pb::LedgerRequest {
         study_id: id.to_string(),
         site: String::new(),

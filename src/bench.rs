@@ -138,6 +138,7 @@ pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) ->
         .map(|u| u.iter().map(|c| c.as_slice()).collect())
         .collect();
     let bytes = (sites * params * 4) as f64;
+    let updates: Vec<&[f32]> = (0..sites).map(|k| decoded[k % distinct].as_slice()).collect();
     let mut acc = WeightedSum::new(params);
     let mut reference = vec![0f32; params];
     let (mut fold, mut check, mut plain) = (Vec::new(), Vec::new(), Vec::new());
@@ -157,23 +158,7 @@ pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) ->
         }
         fold.push(bytes / start.elapsed().as_secs_f64() / 1e9);
 
-        reference.iter_mut().for_each(|v| *v = 0.0);
-        let start = Instant::now();
-        for k in 0..sites {
-            let update = &decoded[k % distinct];
-            // The same split as the fold: whole chunks per thread, no thread for one.
-            let per = params.div_ceil(CHUNK_VALUES).div_ceil(threads) * CHUNK_VALUES;
-            if per >= params {
-                add_assign(&mut reference, update);
-            } else {
-                std::thread::scope(|scope| {
-                    for (a, b) in reference.chunks_mut(per).zip(update.chunks(per)) {
-                        scope.spawn(move || add_assign(a, b));
-                    }
-                });
-            }
-        }
-        plain.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+        plain.push(plain_reference(&updates, &mut reference, threads));
     }
     // Keep the results observable so neither loop is optimized away.
     let checksum =

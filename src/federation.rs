@@ -353,8 +353,20 @@ impl Federation {
     }
 
     async fn wait_until_serving(&mut self) -> Result<()> {
+        self.wait_until_serving_or_exited(false).await
+    }
+
+    /// Waits until the coordinator answers; with `exit_ok`, a coordinator process that
+    /// exited by itself (e.g. at a failpoint) also ends the wait.
+    async fn wait_until_serving_or_exited(&mut self, exit_ok: bool) -> Result<()> {
         let start = Instant::now();
         loop {
+            if exit_ok
+                && let Some(Coordinator::Process(child)) = &mut self.coordinator
+                && child.try_wait()?.is_some()
+            {
+                return Ok(());
+            }
             match self.admin.list_studies(pb::Empty {}).await {
                 Ok(_) => return Ok(()),
                 Err(e) if start.elapsed() > Duration::from_secs(60) => {
@@ -536,29 +548,9 @@ impl Federation {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let child = spawn_coordinator(binary, &self.dir.join("coordinator"), &env)?;
         self.coordinator = Some(Coordinator::Process(child));
-        if env.is_empty() {
-            return self.wait_until_serving().await;
-        }
         // A process started with a failpoint may reach it (and exit) before a probe
-        // sees it serving; both are fine here.
-        let start = Instant::now();
-        loop {
-            if let Some(Coordinator::Process(child)) = &mut self.coordinator
-                && child.try_wait()?.is_some()
-            {
-                return Ok(());
-            }
-            match self.admin.list_studies(pb::Empty {}).await {
-                Ok(_) => return Ok(()),
-                Err(e) if start.elapsed() > Duration::from_secs(60) => {
-                    bail!(
-                        "coordinator did not come up: {e}; its log ends:\n{}",
-                        self.coordinator_log_tail()
-                    )
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        // sees it serving; both are fine then.
+        self.wait_until_serving_or_exited(!env.is_empty()).await
     }
 
     /// The last lines of a coordinator process's log, for failure messages.

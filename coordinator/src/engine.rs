@@ -746,26 +746,25 @@ impl Engine {
         meta: UpdateMeta,
         update: &mut [f32],
     ) -> Result<(), ServiceError> {
+        use medfl_shared::dp::{l2_norm, scale_to_norm};
+        let norm = l2_norm(update);
         let mut unclipped = 0;
         if let Some(bound) = round.site_clip_norm() {
-            clip_site_update(update, bound, site)?;
-            // Adaptive clipping: clip again to C_t ≤ S, counting the updates within it.
-            if let Some(c) = round.adaptive_clip {
-                let norm = medfl_shared::dp::l2_norm(update);
-                unclipped = u32::from(norm <= c);
-                let target = c * (1.0 - 1e-6);
-                if norm > target {
-                    let factor = (target / norm) as f32;
-                    update.iter_mut().for_each(|v| *v *= factor);
+            check_site_clip(norm, bound, site)?;
+            // Clip to a hair under the bound, so that the sensitivity the noise is
+            // calibrated to holds exactly whatever the site's rounding; with adaptive
+            // clipping the bound is C_t ≤ S, and the updates within it are counted.
+            let clip = match round.adaptive_clip {
+                Some(c) => {
+                    unclipped = u32::from(norm <= c);
+                    c
                 }
-            }
+                None => bound,
+            };
+            scale_to_norm(update, norm, clip * (1.0 - 1e-6));
         } else if let Some(bound) = round.manifest.strategy.norm_bound {
             // Norm bounding (Sun et al. 2019): scale down, never refuse.
-            let norm = medfl_shared::dp::l2_norm(update);
-            if norm > bound {
-                let factor = (bound / norm) as f32;
-                update.iter_mut().for_each(|v| *v *= factor);
-            }
+            scale_to_norm(update, norm, bound);
         }
         if round.manifest.strategy.kind.is_robust() {
             let whole = update.to_vec();
@@ -1214,13 +1213,17 @@ impl Engine {
         if !late.is_empty() && !interrupted {
             warn!(round, attempt, late = ?late, "sites dropped from the round: no update before the deadline");
         }
-        let received: Vec<(String, u64, Option<f64>)> = open
-            .lock()
-            .received
-            .iter()
-            .map(|(s, r)| (s.clone(), r.examples, r.train_loss))
-            .collect();
-        let evaluations: Vec<EvalCounts> = open.lock().received.values().filter_map(|r| r.evaluation).collect();
+        let received: Vec<(String, u64, Option<f64>)>;
+        let evaluations: Vec<EvalCounts>;
+        {
+            let round_acc = open.lock();
+            received = round_acc
+                .received
+                .iter()
+                .map(|(s, r)| (s.clone(), r.examples, r.train_loss))
+                .collect();
+            evaluations = round_acc.received.values().filter_map(|r| r.evaluation).collect();
+        }
         lock(&self.open).remove(id);
         let contributors: Vec<String> = received.iter().map(|r| r.0.clone()).collect();
         if interrupted {
@@ -1735,21 +1738,14 @@ fn site_level(manifest: &StudyManifest) -> Option<&medfl_shared::manifest::Priva
 /// a correctly clipped vector stays within a few units in the 7th digit.
 const CLIP_SLACK: f64 = 1e-5;
 
-/// Checks that a site-level DP update was clipped to `bound` by its site, and clips it
-/// to a hair under `bound`, so that the sensitivity the noise is calibrated to holds
-/// exactly whatever the site's rounding (McMahan et al., ICLR 2018, Algorithm 1,
-/// "ClipFn"). An update well past the bound is a protocol violation and is refused.
-fn clip_site_update(update: &mut [f32], bound: f64, site: &str) -> Result<(), ServiceError> {
-    let norm = medfl_shared::dp::l2_norm(update);
+/// Checks that a site-level DP update of L2 norm `norm` was clipped to `bound` by its
+/// site (McMahan et al., ICLR 2018, Algorithm 1, "ClipFn"): an update well past the
+/// bound is a protocol violation and is refused.
+fn check_site_clip(norm: f64, bound: f64, site: &str) -> Result<(), ServiceError> {
     if norm.is_nan() || norm > bound * (1.0 + CLIP_SLACK) {
         return Err(ServiceError::InvalidArgument(format!(
             "the update from {site} has L2 norm {norm:.6}, past the study's site clip bound S = {bound}: site-level DP requires each site to clip its delta to S before it leaves"
         )));
-    }
-    let target = bound * (1.0 - 1e-6);
-    if norm > target {
-        let factor = (target / norm) as f32;
-        update.iter_mut().for_each(|v| *v *= factor);
     }
     Ok(())
 }

@@ -35,8 +35,8 @@ impl Counters {
 pub fn render(engine: &Engine) -> Result<String> {
     let mut out = String::new();
     let studies = engine.store.studies()?;
-    let (mut committed, mut failed, mut duration_sum, mut duration_count, mut updates, mut epsilon, mut state) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut committed, mut failed, mut durations, mut updates, mut epsilon, mut state) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut refusals = std::collections::BTreeMap::<(String, String), u64>::new();
     for s in &studies {
         let l = format!("{{study=\"{}\",name=\"{}\"}}", label(&s.id), label(&s.name));
@@ -47,14 +47,12 @@ pub fn render(engine: &Engine) -> Result<String> {
             l.clone(),
             rounds.iter().filter(|r| !r.committed && r.reason != ROUND_OPEN).count() as f64,
         ));
-        duration_sum.push((
-            l.clone(),
-            done.iter()
-                .map(|r| r.finished_ms.saturating_sub(r.started_ms))
-                .sum::<u64>() as f64
-                / 1000.0,
-        ));
-        duration_count.push((l.clone(), done.len() as f64));
+        let seconds = done
+            .iter()
+            .map(|r| r.finished_ms.saturating_sub(r.started_ms))
+            .sum::<u64>() as f64
+            / 1000.0;
+        durations.push((l.clone(), seconds, done.len()));
         updates.push((
             l.clone(),
             done.iter().map(|r| r.contributors.len()).sum::<usize>() as f64,
@@ -98,7 +96,7 @@ pub fn render(engine: &Engine) -> Result<String> {
         out,
         "# HELP medfl_round_duration_seconds Wall time of committed rounds, from start to commit.\n# TYPE medfl_round_duration_seconds summary"
     );
-    for ((labels, sum), (_, count)) in duration_sum.iter().zip(&duration_count) {
+    for (labels, sum, count) in &durations {
         let _ = writeln!(out, "medfl_round_duration_seconds_sum{labels} {sum}");
         let _ = writeln!(out, "medfl_round_duration_seconds_count{labels} {count}");
     }

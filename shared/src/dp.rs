@@ -65,6 +65,14 @@ pub fn clip_factor(norm: f64, c: f64) -> f64 {
     if norm > c { c / norm } else { 1.0 }
 }
 
+/// Scales `values`, whose L2 norm is `norm`, down to norm `bound` if it is above.
+pub fn scale_to_norm(values: &mut [f32], norm: f64, bound: f64) {
+    let factor = clip_factor(norm, bound) as f32;
+    if factor < 1.0 {
+        values.iter_mut().for_each(|v| *v *= factor);
+    }
+}
+
 /// A vector whose L2 norm is at most its clip bound. Only [`ClippedUpdate::clip`]
 /// builds one, so an unclipped update cannot reach the noise step.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,10 +90,7 @@ impl ClippedUpdate {
             return Err(DpError::BadClip(bound));
         }
         let norm = l2_norm(&values);
-        let factor = clip_factor(norm, bound) as f32;
-        if factor < 1.0 {
-            values.iter_mut().for_each(|v| *v *= factor);
-        }
+        scale_to_norm(&mut values, norm, bound);
         Ok(ClippedUpdate {
             values,
             bound,
