@@ -53,9 +53,29 @@ pub enum AuditCommand {
     },
 }
 
-async fn audit_lines(conn: &Conn, study: Option<&str>) -> Result<Vec<String>> {
+/// An Audit client with the profile's identity (auditor or admin).
+fn client(conn: &Conn) -> Result<AuditClient<tonic::transport::Channel>> {
     let profile = Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))?;
-    let mut client = AuditClient::new(profile.channel(conn.coordinator.as_deref())?);
+    Ok(AuditClient::new(profile.channel(conn.coordinator.as_deref())?))
+}
+
+/// `medfl dashboard`: a one-time sign-in link to the coordinator's dashboard, bound to
+/// the profile's identity.
+pub async fn dashboard_link(conn: &Conn) -> Result<pb::DashboardLink> {
+    Ok(client(conn)?.dashboard_login(pb::Empty {}).await?.into_inner())
+}
+
+/// A hex SHA-256 as browsers show fingerprints: upper case, bytes split by colons.
+pub fn fingerprint(hex: &str) -> String {
+    hex.as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).to_uppercase())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+async fn audit_lines(conn: &Conn, study: Option<&str>) -> Result<Vec<String>> {
+    let mut client = client(conn)?;
     let mut stream = client
         .get_audit_log(pb::AuditLogRequest {
             study_id: study.unwrap_or_default().to_string(),
@@ -82,8 +102,7 @@ pub fn verify_file(path: &std::path::Path, public_key: Option<&str>) -> Result<m
 const TOLERANCE: f64 = 1e-9;
 
 async fn ledger(conn: &Conn, study: &str, site: Option<&str>) -> Result<pb::LedgerReport> {
-    let profile = Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))?;
-    let mut client = AuditClient::new(profile.channel(conn.coordinator.as_deref())?);
+    let mut client = client(conn)?;
     Ok(client
         .get_ledger(pb::LedgerRequest {
             study_id: study.to_string(),

@@ -42,6 +42,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::audit::AuditCommand,
     },
+    /// Prints a one-time sign-in link to the coordinator's dashboard (auditor or admin):
+    /// open it in a browser within five minutes.
+    Dashboard {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Sizing benchmarks for operators: aggregation and whole rounds on this machine.
     Bench {
         #[command(subcommand)]
@@ -190,6 +196,15 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Privacy { command } => crate::privacy::run(command),
         Command::Bench { command } => crate::bench::run(command).await,
         Command::Audit { conn, command } => crate::audit::run(&conn, command).await,
+        Command::Dashboard { conn } => crate::audit::dashboard_link(&conn).await.map(|link| {
+            println!("{}", link.url);
+            eprintln!(
+                "open it within five minutes (it works once); the session lasts eight hours.\n\
+                 The dashboard's certificate has SHA-256 fingerprint\n  {}\n\
+                 compare it with the one your browser shows if it warns about the certificate.",
+                crate::audit::fingerprint(&link.certificate_sha256)
+            );
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

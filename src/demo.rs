@@ -351,7 +351,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut builder = Federation::builder()
         .tables(site_tables.clone())
         .dataset("demo", &label)
-        .dir(&workdir);
+        .dir(&workdir)
+        .dashboard();
     if let Some(epsilon) = dp_epsilon {
         // Each hospital's own cap for this dataset: the demo's budget.
         for i in 0..args.sites {
@@ -359,6 +360,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
     let mut fed = builder.build().await?;
+    let dashboard = fed.dashboard_link("admin").await?;
+    eprintln!(
+        "dashboard (admin; a one-time link for five minutes, `medfl dashboard --profile {}` makes another):\n  {dashboard}\n\
+         its certificate is self-signed: {}",
+        workdir.join("admin/profile.toml").display(),
+        workdir.join("coordinator/store/dashboard-cert.pem").display()
+    );
     std::fs::write(workdir.join("manifest.toml"), manifest.to_toml())?;
     let study_id = fed.create_study(&manifest.to_toml()).await?;
     fed.start_study(&study_id).await?;
@@ -521,6 +529,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("admin profile: {}", workdir.join("admin/profile.toml").display());
     }
     if args.keep_running {
+        eprintln!(
+            "dashboard (admin, a new one-time link): {}",
+            fed.dashboard_link("admin").await?
+        );
         eprintln!(
             "federation is up; try: medfl study status {study_id} --profile {}  (Ctrl-C to stop)",
             workdir.join("admin/profile.toml").display()

@@ -35,6 +35,7 @@ pub struct FederationBuilder {
     policy: Option<String>,
     coordinator_extra: String,
     agent_extra: String,
+    dashboard: bool,
 }
 
 struct Agent {
@@ -51,6 +52,8 @@ pub struct Federation {
     pub pki: PathBuf,
     pub site_names: Vec<String>,
     pub admin: AdminClient<Channel>,
+    /// The dashboard's address, when the builder asked for one.
+    pub dashboard_url: Option<String>,
     coordinator: Option<Coordinator>,
     coordinator_binary: Option<PathBuf>,
     agents: Vec<Agent>,
@@ -122,6 +125,7 @@ impl Default for FederationBuilder {
             policy: None,
             coordinator_extra: String::new(),
             agent_extra: String::new(),
+            dashboard: false,
         }
     }
 }
@@ -198,6 +202,12 @@ impl FederationBuilder {
 
     /// Sets an environment variable for the first coordinator process (e.g. a
     /// `MEDFL_FAILPOINT`); [`Federation::restart_coordinator`] starts it without.
+    /// Serves the coordinator's dashboard on a free loopback port.
+    pub fn dashboard(mut self) -> Self {
+        self.dashboard = true;
+        self
+    }
+
     pub fn coordinator_env(mut self, key: &str, value: &str) -> Self {
         self.coordinator_env.push((key.into(), value.into()));
         self
@@ -254,8 +264,24 @@ impl FederationBuilder {
         // The coordinator, from a real config file.
         let coord_dir = dir.join("coordinator");
         std::fs::create_dir_all(&coord_dir)?;
+        let dashboard_url = if self.dashboard {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("find a free port for the dashboard")?
+                .port();
+            Some(format!("https://127.0.0.1:{port}"))
+        } else {
+            None
+        };
+        let dashboard = match &dashboard_url {
+            Some(url) => format!(
+                "dashboard_listen = \"{}\"\ndashboard_url = \"{url}\"\n",
+                url.trim_start_matches("https://")
+            ),
+            None => String::new(),
+        };
         let config = format!(
-            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \".\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\nca = {:?}\n",
+            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \".\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\nca = {:?}\n{dashboard}",
             self.liveness_secs,
             self.staging_budget_mib,
             pki_dir.display().to_string()
@@ -285,6 +311,7 @@ impl FederationBuilder {
             pki: pki_dir,
             site_names: site_names.clone(),
             admin,
+            dashboard_url,
             coordinator: Some(coordinator),
             coordinator_binary: self.coordinator_binary.clone(),
             agents: Vec::new(),
@@ -387,6 +414,16 @@ impl Federation {
     /// An mTLS site client with the identity of `name`, for simulated sites.
     pub fn site_client(&self, name: &str) -> Result<SiteClient<Channel>> {
         Ok(SiteClient::new(self.profile(name)?.channel(None)?))
+    }
+
+    /// A one-time dashboard sign-in link for the identity `name` (admin or auditor).
+    pub async fn dashboard_link(&self, name: &str) -> Result<String> {
+        let mut client = medfl_proto::v1::audit_client::AuditClient::new(self.profile(name)?.channel(None)?);
+        let link = client
+            .dashboard_login(pb::Empty {})
+            .await
+            .with_context(|| format!("a dashboard link for {name}"))?;
+        Ok(link.into_inner().url)
     }
 
     pub async fn create_study(&mut self, manifest_toml: &str) -> Result<String> {

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod governance;
@@ -20,6 +21,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -80,6 +82,23 @@ pub struct ConfigFile {
     /// `127.0.0.1:9464`; absent means none. Keep it inside the operator's network.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Address for the dashboard (HTTPS with the coordinator's certificate), e.g.
+    /// `0.0.0.0:8443`; absent means none.
+    #[serde(default)]
+    pub dashboard_listen: Option<SocketAddr>,
+    /// The dashboard's address as browsers reach it (a name in the coordinator's
+    /// certificate), e.g. `https://coordinator.example.org:8443`. Sign-in links use it.
+    /// Default: `https://localhost:PORT`.
+    #[serde(default)]
+    pub dashboard_url: Option<String>,
+    /// The dashboard's certificate chain and key (PEM): a web certificate your browsers
+    /// trust (ECDSA or RSA; browsers do not take the consortium's Ed25519 keys).
+    /// Without them the coordinator makes a self-signed P-256 certificate in the store
+    /// directory on first start and `medfl dashboard` prints its fingerprint.
+    #[serde(default)]
+    pub dashboard_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub dashboard_key: Option<PathBuf>,
 }
 
 fn default_robust_memory() -> u64 {
@@ -117,6 +136,10 @@ pub struct Settings {
     pub grace: Duration,
     pub ca: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    pub dashboard_listen: Option<SocketAddr>,
+    pub dashboard_url: Option<String>,
+    /// The dashboard's certificate and key files, when the operator gives them.
+    pub dashboard_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Settings {
@@ -154,8 +177,47 @@ impl Settings {
             grace: Duration::from_secs(file.shutdown_grace_secs),
             ca: file.ca.map(|p| base.join(p)),
             metrics_listen: file.metrics_listen,
+            dashboard_listen: file.dashboard_listen,
+            dashboard_tls: match (file.dashboard_cert, file.dashboard_key) {
+                (Some(cert), Some(key)) => Some((base.join(cert), base.join(key))),
+                (None, None) => None,
+                _ => anyhow::bail!("dashboard_cert and dashboard_key go together: give both or neither"),
+            },
+            dashboard_url: file.dashboard_url,
         })
     }
+}
+
+/// The dashboard's certificate chain and key (PEM): the operator's files, or a
+/// self-signed P-256 certificate kept in the store directory (made on first start, for
+/// localhost, the loopback addresses and the host of `url`).
+fn dashboard_certificate(settings: &Settings, url: &str) -> Result<(String, String)> {
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+    if let Some((cert, key)) = &settings.dashboard_tls {
+        return Ok((read(cert)?, read(key)?));
+    }
+    let (cert, key) = (
+        settings.store.join("dashboard-cert.pem"),
+        settings.store.join("dashboard-key.pem"),
+    );
+    if cert.exists() && key.exists() {
+        return Ok((read(&cert)?, read(&key)?));
+    }
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    let host = url
+        .trim_start_matches("https://")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default();
+    if !host.is_empty() && !names.iter().any(|n| n == host) {
+        names.push(host.to_string());
+    }
+    let (cert_pem, key_pem) = pki::self_signed_web_certificate(&names, 825)?;
+    std::fs::create_dir_all(&settings.store)?;
+    pki::write_secret(&key, &key_pem)?;
+    std::fs::write(&cert, &cert_pem).with_context(|| format!("write {}", cert.display()))?;
+    info!(cert = %cert.display(), "made a self-signed dashboard certificate; set dashboard_cert and dashboard_key for one your browsers trust");
+    Ok((cert_pem, key_pem))
 }
 
 /// Serves until `shutdown` fires, then stops taking RPCs, settles the open rounds
@@ -191,6 +253,29 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: Cancellati
             }
         });
     }
+    let dashboard = match settings.dashboard_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind the dashboard address {addr}"))?;
+            let port = listener.local_addr()?.port();
+            let url = settings
+                .dashboard_url
+                .clone()
+                .unwrap_or_else(|| format!("https://localhost:{port}"));
+            let (cert, key) = dashboard_certificate(&settings, &url)?;
+            let tls = tls::dashboard_config(&settings.profile, engine.revocations.clone(), &cert, &key)?;
+            let dashboard = Arc::new(dashboard::Dashboard::new(url, &cert)?);
+            let (engine, shutdown, d) = (engine.clone(), shutdown.clone(), dashboard.clone());
+            tracker.spawn(async move {
+                if let Err(e) = dashboard::serve(listener, tls, engine, d, shutdown).await {
+                    tracing::error!(error = format!("{e:#}"), "dashboard stopped");
+                }
+            });
+            Some(dashboard)
+        }
+        None => None,
+    };
     // grpc.health.v1 for probes and load balancers: the server ("") and each service
     // serve while the coordinator runs (no certificate needed, as for enrolment).
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -222,7 +307,10 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: Cancellati
             gate(Access::ADMIN),
         ))
         .add_service(AuditServer::with_interceptor(
-            AuditService { engine: engine.clone() },
+            AuditService {
+                engine: engine.clone(),
+                dashboard,
+            },
             gate(Access::AUDIT),
         ))
         .add_service(health_service)

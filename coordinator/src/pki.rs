@@ -133,6 +133,22 @@ pub fn new_key() -> Result<KeyPair> {
     KeyPair::generate_for(&rcgen::PKCS_ED25519).context("generate an Ed25519 key")
 }
 
+/// A self-signed ECDSA P-256 certificate and key (PEM) for the dashboard when the
+/// operator gives none. Browsers accept neither Ed25519 server keys nor chains signed
+/// with Ed25519, so the consortium's own keys cannot serve them.
+pub fn self_signed_web_certificate(names: &[String], days: i64) -> Result<(String, String)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate a P-256 key")?;
+    let mut params = CertificateParams::new(names.to_vec()).context("dashboard certificate names")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "medfl dashboard (self-signed)");
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + Duration::days(days);
+    let cert = params.self_signed(&key).context("sign the dashboard certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// How far back a certificate's validity starts, for clocks that run behind. Its
 /// issue time is `not_before + BACKDATE`, which revocation compares against.
 pub const BACKDATE: Duration = Duration::hours(1);
@@ -249,7 +265,7 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
 }
 
-fn write_secret(path: &Path, text: &str) -> Result<()> {
+pub fn write_secret(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -966,6 +966,8 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
 #[derive(Debug, Clone)]
 pub struct AuditService {
     pub engine: Arc<Engine>,
+    /// The dashboard, when `dashboard_listen` is set.
+    pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
 }
 
 #[tonic::async_trait]
@@ -1017,6 +1019,22 @@ impl pb::audit_server::Audit for AuditService {
         Ok(Response::new(Box::pin(futures::stream::iter(
             lines.collect::<Vec<_>>(),
         ))))
+    }
+
+    async fn dashboard_login(&self, request: Request<pb::Empty>) -> Result<Response<pb::DashboardLink>, Status> {
+        let identity = caller(&request)?;
+        let Some(dashboard) = &self.dashboard else {
+            return Err(Status::failed_precondition(
+                "this coordinator serves no dashboard: set dashboard_listen in coordinator.toml",
+            ));
+        };
+        let (url, expires_unix_ms) = dashboard.link(identity, caller_certificate(&request)?)?;
+        info!(%identity, "dashboard sign-in link issued");
+        Ok(Response::new(pb::DashboardLink {
+            url,
+            expires_unix_ms,
+            certificate_sha256: dashboard.certificate_sha256.clone(),
+        }))
     }
 
     async fn get_ledger(&self, request: Request<pb::LedgerRequest>) -> Result<Response<pb::LedgerReport>, Status> {

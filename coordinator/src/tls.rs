@@ -81,35 +81,65 @@ impl ClientCertVerifier for RevocationAware {
     }
 }
 
-/// Builds the rustls server configuration from the coordinator's profile.
-pub fn server_config(profile: &Profile, revocations: Arc<Revocations>) -> Result<Arc<rustls::ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// Client certificates: optional, from the consortium CA, not revoked.
+fn client_verifier(profile: &Profile, revocations: Arc<Revocations>) -> Result<Arc<dyn ClientCertVerifier>> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(profile.ca_pem.as_bytes()) {
         roots
             .add(ca.context("parse consortium CA")?)
             .context("add consortium CA")?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .context("build client-certificate verifier")?;
-    let verifier = Arc::new(RevocationAware {
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("build client-certificate verifier")?;
+    Ok(Arc::new(RevocationAware {
         inner: verifier,
         revocations,
-    });
-    let certs = CertificateDer::pem_slice_iter(profile.cert_pem.as_bytes())
+    }))
+}
+
+/// A TLS 1.3 server configuration with `cert_pem` (a chain) and `key_pem`, the
+/// consortium's client verifier and `alpn`.
+fn config_with(
+    profile: &Profile,
+    revocations: Arc<Revocations>,
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .context("parse coordinator certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(profile.key_pem.as_bytes()).context("parse coordinator key")?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .context("parse the server certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("parse the server key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("select TLS 1.3")?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(client_verifier(profile, revocations)?)
         .with_single_cert(certs, key)
-        .context("load coordinator certificate and key")?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+        .context("load the server certificate and key")?;
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Builds the rustls server configuration from the coordinator's profile.
+pub fn server_config(profile: &Profile, revocations: Arc<Revocations>) -> Result<Arc<rustls::ServerConfig>> {
+    config_with(profile, revocations, &profile.cert_pem, &profile.key_pem, b"h2")
+        .context("the coordinator's certificate")
+}
+
+/// The dashboard's configuration: HTTP/1.1 with a web certificate (`cert_pem`,
+/// `key_pem`), and the same optional consortium client certificates as gRPC.
+pub fn dashboard_config(
+    profile: &Profile,
+    revocations: Arc<Revocations>,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>> {
+    config_with(profile, revocations, cert_pem, key_pem, b"http/1.1").context("the dashboard's certificate")
 }
 
 /// Accepts TCP connections, completes the TLS handshake of each on its own task and

@@ -10,6 +10,7 @@
 pub mod accountant;
 pub mod aggregate;
 pub mod chainlog;
+pub mod chart;
 pub mod chunk;
 pub mod dp;
 pub mod identity;
