@@ -46,4 +46,20 @@ fn example_coordinator_and_agent_configs_parse() {
         let text = std::fs::read_to_string(path).expect("compose agent config");
         let _: medfl_site_agent::agent::ConfigFile = toml::from_str(&text).expect("compose agent config parses");
     }
+    let read = |path: &str| std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)).expect(path);
+    let compose: medfl_coordinator::ConfigFile =
+        toml::from_str(&read("deploy/compose/coordinator.toml")).expect("compose coordinator config parses");
+    assert!(compose.dashboard_listen.is_some() && compose.metrics_listen.is_some());
+    // The Kubernetes ConfigMap's coordinator.toml: the block under `coordinator.toml: |`.
+    let k8s = read("deploy/k8s/coordinator.yaml");
+    let block: String = k8s
+        .split("coordinator.toml: |\n")
+        .nth(1)
+        .expect("the ConfigMap's coordinator.toml")
+        .lines()
+        .take_while(|l| l.starts_with("    "))
+        .map(|l| format!("{}\n", &l[4..]))
+        .collect();
+    let k8s: medfl_coordinator::ConfigFile = toml::from_str(&block).expect("the ConfigMap's coordinator.toml parses");
+    assert!(k8s.dashboard_cert.is_some() && k8s.dashboard_key.is_some(), "{block}");
 }

@@ -135,5 +135,27 @@ async fn metrics_and_health_report_a_running_federation() {
         .await
         .expect_err("unknown service");
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    // The readiness probe for Kubernetes: the coordinator's own config and identity.
+    // A copy of its config and identity, to probe once the federation's folder is gone.
+    let kept = tempfile::tempdir().expect("tempdir");
+    for file in ["coordinator.toml", "profile.toml", "cert.pem", "key.pem", "ca.pem"] {
+        std::fs::copy(fed.dir.join("coordinator").join(file), kept.path().join(file)).expect("copy");
+    }
+    let config = kept.path().join("coordinator.toml");
+    let config = config.to_str().expect("utf-8 path");
+    let probe = || {
+        let config = config.to_string();
+        tokio::task::spawn_blocking(move || medfl(&["coordinator", "--config", &config, "--probe"]))
+    };
+    let up = probe().await.expect("probe");
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
     fed.shutdown().await.expect("clean shutdown");
+    let down = probe().await.expect("probe");
+    assert_eq!(down.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("not serving"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
 }

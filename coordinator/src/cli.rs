@@ -19,6 +19,11 @@ pub struct CoordinatorArgs {
     /// Log as JSON lines instead of text.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
+    /// Instead of serving: asks the coordinator this config describes, on its own
+    /// port over mTLS with its own identity, for grpc.health.v1; exits 0 if it is
+    /// SERVING, 1 if not (a readiness probe for Kubernetes and the like).
+    #[arg(long)]
+    pub probe: bool,
 }
 
 /// Exit status for a configuration error (EX_USAGE).
@@ -36,6 +41,15 @@ pub async fn main(args: CoordinatorArgs) -> ExitCode {
     if let Some(listen) = args.listen {
         settings.listen = listen;
     }
+    if args.probe {
+        return match probe(&settings).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("medfl-coordinator: not serving: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let listener = match tokio::net::TcpListener::bind(settings.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -52,4 +66,27 @@ pub async fn main(args: CoordinatorArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// grpc.health.v1 `Check("")` against this host's coordinator, within five seconds.
+async fn probe(settings: &crate::Settings) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let port = settings.listen.port();
+    let host = if settings.listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        settings.listen.ip()
+    };
+    let url = format!("https://{}", std::net::SocketAddr::new(host, port));
+    let channel = settings.profile.channel(Some(&url))?;
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer from {url} within 5 s"))??;
+    let status = reply.into_inner().status();
+    anyhow::ensure!(status == ServingStatus::Serving, "{url} answers {status:?}");
+    Ok(())
 }
