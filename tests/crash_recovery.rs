@@ -22,40 +22,6 @@ fn crash_manifest(table: &medfl_site_agent::data::Table) -> String {
         .replace("round_deadline_secs = 60", "round_deadline_secs = 2")
 }
 
-/// A fourth site that is always connected and selected but never delivers, so every
-/// round runs to its 2-s deadline: the study lasts long enough to be killed often.
-fn spawn_laggard(fed: &Federation, features: Vec<String>) -> tokio::task::JoinHandle<()> {
-    let identity = medfl_shared::identity::Identity::new(
-        medfl_shared::identity::Role::Site,
-        "hospital-slow".parse().expect("name"),
-    );
-    let bundle = medfl_coordinator::pki::issue(
-        &fed.pki,
-        &medfl_coordinator::pki::IssueRequest {
-            identity,
-            dns: vec![],
-            ips: vec![],
-            days: 1,
-            coordinator: Some(format!("https://{}", fed.addr)),
-        },
-    )
-    .expect("issue");
-    let mut client = medfl_proto::v1::site_client::SiteClient::new(
-        medfl_proto::transport::Profile::load(&bundle)
-            .expect("profile")
-            .channel(None)
-            .expect("channel"),
-    );
-    tokio::spawn(async move {
-        loop {
-            if client.heartbeat(pb::HeartbeatRequest {}).await.is_err() {
-                let _ = register(&mut client, &features).await;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-}
-
 /// Checks what the issue asks after the crashes: completed, each round committed once,
 /// the coordinator's ledger exactly the committed contributions (one audit entry per
 /// charge), the audit log intact, and `audit recompute` agreeing.

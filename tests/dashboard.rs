@@ -211,6 +211,32 @@ fn run_chromium(binary: &Path, profile_dir: &Path, spki: &str, url: &str, extra:
     String::from_utf8_lossy(&output.stdout).to_string()
 }
 
+/// Creates and starts the long study (once) and waits until its open round has the
+/// three real sites' updates and waits on the laggard. Returns its id.
+async fn start_long(fed: &mut Federation, manifest: &str, id: &mut Option<String>) -> String {
+    let id = match id {
+        Some(id) => id.clone(),
+        None => {
+            let created = fed.create_study(manifest).await.expect("create");
+            fed.start_study(&created).await.expect("start");
+            *id = Some(created.clone());
+            created
+        }
+    };
+    for _ in 0..300 {
+        let status = fed.status(&id).await.expect("status");
+        if status
+            .open_round
+            .as_ref()
+            .is_some_and(|o| o.selected.len() == 4 && o.received.len() == 3)
+        {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("round 1 of the long study never had 3 of 4 updates");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act() {
     let (table, _, tables) = iid_site_tables(3);
@@ -239,6 +265,10 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
     let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .expect("der")
         .to_vec();
+
+    let long = dp_manifest(&table, 200, 3, privacy).replace("budget_epsilon = 20.0", "budget_epsilon = 1000.0");
+    let _laggard = spawn_laggard(&fed, table.columns.clone());
+    let mut long_id = None;
 
     // ---- headless Chromium
     match (chromium(), std::env::var("MEDFL_SKIP_BROWSER").as_deref()) {
@@ -315,6 +345,35 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
             let png = std::fs::read(&shot).expect("the screenshot");
             assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{} bytes", png.len());
             eprintln!("dashboard screenshot: {}", shot.display());
+
+            // The live round: a long study with a site that never delivers keeps round 1
+            // open with 3 of 4 updates in; the page lists who is still training.
+            let long_id = start_long(&mut fed, &long, &mut long_id).await;
+            let link = fed.dashboard_link("auditor").await.expect("link");
+            let third = tempfile::tempdir().expect("tempdir");
+            let live_shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-live.png");
+            run_chromium(
+                &binary,
+                third.path(),
+                &spki,
+                &link,
+                &[&format!("--screenshot={}", live_shot.display())],
+            );
+            let link = fed.dashboard_link("auditor").await.expect("link");
+            let fourth = tempfile::tempdir().expect("tempdir");
+            let dom = run_chromium(&binary, fourth.path(), &spki, &link, &["--dump-dom"]);
+            let current = dom
+                .split("id=\"current-round\"")
+                .nth(1)
+                .and_then(|rest| rest.split("</div>").next())
+                .unwrap_or_else(|| panic!("no current round in {dom}"));
+            assert!(current.contains("Current round 1"), "{current}");
+            assert!(current.contains("3 of 4 updates received"), "{current}");
+            assert!(current.contains("hospital-slow — training"), "{current}");
+            for site in &fed.site_names {
+                assert!(current.contains(&format!("{site} — update received")), "{current}");
+            }
+            eprintln!("live round screenshot: {}", live_shot.display());
         }
     }
 
@@ -355,11 +414,28 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
     assert_eq!(overview.status, 200, "{}", overview.body);
     let overview = json(&overview);
     assert_eq!(overview["viewer"]["identity"], "auditor/auditor");
-    assert_eq!(overview["studies"][0]["id"], id.as_str());
-    assert_eq!(overview["sites"].as_array().map(Vec::len), Some(3));
+    let listed = overview["studies"].as_array().expect("studies");
+    let first = listed
+        .iter()
+        .find(|s| s["id"] == id.as_str())
+        .expect("the first study is listed");
+    assert_eq!(first["state"], "completed");
+    assert_eq!(first["rounds_completed"], 4);
+    assert_eq!(
+        overview["sites"].as_array().map(Vec::len),
+        Some(4),
+        "three hospitals and the laggard"
+    );
     let study = json(&https(&base, &cert_der, "GET", &format!("/api/studies/{id}"), &cookie, None).await);
     assert_eq!(study["can_control"], false);
     assert_eq!(study["ledgers"].as_array().map(Vec::len), Some(3));
+    let missing = https(&base, &cert_der, "GET", "/api/studies/s-nope", &cookie, None).await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert!(
+        json(&missing)["error"].as_str().is_some_and(|e| e.contains("s-nope")),
+        "{}",
+        missing.body
+    );
     let audit_page = json(
         &https(
             &base,
@@ -382,10 +458,8 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
     assert_eq!(site.status, 403);
     assert!(site.body.contains("for admins and auditors"), "{}", site.body);
 
-    // ---- who may act: a long study paused, resumed and aborted from the dashboard.
-    let long = dp_manifest(&table, 200, 3, privacy).replace("budget_epsilon = 20.0", "budget_epsilon = 1000.0");
-    let long_id = fed.create_study(&long).await.expect("create");
-    fed.start_study(&long_id).await.expect("start");
+    // ---- who may act: the long study paused, resumed and aborted from the dashboard.
+    let long_id = start_long(&mut fed, &long, &mut long_id).await;
     let pause = format!("/api/studies/{long_id}/pause");
     let refused = https(
         &base,
@@ -410,6 +484,17 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
     )
     .await;
     assert_eq!(cross.status, 403, "another origin is refused");
+    let unknown = https(
+        &base,
+        &cert_der,
+        "POST",
+        &format!("/api/studies/{long_id}/delete"),
+        &[("x-medfl-action", "delete")],
+        Some(&admin_profile),
+    )
+    .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    assert!(unknown.body.contains("pause, resume or abort"), "{}", unknown.body);
     let admin_link = fed.dashboard_link("admin").await.expect("link");
     let admin = session_cookie(&https(&base, &cert_der, "GET", &admin_link[base.len()..], &[], None).await);
     for (action, state) in [

@@ -276,3 +276,38 @@ pub fn dp_manifest(table: &medfl_site_agent::data::Table, rounds: u32, min_sites
         ),
     )
 }
+
+/// A site (`hospital-slow`) that stays connected, so it is selected, but never
+/// delivers: every round it is in runs to its deadline.
+#[allow(dead_code)]
+pub fn spawn_laggard(fed: &medfl::Federation, features: Vec<String>) -> tokio::task::JoinHandle<()> {
+    let identity = medfl_shared::identity::Identity::new(
+        medfl_shared::identity::Role::Site,
+        "hospital-slow".parse().expect("name"),
+    );
+    let bundle = medfl_coordinator::pki::issue(
+        &fed.pki,
+        &medfl_coordinator::pki::IssueRequest {
+            identity,
+            dns: vec![],
+            ips: vec![],
+            days: 1,
+            coordinator: Some(format!("https://{}", fed.addr)),
+        },
+    )
+    .expect("issue");
+    let mut client = medfl_proto::v1::site_client::SiteClient::new(
+        medfl_proto::transport::Profile::load(&bundle)
+            .expect("profile")
+            .channel(None)
+            .expect("channel"),
+    );
+    tokio::spawn(async move {
+        loop {
+            if client.heartbeat(pb::HeartbeatRequest {}).await.is_err() {
+                let _ = register(&mut client, &features).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}

@@ -170,6 +170,10 @@ function renderPrivacy(d) {
   const p = d.privacy;
   summary.textContent =
     "Unit: " + p.unit.replace("_", " ") + ". Budget ε = " + p.budget_epsilon + " at δ = " + p.delta + " per ledger. Accountant: " + p.accountant + ".";
+  if (!d.ledgers.length) {
+    fill(tbody, [el("tr", {}, el("td", { class: "l muted", colSpan: 4 }, "no charges yet: a ledger is charged when a round commits"))]);
+    return;
+  }
   fill(
     tbody,
     d.ledgers.map((l) => {
@@ -218,7 +222,11 @@ function renderStudy(d) {
           cell(r.round),
           cell(r.attempt),
           cell(r.committed ? "committed" : r.reason === "open" ? "open" : "failed", true),
-          cell(r.contributors.length + " / " + r.selected.length),
+          cell(
+            d.open && d.open.round === r.round && r.reason === "open"
+              ? d.open.received.length + " / " + d.open.selected.length
+              : r.contributors.length + " / " + r.selected.length
+          ),
           cell(r.num_examples),
           cell(num(r.mean_train_loss, 4)),
           cell(r.eval ? num(r.eval.accuracy, 4) : "–"),
