@@ -348,7 +348,7 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
 
             // The live round: a long study with a site that never delivers keeps round 1
             // open with 3 of 4 updates in; the page lists who is still training.
-            let long_id = start_long(&mut fed, &long, &mut long_id).await;
+            start_long(&mut fed, &long, &mut long_id).await;
             let link = fed.dashboard_link("auditor").await.expect("link");
             let third = tempfile::tempdir().expect("tempdir");
             let live_shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-live.png");
