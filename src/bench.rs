@@ -284,7 +284,7 @@ pub fn aggregate_strategy(
 }
 
 /// Raw loopback TCP: one connection carrying `bytes` bytes, in GB/s.
-async fn tcp_reference(bytes: usize) -> Result<f64> {
+pub async fn tcp_reference(bytes: usize) -> Result<f64> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let reader = tokio::spawn(async move {
@@ -317,9 +317,10 @@ async fn tcp_reference(bytes: usize) -> Result<f64> {
     Ok(bytes as f64 / secs / 1e9)
 }
 
-/// Whole rounds over mTLS on loopback: an in-process coordinator, `sites` simulated
-/// sites answering each round with the same `params`-value update.
-pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_json::Value> {
+/// Runs `rounds` rounds over mTLS on loopback (an in-process coordinator, `sites`
+/// simulated sites answering each round with the same update of about `params`
+/// values) and times them.
+pub async fn run_rounds(sites: usize, params: usize, rounds: u32) -> Result<RoundTimes> {
     use medfl_proto::v1 as pb;
     // An MLP 30 → h → 1 has 32h + 1 parameters.
     let hidden = (params.saturating_sub(1) / 32).max(1);
@@ -375,27 +376,48 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
     if info.state != pb::StudyState::Completed as i32 {
         bail!("the benchmark study ended as {}: {}", info.state, info.reason);
     }
-    let times: Vec<f64> = status
+    let round_seconds: Vec<f64> = status
         .rounds
         .iter()
         .filter(|r| r.committed)
         .map(|r| (r.finished_unix_ms - r.started_unix_ms) as f64 / 1000.0)
         .collect();
-    let round_seconds = median(times);
-    let ingest: Vec<f64> = windows
+    let ingest_seconds: Vec<f64> = windows
         .values()
         .filter(|(start, end)| *start != u64::MAX && end > start)
         .map(|(start, end)| (end - start) as f64 / 1000.0)
         .collect();
-    let ingest_seconds = if ingest.is_empty() {
+    fed.shutdown().await?;
+    Ok(RoundTimes {
+        params: actual,
+        round_seconds,
+        ingest_seconds,
+    })
+}
+
+/// What [`run_rounds`] measured: each committed round's wall time and its ingest
+/// window (from its start to its last update), in seconds, for `params` values.
+#[derive(Debug, Clone)]
+pub struct RoundTimes {
+    pub params: usize,
+    pub round_seconds: Vec<f64>,
+    pub ingest_seconds: Vec<f64>,
+}
+
+/// Whole rounds over mTLS on loopback: an in-process coordinator, `sites` simulated
+/// sites answering each round with the same `params`-value update.
+pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_json::Value> {
+    let times = run_rounds(sites, params, rounds).await?;
+    let actual = times.params;
+    let round_seconds = median(times.round_seconds);
+    let ingest_seconds = if times.ingest_seconds.is_empty() {
         round_seconds
     } else {
-        median(ingest)
+        median(times.ingest_seconds)
     };
     let bytes = sites * actual * 4;
     let ingest_gbps = bytes as f64 / ingest_seconds / 1e9;
     let tcp = tcp_reference(bytes).await?;
-    fed.shutdown().await?;
     Ok(json!({
         "sites": sites,
         "params": actual,

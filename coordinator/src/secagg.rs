@@ -218,9 +218,7 @@ impl SecureRound {
         if st.sum.is_empty() {
             st.sum = vec![0; values.len()];
         }
-        for (s, v) in st.sum.iter_mut().zip(values) {
-            *s = s.wrapping_add(*v);
-        }
+        medfl_shared::aggregate::add_wrapping(&mut st.sum, values);
         st.masked.insert(site.to_string());
         Ok(())
     }

@@ -35,6 +35,37 @@ pub struct WeightedSum {
     count: usize,
 }
 
+/// From this many values [`add_wrapping`] splits across cores: measured on 2 cores,
+/// threads cost more than they gain at 10^6 values (0.77× the plain pass: the vectors
+/// are still in cache) and gain 1.86× at 10^7 (`cargo bench --bench secagg`).
+pub const WRAPPING_PARALLEL_FROM: usize = 1 << 21;
+
+/// Secure aggregation's sum: `sum[i] += values[i]` mod 2^32, split across the
+/// machine's cores for large models. Each part is a plain wrapping add that vectorizes.
+pub fn add_wrapping(sum: &mut [u32], values: &[u32]) {
+    assert_eq!(sum.len(), values.len(), "add_wrapping: lengths differ");
+    let add = |acc: &mut [u32], part: &[u32]| {
+        for (a, b) in acc.iter_mut().zip(part) {
+            *a = a.wrapping_add(*b);
+        }
+    };
+    let threads = if sum.len() >= WRAPPING_PARALLEL_FROM {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        1
+    };
+    if threads == 1 {
+        add(sum, values);
+    } else {
+        let per = sum.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (acc, part) in sum.chunks_mut(per).zip(values.chunks(per)) {
+                scope.spawn(move || add(acc, part));
+            }
+        });
+    }
+}
+
 impl WeightedSum {
     pub fn new(len: usize) -> Self {
         WeightedSum {
@@ -194,6 +225,19 @@ pub fn add_assign(acc: &mut [f32], b: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrapping_sums_agree_threaded_or_not() {
+        let n = WRAPPING_PARALLEL_FROM + 3;
+        let values: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        let mut threaded = vec![u32::MAX - 5; n];
+        add_wrapping(&mut threaded, &values);
+        let plain: Vec<u32> = values.iter().map(|v| v.wrapping_add(u32::MAX - 5)).collect();
+        assert_eq!(threaded, plain);
+        let mut small = vec![1u32, u32::MAX];
+        add_wrapping(&mut small, &[2, 2]);
+        assert_eq!(small, [3, 1]);
+    }
     use proptest::prelude::*;
 
     proptest! {
