@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use medfl_proto::v1 as pb;
-use medfl_shared::chart::{Charge, RoundPoint, epsilon_chart, esc, training_charts};
+use medfl_shared::chart::{RoundPoint, epsilon_chart, esc, training_charts};
 
 /// The report for `status` (with its manifest) and, for a `[privacy]` study, its ledger.
 pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>) -> String {
@@ -56,17 +56,11 @@ pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>)
     match ledger {
         None => html.push_str("<p>This study runs without <code>[privacy]</code>: it has no ledger.</p>"),
         Some(l) => {
-            let charges: Vec<Charge<'_>> = l
+            let charges = l
                 .charges
                 .iter()
-                .map(|c| Charge {
-                    site: &c.site,
-                    dataset: &c.dataset,
-                    round: c.round,
-                    epsilon_after: c.epsilon_after,
-                })
-                .collect();
-            html.push_str(&epsilon_chart(&charges, l.delta, l.budget_epsilon));
+                .map(|c| (c.site.as_str(), c.dataset.as_str(), c.round, c.epsilon_after));
+            html.push_str(&epsilon_chart(charges, l.delta, l.budget_epsilon));
             html.push_str(
                 "<table><tr><th>round</th><th class=\"l\">site</th><th class=\"l\">dataset</th><th>σ</th><th>q</th><th>steps</th><th>clip</th><th>ε before</th><th>ε after</th></tr>",
             );

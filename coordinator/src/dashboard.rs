@@ -27,16 +27,15 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use medfl_shared::chart::{Charge, RoundPoint, epsilon_chart, ledger_name, training_charts};
+use medfl_shared::chart::{RoundPoint, epsilon_chart, ledger_name, training_charts};
 use medfl_shared::identity::{Identity, Role};
 use medfl_shared::manifest::StudyManifest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::engine::{Engine, now_ms};
 use crate::error::ServiceError;
@@ -52,8 +51,6 @@ const COOKIE: &str = "medfl_session";
 const ACTION_HEADER: &str = "x-medfl-action";
 /// Audit entries one page shows at most.
 const AUDIT_LIMIT: usize = 2000;
-/// A handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/dashboard.js");
@@ -184,10 +181,9 @@ pub struct Peer {
     identity: Option<(Identity, i64)>,
 }
 
-/// Yields TLS connections whose handshakes finished (each on its own task, so a slow
-/// client delays no one). A client certificate is optional here.
+/// The dashboard's connections, handshakes done (a client certificate is optional).
 struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
+    rx: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
 }
 
@@ -196,7 +192,10 @@ impl axum::serve::Listener for TlsListener {
     type Addr = Peer;
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.rx.recv().await {
-            Some(pair) => pair,
+            Some((stream, addr)) => {
+                let identity = crate::tls::peer_identity(&stream);
+                (stream, Peer { addr, identity })
+            }
             // The accept loop stopped (shutdown): wait for the server to notice.
             None => std::future::pending().await,
         }
@@ -213,46 +212,6 @@ impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
         stream.remote_addr().clone()
     }
-}
-
-fn tls_listener(listener: TcpListener, config: Arc<rustls::ServerConfig>, shutdown: CancellationToken) -> TlsListener {
-    let local = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, addr) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        warn!(%error, "dashboard accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let identity = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .and_then(|leaf| Some((Identity::from_cert_der(leaf).ok()?, issued_secs(leaf)?)));
-                        let _ = tx.send((stream, Peer { addr, identity })).await;
-                    }
-                    Ok(Err(error)) => debug!(%addr, %error, "dashboard tls handshake refused"),
-                    Err(_) => debug!(%addr, "dashboard tls handshake timed out"),
-                }
-            });
-        }
-    });
-    TlsListener { rx, local }
 }
 
 // ---------------------------------------------------------------------- server
@@ -299,7 +258,11 @@ pub async fn serve(
         .merge(api)
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(app);
-    let listener = tls_listener(listener, tls, shutdown.clone());
+    let local = listener.local_addr()?;
+    let listener = TlsListener {
+        rx: crate::tls::handshakes(listener, tls, shutdown.clone()),
+        local,
+    };
     axum::serve(listener, router.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -508,12 +471,7 @@ async fn overview(State(app): State<App>, axum::Extension(viewer): axum::Extensi
         let mut refusals_by_site: HashMap<String, Vec<Value>> = HashMap::new();
         for s in engine.store.studies()? {
             let manifest = manifest_of(&s.manifest_toml);
-            let spent = engine
-                .store
-                .charges(&s.id)?
-                .iter()
-                .map(|c| c.epsilon_after)
-                .fold(0.0, f64::max);
+            let spent = engine.store.epsilon_spent(&s.id)?;
             for r in engine.store.refusals(&s.id)? {
                 refusals_by_site.entry(r.site.clone()).or_default().push(json!({
                     "study": s.id, "round": r.round, "reason": r.reason, "at_ms": r.at_ms,
@@ -584,16 +542,10 @@ fn study_view(engine: &Engine, viewer: &Viewer, id: &str) -> Result<Value, Servi
             .push((c.round, c.epsilon_after));
     }
     let epsilon = privacy.map(|p| {
-        let points: Vec<Charge<'_>> = charges
+        let points = charges
             .iter()
-            .map(|c| Charge {
-                site: &c.site,
-                dataset: &c.dataset,
-                round: c.round,
-                epsilon_after: c.epsilon_after,
-            })
-            .collect();
-        epsilon_chart(&points, p.delta, p.budget_epsilon)
+            .map(|c| (c.site.as_str(), c.dataset.as_str(), c.round, c.epsilon_after));
+        epsilon_chart(points, p.delta, p.budget_epsilon)
     });
     let points: Vec<RoundPoint> = view
         .rounds

@@ -57,12 +57,7 @@ pub fn render(engine: &Engine) -> Result<String> {
             l.clone(),
             done.iter().map(|r| r.contributors.len()).sum::<usize>() as f64,
         ));
-        let spent = engine
-            .store
-            .charges(&s.id)?
-            .iter()
-            .map(|c| c.epsilon_after)
-            .fold(0.0, f64::max);
+        let spent = engine.store.epsilon_spent(&s.id)?;
         epsilon.push((l.clone(), spent));
         state.push((
             format!(

@@ -609,6 +609,15 @@ impl Store {
     }
 
     /// The study's privacy ledger, by round then site.
+    /// The largest ε any ledger of the study has spent (0 without charges).
+    pub fn epsilon_spent(&self, study_id: &str) -> Result<f64, StoreError> {
+        Ok(self
+            .charges(study_id)?
+            .iter()
+            .map(|c| c.epsilon_after)
+            .fold(0.0, f64::max))
+    }
+
     pub fn charges(&self, study_id: &str) -> Result<Vec<ChargeRecord>, StoreError> {
         self.scan(&format!("charge/{study_id}/"))
     }

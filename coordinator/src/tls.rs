@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -142,14 +143,14 @@ pub fn dashboard_config(
     config_with(profile, revocations, cert_pem, key_pem, b"http/1.1").context("the dashboard's certificate")
 }
 
-/// Accepts TCP connections, completes the TLS handshake of each on its own task and
-/// yields only the connections whose client presented a valid certificate.
-pub fn incoming(
+/// Accepts TCP connections until `shutdown` and completes the TLS handshake of each on
+/// its own task (so a slow client delays no one), yielding the connections whose
+/// handshake succeeded within [`HANDSHAKE_TIMEOUT`], with their peer address.
+pub fn handshakes(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-    revocations: Arc<Revocations>,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<Guarded, std::io::Error>> {
+) -> tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -166,28 +167,11 @@ pub fn incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let revocations = revocations.clone();
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let identity = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .and_then(|leaf| Identity::from_cert_der(leaf).ok());
-                        let revoked = match identity {
-                            Some(id) => revocations.track(&id),
-                            None => CancellationToken::new(),
-                        };
-                        let _ = tx
-                            .send(Ok(Guarded {
-                                inner: stream,
-                                revoked: Box::pin(revoked.cancelled_owned()),
-                            }))
-                            .await;
+                        let _ = tx.send((stream, peer)).await;
                     }
                     Ok(Err(error)) => debug!(%peer, %error, "tls handshake refused"),
                     Err(_) => debug!(%peer, "tls handshake timed out"),
@@ -195,7 +179,33 @@ pub fn incoming(
             });
         }
     });
-    ReceiverStream::new(rx)
+    rx
+}
+
+/// The identity of a TLS connection's client certificate, if it presented one.
+pub fn peer_identity(stream: &TlsStream<TcpStream>) -> Option<(Identity, i64)> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    Some((Identity::from_cert_der(leaf).ok()?, issued_secs(leaf)?))
+}
+
+/// The gRPC port's connections: each handshake done, each wrapped so that revoking its
+/// identity closes it.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    revocations: Arc<Revocations>,
+    shutdown: CancellationToken,
+) -> impl futures::Stream<Item = Result<Guarded, std::io::Error>> {
+    ReceiverStream::new(handshakes(listener, config, shutdown)).map(move |(stream, _)| {
+        let revoked = match peer_identity(&stream) {
+            Some((id, _)) => revocations.track(&id),
+            None => CancellationToken::new(),
+        };
+        Ok(Guarded {
+            inner: stream,
+            revoked: Box::pin(revoked.cancelled_owned()),
+        })
+    })
 }
 
 /// A TLS connection that fails its next read or write once its identity is revoked,

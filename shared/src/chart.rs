@@ -145,15 +145,6 @@ pub fn line_chart(title: &str, y_label: &str, series: &[Series], limit: Option<(
     svg
 }
 
-/// One privacy charge, as a chart reads it: site `*` is the study-wide ledger of
-/// site-level DP.
-pub struct Charge<'a> {
-    pub site: &'a str,
-    pub dataset: &'a str,
-    pub round: u32,
-    pub epsilon_after: f64,
-}
-
 /// A ledger's name in charts and tables.
 pub fn ledger_name(site: &str, dataset: &str) -> String {
     if site == "*" {
@@ -163,15 +154,19 @@ pub fn ledger_name(site: &str, dataset: &str) -> String {
     }
 }
 
-/// The ε each ledger (site and dataset, or the study-wide one) has spent after each
-/// round, against the budget.
-pub fn epsilon_chart(charges: &[Charge<'_>], delta: f64, budget: f64) -> String {
+/// The ε each ledger (site and dataset, or the study-wide one, site `*`) has spent
+/// after each round, against the budget, from charges `(site, dataset, round, ε after)`.
+pub fn epsilon_chart<'a>(
+    charges: impl IntoIterator<Item = (&'a str, &'a str, u32, f64)>,
+    delta: f64,
+    budget: f64,
+) -> String {
     let mut by_ledger: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
-    for c in charges {
+    for (site, dataset, round, epsilon_after) in charges {
         by_ledger
-            .entry(ledger_name(c.site, c.dataset))
+            .entry(ledger_name(site, dataset))
             .or_default()
-            .push((c.round as f64, c.epsilon_after));
+            .push((round as f64, epsilon_after));
     }
     let series: Vec<Series> = by_ledger
         .into_iter()
