@@ -369,7 +369,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let dashboard = fed.dashboard_link("admin").await?;
     eprintln!(
         "dashboard (admin; a one-time link for five minutes, `medfl dashboard --profile {}` makes another):\n  {dashboard}\n\
-         its certificate is self-signed: {}",
+         its certificate is self-signed: {}; the federation stops after the study unless --keep-running",
         workdir.join("admin/profile.toml").display(),
         workdir.join("coordinator/store/dashboard-cert.pem").display()
     );
