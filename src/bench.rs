@@ -34,6 +34,11 @@ pub enum BenchCommand {
         /// (over N distinct updates held in memory, as the coordinator holds them).
         #[arg(long, default_value = "fedavg", value_parser = crate::demo::STRATEGIES)]
         strategy: String,
+        /// FedAvg: how many distinct updates to cycle through (default 4, which stay in
+        /// cache for small models; give --sites to read every update from memory, as a
+        /// reference implementation given N updates does).
+        #[arg(long, default_value_t = 4)]
+        distinct: usize,
         #[arg(long)]
         json: bool,
     },
@@ -59,12 +64,13 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             threads,
             repeats,
             strategy,
+            distinct,
             json,
         } => {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let r = tokio::task::spawn_blocking(move || {
                 if strategy == "fedavg" || strategy == "fedprox" {
-                    aggregate(sites, params, threads, repeats.max(1))
+                    aggregate(sites, params, distinct, threads, repeats.max(1))
                 } else {
                     aggregate_strategy(&strategy, sites, params, threads, repeats.max(1))
                 }
@@ -124,13 +130,20 @@ fn peak_rss() -> u64 {
 
 /// The coordinator's aggregation path on `sites` updates of `params` values: each
 /// update's little-endian chunks (as they arrive) checked finite, then folded with its
-/// weight into one accumulator. At most four distinct updates are kept and reused, so
-/// memory stays a few models whatever `sites`.
-pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) -> Result<serde_json::Value> {
-    if sites == 0 || params == 0 {
-        bail!("--sites and --params must be at least 1");
+/// weight into one accumulator. `distinct` different updates are kept and cycled
+/// through (the default 4 keeps memory at a few models whatever `sites`; `sites` reads
+/// every update from memory).
+pub fn aggregate(
+    sites: usize,
+    params: usize,
+    distinct: usize,
+    threads: usize,
+    repeats: usize,
+) -> Result<serde_json::Value> {
+    if sites == 0 || params == 0 || distinct == 0 {
+        bail!("--sites, --params and --distinct must be at least 1");
     }
-    let distinct = sites.min(4);
+    let distinct = sites.min(distinct);
     let decoded: Vec<Vec<f32>> = (0..distinct).map(|k| synthetic_update(params, k as u64 + 1)).collect();
     let encoded: Vec<Vec<Vec<u8>>> = decoded.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
     let refs: Vec<Vec<&[u8]>> = encoded
@@ -167,6 +180,7 @@ pub fn aggregate(sites: usize, params: usize, threads: usize, repeats: usize) ->
     Ok(json!({
         "strategy": "fedavg",
         "sites": sites,
+        "distinct": distinct,
         "params": params,
         "threads": threads,
         "repeats": repeats,
