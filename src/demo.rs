@@ -360,12 +360,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
     // Prometheus metrics on a free loopback port, for `curl` while the demo runs.
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut fed = builder
-        .coordinator_setting(&format!("metrics_listen = \"127.0.0.1:{metrics_port}\""))
-        .build()
-        .await?;
-    eprintln!("metrics: http://127.0.0.1:{metrics_port}/metrics");
+    let mut fed = builder.metrics().build().await?;
+    if let Some(port) = fed.metrics_port {
+        eprintln!("metrics: http://127.0.0.1:{port}/metrics");
+    }
     let dashboard = fed.dashboard_link("admin").await?;
     eprintln!(
         "dashboard (admin; a one-time link for five minutes, `medfl dashboard --profile {}` makes another):\n  {dashboard}\n\

@@ -36,6 +36,7 @@ pub struct FederationBuilder {
     coordinator_extra: String,
     agent_extra: String,
     dashboard: bool,
+    metrics: bool,
 }
 
 struct Agent {
@@ -54,6 +55,8 @@ pub struct Federation {
     pub admin: AdminClient<Channel>,
     /// The dashboard's address, when the builder asked for one.
     pub dashboard_url: Option<String>,
+    /// The coordinator's `/metrics` and `/healthz` port, when the builder asked for it.
+    pub metrics_port: Option<u16>,
     coordinator: Option<Coordinator>,
     coordinator_binary: Option<PathBuf>,
     agents: Vec<Agent>,
@@ -100,6 +103,12 @@ impl std::fmt::Debug for Federation {
     }
 }
 
+/// A loopback port free at the time of asking (the OS picks it; whoever binds next
+/// gets it).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 /// Returns the name of site `i`: hospital-a, hospital-b, … then hospital-27, ….
 pub fn site_name(i: usize) -> String {
     if i < 26 {
@@ -126,6 +135,7 @@ impl Default for FederationBuilder {
             coordinator_extra: String::new(),
             agent_extra: String::new(),
             dashboard: false,
+            metrics: false,
         }
     }
 }
@@ -208,6 +218,12 @@ impl FederationBuilder {
         self
     }
 
+    /// Serves the coordinator's `/metrics` and `/healthz` on a free loopback port.
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
     pub fn coordinator_env(mut self, key: &str, value: &str) -> Self {
         self.coordinator_env.push((key.into(), value.into()));
         self
@@ -265,23 +281,31 @@ impl FederationBuilder {
         let coord_dir = dir.join("coordinator");
         std::fs::create_dir_all(&coord_dir)?;
         let dashboard_url = if self.dashboard {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .context("find a free port for the dashboard")?
-                .port();
-            Some(format!("https://127.0.0.1:{port}"))
+            Some(format!(
+                "https://127.0.0.1:{}",
+                free_port().context("a port for the dashboard")?
+            ))
         } else {
             None
         };
-        let dashboard = match &dashboard_url {
+        let metrics_port = if self.metrics {
+            Some(free_port().context("a port for the metrics")?)
+        } else {
+            None
+        };
+        // The optional HTTP listeners' lines of coordinator.toml.
+        let mut listeners = match &dashboard_url {
             Some(url) => format!(
                 "dashboard_listen = \"{}\"\ndashboard_url = \"{url}\"\n",
                 url.trim_start_matches("https://")
             ),
             None => String::new(),
         };
+        if let Some(port) = metrics_port {
+            listeners.push_str(&format!("metrics_listen = \"127.0.0.1:{port}\"\n"));
+        }
         let config = format!(
-            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \".\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\nca = {:?}\n{dashboard}",
+            "listen = \"{addr}\"\nstore = \"store\"\nprofile = \".\"\nliveness_timeout_secs = {}\nstaging_budget_mib = {}\nstore_cache_mib = 16\nca = {:?}\n{listeners}",
             self.liveness_secs,
             self.staging_budget_mib,
             pki_dir.display().to_string()
@@ -312,6 +336,7 @@ impl FederationBuilder {
             site_names: site_names.clone(),
             admin,
             dashboard_url,
+            metrics_port,
             coordinator: Some(coordinator),
             coordinator_binary: self.coordinator_binary.clone(),
             agents: Vec::new(),

@@ -33,21 +33,15 @@ fn sample(text: &str, metric: &str, with: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_report_a_running_federation() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
-    let agent_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
+    let agent_port = medfl::federation::free_port().expect("free port");
     let (table, _, tables) = iid_site_tables(3);
     let mut fed = Federation::builder()
         .tables(tables)
-        .coordinator_setting(&format!("metrics_listen = \"127.0.0.1:{port}\""))
+        .metrics()
         .build()
         .await
         .expect("federation starts");
+    let port = fed.metrics_port.expect("metrics port");
     // One hospital's agent serves its own metrics (its config, restarted).
     let site = fed.site_names[0].clone();
     fed.stop_agent(&site).await;

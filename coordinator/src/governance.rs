@@ -261,21 +261,25 @@ impl Engine {
     /// Admins may read every study but control (start, pause, resume, abort, export)
     /// only the studies they created or whose manifest lists them under `admins`.
     pub fn authorize_control(&self, study_id: &str, admin: &Identity) -> Result<(), ServiceError> {
-        let study = self.study(study_id)?;
-        if study.created_by == admin.to_string() {
-            return Ok(());
-        }
-        let listed = medfl_shared::manifest::StudyManifest::from_toml(&study.manifest_toml)
-            .map(|m| m.admins.iter().any(|a| a.as_str() == admin.name.as_str()))
-            .unwrap_or(false);
-        if listed {
-            Ok(())
-        } else {
-            Err(ServiceError::PermissionDenied(format!(
-                "{admin} may not control study {study_id}: it was created by {} and its manifest does not list {} under admins",
-                study.created_by, admin.name
-            )))
-        }
+        may_control(&self.study(study_id)?, admin)
+    }
+}
+
+/// [`Engine::authorize_control`] on a study record already read.
+pub fn may_control(study: &crate::store::StudyRecord, admin: &Identity) -> Result<(), ServiceError> {
+    if study.created_by == admin.to_string() {
+        return Ok(());
+    }
+    let listed = medfl_shared::manifest::StudyManifest::from_toml(&study.manifest_toml)
+        .map(|m| m.admins.iter().any(|a| a.as_str() == admin.name.as_str()))
+        .unwrap_or(false);
+    if listed {
+        Ok(())
+    } else {
+        Err(ServiceError::PermissionDenied(format!(
+            "{admin} may not control study {}: it was created by {} and its manifest does not list {} under admins",
+            study.id, study.created_by, admin.name
+        )))
     }
 }
 

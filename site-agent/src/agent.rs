@@ -703,6 +703,20 @@ async fn handle_work(
             (delta, weight, loss, epsilon_after, update_id, evaluation)
         }
     };
+    // The egress log's entry for what leaves next: masked (secure aggregation) or not.
+    let record = |masked: bool| {
+        log_egress(
+            settings,
+            &work,
+            &update_id,
+            weight,
+            &delta,
+            loss,
+            evaluation.as_ref(),
+            epsilon_after,
+            masked,
+        )
+    };
     if let Some(mut session) = session {
         session.log_to(settings.egress.clone());
         let creds = settings.credentials();
@@ -715,17 +729,8 @@ async fn handle_work(
                 warn!("failpoint secagg_after_share: exiting before the masked input");
                 std::process::exit(137);
             }
-            log_egress(
-                settings,
-                &work,
-                &update_id,
-                weight,
-                &delta,
-                loss,
-                None,
-                epsilon_after,
-                true,
-            )?;
+            // (No evaluation totals here: the manifest refuses them with secure aggregation.)
+            record(true)?;
             session
                 .send_masked(client, &work, &manifest, &update_id, &delta)
                 .await?;
@@ -744,17 +749,7 @@ async fn handle_work(
             Err(e) => Err(e),
         };
     }
-    log_egress(
-        settings,
-        &work,
-        &update_id,
-        weight,
-        &delta,
-        loss,
-        evaluation.as_ref(),
-        epsilon_after,
-        false,
-    )?;
+    record(false)?;
     upload(client, &work, &manifest, &update_id, weight, &delta, loss, evaluation).await?;
     if let Some(c_next) = scaffold_next {
         save_control(&settings.store, &work.study_id, &c_next)?;
