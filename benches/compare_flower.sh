@@ -23,8 +23,8 @@ done
 medfl="${MEDFL:-$here/../target/release/medfl}"
 for nd in "100 1000000" "10 1000000" "100 100000"; do
     set -- $nd
-    "$venv/bin/python" "$here/compare_flower_fedavg.py" "$1" "$2" 5
-    # --distinct N: every one of the N updates is read from memory, as Flower reads its N.
+    # N distinct updates on both sides: every one is read from memory.
+    "$venv/bin/python" "$here/compare_flower_fedavg.py" "$1" "$2" 5 "$1"
     if [ -x "$medfl" ]; then "$medfl" bench aggregate --sites "$1" --params "$2" --distinct "$1" --json; fi
 done
 # Robust aggregators (and FedAvg again, in the same run), N = 100 distinct updates of

@@ -3,7 +3,7 @@
 `medfl bench aggregate` times ours. Prints one JSON line per function, in GB/s of
 update bytes (N * D * 4 / seconds), median of REPEATS runs. Run by compare_flower.sh.
 
-Usage: compare_flower_fedavg.py N D [REPEATS]
+Usage: compare_flower_fedavg.py N D [REPEATS] [DISTINCT]  (DISTINCT updates cycled; default 4)
 """
 
 import json

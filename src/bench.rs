@@ -34,11 +34,16 @@ pub enum BenchCommand {
         /// (over N distinct updates held in memory, as the coordinator holds them).
         #[arg(long, default_value = "fedavg", value_parser = crate::demo::STRATEGIES)]
         strategy: String,
-        /// FedAvg: how many distinct updates to cycle through (default 4, which stay in
-        /// cache for small models; give --sites to read every update from memory, as a
-        /// reference implementation given N updates does).
-        #[arg(long, default_value_t = 4)]
-        distinct: usize,
+        /// FedAvg: how many distinct updates to cycle through (default: every one of the
+        /// N, as the coordinator receives them, as far as 2 GiB of updates allow; fewer
+        /// stay in cache and read faster than a coordinator would).
+        #[arg(long)]
+        distinct: Option<usize>,
+        /// FedAvg: the most whole updates folded in one pass, as the coordinator folds
+        /// the updates that complete together (at most 64, its staging limit); 1 folds
+        /// them one at a time, as it does when they arrive one by one.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
         #[arg(long)]
         json: bool,
     },
@@ -65,12 +70,14 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             repeats,
             strategy,
             distinct,
+            batch,
             json,
         } => {
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let distinct = distinct.unwrap_or_else(|| sites.min(((2usize << 30) / (params.max(1) * 4)).max(1)));
             let r = tokio::task::spawn_blocking(move || {
                 if strategy == "fedavg" || strategy == "fedprox" {
-                    aggregate(sites, params, distinct, threads, repeats.max(1))
+                    aggregate(sites, params, distinct, batch, threads, repeats.max(1))
                 } else {
                     aggregate_strategy(&strategy, sites, params, threads, repeats.max(1))
                 }
@@ -80,10 +87,14 @@ pub async fn run(command: BenchCommand) -> Result<()> {
                 println!("{r}");
             } else {
                 println!(
-                    "aggregate {sites} updates x {params} params on {threads} threads, {}: {:.2} GB/s{}, \
+                    "aggregate {sites} updates x {params} params on {threads} threads, {}: {:.2} GB/s{}{}, \
                      plain a += b {:.2} GB/s (= {:.0} % of it); peak RSS {:.1} MiB",
                     r["strategy"].as_str().unwrap_or("fedavg"),
                     r["gbps"].as_f64().unwrap_or(0.0),
+                    r["one_at_a_time_gbps"]
+                        .as_f64()
+                        .map(|g| format!(" in batches of {}, one at a time {g:.2} GB/s", r["batch"]))
+                        .unwrap_or_default(),
                     r["check_gbps"]
                         .as_f64()
                         .map(|c| format!(", checks {c:.2} GB/s"))
@@ -130,20 +141,24 @@ fn peak_rss() -> u64 {
 
 /// The coordinator's aggregation path on `sites` updates of `params` values: each
 /// update's little-endian chunks (as they arrive) checked finite, then folded with its
-/// weight into one accumulator. `distinct` different updates are kept and cycled
-/// through (the default 4 keeps memory at a few models whatever `sites`; `sites` reads
-/// every update from memory).
+/// weight into one accumulator, in batches of up to `batch` whole updates
+/// ([`WeightedSum::fold_batch`], as the coordinator folds updates that complete
+/// together) and, in the same run, one at a time ([`WeightedSum::fold_chunks`], as it
+/// folds updates that arrive one by one). `distinct` different updates are kept and
+/// cycled through.
 pub fn aggregate(
     sites: usize,
     params: usize,
     distinct: usize,
+    batch: usize,
     threads: usize,
     repeats: usize,
 ) -> Result<serde_json::Value> {
-    if sites == 0 || params == 0 || distinct == 0 {
-        bail!("--sites, --params and --distinct must be at least 1");
+    if sites == 0 || params == 0 || distinct == 0 || batch == 0 {
+        bail!("--sites, --params, --distinct and --batch must be at least 1");
     }
     let distinct = sites.min(distinct);
+    let batch = batch.min(64);
     let decoded: Vec<Vec<f32>> = (0..distinct).map(|k| synthetic_update(params, k as u64 + 1)).collect();
     let encoded: Vec<Vec<Vec<u8>>> = decoded.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
     let refs: Vec<Vec<&[u8]>> = encoded
@@ -152,9 +167,13 @@ pub fn aggregate(
         .collect();
     let bytes = (sites * params * 4) as f64;
     let updates: Vec<&[f32]> = (0..sites).map(|k| decoded[k % distinct].as_slice()).collect();
+    let weighted: Vec<(&[&[u8]], f64)> = (0..sites)
+        .map(|k| (refs[k % distinct].as_slice(), (k + 1) as f64))
+        .collect();
     let mut acc = WeightedSum::new(params);
+    let mut single = WeightedSum::new(params);
     let mut reference = vec![0f32; params];
-    let (mut fold, mut check, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fold, mut one, mut check, mut plain) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
         let start = Instant::now();
         for k in 0..sites {
@@ -166,16 +185,25 @@ pub fn aggregate(
 
         acc.reset(params);
         let start = Instant::now();
-        for k in 0..sites {
-            acc.fold_chunks(&refs[k % distinct], (k + 1) as f64, threads)?;
+        for group in weighted.chunks(batch) {
+            acc.fold_batch(group, threads)?;
         }
         fold.push(bytes / start.elapsed().as_secs_f64() / 1e9);
 
+        single.reset(params);
+        let start = Instant::now();
+        for (chunks, weight) in &weighted {
+            single.fold_chunks(chunks, *weight, threads)?;
+        }
+        one.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+
         plain.push(plain_reference(&updates, &mut reference, threads));
     }
-    // Keep the results observable so neither loop is optimized away.
-    let checksum =
-        acc.sum_slice(0..params.min(16)).iter().sum::<f32>() + reference[..params.min(16)].iter().sum::<f32>();
+    // Keep the results observable so no loop is optimized away.
+    let head = params.min(16);
+    let checksum = acc.sum_slice(0..head).iter().sum::<f32>()
+        + single.sum_slice(0..head).iter().sum::<f32>()
+        + reference[..head].iter().sum::<f32>();
     let (gbps, reference_gbps) = (median(fold), median(plain));
     Ok(json!({
         "strategy": "fedavg",
@@ -184,7 +212,9 @@ pub fn aggregate(
         "params": params,
         "threads": threads,
         "repeats": repeats,
+        "batch": batch,
         "gbps": gbps,
+        "one_at_a_time_gbps": median(one),
         "check_gbps": median(check),
         "reference_gbps": reference_gbps,
         "ratio": gbps / reference_gbps,

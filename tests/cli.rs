@@ -223,10 +223,13 @@ fn the_sizing_benchmarks_report_their_figures_as_json() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    for field in ["gbps", "check_gbps", "reference_gbps", "ratio"] {
+    for field in ["gbps", "one_at_a_time_gbps", "check_gbps", "reference_gbps", "ratio"] {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
     assert!(r["peak_rss_bytes"].as_u64().is_some_and(|v| v > 0));
+    // By default every update is distinct, and the updates fold in one batch.
+    assert_eq!(r["distinct"], 5, "{r}");
+    assert_eq!(r["batch"], 64, "{r}");
     for strategy in ["median", "trimmed-mean", "krum", "fedyogi"] {
         let out = medfl(&[
             "bench",

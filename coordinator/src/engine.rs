@@ -151,6 +151,16 @@ struct RoundAcc {
     closed: bool,
 }
 
+/// A whole, checked update queued for the round's batched fold, and where its outcome
+/// goes.
+#[derive(Debug)]
+struct PendingFold {
+    site: String,
+    meta: UpdateMeta,
+    chunks: Vec<bytes::Bytes>,
+    outcome: std::sync::mpsc::SyncSender<Result<(), ServiceError>>,
+}
+
 /// One open round of one study.
 #[derive(Debug)]
 pub struct OpenRound {
@@ -166,6 +176,10 @@ pub struct OpenRound {
     deadline: Instant,
     deadline_ms: u64,
     acc: Mutex<RoundAcc>,
+    /// Whole updates waiting for the sum's lock: whoever takes it folds them all in one
+    /// batched pass (group commit), so updates that complete together cost one walk
+    /// over the sum.
+    pending: Mutex<Vec<PendingFold>>,
     progress: Notify,
     /// Secure aggregation's session for this attempt, if the study uses it.
     pub secure: Option<Arc<SecureRound>>,
@@ -219,6 +233,78 @@ impl OpenRound {
             Weighting::Uniform => 1.0,
         }
     }
+}
+
+/// Folds the queued updates `batch` that may still join the round in one pass, and
+/// sends each its outcome; returns the folded sites with their count of updates.
+fn fold_pending(round: &OpenRound, acc: &mut RoundAcc, batch: Vec<PendingFold>) -> Vec<(String, usize)> {
+    let mut admitted = Vec::new();
+    for item in batch {
+        match admit(round, acc, &item.site) {
+            Ok(()) if !admitted.iter().any(|a: &PendingFold| a.site == item.site) => admitted.push(item),
+            Ok(()) => {
+                let _ = item.outcome.send(Err(ServiceError::AlreadyExists(format!(
+                    "site {} delivered two updates for round {} at once; one was folded",
+                    item.site, round.round
+                ))));
+            }
+            Err(e) => {
+                let _ = item.outcome.send(Err(e));
+            }
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let refs: Vec<Vec<&[u8]>> = admitted
+        .iter()
+        .map(|p| p.chunks.iter().map(|c| c.as_ref()).collect())
+        .collect();
+    let updates: Vec<(&[&[u8]], f64)> = refs
+        .iter()
+        .zip(&admitted)
+        .map(|(r, p)| (r.as_slice(), round.weight(p.meta.examples)))
+        .collect();
+    // All or nothing: if the batch is refused, fold each on its own so that one
+    // bad update does not cost the others theirs.
+    let outcomes: Vec<Result<(), ServiceError>> = match acc.sum.fold_batch(&updates, threads) {
+        Ok(()) => admitted.iter().map(|_| Ok(())).collect(),
+        Err(_) => updates
+            .iter()
+            .map(|(chunks, w)| {
+                acc.sum
+                    .fold_chunks(chunks, *w, threads)
+                    .map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+            })
+            .collect(),
+    };
+    drop(updates);
+    drop(refs);
+    let mut folded = Vec::new();
+    for (item, outcome) in admitted.into_iter().zip(outcomes) {
+        if outcome.is_ok() {
+            acc.received.insert(item.site.clone(), item.meta);
+            folded.push((item.site, acc.received.len()));
+        }
+        let _ = item.outcome.send(outcome);
+    }
+    folded
+}
+
+/// Whether `site`'s update may still join `round`: the round is open and has none
+/// from it yet.
+fn admit(round: &OpenRound, acc: &RoundAcc, site: &str) -> Result<(), ServiceError> {
+    if acc.closed {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "round {} of study {} closed before the update from {site} completed",
+            round.round, round.study_id
+        )));
+    }
+    if let Some(prev) = acc.received.get(site) {
+        return Err(ServiceError::AlreadyExists(format!(
+            "site {site} already delivered update {} for round {}",
+            prev.update_id, round.round
+        )));
+    }
+    Ok(())
 }
 
 /// A pool of model-sized buffers in which uploads are decoded and checked before they
@@ -781,22 +867,42 @@ impl Engine {
     }
 
     /// Folds a complete update straight from the chunks it arrived in (accepted by a
-    /// `ChunkCursor`: whole, ordered, finite), without a decoded copy.
+    /// `ChunkCursor`: whole, ordered, finite), without a decoded copy. Blocks; run it
+    /// off the async workers.
+    ///
+    /// Group commit: the update joins the round's queue, then the caller takes the
+    /// sum's lock and folds whatever is queued, its own update and any that completed
+    /// meanwhile, in one [`WeightedSum::fold_batch`]. An update another caller folded
+    /// first has its outcome waiting.
     pub fn fold_bytes(
         &self,
         round: &OpenRound,
         site: &str,
         meta: UpdateMeta,
-        chunks: &[bytes::Bytes],
+        chunks: Vec<bytes::Bytes>,
     ) -> Result<(), ServiceError> {
         if round.needs_decoded() {
             return Err(ServiceError::Internal(
                 "this study clips, bounds or keeps each update: fold it decoded".into(),
             ));
         }
-        let refs: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.fold_with(round, site, meta, |acc, w| acc.sum.fold_chunks(&refs, w, threads))
+        let (outcome, result) = std::sync::mpsc::sync_channel(1);
+        lock(&round.pending).push(PendingFold {
+            site: site.to_string(),
+            meta,
+            chunks,
+            outcome,
+        });
+        let mut acc = round.lock();
+        let batch = std::mem::take(&mut *lock(&round.pending));
+        let folded = fold_pending(round, &mut acc, batch);
+        drop(acc);
+        for (site, n) in folded {
+            self.announce(round, &site, n);
+        }
+        result
+            .recv()
+            .map_err(|_| ServiceError::Internal("the batched fold dropped this update".into()))?
     }
 
     fn fold_with(
@@ -807,22 +913,17 @@ impl Engine {
         fold: impl FnOnce(&mut RoundAcc, f64) -> Result<(), medfl_shared::aggregate::AggregateError>,
     ) -> Result<(), ServiceError> {
         let mut acc = round.lock();
-        if acc.closed {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "round {} of study {} closed before the update from {site} completed",
-                round.round, round.study_id
-            )));
-        }
-        if let Some(prev) = acc.received.get(site) {
-            return Err(ServiceError::AlreadyExists(format!(
-                "site {site} already delivered update {} for round {}",
-                prev.update_id, round.round
-            )));
-        }
+        admit(round, &acc, site)?;
         fold(&mut acc, round.weight(meta.examples)).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         acc.received.insert(site.to_string(), meta);
         let n = acc.received.len();
         drop(acc);
+        self.announce(round, site, n);
+        Ok(())
+    }
+
+    /// Logs and announces that `site`'s update is the round's `n`-th.
+    fn announce(&self, round: &OpenRound, site: &str, n: usize) {
         info!(study = %round.study_id, round = round.round, site, n_updates = n, "update folded");
         self.emit(
             &round.study_id,
@@ -832,7 +933,6 @@ impl Engine {
             format!("{n} of {} updates", round.selected.len()),
         );
         round.progress.notify_one();
-        Ok(())
     }
 
     pub fn report_metrics(&self, site: &str, study_id: &str, round: u32, train_loss: f64) {
@@ -1139,6 +1239,7 @@ impl Engine {
                 unclipped: 0,
                 closed: false,
             }),
+            pending: Mutex::new(Vec::new()),
             progress: Notify::new(),
             manifest: manifest.clone(),
             secure: secure.clone(),
@@ -1885,4 +1986,144 @@ enum RoundOutcome {
     Committed,
     Failed(String),
     Interrupted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A FedAvg round of an MLP with 288,001 values (two chunks), weighted by examples.
+    fn open_round() -> OpenRound {
+        let features: Vec<String> = (0..30).map(|i| format!("\"f{i}\"")).collect();
+        let toml = format!(
+            "name = \"batch\"\nrounds = 1\n\n[model]\nkind = \"mlp\"\nhidden = [9000]\n\n[data]\n\
+             dataset = \"d\"\nlabel = \"y\"\nfeatures = [{}]\n\n[selection]\nmin_sites = 1\n",
+            features.join(", ")
+        );
+        let manifest = Arc::new(StudyManifest::from_toml(&toml).expect("manifest"));
+        OpenRound {
+            study_id: "s-batch".into(),
+            round: 1,
+            attempt: 1,
+            manifest_toml: toml,
+            manifest_hash: String::new(),
+            manifest_signature: Vec::new(),
+            creator_cert: Vec::new(),
+            selected: Vec::new(),
+            deadline: Instant::now() + Duration::from_secs(60),
+            deadline_ms: 0,
+            acc: Mutex::new(RoundAcc {
+                sum: WeightedSum::new(manifest.wire_params() as usize),
+                kept: BTreeMap::new(),
+                received: BTreeMap::new(),
+                refused: HashSet::new(),
+                unclipped: 0,
+                closed: false,
+            }),
+            pending: Mutex::new(Vec::new()),
+            progress: Notify::new(),
+            manifest,
+            secure: None,
+            adaptive_clip: None,
+        }
+    }
+
+    fn meta(id: &str, examples: u64) -> UpdateMeta {
+        UpdateMeta {
+            update_id: id.into(),
+            examples,
+            train_loss: None,
+            evaluation: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_of_queued_updates_folds_to_the_weighted_sum_and_each_gets_its_outcome() {
+        let round = open_round();
+        let n = round.manifest.wire_params() as usize;
+        assert!(n > CHUNK_VALUES, "the model spans two chunks");
+        let updates: Vec<Vec<f32>> = (0..6)
+            .map(|k| medfl_shared::aggregate::synthetic_update(n, k + 1))
+            .collect();
+        let wire = |u: &[f32]| -> Vec<bytes::Bytes> {
+            medfl_shared::chunk::chunks(u)
+                .map(|c| bytes::Bytes::from(c.2))
+                .collect()
+        };
+        round.lock().received.insert("hospital-0".into(), meta("earlier", 1));
+        let mut batch = Vec::new();
+        let mut outcomes = Vec::new();
+        // hospital-0 already delivered; hospital-3 sends twice at once; the rest are new.
+        for (k, site) in [
+            (0, "hospital-0"),
+            (1, "hospital-1"),
+            (2, "hospital-2"),
+            (3, "hospital-3"),
+            (4, "hospital-3"),
+            (5, "hospital-5"),
+        ] {
+            let (outcome, result) = std::sync::mpsc::sync_channel(1);
+            batch.push(PendingFold {
+                site: site.into(),
+                meta: meta(&format!("u{k}"), 10 * (k as u64 + 1)),
+                chunks: wire(&updates[k]),
+                outcome,
+            });
+            outcomes.push(result);
+        }
+        let folded = fold_pending(&round, &mut round.lock(), batch);
+        let results: Vec<Result<(), ServiceError>> = outcomes.iter().map(|r| r.recv().expect("an outcome")).collect();
+        assert!(
+            matches!(results[0], Err(ServiceError::AlreadyExists(_))),
+            "{:?}",
+            results[0]
+        );
+        assert!(
+            matches!(results[4], Err(ServiceError::AlreadyExists(_))),
+            "{:?}",
+            results[4]
+        );
+        for k in [1, 2, 3, 5] {
+            assert!(results[k].is_ok(), "update {k}: {:?}", results[k]);
+        }
+        let sites: Vec<&str> = folded.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(sites, ["hospital-1", "hospital-2", "hospital-3", "hospital-5"]);
+        assert_eq!(folded.last().map(|(_, n)| *n), Some(5), "the fifth update of the round");
+
+        let mut want = WeightedSum::new(n);
+        for k in [1usize, 2, 3, 5] {
+            want.fold(&updates[k], 10.0 * (k as f64 + 1.0)).expect("fold");
+        }
+        let acc = round.lock();
+        assert_eq!(acc.sum.count(), 4);
+        assert_eq!(acc.sum.total_weight(), want.total_weight());
+        for (i, (a, b)) in acc.sum.sum_slice(0..n).iter().zip(want.sum_slice(0..n)).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "[{i}]: {a} vs {b}");
+        }
+        assert_eq!(acc.received["hospital-3"].update_id, "u3");
+    }
+
+    #[test]
+    fn a_closed_round_refuses_queued_updates_and_folds_none() {
+        let round = open_round();
+        let n = round.manifest.wire_params() as usize;
+        round.lock().closed = true;
+        let (outcome, result) = std::sync::mpsc::sync_channel(1);
+        let chunks = medfl_shared::chunk::chunks(&vec![0.5f32; n])
+            .map(|c| bytes::Bytes::from(c.2))
+            .collect();
+        let batch = vec![PendingFold {
+            site: "hospital-a".into(),
+            meta: meta("late", 5),
+            chunks,
+            outcome,
+        }];
+        assert!(fold_pending(&round, &mut round.lock(), batch).is_empty());
+        let refused = result.recv().expect("an outcome");
+        assert!(
+            matches!(refused, Err(ServiceError::FailedPrecondition(ref m)) if m.contains("closed")),
+            "{refused:?}"
+        );
+        assert_eq!(round.lock().sum.count(), 0);
+    }
 }

@@ -535,8 +535,8 @@ impl pb::site_server::Site for SiteService {
             }
             cursor.finish().map_err(ServiceError::from)?;
             tokio::task::spawn_blocking(move || {
-                let result = engine.fold_bytes(&open, &site_name, meta, &chunks);
-                drop((chunks, permit));
+                let result = engine.fold_bytes(&open, &site_name, meta, chunks);
+                drop(permit);
                 result
             })
             .await

@@ -1,12 +1,14 @@
 //! Streaming weighted FedAvg (McMahan et al., AISTATS 2017, Algorithm 1):
 //! `Δ = Σ_k w_k Δ_k / Σ_k w_k`, then `θ ← θ + Δ` (applied chunk by chunk by the caller).
 //!
-//! Updates are folded one at a time into a single running sum, so memory is one model
-//! whatever the number of sites. The sum is kept in `f32`, not `f64` or Kahan pairs:
+//! Updates are folded into a single running sum, one at a time or a batch of whole
+//! updates at once ([`WeightedSum::fold_batch`]), so memory is one model whatever the
+//! number of sites. The sum is kept in `f32`, not `f64` or Kahan pairs:
 //! the fold is memory-bound, and an `f64` sum would double the bytes it moves (and the
 //! coordinator's memory). With weights that are example counts the relative rounding
 //! error of the fold is at most n·2⁻²⁴ for n updates (6·10⁻⁵ at n = 1000), far below
-//! the noise of SGD or of DP; the total weight is `f64`.
+//! the noise of SGD or of DP; the batched fold adds four products before each addition
+//! to the sum, which only shortens that chain. The total weight is `f64`.
 //!
 //! The kernels work on little-endian bytes as they come off the wire (`fold_le_bytes`,
 //! with `chunk::all_finite_le` for the checks): the fold reads each update once, without a decoded copy, in loops
@@ -14,6 +16,8 @@
 //! threads for large models.
 
 use thiserror::Error;
+
+use crate::chunk::CHUNK_VALUES;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum AggregateError {
@@ -136,16 +140,7 @@ impl WeightedSum {
     /// them: whole and finite), on up to `threads` threads, each taking a run of whole
     /// chunks and the matching part of the sum.
     pub fn fold_chunks(&mut self, chunks: &[&[u8]], weight: f64, threads: usize) -> Result<(), AggregateError> {
-        let got: usize = chunks.iter().map(|c| c.len() / 4).sum();
-        if got != self.sum.len() || chunks.iter().any(|c| !c.len().is_multiple_of(4)) {
-            return Err(AggregateError::WrongLength {
-                got,
-                want: self.sum.len(),
-            });
-        }
-        if !(weight.is_finite() && weight > 0.0) {
-            return Err(AggregateError::BadWeight(weight));
-        }
+        self.check_chunks(chunks, weight)?;
         let w = weight as f32;
         let fold_run = |mut acc: &mut [f32], run: &[&[u8]]| {
             for bytes in run {
@@ -170,6 +165,74 @@ impl WeightedSum {
         }
         self.total_weight += weight;
         self.count += 1;
+        Ok(())
+    }
+
+    /// Adds several whole updates at once, each as in [`Self::fold_chunks`] with its
+    /// weight: the same sum as folding them one after another, up to rounding.
+    ///
+    /// One at a time, the fold streams each update from memory on its own, and on this
+    /// class of machine a single stream per core reads at about half what the memory
+    /// can deliver. Here the sum is walked in blocks of [`BATCH_BLOCK`] values (8 KiB,
+    /// which stay in L1) and each block takes the matching values of every update of
+    /// the batch, four updates per sweep (`a += (w0·u0 + w1·u1) + (w2·u2 + w3·u3)`):
+    /// many streams in flight at once, and the sum read and written once per batch
+    /// instead of once per update. Measured on 2 cores, 100 distinct updates of 10^6
+    /// values: 2.3x the one-at-a-time fold (`cargo bench -p medfl-shared --bench aggregate`).
+    ///
+    /// All or nothing: every update is checked before any is folded. An update not cut
+    /// into the regular chunks every agent sends ([`CHUNK_VALUES`] values each, the
+    /// last shorter) is folded on its own after the batch.
+    pub fn fold_batch(&mut self, updates: &[(&[&[u8]], f64)], threads: usize) -> Result<(), AggregateError> {
+        for (chunks, weight) in updates {
+            self.check_chunks(chunks, *weight)?;
+        }
+        let (batched, single): (Vec<_>, Vec<_>) = updates.iter().partition(|(chunks, _)| regular(chunks));
+        if batched.len() > 1 {
+            let sources: Vec<&[&[u8]]> = batched.iter().map(|(chunks, _)| *chunks).collect();
+            let weights: Vec<f32> = batched.iter().map(|(_, w)| *w as f32).collect();
+            let len = self.sum.len();
+            let threads = if len * batched.len() >= PARALLEL_FROM {
+                threads.max(1)
+            } else {
+                1
+            };
+            // Whole blocks per thread, so that no block straddles two chunks.
+            let per = len.div_ceil(BATCH_BLOCK).div_ceil(threads) * BATCH_BLOCK;
+            if per >= len {
+                fold_blocks(&mut self.sum, 0, &sources, &weights);
+            } else {
+                std::thread::scope(|scope| {
+                    for (i, part) in self.sum.chunks_mut(per).enumerate() {
+                        let (sources, weights) = (&sources, &weights);
+                        scope.spawn(move || fold_blocks(part, i * per, sources, weights));
+                    }
+                });
+            }
+            self.total_weight += batched.iter().map(|(_, w)| *w).sum::<f64>();
+            self.count += batched.len();
+        } else {
+            for (chunks, weight) in batched {
+                self.fold_chunks(chunks, weight, threads)?;
+            }
+        }
+        for (chunks, weight) in single {
+            self.fold_chunks(chunks, weight, threads)?;
+        }
+        Ok(())
+    }
+
+    fn check_chunks(&self, chunks: &[&[u8]], weight: f64) -> Result<(), AggregateError> {
+        let got: usize = chunks.iter().map(|c| c.len() / 4).sum();
+        if got != self.sum.len() || chunks.iter().any(|c| !c.len().is_multiple_of(4)) {
+            return Err(AggregateError::WrongLength {
+                got,
+                want: self.sum.len(),
+            });
+        }
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(AggregateError::BadWeight(weight));
+        }
         Ok(())
     }
 
@@ -198,6 +261,60 @@ impl WeightedSum {
 pub fn fold_le_bytes(acc: &mut [f32], bytes: &[u8], w: f32) {
     for (a, b) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
         *a += w * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+/// Values of the sum per block of [`WeightedSum::fold_batch`]: 8 KiB, held in L1 while
+/// every update of the batch is added. It divides [`CHUNK_VALUES`], so a block never
+/// straddles two regular chunks.
+pub const BATCH_BLOCK: usize = 2048;
+const _: () = assert!(CHUNK_VALUES.is_multiple_of(BATCH_BLOCK));
+
+/// Whether `chunks` are cut as every agent cuts an update: [`CHUNK_VALUES`] values
+/// each, the last one at most that.
+fn regular(chunks: &[&[u8]]) -> bool {
+    let full = CHUNK_VALUES * 4;
+    chunks
+        .split_last()
+        .is_some_and(|(last, rest)| last.len() <= full && rest.iter().all(|c| c.len() == full))
+}
+
+/// The batched fold over `part`, the run of the sum that starts at value `start` (a
+/// multiple of [`BATCH_BLOCK`]): block by block, four updates per sweep.
+fn fold_blocks(part: &mut [f32], start: usize, sources: &[&[&[u8]]], weights: &[f32]) {
+    for (b, block) in part.chunks_mut(BATCH_BLOCK).enumerate() {
+        let at = start + b * BATCH_BLOCK;
+        let (chunk, offset) = (at / CHUNK_VALUES, at % CHUNK_VALUES);
+        let bytes = 4 * offset..4 * (offset + block.len());
+        let mut quads = sources.chunks_exact(4).zip(weights.chunks_exact(4));
+        for (u, w) in &mut quads {
+            let u = [
+                &u[0][chunk][bytes.clone()],
+                &u[1][chunk][bytes.clone()],
+                &u[2][chunk][bytes.clone()],
+                &u[3][chunk][bytes.clone()],
+            ];
+            fold4_le_bytes(block, u, [w[0], w[1], w[2], w[3]]);
+        }
+        let done = sources.len() / 4 * 4;
+        for (u, w) in sources[done..].iter().zip(&weights[done..]) {
+            fold_le_bytes(block, &u[chunk][bytes.clone()], *w);
+        }
+    }
+}
+
+/// `acc[i] += (w0·u0[i] + w1·u1[i]) + (w2·u2[i] + w3·u3[i])`, each `u` little-endian
+/// bytes: four updates for one load and store of the sum, in a loop that vectorizes.
+pub fn fold4_le_bytes(acc: &mut [f32], u: [&[u8]; 4], w: [f32; 4]) {
+    let le = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let values = acc
+        .iter_mut()
+        .zip(u[0].chunks_exact(4))
+        .zip(u[1].chunks_exact(4))
+        .zip(u[2].chunks_exact(4))
+        .zip(u[3].chunks_exact(4));
+    for ((((a, b0), b1), b2), b3) in values {
+        *a += (w[0] * le(b0) + w[1] * le(b1)) + (w[2] * le(b2) + w[3] * le(b3));
     }
 }
 
@@ -288,6 +405,56 @@ mod tests {
         let mut bytes = WeightedSum::new(n);
         bytes.fold_chunks(&small, 2.5, 2).expect("fold small chunks");
         assert_eq!(direct.sum_slice(0..n), bytes.sum_slice(0..n));
+    }
+
+    #[test]
+    fn the_batched_fold_matches_folding_one_by_one() {
+        use crate::chunk::{CHUNK_VALUES, chunks, encode};
+        // Two whole chunks, then part of a block: every edge of the blocked walk.
+        let n = CHUNK_VALUES * 2 + BATCH_BLOCK + 3;
+        let updates: Vec<Vec<f32>> = (0..9).map(|k| synthetic_update(n, k + 1)).collect();
+        let regular: Vec<Vec<Vec<u8>>> = updates.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
+        // One site cut its update into odd chunks: folded on its own, after the batch.
+        let odd: Vec<Vec<u8>> = updates[8].chunks(1000).map(encode).collect();
+        let mut sources: Vec<Vec<&[u8]>> = regular
+            .iter()
+            .map(|u| u.iter().map(|c| c.as_slice()).collect())
+            .collect();
+        sources[8] = odd.iter().map(|c| c.as_slice()).collect();
+        for k in [1usize, 2, 3, 4, 5, 9] {
+            for threads in [1, 2, 3] {
+                let batch: Vec<(&[&[u8]], f64)> =
+                    (0..k).map(|j| (sources[j].as_slice(), (j + 1) as f64 * 0.75)).collect();
+                let mut batched = WeightedSum::new(n);
+                batched.fold_batch(&batch, threads).expect("fold batch");
+                let mut single = WeightedSum::new(n);
+                for (j, u) in updates.iter().take(k).enumerate() {
+                    single.fold(u, (j + 1) as f64 * 0.75).expect("fold");
+                }
+                assert_eq!(batched.count(), k);
+                assert_eq!(batched.total_weight(), single.total_weight());
+                // The same sum up to rounding: the batch adds four products before the
+                // running sum, so the order of the additions differs.
+                for (i, (a, b)) in batched.sum_slice(0..n).iter().zip(single.sum_slice(0..n)).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "k {k}, {threads} threads, [{i}]: {a} vs {b}"
+                    );
+                }
+            }
+        }
+        // All or nothing: one update of the wrong length, or a bad weight, folds none.
+        let short: Vec<&[u8]> = vec![&regular[0][0]];
+        let mut acc = WeightedSum::new(n);
+        let bad = [(sources[0].as_slice(), 1.0), (short.as_slice(), 1.0)];
+        assert!(matches!(
+            acc.fold_batch(&bad, 2),
+            Err(AggregateError::WrongLength { .. })
+        ));
+        let bad = [(sources[0].as_slice(), 1.0), (sources[1].as_slice(), f64::INFINITY)];
+        assert!(matches!(acc.fold_batch(&bad, 2), Err(AggregateError::BadWeight(_))));
+        assert_eq!(acc.count(), 0);
+        assert!(acc.sum_slice(0..n).iter().all(|v| *v == 0.0));
     }
 
     #[test]
