@@ -92,6 +92,12 @@ async fn metrics_and_health_report_a_running_federation() {
         Some(9.0 * 31.0 * 4.0)
     );
     assert!(sample(&text, "medfl_model_bytes_sent_total", "").is_some_and(|b| b >= 9.0 * 31.0 * 4.0));
+    // Every update folded from its chunks, in at most one pass each.
+    assert_eq!(sample(&text, "medfl_updates_folded_total", ""), Some(9.0), "{text}");
+    assert!(
+        sample(&text, "medfl_fold_passes_total", "").is_some_and(|p| (1.0..=9.0).contains(&p)),
+        "{text}"
+    );
     assert!(text.contains("# TYPE medfl_rounds_committed_total counter"));
     eprintln!(
         "{}",

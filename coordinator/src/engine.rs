@@ -897,6 +897,10 @@ impl Engine {
         let batch = std::mem::take(&mut *lock(&round.pending));
         let folded = fold_pending(round, &mut acc, batch);
         drop(acc);
+        if !folded.is_empty() {
+            crate::metrics::Counters::add(&self.counters.fold_passes, 1);
+            crate::metrics::Counters::add(&self.counters.updates_folded, folded.len() as u64);
+        }
         for (site, n) in folded {
             self.announce(round, &site, n);
         }

@@ -23,6 +23,10 @@ pub struct Counters {
     pub updates_received: AtomicU64,
     pub update_bytes_received: AtomicU64,
     pub model_bytes_sent: AtomicU64,
+    /// FedAvg updates folded straight from their chunks, and the passes over a round's
+    /// sum that folded them (group commit: several updates per pass when they queue).
+    pub updates_folded: AtomicU64,
+    pub fold_passes: AtomicU64,
 }
 
 impl Counters {
@@ -168,6 +172,21 @@ pub fn render(engine: &Engine) -> Result<String> {
         "counter",
         "Bytes of global model values sent to sites by this process.",
         vec![(String::new(), c.model_bytes_sent.load(Ordering::Relaxed) as f64)],
+    );
+    family(
+        &mut out,
+        "medfl_updates_folded_total",
+        "counter",
+        "FedAvg updates folded into a round's sum straight from the chunks they arrived in.",
+        vec![(String::new(), c.updates_folded.load(Ordering::Relaxed) as f64)],
+    );
+    family(
+        &mut out,
+        "medfl_fold_passes_total",
+        "counter",
+        "Passes over a round's sum that folded them: updates that complete while one folds \
+         queue and fold together in the next (updates folded / passes = the mean batch).",
+        vec![(String::new(), c.fold_passes.load(Ordering::Relaxed) as f64)],
     );
     Ok(out)
 }
