@@ -374,6 +374,7 @@ pub async fn run_rounds(sites: usize, params: usize, rounds: u32) -> Result<Roun
         .sites(sites)
         .dir(dir.path())
         .staging_budget_mib(((actual * 4) >> 20) as u64 * 2 + 64)
+        .metrics()
         .build()
         .await?;
     let features: Vec<String> = (0..30).map(|i| format!("f{i}")).collect();
@@ -431,11 +432,25 @@ pub async fn run_rounds(sites: usize, params: usize, rounds: u32) -> Result<Roun
         .filter(|(start, end)| *start != u64::MAX && end > start)
         .map(|(start, end)| (end - start) as f64 / 1000.0)
         .collect();
+    let metrics = match fed.metrics_port {
+        Some(port) => scrape(port).await?,
+        None => String::new(),
+    };
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    };
+    let updates_per_fold_pass = match (sample("medfl_updates_folded_total"), sample("medfl_fold_passes_total")) {
+        (Some(updates), Some(passes)) if passes > 0.0 => Some(updates / passes),
+        _ => None,
+    };
     fed.shutdown().await?;
     Ok(RoundTimes {
         params: actual,
         round_seconds,
         ingest_seconds,
+        updates_per_fold_pass,
     })
 }
 
@@ -446,6 +461,24 @@ pub struct RoundTimes {
     pub params: usize,
     pub round_seconds: Vec<f64>,
     pub ingest_seconds: Vec<f64>,
+    /// The coordinator's mean batch of the group commit: near 1 while updates arrive
+    /// one by one, higher when they queue behind a fold.
+    pub updates_per_fold_pass: Option<f64>,
+}
+
+/// The coordinator's `/metrics` text on `port` (plain HTTP on loopback).
+async fn scrape(port: u16) -> Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("connect to the coordinator's metrics")?;
+    let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default())
 }
 
 /// Whole rounds over mTLS on loopback: an in-process coordinator, `sites` simulated
@@ -471,6 +504,7 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
         "ingest_gbps": ingest_gbps,
         "tcp_reference_gbps": tcp,
         "ratio": ingest_gbps / tcp,
+        "updates_per_fold_pass": times.updates_per_fold_pass,
         "peak_rss_bytes": peak_rss(),
     }))
 }

@@ -260,4 +260,11 @@ fn the_sizing_benchmarks_report_their_figures_as_json() {
     for field in ["round_seconds", "ingest_gbps", "tcp_reference_gbps"] {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
+    // Read from the coordinator's metrics: every update folded, at most 3 per pass.
+    assert!(
+        r["updates_per_fold_pass"]
+            .as_f64()
+            .is_some_and(|v| (1.0..=3.0).contains(&v)),
+        "{r}"
+    );
 }
