@@ -107,6 +107,58 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
     fed.shutdown().await.expect("clean shutdown");
 }
 
+/// Eight sites deliver at once, so updates complete while others fold and join the
+/// coordinator's group commit: the aggregate is still the weighted mean, each site's
+/// update counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_that_complete_together_fold_to_the_weighted_mean() {
+    let features = feature_names(30);
+    let mut fed = Federation::builder().sites(8).build().await.expect("federation starts");
+    let clients = registered_sites(&fed, &features).await;
+    let id = fed
+        .create_study(&manifest(&features, 1, 8, 60, 1))
+        .await
+        .expect("create");
+    let (_, global0) = fed.export(&id, Some(0)).await.expect("initial model");
+    fed.start_study(&id).await.expect("start");
+    let deltas: Vec<Vec<f32>> = (0..8)
+        .map(|k| (0..31).map(|i| ((k * 31 + i) as f32 * 0.37).sin() * 0.1).collect())
+        .collect();
+    let weights: Vec<u64> = (0..8).map(|k| 5 + 7 * k as u64).collect();
+    let mut works = Vec::new();
+    let mut clients = clients;
+    for c in clients.iter_mut() {
+        works.push(next_work(c, Duration::from_secs(20)).await.expect("work"));
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, (mut c, work)) in clients.into_iter().zip(works).enumerate() {
+        let (delta, weight, barrier) = (deltas[k].clone(), weights[k], barrier.clone());
+        tasks.spawn(async move {
+            barrier.wait().await;
+            upload(&mut c, &work, &format!("u{k}"), weight, &delta).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("upload task").expect("upload accepted");
+    }
+    let status = fed.wait_for_round(&id, 1, LONG).await.expect("round commits");
+    let round = status.rounds.iter().find(|r| r.committed).expect("a committed round");
+    assert_eq!(round.contributors.len(), 8);
+    let (_, global1) = fed.export(&id, Some(1)).await.expect("round 1 model");
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    for i in 0..31 {
+        let mean: f64 = (0..8).map(|k| weights[k] as f64 * deltas[k][i] as f64).sum::<f64>() / total;
+        let want = global0[i] as f64 + mean;
+        assert!(
+            (global1[i] as f64 - want).abs() < 1e-6,
+            "param {i}: {} vs {want}",
+            global1[i]
+        );
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_lost_mid_round_does_not_stop_a_round_that_keeps_its_quorum() {
     let features = feature_names(3);

@@ -178,7 +178,8 @@ impl WeightedSum {
     /// the batch, four updates per sweep (`a += (w0·u0 + w1·u1) + (w2·u2 + w3·u3)`):
     /// many streams in flight at once, and the sum read and written once per batch
     /// instead of once per update. Measured on 2 cores, 100 distinct updates of 10^6
-    /// values: 2.3x the one-at-a-time fold (`cargo bench -p medfl-shared --bench aggregate`).
+    /// values: 2.1–2.3× the one-at-a-time fold (`cargo bench -p medfl-shared --bench
+    /// aggregate`, `medfl bench aggregate`).
     ///
     /// All or nothing: every update is checked before any is folded. An update not cut
     /// into the regular chunks every agent sends ([`CHUNK_VALUES`] values each, the
