@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use medfl_shared::aggregate::{WeightedSum, add_assign, synthetic_update};
+use medfl_shared::aggregate::{WeightedSum, plain_pass, synthetic_update};
 use medfl_shared::chunk::all_finite_le;
 use medfl_shared::chunk::{CHUNK_VALUES, chunks};
 use serde_json::json;
@@ -226,22 +226,10 @@ pub fn aggregate(
 /// `a += b` over `updates` into `reference` on `threads` threads (whole chunks each):
 /// the memory-bandwidth reference, in GB/s of update bytes.
 fn plain_reference(updates: &[&[f32]], reference: &mut [f32], threads: usize) -> f64 {
-    let params = reference.len();
-    reference.iter_mut().for_each(|v| *v = 0.0);
-    let per = params.div_ceil(CHUNK_VALUES).div_ceil(threads) * CHUNK_VALUES;
+    reference.fill(0.0);
     let start = Instant::now();
-    for update in updates {
-        if per >= params {
-            add_assign(reference, update);
-        } else {
-            std::thread::scope(|scope| {
-                for (a, b) in reference.chunks_mut(per).zip(update.chunks(per)) {
-                    scope.spawn(move || add_assign(a, b));
-                }
-            });
-        }
-    }
-    (updates.len() * params * 4) as f64 / start.elapsed().as_secs_f64() / 1e9
+    plain_pass(reference, updates, threads);
+    (updates.len() * reference.len() * 4) as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
 /// A strategy's kernel on `sites` updates of `params` values, beside the plain loop.

@@ -94,9 +94,20 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
     fed.wait_for_round(&id, 1, LONG).await.expect("round commits");
     let (_, global1) = fed.export(&id, Some(1)).await.expect("round 1 model");
 
+    assert_weighted_mean(&global0, &global1, &weights, &deltas);
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+/// `global1` is `global0` plus the mean of `deltas` weighted by `weights`.
+fn assert_weighted_mean(global0: &[f32], global1: &[f32], weights: &[u64], deltas: &[Vec<f32>]) {
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
-    for i in 0..6 {
-        let mean: f64 = (0..3).map(|k| weights[k] as f64 * deltas[k][i] as f64).sum::<f64>() / total;
+    for i in 0..global0.len() {
+        let mean: f64 = weights
+            .iter()
+            .zip(deltas)
+            .map(|(w, d)| *w as f64 * d[i] as f64)
+            .sum::<f64>()
+            / total;
         let want = global0[i] as f64 + mean;
         assert!(
             (global1[i] as f64 - want).abs() < 1e-6,
@@ -104,7 +115,6 @@ async fn aggregate_equals_the_weighted_mean_of_site_updates() {
             global1[i]
         );
     }
-    fed.shutdown().await.expect("clean shutdown");
 }
 
 /// Eight sites deliver at once, so updates complete while others fold and join the
@@ -146,16 +156,7 @@ async fn updates_that_complete_together_fold_to_the_weighted_mean() {
     let round = status.rounds.iter().find(|r| r.committed).expect("a committed round");
     assert_eq!(round.contributors.len(), 8);
     let (_, global1) = fed.export(&id, Some(1)).await.expect("round 1 model");
-    let total: f64 = weights.iter().map(|&w| w as f64).sum();
-    for i in 0..31 {
-        let mean: f64 = (0..8).map(|k| weights[k] as f64 * deltas[k][i] as f64).sum::<f64>() / total;
-        let want = global0[i] as f64 + mean;
-        assert!(
-            (global1[i] as f64 - want).abs() < 1e-6,
-            "param {i}: {} vs {want}",
-            global1[i]
-        );
-    }
+    assert_weighted_mean(&global0, &global1, &weights, &deltas);
     fed.shutdown().await.expect("clean shutdown");
 }
 

@@ -151,6 +151,21 @@ struct RoundAcc {
     closed: bool,
 }
 
+impl RoundAcc {
+    /// An empty round over a sum of `len` values (0 for a robust round, which keeps
+    /// its updates instead).
+    fn new(len: usize) -> Self {
+        RoundAcc {
+            sum: WeightedSum::new(len),
+            kept: BTreeMap::new(),
+            received: BTreeMap::new(),
+            refused: HashSet::new(),
+            unclipped: 0,
+            closed: false,
+        }
+    }
+}
+
 /// A whole, checked update queued for the round's batched fold, and where its outcome
 /// goes.
 #[derive(Debug)]
@@ -1235,14 +1250,7 @@ impl Engine {
             selected: selected.clone(),
             deadline,
             deadline_ms: started_ms + deadline_len.as_millis() as u64,
-            acc: Mutex::new(RoundAcc {
-                sum: WeightedSum::new(if robust { 0 } else { manifest.wire_params() as usize }),
-                kept: BTreeMap::new(),
-                received: BTreeMap::new(),
-                refused: HashSet::new(),
-                unclipped: 0,
-                closed: false,
-            }),
+            acc: Mutex::new(RoundAcc::new(if robust { 0 } else { manifest.wire_params() as usize })),
             pending: Mutex::new(Vec::new()),
             progress: Notify::new(),
             manifest: manifest.clone(),
@@ -2016,14 +2024,7 @@ mod tests {
             selected: Vec::new(),
             deadline: Instant::now() + Duration::from_secs(60),
             deadline_ms: 0,
-            acc: Mutex::new(RoundAcc {
-                sum: WeightedSum::new(manifest.wire_params() as usize),
-                kept: BTreeMap::new(),
-                received: BTreeMap::new(),
-                refused: HashSet::new(),
-                unclipped: 0,
-                closed: false,
-            }),
+            acc: Mutex::new(RoundAcc::new(manifest.wire_params() as usize)),
             pending: Mutex::new(Vec::new()),
             progress: Notify::new(),
             manifest,

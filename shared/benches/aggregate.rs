@@ -7,8 +7,8 @@
 //! one-at-a-time fold and the plain loop. Throughput is in bytes of update per second.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use medfl_shared::aggregate::{WeightedSum, add_assign, synthetic_update};
-use medfl_shared::chunk::{CHUNK_VALUES, chunks};
+use medfl_shared::aggregate::{WeightedSum, plain_pass, synthetic_update};
+use medfl_shared::chunk::chunks;
 
 fn aggregation(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -39,22 +39,10 @@ fn aggregation(c: &mut Criterion) {
             });
             group.bench_function(BenchmarkId::new("plain_add_reference", &id), |b| {
                 let mut acc = vec![0f32; d];
-                // The same split as the fold: whole chunks per thread, no thread for one.
-                let per = d.div_ceil(CHUNK_VALUES).div_ceil(threads) * CHUNK_VALUES;
+                let updates: Vec<&[f32]> = (0..n).map(|k| decoded[k % 4].as_slice()).collect();
                 b.iter(|| {
-                    acc.iter_mut().for_each(|v| *v = 0.0);
-                    for k in 0..n {
-                        if per >= d {
-                            add_assign(&mut acc, &decoded[k % 4]);
-                            continue;
-                        }
-                        std::thread::scope(|s| {
-                            for (a, u) in acc.chunks_mut(per).zip(decoded[k % 4].chunks(per)) {
-                                s.spawn(move || add_assign(a, u));
-                            }
-                        });
-                    }
-                    acc[0]
+                    acc.fill(0.0);
+                    plain_pass(&mut acc, &updates, threads)
                 })
             });
         }
@@ -103,21 +91,10 @@ fn aggregation(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("plain_add_reference", &id), |b| {
             let mut acc = vec![0f32; d];
-            let per = d.div_ceil(CHUNK_VALUES).div_ceil(threads) * CHUNK_VALUES;
+            let updates: Vec<&[f32]> = decoded.iter().map(|u| u.as_slice()).collect();
             b.iter(|| {
-                acc.iter_mut().for_each(|v| *v = 0.0);
-                for u in &decoded {
-                    if per >= d {
-                        add_assign(&mut acc, u);
-                        continue;
-                    }
-                    std::thread::scope(|s| {
-                        for (a, part) in acc.chunks_mut(per).zip(u.chunks(per)) {
-                            s.spawn(move || add_assign(a, part));
-                        }
-                    });
-                }
-                acc[0]
+                acc.fill(0.0);
+                plain_pass(&mut acc, &updates, threads)
             })
         });
     }

@@ -356,6 +356,26 @@ pub fn add_assign(acc: &mut [f32], b: &[f32]) {
     }
 }
 
+/// The reference pass the benchmarks time: `acc += Σ updates` by [`add_assign`], split
+/// as the fold splits (runs of whole chunks per thread; no thread for one run).
+/// Returns `acc[0]`, to keep the pass observable.
+pub fn plain_pass(acc: &mut [f32], updates: &[&[f32]], threads: usize) -> f32 {
+    let d = acc.len();
+    let per = d.div_ceil(CHUNK_VALUES).div_ceil(threads.max(1)) * CHUNK_VALUES;
+    for u in updates {
+        if per >= d {
+            add_assign(acc, u);
+            continue;
+        }
+        std::thread::scope(|s| {
+            for (a, part) in acc.chunks_mut(per).zip(u.chunks(per)) {
+                s.spawn(move || add_assign(a, part));
+            }
+        });
+    }
+    acc.first().copied().unwrap_or(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
