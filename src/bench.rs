@@ -73,7 +73,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             batch,
             json,
         } => {
-            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let threads = threads.unwrap_or_else(medfl_shared::cores);
             let distinct = distinct.unwrap_or_else(|| sites.min(((2usize << 30) / (params.max(1) * 4)).max(1)));
             let r = tokio::task::spawn_blocking(move || {
                 if strategy == "fedavg" || strategy == "fedprox" {

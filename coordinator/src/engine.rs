@@ -268,7 +268,7 @@ fn fold_pending(round: &OpenRound, acc: &mut RoundAcc, batch: Vec<PendingFold>) 
             }
         }
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = medfl_shared::cores();
     let refs: Vec<Vec<&[u8]>> = admitted
         .iter()
         .map(|p| p.chunks.iter().map(|c| c.as_ref()).collect())
@@ -278,27 +278,24 @@ fn fold_pending(round: &OpenRound, acc: &mut RoundAcc, batch: Vec<PendingFold>) 
         .zip(&admitted)
         .map(|(r, p)| (r.as_slice(), round.weight(p.meta.examples)))
         .collect();
-    // All or nothing: if the batch is refused, fold each on its own so that one
-    // bad update does not cost the others theirs.
-    let outcomes: Vec<Result<(), ServiceError>> = match acc.sum.fold_batch(&updates, threads) {
-        Ok(()) => admitted.iter().map(|_| Ok(())).collect(),
-        Err(_) => updates
-            .iter()
-            .map(|(chunks, w)| {
-                acc.sum
-                    .fold_chunks(chunks, *w, threads)
-                    .map_err(|e| ServiceError::InvalidArgument(e.to_string()))
-            })
-            .collect(),
-    };
+    // Every update here passed its `ChunkCursor` (the model's length) and has a
+    // positive finite weight, so the batch is not refused; were it, it folds nothing
+    // and each upload says so.
+    let batch_outcome = acc.sum.fold_batch(&updates, threads);
     drop(updates);
     drop(refs);
     let mut folded = Vec::new();
-    for (item, outcome) in admitted.into_iter().zip(outcomes) {
-        if outcome.is_ok() {
-            acc.received.insert(item.site.clone(), item.meta);
-            folded.push((item.site, acc.received.len()));
-        }
+    for item in admitted {
+        let outcome = match &batch_outcome {
+            Ok(()) => {
+                acc.received.insert(item.site.clone(), item.meta);
+                folded.push((item.site, acc.received.len()));
+                Ok(())
+            }
+            Err(e) => Err(ServiceError::Internal(format!(
+                "the batched fold refused the update: {e}"
+            ))),
+        };
         let _ = item.outcome.send(outcome);
     }
     folded
@@ -1971,7 +1968,7 @@ fn robust_aggregate(
     let names: Vec<&String> = kept.keys().collect();
     let updates: Vec<&[f32]> = kept.values().map(|u| u.as_slice()).collect();
     let n = updates.len();
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let threads = medfl_shared::cores();
     let mut out = vec![0f32; len];
     let mut note = String::new();
     let result = match strategy.robust(n) {

@@ -11,7 +11,7 @@ use medfl_shared::aggregate::{WeightedSum, plain_pass, synthetic_update};
 use medfl_shared::chunk::chunks;
 
 fn aggregation(c: &mut Criterion) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = medfl_shared::cores();
     let mut group = c.benchmark_group("fedavg");
     group.sample_size(10);
     for d in [100_000usize, 1_000_000, 10_000_000] {

@@ -9,7 +9,7 @@ use medfl_shared::aggregate::{WeightedSum, synthetic_update};
 use medfl_shared::strategy::{ServerOptimizer, coordinate_median, multi_krum, trimmed_mean};
 
 fn robust(c: &mut Criterion) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = medfl_shared::cores();
     let (n, d) = (100usize, 1_000_000usize);
     let updates: Vec<Vec<f32>> = (0..n).map(|k| synthetic_update(d, k as u64 + 1)).collect();
     let refs: Vec<&[f32]> = updates.iter().map(|u| u.as_slice()).collect();

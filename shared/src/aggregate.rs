@@ -54,7 +54,7 @@ pub fn add_wrapping(sum: &mut [u32], values: &[u32]) {
         }
     };
     let threads = if sum.len() >= WRAPPING_PARALLEL_FROM {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        crate::cores()
     } else {
         1
     };
@@ -116,7 +116,7 @@ impl WeightedSum {
             }
         };
         let threads = if self.sum.len() >= PARALLEL_FROM {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            crate::cores()
         } else {
             1
         };

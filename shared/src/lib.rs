@@ -23,6 +23,14 @@ pub mod split;
 pub mod strategy;
 
 /// Milliseconds since the Unix epoch, the one clock format on the wire and in the store.
+/// The cores this process may use (its affinity and cgroup quota), read once: on Linux
+/// `available_parallelism` reads the cgroup files on every call, and the kernels ask
+/// for every update.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 pub fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

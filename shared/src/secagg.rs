@@ -568,7 +568,7 @@ impl MaskPlan {
     /// split into one contiguous piece per core (the keystream seeks to each piece's
     /// offset), so every thread streams its own cache-friendly slice.
     pub fn apply(&self, offset: u64, values: &mut [u32]) {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = crate::cores();
         if threads == 1 || values.len() < 1 << 16 {
             for (key, subtract) in &self.terms {
                 add_keystream(key, offset, values, *subtract);
