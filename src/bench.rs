@@ -1,7 +1,8 @@
 //! `medfl bench`: sizing tools for operators. `aggregate` runs the coordinator's
 //! aggregation kernels on synthetic updates beside a plain `a += b` loop over the same
 //! data, measured in the same run; `round` runs whole rounds with simulated sites over
-//! mTLS on loopback beside a raw loopback TCP transfer of the same bytes.
+//! mTLS on loopback beside raw loopback transfers of the same bytes, over plain TCP
+//! and over the coordinator's TLS without HTTP/2 or gRPC.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +49,8 @@ pub enum BenchCommand {
         json: bool,
     },
     /// Whole rounds with N simulated sites sending D-parameter updates over mTLS on
-    /// loopback (training replaced by a fixed update), beside raw loopback TCP.
+    /// loopback (training replaced by a fixed update), beside raw loopback TCP and raw
+    /// TLS (the coordinator's TLS configuration without HTTP/2 or gRPC).
     Round {
         #[arg(long, default_value_t = 100)]
         sites: usize,
@@ -118,11 +120,14 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             } else {
                 println!(
                     "{sites} sites x {params} params over mTLS: round {:.2} s (median of {rounds}), ingest {:.2} GB/s; \
-                     raw loopback TCP {:.2} GB/s (ingest = {:.0} % of it)",
+                     raw loopback TCP {:.2} GB/s (ingest = {:.0} % of it), raw mTLS without gRPC {:.2} GB/s \
+                     (ingest = {:.0} % of it)",
                     r["round_seconds"].as_f64().unwrap_or(0.0),
                     r["ingest_gbps"].as_f64().unwrap_or(0.0),
                     r["tcp_reference_gbps"].as_f64().unwrap_or(0.0),
                     100.0 * r["ratio"].as_f64().unwrap_or(0.0),
+                    r["tls_reference_gbps"].as_f64().unwrap_or(0.0),
+                    100.0 * r["ratio_to_tls"].as_f64().unwrap_or(0.0),
                 );
             }
             Ok(())
@@ -349,6 +354,90 @@ pub async fn tcp_reference(bytes: usize) -> Result<f64> {
     Ok(bytes as f64 / secs / 1e9)
 }
 
+/// Raw mTLS on loopback: one TLS connection with the coordinator's own TLS
+/// configuration (TLS 1.3, its certificate, the consortium's client verifier) and a
+/// site's certificate, carrying `bytes` bytes of application data, in GB/s (the
+/// handshake is not timed). HTTP/2 and gRPC are left out, so this is the most any
+/// update ingest over this TLS stack could reach on this machine.
+pub async fn tls_reference(bytes: usize) -> Result<f64> {
+    use medfl_coordinator::pki::{self, IssueRequest};
+    use medfl_shared::identity::{Identity, Role};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    pki::init(dir.path())?;
+    let issue = |role: Role, name: &str| -> Result<medfl_proto::transport::Profile> {
+        let bundle = pki::issue(
+            dir.path(),
+            &IssueRequest {
+                identity: Identity::new(role, name.parse()?),
+                dns: vec![],
+                ips: vec![],
+                days: 1,
+                coordinator: Some("https://127.0.0.1:1".into()),
+            },
+        )?;
+        Ok(medfl_proto::transport::Profile::load(&bundle)?)
+    };
+    let (coordinator, site) = (issue(Role::Coordinator, "coordinator")?, issue(Role::Site, "site-1")?);
+    let server = medfl_coordinator::tls::server_config(&coordinator, Default::default())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(site.ca_pem.as_bytes()) {
+        roots.add(ca.context("parse the CA")?).context("add the CA")?;
+    }
+    let chain = CertificateDer::pem_slice_iter(site.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parse the site certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(site.key_pem.as_bytes()).context("parse the site key")?;
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let reader = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
+        let mut s = acceptor.accept(tcp).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(usize, Instant), std::io::Error>((got, Instant::now()));
+            }
+            got += n;
+        }
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await
+        .context("the TLS reference's handshake")?;
+    let block = vec![7u8; 1 << 20];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        let n = block.len().min(bytes - sent);
+        s.write_all(&block[..n]).await?;
+        sent += n;
+    }
+    // close_notify, then read to the end so that the server's session tickets are
+    // consumed (closing with unread bytes would reset the connection).
+    s.shutdown().await?;
+    let (got, end) = reader.await??;
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await;
+    if got != bytes {
+        bail!("the TLS reference received {got} of {bytes} bytes");
+    }
+    Ok(bytes as f64 / (end - start).as_secs_f64() / 1e9)
+}
+
 /// Runs `rounds` rounds over mTLS on loopback (an in-process coordinator, `sites`
 /// simulated sites answering each round with the same update of about `params`
 /// values) and times them.
@@ -469,6 +558,9 @@ async fn scrape(port: u16) -> Result<String> {
         .unwrap_or_default())
 }
 
+/// Transfers behind each reference of [`round`].
+const REFERENCE_REPEATS: usize = 5;
+
 /// Whole rounds over mTLS on loopback: an in-process coordinator, `sites` simulated
 /// sites answering each round with the same `params`-value update.
 pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_json::Value> {
@@ -482,7 +574,14 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
     };
     let bytes = sites * actual * 4;
     let ingest_gbps = bytes as f64 / ingest_seconds / 1e9;
-    let tcp = tcp_reference(bytes).await?;
+    // Single transfers of a round's bytes vary by half on a shared machine; the
+    // references are medians, interleaved so that both see the same conditions.
+    let (mut tcp, mut tls) = (Vec::new(), Vec::new());
+    for _ in 0..REFERENCE_REPEATS {
+        tcp.push(tcp_reference(bytes).await?);
+        tls.push(tls_reference(bytes).await?);
+    }
+    let (tcp, tls) = (median(tcp), median(tls));
     Ok(json!({
         "sites": sites,
         "params": actual,
@@ -492,6 +591,8 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
         "ingest_gbps": ingest_gbps,
         "tcp_reference_gbps": tcp,
         "ratio": ingest_gbps / tcp,
+        "tls_reference_gbps": tls,
+        "ratio_to_tls": ingest_gbps / tls,
         "updates_per_fold_pass": times.updates_per_fold_pass,
         "peak_rss_bytes": peak_rss(),
     }))

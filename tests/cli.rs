@@ -257,7 +257,13 @@ fn the_sizing_benchmarks_report_their_figures_as_json() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(r["params"], 32 * 156 + 1);
-    for field in ["round_seconds", "ingest_gbps", "tcp_reference_gbps"] {
+    for field in [
+        "round_seconds",
+        "ingest_gbps",
+        "tcp_reference_gbps",
+        "tls_reference_gbps",
+        "ratio_to_tls",
+    ] {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
     }
     // Read from the coordinator's metrics: every update folded, at most 3 per pass.
