@@ -13,7 +13,7 @@ use medfl_shared::aggregate::{WeightedSum, plain_pass, synthetic_update};
 use medfl_shared::chunk::all_finite_le;
 use medfl_shared::chunk::{CHUNK_VALUES, chunks};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -320,45 +320,53 @@ pub fn aggregate_strategy(
     }))
 }
 
-/// Raw loopback TCP: one connection carrying `bytes` bytes, in GB/s.
-pub async fn tcp_reference(bytes: usize) -> Result<f64> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let reader = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0usize;
-        loop {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<usize, std::io::Error>(got);
-            }
-            got += n;
-        }
-    });
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
+/// Writes `bytes` bytes to `s` in 1 MiB blocks, then shuts its sending side.
+async fn fill(s: &mut (impl AsyncWrite + Unpin), bytes: usize) -> std::io::Result<()> {
     let block = vec![7u8; 1 << 20];
-    let start = Instant::now();
     let mut sent = 0;
     while sent < bytes {
         let n = block.len().min(bytes - sent);
         s.write_all(&block[..n]).await?;
         sent += n;
     }
-    s.shutdown().await?;
-    let got = reader.await??;
-    let secs = start.elapsed().as_secs_f64();
+    s.shutdown().await
+}
+
+/// Reads `s` to its end into a 1 MiB buffer: the bytes read, and when the last came.
+async fn drain(s: &mut (impl AsyncRead + Unpin)) -> std::io::Result<(usize, Instant)> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((got, Instant::now()));
+        }
+        got += n;
+    }
+}
+
+/// Raw loopback TCP: one connection carrying `bytes` bytes, in GB/s.
+pub async fn tcp_reference(bytes: usize) -> Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reader = tokio::spawn(async move { drain(&mut listener.accept().await?.0).await });
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let start = Instant::now();
+    fill(&mut s, bytes).await?;
+    let (got, end) = reader.await??;
     if got != bytes {
         bail!("the TCP reference received {got} of {bytes} bytes");
     }
-    Ok(bytes as f64 / secs / 1e9)
+    Ok(bytes as f64 / (end - start).as_secs_f64() / 1e9)
 }
 
 /// Raw mTLS on loopback: one TLS connection with the coordinator's own TLS
 /// configuration (TLS 1.3, its certificate, the consortium's client verifier) and a
 /// site's certificate, carrying `bytes` bytes of application data, in GB/s (the
-/// handshake is not timed). HTTP/2 and gRPC are left out, so this is the most any
-/// update ingest over this TLS stack could reach on this machine.
+/// handshake is not timed). Client and server offer the cipher suites in the order a
+/// site's channel does, so they agree on the same one (AES-256-GCM). HTTP/2 and gRPC
+/// are left out, so this is the most any update ingest over this TLS stack could reach
+/// on this machine.
 pub async fn tls_reference(bytes: usize) -> Result<f64> {
     use medfl_coordinator::pki::{self, IssueRequest};
     use medfl_shared::identity::{Identity, Role};
@@ -402,16 +410,7 @@ pub async fn tls_reference(bytes: usize) -> Result<f64> {
     let reader = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await?;
         tcp.set_nodelay(true)?;
-        let mut s = acceptor.accept(tcp).await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0usize;
-        loop {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<(usize, Instant), std::io::Error>((got, Instant::now()));
-            }
-            got += n;
-        }
+        drain(&mut acceptor.accept(tcp).await?).await
     });
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
@@ -419,18 +418,12 @@ pub async fn tls_reference(bytes: usize) -> Result<f64> {
         .connect(ServerName::try_from("localhost")?, tcp)
         .await
         .context("the TLS reference's handshake")?;
-    let block = vec![7u8; 1 << 20];
     let start = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        let n = block.len().min(bytes - sent);
-        s.write_all(&block[..n]).await?;
-        sent += n;
-    }
-    // close_notify, then read to the end so that the server's session tickets are
-    // consumed (closing with unread bytes would reset the connection).
-    s.shutdown().await?;
+    // Sends close_notify at the end.
+    fill(&mut s, bytes).await?;
     let (got, end) = reader.await??;
+    // Read to the end, so that the server's session tickets are consumed (closing with
+    // unread bytes would reset the connection).
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await;
     if got != bytes {
         bail!("the TLS reference received {got} of {bytes} bytes");
