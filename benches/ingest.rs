@@ -39,26 +39,25 @@ fn ingest(c: &mut Criterion) {
             Duration::from_secs_f64(mean * iters as f64)
         })
     });
-    group.bench_function(format!("raw_tcp/{SITES}x1e6"), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let gbps = rt.block_on(medfl::bench::tcp_reference(bytes)).expect("tcp");
-                total += Duration::from_secs_f64(bytes as f64 / (gbps * 1e9));
-            }
-            total
-        })
-    });
-    group.bench_function(format!("raw_mtls/{SITES}x1e6"), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let gbps = rt.block_on(medfl::bench::tls_reference(bytes)).expect("tls");
-                total += Duration::from_secs_f64(bytes as f64 / (gbps * 1e9));
-            }
-            total
-        })
-    });
+    for (name, tls) in [("raw_tcp", false), ("raw_mtls", true)] {
+        group.bench_function(format!("{name}/{SITES}x1e6"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let gbps = rt
+                        .block_on(async {
+                            match tls {
+                                true => medfl::bench::tls_reference(bytes).await,
+                                false => medfl::bench::tcp_reference(bytes).await,
+                            }
+                        })
+                        .expect(name);
+                    total += Duration::from_secs_f64(bytes as f64 / (gbps * 1e9));
+                }
+                total
+            })
+        });
+    }
     group.finish();
 }
 
