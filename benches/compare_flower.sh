@@ -3,7 +3,7 @@
 # FedAvg aggregation (compare_flower_fedavg.py against `medfl bench aggregate`, same N x D),
 # and SecAgg+
 # (same n, d and dropout): its building blocks (compare_flower_secagg.py, against
-# `cargo bench -p medfl-shared --bench secagg`) and a whole simulated round with and
+# `cargo bench --bench secagg`) and a whole simulated round with and
 # without SecAgg+ (compare_flower_round.py, against `cargo bench --bench secure_round`).
 # and the robust aggregators (compare_flower_robust.py against `medfl bench aggregate
 # --strategy median|trimmed-mean|krum`).

@@ -1,4 +1,4 @@
-"""Flower 1.42's SecAgg+ building blocks, timed like shared/benches/secagg.rs.
+"""Flower 1.42's SecAgg+ building blocks, timed like benches/secagg.rs.
 
 Mirrors what Flower's client mod does per site in stage 2 (secaggplus_mod.py,
 _collect_masked_vectors): quantize, add the private mask, then for each neighbour

@@ -178,7 +178,7 @@ impl WeightedSum {
     /// the batch, eight updates per sweep (`a += ((w0·u0 + w1·u1) + …) + (… + w7·u7)`):
     /// many streams in flight at once, and the sum read and written once per batch
     /// instead of once per update. Measured on 2 cores, 100 distinct updates of 10^6
-    /// values: 2.1–2.3× the one-at-a-time fold (`cargo bench -p medfl-shared --bench
+    /// values: 2.1–2.3× the one-at-a-time fold (`cargo bench --bench
     /// aggregate`, `medfl bench aggregate`).
     ///
     /// All or nothing: every update is checked before any is folded. An update not cut
