@@ -7,6 +7,7 @@
 //! one-at-a-time fold and the plain loop. Throughput is in bytes of update per second.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use medfl_coordinator::engine::MAX_STAGED_UPDATES;
 use medfl_shared::aggregate::{WeightedSum, plain_pass, synthetic_update};
 use medfl_shared::chunk::chunks;
 
@@ -73,7 +74,7 @@ fn aggregation(c: &mut Criterion) {
             let mut acc = WeightedSum::new(d);
             b.iter(|| {
                 acc.reset(d);
-                for batch in weighted.chunks(64) {
+                for batch in weighted.chunks(MAX_STAGED_UPDATES) {
                     acc.fold_batch(batch, threads).expect("fold batch");
                 }
                 acc.sum_slice(0..1)[0]

@@ -163,7 +163,7 @@ pub fn aggregate(
         bail!("--sites, --params, --distinct and --batch must be at least 1");
     }
     let distinct = sites.min(distinct);
-    let batch = batch.min(64);
+    let batch = batch.min(medfl_coordinator::engine::MAX_STAGED_UPDATES);
     let decoded: Vec<Vec<f32>> = (0..distinct).map(|k| synthetic_update(params, k as u64 + 1)).collect();
     let encoded: Vec<Vec<Vec<u8>>> = decoded.iter().map(|u| chunks(u).map(|c| c.2).collect()).collect();
     let refs: Vec<Vec<&[u8]>> = encoded

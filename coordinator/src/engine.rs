@@ -319,6 +319,10 @@ fn admit(round: &OpenRound, acc: &RoundAcc, site: &str) -> Result<(), ServiceErr
     Ok(())
 }
 
+/// The most uploads of one model size staged at once, whatever the staging budget: so
+/// also the most whole updates one batched fold of the group commit can take.
+pub const MAX_STAGED_UPDATES: usize = 64;
+
 /// A pool of model-sized buffers in which uploads are decoded and checked before they
 /// are folded. The number of buffers is the staging budget divided by the model size
 /// (at least one), so coordinator memory stays O(model) whatever the number of sites;
@@ -342,7 +346,7 @@ impl Drop for StagingBuffer {
     fn drop(&mut self) {
         let values = std::mem::take(&mut self.values);
         let mut buffers = self.pool.staging.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        if buffers.len() < 64 {
+        if buffers.len() < MAX_STAGED_UPDATES {
             buffers.push(values);
         }
     }
@@ -824,7 +828,7 @@ impl Engine {
     pub async fn staging_permit(&self, len: usize) -> Result<OwnedSemaphorePermit, ServiceError> {
         let model_bytes = (len as u64 * 4).max(1);
         let semaphore = {
-            let permits = (self.staging.budget_bytes / model_bytes).clamp(1, 64) as usize;
+            let permits = (self.staging.budget_bytes / model_bytes).clamp(1, MAX_STAGED_UPDATES as u64) as usize;
             lock(&self.staging.permits)
                 .entry(model_bytes)
                 .or_insert_with(|| Arc::new(Semaphore::new(permits)))

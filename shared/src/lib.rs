@@ -22,7 +22,6 @@ pub mod sign;
 pub mod split;
 pub mod strategy;
 
-/// Milliseconds since the Unix epoch, the one clock format on the wire and in the store.
 /// The cores this process may use (its affinity and cgroup quota), read once: on Linux
 /// `available_parallelism` reads the cgroup files on every call, and the kernels ask
 /// for every update.
@@ -31,6 +30,7 @@ pub fn cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// Milliseconds since the Unix epoch, the one clock format on the wire and in the store.
 pub fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
