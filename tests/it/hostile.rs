@@ -5,12 +5,10 @@
 //! NaN/Inf, out-of-order and truncated streams, a second update, a site not selected,
 //! a closed round).
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::BufMut;
-use common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;

@@ -1,11 +1,9 @@
 //! Operating a coordinator: Prometheus metrics and `/healthz` on `metrics_listen`, and
 //! `grpc.health.v1` on the mTLS port, against a real federation after a study.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_check_response::ServingStatus;

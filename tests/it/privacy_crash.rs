@@ -2,12 +2,10 @@
 //! charge and the update it pays for were kept together, so on restart the site sends
 //! that same update, charged exactly once and released once.
 
-mod common;
-
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 
@@ -15,7 +13,7 @@ fn agent(config: &std::path::Path, failpoint: bool) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_medfl"));
     cmd.args(["agent", "--config"]).arg(config).env("RUST_LOG", "warn");
     if failpoint {
-        cmd.env("MEDFL_FAILPOINT", "after_charge");
+        cmd.env("FAILPOINTS", "after_charge=return");
     }
     cmd.spawn().expect("start agent")
 }
@@ -122,7 +120,7 @@ async fn a_coordinator_crash_before_commit_publishes_nothing_uncharged_and_charg
         .sites(2)
         .dir(owned.path())
         .coordinator_process(std::path::Path::new(env!("CARGO_BIN_EXE_medfl")))
-        .coordinator_env("MEDFL_FAILPOINT", "before_commit")
+        .coordinator_env("FAILPOINTS", "before_commit=return")
         .build()
         .await
         .expect("federation starts");

@@ -1,10 +1,8 @@
 //! The `medfl` binary as users run it: pki, study commands, export and the demo.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 
 fn stdout(out: &std::process::Output) -> String {
@@ -206,6 +204,35 @@ fn demo_runs_patient_level_dp_by_default_within_each_hospitals_budget() {
         "{summary}"
     );
     assert!(summary["test_accuracy"].as_f64().is_some_and(|a| a >= 0.9), "{summary}");
+    // The auditor's take-away: the exported audit log and each hospital's egress log,
+    // each accepted by `medfl audit verify`.
+    let export = summary["audit_export"].as_str().expect("audit_export");
+    let verified = medfl(&["audit", "verify", export]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    assert!(
+        stdout(&verified).contains("signed checkpoint covers them all"),
+        "{}",
+        stdout(&verified)
+    );
+    let egress = summary["egress_logs"].as_object().expect("egress_logs by site");
+    assert_eq!(egress.len(), 3, "{summary}");
+    for (site, path) in egress {
+        let verified = medfl(&["audit", "verify", path.as_str().expect("path")]);
+        assert!(
+            verified.status.success(),
+            "{site}: {}",
+            String::from_utf8_lossy(&verified.stderr)
+        );
+        assert!(
+            stdout(&verified).contains(&format!("site/{site}")),
+            "{}",
+            stdout(&verified)
+        );
+    }
 }
 
 #[test]

@@ -2,12 +2,10 @@
 //! coordinator certificate) that relays crafted secure-aggregation stages. The site's
 //! own checks must refuse them and reveal nothing.
 
-mod common;
-
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use common::serve_fake_coordinator;
+use crate::common::serve_fake_coordinator;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;

@@ -2,11 +2,9 @@
 //! the caller gets the right status and a message it can act on, nothing is folded,
 //! and the coordinator keeps serving.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_coordinator::pki::{self, IssueRequest};
 use medfl_proto::transport::Profile;

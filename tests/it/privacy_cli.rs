@@ -4,7 +4,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[path = "../shared/tests/support/reference.rs"]
+#[path = "../../shared/tests/support/reference.rs"]
 mod support;
 
 fn reference() -> Vec<Value> {

@@ -1,10 +1,8 @@
 //! End-to-end: real coordinator, real agents or simulated sites, real mTLS on loopback.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_shared::metrics::accuracy;
 use medfl_shared::model::{ModelKind, ModelSpec};

@@ -3,11 +3,9 @@
 //! sharing keys, fails cleanly below the threshold, refuses replays, and what it
 //! receives from one site looks uniform.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;
@@ -466,7 +464,7 @@ async fn two_agent_processes_killed_after_sharing_keys_do_not_stop_the_round() {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_medfl"));
         cmd.args(["agent", "--config"]).arg(&config).env("RUST_LOG", "warn");
         if k == 1 || k == 3 {
-            cmd.env("MEDFL_FAILPOINT", "secagg_after_share");
+            cmd.env("FAILPOINTS", "secagg_after_share=return");
         }
         agents.push(cmd.spawn().expect("start agent"));
     }

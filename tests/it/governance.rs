@@ -3,12 +3,10 @@
 //! connections, the signed audit log and its offline verification, and the site's
 //! refusal of anything it did not approve.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_coordinator::pki::{self, IssueRequest};
 use medfl_proto::transport::Profile;

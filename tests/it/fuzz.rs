@@ -2,12 +2,10 @@
 //! with proptest (the toolchain here is stable, so no cargo-fuzz): arbitrary bytes, and
 //! mutations (byte edits, cuts) of the seed corpus kept in `fuzz/corpus/<target>/`.
 //! The property everywhere: a clear `Err`, never a panic, and what is accepted is
-//! consistent. A failing case is saved by proptest under `tests/fuzz.proptest-regressions`
+//! consistent. A failing case is saved by proptest under `tests/it/fuzz.proptest-regressions`
 //! and replayed first from then on.
 //!
-//! `cargo test --test fuzz -- --ignored regenerate_corpus` rewrites the generated seeds.
-
-mod common;
+//! `cargo test --test it -- --ignored fuzz::regenerate_corpus` rewrites the generated seeds.
 
 use std::path::{Path, PathBuf};
 
@@ -265,6 +263,6 @@ fn regenerate_corpus() {
         ..Default::default()
     };
     write(&corpus_dir("wire"), "work-item.pb", &work.encode_to_vec());
-    let update = common::header(&work, "u-1", 10, 4);
+    let update = crate::common::header(&work, "u-1", 10, 4);
     write(&corpus_dir("wire"), "update-header.pb", &update.encode_to_vec());
 }

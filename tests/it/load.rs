@@ -3,12 +3,10 @@
 //! sites whose heartbeats are all served. Coordinator memory is read from procfs and
 //! reported (`cargo test --test load -- --nocapture`).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl::load::{answer_rounds, connect, heartbeat_all, rss_bytes};
 use medfl_proto::v1 as pb;

@@ -2,13 +2,11 @@
 //! many points of a 10-round DP study. The study completes, every round is committed
 //! once, and every ledger holds exactly one charge per released output.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -150,7 +148,7 @@ async fn a_coordinator_killed_at_a_dozen_points_finishes_the_study_charging_once
         match kills.len() % 4 {
             // Between the commit batch (the charge) and the announcement (the release).
             1 => {
-                fed.restart_coordinator_with_env(&[("MEDFL_FAILPOINT", "after_commit")])
+                fed.restart_coordinator_with_env(&[("FAILPOINTS", "after_commit=return")])
                     .await
                     .expect("restart with failpoint");
                 let exit = fed.wait_coordinator_exit(Duration::from_secs(60)).await;
@@ -158,7 +156,7 @@ async fn a_coordinator_killed_at_a_dozen_points_finishes_the_study_charging_once
             }
             // After the round's model is written, before the batch that commits it.
             3 => {
-                fed.restart_coordinator_with_env(&[("MEDFL_FAILPOINT", "before_commit")])
+                fed.restart_coordinator_with_env(&[("FAILPOINTS", "before_commit=return")])
                     .await
                     .expect("restart with failpoint");
                 let exit = fed.wait_coordinator_exit(Duration::from_secs(60)).await;

@@ -2,11 +2,9 @@
 //! of std σ·S added to the sum by the coordinator, one study-wide ledger charged per
 //! round, the round released whatever number of sites delivered.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_shared::accountant::{GaussianSteps, Sampling, epsilon};

@@ -2,12 +2,10 @@
 //! that poisons every round, and a server optimizer's state that survives a
 //! coordinator restart.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl::federation::site_name;
 use medfl::load::{answer_rounds, connect};

@@ -5,11 +5,9 @@
 //! test resets that process's peak RSS (`VmHWM`) just before the uploads and reads it
 //! once the round has committed. The 50 simulated sites run in the test process.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_shared::chunk::{CHUNK_VALUES, encode};

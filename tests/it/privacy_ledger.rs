@@ -2,12 +2,10 @@
 //! at budget_exhausted exactly when the next round would overspend, and the auditor's
 //! independent recomputation catching a tampered record.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_shared::accountant::{GaussianSteps, Sampling, epsilon};
