@@ -211,7 +211,7 @@ impl FederationBuilder {
     }
 
     /// Sets an environment variable for the first coordinator process (e.g. a
-    /// `MEDFL_FAILPOINT`); [`Federation::restart_coordinator`] starts it without.
+    /// `FAILPOINTS`); [`Federation::restart_coordinator`] starts it without.
     /// Serves the coordinator's dashboard on a free loopback port.
     pub fn dashboard(mut self) -> Self {
         self.dashboard = true;
@@ -601,7 +601,7 @@ impl Federation {
     }
 
     /// Like [`Federation::restart_coordinator`], with environment variables for the new
-    /// process (e.g. a `MEDFL_FAILPOINT`).
+    /// process (e.g. a `FAILPOINTS`).
     pub async fn restart_coordinator_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         self.kill_coordinator();
         let Some(binary) = &self.coordinator_binary else {
