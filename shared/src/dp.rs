@@ -1,5 +1,7 @@
 //! The one audited code path for the privacy step, used by record-level DP-SGD at a
-//! site and by site-level DP-FedAvg: Poisson sampling, L2 clipping, Gaussian noise.
+//! site, by site-level DP-FedAvg and by distributed DP under secure aggregation:
+//! Poisson sampling, L2 clipping, Gaussian noise and discrete Gaussian noise. No other
+//! module draws privacy noise.
 //!
 //! Randomness comes only from OpenDP's samplers (`use-openssl`: OpenSSL's CSPRNG;
 //! exact discrete sampling), never from a floating-point `rand` Gaussian.
@@ -41,6 +43,19 @@ impl From<opendp::error::Error> for DpError {
     fn from(e: opendp::error::Error) -> Self {
         DpError::OpenDp(e.to_string())
     }
+}
+
+/// Adds N_Z(0, std²) to every word (two's complement, wrapping), with OpenDP's exact
+/// discrete Gaussian sampler (Canonne, Kamath, Steinke 2020, Algorithm 3): each site's
+/// share of distributed DP under secure aggregation (Kairouz, Liu, Steinke 2021).
+pub fn add_discrete_gaussian(values: &mut [u32], std: f64) -> Result<(), DpError> {
+    let scale = dashu::rational::RBig::try_from(std).map_err(|_| DpError::BadSigma(std))?;
+    for v in values.iter_mut() {
+        let noise = opendp::traits::samplers::sample_discrete_gaussian(scale.clone())?;
+        let noise = i64::try_from(noise).map_err(|_| DpError::OpenDp("a noise draw beyond 64 bits".into()))?;
+        *v = v.wrapping_add(noise as u32);
+    }
+    Ok(())
 }
 
 /// Draws a Poisson sample of `0..n`: each index independently with probability `q`

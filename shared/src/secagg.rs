@@ -837,21 +837,6 @@ pub fn ddg_tau(sigma: f64, n: usize) -> f64 {
         .sum::<f64>()
 }
 
-/// Adds N_Z(0, std²) to every word (two's complement, wrapping), with OpenDP's exact
-/// discrete Gaussian sampler (Canonne, Kamath, Steinke 2020, Algorithm 3).
-pub fn add_discrete_gaussian(values: &mut [u32], std: f64) -> Result<()> {
-    let scale = dashu::rational::RBig::try_from(std)
-        .map_err(|_| SecAggError::Quantization(format!("noise std {std} is not a finite number")))?;
-    for v in values.iter_mut() {
-        let noise =
-            opendp::traits::samplers::sample_discrete_gaussian(scale.clone()).map_err(|_| SecAggError::Random)?;
-        let noise =
-            i64::try_from(noise).map_err(|_| SecAggError::Quantization("a noise draw beyond 64 bits".into()))?;
-        *v = v.wrapping_add(noise as u32);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -872,7 +857,7 @@ mod tests {
         // With tiny per-site noise τ is not negligible and the charge drops below σ.
         assert!(ddg_tau(0.2, 10) > 1.0);
         let mut words = vec![0u32; 50_000];
-        add_discrete_gaussian(&mut words, 40.0).expect("noise");
+        crate::dp::add_discrete_gaussian(&mut words, 40.0).expect("noise");
         let xs: Vec<f64> = words.iter().map(|w| *w as i32 as f64).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt();

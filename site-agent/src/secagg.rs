@@ -15,8 +15,8 @@ use medfl_proto::v1::site_client::SiteClient;
 use medfl_shared::identity::{Identity, Role};
 use medfl_shared::manifest::StudyManifest;
 use medfl_shared::secagg::{
-    AdvertisedKeys, DistributedNoise, MaskPlan, Quantizer, SessionParams, SharePair, SiteSecrets,
-    add_discrete_gaussian, advert_signing_bytes, check_rosters, check_unmask_request, open_shares, seal_shares,
+    AdvertisedKeys, DistributedNoise, MaskPlan, Quantizer, SessionParams, SharePair, SiteSecrets, advert_signing_bytes,
+    check_rosters, check_unmask_request, open_shares, seal_shares,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -362,7 +362,8 @@ impl SiteSession {
             .map_err(|e| anyhow!("{e}"))?;
         if let Some(noise) = &self.noise {
             // Noise before masking: no one ever sees this site's input without it.
-            add_discrete_gaussian(&mut masked, noise.site_std(&self.quantizer)).map_err(|e| anyhow!("{e}"))?;
+            medfl_shared::dp::add_discrete_gaussian(&mut masked, noise.site_std(&self.quantizer))
+                .map_err(|e| anyhow!("{e}"))?;
         }
         MaskPlan::for_site(&self.params, &self.secrets, &self.me, &u2_keys)
             .map_err(|e| Refusal(e.to_string()))?
