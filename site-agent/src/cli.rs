@@ -132,6 +132,10 @@ pub async fn main(args: AgentArgs) -> ExitCode {
             }
         };
     }
+    if let Some(why) = crate::renew::unusable(&settings.profile()) {
+        eprintln!("medfl-agent: {why}");
+        return ExitCode::from(medfl_proto::reach::Failure::Identity.exit_code());
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(medfl_proto::telemetry::cancel_on_signal(shutdown.clone()));
     match crate::run(settings, shutdown).await {

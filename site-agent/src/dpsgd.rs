@@ -14,6 +14,8 @@
 use candle_core::{Device, Tensor};
 use medfl_shared::model::ModelSpec;
 
+use crate::problem::{LocalProblem, layer_tensors};
+
 /// The summed clipped per-example gradients of one batch, in the flat layout of
 /// [`ModelSpec::layout`], and the batch's mean loss.
 #[derive(Debug, Clone)]
@@ -23,26 +25,6 @@ pub struct ClippedBatch {
     pub rows: usize,
     /// How many examples had their gradient scaled down.
     pub clipped: usize,
-}
-
-/// Splits flat parameters into each layer's (weight [out, in], bias [out]) tensors.
-pub(crate) fn layer_tensors(
-    spec: &ModelSpec,
-    d: usize,
-    params: &[f32],
-    dev: &Device,
-) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
-    let mut at = 0;
-    spec.layer_dims(d)
-        .into_iter()
-        .map(|(fan_in, fan_out)| {
-            let w = Tensor::from_slice(&params[at..at + fan_in * fan_out], (fan_out, fan_in), dev)?;
-            at += fan_in * fan_out;
-            let b = Tensor::from_slice(&params[at..at + fan_out], fan_out, dev)?;
-            at += fan_out;
-            Ok((w, b))
-        })
-        .collect()
 }
 
 fn sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
@@ -134,7 +116,7 @@ pub fn clipped_gradient_sum_looped(
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
     let dev = Device::Cpu;
-    let layers = crate::train::layer_vars(spec, d, params, &dev)?;
+    let layers = crate::problem::layer_vars(spec, d, params, &dev)?;
     let mut sum = vec![0f32; params.len()];
     let (mut loss_total, mut clipped) = (0.0, 0);
     for (row, label) in x.chunks_exact(d).zip(y) {
@@ -217,18 +199,17 @@ mod tests {
             sample_rate: 0.05,
             steps: 60,
         };
-        let out = train_dp(
-            &spec,
-            d,
-            &spec.init(d, 0),
-            crate::train::Start::Initial,
-            &x,
-            &y,
-            &scaling,
-            &training,
-            &dp,
-        )
-        .expect("trains");
+        let init = spec.init(d, 0);
+        let local = LocalProblem {
+            spec: &spec,
+            n_features: d,
+            params: &init,
+            start_on: crate::problem::Start::Initial,
+            x: &x,
+            y: &y,
+            training: &training,
+        };
+        let out = train_dp(&local, &scaling, &dp).expect("trains");
         let acc = medfl_shared::metrics::accuracy(&spec.predict_proba(&out.params, &x, d).expect("model"), &y);
         assert!(acc > 0.9, "accuracy {acc}");
         assert!(out.effective_noise_multiplier <= 1.0 && out.effective_noise_multiplier > 0.999);
@@ -305,24 +286,26 @@ pub struct DpTrainOutcome {
 /// C, adds N(0, σ²C²) to every coordinate, divides by the expected batch q·n, and
 /// takes an SGD or Adam step (post-processing). `scaling` must be public (the
 /// manifest's), so the change of coordinates releases nothing about the rows.
-#[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
 pub fn train_dp(
-    spec: &ModelSpec,
-    d: usize,
-    params: &[f32],
-    start_on: crate::train::Start,
-    x: &[f32],
-    y: &[f32],
+    local: &LocalProblem<'_>,
     scaling: &medfl_shared::model::Standardizer,
-    training: &medfl_shared::manifest::Training,
     dp: &DpSgdConfig,
 ) -> anyhow::Result<DpTrainOutcome> {
+    let LocalProblem {
+        spec,
+        n_features: d,
+        params,
+        start_on,
+        x,
+        y,
+        training,
+    } = *local;
     use medfl_shared::manifest::Optimizer;
     let n = y.len();
     let mut xs = x.to_vec();
     scaling.apply(&mut xs);
     let mut theta = params.to_vec();
-    if start_on == crate::train::Start::Global {
+    if start_on == crate::problem::Start::Global {
         scaling.raw_to_standardized(spec, &mut theta);
     }
     let expected_batch = (dp.sample_rate * n as f64).max(1.0);
@@ -353,7 +336,7 @@ pub fn train_dp(
             Optimizer::Sgd => theta.iter_mut().zip(&grad).for_each(|(t, g)| *t -= lr * g),
             Optimizer::Adam => {
                 // Kingma and Ba 2015, Algorithm 1, on the noisy gradient.
-                use crate::train::{ADAM_EPS, BETA1, BETA2};
+                use crate::problem::{ADAM_EPS, BETA1, BETA2};
                 let (b1, b2, eps) = (BETA1 as f32, BETA2 as f32, ADAM_EPS as f32);
                 let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
                 for i in 0..theta.len() {

@@ -50,6 +50,20 @@ pub enum LedgerError {
     },
 }
 
+/// What one charge is for: the dataset it spends, the study round and manifest it pays
+/// for, the mechanism with its clip norm, and the dataset's cap at the policy's δ.
+#[derive(Debug, Clone, Copy)]
+pub struct ChargeRequest<'a> {
+    pub dataset: &'a str,
+    pub study_id: &'a str,
+    pub round: u32,
+    pub manifest_hash: &'a str,
+    pub mechanism: GaussianSteps,
+    pub clip_norm: f64,
+    pub cap: f64,
+    pub delta: f64,
+}
+
 /// An update the site paid for, kept until a later round of its study is released.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Release {
@@ -149,21 +163,20 @@ impl Ledger {
         Ok((before, after))
     }
 
-    /// Records a charge durably if it keeps the dataset within `cap` at `delta`, and
-    /// returns it; otherwise records nothing and says by how much it would overspend.
-    #[allow(clippy::too_many_arguments)] // the charge's fields, each distinct
-    pub fn charge(
+    /// Records a charge durably if it keeps the dataset within its cap, and returns it;
+    /// otherwise records nothing and says by how much it would overspend.
+    pub fn charge(&self, request: &ChargeRequest<'_>) -> Result<Charge, LedgerError> {
+        self.charge_release(request, None)
+    }
+
+    /// Like [`Ledger::charge`], and keeps `release` (update id and values) in the same
+    /// durable batch, replacing any earlier release of the study.
+    pub fn charge_release(
         &self,
-        dataset: &str,
-        study_id: &str,
-        round: u32,
-        manifest_hash: &str,
-        mechanism: GaussianSteps,
-        clip_norm: f64,
-        cap: f64,
-        delta: f64,
+        request: &ChargeRequest<'_>,
+        release: Option<(&str, &[f32])>,
     ) -> Result<Charge, LedgerError> {
-        self.charge_release(
+        let ChargeRequest {
             dataset,
             study_id,
             round,
@@ -172,25 +185,7 @@ impl Ledger {
             clip_norm,
             cap,
             delta,
-            None,
-        )
-    }
-
-    /// Like [`Ledger::charge`], and keeps `release` (update id and values) in the same
-    /// durable batch, replacing any earlier release of the study.
-    #[allow(clippy::too_many_arguments)] // the charge's fields, each distinct
-    pub fn charge_release(
-        &self,
-        dataset: &str,
-        study_id: &str,
-        round: u32,
-        manifest_hash: &str,
-        mechanism: GaussianSteps,
-        clip_norm: f64,
-        cap: f64,
-        delta: f64,
-        release: Option<(&str, &[f32])>,
-    ) -> Result<Charge, LedgerError> {
+        } = *request;
         let (before, after) = self.check(dataset, mechanism, cap, delta)?;
         let charge = Charge {
             dataset: dataset.to_string(),
@@ -262,7 +257,17 @@ mod tests {
         {
             let ledger = Ledger::open(dir.path()).expect("open");
             loop {
-                match ledger.charge("bc", "s-1", n + 1, "h", steps(6.0), 1.0, cap, 1e-5) {
+                let request = ChargeRequest {
+                    dataset: "bc",
+                    study_id: "s-1",
+                    round: n + 1,
+                    manifest_hash: "h",
+                    mechanism: steps(6.0),
+                    clip_norm: 1.0,
+                    cap,
+                    delta: 1e-5,
+                };
+                match ledger.charge(&request) {
                     Ok(c) => {
                         assert!(c.epsilon_after > c.epsilon_before && c.epsilon_before >= last);
                         last = c.epsilon_after;

@@ -16,8 +16,11 @@ pub mod egress;
 pub mod enroll;
 pub mod ledger;
 pub mod policy;
+pub mod problem;
 pub mod renew;
 pub mod secagg;
 pub mod train;
+pub mod trainer;
+pub mod work;
 
 pub use agent::{AgentSettings, run};

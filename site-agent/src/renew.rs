@@ -29,6 +29,28 @@ pub fn validity(profile: &Profile) -> Option<(i64, i64)> {
     ))
 }
 
+/// Why the site's certificate cannot be used now (expired, or not valid yet, which is
+/// usually a wrong clock), in words; `None` when it is within its validity.
+pub fn unusable(profile: &Profile) -> Option<String> {
+    let der = CertificateDer::from_pem_slice(profile.cert_pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let v = cert.validity();
+    let now = medfl_shared::unix_ms(SystemTime::now()) as i64 / 1000;
+    if now > v.not_after.timestamp() {
+        return Some(format!(
+            "the site's certificate expired on {}: issue a new bundle (medfl pki issue) or enroll again",
+            v.not_after
+        ));
+    }
+    if now < v.not_before.timestamp() {
+        return Some(format!(
+            "the site's certificate is not valid before {}: check this machine's clock (it reads {} s since 1970)",
+            v.not_before, now
+        ));
+    }
+    None
+}
+
 /// Whether the certificate should be renewed now: when less than `before` is left,
 /// or, without `before`, less than a third of its lifetime.
 pub fn due(profile: &Profile, before: Option<Duration>) -> bool {

@@ -13,7 +13,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use medfl_shared::manifest::{Optimizer, Training};
-use medfl_shared::model::{ModelSpec, Standardizer};
+use medfl_shared::model::Standardizer;
+
+use crate::problem::{ADAM_EPS, BETA1, BETA2, layer_vars};
+pub use crate::problem::{LocalProblem, Start};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 
 /// What local training produced.
@@ -24,23 +27,6 @@ pub struct TrainOutcome {
     /// Mean training loss over the last epoch.
     pub loss: f64,
     pub examples: usize,
-}
-
-/// Adam's constants (Kingma and Ba 2015, Algorithm 1).
-pub(crate) const BETA1: f64 = 0.9;
-pub(crate) const BETA2: f64 = 0.999;
-pub(crate) const ADAM_EPS: f64 = 1e-8;
-
-pub(crate) fn layer_vars(
-    spec: &ModelSpec,
-    n_features: usize,
-    params: &[f32],
-    dev: &Device,
-) -> candle_core::Result<Vec<(Var, Var)>> {
-    crate::dpsgd::layer_tensors(spec, n_features, params, dev)?
-        .into_iter()
-        .map(|(w, b)| Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?)))
-        .collect()
 }
 
 fn forward(layers: &[(Var, Var)], x: &Tensor) -> candle_core::Result<Tensor> {
@@ -61,15 +47,6 @@ fn bce_with_logits(z: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
     (z.relu()? - (z * y)?)?.add(&softplus)?.mean_all()
 }
 
-/// How to read the starting parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Start {
-    /// The study's initial model, on standardized coordinates.
-    Initial,
-    /// A committed global model, on raw coordinates.
-    Global,
-}
-
 /// A local training problem on the training scale: rows (n × d) and labels as tensors,
 /// and the starting model as variables (`start` flat).
 struct Problem {
@@ -82,16 +59,16 @@ struct Problem {
 impl Problem {
     /// Rows `x` (raw) and the model `params` (raw, or standardized for the initial model)
     /// on the scale `scaling` sets.
-    #[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
-    fn new(
-        spec: &ModelSpec,
-        n_features: usize,
-        params: &[f32],
-        start_on: Start,
-        x: &[f32],
-        y: &[f32],
-        scaling: &Standardizer,
-    ) -> candle_core::Result<Self> {
+    fn new(local: &LocalProblem<'_>, scaling: &Standardizer) -> candle_core::Result<Self> {
+        let LocalProblem {
+            spec,
+            n_features,
+            params,
+            start_on,
+            x,
+            y,
+            ..
+        } = *local;
         let dev = Device::Cpu;
         let mut xs = x.to_vec();
         scaling.apply(&mut xs);
@@ -160,22 +137,13 @@ fn flatten(layers: &[(Var, Var)]) -> candle_core::Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Trains from `params` on rows `x` (raw, row-major) and labels `y`; returns the new
-/// model on raw coordinates.
-#[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
-pub fn train(
-    spec: &ModelSpec,
-    n_features: usize,
-    params: &[f32],
-    start_on: Start,
-    x: &[f32],
-    y: &[f32],
-    cfg: &Training,
-    seed: u64,
-) -> candle_core::Result<TrainOutcome> {
-    let n = y.len();
-    let standardizer = Standardizer::fit(x, n_features);
-    let problem = Problem::new(spec, n_features, params, start_on, x, y, &standardizer)?;
+/// Trains from the problem's starting model on its rows; returns the new model on raw
+/// coordinates.
+pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOutcome> {
+    let (spec, cfg) = (local.spec, local.training);
+    let n = local.y.len();
+    let standardizer = Standardizer::fit(local.x, local.n_features);
+    let problem = Problem::new(local, &standardizer)?;
     let (x_all, y_all, layers) = (&problem.x, &problem.y, &problem.layers);
     let vars: Vec<&Var> = layers.iter().flat_map(|(w, b)| [w, b]).collect();
     // FedProx: the gradient of μ/2 ‖w − w_t‖² is μ (w − w_t), w_t the starting model.
@@ -228,23 +196,17 @@ pub fn train(
 /// feature scale (every site's control variate must be on the same coordinates), then
 /// `c_i⁺ = c_i − c + (x − y)/(K η_l)`. `c` and `c_i` are on that scale; returns the
 /// new model on raw coordinates and c_i⁺.
-#[allow(clippy::too_many_arguments)] // the training problem's parts, each distinct
 pub fn train_scaffold(
-    spec: &ModelSpec,
-    n_features: usize,
-    params: &[f32],
-    start_on: Start,
-    x: &[f32],
-    y: &[f32],
-    cfg: &Training,
+    local: &LocalProblem<'_>,
     scaling: &Standardizer,
     c: &[f32],
     c_i: &[f32],
     seed: u64,
 ) -> candle_core::Result<(TrainOutcome, Vec<f32>)> {
     let dev = Device::Cpu;
-    let n = y.len();
-    let problem = Problem::new(spec, n_features, params, start_on, x, y, scaling)?;
+    let (spec, cfg) = (local.spec, local.training);
+    let n = local.y.len();
+    let problem = Problem::new(local, scaling)?;
     let (x_all, y_all, layers, start) = (&problem.x, &problem.y, &problem.layers, &problem.start);
     // The drift correction c − c_i, cut to each variable (flat in the layout's order).
     let mut corrections = Vec::new();
@@ -280,6 +242,7 @@ mod tests {
     use super::*;
     use medfl_shared::metrics::accuracy;
     use medfl_shared::model::ModelKind;
+    use medfl_shared::model::ModelSpec;
 
     /// Two Gaussian blobs on very different feature scales.
     fn blobs() -> (Vec<f32>, Vec<f32>) {
@@ -315,7 +278,16 @@ mod tests {
                 proximal_mu: mu,
             };
             // From the initial model (standardized scale), compared on that scale.
-            let out = train(&spec, 2, &start, Start::Initial, &x, &y, &cfg, 7).expect("training runs");
+            let local = LocalProblem {
+                spec: &spec,
+                n_features: 2,
+                params: &start,
+                start_on: Start::Initial,
+                x: &x,
+                y: &y,
+                training: &cfg,
+            };
+            let out = train(&local, 7).expect("training runs");
             let mut params = out.params;
             Standardizer::fit(&x, 2).raw_to_standardized(&spec, &mut params);
             params
@@ -350,9 +322,26 @@ mod tests {
                 optimizer: Optimizer::Adam,
                 proximal_mu: None,
             };
-            let out = train(&spec, 2, &init, Start::Initial, &x, &y, &cfg, 7).expect("training runs");
+            let local = LocalProblem {
+                spec: &spec,
+                n_features: 2,
+                params: &init,
+                start_on: Start::Initial,
+                x: &x,
+                y: &y,
+                training: &cfg,
+            };
+            let out = train(&local, 7).expect("training runs");
             // Continuing from the raw-coordinate result keeps the model good.
-            let again = train(&spec, 2, &out.params, Start::Global, &x, &y, &cfg, 8).expect("training runs");
+            let again = train(
+                &LocalProblem {
+                    params: &out.params,
+                    start_on: Start::Global,
+                    ..local
+                },
+                8,
+            )
+            .expect("training runs");
             let probs = spec.predict_proba(&again.params, &x, 2).expect("valid model");
             assert!(
                 accuracy(&probs, &y) > 0.85,

@@ -1,0 +1,151 @@
+//! The one seam between the agent and whatever trains: a [`LocalTrainer`] turns a
+//! [`TrainingTask`] (the global model, the approved rows, the manifest's settings and
+//! the privacy mode the agent chose) into new parameters.
+//!
+//! The agent stays the privacy boundary whichever trainer runs: it computes the delta
+//! from what the trainer returns, checks it is finite, clips it for site-level DP,
+//! charges the ledger and writes the egress log (`work::release`). A trainer never
+//! sends anything itself. [`BuiltinTrainer`] is candle's logistic regression and MLP;
+//! other trainers (a hospital's own process) are further implementations.
+
+use anyhow::{Result, anyhow, bail};
+use medfl_shared::manifest::Training;
+use medfl_shared::model::{ModelSpec, Standardizer};
+
+use crate::dpsgd::{DpSgdConfig, train_dp};
+use crate::problem::{LocalProblem, Start};
+use crate::train::{train, train_scaffold};
+
+/// How the trainer must treat privacy, as the agent decided from the approved manifest.
+#[derive(Debug, Clone)]
+pub enum TrainingMode {
+    /// No DP; with SCAFFOLD, the control variates and the public scale they live on.
+    Plain { scaffold: Option<Scaffold> },
+    /// Record-level DP-SGD on the manifest's public scale, with the noise multiplier the
+    /// site's ledger charges for.
+    DpSgd { scaling: Standardizer, config: DpSgdConfig },
+    /// Site-level DP: ordinary local training; the agent clips the delta afterwards and
+    /// the noise is added to the sum.
+    SiteLevel,
+}
+
+/// SCAFFOLD's inputs: the global control variate `c` and this site's `c_i`, both on the
+/// manifest's public feature scale.
+#[derive(Debug, Clone)]
+pub struct Scaffold {
+    pub scaling: Standardizer,
+    pub c: Vec<f32>,
+    pub c_i: Vec<f32>,
+}
+
+/// Everything one round's local training needs, owned, so that it can move to a
+/// blocking thread or be handed to another process.
+#[derive(Debug, Clone)]
+pub struct TrainingTask {
+    pub spec: ModelSpec,
+    pub n_features: usize,
+    /// The global model this round received (without SCAFFOLD's control variate).
+    pub start: Vec<f32>,
+    pub start_on: Start,
+    /// The approved rows (raw, row-major) and their labels, held-out rows excluded.
+    pub x: Vec<f32>,
+    pub y: Vec<f32>,
+    pub training: Training,
+    /// Seeds the trainer's own shuffles (DP-SGD's sampling draws from the OS instead).
+    pub seed: u64,
+    pub mode: TrainingMode,
+}
+
+impl TrainingTask {
+    fn problem(&self) -> LocalProblem<'_> {
+        LocalProblem {
+            spec: &self.spec,
+            n_features: self.n_features,
+            params: &self.start,
+            start_on: self.start_on,
+            x: &self.x,
+            y: &self.y,
+            training: &self.training,
+        }
+    }
+}
+
+/// What a trainer returns. The agent decides what of it may leave.
+#[derive(Debug, Clone)]
+pub struct TrainerOutput {
+    /// The new model on raw feature coordinates, in the manifest's layout.
+    pub params: Vec<f32>,
+    /// Rows trained on (the FedAvg weight when no DP is in force).
+    pub examples: u64,
+    /// Mean training loss, when the trainer has one.
+    pub loss: Option<f64>,
+    /// SCAFFOLD's c_i⁺ on the public scale.
+    pub control_next: Option<Vec<f32>>,
+    /// Under DP-SGD, the smallest noise multiplier the trainer applied to any step.
+    pub noise_multiplier: Option<f64>,
+}
+
+/// Something that trains locally. `train` blocks: the agent runs it on a blocking
+/// thread.
+pub trait LocalTrainer: Send + Sync + std::fmt::Debug {
+    /// The trainer's name, as refusals and logs name it.
+    fn name(&self) -> &str;
+
+    /// Trains on the task's rows from its starting model.
+    fn train(&self, task: TrainingTask) -> Result<TrainerOutput>;
+}
+
+/// candle's logistic regression and MLP, in the agent's own process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuiltinTrainer;
+
+impl LocalTrainer for BuiltinTrainer {
+    fn name(&self) -> &str {
+        "builtin"
+    }
+
+    fn train(&self, task: TrainingTask) -> Result<TrainerOutput> {
+        let problem = task.problem();
+        match &task.mode {
+            TrainingMode::DpSgd { scaling, config } => {
+                let out = train_dp(&problem, scaling, config)?;
+                Ok(TrainerOutput {
+                    params: out.params,
+                    examples: task.y.len() as u64,
+                    loss: Some(out.mean_loss),
+                    control_next: None,
+                    noise_multiplier: Some(out.effective_noise_multiplier),
+                })
+            }
+            TrainingMode::Plain { scaffold: Some(s) } => {
+                if s.c.len() != task.start.len() || s.c_i.len() != task.start.len() {
+                    bail!(
+                        "SCAFFOLD's control variates have {} and {} values, the model {}",
+                        s.c.len(),
+                        s.c_i.len(),
+                        task.start.len()
+                    );
+                }
+                let (out, c_next) = train_scaffold(&problem, &s.scaling, &s.c, &s.c_i, task.seed)
+                    .map_err(|e| anyhow!("training failed: {e}"))?;
+                Ok(TrainerOutput {
+                    params: out.params,
+                    examples: out.examples as u64,
+                    loss: Some(out.loss),
+                    control_next: Some(c_next),
+                    noise_multiplier: None,
+                })
+            }
+            TrainingMode::Plain { scaffold: None } | TrainingMode::SiteLevel => {
+                let out = train(&problem, task.seed).map_err(|e| anyhow!("training failed: {e}"))?;
+                Ok(TrainerOutput {
+                    params: out.params,
+                    examples: out.examples as u64,
+                    loss: Some(out.loss),
+                    control_next: None,
+                    noise_multiplier: None,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Step 2: download the global model, choose the privacy mode, check the round fits
+//! the dataset's budget, train through the site's [`LocalTrainer`], and make the
+//! trainer's result a finite delta the agent has clipped itself.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use medfl_proto::stream::read_model;
+use medfl_proto::v1 as pb;
+use medfl_proto::v1::site_client::SiteClient;
+use medfl_shared::accountant::GaussianSteps;
+use medfl_shared::dp::ClippedUpdate;
+use medfl_shared::manifest::{PrivacyUnit, StudyManifest};
+use tonic::transport::Channel;
+
+use super::vet::Approved;
+use super::{Refusal, WorkError};
+use crate::agent::AgentSettings;
+use crate::dpsgd::DpSgdConfig;
+use crate::ledger::LedgerError;
+use crate::problem::Start;
+use crate::trainer::{LocalTrainer, Scaffold, TrainerOutput, TrainingMode, TrainingTask};
+
+/// The charge a DP round will make once its update is ready: the mechanism as the
+/// ledger accounts it, the clip norm and the dataset's cap.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlannedCharge {
+    pub mechanism: GaussianSteps,
+    pub clip_norm: f64,
+    pub cap: f64,
+}
+
+/// What local training produced, as the agent will release it.
+#[derive(Debug)]
+pub(crate) struct Trained {
+    /// The model delta (clipped to S under site-level DP), then SCAFFOLD's Δc_i.
+    pub delta: Vec<f32>,
+    /// The FedAvg weight: the example count, or 1 under DP (counts do not leave).
+    pub weight: u64,
+    /// The mean training loss, only without DP.
+    pub loss: Option<f64>,
+    /// The received model's held-out totals.
+    pub evaluation: Option<pb::Evaluation>,
+    pub charge: Option<PlannedCharge>,
+    /// SCAFFOLD's c_i⁺, kept once the update is delivered.
+    pub scaffold_next: Option<Vec<f32>>,
+}
+
+/// The trainer for a manifest. Only the built-in trainer exists so far; the site maps
+/// a study's trainer name to its own trainers here.
+fn trainer_for(_manifest: &StudyManifest) -> Arc<dyn LocalTrainer> {
+    Arc::new(crate::trainer::BuiltinTrainer)
+}
+
+pub(crate) async fn train(
+    client: &mut SiteClient<Channel>,
+    settings: &AgentSettings,
+    work: &pb::WorkItem,
+    approved: &Approved,
+) -> Result<Trained, WorkError> {
+    let manifest = &approved.manifest;
+    let mut global = download(client, work, manifest).await?;
+    // SCAFFOLD: the global control variate follows the model; this site's own is kept
+    // in its store between rounds.
+    let control = match manifest.control_variates() {
+        true => {
+            let c = global.split_off(manifest.num_params() as usize);
+            let c_i = load_control(&settings.store, &work.study_id, c.len())?;
+            Some((c, c_i))
+        }
+        false => None,
+    };
+    // Round 1 starts from the study's initial model, which is read on standardized
+    // coordinates (see train::Start): there is no raw-coordinate model to score yet.
+    let evaluation = match &approved.holdout {
+        Some((hx, hy)) if work.round > 1 => Some(evaluate(manifest, &global, hx, hy)?),
+        _ => None,
+    };
+    let (mode, charge) = privacy_mode(settings, approved, global.len(), control.as_ref())?;
+    let task = TrainingTask {
+        spec: manifest.model.clone(),
+        n_features: manifest.n_features(),
+        start: global.clone(),
+        start_on: if work.round == 1 { Start::Initial } else { Start::Global },
+        x: approved.x.clone(),
+        y: approved.y.clone(),
+        training: manifest.training.clone(),
+        seed: round_seed(&approved.site, work),
+        mode,
+    };
+    let trainer = trainer_for(manifest);
+    let out: TrainerOutput = tokio::task::spawn_blocking(move || trainer.train(task))
+        .await
+        .context("training task")??;
+    if let Some(charged) = charge.map(|c| c.mechanism.sigma)
+        && manifest.privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Record)
+    {
+        match out.noise_multiplier {
+            Some(applied) if applied >= charged => {}
+            applied => {
+                return Err(anyhow::anyhow!(
+                    "noise applied (σ_eff = {applied:?}) is below what was charged ({charged})"
+                )
+                .into());
+            }
+        }
+    }
+    // Under DP the example count and the loss are statistics of the rows: neither leaves
+    // (the study weighs sites uniformly).
+    let (weight, loss) = match charge {
+        Some(_) => (1, None),
+        None => (out.examples, out.loss.filter(|l| l.is_finite())),
+    };
+    let mut delta: Vec<f32> = out.params.iter().zip(&global).map(|(n, g)| n - g).collect();
+    if delta.len() != global.len() || delta.iter().any(|v| !v.is_finite()) {
+        return Err(Refusal::Diverged("update").into());
+    }
+    if let Some(p) = manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site) {
+        delta = ClippedUpdate::clip(delta, p.clip_norm)
+            .context("clip the site's update")?
+            .into_values();
+    }
+    // SCAFFOLD: the update carries Δc_i = c_i⁺ − c_i after the model delta; c_i⁺ is kept
+    // once the update is delivered.
+    let mut scaffold_next = None;
+    if let (Some((_, c_i)), Some(c_next)) = (&control, out.control_next) {
+        if c_next.len() != c_i.len() || c_next.iter().any(|v| !v.is_finite()) {
+            return Err(Refusal::Diverged("control variate").into());
+        }
+        delta.extend(c_next.iter().zip(c_i).map(|(n, o)| n - o));
+        scaffold_next = Some(c_next);
+    }
+    Ok(Trained {
+        delta,
+        weight,
+        loss,
+        evaluation,
+        charge,
+        scaffold_next,
+    })
+}
+
+/// The privacy mode for this round and, under DP, the charge it will make. A round
+/// that would pass the dataset's cap is refused before any training.
+fn privacy_mode(
+    settings: &AgentSettings,
+    approved: &Approved,
+    num_params: usize,
+    control: Option<&(Vec<f32>, Vec<f32>)>,
+) -> Result<(TrainingMode, Option<PlannedCharge>), WorkError> {
+    let manifest = &approved.manifest;
+    let Some((plan, p)) = &approved.plan else {
+        let scaffold = match (control, &manifest.data.scaling) {
+            (Some((c, c_i)), Some(scaling)) => Some(Scaffold {
+                scaling: scaling.standardizer(),
+                c: c.clone(),
+                c_i: c_i.clone(),
+            }),
+            _ => None,
+        };
+        return Ok((TrainingMode::Plain { scaffold }, None));
+    };
+    // Distributed DP: exact integer noise whose multiplier the plan carries; otherwise
+    // what OpenDP's map gives for the noise drawn on its grid.
+    let effective = if manifest.distributed_dp() {
+        plan.per_round.sigma
+    } else {
+        medfl_shared::dp::effective_noise_multiplier(num_params, p.clip_norm, plan.sigma)
+            .context("the noise's accounted multiplier")?
+    };
+    let mechanism = GaussianSteps {
+        sigma: effective,
+        ..plan.per_round
+    };
+    // Refuse before training if the round would pass the cap; the charge itself lands
+    // with the update it pays for (release).
+    match settings
+        .ledger
+        .check(&approved.dataset, mechanism, approved.cap, settings.policy.delta)
+    {
+        Ok(_) => {}
+        Err(e @ LedgerError::WouldExceed { .. }) => return Err(Refusal::Budget(e).into()),
+        Err(e) => return Err(anyhow::Error::from(e).context("check the ledger").into()),
+    }
+    let charge = PlannedCharge {
+        mechanism,
+        clip_norm: p.clip_norm,
+        cap: approved.cap,
+    };
+    let mode = match p.unit {
+        PrivacyUnit::Record => {
+            let scaling = manifest.data.scaling.as_ref().ok_or(Refusal::NoPublicScaling)?;
+            TrainingMode::DpSgd {
+                scaling: scaling.standardizer(),
+                config: DpSgdConfig {
+                    clip_norm: p.clip_norm,
+                    noise_multiplier: plan.sigma,
+                    sample_rate: p.sample_rate,
+                    steps: p.steps_per_round,
+                },
+            }
+        }
+        // Site level (DP-FedAvg): ordinary local training; the delta is clipped to S and
+        // the coordinator adds the noise to the sum. The charge is the plain Gaussian of
+        // a round this site took part in: a bound the site can check itself, whatever the
+        // other sites do.
+        PrivacyUnit::Site => TrainingMode::SiteLevel,
+    };
+    Ok((mode, Some(charge)))
+}
+
+/// The round's training seed: from this site, study and round, so a rerun trains alike.
+fn round_seed(site: &str, work: &pb::WorkItem) -> u64 {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{site}/{}/{}", work.study_id, work.round).as_bytes(),
+    );
+    u64::from_le_bytes(digest.as_ref()[..8].try_into().unwrap_or([0; 8]))
+}
+
+async fn download(client: &mut SiteClient<Channel>, work: &pb::WorkItem, manifest: &StudyManifest) -> Result<Vec<f32>> {
+    let stream = client
+        .download_model(pb::DownloadModelRequest {
+            study_id: work.study_id.clone(),
+            round: work.round,
+        })
+        .await
+        .context("download global model")?
+        .into_inner();
+    let (header, params) = read_model(stream).await?;
+    if header.num_params != manifest.wire_params() || header.manifest_hash != work.manifest_hash {
+        bail!(
+            "global model does not match the approved manifest ({} values, hash {})",
+            header.num_params,
+            header.manifest_hash
+        );
+    }
+    Ok(params)
+}
+
+/// SCAFFOLD: this site's control variate for a study (zeros before its first round).
+fn load_control(store: &Path, study_id: &str, len: usize) -> Result<Vec<f32>> {
+    let path = store.join("scaffold").join(format!("{study_id}.f32"));
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == len * 4 => Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()),
+        Ok(bytes) => bail!(
+            "{}: {} bytes, the study's control variate has {len} values",
+            path.display(),
+            bytes.len()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![0.0; len]),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// Replaces this site's control variate for a study (written whole, then renamed).
+pub(crate) fn save_control(store: &Path, study_id: &str, values: &[f32]) -> Result<()> {
+    let dir = store.join("scaffold");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(format!("{study_id}.f32"));
+    let tmp = path.with_extension("f32.tmp");
+    std::fs::write(&tmp, medfl_shared::chunk::encode(values)).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("replace {}", path.display()))
+}
+
+/// The received global model scored on the held-out rows: how many are classified
+/// right at 0.5 and the summed binary cross-entropy.
+fn evaluate(manifest: &StudyManifest, global: &[f32], x: &[f32], y: &[f32]) -> Result<pb::Evaluation> {
+    let probs = manifest.model.predict_proba(global, x, manifest.n_features())?;
+    let correct = probs
+        .iter()
+        .zip(y)
+        .filter(|(p, y)| (**p >= 0.5) == (**y >= 0.5))
+        .count();
+    let loss_sum: f64 = probs
+        .iter()
+        .zip(y)
+        .map(|(p, y)| {
+            let p = (*p as f64).clamp(1e-7, 1.0 - 1e-7);
+            -(*y as f64 * p.ln() + (1.0 - *y as f64) * (1.0 - p).ln())
+        })
+        .sum();
+    Ok(pb::Evaluation {
+        examples: y.len() as u64,
+        correct: correct as u64,
+        loss_sum,
+    })
+}
