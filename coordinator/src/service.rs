@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, instrument};
 
 use crate::auth::{caller, caller_certificate};
-use crate::engine::{Engine, EvalCounts, Event, EventKind, StudyView, UpdateMeta};
+use crate::engine::{Admission, Engine, EvalCounts, Event, EventKind, StudyView, UpdateMeta, UploadHeader};
 use crate::error::ServiceError;
 use crate::store::{DatasetRecord, StudyRecord, StudyState};
 
@@ -48,24 +48,53 @@ async fn next_message(
     }
 }
 
-/// The data chunk of an upload message, while the round is still open.
-fn data_of(
-    msg: pb::UpdateChunk,
-    open: &crate::engine::OpenRound,
-    header: &pb::UpdateHeader,
-) -> Result<pb::DataChunk, Status> {
-    if !open.is_open() {
-        return Err(Status::failed_precondition(format!(
-            "round {} of study {} closed while the update was streaming",
-            header.round, header.study_id
+/// An update header as the engine takes it: text bounded, counts in range, and the
+/// held-out totals (if any) checked to be counts of held-out rows.
+fn upload_header(header: pb::UpdateHeader) -> Result<UploadHeader, Status> {
+    if header.num_examples == 0 || header.num_examples > 1_000_000_000 {
+        return Err(Status::invalid_argument(format!(
+            "num_examples = {} is outside 1..=10^9",
+            header.num_examples
         )));
     }
-    match msg.body {
-        Some(pb::update_chunk::Body::Data(chunk)) => Ok(chunk),
-        _ => Err(Status::invalid_argument(
-            "only DataChunk messages may follow the UpdateHeader",
-        )),
-    }
+    let evaluation = match header.evaluation {
+        None => None,
+        Some(e) => {
+            if e.examples == 0
+                || e.examples > 1_000_000_000
+                || e.correct > e.examples
+                || !(e.loss_sum.is_finite() && e.loss_sum >= 0.0)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "evaluation totals are not counts of held-out rows: {} examples, {} correct, loss sum {}",
+                    e.examples, e.correct, e.loss_sum
+                )));
+            }
+            Some(EvalCounts {
+                examples: e.examples,
+                correct: e.correct,
+                loss_sum: e.loss_sum,
+            })
+        }
+    };
+    Ok(UploadHeader {
+        num_params: header.num_params,
+        tensors: header
+            .tensors
+            .into_iter()
+            .map(|t| TensorSpec {
+                name: t.name,
+                shape: t.shape,
+            })
+            .collect(),
+        meta: UpdateMeta {
+            update_id: header.update_id.clone(),
+            examples: header.num_examples,
+            train_loss: header.train_loss,
+            evaluation,
+        },
+        update_id: header.update_id,
+    })
 }
 
 /// Largest manifest accepted.
@@ -453,119 +482,32 @@ impl pb::site_server::Site for SiteService {
         if !header.secagg_session_id.is_empty() || open.secure.is_some() {
             return self.upload_masked(&site, &open, &header, stream).await;
         }
-        if let Some(previous) = open.received_update(&site) {
-            if previous == header.update_id {
-                // A retried delivery of an update already folded: acknowledge, fold nothing.
+        let (update_id, num_params) = (header.update_id.clone(), header.num_params);
+        let mut upload = match self.engine.begin_upload(open, &site, upload_header(header)?).await? {
+            Admission::Receive(upload) => upload,
+            Admission::AlreadyFolded { update_id } => {
                 return Ok(Response::new(pb::UploadReceipt {
-                    update_id: previous,
-                    values_received: header.num_params,
+                    update_id,
+                    values_received: num_params,
                 }));
             }
-            return Err(Status::already_exists(format!(
-                "site {site} already delivered update {previous} for round {}",
-                header.round
-            )));
-        }
-        // Under SCAFFOLD an update is the model delta, then the control-variate change.
-        let want = open.manifest.wire_params();
-        let layout = open.manifest.wire_layout();
-        if header.num_params != want || header.tensors != tensors_pb(&layout) {
-            let shapes: Vec<String> = layout.iter().map(|t| format!("{}{:?}", t.name, t.shape)).collect();
-            return Err(Status::invalid_argument(format!(
-                "update shape does not match the study's model: got {} values in {} tensors, the model has {want} values in {}",
-                header.num_params,
-                header.tensors.len(),
-                shapes.join(", ")
-            )));
-        }
-        if header.num_examples == 0 || header.num_examples > 1_000_000_000 {
-            return Err(Status::invalid_argument(format!(
-                "num_examples = {} is outside 1..=10^9",
-                header.num_examples
-            )));
-        }
-
-        let evaluation = match (&header.evaluation, &open.manifest.evaluation) {
-            (None, _) => None,
-            (Some(_), None) => {
-                return Err(Status::invalid_argument(format!(
-                    "study {} has no [evaluation]: an update may not carry held-out totals",
-                    header.study_id
-                )));
-            }
-            (Some(e), Some(_)) => {
-                if e.examples == 0
-                    || e.examples > 1_000_000_000
-                    || e.correct > e.examples
-                    || !(e.loss_sum.is_finite() && e.loss_sum >= 0.0)
-                {
-                    return Err(Status::invalid_argument(format!(
-                        "evaluation totals are not counts of held-out rows: {} examples, {} correct, loss sum {}",
-                        e.examples, e.correct, e.loss_sum
-                    )));
+        };
+        let deadline = Some(upload.deadline().into());
+        while let Some(msg) = next_message(&mut stream, deadline).await? {
+            match msg.body {
+                Some(pb::update_chunk::Body::Data(chunk)) => upload.accept(chunk.seq, chunk.offset, chunk.values)?,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "only DataChunk messages may follow the UpdateHeader",
+                    ));
                 }
-                Some(EvalCounts {
-                    examples: e.examples,
-                    correct: e.correct,
-                    loss_sum: e.loss_sum,
-                })
             }
-        };
-        let meta = UpdateMeta {
-            update_id: header.update_id.clone(),
-            examples: header.num_examples,
-            train_loss: header.train_loss,
-            evaluation,
-        };
-        let engine = self.engine.clone();
-        let site_name = site.clone();
-        let deadline = Some(open.deadline().into());
-        let mut cursor = ChunkCursor::new(want);
-        if !open.needs_decoded() {
-            // Keep the chunks as they arrived (slices of the received buffers), check
-            // each, and fold them in one pass once the update is whole.
-            let permit = self.engine.staging_permit(want as usize).await?;
-            let mut chunks = Vec::new();
-            while let Some(msg) = next_message(&mut stream, deadline).await? {
-                let chunk = data_of(msg, &open, &header)?;
-                cursor
-                    .accept(chunk.seq, chunk.offset, &chunk.values)
-                    .map_err(ServiceError::from)?;
-                chunks.push(chunk.values);
-            }
-            cursor.finish().map_err(ServiceError::from)?;
-            tokio::task::spawn_blocking(move || {
-                let result = engine.fold_bytes(&open, &site_name, meta, chunks);
-                drop(permit);
-                result
-            })
-            .await
-            .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
-        } else {
-            // Site-level DP or norm bounding clips the update first, and a robust strategy
-            // keeps it whole: decode it into a staging buffer.
-            let mut staging = self.engine.staging_buffer(want as usize).await?;
-            while let Some(msg) = next_message(&mut stream, deadline).await? {
-                let chunk = data_of(msg, &open, &header)?;
-                cursor
-                    .decode_into(chunk.seq, chunk.offset, &chunk.values, &mut staging.values)
-                    .map_err(ServiceError::from)?;
-            }
-            cursor.finish().map_err(ServiceError::from)?;
-            tokio::task::spawn_blocking(move || {
-                let mut staging = staging;
-                let result = engine.fold(&open, &site_name, meta, &mut staging.values);
-                drop(staging);
-                result
-            })
-            .await
-            .map_err(|e| Status::internal(format!("fold task failed: {e}")))??;
         }
-        self.engine.touch(&site);
-        self.count_update(want);
+        let values = upload.finish().await?;
+        self.count_update(values);
         Ok(Response::new(pb::UploadReceipt {
-            update_id: header.update_id,
-            values_received: want,
+            update_id,
+            values_received: values,
         }))
     }
 

@@ -1,0 +1,223 @@
+//! The coordinator's privacy ledger: each round's charges, budget exhaustion, the
+//! study's ε, the site-level clip check, the adaptive-clipping release and the
+//! federated evaluation totals that may be published.
+
+use super::*;
+
+/// The ledger name of a site-level study's one study-wide ledger.
+pub const ALL_SITES: &str = "*";
+
+/// The `[privacy]` settings of a site-level (DP-FedAvg) study.
+pub(super) fn site_level(manifest: &StudyManifest) -> Option<&medfl_shared::manifest::Privacy> {
+    manifest.privacy.as_ref().filter(|p| p.unit == PrivacyUnit::Site)
+}
+
+/// How far past S a site's update may be and still count as clipped: f32 rounding of
+/// a correctly clipped vector stays within a few units in the 7th digit.
+pub(super) const CLIP_SLACK: f64 = 1e-5;
+
+/// Checks that a site-level DP update of L2 norm `norm` was clipped to `bound` by its
+/// site (McMahan et al., ICLR 2018, Algorithm 1, "ClipFn"): an update well past the
+/// bound is a protocol violation and is refused.
+pub(super) fn check_site_clip(norm: f64, bound: f64, site: &str) -> Result<(), ServiceError> {
+    if norm.is_nan() || norm > bound * (1.0 + CLIP_SLACK) {
+        return Err(ServiceError::InvalidArgument(format!(
+            "the update from {site} has L2 norm {norm:.6}, past the study's site clip bound S = {bound}: site-level DP requires each site to clip its delta to S before it leaves"
+        )));
+    }
+    Ok(())
+}
+
+/// ε of `rounds` rounds of the plan's per-round mechanism, at the plan's δ.
+pub(super) fn study_epsilon(plan: &medfl_shared::manifest::PrivacyPlan, rounds: u64) -> Result<f64, ServiceError> {
+    if rounds == 0 {
+        return Ok(0.0);
+    }
+    let steps = medfl_shared::accountant::GaussianSteps {
+        steps: plan.per_round.steps * rounds,
+        ..plan.per_round
+    };
+    medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+}
+
+/// The published evaluation of a round: totals over the sites that reported, only
+/// when at least `min_sites` did (one site's totals would be its own statistics).
+pub(super) fn eval_totals(evaluations: &[EvalCounts], min_sites: usize) -> Option<EvalRecord> {
+    let examples: u64 = evaluations.iter().map(|e| e.examples).sum();
+    if evaluations.len() < min_sites || examples == 0 {
+        return None;
+    }
+    let correct: u64 = evaluations.iter().map(|e| e.correct).sum();
+    let loss: f64 = evaluations.iter().map(|e| e.loss_sum).sum();
+    Some(EvalRecord {
+        sites: evaluations.len() as u32,
+        examples,
+        accuracy: correct as f64 / examples as f64,
+        loss: loss / examples as f64,
+    })
+}
+
+/// Adaptive clipping's releases for one round (Andrew et al. 2021, Algorithm 1 and
+/// Theorem 1): the noise for the sum of updates clipped to C_t, at multiplier z_Δ, and
+/// the next clip norm from the count of unclipped updates noised at std σ_b (centered:
+/// Σ(b_i − ½), sensitivity ½). z_Δ starts from the plan's σ and is raised until the
+/// two composed, as OpenDP's maps account them, carry at least the σ the ledger
+/// charges; the count is divided by the number of sites selected (fixed before any
+/// delivered) like the sum.
+pub(super) fn adaptive_clip_release(
+    adaptive: &medfl_shared::manifest::AdaptiveClipping,
+    max_clip: f64,
+    clip: f64,
+    unclipped: u32,
+    record: &RoundRecord,
+    len: usize,
+    plan: &PrivacyPlan,
+) -> Result<(medfl_shared::dp::GaussianNoise, f64), ServiceError> {
+    use medfl_shared::dp::{GaussianNoise, adaptive_vector_multiplier, composed_multiplier, next_clip_norm};
+    let dp_err = |e: medfl_shared::dp::DpError| ServiceError::InvalidArgument(format!("adaptive clipping noise: {e}"));
+    let sigma_b = adaptive.count_noise_multiplier;
+    let count_noise = GaussianNoise::new(1, 0.5, 2.0 * sigma_b).map_err(dp_err)?;
+    let mut z_delta = adaptive_vector_multiplier(plan.sigma, sigma_b).ok_or_else(|| {
+        ServiceError::FailedPrecondition(format!(
+            "adaptive clipping: count_noise_multiplier = {sigma_b} must exceed σ/2 = {}",
+            plan.sigma / 2.0
+        ))
+    })?;
+    let mut vector_noise = GaussianNoise::new(len, clip, z_delta).map_err(dp_err)?;
+    for _ in 0..64 {
+        let carried = composed_multiplier(
+            vector_noise.effective_noise_multiplier,
+            count_noise.effective_noise_multiplier,
+        );
+        if carried >= plan.per_round.sigma {
+            let selected = record.selected.len().max(1) as f64;
+            let mut centered = [(unclipped as f64 - selected / 2.0) as f32];
+            count_noise.add_to(&mut centered).map_err(dp_err)?;
+            let fraction = (centered[0] as f64 + selected / 2.0) / selected;
+            let next = next_clip_norm(
+                clip,
+                fraction,
+                adaptive.target_quantile,
+                adaptive.learning_rate,
+                max_clip,
+            );
+            return Ok((vector_noise, next));
+        }
+        z_delta *= 1.0 + (plan.per_round.sigma / carried - 1.0).max(1e-9) * 2.0;
+        vector_noise = GaussianNoise::new(len, clip, z_delta).map_err(dp_err)?;
+    }
+    Err(ServiceError::FailedPrecondition(format!(
+        "adaptive clipping at C = {clip}: no noise multiplier carries the σ = {} the ledger charges",
+        plan.per_round.sigma
+    )))
+}
+
+impl Engine {
+    /// Each contributor's charge for a committed round of a `[privacy]` study: the
+    /// manifest's per-round mechanism, composed with the site's earlier charges in this
+    /// study (RDP composes additively, so k rounds are k × steps of the same mechanism).
+    pub(super) fn round_charges(
+        &self,
+        study: &StudyRecord,
+        record: &RoundRecord,
+        manifest: &StudyManifest,
+        privacy: Option<PrivacyPlan>,
+    ) -> Result<Vec<ChargeRecord>, ServiceError> {
+        let (Some(plan), Some(settings)) = (privacy, &manifest.privacy) else {
+            return Ok(Vec::new());
+        };
+        let earlier = self.store.charges(&study.id)?;
+        // Site level: one ledger for the study. Every eligible site's contribution went
+        // through the same mechanism this round, whether or not it delivered.
+        let ledgers = match settings.unit {
+            PrivacyUnit::Site => vec![ALL_SITES.to_string()],
+            PrivacyUnit::Record => record.contributors.clone(),
+        };
+        ledgers
+            .iter()
+            .map(|site| {
+                let k = earlier.iter().filter(|c| &c.site == site).count() as u64;
+                Ok(ChargeRecord {
+                    study_id: study.id.clone(),
+                    round: record.round,
+                    site: site.clone(),
+                    dataset: manifest.data.dataset.clone(),
+                    mechanism: plan.per_round,
+                    clip_norm: settings.clip_norm,
+                    delta: plan.delta,
+                    epsilon_before: study_epsilon(&plan, k)?,
+                    epsilon_after: study_epsilon(&plan, k + 1)?,
+                    at_ms: now_ms(),
+                })
+            })
+            .collect()
+    }
+
+    /// Returns why the next round may not start, if one site's ledger in this study
+    /// would pass the budget with one more round.
+    pub(super) fn budget_exhausted(
+        &self,
+        study: &StudyRecord,
+        manifest: &StudyManifest,
+        privacy: Option<&PrivacyPlan>,
+        round: u32,
+    ) -> Result<Option<String>, ServiceError> {
+        let Some(plan) = privacy else {
+            return Ok(None);
+        };
+        let charges = self.store.charges(&study.id)?;
+        let mut per_site: HashMap<&str, u64> = HashMap::new();
+        for c in &charges {
+            *per_site.entry(c.site.as_str()).or_default() += 1;
+        }
+        let (site, k) = per_site
+            .into_iter()
+            .max_by_key(|(s, k)| (*k, std::cmp::Reverse(*s)))
+            .unwrap_or(("any site", 0));
+        let next = study_epsilon(plan, k + 1)?;
+        let ledger = if site == ALL_SITES {
+            "the study's site-level ledger".to_string()
+        } else {
+            format!("the ledger of {site}")
+        };
+        Ok((next > plan.budget_epsilon).then(|| {
+            format!(
+                "round {round} would bring {ledger} for dataset {:?} to ε = {next:.4} at δ = {}, past the study's budget of {}",
+                manifest.data.dataset, plan.delta, plan.budget_epsilon
+            )
+        }))
+    }
+}
+
+/// The noise a site-level round without secure aggregation releases at commit: the
+/// Gaussian of σ·S on the sum (with adaptive clipping, on the clip norm C_t of the
+/// round, and C_{t+1} recorded), checked to carry at least what the ledger charges.
+/// `None` when the sites add the noise (secure aggregation) or there is no DP.
+pub(super) fn site_noise_release(
+    record: &mut RoundRecord,
+    acc: &WeightedSum,
+    unclipped: u32,
+    manifest: &StudyManifest,
+    privacy: Option<PrivacyPlan>,
+) -> Result<Option<medfl_shared::dp::GaussianNoise>, ServiceError> {
+    let (Some(p), Some(plan)) = (site_level(manifest).filter(|_| manifest.secagg().is_none()), privacy) else {
+        return Ok(None);
+    };
+    let noise = match (&p.adaptive_clipping, record.clip_norm) {
+        (Some(adaptive), Some(clip)) => {
+            let (noise, next) =
+                adaptive_clip_release(adaptive, p.clip_norm, clip, unclipped, record, acc.len(), &plan)?;
+            record.next_clip_norm = Some(next);
+            noise
+        }
+        _ => medfl_shared::dp::GaussianNoise::new(acc.len(), p.clip_norm, plan.sigma)
+            .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?,
+    };
+    if record.clip_norm.is_none() && noise.effective_noise_multiplier < plan.per_round.sigma {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "the noise to draw (σ_eff = {}) is below what the ledger charges ({})",
+            noise.effective_noise_multiplier, plan.per_round.sigma
+        )));
+    }
+    Ok(Some(noise))
+}
