@@ -89,6 +89,18 @@ async fn audit_lines(conn: &Conn, study: Option<&str>) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// `medfl audit export`: the coordinator's whole audit log, checked as it arrives and
+/// written to `out` (JSON lines ending with a signed checkpoint).
+pub async fn export(conn: &Conn, out: &std::path::Path) -> Result<medfl_shared::chainlog::Verified> {
+    let lines = audit_lines(conn, None).await?;
+    let mut text = lines.join("\n");
+    text.push('\n');
+    let verified = medfl_shared::chainlog::verify_export(&text, None, true)
+        .map_err(|e| anyhow::anyhow!("the coordinator's own log does not verify: {e}"))?;
+    std::fs::write(out, text).with_context(|| format!("write {}", out.display()))?;
+    Ok(verified)
+}
+
 /// `medfl audit verify`: the verdict on an export, in words.
 pub fn verify_file(path: &std::path::Path, public_key: Option<&str>) -> Result<medfl_shared::chainlog::Verified> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
@@ -147,12 +159,7 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
             }
         }
         AuditCommand::Export { out } => {
-            let lines = audit_lines(conn, None).await?;
-            let mut text = lines.join("\n");
-            text.push('\n');
-            let verified = medfl_shared::chainlog::verify_export(&text, None, true)
-                .map_err(|e| anyhow::anyhow!("the coordinator's own log does not verify: {e}"))?;
-            std::fs::write(&out, text).with_context(|| format!("write {}", out.display()))?;
+            let verified = export(conn, &out).await?;
             println!(
                 "wrote {} audit entries to {} (key {}, head {})",
                 verified.entries,

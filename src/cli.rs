@@ -186,6 +186,18 @@ pub enum PkiCommand {
 }
 
 pub async fn main(cli: Cli) -> ExitCode {
+    // Where the coordinator is, for the one-line explanation of a failed call.
+    let target = match &cli.command {
+        Command::Study { conn, .. }
+        | Command::Site { conn, .. }
+        | Command::Audit { conn, .. }
+        | Command::Dashboard { conn } => Some(conn.coordinator.clone().unwrap_or_else(|| {
+            medfl_proto::transport::Profile::load(&conn.profile)
+                .map(|p| p.file.coordinator)
+                .unwrap_or_else(|_| "the profile's address".into())
+        })),
+        _ => None,
+    };
     let result = match cli.command {
         Command::Coordinator(args) => return medfl_coordinator::cli::main(args).await,
         Command::Agent(args) => return medfl_site_agent::cli::main(args).await,
@@ -208,10 +220,16 @@ pub async fn main(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("medfl: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match target.and_then(|t| medfl_proto::reach::explain(e.as_ref(), &t)) {
+            Some((line, kind)) => {
+                eprintln!("medfl: {line}");
+                ExitCode::from(kind.exit_code())
+            }
+            None => {
+                eprintln!("medfl: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

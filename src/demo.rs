@@ -11,7 +11,7 @@ use medfl_shared::metrics::{accuracy, roc_auc};
 use medfl_shared::model::{ModelKind, ModelSpec};
 use medfl_shared::split::{SplitKind, split_rows};
 use medfl_site_agent::data::{DatasetConfig, FeatureSelection, MissingPolicy, Table};
-use medfl_site_agent::train::{Start, train};
+use medfl_site_agent::train::{LocalProblem, Start, train};
 use serde_json::json;
 
 use crate::federation::Federation;
@@ -395,6 +395,22 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let (header, params) = fed.export(&study_id, None).await?;
     crate::admin::write_safetensors(&workdir.join("model.safetensors"), &header, &params)?;
+    // What an auditor takes away: the coordinator's audit log, exported as `medfl audit
+    // export` writes it, and each hospital's egress log; each must verify offline.
+    let audit_export = workdir.join("audit-export.jsonl");
+    let auditor = crate::cli::Conn {
+        profile: workdir.join("auditor"),
+        coordinator: None,
+    };
+    crate::audit::export(&auditor, &audit_export)
+        .await
+        .context("export the audit log")?;
+    let mut egress_logs = serde_json::Map::new();
+    for name in &fed.site_names {
+        let path = workdir.join(name).join("egress.jsonl");
+        crate::audit::verify_file(&path, None).with_context(|| format!("verify {name}'s egress log"))?;
+        egress_logs.insert(name.clone(), json!(path.display().to_string()));
+    }
     let d = table.columns.len();
     let (fed_acc, fed_auc) = evaluate(&model, &params, &test)?;
     // The global model of every round on the held-out set: the learning curve.
@@ -422,20 +438,25 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
     let init = model.init(d, args.seed);
     let pooled = table.subset(&split.sites.concat());
-    let central = train(
-        &model,
-        d,
-        &init,
-        Start::Initial,
-        &pooled.x,
-        &pooled.y,
-        &epochs,
-        args.seed,
-    )?;
+    let central_problem = LocalProblem {
+        spec: &model,
+        n_features: d,
+        params: &init,
+        start_on: Start::Initial,
+        x: &pooled.x,
+        y: &pooled.y,
+        training: &epochs,
+    };
+    let central = train(&central_problem, args.seed)?;
     let (central_acc, central_auc) = evaluate(&model, &central.params, &test)?;
     let mut local = Vec::new();
     for (name, t) in fed.site_names.iter().zip(&site_tables) {
-        let out = train(&model, d, &init, Start::Initial, &t.x, &t.y, &epochs, args.seed)?;
+        let site_problem = LocalProblem {
+            x: &t.x,
+            y: &t.y,
+            ..central_problem
+        };
+        let out = train(&site_problem, args.seed)?;
         let (acc, auc) = evaluate(&model, &out.params, &test)?;
         let positives = t.y.iter().filter(|y| **y >= 0.5).count();
         local.push((name.clone(), t.rows(), positives, acc, auc));
@@ -467,6 +488,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "epsilon_spent": epsilon_spent,
         "workdir": workdir.display().to_string(),
         "model_path": workdir.join("model.safetensors").display().to_string(),
+        "audit_export": audit_export.display().to_string(),
+        "egress_logs": egress_logs,
     });
     if args.json {
         println!("{summary}");

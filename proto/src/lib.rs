@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod failpoints;
 pub mod ops;
+pub mod reach;
 pub mod secagg;
 pub mod settings;
 pub mod stream;
