@@ -1,9 +1,10 @@
 //! Admin and auditor commands against a coordinator: studies, sites, export.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use medfl_proto::transport::Profile;
 use medfl_proto::v1 as pb;
@@ -11,7 +12,8 @@ use medfl_proto::v1::admin_client::AdminClient;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::cli::{Conn, SiteCommand, StudyCommand};
+use crate::conn::Conn;
+use crate::report::state_label;
 
 fn profile(conn: &Conn) -> Result<Profile> {
     Profile::load(&conn.profile).with_context(|| format!("load profile {}", conn.profile.display()))
@@ -21,27 +23,9 @@ fn client(conn: &Conn) -> Result<AdminClient<Channel>> {
     Ok(AdminClient::new(profile(conn)?.channel(conn.coordinator.as_deref())?))
 }
 
-/// A study state's name, as the CLI and reports print it.
-pub fn state_label(state: i32) -> &'static str {
-    state_name(state)
-}
-
-fn state_name(state: i32) -> &'static str {
-    match pb::StudyState::try_from(state).unwrap_or(pb::StudyState::Unspecified) {
-        pb::StudyState::Unspecified => "unknown",
-        pb::StudyState::Created => "created",
-        pb::StudyState::Running => "running",
-        pb::StudyState::Paused => "paused",
-        pb::StudyState::Completed => "completed",
-        pb::StudyState::Aborted => "aborted",
-        pb::StudyState::Failed => "failed",
-        pb::StudyState::BudgetExhausted => "budget_exhausted",
-    }
-}
-
 fn is_terminal(state: i32) -> bool {
     matches!(
-        state_name(state),
+        state_label(state),
         "completed" | "aborted" | "failed" | "budget_exhausted"
     )
 }
@@ -51,7 +35,7 @@ pub fn info_json(i: &pb::StudyInfo) -> Value {
         "study_id": i.study_id,
         "name": i.name,
         "manifest_hash": i.manifest_hash,
-        "state": state_name(i.state),
+        "state": state_label(i.state),
         "rounds_completed": i.rounds_completed,
         "rounds_total": i.rounds_total,
         "created_unix_ms": i.created_unix_ms,
@@ -96,7 +80,7 @@ fn print_status(s: &pb::StudyStatus) {
         "study {} {:?}: {}, {}/{} rounds, manifest {}",
         info.study_id,
         info.name,
-        state_name(info.state),
+        state_label(info.state),
         info.rounds_completed,
         info.rounds_total,
         &info.manifest_hash[..info.manifest_hash.len().min(16)]
@@ -199,7 +183,7 @@ pub async fn watch(admin: &mut AdminClient<Channel>, id: &str, json_lines: bool)
                 )
             })
             .unwrap_or_default();
-        bar.set_message(format!("{} {open} {}", state_name(info.state), event.message));
+        bar.set_message(format!("{} {open} {}", state_label(info.state), event.message));
         if is_terminal(info.state) {
             break;
         }
@@ -231,7 +215,7 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
                     println!(
                         "{}  {:<10} {:>3}/{:<3} {}",
                         s.study_id,
-                        state_name(s.state),
+                        state_label(s.state),
                         s.rounds_completed,
                         s.rounds_total,
                         s.name
@@ -367,7 +351,7 @@ async fn study_ledger(channel: Channel, id: &str) -> Result<Option<pb::LedgerRep
 }
 
 fn report(info: pb::StudyInfo, what: &str) {
-    println!("study {} {what}: now {}", info.study_id, state_name(info.state));
+    println!("study {} {what}: now {}", info.study_id, state_label(info.state));
 }
 
 /// Writes a model as safetensors, one tensor per layout entry, with the study id,
@@ -460,4 +444,78 @@ pub async fn site(conn: &Conn, command: SiteCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StudyCommand {
+    /// Creates a study from a manifest (TOML).
+    Create {
+        #[arg(long)]
+        manifest: PathBuf,
+    },
+    /// Lists studies.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Starts a created study.
+    Start { id: String },
+    /// Pauses a running study after its open round.
+    Pause { id: String },
+    /// Resumes a paused study.
+    Resume { id: String },
+    /// Aborts a study; its open round is discarded.
+    Abort { id: String },
+    /// Shows a study's rounds, open round and refusals.
+    Status {
+        id: String,
+        /// Follows the study live until it ends.
+        #[arg(long)]
+        watch: bool,
+        /// Prints JSON (one object, or one per event with --watch).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes one self-contained HTML report: manifest, rounds, curves, privacy ledger.
+    Report {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Exports a committed global model as safetensors.
+    Export {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Round to export (default: the latest committed; 0 is the initial model).
+        #[arg(long)]
+        round: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    /// Lists registered sites, whether they are connected, and revoked identities.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints a one-time enrolment token for site NAME (`medfl-agent enroll --token`).
+    Invite {
+        name: String,
+        /// Hours the token stays valid.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+        /// Days the site's certificate stays valid (it renews before expiry).
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Revokes every certificate issued to NAME so far: refused at its next
+    /// handshake, its open connections closed.
+    Revoke {
+        name: String,
+        /// site, admin or auditor.
+        #[arg(long, default_value = "site")]
+        role: String,
+    },
 }

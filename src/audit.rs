@@ -9,7 +9,7 @@ use medfl_proto::v1::audit_client::AuditClient;
 use medfl_shared::accountant::{GaussianSteps, Sampling, epsilon};
 use serde_json::json;
 
-use crate::cli::Conn;
+use crate::conn::Conn;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {

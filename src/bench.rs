@@ -33,7 +33,7 @@ pub enum BenchCommand {
         /// The strategy whose kernel runs: fedavg (the streaming fold), a server
         /// optimizer (the fold, then its step over the model) or a robust aggregator
         /// (over N distinct updates held in memory, as the coordinator holds them).
-        #[arg(long, default_value = "fedavg", value_parser = crate::demo::STRATEGIES)]
+        #[arg(long, default_value = "fedavg", value_parser = crate::strategies::STRATEGIES)]
         strategy: String,
         /// FedAvg: how many distinct updates to cycle through (default: every one of the
         /// N, as the coordinator receives them, as far as 2 GiB of updates allow; fewer
@@ -253,7 +253,8 @@ pub fn aggregate_strategy(
     if sites == 0 || params == 0 {
         bail!("--sites and --params must be at least 1");
     }
-    let (strategy, _) = crate::demo::demo_strategy(name, sites.max(5), medfl_shared::manifest::Weighting::Uniform)?;
+    let (strategy, _) =
+        crate::strategies::demo_strategy(name, sites.max(5), medfl_shared::manifest::Weighting::Uniform)?;
     let robust = strategy.robust(sites);
     let distinct = if robust.is_some() { sites } else { sites.min(4) };
     let held = distinct as u64 * params as u64 * 4;

@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use medfl_coordinator::pki::{self, IssueRequest};
 use medfl_shared::identity::{Identity, Role};
+
+pub use crate::admin::{SiteCommand, StudyCommand};
+pub use crate::conn::Conn;
 
 /// medfl: privacy-preserving federated learning for hospital consortia.
 #[derive(Debug, Parser)]
@@ -67,91 +70,6 @@ pub enum Command {
     Coordinator(medfl_coordinator::cli::CoordinatorArgs),
     /// Runs a site agent.
     Agent(medfl_site_agent::cli::AgentArgs),
-}
-
-/// How to reach the coordinator.
-#[derive(Debug, Clone, Args)]
-pub struct Conn {
-    /// Identity bundle: a profile.toml or its directory.
-    #[arg(long, env = "MEDFL_PROFILE", default_value = "profile.toml", global = true)]
-    pub profile: PathBuf,
-    /// Overrides the coordinator address of the profile.
-    #[arg(long, global = true)]
-    pub coordinator: Option<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum StudyCommand {
-    /// Creates a study from a manifest (TOML).
-    Create {
-        #[arg(long)]
-        manifest: PathBuf,
-    },
-    /// Lists studies.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Starts a created study.
-    Start { id: String },
-    /// Pauses a running study after its open round.
-    Pause { id: String },
-    /// Resumes a paused study.
-    Resume { id: String },
-    /// Aborts a study; its open round is discarded.
-    Abort { id: String },
-    /// Shows a study's rounds, open round and refusals.
-    Status {
-        id: String,
-        /// Follows the study live until it ends.
-        #[arg(long)]
-        watch: bool,
-        /// Prints JSON (one object, or one per event with --watch).
-        #[arg(long)]
-        json: bool,
-    },
-    /// Writes one self-contained HTML report: manifest, rounds, curves, privacy ledger.
-    Report {
-        id: String,
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Exports a committed global model as safetensors.
-    Export {
-        id: String,
-        #[arg(long)]
-        out: PathBuf,
-        /// Round to export (default: the latest committed; 0 is the initial model).
-        #[arg(long)]
-        round: Option<u32>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SiteCommand {
-    /// Lists registered sites, whether they are connected, and revoked identities.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Prints a one-time enrolment token for site NAME (`medfl-agent enroll --token`).
-    Invite {
-        name: String,
-        /// Hours the token stays valid.
-        #[arg(long, default_value_t = 24)]
-        ttl_hours: u64,
-        /// Days the site's certificate stays valid (it renews before expiry).
-        #[arg(long, default_value_t = 30)]
-        days: u32,
-    },
-    /// Revokes every certificate issued to NAME so far: refused at its next
-    /// handshake, its open connections closed.
-    Revoke {
-        name: String,
-        /// site, admin or auditor.
-        #[arg(long, default_value = "site")]
-        role: String,
-    },
 }
 
 #[derive(Debug, Subcommand)]

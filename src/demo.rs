@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use medfl_shared::manifest::{Optimizer, Strategy, StrategyKind, StudyManifest, Training, Weighting};
+use medfl_shared::manifest::{Optimizer, StrategyKind, StudyManifest, Training, Weighting};
 use medfl_shared::metrics::{accuracy, roc_auc};
 use medfl_shared::model::{ModelKind, ModelSpec};
 use medfl_shared::split::{SplitKind, split_rows};
@@ -15,6 +15,7 @@ use medfl_site_agent::train::{LocalProblem, Start, train};
 use serde_json::json;
 
 use crate::federation::Federation;
+use crate::strategies::{STRATEGIES, demo_strategy};
 
 /// DP-SGD sampling rate per step at each hospital (expected batch: q · rows).
 const DP_SAMPLE_RATE: f64 = 0.3;
@@ -82,78 +83,6 @@ pub struct DemoArgs {
     /// trimmed-mean, krum (these need --no-secagg: they read each update).
     #[arg(long, default_value = "fedavg", value_parser = STRATEGIES)]
     pub strategy: String,
-}
-
-/// What `--strategy` takes.
-pub const STRATEGIES: [&str; 10] = [
-    "fedavg",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "median",
-    "trimmed-mean",
-    "krum",
-    "scaffold",
-];
-
-/// FedProx's μ in the demo (on the sites' standardized features).
-const DEMO_PROXIMAL_MU: f64 = 0.1;
-
-/// The manifest's `[strategy]` (and FedProx's μ) for `--strategy`, with the demo's
-/// hyperparameters: η = 0.1 and τ = 10⁻³ for the adaptive optimizers (Reddi et al.
-/// 2021 tune both; 0.1 is Flower's FedAdam default), Krum tolerating one hostile site,
-/// a trimmed mean that drops at least one value at each end.
-pub fn demo_strategy(name: &str, sites: usize, weighting: Weighting) -> Result<(Strategy, Option<f64>)> {
-    let mut strategy = Strategy {
-        weighting,
-        ..Default::default()
-    };
-    let mut mu = None;
-    let adaptive = |kind| Strategy {
-        kind,
-        server_learning_rate: Some(0.1),
-        tau: Some(1e-3),
-        weighting,
-        ..Default::default()
-    };
-    match name {
-        "fedavg" => {}
-        "fedavgm" => {
-            strategy.kind = StrategyKind::FedAvgM;
-            strategy.momentum = Some(0.5);
-        }
-        "fedadam" => strategy = adaptive(StrategyKind::FedAdam),
-        "fedyogi" => strategy = adaptive(StrategyKind::FedYogi),
-        "fedadagrad" => strategy = adaptive(StrategyKind::FedAdagrad),
-        "fedprox" => mu = Some(DEMO_PROXIMAL_MU),
-        "scaffold" => {
-            strategy.kind = StrategyKind::Scaffold;
-            strategy.weighting = Weighting::Uniform;
-        }
-        "median" | "trimmed-mean" | "krum" => {
-            strategy.weighting = Weighting::Uniform;
-            match name {
-                "median" => strategy.kind = StrategyKind::Median,
-                "trimmed-mean" => {
-                    strategy.kind = StrategyKind::TrimmedMean;
-                    strategy.trim_fraction = Some(if sites < 5 { 0.34 } else { 0.2 });
-                }
-                _ => {
-                    if sites < 5 {
-                        bail!(
-                            "--strategy krum tolerates one hostile hospital and needs at least 2f + 3 = 5; use --sites 5 or more"
-                        );
-                    }
-                    strategy.kind = StrategyKind::Krum;
-                    strategy.byzantine = Some(1);
-                }
-            }
-        }
-        other => bail!("unknown strategy {other:?}; one of {}", STRATEGIES.join(", ")),
-    }
-    Ok((strategy, mu))
 }
 
 impl DemoArgs {
@@ -398,7 +327,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // What an auditor takes away: the coordinator's audit log, exported as `medfl audit
     // export` writes it, and each hospital's egress log; each must verify offline.
     let audit_export = workdir.join("audit-export.jsonl");
-    let auditor = crate::cli::Conn {
+    let auditor = crate::conn::Conn {
         profile: workdir.join("auditor"),
         coordinator: None,
     };

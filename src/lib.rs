@@ -11,10 +11,12 @@ pub mod admin;
 pub mod audit;
 pub mod bench;
 pub mod cli;
+pub mod conn;
 pub mod demo;
 pub mod federation;
 pub mod load;
 pub mod privacy;
 pub mod report;
+pub mod strategies;
 
 pub use federation::{Federation, FederationBuilder};

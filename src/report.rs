@@ -25,7 +25,7 @@ pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>)
          <p>State <b>{state}</b>, {done} of {total} rounds committed. Manifest SHA-256 <code>{hash}</code>.{reason}</p>",
         id = esc(&info.study_id),
         name = esc(&info.name),
-        state = esc(crate::admin::state_label(info.state)),
+        state = esc(state_label(info.state)),
         done = info.rounds_completed,
         total = info.rounds_total,
         hash = esc(&info.manifest_hash),
@@ -127,4 +127,18 @@ pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>)
         medfl_shared::unix_ms(std::time::SystemTime::now())
     );
     html
+}
+
+/// A study state's name, as the CLI and reports print it.
+pub fn state_label(state: i32) -> &'static str {
+    match pb::StudyState::try_from(state).unwrap_or(pb::StudyState::Unspecified) {
+        pb::StudyState::Unspecified => "unknown",
+        pb::StudyState::Created => "created",
+        pb::StudyState::Running => "running",
+        pb::StudyState::Paused => "paused",
+        pb::StudyState::Completed => "completed",
+        pb::StudyState::Aborted => "aborted",
+        pb::StudyState::Failed => "failed",
+        pb::StudyState::BudgetExhausted => "budget_exhausted",
+    }
 }

@@ -8,7 +8,7 @@ use medfl_shared::identity::{Identity, Role};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::governance::{Revocations, issued_secs};
+use crate::revocation::{Revocations, issued_secs};
 
 /// Which callers a service serves.
 #[derive(Debug, Clone, Copy)]

@@ -8,12 +8,14 @@
 
 pub mod auth;
 pub mod cli;
+pub mod counters;
 pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod governance;
 pub mod metrics;
 pub mod pki;
+pub mod revocation;
 pub mod secagg;
 pub mod service;
 pub mod store;

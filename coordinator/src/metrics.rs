@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use medfl_proto::ops::{family, label, reason_kind};
@@ -17,23 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::Engine;
 use crate::store::ROUND_OPEN;
 
-/// Counters of this coordinator process.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub updates_received: AtomicU64,
-    pub update_bytes_received: AtomicU64,
-    pub model_bytes_sent: AtomicU64,
-    /// FedAvg updates folded straight from their chunks, and the passes over a round's
-    /// sum that folded them (group commit: several updates per pass when they queue).
-    pub updates_folded: AtomicU64,
-    pub fold_passes: AtomicU64,
-}
-
-impl Counters {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
+pub use crate::counters::Counters;
 
 /// Renders every metric.
 pub fn render(engine: &Engine) -> Result<String> {

@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::governance::{Revocations, issued_secs};
+use crate::revocation::{Revocations, issued_secs};
 
 /// A handshake that takes longer than this is dropped (slow-loris guard).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -39,9 +39,9 @@ pub struct WeightedSum {
     count: usize,
 }
 
-/// From this many values [`add_wrapping`] splits across cores: measured on 2 cores,
-/// threads cost more than they gain at 10^6 values (0.77× the plain pass: the vectors
-/// are still in cache) and gain 1.86× at 10^7 (`cargo bench --bench secagg`).
+/// From this many values [`add_wrapping`] splits across cores: below it the vectors
+/// are still in cache and threads cost more than they gain (figures in
+/// `benches/README.md`, from `cargo bench --bench secagg`).
 pub const WRAPPING_PARALLEL_FROM: usize = 1 << 21;
 
 /// Secure aggregation's sum: `sum[i] += values[i]` mod 2^32, split across the
@@ -177,9 +177,8 @@ impl WeightedSum {
     /// which stay in L1) and each block takes the matching values of every update of
     /// the batch, eight updates per sweep (`a += ((w0·u0 + w1·u1) + …) + (… + w7·u7)`):
     /// many streams in flight at once, and the sum read and written once per batch
-    /// instead of once per update. Measured on 2 cores, 100 distinct updates of 10^6
-    /// values: 2.1–2.3× the one-at-a-time fold (`cargo bench --bench
-    /// aggregate`, `medfl bench aggregate`).
+    /// instead of once per update (figures in `benches/README.md`, from `cargo bench
+    /// --bench aggregate` and `medfl bench aggregate`).
     ///
     /// All or nothing: every update is checked before any is folded. An update not cut
     /// into the regular chunks every agent sends ([`CHUNK_VALUES`] values each, the

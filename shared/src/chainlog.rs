@@ -15,6 +15,7 @@
 //!
 //! Keys are [`crate::sign::Signer`]s.
 
+pub use crate::hex::{from_hex, to_hex};
 pub use crate::sign::Signer;
 use crate::sign::verify;
 use serde::{Deserialize, Serialize};
@@ -26,22 +27,6 @@ const ENTRY_TAG: &[u8] = b"medfl-chainlog-v1/entry\0";
 const CHECKPOINT_TAG: &[u8] = b"medfl-chainlog-v1/checkpoint\0";
 /// The `prev` of the first entry.
 pub const GENESIS: [u8; 32] = [0; 32];
-
-/// Lowercase hex of `bytes`.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses lowercase or uppercase hex.
-pub fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
 
 fn hash32(text: &str) -> Option<[u8; 32]> {
     from_hex(text)?.try_into().ok()

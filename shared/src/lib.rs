@@ -13,6 +13,7 @@ pub mod chainlog;
 pub mod chart;
 pub mod chunk;
 pub mod dp;
+pub mod hex;
 pub mod identity;
 pub mod manifest;
 pub mod metrics;

@@ -20,7 +20,7 @@ pub struct Signer {
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Signer")
-            .field("public_key", &crate::chainlog::to_hex(self.public_key()))
+            .field("public_key", &crate::hex::to_hex(self.public_key()))
             .finish()
     }
 }
@@ -45,7 +45,7 @@ impl Signer {
     }
 
     pub fn public_key_hex(&self) -> String {
-        crate::chainlog::to_hex(self.public_key())
+        crate::hex::to_hex(self.public_key())
     }
 
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {

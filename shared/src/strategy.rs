@@ -86,18 +86,15 @@ impl ServerOptimizer {
                 }
             }
             ServerOptimizer::Adagrad { lr, beta1, tau } => {
-                let (m, v) = state.split_at_mut(n);
-                adaptive(model, delta, m, v, lr, beta1, tau, |v, d2| v + d2);
+                adaptive(model, delta, state, Moments { lr, beta1, tau }, |v, d2| v + d2);
             }
             ServerOptimizer::Adam { lr, beta1, beta2, tau } => {
-                let (m, v) = state.split_at_mut(n);
-                adaptive(model, delta, m, v, lr, beta1, tau, |v, d2| {
+                adaptive(model, delta, state, Moments { lr, beta1, tau }, |v, d2| {
                     beta2 * v + (1.0 - beta2) * d2
                 });
             }
             ServerOptimizer::Yogi { lr, beta1, beta2, tau } => {
-                let (m, v) = state.split_at_mut(n);
-                adaptive(model, delta, m, v, lr, beta1, tau, |v, d2| {
+                adaptive(model, delta, state, Moments { lr, beta1, tau }, |v, d2| {
                     let sign = if v > d2 {
                         1.0
                     } else if v < d2 {
@@ -112,19 +109,20 @@ impl ServerOptimizer {
     }
 }
 
-/// The shared loop of FedAdagrad, FedAdam and FedYogi; `second` is the v update.
-#[allow(clippy::too_many_arguments)] // the optimizer's parts, each distinct
-#[inline(always)]
-fn adaptive(
-    model: &mut [f32],
-    delta: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
+/// The hyperparameters the adaptive optimizers share (Reddi et al. 2021, Algorithm 2).
+#[derive(Debug, Clone, Copy)]
+struct Moments {
     lr: f32,
     beta1: f32,
     tau: f32,
-    second: impl Fn(f32, f32) -> f32,
-) {
+}
+
+/// The shared loop of FedAdagrad, FedAdam and FedYogi over `state` = (m, v); `second`
+/// is the v update.
+#[inline(always)]
+fn adaptive(model: &mut [f32], delta: &[f32], state: &mut [f32], h: Moments, second: impl Fn(f32, f32) -> f32) {
+    let Moments { lr, beta1, tau } = h;
+    let (m, v) = state.split_at_mut(model.len());
     for (((x, d), m), v) in model.iter_mut().zip(delta).zip(m.iter_mut()).zip(v.iter_mut()) {
         *m = beta1 * *m + (1.0 - beta1) * d;
         *v = second(*v, d * d);

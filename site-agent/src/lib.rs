@@ -19,8 +19,10 @@ pub mod policy;
 pub mod problem;
 pub mod renew;
 pub mod secagg;
+pub mod settings;
 pub mod train;
 pub mod trainer;
 pub mod work;
 
-pub use agent::{AgentSettings, run};
+pub use agent::run;
+pub use settings::AgentSettings;

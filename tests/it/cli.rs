@@ -301,3 +301,30 @@ fn the_sizing_benchmarks_report_their_figures_as_json() {
         "{r}"
     );
 }
+
+#[test]
+fn a_coordinator_that_is_down_is_one_line_and_exit_status_69() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    stdout(&medfl(&["pki", "init", "--dir", d]));
+    stdout(&medfl(&[
+        "pki", "issue", "--dir", d, "--role", "admin", "--name", "admin",
+    ]));
+    let port = medfl::federation::free_port().expect("a free port");
+    let url = format!("https://127.0.0.1:{port}");
+    let profile = dir.path().join("admin/profile.toml");
+    let out = medfl(&[
+        "study",
+        "list",
+        "--profile",
+        profile.to_str().expect("utf-8"),
+        "--coordinator",
+        &url,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!("medfl: cannot reach the coordinator at {url} (connection refused): is it running?"),
+    );
+}

@@ -226,7 +226,7 @@ impl ModelStep<'_> {
                 noisy.extend_from_slice(self.acc.sum_slice(range));
                 noise
                     .add_to(noisy)
-                    .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?;
+                    .map_err(|e| ServiceError::Internal(format!("site-level noise: {e}")))?;
                 d.extend(noisy.iter().map(|s| s / self.denominator));
             }
             None => d.extend(self.acc.mean_slice(range)),

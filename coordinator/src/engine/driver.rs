@@ -103,10 +103,10 @@ impl Engine {
         // accountant, tens of milliseconds) once per driver, off the reactor.
         let toml = self.study(id)?.manifest_toml;
         let (manifest, privacy) = tokio::task::spawn_blocking(move || {
-            let manifest = StudyManifest::from_toml(&toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+            let manifest = StudyManifest::from_toml(&toml).map_err(|e| ServiceError::Internal(e.to_string()))?;
             let privacy = manifest
                 .privacy_plan()
-                .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
             Ok::<_, ServiceError>((Arc::new(manifest), privacy))
         })
         .await

@@ -37,7 +37,7 @@ pub(super) fn study_epsilon(plan: &medfl_shared::manifest::PrivacyPlan, rounds: 
         steps: plan.per_round.steps * rounds,
         ..plan.per_round
     };
-    medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
+    medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
 /// The published evaluation of a round: totals over the sites that reported, only
@@ -74,7 +74,7 @@ pub(super) fn adaptive_clip_release(
     plan: &PrivacyPlan,
 ) -> Result<(medfl_shared::dp::GaussianNoise, f64), ServiceError> {
     use medfl_shared::dp::{GaussianNoise, adaptive_vector_multiplier, composed_multiplier, next_clip_norm};
-    let dp_err = |e: medfl_shared::dp::DpError| ServiceError::InvalidArgument(format!("adaptive clipping noise: {e}"));
+    let dp_err = |e: medfl_shared::dp::DpError| ServiceError::Internal(format!("adaptive clipping noise: {e}"));
     let sigma_b = adaptive.count_noise_multiplier;
     let count_noise = GaussianNoise::new(1, 0.5, 2.0 * sigma_b).map_err(dp_err)?;
     let mut z_delta = adaptive_vector_multiplier(plan.sigma, sigma_b).ok_or_else(|| {
@@ -211,7 +211,7 @@ pub(super) fn site_noise_release(
             noise
         }
         _ => medfl_shared::dp::GaussianNoise::new(acc.len(), p.clip_norm, plan.sigma)
-            .map_err(|e| ServiceError::InvalidArgument(format!("site-level noise: {e}")))?,
+            .map_err(|e| ServiceError::Internal(format!("site-level noise: {e}")))?,
     };
     if record.clip_norm.is_none() && noise.effective_noise_multiplier < plan.per_round.sigma {
         return Err(ServiceError::FailedPrecondition(format!(

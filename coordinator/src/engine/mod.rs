@@ -151,14 +151,14 @@ pub struct Engine {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     /// Revoked identities and the connections to close on revocation.
-    pub revocations: Arc<crate::governance::Revocations>,
+    pub revocations: Arc<crate::revocation::Revocations>,
     /// The consortium CA, when this coordinator enrols sites.
     pub(crate) ca: Option<crate::pki::Ca>,
     /// Per study, the encoded global model of the last round broadcast: one copy that
     /// every site's download stream shares.
     broadcast: tokio::sync::Mutex<HashMap<String, (u32, EncodedModel)>>,
     /// Process counters for `/metrics`.
-    pub counters: crate::metrics::Counters,
+    pub counters: crate::counters::Counters,
 }
 
 /// A committed model as the chunks that go on the wire.
@@ -206,7 +206,7 @@ impl Engine {
             work,
             tracker,
             shutdown,
-            revocations: Arc::new(crate::governance::Revocations::new(revoked)),
+            revocations: Arc::new(crate::revocation::Revocations::new(revoked)),
             ca,
             broadcast: Default::default(),
             counters: Default::default(),

@@ -313,8 +313,8 @@ impl Engine {
         let folded = fold_pending(round, &mut acc, batch);
         drop(acc);
         if !folded.is_empty() {
-            crate::metrics::Counters::add(&self.counters.fold_passes, 1);
-            crate::metrics::Counters::add(&self.counters.updates_folded, folded.len() as u64);
+            crate::counters::Counters::add(&self.counters.fold_passes, 1);
+            crate::counters::Counters::add(&self.counters.updates_folded, folded.len() as u64);
         }
         for (site, n) in folded {
             self.announce(round, &site, n);

@@ -27,7 +27,7 @@ use tracing::{instrument, warn};
 
 pub use refusal::Refusal;
 
-use crate::agent::AgentSettings;
+use crate::settings::AgentSettings;
 
 /// How a step of a work item ends early: refused (the coordinator is told why) or
 /// failed here (logged locally; the coordinator's deadline covers it).

@@ -22,8 +22,8 @@ use tracing::{info, warn};
 use super::train::{Trained, save_control};
 use super::vet::Approved;
 use super::{Refusal, WorkError};
-use crate::agent::AgentSettings;
 use crate::ledger::{ChargeRequest, LedgerError};
+use crate::settings::AgentSettings;
 
 /// One update ready to leave, with what its egress entry records.
 #[derive(Debug)]

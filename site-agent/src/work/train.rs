@@ -16,10 +16,10 @@ use tonic::transport::Channel;
 
 use super::vet::Approved;
 use super::{Refusal, WorkError};
-use crate::agent::AgentSettings;
 use crate::dpsgd::DpSgdConfig;
 use crate::ledger::LedgerError;
 use crate::problem::Start;
+use crate::settings::AgentSettings;
 use crate::trainer::{LocalTrainer, Scaffold, TrainerOutput, TrainingMode, TrainingTask};
 
 /// The charge a DP round will make once its update is ready: the mechanism as the

@@ -11,8 +11,8 @@ use medfl_shared::manifest::{Privacy, PrivacyPlan, StudyManifest};
 use medfl_shared::unix_ms;
 
 use super::{Refusal, WorkError};
-use crate::agent::AgentSettings;
 use crate::secagg::SiteSession;
+use crate::settings::AgentSettings;
 
 /// A work item the site agreed to, with what training and release need.
 pub(crate) struct Approved {
