@@ -22,6 +22,13 @@ pub use crate::counters::Counters;
 /// Renders every metric.
 pub fn render(engine: &Engine) -> Result<String> {
     let mut out = String::new();
+    study_families(engine, &mut out)?;
+    site_and_process_families(engine, &mut out)?;
+    Ok(out)
+}
+
+/// The per-study families, read from the store at each scrape.
+fn study_families(engine: &Engine, out: &mut String) -> Result<()> {
     let studies = engine.store.studies()?;
     let (mut committed, mut failed, mut durations, mut updates, mut epsilon, mut state) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -61,14 +68,14 @@ pub fn render(engine: &Engine) -> Result<String> {
         }
     }
     family(
-        &mut out,
+        out,
         "medfl_rounds_committed_total",
         "counter",
         "Rounds committed, by study.",
         committed,
     );
     family(
-        &mut out,
+        out,
         "medfl_rounds_failed_total",
         "counter",
         "Round attempts that did not commit (quorum, deadline, interruption), by study.",
@@ -84,28 +91,28 @@ pub fn render(engine: &Engine) -> Result<String> {
         let _ = writeln!(out, "medfl_round_duration_seconds_count{labels} {count}");
     }
     family(
-        &mut out,
+        out,
         "medfl_round_updates_total",
         "counter",
         "Site updates in committed rounds, by study.",
         updates,
     );
     family(
-        &mut out,
+        out,
         "medfl_epsilon_spent",
         "gauge",
         "Largest ε any ledger of the study has spent (site level: the study-wide ledger).",
         epsilon,
     );
     family(
-        &mut out,
+        out,
         "medfl_study_state",
         "gauge",
         "1 for each study's current state.",
         state,
     );
     family(
-        &mut out,
+        out,
         "medfl_refusals_total",
         "counter",
         "Work refused by sites, by study and the reason's first clause.",
@@ -119,17 +126,22 @@ pub fn render(engine: &Engine) -> Result<String> {
             })
             .collect(),
     );
+    Ok(())
+}
+
+/// Sites registered and connected, and this process's counters.
+fn site_and_process_families(engine: &Engine, out: &mut String) -> Result<()> {
     let sites = engine.sites()?;
     let connected = sites.iter().filter(|s| engine.is_connected(&s.name)).count();
     family(
-        &mut out,
+        out,
         "medfl_sites_connected",
         "gauge",
         "Registered sites heard from within the liveness timeout.",
         vec![(String::new(), connected as f64)],
     );
     family(
-        &mut out,
+        out,
         "medfl_sites_registered",
         "gauge",
         "Sites that ever registered.",
@@ -137,42 +149,42 @@ pub fn render(engine: &Engine) -> Result<String> {
     );
     let c = &engine.counters;
     family(
-        &mut out,
+        out,
         "medfl_updates_received_total",
         "counter",
         "Updates (plain or masked) received by this process.",
         vec![(String::new(), c.updates_received.load(Ordering::Relaxed) as f64)],
     );
     family(
-        &mut out,
+        out,
         "medfl_update_bytes_received_total",
         "counter",
         "Bytes of update values received by this process.",
         vec![(String::new(), c.update_bytes_received.load(Ordering::Relaxed) as f64)],
     );
     family(
-        &mut out,
+        out,
         "medfl_model_bytes_sent_total",
         "counter",
         "Bytes of global model values sent to sites by this process.",
         vec![(String::new(), c.model_bytes_sent.load(Ordering::Relaxed) as f64)],
     );
     family(
-        &mut out,
+        out,
         "medfl_updates_folded_total",
         "counter",
         "FedAvg updates folded into a round's sum straight from the chunks they arrived in.",
         vec![(String::new(), c.updates_folded.load(Ordering::Relaxed) as f64)],
     );
     family(
-        &mut out,
+        out,
         "medfl_fold_passes_total",
         "counter",
         "Passes over a round's sum that folded them: updates that complete while one folds \
          queue and fold together in the next (updates folded / passes = the mean batch).",
         vec![(String::new(), c.fold_passes.load(Ordering::Relaxed) as f64)],
     );
-    Ok(out)
+    Ok(())
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.

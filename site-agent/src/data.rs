@@ -289,26 +289,7 @@ impl Table {
         if y.is_empty() {
             return Err(DataError::NoRows { file: f(), dropped });
         }
-        if !holes.is_empty() {
-            let mut sum = vec![0f64; d];
-            let mut count = vec![0usize; d];
-            let missing: std::collections::HashSet<(usize, usize)> = holes.iter().copied().collect();
-            for (r, row) in x.chunks_exact(d).enumerate() {
-                for j in 0..d {
-                    if !missing.contains(&(r, j)) {
-                        sum[j] += row[j] as f64;
-                        count[j] += 1;
-                    }
-                }
-            }
-            for (r, j) in holes {
-                x[r * d + j] = if count[j] > 0 {
-                    (sum[j] / count[j] as f64) as f32
-                } else {
-                    0.0
-                };
-            }
-        }
+        impute_means(&mut x, d, holes);
         Ok(Table {
             name: cfg.name.clone(),
             columns: features.iter().map(|&i| header[i].clone()).collect(),
@@ -376,6 +357,32 @@ impl Table {
             out.push_str(&format!(",{y}\n"));
         }
         out
+    }
+}
+
+/// `missing = "impute_mean"`: fills each hole (row, column) of `x` (row-major, `d`
+/// columns) with the mean of the column's present values (0 when it has none).
+fn impute_means(x: &mut [f32], d: usize, holes: Vec<(usize, usize)>) {
+    if holes.is_empty() {
+        return;
+    }
+    let mut sum = vec![0f64; d];
+    let mut count = vec![0usize; d];
+    let missing: std::collections::HashSet<(usize, usize)> = holes.iter().copied().collect();
+    for (r, row) in x.chunks_exact(d).enumerate() {
+        for j in 0..d {
+            if !missing.contains(&(r, j)) {
+                sum[j] += row[j] as f64;
+                count[j] += 1;
+            }
+        }
+    }
+    for (r, j) in holes {
+        x[r * d + j] = if count[j] > 0 {
+            (sum[j] / count[j] as f64) as f32
+        } else {
+            0.0
+        };
     }
 }
 

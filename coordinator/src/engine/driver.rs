@@ -124,59 +124,17 @@ impl Engine {
                 return Ok(());
             }
             if study.rounds_completed >= manifest.rounds {
-                self.update_study(id, COORDINATOR, |s| {
-                    s.state = StudyState::Completed;
-                    Ok(())
-                })?;
                 info!(rounds = study.rounds_completed, "study completed");
-                self.emit(
-                    id,
-                    EventKind::StateChanged,
-                    study.rounds_completed,
-                    "",
-                    "completed".into(),
-                );
-                return Ok(());
+                return self.end_study(id, StudyState::Completed, study.rounds_completed, String::new());
             }
             let round = study.rounds_completed + 1;
             if let Some(reason) = self.budget_exhausted(&study, &manifest, privacy.as_ref(), round)? {
-                self.update_study(id, COORDINATOR, |s| {
-                    s.state = StudyState::BudgetExhausted;
-                    s.reason = reason.clone();
-                    Ok(())
-                })?;
                 warn!(%reason, "privacy budget exhausted");
-                self.emit(
-                    id,
-                    EventKind::StateChanged,
-                    round,
-                    "",
-                    format!("budget_exhausted: {reason}"),
-                );
-                return Ok(());
+                return self.end_study(id, StudyState::BudgetExhausted, round, reason);
             }
             // Attempts continue their numbering across restarts (a secure-aggregation
-            // session id includes it); one left open by a crash is marked interrupted,
-            // and only real failures count against max_attempts.
-            let mut attempt = 0;
-            let mut failures = 0;
-            let mut last_reason = String::new();
-            for mut r in self.store.rounds(id)?.into_iter().filter(|r| r.round == round) {
-                attempt = attempt.max(r.attempt);
-                if r.reason == ROUND_OPEN {
-                    r.reason = format!("{INTERRUPTED}: the coordinator stopped during the attempt");
-                    r.finished_ms = now_ms();
-                    self.store.record_failed_round(id, &r)?;
-                    warn!(
-                        round,
-                        attempt = r.attempt,
-                        "an attempt left open by a coordinator stop is marked interrupted"
-                    );
-                } else if !r.committed && !r.reason.starts_with(INTERRUPTED) {
-                    failures += 1;
-                    last_reason = r.reason;
-                }
-            }
+            // session id includes it); only real failures count against max_attempts.
+            let (mut attempt, mut failures, mut last_reason) = self.past_attempts(id, round)?;
             let mut committed = false;
             while failures < manifest.selection.max_attempts {
                 attempt += 1;
@@ -207,16 +165,53 @@ impl Engine {
                     "round {round} failed {} times; last: {last_reason}",
                     manifest.selection.max_attempts
                 );
-                self.update_study(id, COORDINATOR, |s| {
-                    s.state = StudyState::Failed;
-                    s.reason = reason.clone();
-                    Ok(())
-                })?;
                 warn!(%reason, "study failed");
-                self.emit(id, EventKind::StateChanged, round, "", format!("failed: {reason}"));
-                return Ok(());
+                return self.end_study(id, StudyState::Failed, round, reason);
             }
         }
+    }
+
+    /// Ends a study in `state` (completed, budget exhausted, failed) with its reason, and
+    /// says so to whoever watches.
+    fn end_study(&self, id: &str, state: StudyState, round: u32, reason: String) -> Result<(), ServiceError> {
+        self.update_study(id, COORDINATOR, |s| {
+            s.state = state;
+            if !reason.is_empty() {
+                s.reason = reason.clone();
+            }
+            Ok(())
+        })?;
+        let message = match state {
+            StudyState::Completed => "completed".to_string(),
+            StudyState::BudgetExhausted => format!("budget_exhausted: {reason}"),
+            _ => format!("failed: {reason}"),
+        };
+        self.emit(id, EventKind::StateChanged, round, "", message);
+        Ok(())
+    }
+
+    /// The attempts a round already had: the last attempt number, the real failures and
+    /// the last failure's reason. One left open by a crash is marked interrupted (it is
+    /// not a failure).
+    fn past_attempts(&self, id: &str, round: u32) -> Result<(u32, u32, String), ServiceError> {
+        let (mut attempt, mut failures, mut last_reason) = (0, 0, String::new());
+        for mut r in self.store.rounds(id)?.into_iter().filter(|r| r.round == round) {
+            attempt = attempt.max(r.attempt);
+            if r.reason == ROUND_OPEN {
+                r.reason = format!("{INTERRUPTED}: the coordinator stopped during the attempt");
+                r.finished_ms = now_ms();
+                self.store.record_failed_round(id, &r)?;
+                warn!(
+                    round,
+                    attempt = r.attempt,
+                    "an attempt left open by a coordinator stop is marked interrupted"
+                );
+            } else if !r.committed && !r.reason.starts_with(INTERRUPTED) {
+                failures += 1;
+                last_reason = r.reason;
+            }
+        }
+        Ok((attempt, failures, last_reason))
     }
 
     /// The clip norm of the next round of an adaptive-clipping study: what the last

@@ -16,36 +16,7 @@ impl Engine {
         control: &mut watch::Receiver<Control>,
     ) -> Result<RoundOutcome, ServiceError> {
         let (id, manifest, privacy, round) = (at.id(), &at.manifest, at.privacy, at.round);
-        let stage_len = Duration::from_secs(manifest.secagg().map_or(30, |s| s.stage_timeout_secs));
-        let mut interrupted = false;
-        let mut failure = None;
-        'stages: for stage in 0..4 {
-            let until = if stage == 0 {
-                open.deadline
-            } else {
-                Instant::now() + stage_len
-            };
-            loop {
-                // A site that refused the round before advertising (its policy) will not
-                // advertise; later stages wait for their own sets, which exclude it.
-                let (got, of) = sec.progress();
-                let refused = if stage == 0 { open.lock().refused.len() } else { 0 };
-                if got + refused >= of {
-                    break;
-                }
-                tokio::select! {
-                    _ = open.progress.notified() => {}
-                    _ = tokio::time::sleep_until(until.into()) => break,
-                    _ = control.changed() => if *control.borrow() == Control::Abort { interrupted = true; break 'stages },
-                    _ = self.shutdown.cancelled() => { interrupted = true; break 'stages },
-                }
-            }
-            if let Some(reason) = sec.advance() {
-                failure = Some(reason);
-                break;
-            }
-            info!(round, stage = stage + 1, "secure aggregation stage opened");
-        }
+        let (interrupted, failure) = self.wait_stages(open, sec, control).await;
         open.lock().closed = true;
         lock(&self.open).remove(id);
         let selected = open.selected.clone();
@@ -117,5 +88,44 @@ impl Engine {
             },
         )
         .await
+    }
+
+    /// Waits through the four stages: each until the sites of the previous one answered
+    /// (stage 0 until the round deadline, the others `stage_timeout_secs`). Returns
+    /// whether the round was interrupted and why a stage failed, if one did.
+    async fn wait_stages(
+        &self,
+        open: &OpenRound,
+        sec: &SecureRound,
+        control: &mut watch::Receiver<Control>,
+    ) -> (bool, Option<String>) {
+        let stage_len = Duration::from_secs(open.manifest.secagg().map_or(30, |s| s.stage_timeout_secs));
+        for stage in 0..4 {
+            let until = if stage == 0 {
+                open.deadline
+            } else {
+                Instant::now() + stage_len
+            };
+            loop {
+                // A site that refused the round before advertising (its policy) will not
+                // advertise; later stages wait for their own sets, which exclude it.
+                let (got, of) = sec.progress();
+                let refused = if stage == 0 { open.lock().refused.len() } else { 0 };
+                if got + refused >= of {
+                    break;
+                }
+                tokio::select! {
+                    _ = open.progress.notified() => {}
+                    _ = tokio::time::sleep_until(until.into()) => break,
+                    _ = control.changed() => if *control.borrow() == Control::Abort { return (true, None) },
+                    _ = self.shutdown.cancelled() => return (true, None),
+                }
+            }
+            if let Some(reason) = sec.advance() {
+                return (false, Some(reason));
+            }
+            info!(round = open.round, stage = stage + 1, "secure aggregation stage opened");
+        }
+        (false, None)
     }
 }
