@@ -105,15 +105,12 @@ pub enum PkiCommand {
 
 pub async fn main(cli: Cli) -> ExitCode {
     // Where the coordinator is, for the one-line explanation of a failed call.
-    let target = match &cli.command {
+    // How the coordinator was reached, to explain a failed call in one line.
+    let conn = match &cli.command {
         Command::Study { conn, .. }
         | Command::Site { conn, .. }
         | Command::Audit { conn, .. }
-        | Command::Dashboard { conn } => Some(conn.coordinator.clone().unwrap_or_else(|| {
-            medfl_proto::transport::Profile::load(&conn.profile)
-                .map(|p| p.file.coordinator)
-                .unwrap_or_else(|_| "the profile's address".into())
-        })),
+        | Command::Dashboard { conn } => Some(conn.clone()),
         _ => None,
     };
     let result = match cli.command {
@@ -138,7 +135,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => match target.and_then(|t| medfl_proto::reach::explain(e.as_ref(), &t)) {
+        Err(e) => match conn.and_then(|c| medfl_proto::reach::explain(e.as_ref(), &coordinator_of(&c))) {
             Some((line, kind)) => {
                 eprintln!("medfl: {line}");
                 ExitCode::from(kind.exit_code())
@@ -149,6 +146,15 @@ pub async fn main(cli: Cli) -> ExitCode {
             }
         },
     }
+}
+
+/// The coordinator address a command used: `--coordinator`, else the profile's.
+fn coordinator_of(conn: &Conn) -> String {
+    conn.coordinator.clone().unwrap_or_else(|| {
+        medfl_proto::transport::Profile::load(&conn.profile)
+            .map(|p| p.file.coordinator)
+            .unwrap_or_else(|_| "the profile's address".into())
+    })
 }
 
 fn run_pki(command: PkiCommand) -> Result<()> {

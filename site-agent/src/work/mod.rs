@@ -68,11 +68,11 @@ async fn steps(
     settings: &Arc<AgentSettings>,
     work: &pb::WorkItem,
 ) -> Result<(), WorkError> {
-    let approved = vet::vet(settings, work).await?;
+    let mut approved = vet::vet(settings, work).await?;
     let update = match release::paid_before(settings, work, &approved)? {
         Some(update) => update,
         None => {
-            let trained = train::train(client, settings, work, &approved).await?;
+            let trained = train::train(client, settings, work, &mut approved).await?;
             release::charge(settings, work, &approved, trained)?
         }
     };

@@ -57,8 +57,11 @@ pub(crate) async fn train(
     client: &mut SiteClient<Channel>,
     settings: &AgentSettings,
     work: &pb::WorkItem,
-    approved: &Approved,
+    approved: &mut Approved,
 ) -> Result<Trained, WorkError> {
+    // The rows move into the task: vet selected them for this round alone.
+    let (x, y) = (std::mem::take(&mut approved.x), std::mem::take(&mut approved.y));
+    let approved = &*approved;
     let manifest = &approved.manifest;
     let mut global = download(client, work, manifest).await?;
     // SCAFFOLD: the global control variate follows the model; this site's own is kept
@@ -83,8 +86,8 @@ pub(crate) async fn train(
         n_features: manifest.n_features(),
         start: global.clone(),
         start_on: if work.round == 1 { Start::Initial } else { Start::Global },
-        x: approved.x.clone(),
-        y: approved.y.clone(),
+        x,
+        y,
         training: manifest.training.clone(),
         seed: round_seed(&approved.site, work),
         mode,
