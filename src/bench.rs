@@ -375,7 +375,7 @@ pub async fn tls_reference(bytes: usize) -> Result<f64> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
     let dir = tempfile::tempdir().context("temporary directory")?;
-    pki::init(dir.path())?;
+    pki::init(dir.path(), medfl_shared::sign::Algorithm::P256)?;
     let issue = |role: Role, name: &str| -> Result<medfl_proto::transport::Profile> {
         let bundle = pki::issue(
             dir.path(),
@@ -385,6 +385,7 @@ pub async fn tls_reference(bytes: usize) -> Result<f64> {
                 ips: vec![],
                 days: 1,
                 coordinator: Some("https://127.0.0.1:1".into()),
+                algorithm: None,
             },
         )?;
         Ok(medfl_proto::transport::Profile::load(&bundle)?)

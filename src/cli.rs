@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use medfl_coordinator::pki::{self, IssueRequest};
 use medfl_shared::identity::{Identity, Role};
+use medfl_shared::sign::Algorithm;
 
 pub use crate::admin::{SiteCommand, StudyCommand};
 pub use crate::conn::Conn;
@@ -78,6 +79,10 @@ pub enum PkiCommand {
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// The CA's key algorithm, and every identity's it issues: p256 (ECDSA P-256,
+        /// which browsers, gRPC core, OpenSSL, HSMs and KMSs accept) or ed25519.
+        #[arg(long, default_value = "p256")]
+        algorithm: Algorithm,
     },
     /// Issues a key and certificate and writes the bundle DIR/NAME.
     Issue {
@@ -100,6 +105,9 @@ pub enum PkiCommand {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: i64,
+        /// The key's algorithm (p256 or ed25519); default: the CA's.
+        #[arg(long)]
+        algorithm: Option<Algorithm>,
     },
 }
 
@@ -159,9 +167,9 @@ fn coordinator_of(conn: &Conn) -> String {
 
 fn run_pki(command: PkiCommand) -> Result<()> {
     match command {
-        PkiCommand::Init { dir } => {
-            pki::init(&dir)?;
-            println!("consortium CA created in {}", dir.display());
+        PkiCommand::Init { dir, algorithm } => {
+            pki::init(&dir, algorithm)?;
+            println!("consortium CA ({algorithm}) created in {}", dir.display());
         }
         PkiCommand::Issue {
             dir,
@@ -171,6 +179,7 @@ fn run_pki(command: PkiCommand) -> Result<()> {
             ip,
             coordinator,
             days,
+            algorithm,
         } => {
             let identity = Identity::new(role, name.parse()?);
             let bundle = pki::issue(
@@ -181,6 +190,7 @@ fn run_pki(command: PkiCommand) -> Result<()> {
                     ips: ip,
                     days,
                     coordinator,
+                    algorithm,
                 },
             )?;
             println!("issued {} -> {}", identity.uri(), bundle.display());

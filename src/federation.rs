@@ -37,6 +37,7 @@ pub struct FederationBuilder {
     agent_extra: String,
     dashboard: bool,
     metrics: bool,
+    algorithm: medfl_shared::sign::Algorithm,
 }
 
 struct Agent {
@@ -136,6 +137,7 @@ impl Default for FederationBuilder {
             agent_extra: String::new(),
             dashboard: false,
             metrics: false,
+            algorithm: medfl_shared::sign::Algorithm::RECOMMENDED,
         }
     }
 }
@@ -218,6 +220,12 @@ impl FederationBuilder {
         self
     }
 
+    /// The consortium's key algorithm (P-256 unless set).
+    pub fn algorithm(mut self, algorithm: medfl_shared::sign::Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
     /// Serves the coordinator's `/metrics` and `/healthz` on a free loopback port.
     pub fn metrics(mut self) -> Self {
         self.metrics = true;
@@ -243,7 +251,7 @@ impl FederationBuilder {
         // The CA sits at the root; each party's folder holds its identity bundle and,
         // for the coordinator and agents, its config, store or data.
         let pki_dir = dir.clone();
-        pki::init(&pki_dir)?;
+        pki::init(&pki_dir, self.algorithm)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind coordinator port")?;
@@ -266,6 +274,7 @@ impl FederationBuilder {
                     },
                     days: 30,
                     coordinator: Some(url.clone()),
+                    algorithm: None,
                 },
             )
         };

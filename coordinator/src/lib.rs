@@ -94,7 +94,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub dashboard_url: Option<String>,
     /// The dashboard's certificate chain and key (PEM): a web certificate your browsers
-    /// trust (ECDSA or RSA; browsers do not take the consortium's Ed25519 keys).
+    /// trust (ECDSA or RSA; browsers do not trust the consortium CA, nor take Ed25519 keys).
     /// Without them the coordinator makes a self-signed P-256 certificate in the store
     /// directory on first start and `medfl dashboard` prints its fingerprint.
     #[serde(default)]

@@ -1,5 +1,9 @@
 //! The consortium PKI: a CA, and certificates that name their holder as
 //! `spiffe://medfl/<role>/<name>`, written as ready-to-use profile bundles.
+//!
+//! Keys are ECDSA P-256 by default or Ed25519 (`--algorithm`); an identity takes its
+//! CA's algorithm unless asked otherwise. Every key file is PKCS#8 v1 PEM, mode 0600,
+//! which OpenSSL, curl, Python, Go and Java read.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -7,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use medfl_proto::transport::{PROFILE_FILE, ProfileFile};
 use medfl_shared::identity::{Identity, Role};
+use medfl_shared::sign::{Algorithm, certificate_algorithm, private_key_pem};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
@@ -27,13 +32,13 @@ pub struct Consortium {
     pub server_name: String,
 }
 
-/// Creates a consortium CA in `dir` (refuses to overwrite one).
-pub fn init(dir: &Path) -> Result<()> {
+/// Creates a consortium CA with an `algorithm` key in `dir` (refuses to overwrite one).
+pub fn init(dir: &Path, algorithm: Algorithm) -> Result<()> {
     if dir.join(CA_KEY).exists() {
         bail!("{} already holds a CA; refusing to overwrite it", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let key = new_key().context("generate CA key")?;
+    let key = new_key(algorithm).context("generate CA key")?;
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -49,8 +54,22 @@ pub fn init(dir: &Path) -> Result<()> {
     params.not_after = now + Duration::days(3650);
     let cert = params.self_signed(&key).context("sign CA certificate")?;
     write_file(&dir.join(CA_CERT), &cert.pem())?;
-    write_secret(&dir.join(CA_KEY), &key.serialize_pem())?;
+    write_secret(&dir.join(CA_KEY), &private_key_pem(key.serialized_der()))?;
     Ok(())
+}
+
+/// The algorithm of the CA in `dir`.
+pub fn ca_algorithm(dir: &Path) -> Result<Algorithm> {
+    let pem =
+        std::fs::read_to_string(dir.join(CA_CERT)).with_context(|| format!("read the CA in {}", dir.display()))?;
+    pem_certificate_algorithm(&pem)
+}
+
+/// The key algorithm of the first certificate in `pem`.
+pub fn pem_certificate_algorithm(pem: &str) -> Result<Algorithm> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).context("parse the certificate")?;
+    Ok(certificate_algorithm(&der)?)
 }
 
 /// What to put in one issued certificate and its bundle.
@@ -62,6 +81,8 @@ pub struct IssueRequest {
     pub days: i64,
     /// Coordinator URL for the profile; defaults to the consortium's.
     pub coordinator: Option<String>,
+    /// The key's algorithm; defaults to the CA's.
+    pub algorithm: Option<Algorithm>,
 }
 
 /// Issues a key and certificate signed by the CA in `dir` and writes the bundle
@@ -80,7 +101,11 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
         dns.push("localhost".into());
         ips.push(IpAddr::from([127, 0, 0, 1]));
     }
-    let key = new_key().context("generate key")?;
+    let algorithm = match req.algorithm {
+        Some(a) => a,
+        None => pem_certificate_algorithm(&ca_pem)?,
+    };
+    let key = new_key(algorithm).context("generate key")?;
     let now = OffsetDateTime::now_utc();
     let cert = leaf_params(&req.identity, &dns, &ips, now, req.days)?
         .signed_by(&key, &issuer)
@@ -112,7 +137,7 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
     let bundle = dir.join(req.identity.name.as_str());
     std::fs::create_dir_all(&bundle).with_context(|| format!("create {}", bundle.display()))?;
     write_file(&bundle.join("cert.pem"), &cert.pem())?;
-    write_secret(&bundle.join("key.pem"), &key.serialize_pem())?;
+    write_secret(&bundle.join("key.pem"), &private_key_pem(key.serialized_der()))?;
     write_file(&bundle.join("ca.pem"), &ca_pem)?;
     let profile = ProfileFile {
         role: req.identity.role.to_string(),
@@ -127,15 +152,16 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<PathBuf> {
     Ok(bundle)
 }
 
-/// Every key of the consortium is Ed25519: certificates, and the signatures sites
-/// and admins make with their certificate keys (secure aggregation, study creation).
-pub fn new_key() -> Result<KeyPair> {
-    KeyPair::generate_for(&rcgen::PKCS_ED25519).context("generate an Ed25519 key")
+/// A fresh key for a certificate: the same key signs what its holder signs (secure
+/// aggregation adverts, study manifests), with the key's algorithm.
+pub fn new_key(algorithm: Algorithm) -> Result<KeyPair> {
+    let der = medfl_shared::sign::Signer::generate_pkcs8(algorithm)?;
+    KeyPair::try_from(der).with_context(|| format!("load the new {algorithm} key"))
 }
 
 /// A self-signed ECDSA P-256 certificate and key (PEM) for the dashboard when the
 /// operator gives none. Browsers accept neither Ed25519 server keys nor chains signed
-/// with Ed25519, so the consortium's own keys cannot serve them.
+/// with Ed25519, so an Ed25519 consortium's own keys cannot serve them.
 pub fn self_signed_web_certificate(names: &[String], days: i64) -> Result<(String, String)> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate a P-256 key")?;
     let mut params = CertificateParams::new(names.to_vec()).context("dashboard certificate names")?;
@@ -286,8 +312,11 @@ mod tests {
     #[test]
     fn issued_certificates_carry_their_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
-        init(dir.path()).expect("init CA");
-        assert!(init(dir.path()).is_err(), "a second init must not overwrite the CA");
+        init(dir.path(), Algorithm::P256).expect("init CA");
+        assert!(
+            init(dir.path(), Algorithm::P256).is_err(),
+            "a second init must not overwrite the CA"
+        );
         let identity = Identity::new(Role::Site, "hospital-a".parse().expect("name"));
         let bundle = issue(
             dir.path(),
@@ -297,6 +326,7 @@ mod tests {
                 ips: vec![],
                 days: 30,
                 coordinator: None,
+                algorithm: None,
             },
         )
         .expect("issue");
@@ -305,5 +335,42 @@ mod tests {
             .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
             .expect("cert pem");
         assert_eq!(Identity::from_cert_der(&der).expect("identity"), identity);
+        assert_eq!(certificate_algorithm(&der).expect("algorithm"), Algorithm::P256);
+        assert_eq!(profile.signer().expect("key").algorithm(), Algorithm::P256);
+    }
+
+    #[test]
+    fn an_identity_takes_its_cas_algorithm_unless_asked_otherwise() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), Algorithm::Ed25519).expect("init CA");
+        assert_eq!(ca_algorithm(dir.path()).expect("CA"), Algorithm::Ed25519);
+        let issue_as = |name: &str, algorithm| {
+            let req = IssueRequest {
+                identity: Identity::new(Role::Admin, name.parse().expect("name")),
+                dns: vec![],
+                ips: vec![],
+                days: 30,
+                coordinator: None,
+                algorithm,
+            };
+            medfl_proto::transport::Profile::load(&issue(dir.path(), &req).expect("issue")).expect("profile")
+        };
+        let same = issue_as("alice", None);
+        assert_eq!(same.signer().expect("key").algorithm(), Algorithm::Ed25519);
+        let other = issue_as("bob", Some(Algorithm::P256));
+        assert_eq!(other.signer().expect("key").algorithm(), Algorithm::P256);
+        // PKCS#8 v1 (RFC 8410): 48 bytes for Ed25519, no attached public key.
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(same.key_pem.as_bytes()).expect("pem");
+        assert_eq!(der.secret_pkcs8_der().len(), 48);
+        for key in [
+            dir.path().join("ca.key"),
+            same.dir.join("key.pem"),
+            other.dir.join("key.pem"),
+        ] {
+            let mode = std::fs::metadata(&key).expect("key").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        }
     }
 }

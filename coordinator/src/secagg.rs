@@ -130,8 +130,11 @@ impl SecureRound {
         }
         if req.signature.is_empty() || req.signature.len() > 128 {
             return Err(refuse(
-                "the advertisement needs an ECDSA P-256 signature of at most 128 bytes",
+                "the advertisement needs a P-256 or Ed25519 signature of at most 128 bytes",
             ));
+        }
+        if let Err(e) = medfl_shared::sign::Algorithm::from_label(&req.signature_algorithm) {
+            return Err(refuse(format!("the advertisement's signature_algorithm: {e}")));
         }
         st.adverts.insert(
             site.to_string(),
@@ -141,6 +144,7 @@ impl SecureRound {
                 mask_public_key: req.mask_public_key,
                 signature: req.signature,
                 certificate_der,
+                signature_algorithm: req.signature_algorithm,
             },
         );
         Ok(())

@@ -18,7 +18,7 @@
 //! state, a round committed or failed, a budget charge, a refusal, a registration,
 //! an enrolment or revocation) appends its audit entry in the same sled batch, so the
 //! audit log holds exactly what happened. Entries are hash-chained and signed by the
-//! coordinator's audit key (`<store>/audit-key.pk8`, Ed25519, made on first open); see
+//! coordinator's audit key (`<store>/audit-key.pk8`, P-256 when made on first open); see
 //! [`medfl_shared::chainlog`].
 //!
 //! Model tensors live beside it as `<store>/models/<id>/<round:08>.f32` (flat
@@ -130,9 +130,13 @@ pub struct StudyRecord {
     pub created_by: String,
     /// Why the study is in its state (failure, abort), or empty.
     pub reason: String,
-    /// Hex Ed25519 signature of the manifest hash by the creating admin.
+    /// Hex signature of the manifest hash by the creating admin.
     #[serde(default)]
     pub signature: String,
+    /// The signature's algorithm, `p256` or `ed25519` (empty in records written
+    /// before the label: Ed25519).
+    #[serde(default)]
+    pub signature_algorithm: String,
     /// Hex DER of the creating admin's certificate.
     #[serde(default)]
     pub creator_cert: String,
@@ -366,9 +370,13 @@ impl Store {
         Ok((checkpoint, entries))
     }
 
-    /// Hex Ed25519 public key of the audit log.
+    /// Hex public key of the audit log (its algorithm: [`Store::audit_key_algorithm`]).
     pub fn audit_public_key(&self) -> String {
         self.audit.signer.public_key_hex()
+    }
+
+    pub fn audit_key_algorithm(&self) -> medfl_shared::sign::Algorithm {
+        self.audit.signer.algorithm()
     }
 
     fn model_path(&self, id: &str, round: u32) -> PathBuf {
@@ -757,6 +765,7 @@ mod tests {
             created_by: "admin/a".into(),
             reason: String::new(),
             signature: String::new(),
+            signature_algorithm: String::new(),
             creator_cert: String::new(),
         }
     }

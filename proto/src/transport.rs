@@ -119,7 +119,7 @@ impl Profile {
         Ok(endpoint.connect_lazy())
     }
 
-    /// The certificate's key as a signer (every consortium key is Ed25519).
+    /// The certificate's key as a signer (P-256 or Ed25519, as the certificate's).
     pub fn signer(&self) -> Result<medfl_shared::sign::Signer, TransportError> {
         use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
         let key =
@@ -135,19 +135,20 @@ impl Profile {
     pub fn signed_create(&self, manifest_toml: &str) -> Result<crate::v1::CreateStudyRequest, TransportError> {
         let manifest = medfl_shared::manifest::StudyManifest::from_toml(manifest_toml)
             .map_err(|e| TransportError::Key(format!("the manifest to sign does not parse: {e}")))?;
-        let signature = self
-            .signer()?
-            .sign(&medfl_shared::sign::study_signing_bytes(&manifest.hash()));
+        let signer = self.signer()?;
+        let signature = signer.sign(&medfl_shared::sign::study_signing_bytes(&manifest.hash()));
         Ok(crate::v1::CreateStudyRequest {
             manifest_toml: manifest_toml.to_string(),
             signature,
+            signature_algorithm: signer.algorithm().name().to_string(),
         })
     }
 }
 
-/// Reads an Ed25519 signing key (PKCS#8 DER) from `path`, or makes one there on first
-/// use: owner-only (0600), created exclusively and fsynced before it is used. The
-/// coordinator's audit key and each site's egress key.
+/// Reads a signing key (PKCS#8 DER, either algorithm) from `path`, or makes a P-256 one
+/// there on first use: owner-only (0600), created exclusively and fsynced before it is
+/// used. The coordinator's audit key and each site's egress key; keys made before
+/// P-256 became the default stay Ed25519, and verifiers accept both.
 pub fn load_or_create_signing_key(path: &Path) -> Result<medfl_shared::sign::Signer, TransportError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -158,7 +159,8 @@ pub fn load_or_create_signing_key(path: &Path) -> Result<medfl_shared::sign::Sig
     let der = match std::fs::read(path) {
         Ok(der) => der,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let pkcs8 = medfl_shared::sign::Signer::generate_pkcs8().map_err(|e| TransportError::Key(e.to_string()))?;
+            let pkcs8 = medfl_shared::sign::Signer::generate_pkcs8(medfl_shared::sign::Algorithm::RECOMMENDED)
+                .map_err(|e| TransportError::Key(e.to_string()))?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }

@@ -1,8 +1,9 @@
 //! Tamper-evident logs: the one hash-chain and signature scheme behind the
 //! coordinator's audit log and each site's egress log.
 //!
-//! Every entry carries its sequence number, the SHA-256 of the entry before it and an
-//! Ed25519 signature (RFC 8032) by the log's key over its own hash, so a changed byte,
+//! Every entry carries its sequence number, the SHA-256 of the entry before it and a
+//! signature by the log's key over its own hash (ECDSA P-256 or Ed25519, named beside
+//! each signature; see [`crate::sign`]), so a changed byte,
 //! a removed or reordered entry, or a forged signature is found by anyone holding the
 //! public key, offline. A checkpoint signs the number of entries and the head hash:
 //! an export ends with one, so cutting off its tail is found too (the scheme of
@@ -16,8 +17,8 @@
 //! Keys are [`crate::sign::Signer`]s.
 
 pub use crate::hex::{from_hex, to_hex};
-pub use crate::sign::Signer;
 use crate::sign::verify;
+pub use crate::sign::{Algorithm, Signer};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -50,8 +51,11 @@ pub struct Entry {
     pub prev: String,
     /// Hex SHA-256 of [`Entry::hash_input`].
     pub hash: String,
-    /// Hex Ed25519 signature over the 32 bytes of `hash`.
+    /// Hex signature over the 32 bytes of `hash`, by the log's key.
     pub signature: String,
+    /// The signature's algorithm; absent (Ed25519) in logs written before P-256.
+    #[serde(default)]
+    pub algorithm: Algorithm,
 }
 
 impl Entry {
@@ -79,6 +83,8 @@ pub struct Checkpoint {
     pub head: String,
     pub at_ms: u64,
     pub signature: String,
+    #[serde(default)]
+    pub algorithm: Algorithm,
 }
 
 fn checkpoint_input(count: u64, head: &[u8; 32], at_ms: u64) -> Vec<u8> {
@@ -98,8 +104,11 @@ pub struct Header {
     pub log: String,
     /// Who keeps the log: the coordinator's or the site's identity.
     pub keeper: String,
-    /// Hex Ed25519 public key.
+    /// Hex public key: 32 bytes (Ed25519) or a 65-byte uncompressed point (P-256).
     pub public_key: String,
+    /// The key's algorithm; absent (Ed25519) in logs written before P-256.
+    #[serde(default)]
+    pub algorithm: Algorithm,
 }
 
 /// One line of an export.
@@ -172,6 +181,7 @@ impl Chain {
             prev: to_hex(&self.head),
             hash: String::new(),
             signature: String::new(),
+            algorithm: signer.algorithm(),
         };
         let digest = ring::digest::digest(&ring::digest::SHA256, &entry.hash_input(&self.head));
         entry.hash = to_hex(digest.as_ref());
@@ -188,6 +198,7 @@ impl Chain {
             head: to_hex(&self.head),
             at_ms,
             signature: to_hex(&signer.sign(&checkpoint_input(self.next_seq, &self.head, at_ms))),
+            algorithm: signer.algorithm(),
         }
     }
 }
@@ -247,9 +258,19 @@ pub fn verify_export(text: &str, pinned_key: Option<&str>, require_checkpoint: b
             ),
         ));
     }
+    let algorithm = header.algorithm;
     let key_bytes = from_hex(&header.public_key)
-        .filter(|k| k.len() == 32)
-        .ok_or_else(|| fail(1, None, "the header's public key is not 32 bytes of hex".into()))?;
+        .filter(|k| k.len() == algorithm.public_key_len())
+        .ok_or_else(|| {
+            fail(
+                1,
+                None,
+                format!(
+                    "the header's public key is not {} bytes of hex, as a {algorithm} key is",
+                    algorithm.public_key_len()
+                ),
+            )
+        })?;
     let mut chain = Chain::default();
     let mut checkpoint = None;
     for (n, text) in lines {
@@ -300,8 +321,18 @@ pub fn verify_export(text: &str, pinned_key: Option<&str>, require_checkpoint: b
                         format!("entry {seq} was altered: its content does not match its hash"),
                     ));
                 }
+                if entry.algorithm != algorithm {
+                    return Err(fail(
+                        n,
+                        Some(seq),
+                        format!(
+                            "entry {seq} is signed with {}, but the log's key is {algorithm} (forged)",
+                            entry.algorithm
+                        ),
+                    ));
+                }
                 let signature = from_hex(&entry.signature).unwrap_or_default();
-                if !verify(&key_bytes, digest.as_ref(), &signature) {
+                if !verify(algorithm, &key_bytes, digest.as_ref(), &signature) {
                     return Err(fail(
                         n,
                         Some(seq),
@@ -317,7 +348,14 @@ pub fn verify_export(text: &str, pinned_key: Option<&str>, require_checkpoint: b
         Some((n, c)) => {
             let signature = from_hex(&c.signature).unwrap_or_default();
             let head = hash32(&c.head).unwrap_or_default();
-            if !verify(&key_bytes, &checkpoint_input(c.count, &head, c.at_ms), &signature) {
+            if c.algorithm != algorithm
+                || !verify(
+                    algorithm,
+                    &key_bytes,
+                    &checkpoint_input(c.count, &head, c.at_ms),
+                    &signature,
+                )
+            {
                 return Err(fail(
                     n,
                     None,
@@ -380,7 +418,11 @@ mod tests {
     use serde_json::json;
 
     fn signer() -> Signer {
-        Signer::from_pkcs8(&Signer::generate_pkcs8().expect("keygen")).expect("key")
+        signer_of(Algorithm::P256)
+    }
+
+    fn signer_of(algorithm: Algorithm) -> Signer {
+        Signer::from_pkcs8(&Signer::generate_pkcs8(algorithm).expect("keygen")).expect("key")
     }
 
     fn export(signer: &Signer, n: u64) -> String {
@@ -402,6 +444,7 @@ mod tests {
             log: "audit".into(),
             keeper: "coordinator/c".into(),
             public_key: signer.public_key_hex(),
+            algorithm: signer.algorithm(),
         };
         export_lines(&header, &entries, Some(&chain.checkpoint(signer, 9999)))
     }
@@ -411,13 +454,30 @@ mod tests {
     }
 
     #[test]
-    fn an_untouched_export_verifies() {
-        let s = signer();
-        let v = verify_export(&export(&s, 5), Some(&s.public_key_hex()), true).expect("verifies");
-        assert_eq!(v.entries, 5);
-        assert!(v.checkpointed);
-        let empty = verify_export(&export(&s, 0), None, true).expect("an empty log verifies");
-        assert_eq!(empty.entries, 0);
+    fn an_untouched_export_verifies_for_both_algorithms() {
+        for algorithm in [Algorithm::P256, Algorithm::Ed25519] {
+            let s = signer_of(algorithm);
+            let v = verify_export(&export(&s, 5), Some(&s.public_key_hex()), true).expect("verifies");
+            assert_eq!(v.entries, 5);
+            assert_eq!(v.header.algorithm, algorithm);
+            assert!(v.checkpointed);
+            let empty = verify_export(&export(&s, 0), None, true).expect("an empty log verifies");
+            assert_eq!(empty.entries, 0);
+        }
+    }
+
+    #[test]
+    fn a_log_written_before_the_algorithm_label_reads_as_ed25519() {
+        let s = signer_of(Algorithm::Ed25519);
+        let old: Vec<String> = lines(&export(&s, 3))
+            .into_iter()
+            .map(|l| l.replace(",\"algorithm\":\"ed25519\"", ""))
+            .collect();
+        assert!(!old.iter().any(|l| l.contains("algorithm")));
+        verify_export(&old.join("\n"), Some(&s.public_key_hex()), true).expect("old logs still verify");
+        // A P-256 log relabelled as Ed25519 fails at its header, not silently.
+        let p = export(&signer_of(Algorithm::P256), 1).replace("\"p256\"", "\"ed25519\"");
+        assert_eq!(verify_export(&p, None, true).expect_err("relabelled").line, 1);
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub enum AgentCommand {
         /// The name in the coordinator's certificate, if not the URL's host.
         #[arg(long)]
         server_name: Option<String>,
+        /// The site key's algorithm (p256 or ed25519); default: the CA's.
+        #[arg(long)]
+        algorithm: Option<medfl_shared::sign::Algorithm>,
     },
     /// Checks the site's policy.
     Policy {
@@ -84,9 +87,10 @@ pub async fn main(args: AgentArgs) -> ExitCode {
         ca,
         out,
         server_name,
+        algorithm,
     }) = &args.command
     {
-        return match crate::enroll::enroll(coordinator, token, ca, out, server_name.as_deref()).await {
+        return match crate::enroll::enroll(coordinator, token, ca, out, server_name.as_deref(), *algorithm).await {
             Ok(profile) => {
                 println!(
                     "enrolled as site {}; identity bundle in {} (point agent.toml's profile at it)",

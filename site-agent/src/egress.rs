@@ -2,7 +2,7 @@
 //! (model updates, masked inputs, refusals with their reasons, registrations) is
 //! written here, durably, *before* it is sent: time, study, round, kind, byte count,
 //! the SHA-256 of the payload and the ε charged with it. Entries are hash-chained and
-//! signed with the site's egress key (`<store>/egress-key.pk8`, Ed25519), the same
+//! signed with the site's egress key (`<store>/egress-key.pk8`, P-256 when made), the same
 //! scheme as the coordinator's audit log ([`medfl_shared::chainlog`]), so hospital IT
 //! can check the file with `medfl-agent egress --verify` or `medfl audit verify`.
 
@@ -79,6 +79,7 @@ impl EgressLog {
                     log: "egress".into(),
                     keeper: keeper.to_string(),
                     public_key: signer.public_key_hex(),
+                    algorithm: signer.algorithm(),
                 });
                 append_line(path, &serde_json::to_string(&header)?)?;
                 Chain::default()

@@ -9,14 +9,16 @@ use medfl_proto::transport::{PROFILE_FILE, Profile, ProfileFile};
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::enrollment_client::EnrollmentClient;
 use medfl_shared::identity::{Identity, Role};
+use medfl_shared::sign::{Algorithm, private_key_pem};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-/// A fresh Ed25519 key and a CSR over it (DER); the CSR names no identity, the
+/// A fresh `algorithm` key and a CSR over it (DER); the CSR names no identity, the
 /// token decides which site it enrols.
-pub fn key_and_csr() -> Result<(rcgen::KeyPair, Vec<u8>)> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).context("generate the site's key")?;
+pub fn key_and_csr(algorithm: Algorithm) -> Result<(rcgen::KeyPair, Vec<u8>)> {
+    let der = medfl_shared::sign::Signer::generate_pkcs8(algorithm)?;
+    let key = rcgen::KeyPair::try_from(der).context("generate the site's key")?;
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
@@ -25,14 +27,25 @@ pub fn key_and_csr() -> Result<(rcgen::KeyPair, Vec<u8>)> {
     Ok((key, csr.der().to_vec()))
 }
 
+/// Enrols with `token`; the site's key takes the consortium CA's algorithm unless
+/// `algorithm` asks for the other.
 pub async fn enroll(
     coordinator: &str,
     token: &str,
     ca: &Path,
     out: &Path,
     server_name: Option<&str>,
+    algorithm: Option<Algorithm>,
 ) -> Result<Profile> {
     let ca_pem = std::fs::read_to_string(ca).with_context(|| format!("read the consortium CA {}", ca.display()))?;
+    let algorithm = match algorithm {
+        Some(a) => a,
+        None => {
+            let der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+                .with_context(|| format!("{} holds no certificate", ca.display()))?;
+            medfl_shared::sign::certificate_algorithm(&der)?
+        }
+    };
     let server_name = match server_name {
         Some(s) => s.to_string(),
         None => coordinator
@@ -54,7 +67,7 @@ pub async fn enroll(
         .connect()
         .await
         .with_context(|| format!("connect to {coordinator}"))?;
-    let (key, csr_der) = key_and_csr()?;
+    let (key, csr_der) = key_and_csr(algorithm)?;
     let issued = EnrollmentClient::new(channel)
         .enroll(pb::EnrollRequest {
             token: token.trim().to_string(),
@@ -76,7 +89,7 @@ pub async fn enroll(
     }
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     write(&out.join("cert.pem"), &issued.certificate_pem, false)?;
-    write(&out.join("key.pem"), &key.serialize_pem(), true)?;
+    write(&out.join("key.pem"), &private_key_pem(key.serialized_der()), true)?;
     write(&out.join("ca.pem"), &ca_pem, false)?;
     let profile = ProfileFile {
         role: "site".into(),

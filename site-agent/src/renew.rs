@@ -65,7 +65,9 @@ pub fn due(profile: &Profile, before: Option<Duration>) -> bool {
 
 /// Renews the certificate of `profile` through `client`; returns the new profile.
 pub async fn renew(client: &mut SiteClient<Channel>, profile: &Profile, egress: &EgressLog) -> Result<Profile> {
-    let (key, csr_der) = crate::enroll::key_and_csr()?;
+    // The new key keeps the current key's algorithm.
+    let algorithm = profile.signer()?.algorithm();
+    let (key, csr_der) = crate::enroll::key_and_csr(algorithm)?;
     let request = pb::RenewRequest { csr_der };
     egress.record(
         "renew",
@@ -92,7 +94,11 @@ pub async fn renew(client: &mut SiteClient<Channel>, profile: &Profile, egress: 
     let cert_name = format!("cert-{stamp}.pem");
     let key_name = format!("key-{stamp}.pem");
     crate::enroll::write(&profile.dir.join(&cert_name), &issued.certificate_pem, false)?;
-    crate::enroll::write(&profile.dir.join(&key_name), &key.serialize_pem(), true)?;
+    crate::enroll::write(
+        &profile.dir.join(&key_name),
+        &medfl_shared::sign::private_key_pem(key.serialized_der()),
+        true,
+    )?;
     let mut file = profile.file.clone();
     let (old_cert, old_key) = (file.cert.clone(), file.key.clone());
     file.cert = cert_name.into();

@@ -69,9 +69,10 @@ impl Credentials {
         Ok(Credentials { key, verifier })
     }
 
-    /// Signs `message` with the site's certificate key (Ed25519).
-    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
-        Ok(self.key.sign(message))
+    /// Signs `message` with the site's certificate key; returns the signature and its
+    /// algorithm's label.
+    pub fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, &'static str)> {
+        Ok((self.key.sign(message), self.key.algorithm().name()))
     }
 
     /// Checks that `der` chains to the consortium CA and returns whom it names.
@@ -101,6 +102,7 @@ impl Credentials {
         };
         let signed = medfl_shared::sign::verify_by_certificate(
             &keys.certificate_der,
+            &keys.signature_algorithm,
             &advert_signing_bytes(session, site, &advertised),
             &keys.signature,
         )
@@ -234,12 +236,13 @@ impl SiteSession {
     /// Round 0: advertises this session's public keys, signed.
     pub async fn advertise(&mut self, client: &mut SiteClient<Channel>, creds: &Credentials) -> Result<()> {
         let keys = self.secrets.public();
-        let signature = creds.sign(&advert_signing_bytes(&self.session_id, &self.me, &keys))?;
+        let (signature, algorithm) = creds.sign(&advert_signing_bytes(&self.session_id, &self.me, &keys))?;
         let request = pb::SecAggAdvertiseRequest {
             session_id: self.session_id.to_vec(),
             cipher_public_key: keys.cipher.to_vec(),
             mask_public_key: keys.mask.to_vec(),
             signature,
+            signature_algorithm: algorithm.to_string(),
         };
         self.record("secagg.advertise", &request)?;
         client.sec_agg_advertise(request).await.context("advertise keys")?;

@@ -6,14 +6,27 @@ use crate::common::*;
 use medfl::Federation;
 use medfl_shared::metrics::accuracy;
 use medfl_shared::model::{ModelKind, ModelSpec};
+use medfl_shared::sign::Algorithm;
 
 const LONG: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_real_agents_complete_a_study_and_log_what_left() {
+    complete_a_study_and_log_what_left(Algorithm::P256).await;
+}
+
+/// The same federation with Ed25519 identities, as consortia made before P-256 became
+/// the default have them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ed25519_consortium_completes_the_same_study() {
+    complete_a_study_and_log_what_left(Algorithm::Ed25519).await;
+}
+
+async fn complete_a_study_and_log_what_left(algorithm: Algorithm) {
     let (table, split, tables) = iid_site_tables(3);
     let mut fed = Federation::builder()
         .tables(tables)
+        .algorithm(algorithm)
         .build()
         .await
         .expect("federation starts");

@@ -142,7 +142,7 @@ proptest! {
     fn certificates_and_csrs_from_mutated_seeds(bytes in mutation("x509")) {
         let _ = Identity::from_cert_der(&bytes);
         let _ = medfl_coordinator::governance::issued_secs(&bytes);
-        let _ = medfl_shared::sign::verify_by_certificate(&bytes, b"m", &[0; 64]);
+        let _ = medfl_shared::sign::verify_by_certificate(&bytes, "", b"m", &[0; 64]);
     }
 
     #[test]
@@ -192,7 +192,8 @@ fn regenerate_corpus() {
     chunk.extend(encode(&[0.5, -1.0, 2.0, 0.0, 1e-3, 3.5]));
     write(&corpus_dir("chunk"), "six-values.bin", &chunk);
 
-    let signer = Signer::from_pkcs8(&Signer::generate_pkcs8().expect("key")).expect("signer");
+    let signer =
+        Signer::from_pkcs8(&Signer::generate_pkcs8(medfl_shared::sign::Algorithm::P256).expect("key")).expect("signer");
     let mut chain = Chain::default();
     let entries: Vec<_> = (0..4)
         .map(|i| {
@@ -211,12 +212,13 @@ fn regenerate_corpus() {
         log: "audit".into(),
         keeper: "coordinator".into(),
         public_key: signer.public_key_hex(),
+        algorithm: signer.algorithm(),
     };
     let export = chainlog::export_lines(&header, &entries, Some(&chain.checkpoint(&signer, 1_764_000_000_100)));
     write(&corpus_dir("chainlog"), "audit-export.jsonl", export.as_bytes());
 
     let dir = tempfile::tempdir().expect("tempdir");
-    medfl_coordinator::pki::init(dir.path()).expect("ca");
+    medfl_coordinator::pki::init(dir.path(), medfl_shared::sign::Algorithm::P256).expect("ca");
     let identity = Identity::new(Role::Site, "hospital-a".parse().expect("name"));
     let bundle = medfl_coordinator::pki::issue(
         dir.path(),
@@ -226,6 +228,7 @@ fn regenerate_corpus() {
             ips: vec![],
             days: 30,
             coordinator: None,
+            algorithm: None,
         },
     )
     .expect("issue");

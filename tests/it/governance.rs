@@ -127,6 +127,7 @@ async fn an_admin_controls_only_its_own_studies_and_creation_must_be_signed() {
             ips: vec![],
             days: 1,
             coordinator: Some(format!("https://{}", fed.addr)),
+            algorithm: None,
         },
     )
     .expect("issue");
@@ -190,7 +191,7 @@ async fn enrolment_revocation_and_reenrolment() {
     let ca = anonymous_tls(&fed);
     let token = invite_token(&mut fed, "hospital-new", 600).await;
     let out = fed.dir.join("enrolled");
-    let profile = medfl_site_agent::enroll::enroll(&url, &token, &ca, &out, Some("localhost"))
+    let profile = medfl_site_agent::enroll::enroll(&url, &token, &ca, &out, Some("localhost"), None)
         .await
         .expect("enrols");
     assert_eq!(profile.file.name, "hospital-new");
@@ -202,13 +203,13 @@ async fn enrolment_revocation_and_reenrolment() {
         .expect("the enrolled site registers");
 
     // A token works once, and not after it expires.
-    let again = medfl_site_agent::enroll::enroll(&url, &token, &ca, &fed.dir.join("again"), Some("localhost"))
+    let again = medfl_site_agent::enroll::enroll(&url, &token, &ca, &fed.dir.join("again"), Some("localhost"), None)
         .await
         .expect_err("second use");
     assert!(format!("{again:#}").contains("already used"), "{again:#}");
     let short = invite_token(&mut fed, "hospital-late", 1).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let late = medfl_site_agent::enroll::enroll(&url, &short, &ca, &fed.dir.join("late"), Some("localhost"))
+    let late = medfl_site_agent::enroll::enroll(&url, &short, &ca, &fed.dir.join("late"), Some("localhost"), None)
         .await
         .expect_err("expired");
     assert!(format!("{late:#}").contains("expired"), "{late:#}");
@@ -266,7 +267,7 @@ async fn enrolment_revocation_and_reenrolment() {
     // Other identities are untouched, and the site can be enrolled anew.
     fed.admin.list_studies(pb::Empty {}).await.expect("admin still served");
     let token = invite_token(&mut fed, "hospital-new", 600).await;
-    let renewed = medfl_site_agent::enroll::enroll(&url, &token, &ca, &fed.dir.join("re"), Some("localhost"))
+    let renewed = medfl_site_agent::enroll::enroll(&url, &token, &ca, &fed.dir.join("re"), Some("localhost"), None)
         .await
         .expect("re-enrols");
     let mut back = SiteClient::new(renewed.channel(None).expect("channel"));
@@ -351,8 +352,10 @@ async fn the_audit_log_exports_and_verify_names_each_tampering() {
     verify(truncated, "no signed checkpoint");
     // Re-signing an altered entry needs the coordinator's key: another key's
     // signature is a forgery.
-    let forger = medfl_shared::sign::Signer::from_pkcs8(&medfl_shared::sign::Signer::generate_pkcs8().expect("key"))
-        .expect("signer");
+    let forger = medfl_shared::sign::Signer::from_pkcs8(
+        &medfl_shared::sign::Signer::generate_pkcs8(medfl_shared::sign::Algorithm::P256).expect("key"),
+    )
+    .expect("signer");
     let mut forged = owned(&lines);
     let mut entry: serde_json::Value = serde_json::from_str(&forged[2]).expect("entry");
     let hash = medfl_shared::chainlog::from_hex(entry["hash"].as_str().expect("hash")).expect("hex");
@@ -474,6 +477,7 @@ fn signed_work(admin: &Profile, round: u32, manifest_toml: &str, signed_toml: &s
         num_params: manifest.num_params(),
         secagg: None,
         manifest_signature: request.signature,
+        manifest_signature_algorithm: request.signature_algorithm,
         creator_certificate_der: cert,
         settings: Some(medfl_proto::settings::settings_to_pb(&manifest.round_settings())),
     }

@@ -85,7 +85,7 @@ async fn connections_without_a_consortium_certificate_get_no_rpc() {
 
     // A certificate from another CA with an admin identity.
     let other = tempfile::tempdir().expect("tempdir");
-    pki::init(other.path()).expect("other CA");
+    pki::init(other.path(), medfl_shared::sign::Algorithm::P256).expect("other CA");
     let bundle = pki::issue(
         other.path(),
         &IssueRequest {
@@ -94,6 +94,7 @@ async fn connections_without_a_consortium_certificate_get_no_rpc() {
             ips: vec![],
             days: 1,
             coordinator: None,
+            algorithm: None,
         },
     )
     .expect("issue");
@@ -323,6 +324,7 @@ async fn a_bad_manifest_is_refused_with_what_to_fix() {
         .create_study(pb::CreateStudyRequest {
             manifest_toml: bad,
             signature: vec![],
+            signature_algorithm: String::new(),
         })
         .await
         .expect_err("zero rounds");
@@ -342,7 +344,7 @@ async fn a_bad_manifest_is_refused_with_what_to_fix() {
 #[test]
 fn an_agent_with_a_csv_missing_its_label_column_says_which() {
     let dir = tempfile::tempdir().expect("tempdir");
-    pki::init(&dir.path().join("pki")).expect("CA");
+    pki::init(&dir.path().join("pki"), medfl_shared::sign::Algorithm::P256).expect("CA");
     pki::issue(
         &dir.path().join("pki"),
         &IssueRequest {
@@ -351,6 +353,7 @@ fn an_agent_with_a_csv_missing_its_label_column_says_which() {
             ips: vec![],
             days: 1,
             coordinator: None,
+            algorithm: None,
         },
     )
     .expect("issue");

@@ -230,6 +230,7 @@ async fn replays_and_forged_keys_are_refused() {
             cipher_public_key: vec![9; 32],
             mask_public_key: vec![9; 32],
             signature: vec![1; 70],
+            signature_algorithm: "p256".into(),
         })
         .await
         .expect_err("replayed session");
@@ -254,9 +255,17 @@ async fn replays_and_forged_keys_are_refused() {
         mask_public_key: vec![8; 32],
         signature: vec![0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01],
         certificate_der: der_b.clone(),
+        signature_algorithm: "p256".into(),
     };
     let err = creds[0].verify(&session_id, &forged).expect_err("bad signature");
     assert!(err.to_string().contains("do not carry its signature"), "{err}");
+    // A label that does not name the certificate key's algorithm is refused as such.
+    let mislabelled = pb::SiteKeys {
+        signature_algorithm: "ed25519".into(),
+        ..forged.clone()
+    };
+    let err = creds[0].verify(&session_id, &mislabelled).expect_err("mislabelled");
+    assert!(err.to_string().contains("labelled ed25519"), "{err}");
     let renamed = pb::SiteKeys {
         site: "hospital-c".into(),
         ..forged.clone()

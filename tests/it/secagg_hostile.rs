@@ -91,6 +91,7 @@ impl pb::site_server::Site for Fake {
             mask_public_key: req.mask_public_key,
             signature: req.signature,
             certificate_der,
+            signature_algorithm: req.signature_algorithm,
         });
         Ok(Response::new(pb::Ack {}))
     }
@@ -214,14 +215,16 @@ fn other_sites(fed: &Federation, params: &SessionParams) -> (Vec<SiteSecrets>, V
             .expect("pem")
             .as_ref()
             .to_vec();
+        let (signature, algorithm) = creds
+            .sign(&advert_signing_bytes(&session, name, &public))
+            .expect("sign");
         keys.push(pb::SiteKeys {
             site: name.into(),
             cipher_public_key: public.cipher.to_vec(),
             mask_public_key: public.mask.to_vec(),
-            signature: creds
-                .sign(&advert_signing_bytes(&session, name, &public))
-                .expect("sign"),
+            signature,
             certificate_der: der,
+            signature_algorithm: algorithm.into(),
         });
         secrets.push(s);
     }

@@ -354,6 +354,7 @@ impl Engine {
             manifest_toml: study.manifest_toml.clone(),
             manifest_hash: study.manifest_hash.clone(),
             manifest_signature: from_hex(&study.signature).unwrap_or_default(),
+            manifest_signature_algorithm: study.signature_algorithm.clone(),
             creator_cert: from_hex(&study.creator_cert).unwrap_or_default(),
             selected: selected.clone(),
             deadline: at.deadline,

@@ -10,13 +10,18 @@ impl Engine {
         &self,
         manifest_toml: &str,
         created_by: &str,
-        signature: &[u8],
+        signature: Signature<'_>,
         creator_cert: &[u8],
     ) -> Result<StudyRecord, ServiceError> {
         let manifest =
             StudyManifest::from_toml(manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
-        let signed = verify_by_certificate(creator_cert, &study_signing_bytes(&manifest.hash()), signature)
-            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        let signed = verify_by_certificate(
+            creator_cert,
+            signature.algorithm,
+            &study_signing_bytes(&manifest.hash()),
+            signature.bytes,
+        )
+        .map_err(|e| ServiceError::InvalidArgument(format!("the manifest signature: {e}")))?;
         if !signed {
             return Err(ServiceError::InvalidArgument(format!(
                 "the request carries no valid signature of manifest {} by {created_by}'s certificate key; \
@@ -46,7 +51,11 @@ impl Engine {
             created_ms,
             created_by: created_by.to_string(),
             reason: String::new(),
-            signature: to_hex(signature),
+            signature: to_hex(signature.bytes),
+            signature_algorithm: Algorithm::from_label(signature.algorithm)
+                .map(Algorithm::name)
+                .unwrap_or_default()
+                .to_string(),
             creator_cert: to_hex(creator_cert),
         };
         let initial = manifest.model.init(manifest.n_features(), manifest.seed);

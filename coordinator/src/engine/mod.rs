@@ -13,7 +13,15 @@ use medfl_shared::aggregate::WeightedSum;
 use medfl_shared::chainlog::{from_hex, to_hex};
 use medfl_shared::chunk::CHUNK_VALUES;
 use medfl_shared::manifest::{PrivacyPlan, PrivacyUnit, StudyManifest, Weighting};
-use medfl_shared::sign::{study_signing_bytes, verify_by_certificate};
+use medfl_shared::sign::{Algorithm, study_signing_bytes, verify_by_certificate};
+
+/// A signature as a request carries it: its algorithm's label (`p256`, `ed25519`, or
+/// empty for Ed25519) beside its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Signature<'a> {
+    pub algorithm: &'a str,
+    pub bytes: &'a [u8],
+}
 use medfl_shared::{sha256_hex, unix_ms};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
@@ -125,6 +133,7 @@ pub struct Work {
     pub secure: Option<Arc<SecureRound>>,
     /// The creating admin's signature of the manifest hash, and its certificate.
     pub manifest_signature: Vec<u8>,
+    pub manifest_signature_algorithm: String,
     pub creator_cert: Vec<u8>,
     pub settings: medfl_shared::manifest::RoundSettings,
 }

@@ -84,6 +84,7 @@ impl Engine {
                 num_params: r.manifest.num_params(),
                 secure: r.secure.clone(),
                 manifest_signature: r.manifest_signature.clone(),
+                manifest_signature_algorithm: r.manifest_signature_algorithm.clone(),
                 creator_cert: r.creator_cert.clone(),
                 settings: r.manifest.round_settings(),
             })

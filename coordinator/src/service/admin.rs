@@ -15,7 +15,7 @@ impl pb::admin_server::Admin for AdminService {
         let req = request.into_inner();
         if req.signature.len() > 512 {
             return Err(Status::invalid_argument(
-                "the signature is longer than any Ed25519 signature",
+                "the signature is longer than any P-256 or Ed25519 signature",
             ));
         }
         if req.manifest_toml.len() > MAX_MANIFEST {
@@ -27,10 +27,15 @@ impl pb::admin_server::Admin for AdminService {
         // Planning (the accountant) and writing the initial model are blocking work.
         let engine = self.engine.clone();
         let by = admin.clone();
-        let study =
-            tokio::task::spawn_blocking(move || engine.create_study(&req.manifest_toml, &by, &req.signature, &cert))
-                .await
-                .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
+        let study = tokio::task::spawn_blocking(move || {
+            let signature = crate::engine::Signature {
+                algorithm: &req.signature_algorithm,
+                bytes: &req.signature,
+            };
+            engine.create_study(&req.manifest_toml, &by, signature, &cert)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
         info!(study = %study.id, %admin, "study created by admin");
         Ok(Response::new(info_pb(&study)))
     }

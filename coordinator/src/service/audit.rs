@@ -40,6 +40,7 @@ impl pb::audit_server::Audit for AuditService {
             log: "audit".into(),
             keeper: "coordinator".into(),
             public_key: self.engine.store.audit_public_key(),
+            algorithm: self.engine.store.audit_key_algorithm(),
         });
         let filtered = !study.is_empty();
         let lines = std::iter::once(header)

@@ -74,6 +74,7 @@ impl pb::site_server::Site for SiteService {
             num_params: w.num_params,
             secagg: w.secure.map(|s| s.to_pb()),
             manifest_signature: w.manifest_signature,
+            manifest_signature_algorithm: w.manifest_signature_algorithm,
             creator_certificate_der: w.creator_cert,
             settings: Some(medfl_proto::settings::settings_to_pb(&w.settings)),
         });

@@ -153,6 +153,7 @@ fn check_approval(settings: &AgentSettings, work: &pb::WorkItem, manifest: &Stud
     }
     let signed = medfl_shared::sign::verify_by_certificate(
         &work.creator_certificate_der,
+        &work.manifest_signature_algorithm,
         &medfl_shared::sign::study_signing_bytes(&manifest.hash()),
         &work.manifest_signature,
     )?;

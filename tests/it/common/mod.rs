@@ -293,6 +293,7 @@ pub fn spawn_laggard(fed: &medfl::Federation, features: Vec<String>) -> tokio::t
             ips: vec![],
             days: 1,
             coordinator: Some(format!("https://{}", fed.addr)),
+            algorithm: None,
         },
     )
     .expect("issue");
