@@ -13,6 +13,7 @@ mod federation;
 mod fuzz;
 mod governance;
 mod hostile;
+mod interop;
 mod load;
 mod memory;
 mod operations;
