@@ -19,6 +19,7 @@ fn dpsgd(c: &mut Criterion) {
             ModelSpec {
                 kind: ModelKind::LogisticRegression,
                 hidden: vec![],
+                external: None,
             },
         ),
         (
@@ -26,6 +27,7 @@ fn dpsgd(c: &mut Criterion) {
             ModelSpec {
                 kind: ModelKind::Mlp,
                 hidden: vec![64],
+                external: None,
             },
         ),
     ] {

@@ -3,8 +3,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = "proto/medfl/v1/medfl.proto";
+    let trainer = "proto/medfl/trainer/v1/trainer.proto";
     println!("cargo:rerun-if-changed={file}");
+    println!("cargo:rerun-if-changed={trainer}");
     let descriptors = protox::compile([file], ["proto"])?;
+    let trainer_descriptors = protox::compile([trainer], ["proto"])?;
     // The descriptors themselves, for tests that cover every RPC the protocol has.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
@@ -19,5 +22,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;
+    // The local trainer protocol: messages only (framed on stdin/stdout, no gRPC).
+    tonic_prost_build::configure()
+        .bytes(".medfl.trainer.v1.Chunk.data")
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(trainer_descriptors)?;
     Ok(())
 }

@@ -83,6 +83,60 @@ pub struct DemoArgs {
     /// trimmed-mean, krum (these need --no-secagg: they read each update).
     #[arg(long, default_value = "fedavg", value_parser = STRATEGIES)]
     pub strategy: String,
+    /// Who trains at each hospital: `builtin` (candle, in the agent), `python` (the
+    /// hospital's own trainer process, `python/medfl-trainer/examples/logistic_numpy.py`)
+    /// or `sklearn` (`examples/sklearn_sgd.py`, scikit-learn's SGDClassifier), each
+    /// isolated by bubblewrap; they need a Python with numpy, medfl-trainer (and
+    /// scikit-learn): `.venv/bin/python` or `MEDFL_PYTHON`. External trainers run with
+    /// --no-dp for now.
+    #[arg(long, default_value = "builtin", value_parser = ["builtin", "python", "sklearn"])]
+    pub trainer: String,
+}
+
+/// The demo's Python trainer: `[trainers.lr]` for every agent.toml, the trainer's root
+/// approved by its hash as it is now.
+fn python_trainer_toml(script: &str) -> Result<String> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("MEDFL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join(".venv/bin/python"));
+    let how = "python3 -m venv .venv && .venv/bin/pip install -r python/requirements-ci.txt ./python/medfl-trainer";
+    let prefixes = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import sys, numpy, medfl_trainer; print(sys.prefix); print(sys.base_prefix)",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .with_context(|| {
+            format!(
+                "{} cannot import numpy and medfl_trainer: {how}, or set MEDFL_PYTHON",
+                python.display()
+            )
+        })?;
+    let bwrap = std::process::Command::new("bwrap")
+        .args(["--ro-bind", "/", "/", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !bwrap {
+        bail!(
+            "--trainer python isolates each hospital's trainer with bubblewrap: install it (apt-get install bubblewrap)"
+        );
+    }
+    let mut read_only = vec![];
+    for line in String::from_utf8_lossy(&prefixes.stdout).lines() {
+        read_only.push(std::fs::canonicalize(line.trim())?.display().to_string());
+    }
+    let root = repo.join("python/medfl-trainer");
+    let sha = medfl_site_agent::external::tree_sha256(&root)?;
+    let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    Ok(format!(
+        "[trainers.lr]\ncommand = [{:?}, {script:?}]\nroot = {:?}\nsha256 = {sha:?}\nread_only = [{}]\ntimeout_secs = 300\n",
+        python.display().to_string(),
+        root.display().to_string(),
+        list(&read_only)
+    ))
 }
 
 impl DemoArgs {
@@ -105,6 +159,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let dp_epsilon = args.dp_epsilon();
     let secagg = !args.no_secagg;
+    let external = args.trainer != "builtin";
+    if external && dp_epsilon.is_some() {
+        bail!(
+            "--trainer {}: record-level DP inside a hospital's own trainer (declared DP-SGD) is not built yet; add --no-dp",
+            args.trainer
+        );
+    }
+    if external && args.model != "logistic" {
+        bail!("--trainer {} trains logistic regression", args.trainer);
+    }
     let robust = matches!(args.strategy.as_str(), "median" | "trimmed-mean" | "krum");
     if robust && secagg {
         bail!(
@@ -184,6 +248,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         } else {
             vec![]
         },
+        external: None,
+    };
+    // The same logistic regression, trained by each hospital's Python trainer: medfl
+    // knows only its layout.
+    let study_model = match external {
+        true => ModelSpec {
+            kind: ModelKind::External,
+            hidden: vec![],
+            external: Some(medfl_shared::model::ExternalModel {
+                trainer: "lr".into(),
+                tensors: model.layout(table.columns.len()),
+                init: medfl_shared::model::ExternalInit::Zeros,
+            }),
+        },
+        false => model.clone(),
     };
     let training = Training {
         local_epochs: 2,
@@ -209,7 +288,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         description: format!("medfl demo on {file}"),
         rounds: args.rounds,
         seed: args.seed,
-        model: model.clone(),
+        model: study_model,
         data: medfl_shared::manifest::DataSchema {
             dataset: "demo".into(),
             label: label.clone(),
@@ -282,6 +361,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .dataset("demo", &label)
         .dir(&workdir)
         .dashboard();
+    if external {
+        let script = match args.trainer.as_str() {
+            "sklearn" => "examples/sklearn_sgd.py",
+            _ => "examples/logistic_numpy.py",
+        };
+        builder = builder.agent_setting(&python_trainer_toml(script)?);
+    }
     if let Some(epsilon) = dp_epsilon {
         // Each hospital's own cap for this dataset: the demo's budget.
         for i in 0..args.sites {
@@ -341,12 +427,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         egress_logs.insert(name.clone(), json!(path.display().to_string()));
     }
     let d = table.columns.len();
-    let (fed_acc, fed_auc) = evaluate(&model, &params, &test)?;
+    // The Python trainer keeps its model on the manifest's public scale when there is one.
+    let public = external.then_some(manifest.data.scaling.as_ref()).flatten();
+    let on_raw = |mut p: Vec<f32>| {
+        if let Some(s) = public {
+            s.standardizer().standardized_to_raw(&model, &mut p);
+        }
+        p
+    };
+    let (fed_acc, fed_auc) = evaluate(&model, &on_raw(params.clone()), &test)?;
     // The global model of every round on the held-out set: the learning curve.
     let mut curve = Vec::new();
     for r in 1..=info.rounds_completed {
         let (_, round_params) = fed.export(&study_id, Some(r)).await?;
-        curve.push(evaluate(&model, &round_params, &test)?.0);
+        curve.push(evaluate(&model, &on_raw(round_params), &test)?.0);
     }
     let rounds_to_95 = curve.iter().position(|a| *a >= 0.95).map(|i| i + 1);
     // Federated evaluation: each round's starting model on the sites' held-out rows.
@@ -398,6 +492,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "split": if args.split == SplitKind::Iid { "iid" } else { "label-skew" },
         "seed": args.seed,
         "model": args.model,
+        "trainer": args.trainer,
         "test_rows": test.rows(),
         "strategy": args.strategy,
         "test_accuracy": fed_acc,

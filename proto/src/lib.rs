@@ -20,6 +20,13 @@ pub mod transport;
 /// checks that must cover each RPC (a new RPC is covered without editing them).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/medfl_descriptor.bin"));
 
+/// The local trainer protocol (`medfl.trainer.v1`): frames between a site agent and a
+/// hospital's own trainer process over its standard input and output.
+#[allow(clippy::all, missing_docs)] // generated code
+pub mod trainer_v1 {
+    tonic::include_proto!("medfl.trainer.v1");
+}
+
 /// Version 1 of the protocol.
 #[allow(clippy::all, missing_docs)] // generated code
 pub mod v1 {

@@ -17,6 +17,9 @@ pub const MAX_PARAMS: u64 = 1 << 31;
 pub enum ModelKind {
     LogisticRegression,
     Mlp,
+    /// Trained by each site's own trainer process (`[trainers.NAME]` in agent.toml):
+    /// medfl knows only its layout, [`ModelSpec::external`].
+    External,
 }
 
 /// The model part of a study manifest.
@@ -27,10 +30,40 @@ pub struct ModelSpec {
     /// Hidden layer widths of an MLP; empty for logistic regression.
     #[serde(default)]
     pub hidden: Vec<usize>,
+    /// For `kind = "external"`: the trainer's name and the tensors it trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalModel>,
+}
+
+/// A model trained by the sites' own trainers (`[model.external]`): a trainer name each
+/// site maps to one of its local trainers, and the layout (f32 tensors, row-major, in
+/// order) that travels and is aggregated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalModel {
+    pub trainer: String,
+    pub tensors: Vec<TensorSpec>,
+    /// How the study's initial model is drawn (from the manifest's seed).
+    #[serde(default)]
+    pub init: ExternalInit,
+}
+
+/// The initial values of an external model's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExternalInit {
+    /// All zeros (right for linear models).
+    #[default]
+    Zeros,
+    /// Tensors of two or more dimensions uniform in ±1/√fan_in (fan_in = the product of
+    /// all but the first dimension, PyTorch's `Linear` default), one-dimensional ones
+    /// zero (for networks, whose units must start apart).
+    Uniform,
 }
 
 /// One named tensor of a layout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<u64>,
@@ -60,10 +93,17 @@ pub enum ModelError {
     TooLarge(u64),
     #[error("parameter vector has {got} values, the model needs {want}")]
     WrongLength { got: usize, want: usize },
+    #[error("{0}")]
+    External(String),
+    #[error("an external model is scored by its own trainer, not by medfl")]
+    NoInference,
 }
 
 impl ModelSpec {
     pub fn validate(&self, n_features: usize) -> Result<(), ModelError> {
+        if self.kind == ModelKind::External || self.external.is_some() {
+            return self.validate_external();
+        }
         if n_features == 0 {
             return Err(ModelError::NoFeatures);
         }
@@ -84,6 +124,54 @@ impl ModelSpec {
         Ok(())
     }
 
+    fn validate_external(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::External(m));
+        let Some(ext) = self.external.as_ref().filter(|_| self.kind == ModelKind::External) else {
+            return bad("kind = \"external\" and a [model.external] section (trainer, tensors) go together".into());
+        };
+        if !self.hidden.is_empty() {
+            return bad("an external model takes no `hidden`: its trainer defines its layers".into());
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+        };
+        if !name_ok(&ext.trainer) {
+            return bad(format!(
+                "trainer name {:?}: use 1-128 letters, digits, '.', '_', '-' or '/'",
+                ext.trainer
+            ));
+        }
+        if ext.tensors.is_empty() {
+            return bad("[model.external] lists no tensors".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &ext.tensors {
+            if !name_ok(&t.name) || !seen.insert(t.name.as_str()) {
+                return bad(format!("tensor name {:?} is empty, too long, odd or repeated", t.name));
+            }
+            if t.shape.is_empty() || t.shape.len() > 8 || t.shape.contains(&0) {
+                return bad(format!(
+                    "tensor {} has shape {:?}: 1 to 8 dimensions, none zero",
+                    t.name, t.shape
+                ));
+            }
+        }
+        let n = ext
+            .tensors
+            .iter()
+            .try_fold(0u64, |acc, t| {
+                t.shape
+                    .iter()
+                    .try_fold(1u64, |p, d| p.checked_mul(*d))
+                    .and_then(|l| acc.checked_add(l))
+            })
+            .unwrap_or(u64::MAX);
+        if n > MAX_PARAMS {
+            return Err(ModelError::TooLarge(n));
+        }
+        Ok(())
+    }
+
     /// Returns `(in, out)` for each layer, input layer first, output (1 logit) last.
     pub fn layer_dims(&self, n_features: usize) -> Vec<(usize, usize)> {
         let mut dims = Vec::with_capacity(self.hidden.len() + 1);
@@ -97,6 +185,9 @@ impl ModelSpec {
     }
 
     pub fn layout(&self, n_features: usize) -> Vec<TensorSpec> {
+        if let Some(ext) = &self.external {
+            return ext.tensors.clone();
+        }
         self.layer_dims(n_features)
             .into_iter()
             .enumerate()
@@ -116,6 +207,9 @@ impl ModelSpec {
     }
 
     pub fn num_params(&self, n_features: usize) -> u64 {
+        if let Some(ext) = &self.external {
+            return ext.tensors.iter().map(TensorSpec::len).sum();
+        }
         self.layer_dims(n_features)
             .iter()
             .map(|&(i, o)| (i as u64 + 1) * o as u64)
@@ -126,6 +220,19 @@ impl ModelSpec {
     /// weights uniform in ±1/√fan_in (the PyTorch `Linear` default) from `seed`, zero biases.
     pub fn init(&self, n_features: usize, seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
+        if let Some(ext) = &self.external {
+            let mut params = Vec::with_capacity(self.num_params(n_features) as usize);
+            for t in &ext.tensors {
+                let fan_in: u64 = t.shape.iter().skip(1).product();
+                if t.shape.len() < 2 || ext.init == ExternalInit::Zeros {
+                    params.extend(std::iter::repeat_n(0.0, t.len() as usize));
+                } else {
+                    let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+                    params.extend((0..t.len()).map(|_| rng.random_range(-bound..bound)));
+                }
+            }
+            return params;
+        }
         let mut params = Vec::with_capacity(self.num_params(n_features) as usize);
         for (fan_in, fan_out) in self.layer_dims(n_features) {
             let bound = if self.kind == ModelKind::LogisticRegression {
@@ -147,6 +254,9 @@ impl ModelSpec {
 
     /// Returns the logit for each row of `x` (row-major, `n_features` columns).
     pub fn logits(&self, params: &[f32], x: &[f32], n_features: usize) -> Result<Vec<f32>, ModelError> {
+        if self.kind == ModelKind::External {
+            return Err(ModelError::NoInference);
+        }
         let want = self.num_params(n_features) as usize;
         if params.len() != want {
             return Err(ModelError::WrongLength {
@@ -277,6 +387,7 @@ mod tests {
         ModelSpec {
             kind: ModelKind::Mlp,
             hidden: vec![4, 3],
+            external: None,
         }
     }
 
@@ -294,11 +405,13 @@ mod tests {
         let lr = ModelSpec {
             kind: ModelKind::LogisticRegression,
             hidden: vec![3],
+            external: None,
         };
         assert!(matches!(lr.validate(4), Err(ModelError::HiddenOnLinear(_))));
         let mlp0 = ModelSpec {
             kind: ModelKind::Mlp,
             hidden: vec![],
+            external: None,
         };
         assert_eq!(mlp0.validate(4), Err(ModelError::NoHidden));
         assert_eq!(mlp().validate(0), Err(ModelError::NoFeatures));

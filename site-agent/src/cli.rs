@@ -65,6 +65,18 @@ pub enum AgentCommand {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The site's own trainers (`[trainers.NAME]`).
+    Trainer {
+        #[command(subcommand)]
+        command: TrainerCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TrainerCommand {
+    /// Prints the SHA-256 of a trainer's root as it is now: review the files, then put
+    /// it in `[trainers.NAME] sha256` to approve them.
+    Hash { name: String },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -125,6 +137,9 @@ pub async fn main(args: AgentArgs) -> ExitCode {
         Some(AgentCommand::Policy {
             command: PolicyCommand::Check { manifest },
         }) => Some(policy_check(&settings, &manifest)),
+        Some(AgentCommand::Trainer {
+            command: TrainerCommand::Hash { name },
+        }) => Some(trainer_hash(&settings, &name)),
         _ => None,
     };
     if let Some(done) = done {
@@ -222,6 +237,21 @@ fn print_egress(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
 }
 
 /// `medfl-agent policy check`: the review the agent runs on every work item.
+fn trainer_hash(settings: &crate::AgentSettings, name: &str) -> anyhow::Result<()> {
+    let trainer = settings
+        .trainers
+        .get(name)
+        .ok_or_else(|| anyhow::anyhow!("agent.toml has no [trainers.{name}]"))?;
+    let now = crate::external::tree_sha256(&trainer.root)?;
+    println!("{now}  {}", trainer.root.display());
+    match &trainer.sha256 {
+        Some(approved) if approved.eq_ignore_ascii_case(&now) => println!("matches the approved sha256"),
+        Some(approved) => println!("DIFFERS from the approved sha256 {approved}: the trainer will not run"),
+        None => println!("not approved yet: add  sha256 = \"{now}\"  to [trainers.{name}]"),
+    }
+    Ok(())
+}
+
 fn policy_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)?;
     let manifest = medfl_shared::manifest::StudyManifest::from_toml(&text)?;
@@ -251,6 +281,29 @@ fn policy_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyh
                  until its ledger reaches the cap, then refuses the rest",
                 manifest.data.dataset
             );
+        }
+    }
+    if let Some(ext) = &manifest.model.external {
+        match settings.trainers.get(&ext.trainer) {
+            Some(t) => println!(
+                "trainer {:?}: {} in {} (network: {}{})",
+                ext.trainer,
+                t.command.join(" "),
+                t.root.display(),
+                match t.network {
+                    crate::external::Network::None => "none, loopback only",
+                    crate::external::Network::Host => "HOST, set on purpose by this site",
+                },
+                if t.sha256.is_some() {
+                    ""
+                } else {
+                    "; NOT APPROVED: no sha256"
+                }
+            ),
+            None => println!(
+                "REFUSED: this site maps no [trainers.{}] to the study's trainer",
+                ext.trainer
+            ),
         }
     }
     if reasons.is_empty() {

@@ -174,6 +174,7 @@ mod tests {
         let spec = ModelSpec {
             kind: ModelKind::LogisticRegression,
             hidden: vec![],
+            external: None,
         };
         let d = 4;
         let (mut x, _) = data(2000, d, 5);
@@ -221,10 +222,12 @@ mod tests {
             ModelSpec {
                 kind: ModelKind::LogisticRegression,
                 hidden: vec![],
+                external: None,
             },
             ModelSpec {
                 kind: ModelKind::Mlp,
                 hidden: vec![8, 5],
+                external: None,
             },
         ] {
             let d = 6;
@@ -251,7 +254,7 @@ mod tests {
         #[test]
         fn every_example_contributes_at_most_the_clip_norm(seed in 0u64..1000, clip in 0.01f64..10.0) {
             // With one example the clipped sum is that example's clipped gradient.
-            let spec = ModelSpec { kind: ModelKind::Mlp, hidden: vec![4] };
+            let spec = ModelSpec { kind: ModelKind::Mlp, hidden: vec![4], external: None };
             let (x, y) = data(1, 3, seed);
             let params = spec.init(3, seed);
             let g = clipped_gradient_sum(&spec, 3, &params, &x, &y, clip).expect("vectorized");

@@ -14,6 +14,7 @@ pub mod data;
 pub mod dpsgd;
 pub mod egress;
 pub mod enroll;
+pub mod external;
 pub mod ledger;
 pub mod policy;
 pub mod problem;

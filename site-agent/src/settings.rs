@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::data::{DatasetConfig, Table};
 use crate::egress::{EgressLog, load_or_create_key};
+use crate::external::TrainerConfig;
 use crate::ledger::Ledger;
 use crate::policy::Policy;
 use crate::secagg::Credentials;
@@ -50,6 +51,9 @@ pub struct ConfigFile {
     pub policy_file: Option<PathBuf>,
     #[serde(default)]
     pub datasets: Vec<DatasetConfig>,
+    /// The site's own trainers, by the name a manifest's `model.external.trainer` uses.
+    #[serde(default)]
+    pub trainers: std::collections::BTreeMap<String, TrainerConfig>,
 }
 
 fn default_store() -> PathBuf {
@@ -73,6 +77,11 @@ pub struct AgentSettings {
     /// The agent's store directory (the ledger, SCAFFOLD's control variates).
     pub store: PathBuf,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The site's own trainers (`[trainers.NAME]`).
+    pub trainers: std::collections::BTreeMap<String, TrainerConfig>,
+    /// What no trainer may see: the store, the identity bundle, the config and policy
+    /// files (every dataset's file is added per run but the approved one's).
+    pub private_paths: Vec<std::path::PathBuf>,
     /// Privacy plans by manifest hash: a study's plan (σ calibration, tens of
     /// milliseconds to seconds) is worked out once, not every round.
     plans: Arc<std::sync::Mutex<HashMap<String, PlanResult>>>,
@@ -124,7 +133,11 @@ impl AgentSettings {
         if let Some(p) = profile {
             file.profile = std::path::absolute(p).with_context(|| format!("resolve {}", p.display()))?;
         }
-        Self::from_file(file, path.parent().unwrap_or(Path::new(".")))
+        let mut settings = Self::from_file(file, path.parent().unwrap_or(Path::new(".")))?;
+        settings
+            .private_paths
+            .push(std::path::absolute(path).with_context(|| format!("resolve {}", path.display()))?);
+        Ok(settings)
     }
 
     pub fn from_file(file: ConfigFile, base: &Path) -> Result<Self> {
@@ -140,8 +153,11 @@ impl AgentSettings {
             bail!("the config lists no [[datasets]]; an agent with no data has nothing to offer");
         }
         let mut datasets: Vec<Arc<(DatasetConfig, Table)>> = Vec::new();
-        for cfg in file.datasets {
+        for mut cfg in file.datasets {
             let table = Table::load(&cfg, base)?;
+            // Absolute from here on: a trainer is given the approved file by this path.
+            cfg.path =
+                std::path::absolute(base.join(&cfg.path)).with_context(|| format!("resolve {}", cfg.path.display()))?;
             info!(dataset = %cfg.name, rows = table.rows(), dropped = table.dropped, features = table.columns.len(), "dataset loaded");
             datasets.push(Arc::new((cfg, table)));
         }
@@ -156,7 +172,15 @@ impl AgentSettings {
             (None, None) => Policy::default(),
         };
         policy.validate().map_err(|e| anyhow!(e))?;
+        for (name, trainer) in &file.trainers {
+            trainer.validate(name)?;
+        }
         let store = base.join(&file.store);
+        let absolute = |p: &Path| std::path::absolute(p).with_context(|| format!("resolve {}", p.display()));
+        let mut private_paths = vec![absolute(&store)?, absolute(&profile.dir)?];
+        if let Some(policy_file) = &file.policy_file {
+            private_paths.push(absolute(&base.join(policy_file))?);
+        }
         let ledger = Ledger::open(&store)
             .with_context(|| format!("open the agent store {} (is another agent using it?)", store.display()))?;
         let egress_path = file
@@ -181,6 +205,8 @@ impl AgentSettings {
             ledger,
             store,
             metrics_listen: file.metrics_listen,
+            trainers: file.trainers,
+            private_paths,
             plans: Default::default(),
         })
     }

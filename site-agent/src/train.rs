@@ -267,6 +267,7 @@ mod tests {
         let spec = ModelSpec {
             kind: ModelKind::LogisticRegression,
             hidden: vec![],
+            external: None,
         };
         let start = spec.init(2, 1);
         let distance = |mu: Option<f64>| {
@@ -308,10 +309,12 @@ mod tests {
             ModelSpec {
                 kind: ModelKind::LogisticRegression,
                 hidden: vec![],
+                external: None,
             },
             ModelSpec {
                 kind: ModelKind::Mlp,
                 hidden: vec![8],
+                external: None,
             },
         ] {
             let init = spec.init(2, 1);

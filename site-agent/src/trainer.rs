@@ -8,7 +8,7 @@
 //! sends anything itself. [`BuiltinTrainer`] is candle's logistic regression and MLP;
 //! other trainers (a hospital's own process) are further implementations.
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::anyhow;
 use medfl_shared::manifest::Training;
 use medfl_shared::model::{ModelSpec, Standardizer};
 
@@ -54,8 +54,61 @@ pub struct TrainingTask {
     /// Seeds the trainer's own shuffles (DP-SGD's sampling draws from the OS instead).
     pub seed: u64,
     pub mode: TrainingMode,
+    /// What a trainer process needs beyond the rows: where the data lies, and which.
+    pub external: Option<ExternalContext>,
 }
 
+/// For an external trainer: the study, round and the approved dataset as the site
+/// configured it (the trainer reads the rows itself).
+#[derive(Debug, Clone)]
+pub struct ExternalContext {
+    pub study_id: String,
+    pub round: u32,
+    pub dataset: String,
+    pub dataset_path: std::path::PathBuf,
+    pub label: String,
+    pub features: Vec<String>,
+    /// The manifest's public feature scaling, when it has one.
+    pub scaling: Option<Standardizer>,
+}
+
+/// Why a trainer did not deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A fault the site reports as its refusal: the trainer's name and the kind of
+    /// fault, never the trainer's own words (those stay in the site's log).
+    #[error("trainer {trainer:?} {kind}")]
+    Fault { trainer: String, kind: FaultKind },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// The kinds of trainer fault a refusal may name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultKind {
+    #[error("is not configured on this site")]
+    NotConfigured,
+    #[error("has files the site has not approved (no sha256)")]
+    NotApproved,
+    #[error("changed since the site approved it")]
+    Changed,
+    #[error("could not be started in isolation")]
+    Unavailable,
+    #[error("exited before answering")]
+    Exited,
+    #[error("ran past its timeout")]
+    Timeout,
+    #[error("broke the trainer protocol")]
+    Protocol,
+    #[error("returned tensors that do not match the study's layout")]
+    Layout,
+    #[error("returned non-finite values")]
+    NonFinite,
+    #[error("reported an error of kind {0}")]
+    Reported(String),
+    #[error("cannot train under record-level DP: the site does not declare it runs DP-SGD")]
+    RecordDp,
+}
 impl TrainingTask {
     fn problem(&self) -> LocalProblem<'_> {
         LocalProblem {
@@ -92,7 +145,7 @@ pub trait LocalTrainer: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &str;
 
     /// Trains on the task's rows from its starting model.
-    fn train(&self, task: TrainingTask) -> Result<TrainerOutput>;
+    fn train(&self, task: TrainingTask) -> Result<TrainerOutput, TrainError>;
 }
 
 /// candle's logistic regression and MLP, in the agent's own process.
@@ -104,7 +157,7 @@ impl LocalTrainer for BuiltinTrainer {
         "builtin"
     }
 
-    fn train(&self, task: TrainingTask) -> Result<TrainerOutput> {
+    fn train(&self, task: TrainingTask) -> Result<TrainerOutput, TrainError> {
         let problem = task.problem();
         match &task.mode {
             TrainingMode::DpSgd { scaling, config } => {
@@ -119,12 +172,13 @@ impl LocalTrainer for BuiltinTrainer {
             }
             TrainingMode::Plain { scaffold: Some(s) } => {
                 if s.c.len() != task.start.len() || s.c_i.len() != task.start.len() {
-                    bail!(
+                    return Err(anyhow!(
                         "SCAFFOLD's control variates have {} and {} values, the model {}",
                         s.c.len(),
                         s.c_i.len(),
                         task.start.len()
-                    );
+                    )
+                    .into());
                 }
                 let (out, c_next) = train_scaffold(&problem, &s.scaling, &s.c, &s.c_i, task.seed)
                     .map_err(|e| anyhow!("training failed: {e}"))?;

@@ -59,6 +59,7 @@ async fn complete_a_study_and_log_what_left(algorithm: Algorithm) {
     let spec = ModelSpec {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
+        external: None,
     };
     let probs = spec
         .predict_proba(&params, &test.x, test.columns.len())
@@ -253,6 +254,7 @@ async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
     let spec = ModelSpec {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
+        external: None,
     };
     let acc = accuracy(
         &spec.predict_proba(&params, &test.x, test.columns.len()).expect("model"),

@@ -24,41 +24,6 @@ use medfl::Federation;
 use medfl_proto::v1 as pb;
 use medfl_shared::sign::Algorithm;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// A Python with grpcio, or None (after saying so loudly) outside CI.
-fn python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("MEDFL_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv/bin/python"));
-    let works = Command::new(&candidate)
-        .args(["-c", "import grpc, google.protobuf"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if works {
-        return Some(candidate);
-    }
-    let how = "python3 -m venv .venv && .venv/bin/pip install -r python/requirements-ci.txt \
-               (as .ci/run does), or set MEDFL_PYTHON";
-    assert!(
-        !in_ci(),
-        "CI=true and no Python with grpcio at {}: {how}",
-        candidate.display()
-    );
-    eprintln!(
-        "\n*** SKIPPED: the Python grpcio part of the interop test did not run: no Python with grpcio at {}. ***\n\
-         *** {how}. Under CI=true this is a failure, not a skip. ***\n",
-        candidate.display()
-    );
-    None
-}
-
 fn run(command: &mut Command) -> std::process::Output {
     command
         .output()

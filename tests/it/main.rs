@@ -25,3 +25,4 @@ mod refusals;
 mod secagg;
 mod secagg_hostile;
 mod strategies;
+mod trainers;

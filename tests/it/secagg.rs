@@ -316,6 +316,7 @@ async fn three_real_agents_train_under_secure_aggregation() {
     let spec = medfl_shared::model::ModelSpec {
         kind: medfl_shared::model::ModelKind::LogisticRegression,
         hidden: vec![],
+        external: None,
     };
     let probs = spec
         .predict_proba(&params, &test.x, test.columns.len())

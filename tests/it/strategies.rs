@@ -58,6 +58,7 @@ async fn robust_aggregators_hold_against_a_poisoning_site() {
     let spec = ModelSpec {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
+        external: None,
     };
     let rounds = 5;
     // The consortium's public reference scale: the held-out rows no hospital owns.
@@ -331,6 +332,7 @@ async fn scaffold_keeps_the_global_control_variate_the_mean_of_the_sites() {
     let spec = ModelSpec {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
+        external: None,
     };
     let probs = spec.predict_proba(&params, &test.x, d).expect("valid model");
     let acc = accuracy(&probs, &test.y);

@@ -281,6 +281,11 @@ impl StudyManifest {
             }
         }
         self.model.validate(data.features.len())?;
+        if self.model.kind == crate::model::ModelKind::External && self.control_variates() {
+            return Err(invalid(
+                "SCAFFOLD (control variates) needs a built-in model: an external trainer returns no control variate",
+            ));
+        }
         let sel = &self.selection;
         if !(sel.fraction > 0.0 && sel.fraction <= 1.0) {
             return Err(invalid(format!(

@@ -43,4 +43,7 @@ pub enum Refusal {
     NoPublicScaling,
     #[error("local training diverged (non-finite {0})")]
     Diverged(&'static str),
+    /// The site's own trainer failed: which trainer, and the kind of fault only.
+    #[error("{0}")]
+    Trainer(String),
 }

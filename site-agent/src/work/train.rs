@@ -17,10 +17,13 @@ use tonic::transport::Channel;
 use super::vet::Approved;
 use super::{Refusal, WorkError};
 use crate::dpsgd::DpSgdConfig;
+use crate::external::ExternalTrainer;
 use crate::ledger::LedgerError;
 use crate::problem::Start;
 use crate::settings::AgentSettings;
-use crate::trainer::{LocalTrainer, Scaffold, TrainerOutput, TrainingMode, TrainingTask};
+use crate::trainer::{
+    ExternalContext, FaultKind, LocalTrainer, Scaffold, TrainError, TrainerOutput, TrainingMode, TrainingTask,
+};
 
 /// The charge a DP round will make once its update is ready: the mechanism as the
 /// ledger accounts it, the clip norm and the dataset's cap.
@@ -47,10 +50,54 @@ pub(crate) struct Trained {
     pub scaffold_next: Option<Vec<f32>>,
 }
 
-/// The trainer for a manifest. Only the built-in trainer exists so far; the site maps
-/// a study's trainer name to its own trainers here.
-fn trainer_for(_manifest: &StudyManifest) -> Arc<dyn LocalTrainer> {
-    Arc::new(crate::trainer::BuiltinTrainer)
+/// The trainer for a manifest: the built-in one, or the site's own trainer that
+/// `[trainers.NAME]` maps the manifest's `model.external.trainer` to, given the
+/// approved dataset and nothing else.
+fn trainer_for(settings: &AgentSettings, approved: &Approved) -> Result<Arc<dyn LocalTrainer>, Refusal> {
+    let Some(ext) = &approved.manifest.model.external else {
+        return Ok(Arc::new(crate::trainer::BuiltinTrainer));
+    };
+    let refuse = |kind: FaultKind| Refusal::Trainer(format!("trainer {:?} {kind}", ext.trainer));
+    let config = settings
+        .trainers
+        .get(&ext.trainer)
+        .ok_or_else(|| refuse(FaultKind::NotConfigured))?;
+    let mut dataset_path = None;
+    let mut hidden = settings.private_paths.clone();
+    for d in &settings.datasets {
+        if d.0.name == approved.dataset {
+            dataset_path = Some(d.0.path.clone());
+        } else {
+            hidden.push(d.0.path.clone());
+        }
+    }
+    let dataset_path = dataset_path.ok_or_else(|| Refusal::NoDataset(approved.dataset.clone()))?;
+    Ok(Arc::new(ExternalTrainer {
+        name: ext.trainer.clone(),
+        config: config.clone(),
+        dataset_path,
+        hidden,
+    }))
+}
+
+/// What the trainer process is told beyond the model (None for the built-in trainer).
+fn external_context(settings: &AgentSettings, approved: &Approved, work: &pb::WorkItem) -> Option<ExternalContext> {
+    let manifest = &approved.manifest;
+    manifest.model.external.as_ref()?;
+    let path = settings
+        .datasets
+        .iter()
+        .find(|d| d.0.name == approved.dataset)
+        .map(|d| d.0.path.clone())?;
+    Some(ExternalContext {
+        study_id: work.study_id.clone(),
+        round: work.round,
+        dataset: approved.dataset.clone(),
+        dataset_path: path,
+        label: manifest.data.label.clone(),
+        features: manifest.data.features.clone(),
+        scaling: manifest.data.scaling.as_ref().map(|s| s.standardizer()),
+    })
 }
 
 pub(crate) async fn train(
@@ -76,11 +123,29 @@ pub(crate) async fn train(
     };
     // Round 1 starts from the study's initial model, which is read on standardized
     // coordinates (see train::Start): there is no raw-coordinate model to score yet.
+    // An external model is scored by its own trainer, not here.
+    let external = manifest.model.external.is_some();
     let evaluation = match &approved.holdout {
-        Some((hx, hy)) if work.round > 1 => Some(evaluate(manifest, &global, hx, hy)?),
+        Some((hx, hy)) if work.round > 1 && !external => Some(evaluate(manifest, &global, hx, hy)?),
         _ => None,
     };
     let (mode, charge) = privacy_mode(settings, approved, global.len(), control.as_ref())?;
+    if external && matches!(mode, TrainingMode::DpSgd { .. }) {
+        // The ledger cannot yet mark a charge as declared by the site's trainer rather
+        // than enforced by medfl, so record-level DP with an external trainer is refused.
+        return Err(Refusal::Trainer(format!(
+            "trainer {:?} {}; use privacy.unit = \"site\", which the agent enforces itself",
+            manifest
+                .model
+                .external
+                .as_ref()
+                .map(|e| e.trainer.as_str())
+                .unwrap_or_default(),
+            FaultKind::RecordDp
+        ))
+        .into());
+    }
+    let trainer = trainer_for(settings, approved)?;
     let task = TrainingTask {
         spec: manifest.model.clone(),
         n_features: manifest.n_features(),
@@ -91,11 +156,16 @@ pub(crate) async fn train(
         training: manifest.training.clone(),
         seed: round_seed(&approved.site, work),
         mode,
+        external: external_context(settings, approved, work),
     };
-    let trainer = trainer_for(manifest);
-    let out: TrainerOutput = tokio::task::spawn_blocking(move || trainer.train(task))
+    let out: TrainerOutput = match tokio::task::spawn_blocking(move || trainer.train(task))
         .await
-        .context("training task")??;
+        .context("training task")?
+    {
+        Ok(out) => out,
+        Err(fault @ TrainError::Fault { .. }) => return Err(Refusal::Trainer(fault.to_string()).into()),
+        Err(TrainError::Other(e)) => return Err(e.into()),
+    };
     if let Some(charged) = charge.map(|c| c.mechanism.sigma)
         && manifest.privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Record)
     {
@@ -111,8 +181,10 @@ pub(crate) async fn train(
     }
     // Under DP the example count and the loss are statistics of the rows: neither leaves
     // (the study weighs sites uniformly).
+    // An external trainer's metrics stay on the site.
     let (weight, loss) = match charge {
         Some(_) => (1, None),
+        None if external => (out.examples.max(1), None),
         None => (out.examples, out.loss.filter(|l| l.is_finite())),
     };
     let mut delta: Vec<f32> = out.params.iter().zip(&global).map(|(n, g)| n - g).collect();

@@ -312,3 +312,40 @@ pub fn spawn_laggard(fed: &medfl::Federation, features: Vec<String>) -> tokio::t
         }
     })
 }
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The repository's `.venv` Python (or `MEDFL_PYTHON`) with grpcio and numpy, or None
+/// (after saying so loudly) outside CI; under CI a missing one fails the test.
+#[allow(dead_code)]
+pub fn python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("MEDFL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    let works = Command::new(&candidate)
+        .args(["-c", "import grpc, google.protobuf, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        return Some(candidate);
+    }
+    let how = "python3 -m venv .venv && .venv/bin/pip install -r python/requirements-ci.txt \
+               (as .ci/run does), or set MEDFL_PYTHON";
+    assert!(
+        !in_ci(),
+        "CI=true and no Python with grpcio and numpy at {}: {how}",
+        candidate.display()
+    );
+    eprintln!(
+        "\n*** SKIPPED: the Python part of this test did not run: no Python with grpcio and numpy at {}. ***\n\
+         *** {how}. Under CI=true this is a failure, not a skip. ***\n",
+        candidate.display()
+    );
+    None
+}
