@@ -314,6 +314,7 @@ pub fn model_card(header: &pb::ModelHeader, status: &pb::StudyStatus, ledger: Op
             "epsilon_by_ledger": spent,
             "epsilon_max": spent.values().copied().fold(0.0, f64::max),
             "mechanism": charges.first().map(|c| c.mechanism.clone()),
+            "enforcement": charges.first().map(|c| c.enforcement.clone()),
             "accountant": "Rényi DP of the (Poisson-)subsampled Gaussian (Mironov, Talwar, Zhang 2019), composed over steps and rounds, converted to (ε, δ) by Canonne, Kamath, Steinke 2020, Prop. 12",
         })
     });

@@ -193,7 +193,8 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
                         json!({"round": c.round, "site": c.site, "dataset": c.dataset, "mechanism": c.mechanism,
                                "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate, "steps": c.steps,
                                "clip_norm": c.clip_norm, "delta": c.delta, "epsilon_before": c.epsilon_before,
-                               "epsilon_after": c.epsilon_after, "at_unix_ms": c.at_unix_ms})
+                               "epsilon_after": c.epsilon_after, "at_unix_ms": c.at_unix_ms,
+                               "enforcement": c.enforcement})
                     })
                     .collect();
                 println!(
@@ -205,6 +206,16 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
                     "study {}: budget ε = {} at δ = {:e}",
                     report.study_id, report.budget_epsilon, report.delta
                 );
+                // Charges whose noise the sites' own trainers add are their word only.
+                for e in report
+                    .charges
+                    .iter()
+                    .map(|c| c.enforcement.as_str())
+                    .filter(|e| e.starts_with("declared"))
+                    .take(1)
+                {
+                    println!("noise: {e}");
+                }
                 println!(
                     "{:>5}  {:<16} {:<14} {:>8} {:>6} {:>6} {:>10} {:>10}",
                     "round", "site", "dataset", "σ", "q", "steps", "ε before", "ε after"

@@ -87,15 +87,16 @@ pub struct DemoArgs {
     /// hospital's own trainer process, `python/medfl-trainer/examples/logistic_numpy.py`)
     /// or `sklearn` (`examples/sklearn_sgd.py`, scikit-learn's SGDClassifier), each
     /// isolated by bubblewrap; they need a Python with numpy, medfl-trainer (and
-    /// scikit-learn): `.venv/bin/python` or `MEDFL_PYTHON`. External trainers run with
-    /// --no-dp for now.
+    /// scikit-learn): `.venv/bin/python` or `MEDFL_PYTHON`. Under DP the Python trainer
+    /// runs DP-SGD through `medfl_trainer.DpSgd`, declared by each hospital (its ledger
+    /// marks the charges as declared); sklearn needs --no-dp.
     #[arg(long, default_value = "builtin", value_parser = ["builtin", "python", "sklearn"])]
     pub trainer: String,
 }
 
 /// The demo's Python trainer: `[trainers.lr]` for every agent.toml, the trainer's root
 /// approved by its hash as it is now.
-fn python_trainer_toml(script: &str) -> Result<String> {
+fn python_trainer_toml(script: &str, declare_dp_sgd: bool) -> Result<String> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var_os("MEDFL_PYTHON")
         .map(PathBuf::from)
@@ -132,7 +133,7 @@ fn python_trainer_toml(script: &str) -> Result<String> {
     let sha = medfl_site_agent::external::tree_sha256(&root)?;
     let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     Ok(format!(
-        "[trainers.lr]\ncommand = [{:?}, {script:?}]\nroot = {:?}\nsha256 = {sha:?}\nread_only = [{}]\ntimeout_secs = 300\n",
+        "[trainers.lr]\ncommand = [{:?}, {script:?}]\nroot = {:?}\nsha256 = {sha:?}\nread_only = [{}]\ntimeout_secs = 300\ndp_sgd = {declare_dp_sgd}\n",
         python.display().to_string(),
         root.display().to_string(),
         list(&read_only)
@@ -160,10 +161,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let dp_epsilon = args.dp_epsilon();
     let secagg = !args.no_secagg;
     let external = args.trainer != "builtin";
-    if external && dp_epsilon.is_some() {
+    if args.trainer == "sklearn" && dp_epsilon.is_some() {
         bail!(
-            "--trainer {}: record-level DP inside a hospital's own trainer (declared DP-SGD) is not built yet; add --no-dp",
-            args.trainer
+            "--trainer sklearn: SGDClassifier cannot clip per example, so it cannot train under record-level DP; add --no-dp"
         );
     }
     if external && args.model != "logistic" {
@@ -366,7 +366,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             "sklearn" => "examples/sklearn_sgd.py",
             _ => "examples/logistic_numpy.py",
         };
-        builder = builder.agent_setting(&python_trainer_toml(script)?);
+        // Each hospital declares that its trainer runs DP-SGD (medfl_trainer.DpSgd).
+        builder = builder.agent_setting(&python_trainer_toml(script, dp_epsilon.is_some())?);
     }
     if let Some(epsilon) = dp_epsilon {
         // Each hospital's own cap for this dataset: the demo's budget.

@@ -573,6 +573,8 @@ fn study_view(engine: &Engine, viewer: &Viewer, id: &str) -> Result<Value, Servi
         "privacy": privacy.map(|p| json!({
             "unit": p.unit, "budget_epsilon": p.budget_epsilon, "delta": p.delta,
             "accountant": "RDP of the Poisson-subsampled Gaussian (OpenDP)",
+            // Record-level DP inside the sites' own trainers: their word, not medfl's.
+            "enforcement": crate::store::enforcement(charges.iter().find_map(|c| c.declared_by.as_deref())),
         })),
         "open": view.open.as_ref().map(|o| json!({
             "round": o.round, "selected": o.selected, "received": o.received,

@@ -203,6 +203,11 @@ pub struct ChargeRecord {
     pub epsilon_before: f64,
     pub epsilon_after: f64,
     pub at_ms: u64,
+    /// Set when the noise was added by the sites' own trainer (record-level DP-SGD in
+    /// an external trainer, as each site declares): its name. Such a charge is declared
+    /// by the site, not enforced by medfl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -301,6 +306,14 @@ fn parse<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError>
 /// Reads the audit key, or makes one (owner-only) on first open.
 fn audit_key(path: &Path) -> Result<Signer, StoreError> {
     medfl_proto::transport::load_or_create_signing_key(path).map_err(|e| StoreError::AuditKey(e.to_string()))
+}
+
+/// How a charge's noise is guaranteed, as ledgers and audit entries say it.
+pub fn enforcement(declared_by: Option<&str>) -> String {
+    match declared_by {
+        None => "enforced by medfl".into(),
+        Some(trainer) => format!("declared by the sites' trainer {trainer:?}, not enforced by medfl"),
+    }
 }
 
 fn study_key(id: &str) -> String {
@@ -533,7 +546,8 @@ impl Store {
                 &study.id,
                 json!({"round": c.round, "site": c.site, "dataset": c.dataset, "sigma": c.mechanism.sigma,
                        "q": c.mechanism.q, "steps": c.mechanism.steps, "delta": c.delta,
-                       "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after}),
+                       "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after,
+                       "enforcement": enforcement(c.declared_by.as_deref())}),
             ));
         }
         batch.insert(

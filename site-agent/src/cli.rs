@@ -181,7 +181,7 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
             );
             for c in &charges {
                 println!(
-                    "  study {} round {:>3}: σ = {:.4}, q = {}, {} steps, C = {}  ε {:.4} -> {:.4}",
+                    "  study {} round {:>3}: σ = {:.4}, q = {}, {} steps, C = {}  ε {:.4} -> {:.4}{}",
                     c.study_id,
                     c.round,
                     c.mechanism.sigma,
@@ -189,7 +189,11 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
                     c.mechanism.steps,
                     c.clip_norm,
                     c.epsilon_before,
-                    c.epsilon_after
+                    c.epsilon_after,
+                    match &c.declared_by {
+                        Some(t) => format!("  (noise declared by trainer {t:?}, not enforced by medfl)"),
+                        None => String::new(),
+                    }
                 );
             }
         }

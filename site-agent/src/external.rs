@@ -93,6 +93,12 @@ pub struct TrainerConfig {
     /// Lets the trainer use the site's GPUs (`/dev/nvidia*`, `/dev/dri`).
     #[serde(default)]
     pub gpu: bool,
+    /// The site declares that this trainer runs DP-SGD with the manifest's parameters
+    /// (Poisson sampling at q, per-example clipping to C, OpenDP noise σ·C on each
+    /// step's sum, as `medfl_trainer.DpSgd` does): only then may it train under
+    /// record-level DP. Its ledger charges are marked as declared, not enforced.
+    #[serde(default)]
+    pub dp_sgd: bool,
 }
 
 fn default_timeout() -> u64 {
@@ -467,6 +473,7 @@ struct Received {
     delta: bool,
     examples: u64,
     metrics: BTreeMap<String, f64>,
+    noise_multiplier: f64,
 }
 
 /// Why reading the trainer's answer failed.
@@ -596,6 +603,7 @@ fn read_answer(stdout: impl Read, layout: &[TensorSpec], total: usize) -> std::r
         delta: result.delta,
         examples: result.examples,
         metrics: result.metrics.into_iter().collect(),
+        noise_multiplier: result.noise_multiplier,
     })
 }
 
@@ -776,7 +784,8 @@ impl LocalTrainer for ExternalTrainer {
             examples: received.examples,
             loss: received.metrics.get("loss").copied(),
             control_next: None,
-            noise_multiplier: None,
+            // What the trainer says it applied; the agent compares it with its charge.
+            noise_multiplier: (received.noise_multiplier > 0.0).then_some(received.noise_multiplier),
         })
     }
 }

@@ -30,6 +30,11 @@ pub struct Charge {
     pub epsilon_before: f64,
     pub epsilon_after: f64,
     pub at_unix_ms: u64,
+    /// The site's own trainer that added this charge's noise (record-level DP-SGD it
+    /// declares), or None when the agent added it. A declared charge is the site's word,
+    /// not something medfl enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_by: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -62,6 +67,7 @@ pub struct ChargeRequest<'a> {
     pub clip_norm: f64,
     pub cap: f64,
     pub delta: f64,
+    pub declared_by: Option<&'a str>,
 }
 
 /// An update the site paid for, kept until a later round of its study is released.
@@ -185,6 +191,7 @@ impl Ledger {
             clip_norm,
             cap,
             delta,
+            declared_by,
         } = *request;
         let (before, after) = self.check(dataset, mechanism, cap, delta)?;
         let charge = Charge {
@@ -198,6 +205,7 @@ impl Ledger {
             epsilon_before: before,
             epsilon_after: after,
             at_unix_ms: medfl_shared::unix_ms(std::time::SystemTime::now()),
+            declared_by: declared_by.map(str::to_string),
         };
         let seq = self.db.generate_id()?;
         let value = serde_json::to_vec(&charge).map_err(|source| LedgerError::Corrupt {
@@ -266,6 +274,7 @@ mod tests {
                     clip_norm: 1.0,
                     cap,
                     delta: 1e-5,
+                    declared_by: None,
                 };
                 match ledger.charge(&request) {
                     Ok(c) => {

@@ -95,6 +95,7 @@ fn config(python: &Path, root: &Path, argv: &[&str]) -> TrainerConfig {
         cpu_secs: None,
         network: Network::None,
         gpu: false,
+        dp_sgd: false,
     }
 }
 
@@ -430,8 +431,17 @@ fn the_demo_trains_with_python_and_sklearn_trainers_as_well_as_centralized() {
     if tools().is_none() {
         return;
     }
-    for (trainer, split) in [("python", "iid"), ("python", "label-skew"), ("sklearn", "label-skew")] {
-        let out = medfl(&["demo", "--trainer", trainer, "--no-dp", "--split", split, "--json"]);
+    for (trainer, split, dp) in [
+        ("python", "iid", false),
+        ("python", "label-skew", false),
+        ("sklearn", "label-skew", false),
+        ("python", "iid", true),
+    ] {
+        let mut args = vec!["demo", "--trainer", trainer, "--split", split, "--json"];
+        if !dp {
+            args.push("--no-dp");
+        }
+        let out = medfl(&args);
         assert!(
             out.status.success(),
             "{trainer} {split}: {}",
@@ -441,7 +451,15 @@ fn the_demo_trains_with_python_and_sklearn_trainers_as_well_as_centralized() {
         assert_eq!(summary["trainer"], trainer);
         let acc = summary["test_accuracy"].as_f64().expect("accuracy");
         let central = summary["centralized_accuracy"].as_f64().expect("centralized");
-        eprintln!("demo --trainer {trainer} --no-dp --split {split}: {acc:.4} (centralized {central:.4})");
+        eprintln!("demo --trainer {trainer} --split {split} (DP {dp}): {acc:.4} (centralized {central:.4})");
+        if dp {
+            // Record-level DP-SGD in the Python trainer (declared), ε = 1 per hospital.
+            assert!(acc >= 0.90, "{trainer} {split} under DP: accuracy {acc}");
+            for (site, spent) in summary["epsilon_spent"].as_object().expect("ledgers") {
+                assert!(spent.as_f64().expect("ε") <= 1.0 + 1e-9, "{site} spent {spent}");
+            }
+            continue;
+        }
         assert!(acc >= 0.95, "{trainer} {split}: accuracy {acc}");
         if trainer == "python" {
             assert!(
@@ -450,4 +468,94 @@ fn the_demo_trains_with_python_and_sklearn_trainers_as_well_as_centralized() {
             );
         }
     }
+}
+
+#[test]
+fn the_dp_sgd_helper_applies_exactly_the_noise_the_agent_charges() {
+    let Some(python) = tools() else { return };
+    for (n, clip, sigma) in [(31usize, 1.0, 1.1), (1000, 0.5, 0.8), (100_000, 2.0, 3.0)] {
+        let out = Command::new(&python)
+            .args([
+                "-c",
+                &format!("from medfl_trainer import dpsgd; print(repr(dpsgd.effective_noise_multiplier({n}, {clip}, {sigma})))"),
+            ])
+            .output()
+            .expect("python");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let helper: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a float");
+        let agent = medfl_shared::dp::effective_noise_multiplier(n, clip, sigma).expect("agent");
+        assert_eq!(helper, agent, "n = {n}, C = {clip}, σ = {sigma}");
+        assert!(helper <= sigma);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_level_dp_runs_only_in_a_declared_trainer_and_its_charges_say_so() {
+    let Some(python) = tools() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = trainer_root(dir.path());
+    let privacy = "sample_rate = 0.3\nsteps_per_round = 3\nnoise_multiplier = 1.5\nbudget_epsilon = 50.0";
+    let record_manifest = |table: &medfl_site_agent::data::Table| {
+        dp_manifest(table, 2, 3, privacy).replace(
+            "kind = \"logistic_regression\"",
+            &format!(
+                "kind = \"external\"\n\n[model.external]\ntrainer = \"lr\"\ntensors = [{{ name = \"layers.0.weight\", shape = [1, {}] }}, {{ name = \"layers.0.bias\", shape = [1] }}]",
+                table.columns.len()
+            ),
+        )
+    };
+    // Not declared: refused before any training or charge.
+    let (table, _, tables) = iid_site_tables(3);
+    let toml = trainer_toml(&python, &root, &["examples/logistic_numpy.py"]);
+    let mut fed = federation_with_trainer(tables, &toml).await;
+    let status = run_to_end(&mut fed, &record_manifest(&table)).await;
+    assert!(
+        status
+            .refusals
+            .iter()
+            .any(|r| r.reason.contains("cannot train under record-level DP")),
+        "{:?}",
+        status.refusals
+    );
+    fed.shutdown().await.expect("clean shutdown");
+
+    // Declared: it trains, and every charge is marked as declared, at both ends.
+    let (table, _, tables) = iid_site_tables(3);
+    let mut fed = federation_with_trainer(tables, &format!("{toml}dp_sgd = true\n")).await;
+    let status = run_to_end(&mut fed, &record_manifest(&table)).await;
+    let info = status.info.clone().expect("info");
+    assert_eq!(
+        info.state,
+        medfl_proto::v1::StudyState::Completed as i32,
+        "{}: {:?}",
+        info.reason,
+        status.refusals
+    );
+    let mut audit = medfl_proto::v1::audit_client::AuditClient::new(
+        fed.profile("auditor").expect("profile").channel(None).expect("channel"),
+    );
+    let ledger = audit
+        .get_ledger(medfl_proto::v1::LedgerRequest {
+            study_id: info.study_id.clone(),
+            site: String::new(),
+        })
+        .await
+        .expect("ledger")
+        .into_inner();
+    assert_eq!(ledger.charges.len(), 6, "3 sites × 2 rounds");
+    for c in &ledger.charges {
+        assert!(
+            c.enforcement.starts_with("declared by the sites' trainer \"lr\""),
+            "{}",
+            c.enforcement
+        );
+    }
+    fed.stop_agents().await;
+    for name in &fed.site_names {
+        let site = medfl_site_agent::ledger::Ledger::open(&fed.dir.join(name).join("agent-store")).expect("ledger");
+        let charges = site.charges("breast_cancer").expect("charges");
+        assert_eq!(charges.len(), 2, "{name}");
+        assert!(charges.iter().all(|c| c.declared_by.as_deref() == Some("lr")), "{name}");
+    }
+    fed.shutdown().await.expect("clean shutdown");
 }

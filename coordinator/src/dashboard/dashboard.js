@@ -169,7 +169,7 @@ function renderPrivacy(d) {
   }
   const p = d.privacy;
   summary.textContent =
-    "Unit: " + p.unit.replace("_", " ") + ". Budget ε = " + p.budget_epsilon + " at δ = " + p.delta + " per ledger. Accountant: " + p.accountant + ".";
+    "Unit: " + p.unit.replace("_", " ") + ". Budget ε = " + p.budget_epsilon + " at δ = " + p.delta + " per ledger. Accountant: " + p.accountant + ". Noise: " + p.enforcement + ".";
   if (!d.ledgers.length) {
     fill(tbody, [el("tr", {}, el("td", { class: "l muted", colSpan: 4 }, "no charges yet: a ledger is charged when a round commits"))]);
     return;

@@ -133,6 +133,13 @@ impl Engine {
             PrivacyUnit::Site => vec![ALL_SITES.to_string()],
             PrivacyUnit::Record => record.contributors.clone(),
         };
+        // Record-level DP in the sites' own trainers is noise they declare they add.
+        let declared = manifest
+            .model
+            .external
+            .as_ref()
+            .filter(|_| settings.unit == PrivacyUnit::Record)
+            .map(|e| e.trainer.clone());
         ledgers
             .iter()
             .map(|site| {
@@ -148,6 +155,7 @@ impl Engine {
                     epsilon_before: study_epsilon(&plan, k)?,
                     epsilon_after: study_epsilon(&plan, k + 1)?,
                     at_ms: now_ms(),
+                    declared_by: declared.clone(),
                 })
             })
             .collect()

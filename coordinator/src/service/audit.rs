@@ -106,6 +106,7 @@ impl pb::audit_server::Audit for AuditService {
                 epsilon_before: c.epsilon_before,
                 epsilon_after: c.epsilon_after,
                 at_unix_ms: c.at_ms,
+                enforcement: crate::store::enforcement(c.declared_by.as_deref()),
             })
             .collect();
         Ok(Response::new(pb::LedgerReport {

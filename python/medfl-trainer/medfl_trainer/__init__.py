@@ -26,6 +26,7 @@ masks it, charges its privacy ledger, logs it and sends it. Under DP no example 
 and no metric leaves the site.
 """
 
+from medfl_trainer.dpsgd import DpSgd
 from medfl_trainer.protocol import LinearScale, Task, TrainerError, Update, load_csv, serve
 
-__all__ = ["LinearScale", "Task", "TrainerError", "Update", "load_csv", "serve"]
+__all__ = ["DpSgd", "LinearScale", "Task", "TrainerError", "Update", "load_csv", "serve"]

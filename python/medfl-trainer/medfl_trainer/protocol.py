@@ -79,6 +79,8 @@ class Update:
     examples: int = 0
     metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
     delta: bool = False
+    #: Under record-level DP: the effective noise multiplier applied (``DpSgd``'s).
+    noise_multiplier: float = 0.0
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
@@ -181,7 +183,9 @@ def send(stream: BinaryIO, task: Task, update: Update) -> None:
     extra = sorted(set(update.params) - {name for name, _ in task.layout})
     if missing or extra:
         raise TrainerError("layout", f"missing tensors {missing}, unknown tensors {extra}")
-    result = pb.Result(delta=update.delta, examples=int(update.examples))
+    result = pb.Result(
+        delta=update.delta, examples=int(update.examples), noise_multiplier=float(update.noise_multiplier)
+    )
     for name, shape in task.layout:
         result.tensors.add(name=name, dtype="f32", shape=list(shape))
     for k, v in update.metrics.items():

@@ -91,7 +91,7 @@ class Progress(_message.Message):
     def __init__(self, fraction: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("tensors", "delta", "examples", "metrics")
+    __slots__ = ("tensors", "delta", "examples", "metrics", "noise_multiplier")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,11 +103,13 @@ class Result(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     delta: bool
     examples: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., delta: _Optional[bool] = ..., examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    noise_multiplier: float
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., delta: _Optional[bool] = ..., examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("kind", "reason")

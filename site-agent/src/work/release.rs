@@ -97,6 +97,7 @@ pub(crate) fn charge(
                 clip_norm: planned.clip_norm,
                 cap: planned.cap,
                 delta: settings.policy.delta,
+                declared_by: planned.declared_by.as_deref(),
             };
             let release = reusable(approved).then_some((update_id.as_str(), trained.delta.as_slice()));
             let charge = match settings.ledger.charge_release(&request, release) {

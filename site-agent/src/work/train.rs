@@ -27,11 +27,13 @@ use crate::trainer::{
 
 /// The charge a DP round will make once its update is ready: the mechanism as the
 /// ledger accounts it, the clip norm and the dataset's cap.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct PlannedCharge {
     pub mechanism: GaussianSteps,
     pub clip_norm: f64,
     pub cap: f64,
+    /// The site's own trainer that adds the noise (declared record-level DP-SGD).
+    pub declared_by: Option<String>,
 }
 
 /// What local training produced, as the agent will release it.
@@ -53,7 +55,11 @@ pub(crate) struct Trained {
 /// The trainer for a manifest: the built-in one, or the site's own trainer that
 /// `[trainers.NAME]` maps the manifest's `model.external.trainer` to, given the
 /// approved dataset and nothing else.
-fn trainer_for(settings: &AgentSettings, approved: &Approved) -> Result<Arc<dyn LocalTrainer>, Refusal> {
+fn trainer_for(
+    settings: &AgentSettings,
+    approved: &Approved,
+    record_dp: bool,
+) -> Result<Arc<dyn LocalTrainer>, Refusal> {
     let Some(ext) = &approved.manifest.model.external else {
         return Ok(Arc::new(crate::trainer::BuiltinTrainer));
     };
@@ -62,6 +68,11 @@ fn trainer_for(settings: &AgentSettings, approved: &Approved) -> Result<Arc<dyn 
         .trainers
         .get(&ext.trainer)
         .ok_or_else(|| refuse(FaultKind::NotConfigured))?;
+    // Record-level DP happens inside the trainer: only where the site declares that
+    // this trainer runs DP-SGD with the manifest's parameters (the ledger marks it).
+    if record_dp && !config.dp_sgd {
+        return Err(refuse(FaultKind::RecordDp));
+    }
     let mut dataset_path = None;
     let mut hidden = settings.private_paths.clone();
     for d in &settings.datasets {
@@ -130,22 +141,7 @@ pub(crate) async fn train(
         _ => None,
     };
     let (mode, charge) = privacy_mode(settings, approved, global.len(), control.as_ref())?;
-    if external && matches!(mode, TrainingMode::DpSgd { .. }) {
-        // The ledger cannot yet mark a charge as declared by the site's trainer rather
-        // than enforced by medfl, so record-level DP with an external trainer is refused.
-        return Err(Refusal::Trainer(format!(
-            "trainer {:?} {}; use privacy.unit = \"site\", which the agent enforces itself",
-            manifest
-                .model
-                .external
-                .as_ref()
-                .map(|e| e.trainer.as_str())
-                .unwrap_or_default(),
-            FaultKind::RecordDp
-        ))
-        .into());
-    }
-    let trainer = trainer_for(settings, approved)?;
+    let trainer = trainer_for(settings, approved, matches!(mode, TrainingMode::DpSgd { .. }))?;
     let task = TrainingTask {
         spec: manifest.model.clone(),
         n_features: manifest.n_features(),
@@ -166,7 +162,7 @@ pub(crate) async fn train(
         Err(fault @ TrainError::Fault { .. }) => return Err(Refusal::Trainer(fault.to_string()).into()),
         Err(TrainError::Other(e)) => return Err(e.into()),
     };
-    if let Some(charged) = charge.map(|c| c.mechanism.sigma)
+    if let Some(charged) = charge.as_ref().map(|c| c.mechanism.sigma)
         && manifest.privacy.as_ref().is_some_and(|p| p.unit == PrivacyUnit::Record)
     {
         match out.noise_multiplier {
@@ -262,6 +258,12 @@ fn privacy_mode(
         mechanism,
         clip_norm: p.clip_norm,
         cap: approved.cap,
+        declared_by: manifest
+            .model
+            .external
+            .as_ref()
+            .filter(|_| p.unit == PrivacyUnit::Record)
+            .map(|e| e.trainer.clone()),
     };
     let mode = match p.unit {
         PrivacyUnit::Record => {
