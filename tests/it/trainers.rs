@@ -188,6 +188,7 @@ fn a_well_behaved_trainer_trains_and_each_bad_one_is_refused_by_kind() {
         ("nan", FaultKind::NonFinite),
         ("wrong_name", FaultKind::Layout),
         ("wrong_shape", FaultKind::Layout),
+        ("wrong_dtype", FaultKind::Layout),
         ("extra_bytes", FaultKind::Layout),
         ("exit", FaultKind::Exited),
         ("crash_mid_stream", FaultKind::Exited),

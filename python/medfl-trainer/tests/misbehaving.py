@@ -107,6 +107,18 @@ def raw_main():
         protocol._write(out, pb.TrainerFrame(chunk=pb.Chunk(tensor=0, offset=0, data=b"\0\0\0\0")))
         out.flush()
         os._exit(9)
+    if BEHAVIOUR == "wrong_dtype":
+        # The right names and shapes, declared as float64, with float64 bytes.
+        result = pb.Result(examples=1)
+        for name, shape in task.layout:
+            result.tensors.add(name=name, dtype="f64", shape=list(shape))
+        protocol._write(out, pb.TrainerFrame(result=result))
+        for index, (name, _) in enumerate(task.layout):
+            data = np.ascontiguousarray(task.model[name], dtype="<f8").tobytes()
+            protocol._write(out, pb.TrainerFrame(chunk=pb.Chunk(tensor=index, offset=0, data=data)))
+        protocol._write(out, pb.TrainerFrame(end=pb.End()))
+        out.flush()
+        return
     if BEHAVIOUR == "extra_bytes":
         # The right header and every value, then four bytes more before End.
         result = pb.Result(examples=1)
@@ -126,7 +138,7 @@ def raw_main():
 
 
 if __name__ == "__main__":
-    if BEHAVIOUR in ("stdout_garbage", "crash_mid_stream", "extra_bytes"):
+    if BEHAVIOUR in ("stdout_garbage", "crash_mid_stream", "extra_bytes", "wrong_dtype"):
         raw_main()
     else:
         mt.serve(train)
