@@ -48,6 +48,9 @@ const CHUNK_VALUES: usize = 1 << 18;
 const MAX_FRAME: usize = 8 << 20;
 /// How much of a trainer's standard error the agent keeps (its tail), for the site's log.
 const STDERR_TAIL: usize = 16 << 10;
+/// How long a trainer told to cancel (at its timeout) has to stop before its process
+/// group is killed.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 /// `[trainers.NAME]` in agent.toml: one local trainer a manifest's `model.external.trainer`
 /// may name.
@@ -434,7 +437,12 @@ fn task_frame(name: &str, task: &TrainingTask, layout: &[TensorSpec]) -> tp::Age
 }
 
 /// Sends the task, the model in chunks and End.
-fn send_task(stdin: impl Write, first: tp::AgentFrame, model: &[f32], layout: &[TensorSpec]) -> std::io::Result<()> {
+fn send_task(
+    stdin: &mut impl Write,
+    first: tp::AgentFrame,
+    model: &[f32],
+    layout: &[TensorSpec],
+) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(1 << 20, stdin);
     write_frame(&mut out, &first)?;
     let mut at = 0usize;
@@ -701,14 +709,20 @@ impl LocalTrainer for ExternalTrainer {
         let stderr = child.stderr.take().context("the trainer's stderr")?;
         let child = Arc::new(Mutex::new(child));
         let tail = keep_tail(stderr);
-        // The watchdog kills the group at the timeout; `done` stops it.
+        // At the timeout the watchdog asks the trainer to cancel, then kills the group
+        // after a grace period; `done` stops it.
         let (done, stop) = mpsc::channel::<()>();
+        let (cancel, cancelled) = mpsc::channel::<()>();
         let timeout = Duration::from_secs(self.config.timeout_secs);
         let watchdog = {
             let child = child.clone();
+            let cancel = cancel.clone();
             std::thread::spawn(move || match stop.recv_timeout(timeout) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    kill_group(&child);
+                    let _ = cancel.send(());
+                    if stop.recv_timeout(CANCEL_GRACE).is_err() {
+                        kill_group(&child);
+                    }
                     true
                 }
                 _ => false,
@@ -716,15 +730,23 @@ impl LocalTrainer for ExternalTrainer {
         };
         let first = task_frame(&self.name, &task, &layout);
         let start = task.start;
+        // The writer sends the task and the model, then keeps the trainer's stdin open
+        // to send Cancel if the watchdog asks, until every sender is gone.
         let writer = std::thread::spawn({
             let layout = layout.clone();
             move || {
-                let r = send_task(stdin, first, &start, &layout);
+                let mut stdin = stdin;
+                let r = send_task(&mut stdin, first, &start, &layout);
+                if r.is_ok() && cancelled.recv().is_ok() {
+                    let frame = tp::AgentFrame {
+                        body: Some(tp::agent_frame::Body::Cancel(tp::Cancel {})),
+                    };
+                    let _ = write_frame(&mut stdin, &frame).and_then(|()| stdin.flush());
+                }
                 (r, start)
             }
         });
         let answer = read_answer(stdout, &layout, total);
-        let (sent, start) = writer.join().map_err(|_| anyhow!("the task writer panicked"))?;
         // Give a trainer that answered a moment to exit, then make sure it is gone.
         let exited = {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -742,6 +764,8 @@ impl LocalTrainer for ExternalTrainer {
         kill_group(&child);
         let _ = done.send(());
         let timed_out = watchdog.join().unwrap_or(false);
+        drop(cancel);
+        let (sent, start) = writer.join().map_err(|_| anyhow!("the task writer panicked"))?;
         let (stderr_tail, stderr_bytes) = tail.join().unwrap_or_default();
         let stderr_text = String::from_utf8_lossy(&stderr_tail).into_owned();
         info!(

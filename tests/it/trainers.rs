@@ -202,6 +202,13 @@ fn a_well_behaved_trainer_trains_and_each_bad_one_is_refused_by_kind() {
     let mut slow = misbehave("sleep");
     slow.timeout_secs = 2;
     assert_eq!(fault(run_trainer(dir.path(), slow, vec![])), FaultKind::Timeout);
+    // A trainer that listens stops on the agent's Cancel at its timeout, before the kill.
+    let workdir = dir.path().join("work");
+    let mut listening = misbehave("slow_but_listening");
+    listening.timeout_secs = 2;
+    listening.workdir = Some(workdir.clone());
+    assert_eq!(fault(run_trainer(dir.path(), listening, vec![])), FaultKind::Timeout);
+    assert!(workdir.join("cancelled").exists(), "the trainer did not see the Cancel");
 
     // 64 MiB on stderr: the agent keeps a bounded tail and takes the answer.
     run_trainer(dir.path(), misbehave("stderr_flood"), vec![]).expect("a chatty trainer still delivers");

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import sys
+import threading
 import traceback
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
@@ -63,11 +64,22 @@ class Task:
     layout: List[Tuple[str, Tuple[int, ...]]]
     model: Dict[str, np.ndarray]
     _out: Optional[BinaryIO] = dataclasses.field(default=None, repr=False)
+    _cancel: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the agent asked the trainer to stop (it overran its timeout, or the
+        agent went away). Check it in long loops; ``progress`` does."""
+        return self._cancel.is_set()
 
     def progress(self, fraction: float = -1.0) -> None:
-        """Tells the agent the trainer is alive (and how far, 0..1, if known)."""
+        """Tells the agent the trainer is alive (and how far, 0..1, if known). Raises
+        ``TrainerError("cancelled")`` once the agent has asked the trainer to stop."""
+        if self._cancel.is_set():
+            raise TrainerError("cancelled", "the agent cancelled the task")
         if self._out is not None:
             _write(self._out, pb.TrainerFrame(progress=pb.Progress(fraction=float(fraction))))
+            self._out.flush()
 
 
 @dataclasses.dataclass
@@ -202,6 +214,17 @@ def send(stream: BinaryIO, task: Task, update: Update) -> None:
     stream.flush()
 
 
+def _watch_for_cancel(inp: BinaryIO, cancel: threading.Event) -> None:
+    """Reads the agent's frames after the model: Cancel, or the end of the stream (the
+    agent is gone), sets ``cancel``."""
+    try:
+        while _read(inp).WhichOneof("body") != "cancel":
+            pass
+    except Exception:
+        pass
+    cancel.set()
+
+
 def serve(train: Callable[[Task], Update]) -> None:
     """Runs one session: receive the task, call ``train``, send its update (or the
     error it raised), and return. Call it from your trainer's ``__main__``."""
@@ -212,6 +235,7 @@ def serve(train: Callable[[Task], Update]) -> None:
     try:
         task = receive(inp)
         task._out = out
+        threading.Thread(target=_watch_for_cancel, args=(inp, task._cancel), daemon=True).start()
         update = train(task)
         send(out, task, update)
     except TrainerError as e:

@@ -54,6 +54,17 @@ def train(task: mt.Task) -> mt.Update:
         os._exit(3)
     if BEHAVIOUR == "sleep":
         time.sleep(3600)
+    if BEHAVIOUR == "slow_but_listening":
+        # Works past its timeout while reporting progress; stops when cancelled and
+        # leaves a mark in its working directory.
+        try:
+            while True:
+                task.progress()
+                time.sleep(0.05)
+        except mt.TrainerError:
+            with open(os.path.join(os.environ["MEDFL_WORKDIR"], "cancelled"), "w") as f:
+                f.write("stopped on the agent's Cancel\n")
+            raise
     if BEHAVIOUR == "stderr_flood":
         # About 64 MiB to standard error, then a proper answer.
         line = ("x" * 1023 + "\n").encode()
