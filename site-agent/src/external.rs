@@ -243,7 +243,6 @@ impl ExternalTrainer {
                 "--unshare-pid",
                 "--unshare-ipc",
                 "--unshare-uts",
-                "--unshare-cgroup-try",
                 "--clearenv",
                 "--setenv",
                 "PATH",

@@ -187,6 +187,7 @@ impl AgentSettings {
             .egress_log
             .map(|p| base.join(p))
             .unwrap_or_else(|| store.join("egress.jsonl"));
+        private_paths.push(absolute(&egress_path)?);
         let egress = EgressLog::open(
             &egress_path,
             load_or_create_key(&store.join("egress-key.pk8"))?,
