@@ -130,6 +130,40 @@ fn bench(c: &mut Criterion) {
         ],
         &dataset,
     );
+    // The fixed cost of a round (bubblewrap, the interpreter, its imports), to tell the
+    // channel's throughput from process start-up.
+    let tiny = ModelSpec {
+        external: Some(ExternalModel {
+            trainer: "bench".into(),
+            tensors: vec![TensorSpec {
+                name: "t".into(),
+                shape: vec![10],
+            }],
+            init: Default::default(),
+        }),
+        ..spec.clone()
+    };
+    let mut fixed = c.benchmark_group("trainer_protocol_fixed_cost");
+    fixed.sample_size(10);
+    fixed.bench_function("protocol_10_values", |b| {
+        b.iter(|| {
+            protocol
+                .train(task(&tiny, vec![0.5; 10], &dataset))
+                .expect("round trip")
+        })
+    });
+    let copy_argv = copy.sandbox_command(dir.path());
+    fixed.bench_function("raw_copy_empty", |b| {
+        b.iter(|| {
+            let out = Command::new(&copy_argv[0])
+                .args(&copy_argv[1..])
+                .stdin(Stdio::null())
+                .output()
+                .expect("run");
+            assert!(out.status.success());
+        })
+    });
+    fixed.finish();
     let bytes = VALUES * 4;
     let mut group = c.benchmark_group("trainer_protocol_1e7");
     group.sample_size(10).measurement_time(Duration::from_secs(20));

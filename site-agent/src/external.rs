@@ -343,6 +343,37 @@ fn write_frame(out: &mut impl Write, frame: &tp::AgentFrame) -> std::io::Result<
     out.write_all(&frame.encode_length_delimited_to_vec())
 }
 
+/// Writes `AgentFrame{chunk: Chunk{tensor, offset, data}}` with `data` straight from
+/// `bytes` (the protobuf encoding written by hand, so the values are not copied again).
+fn write_chunk(out: &mut impl Write, tensor: u32, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let mut inner = Vec::with_capacity(24);
+    if tensor != 0 {
+        encode_key(1, WireType::Varint, &mut inner);
+        encode_varint(u64::from(tensor), &mut inner);
+    }
+    if offset != 0 {
+        encode_key(2, WireType::Varint, &mut inner);
+        encode_varint(offset, &mut inner);
+    }
+    if !bytes.is_empty() {
+        encode_key(3, WireType::LengthDelimited, &mut inner);
+        encode_varint(bytes.len() as u64, &mut inner);
+    }
+    let chunk_len = inner.len() + bytes.len();
+    let mut head = Vec::with_capacity(16);
+    encode_key(2, WireType::LengthDelimited, &mut head);
+    encode_varint(chunk_len as u64, &mut head);
+    let frame_len = head.len() + chunk_len;
+    let mut prefix = Vec::with_capacity(10 + head.len() + inner.len());
+    encode_varint(frame_len as u64, &mut prefix);
+    debug_assert_eq!(prefix.len(), encoded_len_varint(frame_len as u64));
+    prefix.extend_from_slice(&head);
+    prefix.extend_from_slice(&inner);
+    out.write_all(&prefix)?;
+    out.write_all(bytes)
+}
+
 /// Reads one length-delimited frame of at most [`MAX_FRAME`] bytes; None at a clean end.
 fn read_frame(input: &mut impl Read) -> std::result::Result<Option<tp::TrainerFrame>, String> {
     let mut len: u64 = 0;
@@ -369,7 +400,8 @@ fn read_frame(input: &mut impl Read) -> std::result::Result<Option<tp::TrainerFr
     input
         .read_exact(&mut buf)
         .map_err(|e| format!("the output ended inside a frame: {e}"))?;
-    tp::TrainerFrame::decode(buf.as_slice())
+    // Decoded from `Bytes`, a chunk's data is a slice of this buffer, not a copy.
+    tp::TrainerFrame::decode(prost::bytes::Bytes::from(buf))
         .map(Some)
         .map_err(|e| format!("a frame that does not decode: {e}"))
 }
@@ -454,14 +486,7 @@ fn send_task(
             for v in run {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
-            let frame = tp::AgentFrame {
-                body: Some(tp::agent_frame::Body::Chunk(tp::Chunk {
-                    tensor: index as u32,
-                    offset: (k * CHUNK_VALUES) as u64,
-                    data: prost::bytes::Bytes::copy_from_slice(&bytes),
-                })),
-            };
-            write_frame(&mut out, &frame)?;
+            write_chunk(&mut out, index as u32, (k * CHUNK_VALUES) as u64, &bytes)?;
         }
         at += len;
     }
@@ -857,6 +882,30 @@ mod tests {
         short.extend_from_slice(&[1, 2]);
         assert!(read_frame(&mut short.as_slice()).expect_err("short").contains("ended"));
         assert!(read_frame(&mut [].as_slice()).expect("clean end").is_none());
+    }
+
+    #[test]
+    fn a_hand_written_chunk_frame_is_what_prost_writes() {
+        for (tensor, offset, data) in [
+            (0u32, 0u64, vec![]),
+            (3, 262_144, vec![1u8, 2, 3, 4]),
+            (7, 0, vec![9; 300]),
+        ] {
+            let mut ours = Vec::new();
+            write_chunk(&mut ours, tensor, offset, &data).expect("write");
+            let frame = tp::AgentFrame {
+                body: Some(tp::agent_frame::Body::Chunk(tp::Chunk {
+                    tensor,
+                    offset,
+                    data: data.clone().into(),
+                })),
+            };
+            assert_eq!(
+                ours,
+                frame.encode_length_delimited_to_vec(),
+                "tensor {tensor} offset {offset}"
+            );
+        }
     }
 
     #[test]

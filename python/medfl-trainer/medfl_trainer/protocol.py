@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import sys
 import threading
 import traceback
@@ -106,16 +107,28 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _read(stream: BinaryIO) -> pb.AgentFrame:
-    length, shift = 0, 0
+def _read_varint(stream: BinaryIO) -> int:
+    value, shift = 0, 0
     while True:
         byte = _read_exact(stream, 1)[0]
-        length |= (byte & 0x7F) << shift
+        value |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            break
+            return value
         shift += 7
         if shift > 63:
-            raise ValueError("a frame length longer than a varint")
+            raise ValueError("a varint longer than 64 bits")
+
+
+def _readinto_exact(stream: BinaryIO, view: memoryview) -> None:
+    while len(view):
+        n = stream.readinto(view)
+        if not n:
+            raise EOFError("the agent closed the stream")
+        view = view[n:]
+
+
+def _read(stream: BinaryIO) -> pb.AgentFrame:
+    length = _read_varint(stream)
     if length > MAX_FRAME:
         raise ValueError(f"a frame of {length} bytes")
     frame = pb.AgentFrame()
@@ -155,18 +168,22 @@ def receive(stream: BinaryIO) -> Task:
         shape = tuple(int(d) for d in spec.shape)
         layout.append((spec.name, shape))
         flat.append(np.empty(int(np.prod(shape)), dtype="<f4"))
+    targets = [memoryview(arr).cast("B") for arr in flat]
     while True:
-        frame = _read(stream)
+        length = _read_varint(stream)
+        if length > MAX_FRAME:
+            raise ValueError(f"a frame of {length} bytes")
+        key = _read_exact(stream, 1)[0]
+        if key == 0x12:  # AgentFrame.chunk (field 2, length-delimited): read in place
+            _read_chunk(stream, targets)
+            continue
+        frame = pb.AgentFrame.FromString(bytes([key]) + _read_exact(stream, length - 1))
         kind = frame.WhichOneof("body")
         if kind == "end":
             break
         if kind == "cancel":
             raise TrainerError("cancelled", "the agent cancelled the task")
-        if kind != "chunk":
-            raise ValueError(f"unexpected {kind} while reading the model")
-        c = frame.chunk
-        values = np.frombuffer(c.data, dtype="<f4")
-        flat[c.tensor][c.offset : c.offset + len(values)] = values
+        raise ValueError(f"unexpected {kind} while reading the model")
     p = t.privacy
     return Task(
         study_id=t.study_id,
@@ -189,6 +206,30 @@ def receive(stream: BinaryIO) -> Task:
     )
 
 
+def _read_chunk(stream: BinaryIO, targets: List[memoryview]) -> None:
+    """Reads one ``Chunk`` message (its length first) straight into the model's arrays:
+    the values go from the pipe into place with no intermediate copy."""
+    remaining = _read_varint(stream)
+    tensor, offset = 0, 0
+    while remaining > 0:
+        key = _read_varint(stream)
+        remaining -= len(_varint(key))
+        if key == 0x08:
+            tensor = _read_varint(stream)
+            remaining -= len(_varint(tensor))
+        elif key == 0x10:
+            offset = _read_varint(stream)
+            remaining -= len(_varint(offset))
+        elif key == 0x1A:
+            size = _read_varint(stream)
+            remaining -= len(_varint(size)) + size
+            if tensor >= len(targets) or size % 4 or (offset * 4 + size) > len(targets[tensor]):
+                raise ValueError(f"a chunk of {size} bytes at {offset} does not fit tensor {tensor}")
+            _readinto_exact(stream, targets[tensor][offset * 4 : offset * 4 + size])
+        else:
+            raise ValueError(f"an unexpected field {key >> 3} in a chunk")
+
+
 def send(stream: BinaryIO, task: Task, update: Update) -> None:
     """Writes the result header, the tensors in the task's layout order, then End."""
     missing = [name for name, _ in task.layout if name not in update.params]
@@ -208,10 +249,41 @@ def send(stream: BinaryIO, task: Task, update: Update) -> None:
         if arr.size != int(np.prod(shape)):
             raise TrainerError("layout", f"tensor {name} has {arr.size} values, the layout {shape}")
         for at in range(0, arr.size, CHUNK_VALUES):
-            chunk = pb.Chunk(tensor=index, offset=at, data=arr[at : at + CHUNK_VALUES].tobytes())
-            _write(stream, pb.TrainerFrame(chunk=chunk))
+            _write_chunk(stream, index, at, memoryview(arr[at : at + CHUNK_VALUES]).cast("B"))
     _write(stream, pb.TrainerFrame(end=pb.End()))
     stream.flush()
+
+
+def _field(number: int, wire: int) -> bytes:
+    return _varint(number << 3 | wire)
+
+
+def _write_chunk(stream: BinaryIO, tensor: int, offset: int, data: memoryview) -> None:
+    """Writes ``TrainerFrame{chunk: Chunk{tensor, offset, data}}`` with the values
+    straight from the array (the protobuf encoding, by hand, without copying them)."""
+    inner = b""
+    if tensor:
+        inner += _field(1, 0) + _varint(tensor)
+    if offset:
+        inner += _field(2, 0) + _varint(offset)
+    if len(data):
+        inner += _field(3, 2) + _varint(len(data))
+    chunk_len = len(inner) + len(data)
+    head = _field(3, 2) + _varint(chunk_len)
+    stream.write(_varint(len(head) + chunk_len) + head + inner)
+    stream.write(data)
+
+
+class _RawStdin:
+    """Standard input read through its file descriptor, not ``sys.stdin.buffer``: a
+    thread blocked here holds no lock of the interpreter's, so the process can end
+    while it waits (the agent writes nothing after the model but a Cancel)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def read(self, n: int) -> bytes:
+        return os.read(self.fd, n)
 
 
 def _watch_for_cancel(inp: BinaryIO, cancel: threading.Event) -> None:
@@ -235,7 +307,9 @@ def serve(train: Callable[[Task], Update]) -> None:
     try:
         task = receive(inp)
         task._out = out
-        threading.Thread(target=_watch_for_cancel, args=(inp, task._cancel), daemon=True).start()
+        threading.Thread(
+            target=_watch_for_cancel, args=(_RawStdin(inp.fileno()), task._cancel), daemon=True
+        ).start()
         update = train(task)
         send(out, task, update)
     except TrainerError as e:

@@ -21,7 +21,8 @@ ARGS = sys.argv[2:]
 
 
 def unchanged(task):
-    return mt.Update(params={name: arr.copy() for name, arr in task.model.items()}, examples=10)
+    # The received arrays themselves: nothing copied (the protocol benchmark uses this).
+    return mt.Update(params=dict(task.model), examples=10)
 
 
 def train(task: mt.Task) -> mt.Update:
