@@ -66,7 +66,6 @@ fn trainer(python: &Path, read_only: Vec<PathBuf>, argv: &[&str], dataset: &Path
             cpu_secs: None,
             network: Network::None,
             gpu: false,
-            dp_sgd: false,
         },
         dataset_path: dataset.to_path_buf(),
         hidden: vec![],

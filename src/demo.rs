@@ -96,7 +96,7 @@ pub struct DemoArgs {
 
 /// The demo's Python trainer: `[trainers.lr]` for every agent.toml, the trainer's root
 /// approved by its hash as it is now.
-fn python_trainer_toml(script: &str, declare_dp_sgd: bool) -> Result<String> {
+fn python_trainer_toml(script: &str) -> Result<String> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var_os("MEDFL_PYTHON")
         .map(PathBuf::from)
@@ -133,7 +133,7 @@ fn python_trainer_toml(script: &str, declare_dp_sgd: bool) -> Result<String> {
     let sha = medfl_site_agent::external::tree_sha256(&root)?;
     let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
     Ok(format!(
-        "[trainers.lr]\ncommand = [{:?}, {script:?}]\nroot = {:?}\nsha256 = {sha:?}\nread_only = [{}]\ntimeout_secs = 300\ndp_sgd = {declare_dp_sgd}\n",
+        "[trainers.lr]\ncommand = [{:?}, {script:?}]\nroot = {:?}\nsha256 = {sha:?}\nread_only = [{}]\ntimeout_secs = 300\n",
         python.display().to_string(),
         root.display().to_string(),
         list(&read_only)
@@ -366,8 +366,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             "sklearn" => "examples/sklearn_sgd.py",
             _ => "examples/logistic_numpy.py",
         };
-        // Each hospital declares that its trainer runs DP-SGD (medfl_trainer.DpSgd).
-        builder = builder.agent_setting(&python_trainer_toml(script, dp_epsilon.is_some())?);
+        builder = builder.agent_setting(&python_trainer_toml(script)?);
+        if dp_epsilon.is_some() {
+            // Each hospital's policy declares that its trainer runs DP-SGD
+            // (medfl_trainer.DpSgd); the rest of the policy stays the default.
+            builder = builder.agent_policy("dp_sgd_trainers = [\"lr\"]");
+        }
     }
     if let Some(epsilon) = dp_epsilon {
         // Each hospital's own cap for this dataset: the demo's budget.

@@ -309,6 +309,20 @@ fn policy_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyh
                 ext.trainer
             ),
         }
+        let record = medfl_shared::manifest::PrivacyUnit::Record;
+        if manifest.privacy.as_ref().is_some_and(|p| p.unit == record) {
+            if settings.policy.dp_sgd_trainers.contains(&ext.trainer) {
+                println!(
+                    "record-level DP: this site's policy declares trainer {:?} runs DP-SGD (its charges are marked as declared, not enforced by medfl)",
+                    ext.trainer
+                );
+            } else {
+                println!(
+                    "REFUSED: record-level DP needs trainer {:?} in the policy's dp_sgd_trainers",
+                    ext.trainer
+                );
+            }
+        }
     }
     if reasons.is_empty() {
         println!("ACCEPTED: this site's policy admits this study");

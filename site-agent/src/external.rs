@@ -96,12 +96,6 @@ pub struct TrainerConfig {
     /// Lets the trainer use the site's GPUs (`/dev/nvidia*`, `/dev/dri`).
     #[serde(default)]
     pub gpu: bool,
-    /// The site declares that this trainer runs DP-SGD with the manifest's parameters
-    /// (Poisson sampling at q, per-example clipping to C, OpenDP noise σ·C on each
-    /// step's sum, as `medfl_trainer.DpSgd` does): only then may it train under
-    /// record-level DP. Its ledger charges are marked as declared, not enforced.
-    #[serde(default)]
-    pub dp_sgd: bool,
 }
 
 fn default_timeout() -> u64 {

@@ -34,6 +34,10 @@ pub struct Policy {
     pub min_sites: u32,
     /// Datasets studies may touch; empty: every dataset configured.
     pub allowed_datasets: Vec<String>,
+    /// The site's own trainers (`[trainers.NAME]`) that this site declares run DP-SGD
+    /// with the manifest's parameters: only they may train under record-level DP, and
+    /// their charges are marked as declared by the site's trainer, not enforced by medfl.
+    pub dp_sgd_trainers: Vec<String>,
     /// Last day (UTC, `YYYY-MM-DD`) the policy admits work; after it the site refuses
     /// everything until hospital IT reviews it.
     pub expires: Option<String>,
@@ -53,6 +57,7 @@ impl Default for Policy {
             require_secure_aggregation: false,
             min_sites: 1,
             allowed_datasets: Vec::new(),
+            dp_sgd_trainers: Vec::new(),
             expires: None,
         }
     }

@@ -95,7 +95,6 @@ fn config(python: &Path, root: &Path, argv: &[&str]) -> TrainerConfig {
         cpu_secs: None,
         network: Network::None,
         gpu: false,
-        dp_sgd: false,
     }
 }
 
@@ -529,7 +528,14 @@ async fn record_level_dp_runs_only_in_a_declared_trainer_and_its_charges_say_so(
 
     // Declared: it trains, and every charge is marked as declared, at both ends.
     let (table, _, tables) = iid_site_tables(3);
-    let mut fed = federation_with_trainer(tables, &format!("{toml}dp_sgd = true\n")).await;
+    let mut fed = Federation::builder()
+        .tables(tables)
+        // Hospital IT's policy declares that trainer `lr` runs DP-SGD.
+        .agent_policy("max_epsilon = 1000.0\ndp_sgd_trainers = [\"lr\"]")
+        .agent_setting(&toml)
+        .build()
+        .await
+        .expect("federation starts");
     let status = run_to_end(&mut fed, &record_manifest(&table)).await;
     let info = status.info.clone().expect("info");
     assert_eq!(

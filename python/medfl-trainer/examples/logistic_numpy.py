@@ -7,7 +7,7 @@ lives on those standardized coordinates, where DP noise is on the scale of the
 weights; without one it lives on raw feature values and each site trains on its own
 standardization, mapping the result back.
 
-Under record-level DP (the site declares ``dp_sgd = true`` for this trainer) it trains
+Under record-level DP (the site's policy lists this trainer in ``dp_sgd_trainers``) it trains
 with ``medfl_trainer.DpSgd``: Poisson batches, per-example gradients clipped to C, OpenDP
 noise, exactly the manifest's steps; the agent checks the noise it reports.
 

@@ -68,9 +68,9 @@ fn trainer_for(
         .trainers
         .get(&ext.trainer)
         .ok_or_else(|| refuse(FaultKind::NotConfigured))?;
-    // Record-level DP happens inside the trainer: only where the site declares that
-    // this trainer runs DP-SGD with the manifest's parameters (the ledger marks it).
-    if record_dp && !config.dp_sgd {
+    // Record-level DP happens inside the trainer: only where the site's policy declares
+    // that this trainer runs DP-SGD with the manifest's parameters (the ledger marks it).
+    if record_dp && !settings.policy.dp_sgd_trainers.contains(&ext.trainer) {
         return Err(refuse(FaultKind::RecordDp));
     }
     let mut dataset_path = None;
