@@ -26,25 +26,10 @@ fn python() -> Option<(PathBuf, Vec<PathBuf>)> {
     let python = std::env::var_os("MEDFL_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join(".venv/bin/python"));
-    let out = Command::new(&python)
-        .args([
-            "-c",
-            "import sys, numpy, medfl_trainer; print(sys.prefix); print(sys.base_prefix)",
-        ])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    let bwrap = Command::new("bwrap")
-        .args(["--ro-bind", "/", "/", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !bwrap {
+    if !medfl_site_agent::external::sandbox_available() {
         return None;
     }
-    let prefixes = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| std::fs::canonicalize(l.trim()).ok())
-        .collect();
+    let prefixes = medfl_site_agent::external::python_read_only(&python, &["numpy", "medfl_trainer"]).ok()?;
     Some((python, prefixes))
 }
 

@@ -102,33 +102,16 @@ fn python_trainer_toml(script: &str) -> Result<String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join(".venv/bin/python"));
     let how = "python3 -m venv .venv && .venv/bin/pip install -r python/requirements-ci.txt ./python/medfl-trainer";
-    let prefixes = std::process::Command::new(&python)
-        .args([
-            "-c",
-            "import sys, numpy, medfl_trainer; print(sys.prefix); print(sys.base_prefix)",
-        ])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .with_context(|| {
-            format!(
-                "{} cannot import numpy and medfl_trainer: {how}, or set MEDFL_PYTHON",
-                python.display()
-            )
-        })?;
-    let bwrap = std::process::Command::new("bwrap")
-        .args(["--ro-bind", "/", "/", "true"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !bwrap {
+    if !medfl_site_agent::external::sandbox_available() {
         bail!(
             "--trainer python isolates each hospital's trainer with bubblewrap: install it (apt-get install bubblewrap)"
         );
     }
-    let mut read_only = vec![];
-    for line in String::from_utf8_lossy(&prefixes.stdout).lines() {
-        read_only.push(std::fs::canonicalize(line.trim())?.display().to_string());
-    }
+    let read_only: Vec<String> = medfl_site_agent::external::python_read_only(&python, &["numpy", "medfl_trainer"])
+        .with_context(|| format!("{how}, or set MEDFL_PYTHON"))?
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let root = repo.join("python/medfl-trainer");
     let sha = medfl_site_agent::external::tree_sha256(&root)?;
     let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");

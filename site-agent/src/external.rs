@@ -189,6 +189,40 @@ pub fn tree_sha256(root: &Path) -> Result<String> {
     Ok(medfl_shared::hex::to_hex(ctx.finish().as_ref()))
 }
 
+/// Whether bubblewrap can make a sandbox on this host (installed, and namespaces allowed).
+pub fn sandbox_available() -> bool {
+    Command::new("bwrap")
+        .args(["--ro-bind", "/", "/", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// What a sandboxed `python` must read beyond the system's directories: its virtual
+/// environment and the installation that environment points to (`sys.prefix`,
+/// `sys.base_prefix`), once it has checked it can import `modules`.
+pub fn python_read_only(python: &Path, modules: &[&str]) -> Result<Vec<PathBuf>> {
+    let script = format!(
+        "import sys{}; print(sys.prefix); print(sys.base_prefix)",
+        modules.iter().map(|m| format!(", {m}")).collect::<String>()
+    );
+    let out = Command::new(python)
+        .args(["-c", &script])
+        .output()
+        .with_context(|| format!("run {}", python.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} cannot import {}: {}",
+            python.display(),
+            modules.join(", "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| std::fs::canonicalize(l.trim()).with_context(|| format!("resolve {l}")))
+        .collect()
+}
+
 /// A site trainer, configured, for one dataset.
 #[derive(Debug, Clone)]
 pub struct ExternalTrainer {

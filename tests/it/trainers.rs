@@ -26,11 +26,7 @@ use medfl_site_agent::trainer::{ExternalContext, FaultKind, LocalTrainer, TrainE
 
 /// Python and bwrap, or None (loudly) outside CI.
 fn tools() -> Option<PathBuf> {
-    let bwrap = Command::new("bwrap")
-        .args(["--ro-bind", "/", "/", "true"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !bwrap {
+    if !medfl_site_agent::external::sandbox_available() {
         assert!(
             !in_ci(),
             "CI=true and bubblewrap cannot run: apt-get install bubblewrap (as .ci/run does)"
@@ -39,19 +35,6 @@ fn tools() -> Option<PathBuf> {
         return None;
     }
     python()
-}
-
-/// What the sandbox must let the trainer read to run the venv's Python: the venv and
-/// the installation it points to.
-fn python_paths(python: &Path) -> Vec<PathBuf> {
-    let out = Command::new(python)
-        .args(["-c", "import sys; print(sys.prefix); print(sys.base_prefix)"])
-        .output()
-        .expect("python");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| std::fs::canonicalize(l.trim()).expect("a python prefix"))
-        .collect()
 }
 
 /// A trainer root: a copy of `python/medfl-trainer` (package, examples, test trainers).
@@ -89,7 +72,7 @@ fn config(python: &Path, root: &Path, argv: &[&str]) -> TrainerConfig {
         sha256: Some(tree_sha256(root).expect("hash")),
         workdir: None,
         env: vec![],
-        read_only: python_paths(python),
+        read_only: medfl_site_agent::external::python_read_only(python, &["numpy"]).expect("the venv's Python"),
         timeout_secs: 60,
         memory_mib: None,
         cpu_secs: None,

@@ -104,6 +104,14 @@ def train(task: mt.Task) -> mt.Update:
     raise mt.TrainerError("unknown_behaviour", BEHAVIOUR)
 
 
+def header(task, dtype="f32"):
+    """A result header for the task's layout, with ``dtype``."""
+    result = pb.Result(examples=1)
+    for name, shape in task.layout:
+        result.tensors.add(name=name, dtype=dtype, shape=list(shape))
+    return result
+
+
 def raw_main():
     """Behaviours that break the protocol itself, below the helper."""
     inp, out = sys.stdin.buffer, sys.stdout.buffer
@@ -112,19 +120,13 @@ def raw_main():
         while True:
             out.write(b"\xff" * 65536)
     if BEHAVIOUR == "crash_mid_stream":
-        result = pb.Result(examples=1)
-        for name, shape in task.layout:
-            result.tensors.add(name=name, dtype="f32", shape=list(shape))
-        protocol._write(out, pb.TrainerFrame(result=result))
+        protocol._write(out, pb.TrainerFrame(result=header(task)))
         protocol._write(out, pb.TrainerFrame(chunk=pb.Chunk(tensor=0, offset=0, data=b"\0\0\0\0")))
         out.flush()
         os._exit(9)
     if BEHAVIOUR == "wrong_dtype":
         # The right names and shapes, declared as float64, with float64 bytes.
-        result = pb.Result(examples=1)
-        for name, shape in task.layout:
-            result.tensors.add(name=name, dtype="f64", shape=list(shape))
-        protocol._write(out, pb.TrainerFrame(result=result))
+        protocol._write(out, pb.TrainerFrame(result=header(task, "f64")))
         for index, (name, _) in enumerate(task.layout):
             data = np.ascontiguousarray(task.model[name], dtype="<f8").tobytes()
             protocol._write(out, pb.TrainerFrame(chunk=pb.Chunk(tensor=index, offset=0, data=data)))
@@ -133,10 +135,7 @@ def raw_main():
         return
     if BEHAVIOUR == "extra_bytes":
         # The right header and every value, then four bytes more before End.
-        result = pb.Result(examples=1)
-        for name, shape in task.layout:
-            result.tensors.add(name=name, dtype="f32", shape=list(shape))
-        protocol._write(out, pb.TrainerFrame(result=result))
+        protocol._write(out, pb.TrainerFrame(result=header(task)))
         for index, (name, _) in enumerate(task.layout):
             data = np.ascontiguousarray(task.model[name], dtype="<f4").tobytes()
             protocol._write(out, pb.TrainerFrame(chunk=pb.Chunk(tensor=index, offset=0, data=data)))
