@@ -61,6 +61,7 @@ fn task(spec: &ModelSpec, start: Vec<f32>, dataset: &Path) -> TrainingTask {
     TrainingTask {
         spec: spec.clone(),
         n_features: 0,
+        outputs: 1,
         start,
         start_on: medfl_site_agent::problem::Start::Global,
         x: vec![],

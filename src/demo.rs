@@ -7,10 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use medfl_shared::manifest::{Optimizer, StrategyKind, StudyManifest, Training, Weighting};
-use medfl_shared::metrics::{accuracy, roc_auc};
+use medfl_shared::metrics::{accuracy_k, roc_auc_k};
 use medfl_shared::model::{ModelKind, ModelSpec};
 use medfl_shared::split::{SplitKind, split_rows};
-use medfl_site_agent::data::{DatasetConfig, FeatureSelection, MissingPolicy, Table};
+use medfl_site_agent::data::Table;
 use medfl_site_agent::train::{LocalProblem, Start, train};
 use serde_json::json;
 
@@ -40,13 +40,21 @@ pub struct DemoArgs {
     pub split: SplitKind,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// A CSV to use instead of the bundled breast-cancer data.
+    /// The data instead of the bundled breast-cancer table: a CSV file, or a PostgreSQL
+    /// connection URL (`postgresql://user@host:port/db`, no password: give it in
+    /// PGPASSWORD) with --table.
     #[arg(long, requires = "label")]
-    pub data: Option<PathBuf>,
-    /// Binary label column of --data.
+    pub data: Option<String>,
+    /// The table of a PostgreSQL --data (`name` or `schema.name`).
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Label column of --data: 0/1, or one of --classes.
     #[arg(long)]
     pub label: Option<String>,
-    /// Id column of --data (never used as a feature).
+    /// The label's classes, comma-separated (three or more train a softmax model).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<String>,
+    /// Person id column of --data (never used as a feature).
     #[arg(long)]
     pub id: Option<String>,
     /// Model: logistic regression, or an MLP with --hidden widths.
@@ -130,9 +138,54 @@ impl DemoArgs {
     }
 }
 
-fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table) -> Result<(f64, f64)> {
-    let probs = spec.predict_proba(params, &test.x, test.columns.len())?;
-    Ok((accuracy(&probs, &test.y), roc_auc(&probs, &test.y)))
+/// Accuracy and ROC AUC (macro one-vs-rest for several classes) on the test rows.
+fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table, outputs: usize) -> Result<(f64, f64)> {
+    let io = medfl_shared::model::Io {
+        inputs: test.columns.len(),
+        outputs,
+    };
+    let probs = spec.predict_proba(params, &test.x, io)?;
+    Ok((
+        accuracy_k(&probs, &test.y, outputs),
+        roc_auc_k(&probs, &test.y, outputs),
+    ))
+}
+
+/// The demo's data as a dataset: the bundled CSV, a CSV file, or a PostgreSQL table.
+fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
+    use medfl_site_agent::data::{Dataset, DatasetConfig, csv::CsvConnector, postgres::PostgresSource};
+    let Some(data) = &args.data else {
+        let config = DatasetConfig::csv("demo", "breast_cancer_wisconsin.csv", "malignant", Some("patient_id"));
+        return Ok(Dataset {
+            connector: Box::new(CsvConnector::from_text(
+                "demo",
+                "breast_cancer_wisconsin.csv (bundled)",
+                BUNDLED_CSV.to_string(),
+            )),
+            config,
+            columns: Vec::new(),
+        });
+    };
+    let label = args.label.clone().unwrap_or_default();
+    let mut config = DatasetConfig::csv("demo", data.as_str(), &label, args.id.as_deref());
+    if data.starts_with("postgres://") || data.starts_with("postgresql://") {
+        let Some(table) = &args.table else {
+            bail!("--data {} is a database: name its --table", "postgresql://…");
+        };
+        config.path = PathBuf::new();
+        config.postgres = Some(PostgresSource {
+            connection: data.clone(),
+            password_file: None,
+            password_env: std::env::var_os("PGPASSWORD").map(|_| "PGPASSWORD".to_string()),
+            table: Some(table.clone()),
+            query: None,
+            statement_timeout_secs: 300,
+            fetch_rows: 10_000,
+        });
+    } else if args.table.is_some() {
+        bail!("--table goes with a PostgreSQL --data URL");
+    }
+    Ok(Dataset::open(config, std::path::Path::new("."))?)
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
@@ -182,30 +235,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             args.sites
         );
     }
-    let (text, file, label, id) = match &args.data {
-        Some(path) => (
-            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
-            path.display().to_string(),
-            args.label.clone().unwrap_or_default(),
-            args.id.clone(),
-        ),
-        None => (
-            BUNDLED_CSV.to_string(),
-            "breast_cancer_wisconsin.csv (bundled)".to_string(),
-            "malignant".to_string(),
-            Some("patient_id".to_string()),
-        ),
-    };
-    let cfg = DatasetConfig {
-        name: "demo".into(),
-        path: PathBuf::from(&file),
-        label: label.clone(),
-        id_column: id,
-        features: FeatureSelection::default(),
-        missing: MissingPolicy::Drop,
-        max_epsilon: None,
-    };
-    let table = Table::from_csv(&cfg, &text, &file)?;
+    let dataset = demo_dataset(&args)?;
+    let file = dataset.connector.source().to_string();
+    let label = dataset.config.label.clone();
+    let (mut schema, left_out) = dataset.default_schema()?;
+    for (column, why) in &left_out {
+        eprintln!("note: column {column:?} is not a feature: {why}");
+    }
+    schema.classes = args.classes.clone();
+    let outputs = schema.outputs();
+    let table = dataset.encode(&schema)?.into_table("demo");
+    if table.dropped > 0 {
+        eprintln!("note: {} rows left out (missing values)", table.dropped);
+    }
     let split = split_rows(&table.y, args.sites, 0.2, args.split, args.seed);
     let test = table.subset(&split.test);
     let site_tables: Vec<Table> = split.sites.iter().map(|rows| table.subset(rows)).collect();
@@ -275,7 +317,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         data: medfl_shared::manifest::DataSchema {
             dataset: "demo".into(),
             label: label.clone(),
+            classes: args.classes.clone(),
             features: table.columns.clone(),
+            categorical: Vec::new(),
+            dates: Vec::new(),
             // Under DP the hospitals may not scale with their own statistics; the public
             // reference is the consortium's held-out set, which no hospital owns. The
             // adaptive server optimizers and robust aggregators work on that scale too.
@@ -423,12 +468,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
         p
     };
-    let (fed_acc, fed_auc) = evaluate(&model, &on_raw(params.clone()), &test)?;
+    let (fed_acc, fed_auc) = evaluate(&model, &on_raw(params.clone()), &test, outputs)?;
     // The global model of every round on the held-out set: the learning curve.
     let mut curve = Vec::new();
     for r in 1..=info.rounds_completed {
         let (_, round_params) = fed.export(&study_id, Some(r)).await?;
-        curve.push(evaluate(&model, &on_raw(round_params), &test)?.0);
+        curve.push(evaluate(&model, &on_raw(round_params), &test, outputs)?.0);
     }
     let rounds_to_95 = curve.iter().position(|a| *a >= 0.95).map(|i| i + 1);
     // Federated evaluation: each round's starting model on the sites' held-out rows.
@@ -447,11 +492,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         local_epochs: args.rounds * training.local_epochs,
         ..training.clone()
     };
-    let init = model.init(d, args.seed);
+    let io = medfl_shared::model::Io { inputs: d, outputs };
+    let init = model.init(io, args.seed);
     let pooled = table.subset(&split.sites.concat());
     let central_problem = LocalProblem {
         spec: &model,
         n_features: d,
+        outputs,
         params: &init,
         start_on: Start::Initial,
         x: &pooled.x,
@@ -459,7 +506,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         training: &epochs,
     };
     let central = train(&central_problem, args.seed)?;
-    let (central_acc, central_auc) = evaluate(&model, &central.params, &test)?;
+    let (central_acc, central_auc) = evaluate(&model, &central.params, &test, outputs)?;
     let mut local = Vec::new();
     for (name, t) in fed.site_names.iter().zip(&site_tables) {
         let site_problem = LocalProblem {
@@ -468,7 +515,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             ..central_problem
         };
         let out = train(&site_problem, args.seed)?;
-        let (acc, auc) = evaluate(&model, &out.params, &test)?;
+        let (acc, auc) = evaluate(&model, &out.params, &test, outputs)?;
         let positives = t.y.iter().filter(|y| **y >= 0.5).count();
         local.push((name.clone(), t.rows(), positives, acc, auc));
     }

@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 pub struct FederationBuilder {
     sites: usize,
     tables: Option<Vec<Table>>,
+    csvs: Option<Vec<String>>,
     dataset: String,
     label: String,
     dir: Option<PathBuf>,
@@ -32,6 +33,7 @@ pub struct FederationBuilder {
     coordinator_binary: Option<PathBuf>,
     coordinator_env: Vec<(String, String)>,
     dataset_extra: Vec<(usize, String)>,
+    dataset_postgres: Vec<(usize, String)>,
     policy: Option<String>,
     coordinator_extra: String,
     agent_extra: String,
@@ -124,6 +126,7 @@ impl Default for FederationBuilder {
         FederationBuilder {
             sites: 3,
             tables: None,
+            csvs: None,
             dataset: "breast_cancer".into(),
             label: "malignant".into(),
             dir: None,
@@ -132,6 +135,7 @@ impl Default for FederationBuilder {
             coordinator_binary: None,
             coordinator_env: Vec::new(),
             dataset_extra: Vec::new(),
+            dataset_postgres: Vec::new(),
             policy: None,
             coordinator_extra: String::new(),
             agent_extra: String::new(),
@@ -182,6 +186,22 @@ impl FederationBuilder {
     /// (e.g. a tighter `max_epsilon`).
     pub fn dataset_setting(mut self, index: usize, toml_lines: &str) -> Self {
         self.dataset_extra.push((index, toml_lines.to_string()));
+        self
+    }
+
+    /// Runs a real agent per CSV text (a header line, the label among the columns),
+    /// each offering it as the dataset: for columns a [`Table`] cannot hold (text
+    /// categories, class names).
+    pub fn csvs(mut self, csvs: Vec<String>) -> Self {
+        self.sites = csvs.len();
+        self.csvs = Some(csvs);
+        self
+    }
+
+    /// Reads site `index`'s dataset from a database instead of its CSV: `toml_lines` are
+    /// the `[datasets.postgres]` table's keys (the site's rows must be there already).
+    pub fn dataset_in_postgres(mut self, index: usize, toml_lines: &str) -> Self {
+        self.dataset_postgres.push((index, toml_lines.to_string()));
         self
     }
 
@@ -352,11 +372,15 @@ impl FederationBuilder {
         };
 
         // Real agents, each from its own config file and CSV.
-        if let Some(tables) = self.tables {
-            for (index, (name, table)) in site_names.iter().zip(tables).enumerate() {
+        let csvs = match (self.tables, self.csvs) {
+            (Some(tables), _) => Some(tables.iter().map(|t| t.to_csv(&self.label)).collect::<Vec<_>>()),
+            (None, csvs) => csvs,
+        };
+        if let Some(csvs) = csvs {
+            for (index, (name, csv)) in site_names.iter().zip(csvs).enumerate() {
                 let site_dir = dir.join(name);
                 std::fs::create_dir_all(&site_dir)?;
-                std::fs::write(site_dir.join("data.csv"), table.to_csv(&self.label))?;
+                std::fs::write(site_dir.join("data.csv"), csv)?;
                 let mut agent_toml = format!(
                     "profile = \".\"\negress_log = \"egress.jsonl\"\n{}\n[[datasets]]\nname = \"{}\"\npath = \"data.csv\"\nlabel = \"{}\"\nfeatures = \"all_numeric\"\nmissing = \"drop\"\n",
                     self.agent_extra, self.dataset, self.label
@@ -367,6 +391,10 @@ impl FederationBuilder {
                 for (_, extra) in self.dataset_extra.iter().filter(|(i, _)| *i == index) {
                     agent_toml.push_str(extra);
                     agent_toml.push('\n');
+                }
+                for (_, pg) in self.dataset_postgres.iter().filter(|(i, _)| *i == index) {
+                    agent_toml = agent_toml.replace("path = \"data.csv\"\n", "");
+                    agent_toml.push_str(&format!("[datasets.postgres]\n{pg}\n"));
                 }
                 std::fs::write(site_dir.join("agent.toml"), agent_toml)?;
                 fed.start_agent(name)?;

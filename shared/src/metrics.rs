@@ -1,4 +1,7 @@
-//! Evaluation metrics for binary classifiers.
+//! Evaluation metrics for binary and multi-class classifiers.
+//!
+//! Binary models give one probability per row (P(label = 1)); multi-class models give
+//! `k` per row (row-major), labels being class indices `0..k` as `f32`.
 
 /// Fraction of rows where `p ≥ 0.5` agrees with the label.
 pub fn accuracy(probs: &[f32], labels: &[f32]) -> f64 {
@@ -46,6 +49,78 @@ pub fn roc_auc(scores: &[f32], labels: &[f32]) -> f64 {
     (rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg)
 }
 
+/// The predicted class of each row: `p ≥ 0.5` for a binary model (`k ≤ 1` outputs),
+/// otherwise the arg-max (first of ties).
+pub fn predicted_classes(probs: &[f32], k: usize) -> Vec<usize> {
+    if k <= 1 {
+        return probs.iter().map(|p| usize::from(*p >= 0.5)).collect();
+    }
+    probs
+        .chunks_exact(k)
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |best, (i, p)| if *p > best.1 { (i, *p) } else { best },
+                )
+                .0
+        })
+        .collect()
+}
+
+/// Accuracy of a model with `k` outputs per row (1: binary at 0.5; else arg-max).
+pub fn accuracy_k(probs: &[f32], labels: &[f32], k: usize) -> f64 {
+    if labels.is_empty() {
+        return 0.0;
+    }
+    let hits = predicted_classes(probs, k)
+        .iter()
+        .zip(labels)
+        .filter(|(c, y)| **c == **y as usize)
+        .count();
+    hits as f64 / labels.len() as f64
+}
+
+/// ROC AUC of a model with `k` outputs per row: the binary AUC for `k ≤ 1`, otherwise
+/// the macro average over classes of one-vs-rest AUCs (each class's probability as the
+/// score, that class as positive; Hand and Till 2001 discuss it, scikit-learn's
+/// `roc_auc_score(multi_class="ovr", average="macro")` computes the same). Classes
+/// absent from `labels` are left out of the average.
+pub fn roc_auc_k(probs: &[f32], labels: &[f32], k: usize) -> f64 {
+    if k <= 1 {
+        return roc_auc(probs, labels);
+    }
+    let mut aucs = Vec::new();
+    for class in 0..k {
+        let scores: Vec<f32> = probs.chunks_exact(k).map(|row| row[class]).collect();
+        let positive: Vec<f32> = labels.iter().map(|y| f32::from(*y as usize == class)).collect();
+        let n_pos = positive.iter().filter(|p| **p > 0.5).count();
+        if n_pos == 0 || n_pos == positive.len() {
+            continue;
+        }
+        aucs.push(roc_auc(&scores, &positive));
+    }
+    if aucs.is_empty() {
+        return 0.5;
+    }
+    aucs.iter().sum::<f64>() / aucs.len() as f64
+}
+
+/// Summed cross-entropy of a model with `k` outputs per row: binary cross-entropy for
+/// `k ≤ 1`, else `−ln p_y`; probabilities clamped to [1e-7, 1 − 1e-7].
+pub fn cross_entropy_sum(probs: &[f32], labels: &[f32], k: usize) -> f64 {
+    let eps = 1e-7f64;
+    if k <= 1 {
+        return log_loss(probs, labels) * probs.len() as f64;
+    }
+    probs
+        .chunks_exact(k)
+        .zip(labels)
+        .map(|(row, y)| -(row[(*y as usize).min(k - 1)] as f64).clamp(eps, 1.0 - eps).ln())
+        .sum()
+}
+
 /// Mean binary cross-entropy of probabilities against labels.
 pub fn log_loss(probs: &[f32], labels: &[f32]) -> f64 {
     let eps = 1e-7f64;
@@ -72,6 +147,23 @@ mod tests {
         assert_eq!(roc_auc(&[0.5; 4], &labels), 0.5);
         // One positive ranked below one negative: 3 of 4 pairs ordered.
         assert_eq!(roc_auc(&[0.1, 0.6, 0.5, 0.9], &labels), 0.75);
+    }
+
+    #[test]
+    fn multi_class_accuracy_and_macro_auc() {
+        // Three classes; rows' probabilities row-major.
+        let probs = [0.7, 0.2, 0.1, 0.1, 0.8, 0.1, 0.2, 0.3, 0.5, 0.6, 0.3, 0.1];
+        let labels = [0.0, 1.0, 2.0, 1.0];
+        assert_eq!(predicted_classes(&probs, 3), vec![0, 1, 2, 0]);
+        assert_eq!(accuracy_k(&probs, &labels, 3), 0.75);
+        // Class 0 vs rest: scores .7,.1,.2,.6 with positive row 0 only → 1.0.
+        // Class 1: scores .2,.8,.3,.3, positives rows 1 and 3: pairs (0.8 > .2, .3) and
+        // (0.3 > 0.2, 0.3 = 0.3 → ½) → 3.5/4. Class 2: .1,.1,.5,.1, positive row 2 → 1.0.
+        let want = (1.0 + 3.5 / 4.0 + 1.0) / 3.0;
+        assert!((roc_auc_k(&probs, &labels, 3) - want).abs() < 1e-12);
+        let ce = cross_entropy_sum(&probs, &labels, 3);
+        let want_ce = -(0.7f64.ln() + 0.8f64.ln() + 0.5f64.ln() + 0.3f64.ln());
+        assert!((ce - want_ce).abs() < 1e-6, "{ce} vs {want_ce}");
     }
 
     #[test]

@@ -22,6 +22,20 @@ pub enum ModelKind {
     External,
 }
 
+/// A model's input width and output width: one logit for a binary label, one per class
+/// for `K > 2` classes (softmax). A bare `usize` is a binary model on that many inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Io {
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+impl From<usize> for Io {
+    fn from(inputs: usize) -> Self {
+        Io { inputs, outputs: 1 }
+    }
+}
+
 /// The model part of a study manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,19 +186,21 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Returns `(in, out)` for each layer, input layer first, output (1 logit) last.
-    pub fn layer_dims(&self, n_features: usize) -> Vec<(usize, usize)> {
+    /// Returns `(in, out)` for each layer, input layer first, output (one logit, or one
+    /// per class) last.
+    pub fn layer_dims(&self, io: impl Into<Io>) -> Vec<(usize, usize)> {
+        let io = io.into();
         let mut dims = Vec::with_capacity(self.hidden.len() + 1);
-        let mut fan_in = n_features;
+        let mut fan_in = io.inputs;
         for &h in &self.hidden {
             dims.push((fan_in, h));
             fan_in = h;
         }
-        dims.push((fan_in, 1));
+        dims.push((fan_in, io.outputs.max(1)));
         dims
     }
 
-    pub fn layout(&self, n_features: usize) -> Vec<TensorSpec> {
+    pub fn layout(&self, n_features: impl Into<Io>) -> Vec<TensorSpec> {
         if let Some(ext) = &self.external {
             return ext.tensors.clone();
         }
@@ -206,7 +222,7 @@ impl ModelSpec {
             .collect()
     }
 
-    pub fn num_params(&self, n_features: usize) -> u64 {
+    pub fn num_params(&self, n_features: impl Into<Io>) -> u64 {
         if let Some(ext) = &self.external {
             return ext.tensors.iter().map(TensorSpec::len).sum();
         }
@@ -218,7 +234,8 @@ impl ModelSpec {
 
     /// Returns the initial global model: zeros for logistic regression; for an MLP,
     /// weights uniform in ±1/√fan_in (the PyTorch `Linear` default) from `seed`, zero biases.
-    pub fn init(&self, n_features: usize, seed: u64) -> Vec<f32> {
+    pub fn init(&self, n_features: impl Into<Io>, seed: u64) -> Vec<f32> {
+        let n_features = n_features.into();
         let mut rng = StdRng::seed_from_u64(seed);
         if let Some(ext) = &self.external {
             let mut params = Vec::with_capacity(self.num_params(n_features) as usize);
@@ -252,21 +269,24 @@ impl ModelSpec {
         params
     }
 
-    /// Returns the logit for each row of `x` (row-major, `n_features` columns).
-    pub fn logits(&self, params: &[f32], x: &[f32], n_features: usize) -> Result<Vec<f32>, ModelError> {
+    /// Returns the logits of each row of `x` (row-major, `io.inputs` columns), row-major:
+    /// `io.outputs` per row.
+    pub fn logits(&self, params: &[f32], x: &[f32], io: impl Into<Io>) -> Result<Vec<f32>, ModelError> {
         if self.kind == ModelKind::External {
             return Err(ModelError::NoInference);
         }
-        let want = self.num_params(n_features) as usize;
+        let io = io.into();
+        let n_features = io.inputs;
+        let want = self.num_params(io) as usize;
         if params.len() != want {
             return Err(ModelError::WrongLength {
                 got: params.len(),
                 want,
             });
         }
-        let dims = self.layer_dims(n_features);
+        let dims = self.layer_dims(io);
         let rows = x.len() / n_features;
-        let mut out = Vec::with_capacity(rows);
+        let mut out = Vec::with_capacity(rows * io.outputs.max(1));
         let mut act = Vec::new();
         let mut next = Vec::new();
         for row in x.chunks_exact(n_features) {
@@ -290,15 +310,34 @@ impl ModelSpec {
                 }
                 std::mem::swap(&mut act, &mut next);
             }
-            out.push(act[0]);
+            out.extend_from_slice(&act);
         }
         Ok(out)
     }
 
-    /// Returns P(label = 1) for each row.
-    pub fn predict_proba(&self, params: &[f32], x: &[f32], n_features: usize) -> Result<Vec<f32>, ModelError> {
-        Ok(self.logits(params, x, n_features)?.into_iter().map(sigmoid).collect())
+    /// Returns P(label = 1) for each row of a binary model, or each row's class
+    /// probabilities (softmax, `io.outputs` per row) of a multi-class one.
+    pub fn predict_proba(&self, params: &[f32], x: &[f32], io: impl Into<Io>) -> Result<Vec<f32>, ModelError> {
+        let io = io.into();
+        let mut z = self.logits(params, x, io)?;
+        if io.outputs <= 1 {
+            z.iter_mut().for_each(|v| *v = sigmoid(*v));
+        } else {
+            z.chunks_exact_mut(io.outputs).for_each(softmax_in_place);
+        }
+        Ok(z)
     }
+}
+
+/// `softmax(z)_k = e^{z_k − max z} / Σ_j e^{z_j − max z}`, in place.
+pub fn softmax_in_place(z: &mut [f32]) {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for v in z.iter_mut() {
+        *v = (*v - max).exp();
+        total += *v;
+    }
+    z.iter_mut().for_each(|v| *v /= total);
 }
 
 pub fn sigmoid(z: f32) -> f32 {
@@ -352,10 +391,20 @@ impl Standardizer {
         }
     }
 
+    /// The input layer's `(in, out)`: an MLP's first hidden width, or for logistic
+    /// regression its outputs, `params_len / (in + 1)` (one logit or one per class).
+    fn first_layer(&self, spec: &ModelSpec, params_len: usize) -> (usize, usize) {
+        let d = self.center.len();
+        match spec.hidden.first() {
+            Some(&h) => (d, h),
+            None => (d, (params_len / (d + 1)).max(1)),
+        }
+    }
+
     /// Rewrites the input layer of `params` (a model on raw features) into the
     /// equivalent model on standardized features: `W' = W·diag(s)`, `b' = b + W·c`.
     pub fn raw_to_standardized(&self, spec: &ModelSpec, params: &mut [f32]) {
-        let (fan_in, fan_out) = spec.layer_dims(self.center.len())[0];
+        let (fan_in, fan_out) = self.first_layer(spec, params.len());
         let (w, rest) = params.split_at_mut(fan_in * fan_out);
         for o in 0..fan_out {
             let row = &mut w[o * fan_in..(o + 1) * fan_in];
@@ -368,7 +417,7 @@ impl Standardizer {
     /// The inverse of [`Standardizer::raw_to_standardized`]: `W = W'·diag(1/s)`,
     /// `b = b' − W·c`.
     pub fn standardized_to_raw(&self, spec: &ModelSpec, params: &mut [f32]) {
-        let (fan_in, fan_out) = spec.layer_dims(self.center.len())[0];
+        let (fan_in, fan_out) = self.first_layer(spec, params.len());
         let (w, rest) = params.split_at_mut(fan_in * fan_out);
         for o in 0..fan_out {
             let row = &mut w[o * fan_in..(o + 1) * fan_in];

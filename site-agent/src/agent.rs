@@ -82,8 +82,13 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 .datasets
                 .iter()
                 .map(|d| pb::DatasetInfo {
-                    name: d.0.name.clone(),
-                    columns: d.1.columns.iter().cloned().chain([d.0.label.clone()]).collect(),
+                    name: d.config.name.clone(),
+                    columns: d
+                        .columns
+                        .iter()
+                        .map(|(c, _)| c.clone())
+                        .filter(|c| Some(c) != d.config.person_id.as_ref())
+                        .collect(),
                 })
                 .collect(),
         };
@@ -198,9 +203,9 @@ fn render_metrics(settings: &AgentSettings) -> Result<String, String> {
     for d in &settings.datasets {
         let eps = settings
             .ledger
-            .spent(&d.0.name, settings.policy.delta)
+            .spent(&d.config.name, settings.policy.delta)
             .map_err(|e| e.to_string())?;
-        spent.push((format!("{{dataset=\"{}\"}}", label(&d.0.name)), eps));
+        spent.push((format!("{{dataset=\"{}\"}}", label(&d.config.name)), eps));
     }
     family(
         &mut out,

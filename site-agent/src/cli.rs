@@ -65,11 +65,24 @@ pub enum AgentCommand {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Hospital IT's dry run of the datasets: for each, the columns and their types,
+    /// the rows the agent can use and those it leaves out and why. Needs no store, so
+    /// it runs beside a running agent.
+    Datasets {
+        #[command(subcommand)]
+        command: DatasetsCommand,
+    },
     /// The site's own trainers (`[trainers.NAME]`).
     Trainer {
         #[command(subcommand)]
         command: TrainerCommand,
     },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DatasetsCommand {
+    /// Reads each dataset (or the one named) as a round would, without training.
+    Check { name: Option<String> },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -121,6 +134,25 @@ pub async fn main(args: AgentArgs) -> ExitCode {
         eprintln!("medfl-agent: --config agent.toml is required");
         return ExitCode::from(EXIT_CONFIG);
     };
+    if let Some(AgentCommand::Datasets {
+        command: DatasetsCommand::Check { name },
+    }) = &args.command
+    {
+        return match crate::check::datasets_check(config, name.as_deref()) {
+            Ok(report) => {
+                print!("{}", report.text);
+                if report.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("medfl-agent datasets check: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let mut settings = match crate::AgentSettings::load_with(config, args.profile.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -170,8 +202,8 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
     let delta = settings.policy.delta;
     let mut report = Vec::new();
     for dataset in &settings.datasets {
-        let name = &dataset.0.name;
-        let cap = dataset.0.max_epsilon.unwrap_or(settings.policy.max_epsilon);
+        let name = &dataset.config.name;
+        let cap = dataset.config.max_epsilon.unwrap_or(settings.policy.max_epsilon);
         let charges = settings.ledger.charges(name)?;
         let spent = settings.ledger.spent(name, delta)?;
         if !json {

@@ -12,9 +12,9 @@
 //! and the throughput comparison.
 
 use candle_core::{Device, Tensor};
-use medfl_shared::model::ModelSpec;
+use medfl_shared::model::{Io, ModelSpec};
 
-use crate::problem::{LocalProblem, layer_tensors};
+use crate::problem::{LocalProblem, layer_tensors, loss_rows, output_delta, targets};
 
 /// The summed clipped per-example gradients of one batch, in the flat layout of
 /// [`ModelSpec::layout`], and the batch's mean loss.
@@ -27,21 +27,13 @@ pub struct ClippedBatch {
     pub clipped: usize,
 }
 
-fn sigmoid(z: &Tensor) -> candle_core::Result<Tensor> {
-    (z.neg()?.exp()? + 1.0)?.recip()
-}
-
-/// Binary cross-entropy per row on logits, `max(z,0) − z·y + log(1 + e^{−|z|})`.
-fn bce_rows(z: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    let softplus = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    (z.relu()? - (z * y)?)? + softplus
-}
-
 /// Vectorized: one forward and one backward pass over the batch, per-example norms
 /// by the outer-product identity, clipping factors, and the clipped sum by matmuls.
+/// `io` is the input width (a binary model) or the input and output widths; labels
+/// are 0/1 or class indices.
 pub fn clipped_gradient_sum(
     spec: &ModelSpec,
-    d: usize,
+    io: impl Into<Io>,
     params: &[f32],
     x: &[f32],
     y: &[f32],
@@ -57,8 +49,10 @@ pub fn clipped_gradient_sum(
             clipped: 0,
         });
     }
-    let layers = layer_tensors(spec, d, params, &dev)?;
-    let yb = Tensor::from_slice(y, (rows, 1), &dev)?;
+    let io = io.into();
+    let d = io.inputs;
+    let layers = layer_tensors(spec, io, params, &dev)?;
+    let yb = targets(y, io.outputs, &dev)?;
     // Forward, keeping each layer's input and pre-activation.
     let mut inputs = vec![Tensor::from_slice(x, (rows, d), &dev)?];
     let mut pre = Vec::with_capacity(layers.len());
@@ -70,9 +64,10 @@ pub fn clipped_gradient_sum(
         pre.push(z);
     }
     let logits = &pre[layers.len() - 1];
-    let mean_loss = bce_rows(logits, &yb)?.mean_all()?.to_scalar::<f32>()? as f64;
-    // Backward: δ_L = σ(z_L) − y, δ_{l−1} = (δ_l W_l) ⊙ 1[z_{l−1} > 0].
-    let mut deltas = vec![sigmoid(logits)?.sub(&yb)?];
+    let mean_loss = loss_rows(logits, &yb)?.mean_all()?.to_scalar::<f32>()? as f64;
+    // Backward: δ_L = σ(z_L) − y (softmax(z_L) − onehot(y) for several classes),
+    // δ_{l−1} = (δ_l W_l) ⊙ 1[z_{l−1} > 0].
+    let mut deltas = vec![output_delta(logits, &yb)?];
     for l in (1..layers.len()).rev() {
         let back = deltas[0].matmul(&layers[l].0)?;
         let mask = pre[l - 1].gt(0.0)?.to_dtype(candle_core::DType::F32)?;
@@ -109,14 +104,16 @@ pub fn clipped_gradient_sum(
 /// The reference: a separate autograd backward pass per example, then clip and sum.
 pub fn clipped_gradient_sum_looped(
     spec: &ModelSpec,
-    d: usize,
+    io: impl Into<Io>,
     params: &[f32],
     x: &[f32],
     y: &[f32],
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
     let dev = Device::Cpu;
-    let layers = crate::problem::layer_vars(spec, d, params, &dev)?;
+    let io = io.into();
+    let d = io.inputs;
+    let layers = crate::problem::layer_vars(spec, io, params, &dev)?;
     let mut sum = vec![0f32; params.len()];
     let (mut loss_total, mut clipped) = (0.0, 0);
     for (row, label) in x.chunks_exact(d).zip(y) {
@@ -127,7 +124,7 @@ pub fn clipped_gradient_sum_looped(
                 h = h.relu()?;
             }
         }
-        let loss = bce_rows(&h, &Tensor::from_slice(&[*label], (1, 1), &dev)?)?.mean_all()?;
+        let loss = loss_rows(&h, &targets(&[*label], io.outputs, &dev)?)?.mean_all()?;
         loss_total += loss.to_scalar::<f32>()? as f64;
         let grads = loss.backward()?;
         let mut g = Vec::with_capacity(params.len());
@@ -204,6 +201,7 @@ mod tests {
         let local = LocalProblem {
             spec: &spec,
             n_features: d,
+            outputs: 1,
             params: &init,
             start_on: crate::problem::Start::Initial,
             x: &x,
@@ -231,20 +229,29 @@ mod tests {
             },
         ] {
             let d = 6;
-            let params = spec.init(d, 3).iter().map(|p| p + 0.1).collect::<Vec<f32>>();
-            let (x, y) = data(40, d, 9);
-            for clip in [0.05, 1.0, 100.0] {
-                let fast = clipped_gradient_sum(&spec, d, &params, &x, &y, clip).expect("vectorized");
-                let slow = clipped_gradient_sum_looped(&spec, d, &params, &x, &y, clip).expect("looped");
-                assert_eq!(fast.clipped, slow.clipped, "{:?} clip {clip}", spec.kind);
-                for (a, b) in fast.sum.iter().zip(&slow.sum) {
-                    assert!(
-                        (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                        "{:?} clip {clip}: {a} vs {b}",
-                        spec.kind
-                    );
+            // Binary (one logit) and four classes (softmax), the labels class indices.
+            for outputs in [1, 4] {
+                let io = Io { inputs: d, outputs };
+                let params = spec.init(io, 3).iter().map(|p| p + 0.1).collect::<Vec<f32>>();
+                let (x, mut y) = data(40, d, 9);
+                if outputs > 1 {
+                    y.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = ((i * 7) % outputs) as f32);
                 }
-                assert!((fast.mean_loss - slow.mean_loss).abs() < 1e-5);
+                for clip in [0.05, 1.0, 100.0] {
+                    let fast = clipped_gradient_sum(&spec, io, &params, &x, &y, clip).expect("vectorized");
+                    let slow = clipped_gradient_sum_looped(&spec, io, &params, &x, &y, clip).expect("looped");
+                    assert_eq!(fast.clipped, slow.clipped, "{:?} clip {clip}", spec.kind);
+                    for (a, b) in fast.sum.iter().zip(&slow.sum) {
+                        assert!(
+                            (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                            "{:?} clip {clip}: {a} vs {b}",
+                            spec.kind
+                        );
+                    }
+                    assert!((fast.mean_loss - slow.mean_loss).abs() < 1e-5);
+                }
             }
         }
     }
@@ -302,7 +309,9 @@ pub fn train_dp(
         x,
         y,
         training,
+        ..
     } = *local;
+    let io = local.io();
     use medfl_shared::manifest::Optimizer;
     let n = y.len();
     let mut xs = x.to_vec();
@@ -325,7 +334,7 @@ pub fn train_dp(
             .flat_map(|&r| xs[r * d..(r + 1) * d].iter().copied())
             .collect();
         let by: Vec<f32> = rows.iter().map(|&r| y[r]).collect();
-        let batch = clipped_gradient_sum(spec, d, &theta, &bx, &by, dp.clip_norm)?;
+        let batch = clipped_gradient_sum(spec, io, &theta, &bx, &by, dp.clip_norm)?;
         loss_total += batch.mean_loss;
         let noisy = medfl_shared::dp::add_gaussian_noise(&batch.sum, dp.clip_norm, dp.noise_multiplier)?;
         effective = effective.min(noisy.effective_noise_multiplier);

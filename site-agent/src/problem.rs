@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use medfl_shared::manifest::Training;
-use medfl_shared::model::ModelSpec;
+use medfl_shared::model::{Io, ModelSpec};
 
 /// How to read the starting parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,11 +17,14 @@ pub enum Start {
 
 /// One site's local training problem as the round hands it over: the model family,
 /// the starting parameters and how to read them, the rows (raw, row-major, `n × n_features`)
-/// with their labels, and the manifest's training settings.
+/// with their labels (0/1, or class indices `0..outputs` for a multi-class model), and the
+/// manifest's training settings.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalProblem<'a> {
     pub spec: &'a ModelSpec,
     pub n_features: usize,
+    /// The model's outputs: 1 (a binary logit) or the number of classes.
+    pub outputs: usize,
     pub params: &'a [f32],
     pub start_on: Start,
     pub x: &'a [f32],
@@ -37,12 +40,12 @@ pub(crate) const ADAM_EPS: f64 = 1e-8;
 /// Splits flat parameters into each layer's (weight [out, in], bias [out]) tensors.
 pub(crate) fn layer_tensors(
     spec: &ModelSpec,
-    d: usize,
+    io: Io,
     params: &[f32],
     dev: &Device,
 ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
     let mut at = 0;
-    spec.layer_dims(d)
+    spec.layer_dims(io)
         .into_iter()
         .map(|(fan_in, fan_out)| {
             let w = Tensor::from_slice(&params[at..at + fan_in * fan_out], (fan_out, fan_in), dev)?;
@@ -56,12 +59,58 @@ pub(crate) fn layer_tensors(
 
 pub(crate) fn layer_vars(
     spec: &ModelSpec,
-    n_features: usize,
+    io: Io,
     params: &[f32],
     dev: &Device,
 ) -> candle_core::Result<Vec<(Var, Var)>> {
-    layer_tensors(spec, n_features, params, dev)?
+    layer_tensors(spec, io, params, dev)?
         .into_iter()
         .map(|(w, b)| Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?)))
         .collect()
+}
+
+impl LocalProblem<'_> {
+    /// The model's input and output widths.
+    pub fn io(&self) -> Io {
+        Io {
+            inputs: self.n_features,
+            outputs: self.outputs,
+        }
+    }
+}
+
+/// The training targets: labels as a column `(rows, 1)` for a binary model, one-hot
+/// rows `(rows, k)` for `k` classes (labels are class indices).
+pub(crate) fn targets(y: &[f32], outputs: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    if outputs <= 1 {
+        return Tensor::from_slice(y, (y.len(), 1), dev);
+    }
+    let mut one_hot = vec![0f32; y.len() * outputs];
+    for (r, label) in y.iter().enumerate() {
+        one_hot[r * outputs + (*label as usize).min(outputs - 1)] = 1.0;
+    }
+    Tensor::from_vec(one_hot, (y.len(), outputs), dev)
+}
+
+/// Each row's loss on logits `z` against targets `t` (see [`targets`]), shape `(rows, 1)`:
+/// binary cross-entropy `max(z,0) − z·y + log(1 + e^{−|z|})` (overflow-free) for one
+/// output, softmax cross-entropy `logsumexp(z) − z·t` for several.
+pub(crate) fn loss_rows(z: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+    if z.dims()[1] <= 1 {
+        let softplus = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
+        return (z.relu()? - (z * t)?)? + softplus;
+    }
+    let max = z.max_keepdim(1)?;
+    let logsumexp = (z.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
+    logsumexp - (z * t)?.sum_keepdim(1)?
+}
+
+/// The gradient of [`loss_rows`] with respect to the logits: `σ(z) − y` for one output,
+/// `softmax(z) − t` for several (the same form, which per-example clipping relies on).
+pub(crate) fn output_delta(z: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+    if z.dims()[1] <= 1 {
+        return (z.neg()?.exp()? + 1.0)?.recip()?.sub(t);
+    }
+    let e = z.broadcast_sub(&z.max_keepdim(1)?)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(1)?)?.sub(t)
 }

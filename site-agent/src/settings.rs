@@ -12,7 +12,7 @@ use medfl_shared::manifest::PrivacyPlan;
 use serde::Deserialize;
 use tracing::info;
 
-use crate::data::{DatasetConfig, Table};
+use crate::data::{Dataset, DatasetConfig};
 use crate::egress::{EgressLog, load_or_create_key};
 use crate::external::TrainerConfig;
 use crate::ledger::Ledger;
@@ -71,7 +71,7 @@ pub struct AgentSettings {
     pub coordinator: Option<String>,
     /// Where everything that leaves the site is logged before it leaves.
     pub egress: Arc<EgressLog>,
-    pub datasets: Vec<Arc<(DatasetConfig, Table)>>,
+    pub datasets: Vec<Arc<Dataset>>,
     pub policy: Policy,
     pub ledger: Ledger,
     /// The agent's store directory (the ledger, SCAFFOLD's control variates).
@@ -115,7 +115,7 @@ impl AgentSettings {
     pub fn dataset_caps(&self) -> Vec<(String, Option<f64>)> {
         self.datasets
             .iter()
-            .map(|d| (d.0.name.clone(), d.0.max_epsilon))
+            .map(|d| (d.config.name.clone(), d.config.max_epsilon))
             .collect()
     }
 
@@ -152,14 +152,30 @@ impl AgentSettings {
         if file.datasets.is_empty() {
             bail!("the config lists no [[datasets]]; an agent with no data has nothing to offer");
         }
-        let mut datasets: Vec<Arc<(DatasetConfig, Table)>> = Vec::new();
+        let mut datasets: Vec<Arc<Dataset>> = Vec::new();
         for mut cfg in file.datasets {
-            let table = Table::load(&cfg, base)?;
-            // Absolute from here on: a trainer is given the approved file by this path.
-            cfg.path =
-                std::path::absolute(base.join(&cfg.path)).with_context(|| format!("resolve {}", cfg.path.display()))?;
-            info!(dataset = %cfg.name, rows = table.rows(), dropped = table.dropped, features = table.columns.len(), "dataset loaded");
-            datasets.push(Arc::new((cfg, table)));
+            if datasets.iter().any(|d| d.config.name == cfg.name) {
+                bail!("two [[datasets]] are named {:?}", cfg.name);
+            }
+            if cfg.postgres.is_none() {
+                // Absolute from here on: a trainer is given the approved file by this path.
+                cfg.path = std::path::absolute(base.join(&cfg.path))
+                    .with_context(|| format!("resolve {}", cfg.path.display()))?;
+            }
+            let mut dataset = Dataset::open(cfg, base)?;
+            // A file must read now; a database may be down at start and up by the
+            // first round (each round reads it again and refuses while it is not).
+            match dataset.read_columns() {
+                Ok(columns) => {
+                    info!(dataset = %dataset.config.name, source = %dataset.connector.source(), columns = columns.len(), "dataset opened");
+                    dataset.columns = columns;
+                }
+                Err(e) if dataset.config.postgres.is_some() => {
+                    tracing::warn!(dataset = %dataset.config.name, error = %e, "dataset not reachable yet; rounds on it are refused until it is");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            datasets.push(Arc::new(dataset));
         }
         let policy = match (file.policy, &file.policy_file) {
             (Some(_), Some(_)) => bail!("the config has both [policy] and policy_file; keep one"),

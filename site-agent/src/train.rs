@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use medfl_shared::manifest::{Optimizer, Training};
 use medfl_shared::model::Standardizer;
 
-use crate::problem::{ADAM_EPS, BETA1, BETA2, layer_vars};
+use crate::problem::{ADAM_EPS, BETA1, BETA2, layer_vars, loss_rows, targets};
 pub use crate::problem::{LocalProblem, Start};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 
@@ -40,13 +40,6 @@ fn forward(layers: &[(Var, Var)], x: &Tensor) -> candle_core::Result<Tensor> {
     Ok(h)
 }
 
-/// Binary cross-entropy on logits, in the overflow-free form
-/// `max(z, 0) − z·y + log(1 + e^{−|z|})`.
-fn bce_with_logits(z: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    let softplus = z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
-    (z.relu()? - (z * y)?)?.add(&softplus)?.mean_all()
-}
-
 /// A local training problem on the training scale: rows (n × d) and labels as tensors,
 /// and the starting model as variables (`start` flat).
 struct Problem {
@@ -69,6 +62,7 @@ impl Problem {
             y,
             ..
         } = *local;
+        let io = local.io();
         let dev = Device::Cpu;
         let mut xs = x.to_vec();
         scaling.apply(&mut xs);
@@ -78,8 +72,8 @@ impl Problem {
         }
         Ok(Problem {
             x: Tensor::from_slice(&xs, (y.len(), n_features), &dev)?,
-            y: Tensor::from_slice(y, (y.len(), 1), &dev)?,
-            layers: layer_vars(spec, n_features, &start, &dev)?,
+            y: targets(y, io.outputs, &dev)?,
+            layers: layer_vars(spec, io, &start, &dev)?,
             start,
         })
     }
@@ -111,7 +105,7 @@ fn epochs(
             let idx = Tensor::from_slice(idx, idx.len(), &dev)?;
             let xb = x_all.index_select(&idx, 0)?;
             let yb = y_all.index_select(&idx, 0)?;
-            let loss = bce_with_logits(&forward(layers, &xb)?, &yb)?;
+            let loss = loss_rows(&forward(layers, &xb)?, &yb)?.mean_all()?;
             epoch_loss += loss.to_scalar::<f32>()? as f64;
             batches += 1;
             let grads = loss.backward()?;
@@ -282,6 +276,7 @@ mod tests {
             let local = LocalProblem {
                 spec: &spec,
                 n_features: 2,
+                outputs: 1,
                 params: &start,
                 start_on: Start::Initial,
                 x: &x,
@@ -328,6 +323,7 @@ mod tests {
             let local = LocalProblem {
                 spec: &spec,
                 n_features: 2,
+                outputs: 1,
                 params: &init,
                 start_on: Start::Initial,
                 x: &x,

@@ -44,6 +44,8 @@ pub struct Scaffold {
 pub struct TrainingTask {
     pub spec: ModelSpec,
     pub n_features: usize,
+    /// The model's outputs: 1 (binary) or the number of classes.
+    pub outputs: usize,
     /// The global model this round received (without SCAFFOLD's control variate).
     pub start: Vec<f32>,
     pub start_on: Start,
@@ -114,6 +116,7 @@ impl TrainingTask {
         LocalProblem {
             spec: &self.spec,
             n_features: self.n_features,
+            outputs: self.outputs,
             params: &self.start,
             start_on: self.start_on,
             x: &self.x,

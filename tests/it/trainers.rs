@@ -116,6 +116,7 @@ fn run_trainer(dir: &Path, cfg: TrainerConfig, hidden: Vec<PathBuf>) -> Result<V
         hidden,
     };
     let task = TrainingTask {
+        outputs: 1,
         spec: spec.clone(),
         n_features: table.columns.len(),
         start,

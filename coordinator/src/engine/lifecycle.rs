@@ -58,7 +58,7 @@ impl Engine {
                 .to_string(),
             creator_cert: to_hex(creator_cert),
         };
-        let initial = manifest.model.init(manifest.n_features(), manifest.seed);
+        let initial = manifest.model.init(manifest.io(), manifest.seed);
         self.store.create_study(&study, &initial)?;
         info!(study = %id, hash = %study.manifest_hash, params = initial.len(), "study created");
         self.emit(&id, EventKind::StateChanged, 0, "", "created".into());

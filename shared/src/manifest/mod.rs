@@ -147,13 +147,175 @@ impl Evaluation {
 pub struct DataSchema {
     /// Name under which sites register the dataset.
     pub dataset: String,
-    /// Binary label column (values 0 and 1).
+    /// The label column: values 0 and 1 without `classes`, else one of `classes`.
     pub label: String,
-    /// Feature columns, in model input order.
+    /// The label's classes, in the order of the model's outputs. Empty (the default)
+    /// means a binary 0/1 label; two classes are a binary model whose positive class is
+    /// the second; three or more are a softmax model with one output per class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
+    /// Feature columns, in model input order. A categorical one (listed in
+    /// `categorical`) becomes one 0/1 input per category, in the listed order.
     pub features: Vec<String>,
-    /// Public feature scaling; required with record-level `[privacy]`.
+    /// The categorical features and their categories: public, so every site one-hot
+    /// encodes them the same way whatever order it meets the values in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categorical: Vec<Categorical>,
+    /// Date or timestamp features the model reads as a number: days since `origin`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dates: Vec<DateFeature>,
+    /// Public feature scaling, one center and scale per model input (a categorical
+    /// feature has one per category); required with record-level `[privacy]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<PublicScaling>,
+}
+
+/// `[[data.categorical]]`: a feature whose values are names from a public list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Categorical {
+    pub column: String,
+    pub categories: Vec<String>,
+}
+
+/// `[[data.dates]]`: a date or timestamp feature read as days (fractional for
+/// timestamps) since `origin`, a `YYYY-MM-DD` date.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DateFeature {
+    pub column: String,
+    pub origin: String,
+}
+
+/// How one feature column becomes model inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureKind<'a> {
+    /// A number (booleans are 0/1) as one input.
+    Numeric,
+    /// One 0/1 input per listed category.
+    Categorical(&'a [String]),
+    /// Days since the origin (days since 1970-01-01 of the `YYYY-MM-DD` origin).
+    Date(i64),
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` date in the proleptic Gregorian calendar
+/// (Howard Hinnant's `days_from_civil`), or `None` when it is not one.
+pub fn days_from_civil(text: &str) -> Option<i64> {
+    let mut parts = text.trim().splitn(3, '-');
+    let y: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next()?.parse().ok()?;
+    let d: i64 = parts.next()?.parse().ok()?;
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&m) || d < 1 || d > month_days[(m - 1) as usize] {
+        return None;
+    }
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+impl DataSchema {
+    /// How `column` (one of `features`) becomes inputs.
+    pub fn feature_kind(&self, column: &str) -> FeatureKind<'_> {
+        if let Some(c) = self.categorical.iter().find(|c| c.column == column) {
+            return FeatureKind::Categorical(&c.categories);
+        }
+        if let Some(d) = self.dates.iter().find(|d| d.column == column) {
+            return FeatureKind::Date(days_from_civil(&d.origin).unwrap_or(0));
+        }
+        FeatureKind::Numeric
+    }
+
+    /// The model's inputs by name, in order: a numeric or date feature's own name, a
+    /// categorical feature's `column=category` for each category.
+    pub fn input_names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for f in &self.features {
+            match self.feature_kind(f) {
+                FeatureKind::Categorical(cats) => out.extend(cats.iter().map(|c| format!("{f}={c}"))),
+                _ => out.push(f.clone()),
+            }
+        }
+        out
+    }
+
+    /// The model's outputs: one logit for a binary label, else one per class.
+    pub fn outputs(&self) -> usize {
+        if self.classes.len() > 2 { self.classes.len() } else { 1 }
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        let name_ok = |s: &str| !s.is_empty() && s.len() <= 200 && !s.chars().any(char::is_control);
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.classes {
+            if !name_ok(c) || !seen.insert(c) {
+                return Err(invalid(format!("data.classes: {c:?} is empty, too long or repeated")));
+            }
+        }
+        if self.classes.len() == 1 || self.classes.len() > 1000 {
+            return Err(invalid(format!(
+                "data.classes lists {} classes: give 2 to 1000 (or none for a 0/1 label)",
+                self.classes.len()
+            )));
+        }
+        let mut named = std::collections::HashSet::new();
+        for c in &self.categorical {
+            if !self.features.contains(&c.column) {
+                return Err(invalid(format!(
+                    "data.categorical names {:?}, which is not in data.features",
+                    c.column
+                )));
+            }
+            if !named.insert(c.column.as_str()) {
+                return Err(invalid(format!(
+                    "{:?} is listed twice in data.categorical/data.dates",
+                    c.column
+                )));
+            }
+            let mut seen = std::collections::HashSet::new();
+            if c.categories.is_empty() || c.categories.len() > 10_000 {
+                return Err(invalid(format!(
+                    "data.categorical {:?} lists {} categories: give 1 to 10000",
+                    c.column,
+                    c.categories.len()
+                )));
+            }
+            for v in &c.categories {
+                if !name_ok(v) || !seen.insert(v) {
+                    return Err(invalid(format!(
+                        "data.categorical {:?}: category {v:?} is empty, too long or repeated",
+                        c.column
+                    )));
+                }
+            }
+        }
+        for d in &self.dates {
+            if !self.features.contains(&d.column) {
+                return Err(invalid(format!(
+                    "data.dates names {:?}, which is not in data.features",
+                    d.column
+                )));
+            }
+            if !named.insert(d.column.as_str()) {
+                return Err(invalid(format!(
+                    "{:?} is listed twice in data.categorical/data.dates",
+                    d.column
+                )));
+            }
+            if days_from_civil(&d.origin).is_none() {
+                return Err(invalid(format!(
+                    "data.dates {:?}: origin {:?} is not a YYYY-MM-DD date",
+                    d.column, d.origin
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,7 +442,12 @@ impl StudyManifest {
                 return Err(invalid(format!("the label {f:?} is also listed as a feature")));
             }
         }
-        self.model.validate(data.features.len())?;
+        data.validate()?;
+        self.model.validate(self.n_features())?;
+        let params = self.num_params();
+        if params > crate::model::MAX_PARAMS {
+            return Err(ModelError::TooLarge(params).into());
+        }
         if self.model.kind == crate::model::ModelKind::External && self.control_variates() {
             return Err(invalid(
                 "SCAFFOLD (control variates) needs a built-in model: an external trainer returns no control variate",
@@ -377,16 +544,33 @@ impl StudyManifest {
         crate::sha256_hex(&serde_json::to_vec(self).unwrap_or_default())
     }
 
+    /// The model's input width: one per numeric or date feature, one per category of a
+    /// categorical one.
     pub fn n_features(&self) -> usize {
-        self.data.features.len()
+        self.data
+            .features
+            .iter()
+            .map(|f| match self.data.feature_kind(f) {
+                FeatureKind::Categorical(c) => c.len(),
+                _ => 1,
+            })
+            .sum()
+    }
+
+    /// The model's input and output widths.
+    pub fn io(&self) -> crate::model::Io {
+        crate::model::Io {
+            inputs: self.n_features(),
+            outputs: self.data.outputs(),
+        }
     }
 
     pub fn layout(&self) -> Vec<TensorSpec> {
-        self.model.layout(self.n_features())
+        self.model.layout(self.io())
     }
 
     pub fn num_params(&self) -> u64 {
-        self.model.num_params(self.n_features())
+        self.model.num_params(self.io())
     }
 }
 

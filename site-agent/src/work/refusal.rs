@@ -28,9 +28,10 @@ pub enum Refusal {
         has: String,
         asked: String,
     },
-    /// The study's features do not fit the dataset's columns.
-    #[error("{0}")]
-    Features(String),
+    /// The dataset could not be read or does not fit the study's schema: the kind of
+    /// fault only (`DataError::kind`); the agent's log has the whole error.
+    #[error("dataset {dataset:?}: {kind}")]
+    Data { dataset: String, kind: String },
     #[error("secure aggregation refused: {0}")]
     SecureAggregationSetup(String),
     /// A message of the secure-aggregation session failed one of the site's checks.

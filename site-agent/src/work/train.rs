@@ -76,13 +76,19 @@ fn trainer_for(
     let mut dataset_path = None;
     let mut hidden = settings.private_paths.clone();
     for d in &settings.datasets {
-        if d.0.name == approved.dataset {
-            dataset_path = Some(d.0.path.clone());
+        if d.config.postgres.is_some() {
+            continue;
+        }
+        if d.config.name == approved.dataset {
+            dataset_path = Some(d.config.path.clone());
         } else {
-            hidden.push(d.0.path.clone());
+            hidden.push(d.config.path.clone());
         }
     }
-    let dataset_path = dataset_path.ok_or_else(|| Refusal::NoDataset(approved.dataset.clone()))?;
+    let dataset_path = dataset_path.ok_or_else(|| Refusal::Data {
+        dataset: approved.dataset.clone(),
+        kind: "an external trainer reads a file dataset, and this one lives in a database".into(),
+    })?;
     Ok(Arc::new(ExternalTrainer {
         name: ext.trainer.clone(),
         config: config.clone(),
@@ -98,8 +104,8 @@ fn external_context(settings: &AgentSettings, approved: &Approved, work: &pb::Wo
     let path = settings
         .datasets
         .iter()
-        .find(|d| d.0.name == approved.dataset)
-        .map(|d| d.0.path.clone())?;
+        .find(|d| d.config.name == approved.dataset)
+        .map(|d| d.config.path.clone())?;
     Some(ExternalContext {
         study_id: work.study_id.clone(),
         round: work.round,
@@ -145,12 +151,13 @@ pub(crate) async fn train(
     let task = TrainingTask {
         spec: manifest.model.clone(),
         n_features: manifest.n_features(),
+        outputs: manifest.data.outputs(),
         start: global.clone(),
         start_on: if work.round == 1 { Start::Initial } else { Start::Global },
         x,
         y,
         training: manifest.training.clone(),
-        seed: round_seed(&approved.site, work),
+        seed: round_seed(&approved.site, manifest.seed, work.round),
         mode,
         external: external_context(settings, approved, work),
     };
@@ -287,12 +294,11 @@ fn privacy_mode(
     Ok((mode, Some(charge)))
 }
 
-/// The round's training seed: from this site, study and round, so a rerun trains alike.
-fn round_seed(site: &str, work: &pb::WorkItem) -> u64 {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{site}/{}/{}", work.study_id, work.round).as_bytes(),
-    );
+/// The round's training seed (the minibatch order): from this site, the manifest's seed
+/// and the round, so a study rerun with the same seed trains alike whatever its id.
+/// DP noise and sampling never come from it (they come from OpenDP's secure generator).
+fn round_seed(site: &str, seed: u64, round: u32) -> u64 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{site}/{seed}/{round}").as_bytes());
     u64::from_le_bytes(digest.as_ref()[..8].try_into().unwrap_or([0; 8]))
 }
 
@@ -345,22 +351,13 @@ pub(crate) fn save_control(store: &Path, study_id: &str, values: &[f32]) -> Resu
 }
 
 /// The received global model scored on the held-out rows: how many are classified
-/// right at 0.5 and the summed binary cross-entropy.
+/// right (at 0.5, or by arg-max over classes) and the summed cross-entropy.
 fn evaluate(manifest: &StudyManifest, global: &[f32], x: &[f32], y: &[f32]) -> Result<pb::Evaluation> {
-    let probs = manifest.model.predict_proba(global, x, manifest.n_features())?;
-    let correct = probs
-        .iter()
-        .zip(y)
-        .filter(|(p, y)| (**p >= 0.5) == (**y >= 0.5))
-        .count();
-    let loss_sum: f64 = probs
-        .iter()
-        .zip(y)
-        .map(|(p, y)| {
-            let p = (*p as f64).clamp(1e-7, 1.0 - 1e-7);
-            -(*y as f64 * p.ln() + (1.0 - *y as f64) * (1.0 - p).ln())
-        })
-        .sum();
+    use medfl_shared::metrics::{accuracy_k, cross_entropy_sum};
+    let io = manifest.io();
+    let probs = manifest.model.predict_proba(global, x, io)?;
+    let correct = (accuracy_k(&probs, y, io.outputs) * y.len() as f64).round();
+    let loss_sum = cross_entropy_sum(&probs, y, io.outputs);
     Ok(pb::Evaluation {
         examples: y.len() as u64,
         correct: correct as u64,

@@ -77,10 +77,10 @@ pub(crate) async fn vet(settings: &Arc<AgentSettings>, work: &pb::WorkItem) -> R
     let dataset = settings
         .datasets
         .iter()
-        .find(|d| d.0.name == manifest.data.dataset)
+        .find(|d| d.config.name == manifest.data.dataset)
         .cloned()
         .ok_or_else(|| Refusal::NoDataset(manifest.data.dataset.clone()))?;
-    let (config, table) = &*dataset;
+    let config = &dataset.config;
     if config.label != manifest.data.label {
         return Err(Refusal::LabelMismatch {
             dataset: config.name.clone(),
@@ -89,12 +89,25 @@ pub(crate) async fn vet(settings: &Arc<AgentSettings>, work: &pb::WorkItem) -> R
         }
         .into());
     }
-    let x = table
-        .select(&manifest.data.features)
-        .map_err(|e| Refusal::Features(e.to_string()))?;
+    // The dataset is read for this round, through the study's schema, off the reactor.
+    let reader = dataset.clone();
+    let schema = manifest.data.clone();
+    let encoded = tokio::task::spawn_blocking(move || reader.encode(&schema))
+        .await
+        .context("dataset reading task")?
+        .map_err(|e| {
+            tracing::warn!(dataset = %config.name, error = %e, "the dataset does not fit the study");
+            Refusal::Data {
+                dataset: config.name.clone(),
+                kind: e.kind(),
+            }
+        })?;
+    if !encoded.dropped.is_empty() {
+        tracing::info!(dataset = %config.name, read = encoded.read, used = encoded.rows(), dropped = ?encoded.dropped, "rows left out");
+    }
     // [evaluation]: a fixed share of the rows is held out (never trained on) and scores
     // the global model this round received.
-    let (x, y, holdout) = split_holdout(&manifest, x, &table.y);
+    let (x, y, holdout) = split_holdout(&manifest, encoded.x, &encoded.y);
 
     let site = settings.profile().file.name.clone();
     // Secure aggregation: the session must match the approved manifest before any

@@ -2,6 +2,8 @@
 //! simulated sites that speak the site protocol directly.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod pg;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::site_client::SiteClient;
 use medfl_shared::manifest::StudyManifest;
-use medfl_site_agent::data::{DatasetConfig, FeatureSelection, MissingPolicy, Table};
+use medfl_site_agent::data::{DatasetConfig, Table};
 use tonic::transport::Channel;
 
 pub fn data_path() -> PathBuf {
@@ -18,15 +20,7 @@ pub fn data_path() -> PathBuf {
 }
 
 pub fn bundled_table() -> Table {
-    let cfg = DatasetConfig {
-        name: "breast_cancer".into(),
-        path: data_path(),
-        label: "malignant".into(),
-        id_column: Some("patient_id".into()),
-        features: FeatureSelection::default(),
-        missing: MissingPolicy::Drop,
-        max_epsilon: None,
-    };
+    let cfg = DatasetConfig::csv("breast_cancer", data_path(), "malignant", Some("patient_id"));
     Table::load(&cfg, std::path::Path::new("/")).expect("bundled data loads")
 }
 
