@@ -163,6 +163,7 @@ fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
                 BUNDLED_CSV.to_string(),
             )),
             config,
+            omop: None,
             columns: Vec::new(),
         });
     };
@@ -321,6 +322,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             features: table.columns.clone(),
             categorical: Vec::new(),
             dates: Vec::new(),
+            omop: None,
             // Under DP the hospitals may not scale with their own statistics; the public
             // reference is the consortium's held-out set, which no hospital owns. The
             // adaptive server optimizers and robust aggregators work on that scale too.

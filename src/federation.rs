@@ -183,7 +183,7 @@ impl FederationBuilder {
     }
 
     /// Appends TOML lines to the `[[datasets]]` entry of site `index`'s agent.toml
-    /// (e.g. a tighter `max_epsilon`).
+    /// (e.g. a tighter `max_epsilon`); a key the entry has already is replaced.
     pub fn dataset_setting(mut self, index: usize, toml_lines: &str) -> Self {
         self.dataset_extra.push((index, toml_lines.to_string()));
         self
@@ -200,8 +200,14 @@ impl FederationBuilder {
 
     /// Reads site `index`'s dataset from a database instead of its CSV: `toml_lines` are
     /// the `[datasets.postgres]` table's keys (the site's rows must be there already).
-    pub fn dataset_in_postgres(mut self, index: usize, toml_lines: &str) -> Self {
-        self.dataset_postgres.push((index, toml_lines.to_string()));
+    pub fn dataset_in_postgres(self, index: usize, toml_lines: &str) -> Self {
+        self.dataset_source(index, &format!("[datasets.postgres]\n{toml_lines}"))
+    }
+
+    /// Replaces site `index`'s CSV by another source: `section` is its TOML table with
+    /// its header (`[datasets.omop]` and its keys).
+    pub fn dataset_source(mut self, index: usize, section: &str) -> Self {
+        self.dataset_postgres.push((index, section.to_string()));
         self
     }
 
@@ -389,12 +395,24 @@ impl FederationBuilder {
                     agent_toml = agent_toml.replace("\n[[datasets]]", &format!("\n[policy]\n{policy}\n\n[[datasets]]"));
                 }
                 for (_, extra) in self.dataset_extra.iter().filter(|(i, _)| *i == index) {
-                    agent_toml.push_str(extra);
-                    agent_toml.push('\n');
+                    for line in extra.lines() {
+                        // A key the entry already has (`missing`, `features`) is replaced.
+                        let key = line.split('=').next().unwrap_or("").trim();
+                        let entry = agent_toml.rfind("[[datasets]]").unwrap_or(agent_toml.len());
+                        let (head, tail) = agent_toml.split_at(entry);
+                        let tail: String = tail
+                            .lines()
+                            .filter(|l| key.is_empty() || l.split('=').next().is_none_or(|k| k.trim() != key))
+                            .map(|l| format!("{l}\n"))
+                            .collect();
+                        agent_toml = format!("{head}{tail}");
+                        agent_toml.push_str(line);
+                        agent_toml.push('\n');
+                    }
                 }
                 for (_, pg) in self.dataset_postgres.iter().filter(|(i, _)| *i == index) {
                     agent_toml = agent_toml.replace("path = \"data.csv\"\n", "");
-                    agent_toml.push_str(&format!("[datasets.postgres]\n{pg}\n"));
+                    agent_toml.push_str(&format!("{pg}\n"));
                 }
                 std::fs::write(site_dir.join("agent.toml"), agent_toml)?;
                 fed.start_agent(name)?;

@@ -203,7 +203,7 @@ fn render_metrics(settings: &AgentSettings) -> Result<String, String> {
     for d in &settings.datasets {
         let eps = settings
             .ledger
-            .spent(&d.config.name, settings.policy.delta)
+            .spent(&d.config.ledger_name(), settings.policy.delta)
             .map_err(|e| e.to_string())?;
         spent.push((format!("{{dataset=\"{}\"}}", label(&d.config.name)), eps));
     }

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::data::{DataError, Dataset, FeatureSelection};
+use medfl_shared::manifest::StudyManifest;
+
+use crate::data::{DataError, Dataset, Encoded, FeatureSelection};
 use crate::settings::ConfigFile;
 
 /// What the check found: the report to print, and whether every dataset read.
@@ -19,8 +21,10 @@ pub struct CheckReport {
     pub ok: bool,
 }
 
-/// Checks every dataset of `config` (or only `only`).
-pub fn datasets_check(config: &Path, only: Option<&str>) -> Result<CheckReport> {
+/// Checks every dataset of `config` (or only `only`); with a study's `manifest`, the
+/// dataset it names is read through the study's schema (its classes, categories, or
+/// OMOP cohort), as a round would.
+pub fn datasets_check(config: &Path, only: Option<&str>, manifest: Option<&StudyManifest>) -> Result<CheckReport> {
     let text = std::fs::read_to_string(config).with_context(|| format!("read {}", config.display()))?;
     let file: ConfigFile = toml::from_str(&text).with_context(|| format!("parse {}", config.display()))?;
     let base = config.parent().unwrap_or(Path::new("."));
@@ -36,7 +40,10 @@ pub fn datasets_check(config: &Path, only: Option<&str>) -> Result<CheckReport> 
         found = true;
         let name = cfg.name.clone();
         match Dataset::open(cfg, base) {
-            Ok(dataset) => check_one(&dataset, &mut report),
+            Ok(dataset) => match manifest.filter(|m| m.data.dataset == dataset.config.name) {
+                Some(m) => check_study(&dataset, m, &mut report),
+                None => check_one(&dataset, &mut report),
+            },
             Err(e) => {
                 report.ok = false;
                 let _ = writeln!(report.text, "dataset {name:?}: ERROR {e}\n");
@@ -53,10 +60,67 @@ pub fn datasets_check(config: &Path, only: Option<&str>) -> Result<CheckReport> 
     Ok(report)
 }
 
+/// A dataset read through a study's schema.
+fn check_study(dataset: &Dataset, manifest: &StudyManifest, report: &mut CheckReport) {
+    let out = &mut report.text;
+    let _ = writeln!(
+        out,
+        "dataset {:?}: {}\n  as study {:?} reads it (manifest {}):",
+        dataset.config.name,
+        dataset.connector.source(),
+        manifest.name,
+        &manifest.hash()[..12]
+    );
+    match dataset.encode(&manifest.data) {
+        Ok(e) => {
+            let _ = writeln!(out, "  model inputs ({}): {}", e.inputs.len(), e.inputs.join(", "));
+            rows_section(out, &e);
+            for w in &e.warnings {
+                let _ = writeln!(out, "  warning: {w}");
+            }
+            let _ = writeln!(out);
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  ERROR {e}\n");
+            report.ok = false;
+        }
+    }
+}
+
+fn rows_section(out: &mut String, e: &Encoded) {
+    let dropped: usize = e.dropped.iter().map(|(_, n)| n).sum();
+    let _ = writeln!(
+        out,
+        "  rows: {} read, {} usable, {dropped} left out; {} model inputs",
+        e.read,
+        e.rows(),
+        e.inputs.len()
+    );
+    for (why, n) in &e.dropped {
+        let _ = writeln!(out, "    {n} left out: {why}");
+    }
+}
+
 fn check_one(dataset: &Dataset, report: &mut CheckReport) {
     let cfg = &dataset.config;
     let out = &mut report.text;
     let _ = writeln!(out, "dataset {:?}: {}", cfg.name, dataset.connector.source());
+    if let Some(omop) = &dataset.omop {
+        match omop.summary() {
+            Ok((persons, periods)) => {
+                let _ = writeln!(
+                    out,
+                    "  OMOP CDM: {persons} persons, {periods} observation periods; a study's cohort is built from its [data.omop]: add --manifest study.toml to build it"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  ERROR {e}");
+                report.ok = false;
+            }
+        }
+        let _ = writeln!(out);
+        return;
+    }
     let fail = |out: &mut String, e: &DataError| {
         let _ = writeln!(out, "  ERROR {e}\n");
     };
@@ -122,19 +186,7 @@ fn check_one(dataset: &Dataset, report: &mut CheckReport) {
         }
     }
     match encoded {
-        Ok(e) => {
-            let dropped: usize = e.dropped.iter().map(|(_, n)| n).sum();
-            let _ = writeln!(
-                out,
-                "  rows: {} read, {} usable, {dropped} left out; {} model inputs",
-                e.read,
-                e.rows(),
-                e.inputs.len()
-            );
-            for (why, n) in &e.dropped {
-                let _ = writeln!(out, "    {n} left out: {why}");
-            }
-        }
+        Ok(e) => rows_section(out, &e),
         Err(e) => {
             fail(out, &e);
             report.ok = false;

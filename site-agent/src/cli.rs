@@ -82,7 +82,13 @@ pub enum AgentCommand {
 #[derive(Debug, Clone, Subcommand)]
 pub enum DatasetsCommand {
     /// Reads each dataset (or the one named) as a round would, without training.
-    Check { name: Option<String> },
+    Check {
+        name: Option<String>,
+        /// A study manifest: its dataset is read through the study's schema (classes,
+        /// categories, an OMOP cohort with its exclusions and absent concepts).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -135,10 +141,23 @@ pub async fn main(args: AgentArgs) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     };
     if let Some(AgentCommand::Datasets {
-        command: DatasetsCommand::Check { name },
+        command: DatasetsCommand::Check { name, manifest },
     }) = &args.command
     {
-        return match crate::check::datasets_check(config, name.as_deref()) {
+        let manifest = match manifest.as_ref().map(|path| {
+            std::fs::read_to_string(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| Ok(medfl_shared::manifest::StudyManifest::from_toml(&text)?))
+                .map_err(|e| e.context(format!("read the manifest {}", path.display())))
+        }) {
+            Some(Err(e)) => {
+                eprintln!("medfl-agent datasets check: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Some(Ok(m)) => Some(m),
+            None => None,
+        };
+        return match crate::check::datasets_check(config, name.as_deref(), manifest.as_ref()) {
             Ok(report) => {
                 print!("{}", report.text);
                 if report.ok {
@@ -203,12 +222,18 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
     let mut report = Vec::new();
     for dataset in &settings.datasets {
         let name = &dataset.config.name;
+        let ledger = dataset.config.ledger_name();
         let cap = dataset.config.max_epsilon.unwrap_or(settings.policy.max_epsilon);
-        let charges = settings.ledger.charges(name)?;
-        let spent = settings.ledger.spent(name, delta)?;
+        let charges = settings.ledger.charges(&ledger)?;
+        let spent = settings.ledger.spent(&ledger, delta)?;
         if !json {
+            let shared = if &ledger == name {
+                String::new()
+            } else {
+                format!(" (ledger {ledger}, shared by every dataset over it)")
+            };
             println!(
-                "dataset {name}: ε spent {spent:.4} of {cap} at δ = {delta:e} ({} charges)",
+                "dataset {name}{shared}: ε spent {spent:.4} of {cap} at δ = {delta:e} ({} charges)",
                 charges.len()
             );
             for c in &charges {
@@ -229,7 +254,7 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
                 );
             }
         }
-        report.push(serde_json::json!({"dataset": name, "cap": cap, "delta": delta, "epsilon_spent": spent, "charges": charges}));
+        report.push(serde_json::json!({"dataset": name, "ledger": ledger, "cap": cap, "delta": delta, "epsilon_spent": spent, "charges": charges}));
     }
     if json {
         println!("{}", serde_json::Value::Array(report));

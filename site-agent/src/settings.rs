@@ -157,7 +157,7 @@ impl AgentSettings {
             if datasets.iter().any(|d| d.config.name == cfg.name) {
                 bail!("two [[datasets]] are named {:?}", cfg.name);
             }
-            if cfg.postgres.is_none() {
+            if cfg.is_file() {
                 // Absolute from here on: a trainer is given the approved file by this path.
                 cfg.path = std::path::absolute(base.join(&cfg.path))
                     .with_context(|| format!("resolve {}", cfg.path.display()))?;
@@ -170,7 +170,7 @@ impl AgentSettings {
                     info!(dataset = %dataset.config.name, source = %dataset.connector.source(), columns = columns.len(), "dataset opened");
                     dataset.columns = columns;
                 }
-                Err(e) if dataset.config.postgres.is_some() => {
+                Err(e) if !dataset.config.is_file() => {
                     tracing::warn!(dataset = %dataset.config.name, error = %e, "dataset not reachable yet; rounds on it are refused until it is");
                 }
                 Err(e) => return Err(e.into()),

@@ -68,6 +68,7 @@ fn schema(label: &str, features: &[&str]) -> DataSchema {
         features: features.iter().map(|f| f.to_string()).collect(),
         categorical: vec![],
         dates: vec![],
+        omop: None,
         scaling: None,
     }
 }
@@ -638,4 +639,62 @@ async fn an_agent_refuses_rounds_while_its_database_refuses_it_and_recovers() {
         .expect("the study completes once the database lets the agent in");
     assert_eq!(status.info.as_ref().map(|i| i.rounds_completed), Some(2), "{status:?}");
     fed.shutdown().await.expect("clean shutdown");
+}
+
+/// Datasets over one database share its ledger by default: a table and a query of
+/// hospital A's database are charged to `postgresql://host:port/db`, not each its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn datasets_over_one_database_share_its_ledger() {
+    use crate::common::dp_manifest;
+    let Some(pg) = pg_with_breast_cancer() else { return };
+    let table = bundled_table();
+    let split = medfl_shared::split::split_rows(&table.y, 2, 0.0, medfl_shared::split::SplitKind::Iid, 9);
+    let sites: Vec<_> = split.sites.iter().map(|rows| table.subset(rows)).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("federation");
+    let a = medfl::federation::site_name(0);
+    std::fs::create_dir_all(root.join(&a)).expect("site dir");
+    std::fs::write(root.join(&a).join("pg.pass"), format!("{READER_PASSWORD}\n")).expect("password");
+    let mut fed = Federation::builder()
+        .dir(&root)
+        .tables(sites)
+        .dataset("breast_cancer", "malignant")
+        .agent_policy("max_epsilon = 100.0")
+        .dataset_in_postgres(
+            0,
+            &format!(
+                "connection = \"{}\"\npassword_file = \"pg.pass\"\ntable = \"breast_cancer\"",
+                pg.reader_url()
+            ),
+        )
+        .build()
+        .await
+        .expect("federation");
+    let privacy = "sample_rate = 0.2\nsteps_per_round = 3\nnoise_multiplier = 1.5\nbudget_epsilon = 50.0";
+    let id = fed
+        .create_study(&dp_manifest(&table, 1, 2, privacy))
+        .await
+        .expect("create");
+    fed.start_study(&id).await.expect("start");
+    fed.wait_for_round(&id, 1, Duration::from_secs(120))
+        .await
+        .expect("the round commits");
+    fed.shutdown().await.expect("clean shutdown");
+    let ledger =
+        medfl_site_agent::ledger::Ledger::open(&root.join(&a).join("agent-store")).expect("hospital A's ledger");
+    let shared = format!("postgresql://127.0.0.1:{}/hospital", pg.port);
+    assert_eq!(
+        ledger.charges(&shared).expect("charges").len(),
+        1,
+        "charged to the database's ledger"
+    );
+    assert!(ledger.charges("breast_cancer").expect("charges").is_empty());
+    // Any other dataset over the same database names the same ledger, whoever logs in.
+    let query = pg_source(format!("postgresql://postgres@127.0.0.1:{}/hospital", pg.port), "t");
+    let other = pg_dataset("cohort", query, "malignant", None);
+    assert_eq!(other.ledger_name(), shared);
+    let mut own = other.clone();
+    own.ledger = Some("cohort-ledger".into());
+    assert_eq!(own.ledger_name(), "cohort-ledger");
+    assert_eq!(DatasetConfig::csv("bc", "bc.csv", "y", None).ledger_name(), "bc");
 }

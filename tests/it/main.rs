@@ -18,6 +18,7 @@ mod interop;
 mod load;
 mod memory;
 mod multiclass;
+mod omop;
 mod operations;
 mod privacy_cli;
 mod privacy_crash;

@@ -11,10 +11,12 @@ use thiserror::Error;
 use crate::identity::Name;
 use crate::model::{ModelError, ModelSpec, TensorSpec};
 
+mod omop;
 mod privacy;
 mod secagg;
 mod strategy;
 
+pub use omop::*;
 pub use privacy::*;
 pub use secagg::*;
 pub use strategy::*;
@@ -164,6 +166,10 @@ pub struct DataSchema {
     /// Date or timestamp features the model reads as a number: days since `origin`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dates: Vec<DateFeature>,
+    /// Features and label built from an OMOP CDM by concept ids and windows; the
+    /// dataset must be an OMOP one at every site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omop: Option<OmopCohort>,
     /// Public feature scaling, one center and scale per model input (a categorical
     /// feature has one per category); required with record-level `[privacy]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,6 +319,14 @@ impl DataSchema {
                     d.column, d.origin
                 )));
             }
+        }
+        if let Some(omop) = &self.omop {
+            if !self.categorical.is_empty() || !self.dates.is_empty() || !self.classes.is_empty() {
+                return Err(invalid(
+                    "data.omop builds numeric features and a 0/1 label: no categorical, dates or classes with it",
+                ));
+            }
+            omop.validate(&self.features, &self.label)?;
         }
         Ok(())
     }

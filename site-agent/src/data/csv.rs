@@ -316,6 +316,7 @@ mod tests {
         Dataset {
             connector: Box::new(super::CsvConnector::from_text(&cfg.name, "t.csv", text.to_string())),
             config: cfg,
+            omop: None,
             columns: Vec::new(),
         }
     }
@@ -328,6 +329,7 @@ mod tests {
             features: features.iter().map(|f| f.to_string()).collect(),
             categorical: vec![],
             dates: vec![],
+            omop: None,
             scaling: None,
         }
     }

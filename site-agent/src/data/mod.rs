@@ -23,6 +23,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub mod csv;
+pub mod omop;
 pub mod postgres;
 
 pub use csv::parse_csv;
@@ -83,7 +84,11 @@ pub struct DatasetConfig {
     /// A PostgreSQL table or query instead of a file.
     #[serde(default)]
     pub postgres: Option<postgres::PostgresSource>,
-    /// The label column.
+    /// An OMOP CDM in PostgreSQL, read through a study's `[data.omop]`.
+    #[serde(default)]
+    pub omop: Option<omop::OmopSource>,
+    /// The label column (an OMOP dataset has none: its study defines the label).
+    #[serde(default)]
     pub label: String,
     /// The person id column: the privacy unit. Never a feature; a person with several
     /// rows is refused (aggregate the rows per person first). Without it every row is
@@ -99,6 +104,12 @@ pub struct DatasetConfig {
     /// This dataset's ε cap across all studies; defaults to `policy.max_epsilon`.
     #[serde(default)]
     pub max_epsilon: Option<f64>,
+    /// The privacy ledger this dataset spends: datasets that hold the same patients
+    /// must share one, so that together they cannot spend more than one budget. By
+    /// default a file is its own ledger (its dataset's name) and every table, query and
+    /// OMOP builder over one database share the database's (`postgresql://host:port/db`).
+    #[serde(default)]
+    pub ledger: Option<String>,
 }
 
 impl DatasetConfig {
@@ -108,29 +119,55 @@ impl DatasetConfig {
             name: name.into(),
             path: path.into(),
             postgres: None,
+            omop: None,
             label: label.into(),
             person_id: person_id.map(Into::into),
             features: FeatureSelection::default(),
             missing: MissingPolicy::Drop,
             unknown_category: UnknownCategory::Error,
             max_epsilon: None,
+            ledger: None,
         }
+    }
+
+    /// The ledger this dataset's charges go to (see [`DatasetConfig::ledger`]).
+    pub fn ledger_name(&self) -> String {
+        if let Some(ledger) = &self.ledger {
+            return ledger.clone();
+        }
+        let connection = match (&self.postgres, &self.omop) {
+            (Some(pg), _) => &pg.connection,
+            (_, Some(omop)) => &omop.connection,
+            _ => return self.name.clone(),
+        };
+        match <tokio_postgres::Config as std::str::FromStr>::from_str(connection) {
+            Ok(config) => postgres::ledger_name(&config),
+            Err(_) => self.name.clone(),
+        }
+    }
+
+    /// Whether the dataset is a file (a trainer can be given its path).
+    pub fn is_file(&self) -> bool {
+        self.postgres.is_none() && self.omop.is_none()
     }
 
     /// Checks the entry itself (one source, names present); reading comes later.
     pub fn validate(&self) -> Result<(), String> {
         let has_path = !self.path.as_os_str().is_empty();
-        match (has_path, &self.postgres) {
-            (true, Some(_)) => Err(format!(
-                "dataset {:?}: give `path` or [datasets.postgres], not both",
+        let sources = usize::from(has_path) + usize::from(self.postgres.is_some()) + usize::from(self.omop.is_some());
+        if sources != 1 {
+            return Err(format!(
+                "dataset {:?}: give one source: `path` (a CSV file), [datasets.postgres] or [datasets.omop]",
                 self.name
-            )),
-            (false, None) => Err(format!(
-                "dataset {:?}: give its origin: `path` (a CSV file) or [datasets.postgres]",
-                self.name
-            )),
-            (false, Some(pg)) => pg.validate(&self.name),
-            (true, None) => Ok(()),
+            ));
+        }
+        if self.omop.is_none() && self.label.is_empty() {
+            return Err(format!("dataset {:?}: name its `label` column", self.name));
+        }
+        match (&self.postgres, &self.omop) {
+            (Some(pg), _) => pg.validate(&self.name),
+            (_, Some(omop)) => omop.validate(&self.name),
+            _ => Ok(()),
         }
     }
 }
@@ -338,7 +375,10 @@ pub trait Connector: Send + Sync + std::any::Any {
 /// A configured dataset: its entry and its connector.
 pub struct Dataset {
     pub config: DatasetConfig,
+    /// The source's rows (for an OMOP dataset, its `person` table).
     pub connector: Box<dyn Connector>,
+    /// The OMOP builder, for an OMOP dataset.
+    pub omop: Option<omop::OmopConnector>,
     /// The source's columns as last read (empty until then, or when the source could
     /// not be reached).
     pub columns: Vec<(String, ColumnType)>,
@@ -363,6 +403,9 @@ pub struct Encoded {
     pub dropped: Vec<(String, usize)>,
     /// Rows read from the source.
     pub read: usize,
+    /// What the agent's log and `datasets check` should say (e.g. concepts absent from
+    /// an OMOP site's vocabulary).
+    pub warnings: Vec<String>,
 }
 
 impl Encoded {
@@ -393,13 +436,22 @@ impl Dataset {
                 reason,
             });
         }
-        let connector: Box<dyn Connector> = match &config.postgres {
-            Some(pg) => Box::new(postgres::PostgresConnector::new(&config.name, pg, base)?),
-            None => Box::new(csv::CsvConnector::new(&config.name, &base.join(&config.path))),
+        let mut omop = None;
+        let connector: Box<dyn Connector> = match (&config.postgres, &config.omop) {
+            (Some(pg), _) => Box::new(postgres::PostgresConnector::new(&config.name, pg, base)?),
+            (None, Some(source)) => {
+                let builder = omop::OmopConnector::new(&config.name, source, base)?;
+                let person = postgres::PostgresConnector::new(&config.name, &source.as_postgres(), base)?
+                    .named(builder.origin().to_string());
+                omop = Some(builder);
+                Box::new(person)
+            }
+            (None, None) => Box::new(csv::CsvConnector::new(&config.name, &base.join(&config.path))),
         };
         Ok(Dataset {
             config,
             connector,
+            omop,
             columns: Vec::new(),
         })
     }
@@ -413,6 +465,9 @@ impl Dataset {
     /// among them.
     pub fn read_columns(&self) -> Result<Vec<(String, ColumnType)>, DataError> {
         let columns = self.connector.columns()?;
+        if self.omop.is_some() {
+            return Ok(columns);
+        }
         let names = || columns.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>().join(", ");
         for needed in std::iter::once(&self.config.label).chain(self.config.person_id.as_ref()) {
             if !columns.iter().any(|(c, _)| c == needed) {
@@ -473,6 +528,7 @@ impl Dataset {
             features,
             categorical: Vec::new(),
             dates: Vec::new(),
+            omop: None,
             scaling: None,
         };
         Ok((schema, left_out))
@@ -480,11 +536,65 @@ impl Dataset {
 
     /// Reads the rows a study's schema needs and encodes them.
     pub fn encode(&self, schema: &DataSchema) -> Result<Encoded, DataError> {
+        match (&schema.omop, &self.omop) {
+            (Some(cohort), Some(builder)) => return self.encode_omop(cohort, builder, schema),
+            (Some(_), None) => {
+                return Err(DataError::Unsupported {
+                    origin: self.connector.source().to_string(),
+                    reason: "the study builds its rows from an OMOP CDM ([data.omop]); this dataset is not one".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(DataError::Unsupported {
+                    origin: self.connector.source().to_string(),
+                    reason: "an OMOP CDM is read through a study's [data.omop] (concept ids and windows)".into(),
+                });
+            }
+            (None, None) => {}
+        }
         let columns = self.connector.columns()?;
         let mut encoder = Encoder::new(&self.config, self.connector.source(), schema, &columns)?;
         let wanted = encoder.wanted.clone();
         self.connector.scan(&wanted, &mut |at, cells| encoder.push(at, cells))?;
         encoder.finish()
+    }
+
+    /// An OMOP study's cohort: one row per included person, the exclusions counted by
+    /// reason among the dropped rows.
+    fn encode_omop(
+        &self,
+        cohort: &medfl_shared::manifest::OmopCohort,
+        builder: &omop::OmopConnector,
+        schema: &DataSchema,
+    ) -> Result<Encoded, DataError> {
+        let names = omop::OmopConnector::columns(cohort, &schema.label);
+        let columns: Vec<(String, ColumnType)> = names.iter().map(|n| (n.clone(), ColumnType::Float)).collect();
+        let mut config = self.config.clone();
+        config.person_id = Some("person_id".into());
+        let mut encoder = Encoder::new(&config, builder.origin(), schema, &columns)?;
+        let report = builder.scan_cohort(cohort, &schema.features, &mut |at, cells| encoder.push(at, cells))?;
+        let excluded: usize = report.excluded.iter().map(|(_, n)| n).sum();
+        let mut encoded = match encoder.finish() {
+            Err(DataError::NoRows { origin, mut dropped }) => {
+                dropped.extend(report.excluded.iter().map(|(why, n)| (format!("excluded: {why}"), *n)));
+                return Err(DataError::NoRows { origin, dropped });
+            }
+            other => other?,
+        };
+        encoded.read += excluded;
+        encoded.dropped.extend(
+            report
+                .excluded
+                .into_iter()
+                .map(|(why, n)| (format!("excluded: {why}"), n)),
+        );
+        encoded.warnings.extend(
+            report
+                .absent_concepts
+                .iter()
+                .map(|id| format!("concept {id} is not in this site's vocabulary: its feature is all zero")),
+        );
+        Ok(encoded)
     }
 
     /// The all-numeric view ([`Dataset::default_schema`]) as a [`Table`].
@@ -841,6 +951,7 @@ impl Encoder {
             y: self.y,
             dropped,
             read: self.read,
+            warnings: Vec::new(),
         })
     }
 
@@ -931,6 +1042,7 @@ impl Table {
         Dataset {
             config: cfg.clone(),
             connector: Box::new(connector),
+            omop: None,
             columns: Vec::new(),
         }
         .load_default()

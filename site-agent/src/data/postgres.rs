@@ -161,6 +161,16 @@ pub fn describe(config: &tokio_postgres::Config) -> String {
     )
 }
 
+/// The default ledger of every dataset over one database: `postgresql://host:port/db`
+/// (whoever logs in, the patients are the same).
+pub fn ledger_name(config: &tokio_postgres::Config) -> String {
+    let described = describe(config);
+    match described.split_once('@') {
+        Some((_, rest)) => format!("postgresql://{rest}"),
+        None => described,
+    }
+}
+
 impl PostgresConnector {
     pub fn new(dataset: &str, pg: &PostgresSource, base: &Path) -> Result<Self, DataError> {
         let unsupported = |reason: String| DataError::Unsupported {
@@ -198,7 +208,23 @@ impl PostgresConnector {
         })
     }
 
-    fn error(&self, e: tokio_postgres::Error) -> DataError {
+    /// The same database under another name in messages (the OMOP builder's).
+    pub(super) fn named(mut self, origin: String) -> Self {
+        self.origin = origin;
+        self
+    }
+
+    /// The database as messages name it, without the dataset.
+    pub(super) fn database(&self) -> String {
+        describe(&self.config)
+    }
+
+    /// Rows per round trip from a cursor.
+    pub(super) fn fetch_rows(&self) -> i32 {
+        self.fetch
+    }
+
+    pub(super) fn error(&self, e: tokio_postgres::Error) -> DataError {
         if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
             return DataError::Timeout {
                 origin: self.origin.clone(),
@@ -215,7 +241,7 @@ impl PostgresConnector {
         }
     }
 
-    async fn connect(&self) -> Result<Client, DataError> {
+    pub(super) async fn connect(&self) -> Result<Client, DataError> {
         let mut config = self.config.clone();
         match &self.password {
             Some(PasswordFrom::File(path)) => {
@@ -250,7 +276,7 @@ impl PostgresConnector {
     }
 
     /// Opens the read-only transaction every statement runs in, with the timeout.
-    async fn begin<'c>(&self, client: &'c mut Client) -> Result<tokio_postgres::Transaction<'c>, DataError> {
+    pub(super) async fn begin<'c>(&self, client: &'c mut Client) -> Result<tokio_postgres::Transaction<'c>, DataError> {
         let tx = client
             .build_transaction()
             .read_only(true)
@@ -425,7 +451,9 @@ impl PostgresConnector {
 
 /// Runs a database future to completion on a runtime of its own, in a thread of its
 /// own: the connectors are called from blocking code, inside the agent's runtime or not.
-fn block_on<T: Send>(future: impl std::future::Future<Output = Result<T, DataError>> + Send) -> Result<T, DataError> {
+pub(super) fn block_on<T: Send>(
+    future: impl std::future::Future<Output = Result<T, DataError>> + Send,
+) -> Result<T, DataError> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {

@@ -89,7 +89,7 @@ pub(crate) fn charge(
     let epsilon_after = match trained.charge {
         Some(planned) => {
             let request = ChargeRequest {
-                dataset: &approved.dataset,
+                dataset: &approved.ledger,
                 study_id: &work.study_id,
                 round: work.round,
                 manifest_hash: &work.manifest_hash,
@@ -105,7 +105,7 @@ pub(crate) fn charge(
                 Err(e @ LedgerError::WouldExceed { .. }) => return Err(Refusal::Budget(e).into()),
                 Err(e) => return Err(anyhow::Error::from(e).context("charge the ledger").into()),
             };
-            info!(dataset = %approved.dataset, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "privacy charged");
+            info!(dataset = %approved.dataset, ledger = %approved.ledger, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "privacy charged");
             // A crash between the durable charge and the release (crash tests).
             medfl_proto::failpoint!("after_charge");
             Some(charge.epsilon_after)

@@ -76,7 +76,7 @@ fn trainer_for(
     let mut dataset_path = None;
     let mut hidden = settings.private_paths.clone();
     for d in &settings.datasets {
-        if d.config.postgres.is_some() {
+        if !d.config.is_file() {
             continue;
         }
         if d.config.name == approved.dataset {
@@ -255,7 +255,7 @@ fn privacy_mode(
     // with the update it pays for (release).
     match settings
         .ledger
-        .check(&approved.dataset, mechanism, approved.cap, settings.policy.delta)
+        .check(&approved.ledger, mechanism, approved.cap, settings.policy.delta)
     {
         Ok(_) => {}
         Err(e @ LedgerError::WouldExceed { .. }) => return Err(Refusal::Budget(e).into()),

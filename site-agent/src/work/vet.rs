@@ -19,8 +19,9 @@ pub(crate) struct Approved {
     pub manifest: StudyManifest,
     /// The privacy plan and the manifest's privacy section, under DP.
     pub plan: Option<(PrivacyPlan, Privacy)>,
-    /// The dataset the study trains on, and the ε cap its ledger keeps.
+    /// The dataset the study trains on, the ledger it spends, and the ε cap it keeps.
     pub dataset: String,
+    pub ledger: String,
     pub cap: f64,
     /// The selected training rows (raw, row-major) and labels.
     pub x: Vec<f32>,
@@ -81,7 +82,7 @@ pub(crate) async fn vet(settings: &Arc<AgentSettings>, work: &pb::WorkItem) -> R
         .cloned()
         .ok_or_else(|| Refusal::NoDataset(manifest.data.dataset.clone()))?;
     let config = &dataset.config;
-    if config.label != manifest.data.label {
+    if config.omop.is_none() && config.label != manifest.data.label {
         return Err(Refusal::LabelMismatch {
             dataset: config.name.clone(),
             has: config.label.clone(),
@@ -123,6 +124,7 @@ pub(crate) async fn vet(settings: &Arc<AgentSettings>, work: &pb::WorkItem) -> R
         plan,
         cap: config.max_epsilon.unwrap_or(settings.policy.max_epsilon),
         dataset: config.name.clone(),
+        ledger: config.ledger_name(),
         manifest,
         x,
         y,

@@ -2,6 +2,7 @@
 //! simulated sites that speak the site protocol directly.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod omop;
 pub mod pg;
 
 use std::path::PathBuf;
