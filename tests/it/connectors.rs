@@ -698,3 +698,158 @@ async fn datasets_over_one_database_share_its_ledger() {
     assert_eq!(own.ledger_name(), "cohort-ledger");
     assert_eq!(DatasetConfig::csv("bc", "bc.csv", "y", None).ledger_name(), "bc");
 }
+
+fn parquet_dataset(path: &Path, label: &str, person: Option<&str>) -> Dataset {
+    Dataset::open(DatasetConfig::csv("extract", path, label, person), Path::new("/")).expect("a Parquet dataset")
+}
+
+#[test]
+fn parquet_reads_the_same_rows_as_the_csv() {
+    use medfl_site_agent::data::parquet::write_table;
+    let csv = bundled_table();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("wdbc.parquet");
+    // Row groups of 100 rows: the reader goes group by group.
+    write_table(&path, &csv, "malignant", Some("pid"), 100).expect("write");
+    let table = parquet_dataset(&path, "malignant", Some("pid"))
+        .load_default()
+        .expect("reads");
+    assert_eq!(table.columns, csv.columns);
+    assert_eq!(table.y, csv.y);
+    assert_eq!(table.x, csv.x);
+}
+
+#[test]
+fn parquet_types_are_read_by_name_and_nested_ones_refused() {
+    use medfl_site_agent::data::parquet::{WriteColumn, write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("typed.parquet");
+    let s = |v: &str| Some(v.to_string());
+    write(
+        &path,
+        &[
+            WriteColumn::Int64("REQUIRED INT64 pid;".into(), vec![Some(2), Some(1), Some(3)]),
+            WriteColumn::Int32(
+                "OPTIONAL INT32 small (INTEGER(16,true));".into(),
+                vec![Some(-4), Some(5), None],
+            ),
+            WriteColumn::Double("OPTIONAL DOUBLE f;".into(), vec![Some(0.5), None, Some(2.5)]),
+            WriteColumn::Int64(
+                "REQUIRED INT64 price (DECIMAL(10,2));".into(),
+                vec![Some(1234), Some(-50), Some(0)],
+            ),
+            WriteColumn::Bool(
+                "REQUIRED BOOLEAN flag;".into(),
+                vec![Some(true), Some(false), Some(true)],
+            ),
+            WriteColumn::Text(
+                "REQUIRED BYTE_ARRAY grade (STRING);".into(),
+                vec![s("II"), s("I"), s("II")],
+            ),
+            WriteColumn::Int32(
+                "REQUIRED INT32 admitted (DATE);".into(),
+                vec![Some(18_292), Some(18_262), Some(18_628)],
+            ),
+            WriteColumn::Int64(
+                "REQUIRED INT64 seen (TIMESTAMP(MILLIS,true));".into(),
+                vec![Some(1_583_064_000_000), Some(0), Some(86_400_000)],
+            ),
+            WriteColumn::RepeatedInt32("REPEATED INT32 tags;".into(), vec![vec![1, 2], vec![], vec![3]]),
+            WriteColumn::Text(
+                "REQUIRED BYTE_ARRAY label (STRING);".into(),
+                vec![s("b"), s("a"), s("c")],
+            ),
+        ],
+        2,
+    )
+    .expect("write");
+    let mut config = DatasetConfig::csv("extract", &path, "label", Some("pid"));
+    config.missing = MissingPolicy::ImputeMean;
+    let dataset = Dataset::open(config, Path::new("/")).expect("dataset");
+    let types: Vec<(String, &str)> = dataset
+        .read_columns()
+        .expect("columns")
+        .into_iter()
+        .map(|(c, t)| (c, t.name()))
+        .collect();
+    let names: Vec<&str> = types.iter().map(|(_, t)| *t).collect();
+    assert_eq!(
+        names,
+        vec![
+            "integer",
+            "integer",
+            "float",
+            "numeric",
+            "boolean",
+            "text",
+            "date",
+            "timestamp",
+            "unsupported",
+            "text"
+        ]
+    );
+    let mut s = schema("label", &["small", "f", "price", "flag", "grade", "admitted", "seen"]);
+    s.classes = vec!["a".into(), "b".into(), "c".into()];
+    s.categorical = vec![Categorical {
+        column: "grade".into(),
+        categories: vec!["I".into(), "II".into()],
+    }];
+    s.dates = vec![
+        DateFeature {
+            column: "admitted".into(),
+            origin: "2020-01-01".into(),
+        },
+        DateFeature {
+            column: "seen".into(),
+            origin: "1970-01-01".into(),
+        },
+    ];
+    // Only the asked-for columns are read; rows in file order (the file is the order).
+    let e = dataset.encode(&s).expect("encodes");
+    assert_eq!(e.y, vec![1.0, 0.0, 2.0]);
+    assert_eq!(
+        e.x,
+        vec![
+            -4.0, 0.5, 12.34, 1.0, 0.0, 1.0, 30.0, 18_322.5, //
+            5.0, 1.5, -0.5, 0.0, 1.0, 0.0, 0.0, 0.0, //
+            0.5, 2.5, 0.0, 1.0, 0.0, 1.0, 366.0, 1.0,
+        ]
+    );
+    let err = dataset.encode(&schema("label", &["tags"])).expect_err("a list column");
+    assert!(
+        err.to_string()
+            .contains("column \"tags\" is a nested column (list, map or group)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_truncated_or_corrupt_parquet_file_is_a_clear_error() {
+    use medfl_site_agent::data::parquet::write_table;
+    let csv = bundled_table();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("wdbc.parquet");
+    write_table(&path, &csv, "malignant", None, 100).expect("write");
+    let bytes = std::fs::read(&path).expect("read");
+    // Truncated: the footer is gone.
+    let truncated = dir.path().join("truncated.parquet");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+    let err = parquet_dataset(&truncated, "malignant", None)
+        .read_columns()
+        .expect_err("truncated");
+    let text = err.to_string();
+    assert!(text.starts_with("dataset \"extract\" ("), "{text}");
+    assert!(text.contains("is it truncated or damaged?"), "{text}");
+    assert_eq!(err.kind(), "the data source cannot be read");
+    // Corrupt pages with an intact footer: an error, never a panic.
+    let mut damaged = bytes.clone();
+    for b in damaged.iter_mut().skip(8).take(bytes.len() / 2) {
+        *b ^= 0x5a;
+    }
+    let corrupt = dir.path().join("corrupt.parquet");
+    std::fs::write(&corrupt, &damaged).expect("write");
+    let err = parquet_dataset(&corrupt, "malignant", None)
+        .load_default()
+        .expect_err("corrupt pages");
+    assert!(matches!(err, DataError::Read { .. }), "{err}");
+}

@@ -24,6 +24,7 @@ use thiserror::Error;
 
 pub mod csv;
 pub mod omop;
+pub mod parquet;
 pub mod postgres;
 
 pub use csv::parse_csv;
@@ -78,7 +79,7 @@ pub enum UnknownCategory {
 pub struct DatasetConfig {
     /// Name under which the dataset is offered to studies.
     pub name: String,
-    /// A CSV file (relative to agent.toml).
+    /// A CSV file, or a Parquet file (`.parquet`), relative to agent.toml.
     #[serde(default)]
     pub path: PathBuf,
     /// A PostgreSQL table or query instead of a file.
@@ -445,6 +446,14 @@ impl Dataset {
                     .named(builder.origin().to_string());
                 omop = Some(builder);
                 Box::new(person)
+            }
+            (None, None)
+                if config
+                    .path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("parquet")) =>
+            {
+                Box::new(parquet::ParquetConnector::new(&config.name, &base.join(&config.path)))
             }
             (None, None) => Box::new(csv::CsvConnector::new(&config.name, &base.join(&config.path))),
         };
