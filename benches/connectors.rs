@@ -158,6 +158,7 @@ fn connectors(c: &mut Criterion) {
         query: None,
         statement_timeout_secs: 3600,
         fetch_rows: 10_000,
+        tls: None,
     });
     let dataset = Dataset::open(config, Path::new("/")).expect("dataset");
     let peak = peak_rss_mib(|| {

@@ -182,6 +182,7 @@ fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
             query: None,
             statement_timeout_secs: 300,
             fetch_rows: 10_000,
+            tls: None,
         });
     } else if args.table.is_some() {
         bail!("--table goes with a PostgreSQL --data URL");

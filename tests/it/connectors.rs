@@ -25,6 +25,7 @@ fn pg_source(connection: String, table: &str) -> PostgresSource {
         query: None,
         statement_timeout_secs: 30,
         fetch_rows: 100,
+        tls: None,
     }
 }
 
@@ -852,4 +853,72 @@ fn a_truncated_or_corrupt_parquet_file_is_a_clear_error() {
         .load_default()
         .expect_err("corrupt pages");
     assert!(matches!(err, DataError::Read { .. }), "{err}");
+}
+
+/// TLS to the database (verify-full against the hospital's CA) with the agent logging
+/// in by its client certificate; a CA that did not issue the server's certificate, or a
+/// name the certificate does not carry, is refused.
+#[test]
+fn tls_to_the_database_with_verify_full_and_a_client_certificate() {
+    use medfl_site_agent::data::pg_tls::DatabaseTls;
+    let Some(pg) = PgCluster::start_tls() else { return };
+    load_breast_cancer(&pg);
+    pg.psql("GRANT SELECT ON breast_cancer TO medfl_cert").expect("grant");
+    let tls_dir = pg.tls_dir();
+    let tls = DatabaseTls {
+        ca: tls_dir.join("ca.pem"),
+        cert: Some(tls_dir.join("client.pem")),
+        key: Some(tls_dir.join("client.key")),
+    };
+    let url = |host: &str| format!("postgresql://medfl_cert@{host}:{}/hospital", pg.port);
+    let mut source = pg_source(url("127.0.0.1"), "breast_cancer");
+    source.tls = Some(tls.clone());
+    let table = open(pg_dataset("bc", source.clone(), "malignant", Some("patient_id")))
+        .load_default()
+        .expect("reads over TLS, logged in by certificate");
+    assert_eq!(table.x, bundled_table().x);
+
+    // Another CA: the server's certificate is not trusted.
+    let other = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(other.path().join("ca.pem"), params.self_signed(&key).expect("ca").pem()).expect("write");
+    let mut wrong_ca = source.clone();
+    wrong_ca.tls = Some(DatabaseTls {
+        ca: other.path().join("ca.pem"),
+        ..tls.clone()
+    });
+    let err = open(pg_dataset("bc", wrong_ca, "malignant", None))
+        .read_columns()
+        .expect_err("untrusted server certificate");
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    assert!(
+        err.to_string().contains("invalid peer certificate: UnknownIssuer"),
+        "{err}"
+    );
+
+    // A host name the certificate does not carry (verify-full checks it).
+    let mut wrong_name = source.clone();
+    wrong_name.connection = format!(
+        "host=127.0.0.1 hostaddr=127.0.0.1 port={} user=medfl_cert dbname=hospital",
+        pg.port
+    )
+    .replace("host=127.0.0.1 ", "host=db.other.example ");
+    let err = open(pg_dataset("bc", wrong_name, "malignant", None))
+        .read_columns()
+        .expect_err("name mismatch");
+    assert!(
+        err.to_string()
+            .contains("certificate not valid for name \"db.other.example\""),
+        "{err}"
+    );
+
+    // Without TLS the certificate role is rejected, and sslmode=require without a CA is
+    // refused before any connection.
+    let plain = pg_source(url("127.0.0.1"), "breast_cancer");
+    assert!(open(pg_dataset("bc", plain, "malignant", None)).read_columns().is_err());
+    let require = pg_source(format!("{}?sslmode=require", url("127.0.0.1")), "breast_cancer");
+    let err = Dataset::open(pg_dataset("bc", require, "malignant", None), Path::new("/")).expect_err("no CA");
+    assert!(err.to_string().contains("give the CA"), "{err}");
 }

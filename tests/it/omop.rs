@@ -57,6 +57,7 @@ fn omop_dataset(pg: &PgCluster, schema: &str, dir: &Path) -> Dataset {
         vocabulary_schema: None,
         statement_timeout_secs: 120,
         fetch_rows: 1000,
+        tls: None,
     });
     Dataset::open(config, Path::new("/")).expect("an OMOP dataset")
 }

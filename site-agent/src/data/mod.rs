@@ -25,6 +25,7 @@ use thiserror::Error;
 pub mod csv;
 pub mod omop;
 pub mod parquet;
+pub mod pg_tls;
 pub mod postgres;
 
 pub use csv::parse_csv;

@@ -49,6 +49,9 @@ pub struct OmopSource {
     pub statement_timeout_secs: u64,
     #[serde(default = "default_fetch")]
     pub fetch_rows: u32,
+    /// TLS to the database, as for `[datasets.postgres.tls]`.
+    #[serde(default)]
+    pub tls: Option<super::pg_tls::DatabaseTls>,
 }
 
 fn default_cdm() -> String {
@@ -78,6 +81,7 @@ impl OmopSource {
             query: None,
             statement_timeout_secs: self.statement_timeout_secs,
             fetch_rows: self.fetch_rows,
+            tls: self.tls.clone(),
         }
     }
 

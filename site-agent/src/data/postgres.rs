@@ -11,8 +11,10 @@
 //!   never from the file itself; a connection string that carries one is refused, and
 //!   messages name the database by user, host, port and name only.
 //!
-//! TLS to the database (`sslmode=verify-full`) is not built yet: connect over the Unix
-//! socket or a trusted loopback; a connection string asking for TLS is refused.
+//! - TLS to the database with `[datasets.postgres.tls]` (`pg_tls`): the server's
+//!   certificate checked against the hospital's CA and the host (verify-full), and an
+//!   optional client certificate; without it the connection is plain (the Unix socket,
+//!   or a trusted network), and a connection string asking for TLS is refused.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -49,6 +51,9 @@ pub struct PostgresSource {
     /// Rows fetched per round trip from the cursor; default 10000.
     #[serde(default = "default_fetch")]
     pub fetch_rows: u32,
+    /// TLS to the database, verify-full (and a client certificate if given).
+    #[serde(default)]
+    pub tls: Option<super::pg_tls::DatabaseTls>,
 }
 
 fn default_timeout() -> u64 {
@@ -82,9 +87,9 @@ impl PostgresSource {
                 "dataset {dataset:?}: the connection string carries a password; put it in password_file or password_env instead"
             ));
         }
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require && self.tls.is_none() {
             return Err(format!(
-                "dataset {dataset:?}: sslmode=require: TLS to the database is not supported yet; connect over the Unix socket or loopback"
+                "dataset {dataset:?}: sslmode=require without [datasets.postgres.tls]: give the CA that issued the database's certificate (ca = \"…\") so the agent can check it"
             ));
         }
         if self.password_file.is_some() && self.password_env.is_some() {
@@ -133,6 +138,8 @@ pub struct PostgresConnector {
     password: Option<PasswordFrom>,
     timeout: Duration,
     fetch: i32,
+    /// TLS to the database (verify-full), when configured.
+    tls: Option<super::pg_tls::RustlsConnect>,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +201,18 @@ impl PostgresConnector {
             Some(t) => format!("table {t}"),
             None => "its query".to_string(),
         };
+        let tls = match &pg.tls {
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(super::pg_tls::RustlsConnect(std::sync::Arc::new(
+                    tls.client_config(base).map_err(|reason| DataError::Unsupported {
+                        origin: format!("dataset {dataset:?} TLS"),
+                        reason,
+                    })?,
+                )))
+            }
+            None => None,
+        };
         Ok(PostgresConnector {
             origin: format!("dataset {dataset:?} ({} {what})", describe(&config)),
             config,
@@ -205,6 +224,7 @@ impl PostgresConnector {
             },
             timeout: Duration::from_secs(pg.statement_timeout_secs),
             fetch: pg.fetch_rows.min(i32::MAX as u32) as i32,
+            tls,
         })
     }
 
@@ -260,18 +280,42 @@ impl PostgresConnector {
             }
             None => {}
         }
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| DataError::Connect {
+        let refused = |e: tokio_postgres::Error| DataError::Connect {
             origin: self.origin.clone(),
             reason: match e.as_db_error() {
                 Some(db) => db.message().to_string(),
-                None => e.to_string(),
+                None => {
+                    // The cause (a certificate the CA did not issue, a name mismatch).
+                    let mut text = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(cause) = source {
+                        text = format!("{text}: {cause}");
+                        source = cause.source();
+                    }
+                    text
+                }
             },
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "database connection closed");
+        };
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await.map_err(refused)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "database connection closed");
+                    }
+                });
+                client
             }
-        });
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(refused)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "database connection closed");
+                    }
+                });
+                client
+            }
+        };
         Ok(client)
     }
 

@@ -45,6 +45,18 @@ impl PgCluster {
     /// Starts a cluster, or returns None (after saying why) where PostgreSQL is not
     /// installed and this is not CI.
     pub fn start() -> Option<PgCluster> {
+        Self::start_maybe_tls(false)
+    }
+
+    /// Like [`PgCluster::start`], with TLS on: a test CA (`ca.pem` in [`PgCluster::tls_dir`])
+    /// issued the server's certificate for 127.0.0.1 and `localhost` and a client
+    /// certificate for the role `medfl_cert` (`client.pem`, `client.key`), which logs in
+    /// by it (`cert` authentication, TLS only).
+    pub fn start_tls() -> Option<PgCluster> {
+        Self::start_maybe_tls(true)
+    }
+
+    fn start_maybe_tls(tls: bool) -> Option<PgCluster> {
         let Some(bin) = server_bin() else {
             assert!(
                 !super::in_ci(),
@@ -55,10 +67,61 @@ impl PgCluster {
             );
             return None;
         };
-        Some(Self::start_with(bin).expect("start a throwaway PostgreSQL cluster"))
+        Some(Self::start_with(bin, tls).expect("start a throwaway PostgreSQL cluster"))
     }
 
-    fn start_with(bin: PathBuf) -> Result<PgCluster> {
+    /// Where the TLS test CA and the client's certificate are.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// The test CA, the server's certificate and the client's, written for the server
+    /// (owned by its user, key 0600) and the client.
+    fn write_tls(&self, data: &Path) -> Result<()> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "hospital database CA");
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key)?;
+        let server_key = KeyPair::generate()?;
+        let mut server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        server.distinguished_name.push(DnType::CommonName, "db.hospital.local");
+        let server_cert = server.signed_by(&server_key, &issuer)?;
+        let client_key = KeyPair::generate()?;
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client.distinguished_name.push(DnType::CommonName, "medfl_cert");
+        let client_cert = client.signed_by(&client_key, &issuer)?;
+        let dir = self.tls_dir();
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+        std::fs::write(dir.join("client.pem"), client_cert.pem())?;
+        std::fs::write(dir.join("client.key"), client_key.serialize_pem())?;
+        for (name, text) in [
+            ("server.crt", server_cert.pem()),
+            ("server.key", server_key.serialize_pem()),
+            ("root.crt", ca_cert.pem()),
+        ] {
+            let path = data.join(name);
+            std::fs::write(&path, text)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if self.as_postgres {
+                Command::new("chown").arg("postgres:postgres").arg(&path).status()?;
+            }
+        }
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)?;
+        std::fs::write(
+            &hba,
+            format!(
+                "hostssl hospital medfl_cert 127.0.0.1/32 cert\nhostnossl hospital medfl_cert 127.0.0.1/32 reject\n{rules}"
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn start_with(bin: PathBuf, tls: bool) -> Result<PgCluster> {
         let dir = tempfile::Builder::new().prefix("medfl-pg-").tempdir()?;
         let as_postgres = is_root();
         if as_postgres {
@@ -98,10 +161,15 @@ impl PgCluster {
                 "UTF8".as_ref(),
             ],
         )?;
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
             cluster.socket().display()
         );
+        if tls {
+            cluster.write_tls(&data)?;
+            options
+                .push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key -c ssl_ca_file=root.crt");
+        }
         let log = cluster.dir.path().join("server.log");
         cluster.server(
             "pg_ctl",
@@ -121,6 +189,9 @@ impl PgCluster {
             &format!("CREATE ROLE medfl_reader LOGIN PASSWORD '{READER_PASSWORD}'"),
         )?;
         cluster.psql_in("postgres", "CREATE DATABASE hospital")?;
+        if tls {
+            cluster.psql_in("postgres", "CREATE ROLE medfl_cert LOGIN")?;
+        }
         Ok(cluster)
     }
 
