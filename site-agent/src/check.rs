@@ -65,8 +65,7 @@ fn check_study(dataset: &Dataset, manifest: &StudyManifest, report: &mut CheckRe
     let out = &mut report.text;
     let _ = writeln!(
         out,
-        "dataset {:?}: {}\n  as study {:?} reads it (manifest {}):",
-        dataset.config.name,
+        "{}\n  as study {:?} reads it (manifest {}):",
         dataset.connector.source(),
         manifest.name,
         &manifest.hash()[..12]
@@ -104,7 +103,7 @@ fn rows_section(out: &mut String, e: &Encoded) {
 fn check_one(dataset: &Dataset, report: &mut CheckReport) {
     let cfg = &dataset.config;
     let out = &mut report.text;
-    let _ = writeln!(out, "dataset {:?}: {}", cfg.name, dataset.connector.source());
+    let _ = writeln!(out, "{}", dataset.connector.source());
     if let Some(omop) = &dataset.omop {
         match omop.summary() {
             Ok((persons, periods)) => {

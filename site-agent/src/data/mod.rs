@@ -306,7 +306,8 @@ pub enum DataError {
     #[error("{origin}: {row}: unterminated quoted field")]
     Quote { origin: String, row: RowRef },
     #[error(
-        "{origin}: {persons} persons have more than one row ({rows} rows in all) in person id column {column:?}; medfl's privacy unit is the person: give one row per person"
+        "{origin}: {persons} {} more than one row ({rows} rows in all) in person id column {column:?}; medfl's privacy unit is the person: give one row per person",
+        if *.persons == 1 { "person has" } else { "persons have" }
     )]
     RepeatedPersons {
         origin: String,
@@ -514,17 +515,14 @@ impl Dataset {
                     } else if *ty == ColumnType::Unsupported {
                         left_out.push((name.clone(), "a type medfl does not read".to_string()));
                     } else {
+                        let how = if matches!(ty, ColumnType::Date | ColumnType::Timestamp) {
+                            "data.dates (with an origin)"
+                        } else {
+                            "data.categorical (with its categories)"
+                        };
                         left_out.push((
                             name.clone(),
-                            format!(
-                                "{} values: a study uses it by listing it in data.categorical (with its categories){}",
-                                ty.name(),
-                                if matches!(ty, ColumnType::Date | ColumnType::Timestamp) {
-                                    " or data.dates (with an origin)"
-                                } else {
-                                    ""
-                                }
-                            ),
+                            format!("{} values: a study uses it by listing it in {how}", ty.name()),
                         ));
                     }
                 }
