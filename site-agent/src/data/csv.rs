@@ -34,20 +34,28 @@ impl<R: BufRead> Records<R> {
         }
     }
 
-    /// The next non-blank record into `fields` (cleared first); `Ok(None)` at the end.
+    /// The next non-blank record into `fields` (its strings reused from record to
+    /// record, so a steady file allocates nothing per row); `Ok(None)` at the end.
     pub fn next_into(&mut self, fields: &mut Vec<String>) -> Result<Option<usize>, DataError> {
         loop {
-            fields.clear();
-            let mut field = String::new();
+            // `n` fields filled so far; `fields[n]` is the one being written.
+            let mut n = 0;
+            let slot = |fields: &mut Vec<String>, n: usize| {
+                if n == fields.len() {
+                    fields.push(String::new());
+                }
+                fields[n].clear();
+            };
+            slot(fields, 0);
             let mut in_quotes = false;
             let mut start = None;
             loop {
                 self.buf.clear();
-                let n = self.input.read_line(&mut self.buf).map_err(|e| DataError::Read {
+                let read = self.input.read_line(&mut self.buf).map_err(|e| DataError::Read {
                     origin: self.origin.clone(),
                     reason: e.to_string(),
                 })?;
-                if n == 0 {
+                if read == 0 {
                     if in_quotes {
                         return Err(DataError::Quote {
                             origin: self.origin.clone(),
@@ -55,6 +63,7 @@ impl<R: BufRead> Records<R> {
                         });
                     }
                     if start.is_none() {
+                        fields.clear();
                         return Ok(None);
                     }
                     break;
@@ -68,30 +77,33 @@ impl<R: BufRead> Records<R> {
                         match c {
                             '"' if chars.peek() == Some(&'"') => {
                                 chars.next();
-                                field.push('"');
+                                fields[n].push('"');
                             }
                             '"' => in_quotes = false,
-                            _ => field.push(c),
+                            _ => fields[n].push(c),
                         }
                         continue;
                     }
                     match c {
                         '"' => in_quotes = true,
-                        ',' => fields.push(std::mem::take(&mut field)),
+                        ',' => {
+                            n += 1;
+                            slot(fields, n);
+                        }
                         '\r' => {}
                         '\n' => {
                             ended = true;
                             break;
                         }
-                        _ => field.push(c),
+                        _ => fields[n].push(c),
                     }
                 }
                 if !in_quotes && (ended || !self.buf.ends_with('\n')) {
                     break;
                 }
             }
-            fields.push(field);
-            if fields.len() == 1 && fields[0].trim().is_empty() {
+            fields.truncate(n + 1);
+            if n == 0 && fields[0].trim().is_empty() {
                 continue;
             }
             return Ok(start);

@@ -373,6 +373,11 @@ pub trait Connector: Send + Sync + std::any::Any {
     /// Streams the `wanted` columns of every row, in order (by person id where the
     /// source can sort), to `row`; stops at the first error either side returns.
     fn scan(&self, wanted: &[String], row: &mut RowSink<'_>) -> Result<(), DataError>;
+    /// How many rows a scan will send, when the source knows it cheaply (Parquet's
+    /// footer): the matrix is then allocated once, at its size.
+    fn rows_hint(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A configured dataset: its entry and its connector.
@@ -562,6 +567,9 @@ impl Dataset {
         }
         let columns = self.connector.columns()?;
         let mut encoder = Encoder::new(&self.config, self.connector.source(), schema, &columns)?;
+        if let Some(rows) = self.connector.rows_hint() {
+            encoder.reserve(rows);
+        }
         let wanted = encoder.wanted.clone();
         self.connector.scan(&wanted, &mut |at, cells| encoder.push(at, cells))?;
         encoder.finish()
@@ -650,10 +658,32 @@ pub struct Encoder {
     /// One row's inputs while it is encoded (reused).
     scratch: Vec<f32>,
     holes: Vec<(usize, usize)>,
-    persons: HashSet<String>,
-    repeated: HashMap<String, usize>,
+    /// Each person id seen, as a 128-bit fingerprint (two keyed SipHash-1-3 halves):
+    /// 16 bytes a person, not a string; two different ids collide with probability
+    /// about n²/2¹²⁹, far below anything a dataset meets.
+    persons: HashSet<u128>,
+    repeated: HashMap<u128, usize>,
     dropped: BTreeMap<&'static str, usize>,
     read: usize,
+}
+
+/// A person id's fingerprint: its canonical text (numbers as [`number_text`] would
+/// write them, without building the string) hashed twice with fixed, distinct keys.
+fn fingerprint(cell: Cell<'_>) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |key: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        match cell {
+            Cell::Number(v) | Cell::Days(v) if v.fract() == 0.0 && v.abs() < 1e15 => (v as i64).hash(&mut h),
+            Cell::Number(v) | Cell::Days(v) => v.to_bits().hash(&mut h),
+            Cell::Text(t) => t.trim().hash(&mut h),
+            Cell::Bool(b) => b.hash(&mut h),
+            Cell::Missing => 0u8.hash(&mut h),
+        }
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
 }
 
 /// A number's canonical text: integers without a fraction (`3`, not `3.0`), so a
@@ -858,14 +888,23 @@ impl Encoder {
         Ok(CellOutcome::Value)
     }
 
+    /// Makes room for `rows` rows at once (no reallocation, no transient second copy).
+    pub fn reserve(&mut self, rows: usize) {
+        self.x.reserve_exact(rows.saturating_mul(self.width));
+        self.y.reserve_exact(rows);
+        if self.person {
+            self.persons.reserve(rows);
+        }
+    }
+
     /// Takes one row: `cells` in the order of [`Encoder::wanted`].
     pub fn push(&mut self, at: RowRef, cells: &[Cell<'_>]) -> Result<(), DataError> {
         self.read += 1;
         let mut cells = cells.iter().copied();
         let label = cells.next().unwrap_or(Cell::Missing);
         if self.person {
-            let id = Self::key(cells.next().unwrap_or(Cell::Missing));
-            if !self.persons.insert(id.clone()) {
+            let id = fingerprint(cells.next().unwrap_or(Cell::Missing));
+            if !self.persons.insert(id) {
                 *self.repeated.entry(id).or_insert(1) += 1;
             }
         }

@@ -211,6 +211,11 @@ impl Connector for ParquetConnector {
         &self.origin
     }
 
+    fn rows_hint(&self) -> Option<usize> {
+        let file = self.open().ok()?;
+        usize::try_from(file.metadata().file_metadata().num_rows()).ok()
+    }
+
     fn columns(&self) -> Result<Vec<(String, ColumnType)>, DataError> {
         let file = self.open()?;
         let schema = file.metadata().file_metadata().schema_descr_ptr();
@@ -278,9 +283,10 @@ impl Connector for ParquetConnector {
                 })
                 .collect::<Result<_, _>>()?;
             let mut next = vec![0usize; columns.len()];
+            let mut cells = Vec::with_capacity(columns.len());
             for r in 0..rows {
                 at += 1;
-                let mut cells = Vec::with_capacity(columns.len());
+                cells.clear();
                 for (c, read) in columns.iter().enumerate() {
                     if read
                         .present

@@ -437,9 +437,10 @@ impl PostgresConnector {
             if rows.is_empty() {
                 break;
             }
+            let mut cells: Vec<Cell<'_>> = Vec::with_capacity(kinds.len());
             for r in &rows {
                 at += 1;
-                let mut cells: Vec<Cell<'_>> = Vec::with_capacity(kinds.len());
+                cells.clear();
                 for (i, kind) in kinds.iter().enumerate() {
                     let cell = match kind {
                         ColumnType::Boolean => r
