@@ -61,6 +61,7 @@ pub fn status_json(s: &pb::StudyStatus) -> Value {
             "evaluation": (r.eval_sites > 0).then(|| json!({
                 "sites": r.eval_sites, "examples": r.eval_examples,
                 "accuracy": r.eval_accuracy, "loss": r.eval_loss,
+                "auc": r.eval_auc.is_finite().then_some(r.eval_auc),
             })),
             "next_clip_norm": (r.next_clip_norm > 0.0).then_some(r.next_clip_norm),
         })).collect::<Vec<_>>(),
@@ -116,8 +117,13 @@ fn print_status(s: &pb::StudyStatus) {
                 r.reason.clone()
             };
             if r.eval_sites > 0 {
+                let auc = if r.eval_auc.is_finite() {
+                    format!(", ROC AUC {:.4}", r.eval_auc)
+                } else {
+                    String::new()
+                };
                 detail.push_str(&format!(
-                    " (held-out accuracy {:.4}, loss {:.4}: {} rows at {} sites)",
+                    " (held-out accuracy {:.4}{auc}, loss {:.4}: {} rows at {} sites)",
                     r.eval_accuracy, r.eval_loss, r.eval_examples, r.eval_sites
                 ));
             }

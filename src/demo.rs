@@ -486,6 +486,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .filter(|r| r.committed && r.eval_sites > 0)
         .map(|r| {
             json!({"round": r.round, "model_of_round": r.round - 1, "accuracy": r.eval_accuracy,
+                   "auc": r.eval_auc.is_finite().then_some(r.eval_auc),
                    "loss": r.eval_loss, "sites": r.eval_sites, "examples": r.eval_examples})
         })
         .collect();

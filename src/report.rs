@@ -85,19 +85,20 @@ pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>)
 
     // Rounds.
     html.push_str(
-        "<h2>Rounds</h2><table><tr><th>round</th><th>attempt</th><th class=\"l\">state</th><th>examples</th><th>train loss</th><th>held-out acc.</th><th class=\"l\">contributors / reason</th></tr>",
+        "<h2>Rounds</h2><table><tr><th>round</th><th>attempt</th><th class=\"l\">state</th><th>examples</th><th>train loss</th><th>held-out acc.</th><th>held-out ROC AUC</th><th class=\"l\">contributors / reason</th></tr>",
     );
     for r in &status.rounds {
         let fmt = |v: f64, ok: bool| if ok { format!("{v:.4}") } else { "–".into() };
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"l\">{}</td></tr>",
             r.round,
             r.attempt,
             if r.committed { "committed" } else { "failed" },
             r.num_examples,
             fmt(r.mean_train_loss, r.mean_train_loss.is_finite()),
             fmt(r.eval_accuracy, r.eval_sites > 0),
+            fmt(r.eval_auc, r.eval_sites > 0 && r.eval_auc.is_finite()),
             esc(&if r.committed {
                 r.contributors.join(", ")
             } else {

@@ -173,6 +173,10 @@ pub struct EvalRecord {
     pub examples: u64,
     pub accuracy: f64,
     pub loss: f64,
+    /// ROC AUC from the sites' summed score bins (macro over classes); records written
+    /// before it have none.
+    #[serde(default)]
+    pub auc: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ fn a_missing_config_is_status_64_with_one_line() {
 fn an_unreadable_config_is_status_64_naming_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.toml");
-    std::fs::write(&path, "profile = \"nowhere\"\n[[datasets]]\nname = \"d\"\n").expect("write");
+    std::fs::write(&path, "profile = \"nowhere\"\n[[datasets]]\nname = 5\n").expect("write");
     let out = agent(&["--config", path.to_str().expect("utf-8")]);
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);

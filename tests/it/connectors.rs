@@ -114,6 +114,19 @@ fn postgres_reads_the_same_rows_as_the_csv() {
     small.fetch_rows = 7;
     let batched = open(pg_dataset("breast_cancer", small, "malignant", Some("patient_id")));
     assert_eq!(batched.load_default().expect("reads").x, csv.x);
+    // Over the Unix socket, logged in by peer authentication as this process's user.
+    pg.psql(&format!(
+        "GRANT SELECT ON breast_cancer TO \"{}\"",
+        crate::common::pg::os_user()
+    ))
+    .expect("grant");
+    let peer = open(pg_dataset(
+        "breast_cancer",
+        pg_source(pg.peer_connection(), "breast_cancer"),
+        "malignant",
+        Some("patient_id"),
+    ));
+    assert_eq!(peer.load_default().expect("reads by peer authentication").y, csv.y);
     // Over the Unix socket with the server's own (trust) authentication, no password.
     let socket = open(pg_dataset(
         "breast_cancer",

@@ -239,6 +239,13 @@ async fn federated_evaluation_publishes_only_totals_over_enough_sites() {
             r.eval_accuracy
         );
         assert!(r.eval_loss.is_finite() && r.eval_loss > 0.0);
+        // The ROC AUC from the sites' summed score bins, no row's score sent.
+        assert!(
+            r.eval_auc > 0.9 && r.eval_auc <= 1.0,
+            "round {}: AUC {}",
+            r.round,
+            r.eval_auc
+        );
     }
     let out = medfl(&[
         "study",
@@ -249,11 +256,18 @@ async fn federated_evaluation_publishes_only_totals_over_enough_sites() {
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("held-out accuracy"), "{text}");
+    assert!(text.contains("ROC AUC 0."), "{text}");
     // What left each site is in its egress log.
     let egress = egress_updates(&fed.dir.join(site_name(0)).join("egress.jsonl"));
     assert!(
         egress.iter().any(|e| e["evaluation"]["examples"].as_u64().is_some()),
         "{egress:?}"
+    );
+    assert!(
+        egress.iter().any(|e| e["evaluation"]["score_bins"]
+            .as_array()
+            .is_some_and(|b| b.len() == 2 * medfl_shared::metrics::SCORE_BINS)),
+        "the score bins that left are in the egress log: {egress:?}"
     );
     let (_, status) = complete_study(&mut fed, &evaluation(4), 3).await;
     assert!(
@@ -275,6 +289,7 @@ async fn evaluation_totals_that_are_not_counts_are_refused() {
             examples: 5,
             correct: 6,
             loss_sum: 1.0,
+            score_bins: vec![],
         });
     }
     let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
@@ -290,6 +305,25 @@ async fn evaluation_totals_that_are_not_counts_are_refused() {
         "{}",
         err.message()
     );
+    // Score bins that do not count the held-out rows once per class are refused too.
+    let mut head = header(&work, "u1b", 10, 31);
+    if let Some(pb::update_chunk::Body::Header(h)) = head.body.as_mut() {
+        h.evaluation = Some(pb::Evaluation {
+            examples: 5,
+            correct: 4,
+            loss_sum: 1.0,
+            score_bins: vec![1; 2 * medfl_shared::metrics::SCORE_BINS],
+        });
+    }
+    let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
+        .chain(medfl_proto::stream::update_chunks(&[0.0; 31]))
+        .collect();
+    let err = clients[0]
+        .upload_update(futures::stream::iter(messages))
+        .await
+        .expect_err("100 rows binned for 5 held out");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("score bins"), "{}", err.message());
     // The round still takes a proper update.
     upload(&mut clients[0], &work, "u2", 10, &[0.0; 31])
         .await

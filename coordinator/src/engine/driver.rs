@@ -434,7 +434,7 @@ impl Engine {
                     .iter()
                     .map(|(s, r)| (s.clone(), r.examples, r.train_loss))
                     .collect(),
-                evaluations: acc.received.values().filter_map(|r| r.evaluation).collect(),
+                evaluations: acc.received.values().filter_map(|r| r.evaluation.clone()).collect(),
                 selected: selected.clone(),
                 clip_norm: open.adaptive_clip,
                 interrupted,

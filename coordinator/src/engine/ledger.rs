@@ -49,11 +49,25 @@ pub(super) fn eval_totals(evaluations: &[EvalCounts], min_sites: usize) -> Optio
     }
     let correct: u64 = evaluations.iter().map(|e| e.correct).sum();
     let loss: f64 = evaluations.iter().map(|e| e.loss_sum).sum();
+    // The AUC only when every site sent bins of one shape.
+    let shape = evaluations.first().map_or(0, |e| e.score_bins.len());
+    let auc = (shape > 0 && evaluations.iter().all(|e| e.score_bins.len() == shape))
+        .then(|| {
+            let mut sum = vec![0u64; shape];
+            for e in evaluations {
+                sum.iter_mut()
+                    .zip(&e.score_bins)
+                    .for_each(|(s, b)| *s = s.saturating_add(*b));
+            }
+            medfl_shared::metrics::auc_from_bins(&sum)
+        })
+        .flatten();
     Some(EvalRecord {
         sites: evaluations.len() as u32,
         examples,
         accuracy: correct as f64 / examples as f64,
         loss: loss / examples as f64,
+        auc,
     })
 }
 

@@ -14,12 +14,14 @@ pub struct UpdateMeta {
     pub evaluation: Option<EvalCounts>,
 }
 
-/// One site's held-out totals: rows, rows classified right, summed cross-entropy.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One site's held-out totals: rows, rows classified right, summed cross-entropy, and
+/// its rows counted by score bins (`medfl_shared::metrics::score_bins`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct EvalCounts {
     pub examples: u64,
     pub correct: u64,
     pub loss_sum: f64,
+    pub score_bins: Vec<u64>,
 }
 
 pub(super) type Received = UpdateMeta;

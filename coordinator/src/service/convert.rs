@@ -50,6 +50,7 @@ pub(super) fn status_pb(v: StudyView) -> pb::StudyStatus {
                 eval_sites: r.eval.as_ref().map_or(0, |e| e.sites),
                 eval_examples: r.eval.as_ref().map_or(0, |e| e.examples),
                 eval_accuracy: r.eval.as_ref().map_or(f64::NAN, |e| e.accuracy),
+                eval_auc: r.eval.as_ref().and_then(|e| e.auc).unwrap_or(f64::NAN),
                 eval_loss: r.eval.as_ref().map_or(f64::NAN, |e| e.loss),
             })
             .collect(),

@@ -35,6 +35,7 @@ pub(super) fn upload_header(header: pb::UpdateHeader) -> Result<UploadHeader, St
             header.num_examples
         )));
     }
+    // The score bins are bounded by the message size (4 MiB) and checked below.
     let evaluation = match header.evaluation {
         None => None,
         Some(e) => {
@@ -48,10 +49,23 @@ pub(super) fn upload_header(header: pb::UpdateHeader) -> Result<UploadHeader, St
                     e.examples, e.correct, e.loss_sum
                 )));
             }
+            let bins = medfl_shared::metrics::SCORE_BINS;
+            let per_class: Vec<u64> = e
+                .score_bins
+                .chunks(bins * 2)
+                .map(|c| c.iter().fold(0u64, |a, b| a.saturating_add(*b)))
+                .collect();
+            if !e.score_bins.len().is_multiple_of(bins * 2) || per_class.iter().any(|n| *n != e.examples) {
+                return Err(Status::invalid_argument(format!(
+                    "evaluation score bins are not {bins} bins of positives and of negatives per class, each class counting the {} held-out rows",
+                    e.examples
+                )));
+            }
             Some(EvalCounts {
                 examples: e.examples,
                 correct: e.correct,
                 loss_sum: e.loss_sum,
+                score_bins: e.score_bins,
             })
         }
     };

@@ -219,10 +219,10 @@ pub async fn upload(
 /// The egress log's entry for what leaves next. With secure aggregation what leaves is
 /// this update quantized and masked; the log names the update it came from.
 fn log_egress(settings: &AgentSettings, work: &pb::WorkItem, update: &Update, masked: bool) -> Result<()> {
-    let evaluation = update
-        .evaluation
-        .as_ref()
-        .map(|e| serde_json::json!({"examples": e.examples, "correct": e.correct, "loss_sum": e.loss_sum}));
+    let evaluation = update.evaluation.as_ref().map(|e| {
+        serde_json::json!({"examples": e.examples, "correct": e.correct, "loss_sum": e.loss_sum,
+                               "score_bins": e.score_bins})
+    });
     settings.egress.record(
         if masked { "masked_update" } else { "model_update" },
         &work.study_id,

@@ -359,6 +359,7 @@ fn evaluate(manifest: &StudyManifest, global: &[f32], x: &[f32], y: &[f32]) -> R
     let correct = (accuracy_k(&probs, y, io.outputs) * y.len() as f64).round();
     let loss_sum = cross_entropy_sum(&probs, y, io.outputs);
     Ok(pb::Evaluation {
+        score_bins: medfl_shared::metrics::score_bins(&probs, y, io.outputs),
         examples: y.len() as u64,
         correct: correct as u64,
         loss_sum,

@@ -34,6 +34,15 @@ fn server_bin() -> Option<PathBuf> {
     versions.pop()
 }
 
+/// This process's user name.
+pub fn os_user() -> String {
+    Command::new("id")
+        .arg("-un")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "root".into())
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -161,6 +170,11 @@ impl PgCluster {
                 "UTF8".as_ref(),
             ],
         )?;
+        // Peer authentication over the socket for this process's own user (the agent's
+        // usual login on a hospital's database host).
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)?;
+        std::fs::write(&hba, format!("local hospital {} peer\n{rules}", os_user()))?;
         let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
             cluster.socket().display()
@@ -191,6 +205,9 @@ impl PgCluster {
         cluster.psql_in("postgres", "CREATE DATABASE hospital")?;
         if tls {
             cluster.psql_in("postgres", "CREATE ROLE medfl_cert LOGIN")?;
+        }
+        if os_user() != "postgres" {
+            cluster.psql_in("postgres", &format!("CREATE ROLE \"{}\" LOGIN", os_user()))?;
         }
         Ok(cluster)
     }
@@ -257,6 +274,17 @@ impl PgCluster {
     /// A connection string for `medfl_reader` over TCP (the password comes apart).
     pub fn reader_url(&self) -> String {
         format!("postgresql://medfl_reader@127.0.0.1:{}/hospital", self.port)
+    }
+
+    /// A connection string for this process's own user over the Unix socket, logged in
+    /// by peer authentication (the server asks the kernel who is at the other end).
+    pub fn peer_connection(&self) -> String {
+        format!(
+            "host={} port={} user={} dbname=hospital",
+            self.socket().display(),
+            self.port,
+            os_user()
+        )
     }
 
     /// A connection string for the superuser over the Unix socket (trust: no password).
