@@ -585,8 +585,25 @@ fn the_demo_on_postgres_matches_the_csv_run() {
         from_csv["test_accuracy"].as_f64().expect("accuracy"),
         from_pg["test_accuracy"].as_f64().expect("accuracy"),
     );
-    eprintln!("demo test accuracy: CSV {a:.4}, PostgreSQL {b:.4}");
+    // And from a Parquet extract of the same rows.
+    let parquet = dir.path().join("wdbc.parquet");
+    medfl_site_agent::data::parquet::write_table(&parquet, &bundled_table(), "malignant", Some("pid"), 128)
+        .expect("write the Parquet extract");
+    let from_parquet = demo(
+        &[
+            "--data",
+            parquet.to_str().expect("utf-8"),
+            "--label",
+            "malignant",
+            "--id",
+            "pid",
+        ],
+        &dir.path().join("parquet"),
+    );
+    let c = from_parquet["test_accuracy"].as_f64().expect("accuracy");
+    eprintln!("demo test accuracy: CSV {a:.4}, PostgreSQL {b:.4}, Parquet {c:.4}");
     assert!((a - b).abs() <= 0.01, "CSV {a} vs PostgreSQL {b}");
+    assert!((a - c).abs() <= 0.01, "CSV {a} vs Parquet {c}");
     assert!(a > 0.9, "{a}");
 }
 

@@ -255,3 +255,32 @@ async fn federated_logistic_regression_over_three_cdms_matches_centralized() {
         "federated {fed_auc} vs generating {generating_auc}"
     );
 }
+
+#[test]
+fn a_fixed_index_date_indexes_everyone_observed_around_it() {
+    let Some(pg) = PgCluster::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    load_cdm(&pg, "cdm_fixed", 400, 23, dir.path()).expect("generate a CDM");
+    let text = manifest(1, "").to_toml().replace(
+        &format!("index_concept_id = {}", crate::common::omop::T2DM),
+        "index_date = \"2018-01-01\"",
+    );
+    let m = StudyManifest::from_toml(&text).expect("a fixed-date manifest");
+    assert_eq!(
+        m.data.omop.as_ref().and_then(|o| o.index_date.as_deref()),
+        Some("2018-01-01")
+    );
+    let e = omop_dataset(&pg, "cdm_fixed", dir.path())
+        .encode(&m.data)
+        .expect("builds");
+    assert!(
+        !e.dropped.iter().any(|(why, _)| why.contains("no index event")),
+        "everyone has the date: {:?}",
+        e.dropped
+    );
+    assert!(e.rows() > 50, "{} rows, {:?}", e.rows(), e.dropped);
+    // Age at a fixed index is the index year less the year of birth: all within the
+    // generator's 35–85 at its own index, give or take the years between.
+    let d = e.inputs.len();
+    assert!(e.x.chunks_exact(d).all(|row| (30.0..=90.0).contains(&row[0])), "ages");
+}
