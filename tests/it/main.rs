@@ -4,6 +4,7 @@
 
 mod common;
 
+mod analytics;
 mod architecture;
 mod cli;
 mod config_examples;

@@ -27,6 +27,7 @@ pub mod omop;
 pub mod parquet;
 pub mod pg_tls;
 pub mod postgres;
+pub mod query;
 
 pub use csv::parse_csv;
 

@@ -228,6 +228,12 @@ impl PostgresConnector {
         })
     }
 
+    /// What a statement reads from: the quoted table, or hospital IT's query as a
+    /// subquery.
+    pub(super) fn relation(&self) -> &str {
+        &self.from
+    }
+
     /// The same database under another name in messages (the OMOP builder's).
     pub(super) fn named(mut self, origin: String) -> Self {
         self.origin = origin;
