@@ -32,6 +32,14 @@ pub enum Command {
         #[command(subcommand)]
         command: StudyCommand,
     },
+    /// Federated analytics: cohort counts, sums, means, histograms and quantiles
+    /// under DP, charged to each site's ledger (admin role).
+    Query {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: crate::query::QueryCommand,
+    },
     /// Lists sites (admin role).
     Site {
         #[command(flatten)]
@@ -116,6 +124,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     // How the coordinator was reached, to explain a failed call in one line.
     let conn = match &cli.command {
         Command::Study { conn, .. }
+        | Command::Query { conn, .. }
         | Command::Site { conn, .. }
         | Command::Audit { conn, .. }
         | Command::Dashboard { conn } => Some(conn.clone()),
@@ -127,6 +136,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Study { conn, command } => crate::admin::study(&conn, command).await,
         Command::Site { conn, command } => crate::admin::site(&conn, command).await,
+        Command::Query { conn, command } => crate::query::run(&conn, command).await,
         Command::Pki { command } => run_pki(command),
         Command::Privacy { command } => crate::privacy::run(command),
         Command::Bench { command } => crate::bench::run(command).await,

@@ -516,6 +516,36 @@ impl Federation {
         Ok(info.study_id)
     }
 
+    /// Signs and creates a federated-analytics query as the admin; returns its id.
+    pub async fn create_query(&mut self, manifest_toml: &str) -> Result<String> {
+        let q = self
+            .admin
+            .create_query(self.profile("admin")?.signed_query(manifest_toml)?)
+            .await
+            .context("create query")?
+            .into_inner();
+        Ok(q.query_id)
+    }
+
+    /// Waits until query `id` is released or failed.
+    pub async fn wait_query(&mut self, id: &str, timeout: Duration) -> Result<pb::QueryStatus> {
+        let start = Instant::now();
+        loop {
+            let q = self
+                .admin
+                .get_query(pb::QueryRef { query_id: id.into() })
+                .await?
+                .into_inner();
+            if q.state != "running" {
+                return Ok(q);
+            }
+            if start.elapsed() > timeout {
+                bail!("query {id} still running after {timeout:?}: {q:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn start_study(&mut self, id: &str) -> Result<()> {
         self.admin
             .start_study(pb::StudyRef {

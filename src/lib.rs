@@ -16,6 +16,7 @@ pub mod demo;
 pub mod federation;
 pub mod load;
 pub mod privacy;
+pub mod query;
 pub mod report;
 pub mod strategies;
 

@@ -374,7 +374,21 @@ impl SecureRound {
 
     /// After stage 3: reconstructs the secrets, removes the masks and returns the
     /// decoded sum of U3's quantized updates and U3. CPU-heavy: call off the reactor.
+    /// The sites whose masked input was summed.
+    pub fn masked_sites(&self) -> Vec<String> {
+        self.lock().masked.iter().cloned().collect()
+    }
+
     pub fn unmask(&self) -> Result<(Vec<f32>, Vec<String>), ServiceError> {
+        let (sum, u3) = self.unmask_words()?;
+        let mut decoded = vec![0f32; sum.len()];
+        self.quantizer.dequantize(&sum, &mut decoded);
+        Ok((decoded, u3))
+    }
+
+    /// The unmasked sum as words mod 2^32 (two's complement integers: a query's noisy
+    /// totals), and U3.
+    pub fn unmask_words(&self) -> Result<(Vec<u32>, Vec<String>), ServiceError> {
         let t = self.params.threshold;
         let st = self.lock();
         if st.stage != 4 {
@@ -421,8 +435,6 @@ impl SecureRound {
         let u3 = st.u3.clone();
         drop(st);
         plan.apply(0, &mut sum);
-        let mut decoded = vec![0f32; sum.len()];
-        self.quantizer.dequantize(&sum, &mut decoded);
-        Ok((decoded, u3))
+        Ok((sum, u3))
     }
 }

@@ -214,6 +214,38 @@ pub struct ChargeRecord {
     pub declared_by: Option<String>,
 }
 
+/// A federated-analytics query: its signed manifest, its state, and once released its
+/// result (totals with the noise's standard deviations; JSON of
+/// `medfl_shared::query::QueryResult`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryRecord {
+    pub id: String,
+    pub name: String,
+    pub dataset: String,
+    pub manifest_toml: String,
+    pub manifest_hash: String,
+    /// `running`, `released` or `failed`.
+    pub state: String,
+    pub reason: String,
+    pub created_ms: u64,
+    pub created_by: String,
+    pub finished_ms: u64,
+    pub signature: String,
+    pub signature_algorithm: String,
+    pub creator_cert: String,
+    /// The sites asked, those whose answers the result holds, and those that refused.
+    pub selected: Vec<String>,
+    pub answered: Vec<String>,
+    pub refused: Vec<String>,
+    /// ε each answering site charged, at the query's δ.
+    pub epsilon: f64,
+    pub result_json: String,
+}
+
+pub const QUERY_RUNNING: &str = "running";
+pub const QUERY_RELEASED: &str = "released";
+pub const QUERY_FAILED: &str = "failed";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RefusalRecord {
     pub site: String,
@@ -746,6 +778,72 @@ impl Store {
 
     pub fn revocations(&self) -> Result<Vec<RevokedRecord>, StoreError> {
         self.scan("revoked/")
+    }
+
+    /// Writes a new query, with its `query.create` entry.
+    pub fn create_query(&self, query: &QueryRecord) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(format!("query/{}", query.id).as_bytes(), json(query)?);
+        let event = AuditEvent::new(
+            query.created_by.clone(),
+            "query.create",
+            &query.id,
+            json!({"name": query.name, "manifest_hash": query.manifest_hash, "dataset": query.dataset,
+                   "epsilon": query.epsilon, "signature": query.signature}),
+        );
+        self.apply(batch, &[event])
+    }
+
+    /// Ends a query: released with its result, or failed with its reason. The charges
+    /// of the sites that answered land in the same batch, each with its `budget.charge`
+    /// entry (a site that answered keeps its charge whether or not the query released).
+    pub fn finish_query(&self, query: &QueryRecord, charges: &[ChargeRecord]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(format!("query/{}", query.id).as_bytes(), json(query)?);
+        let mut events = Vec::new();
+        for c in charges {
+            batch.insert(
+                format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site).as_bytes(),
+                json(c)?,
+            );
+            events.push(AuditEvent::new(
+                COORDINATOR,
+                "budget.charge",
+                &query.id,
+                json!({"query": query.id, "site": c.site, "dataset": c.dataset, "sigma": c.mechanism.sigma,
+                       "q": c.mechanism.q, "steps": c.mechanism.steps, "delta": c.delta,
+                       "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after,
+                       "enforcement": enforcement(None)}),
+            ));
+        }
+        let details = match query.state.as_str() {
+            QUERY_RELEASED => json!({"answered": query.answered, "refused": query.refused, "epsilon": query.epsilon,
+                                     "result": serde_json::from_str::<serde_json::Value>(&query.result_json).unwrap_or_default()}),
+            _ => json!({"answered": query.answered, "refused": query.refused, "reason": query.reason}),
+        };
+        events.push(AuditEvent::new(
+            COORDINATOR,
+            if query.state == QUERY_RELEASED {
+                "query.release"
+            } else {
+                "query.fail"
+            },
+            &query.id,
+            details,
+        ));
+        self.apply(batch, &events)
+    }
+
+    pub fn query(&self, id: &str) -> Result<Option<QueryRecord>, StoreError> {
+        let key = format!("query/{id}");
+        self.db
+            .get(key.as_bytes())?
+            .map(|v| parse(key.as_bytes(), &v))
+            .transpose()
+    }
+
+    pub fn queries(&self) -> Result<Vec<QueryRecord>, StoreError> {
+        self.scan("query/")
     }
 
     pub fn add_refusal(&self, study_id: &str, refusal: &RefusalRecord) -> Result<(), StoreError> {

@@ -145,6 +145,21 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// A query's create request, signed like a study's (under the query tag).
+    pub fn signed_query(&self, manifest_toml: &str) -> Result<crate::v1::CreateStudyRequest, TransportError> {
+        let manifest = medfl_shared::query::QueryManifest::from_toml(manifest_toml)
+            .map_err(|e| TransportError::Key(format!("the query to sign does not parse: {e}")))?;
+        let signer = self.signer()?;
+        let signature = signer.sign(&medfl_shared::sign::query_signing_bytes(&manifest.hash()));
+        Ok(crate::v1::CreateStudyRequest {
+            manifest_toml: manifest_toml.to_string(),
+            signature,
+            signature_algorithm: signer.algorithm().name().to_string(),
+        })
+    }
+}
+
 /// Reads a signing key (PKCS#8 DER, either algorithm) from `path`, or makes a P-256 one
 /// there on first use: owner-only (0600), created exclusively and fsynced before it is
 /// used. The coordinator's audit key and each site's egress key; keys made before

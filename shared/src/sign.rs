@@ -260,7 +260,16 @@ pub fn private_key_pem(pkcs8_der: &[u8]) -> String {
     )
 }
 
-/// What an admin signs to create a study: its manifest's canonical hash, tagged.
+/// What an admin signs to create a federated-analytics query: its manifest's hash,
+/// under a tag of its own.
+pub fn query_signing_bytes(manifest_hash: &str) -> Vec<u8> {
+    let mut out = b"medfl-query-v1\0".to_vec();
+    out.extend_from_slice(manifest_hash.as_bytes());
+    out
+}
+
+/// What an admin signs to create a study: a domain tag (so a study signature is never
+/// a query's) and the manifest's hash.
 pub fn study_signing_bytes(manifest_hash: &str) -> Vec<u8> {
     let mut out = b"medfl-study-v1\0".to_vec();
     out.extend_from_slice(manifest_hash.as_bytes());

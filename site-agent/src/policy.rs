@@ -41,6 +41,20 @@ pub struct Policy {
     /// Last day (UTC, `YYYY-MM-DD`) the policy admits work; after it the site refuses
     /// everything until hospital IT reviews it.
     pub expires: Option<String>,
+    /// Federated analytics: the columns a query may filter on or summarize; empty:
+    /// any column of an allowed dataset.
+    pub allowed_query_columns: Vec<String>,
+    /// The statistics a query may ask for (`count`, `sum`, `mean`, `histogram`,
+    /// `crosstab`, `quantiles`); empty: all.
+    pub allowed_statistics: Vec<String>,
+    /// The largest ε one query may charge (at the query's δ); 0 refuses every query.
+    pub max_epsilon_per_query: f64,
+    /// When not empty, the site answers only these queries (canonical SHA-256, as
+    /// `medfl-agent policy check --query` prints it).
+    pub approved_queries: Vec<String>,
+    /// Whether this site's own noisy answer may be released on its own (a query with
+    /// `per_site = true`, without secure aggregation); otherwise it refuses such queries.
+    pub allow_per_site_answers: bool,
 }
 
 impl Default for Policy {
@@ -59,6 +73,11 @@ impl Default for Policy {
             allowed_datasets: Vec::new(),
             dp_sgd_trainers: Vec::new(),
             expires: None,
+            allowed_query_columns: Vec::new(),
+            allowed_statistics: Vec::new(),
+            max_epsilon_per_query: 1.0,
+            approved_queries: Vec::new(),
+            allow_per_site_answers: false,
         }
     }
 }
@@ -97,12 +116,115 @@ impl Policy {
         if let Some(date) = &self.expires {
             end_of_day_ms(date)?;
         }
-        for h in &self.approved_manifests {
+        if !(self.max_epsilon_per_query.is_finite() && self.max_epsilon_per_query >= 0.0) {
+            return Err(format!(
+                "[policy] max_epsilon_per_query must be ≥ 0 (got {})",
+                self.max_epsilon_per_query
+            ));
+        }
+        const STATISTICS: [&str; 6] = ["count", "sum", "mean", "histogram", "crosstab", "quantiles"];
+        if let Some(s) = self
+            .allowed_statistics
+            .iter()
+            .find(|s| !STATISTICS.contains(&s.as_str()))
+        {
+            return Err(format!(
+                "[policy] allowed_statistics holds {s:?}; the statistics are {}",
+                STATISTICS.join(", ")
+            ));
+        }
+        for h in self.approved_manifests.iter().chain(&self.approved_queries) {
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!("approved_manifests holds {h:?}, which is not a SHA-256 in hex"));
             }
         }
         Ok(())
+    }
+
+    /// Every reason this policy refuses a federated-analytics query, in words; empty:
+    /// accepted. `epsilon` is what the query would charge at its δ. Whether the
+    /// dataset's cap still holds it is the ledger's to say when the query comes.
+    pub fn review_query(
+        &self,
+        query: &medfl_shared::query::QueryManifest,
+        epsilon: f64,
+        datasets: &[(String, Option<f64>)],
+        now_ms: u64,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let hash = query.hash();
+        if let Some(date) = &self.expires {
+            match end_of_day_ms(date) {
+                Ok(end) if now_ms >= end => out.push(format!(
+                    "this site's policy expired on {date}; hospital IT must review it before new work"
+                )),
+                Ok(_) => {}
+                Err(e) => out.push(e),
+            }
+        }
+        if !self.approved_queries.is_empty() && !self.approved_queries.iter().any(|h| h.eq_ignore_ascii_case(&hash)) {
+            out.push(format!("query {hash} is not among this site's approved queries"));
+        }
+        let dataset = &query.dataset;
+        if !datasets.iter().any(|(name, _)| name == dataset) {
+            out.push(format!("this site offers no dataset named {dataset:?}"));
+        } else if !self.allowed_datasets.is_empty() && !self.allowed_datasets.contains(dataset) {
+            out.push(format!(
+                "this site's policy does not let queries touch dataset {dataset:?}"
+            ));
+        }
+        if !self.allowed_query_columns.is_empty() {
+            let refused: Vec<String> = query
+                .columns()
+                .into_iter()
+                .filter(|c| !self.allowed_query_columns.contains(c))
+                .collect();
+            if !refused.is_empty() {
+                out.push(format!(
+                    "the query reads columns this site's policy does not allow: {}",
+                    refused.join(", ")
+                ));
+            }
+        }
+        if !self.allowed_statistics.is_empty() {
+            let mut refused: Vec<&str> = query
+                .statistics
+                .iter()
+                .map(|s| s.kind())
+                .filter(|k| !self.allowed_statistics.iter().any(|a| a == k))
+                .collect();
+            refused.dedup();
+            if !refused.is_empty() {
+                out.push(format!(
+                    "the query asks for statistics this site's policy does not allow: {}",
+                    refused.join(", ")
+                ));
+            }
+        }
+        if epsilon > self.max_epsilon_per_query {
+            out.push(format!(
+                "the query charges ε = {epsilon:.4}, above this site's max_epsilon_per_query of {}",
+                self.max_epsilon_per_query
+            ));
+        }
+        if query.min_sites < self.min_sites {
+            out.push(format!(
+                "the query releases totals over as few as {} sites; this site requires at least {}",
+                query.min_sites, self.min_sites
+            ));
+        }
+        if query.per_site && !self.allow_per_site_answers {
+            out.push("the query asks for per-site answers, which this site's policy does not allow".into());
+        }
+        if query.per_site && query.secure_aggregation {
+            out.push(
+                "per-site answers and secure aggregation exclude each other: set secure_aggregation = false".into(),
+            );
+        }
+        if self.require_secure_aggregation && !query.secure_aggregation {
+            out.push("this site answers only queries with secure aggregation".into());
+        }
+        out
     }
 
     /// Every reason this policy refuses `manifest`, in words; empty: accepted.

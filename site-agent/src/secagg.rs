@@ -209,6 +209,74 @@ impl SiteSession {
         })
     }
 
+    /// Checks a query's session (federated analytics) against the approved query and
+    /// this site, and draws fresh keys for it: `len` values at scale 2^0 on the full
+    /// graph, with a threshold of at least the query's `session_threshold`.
+    pub fn for_query(
+        work: &pb::WorkItem,
+        query: &medfl_shared::query::QueryManifest,
+        len: usize,
+        me: &str,
+    ) -> Result<Self> {
+        let Some(s) = &work.secagg else {
+            return refuse("the query asks for secure aggregation, the work item carries no session");
+        };
+        let params = medfl_proto::secagg::session_from_pb(work, s);
+        params.validate().map_err(|e| Refusal(e.to_string()))?;
+        let session_id = params.session_id();
+        if s.session_id != session_id {
+            return refuse("the session id is not the hash of the session's parameters");
+        }
+        if params.x_of(me).is_none() {
+            return refuse(format!("{me} is not on the session's roster"));
+        }
+        if params.num_values != len as u64 {
+            return refuse(format!(
+                "the session masks {} values, the approved query's answer has {len}",
+                params.num_values
+            ));
+        }
+        let n = params.roster.len();
+        let threshold = query.session_threshold(n);
+        if params.threshold < threshold || params.threshold as usize > n {
+            return refuse(format!(
+                "threshold {} is not between the approved {threshold} and the {n} sites",
+                params.threshold
+            ));
+        }
+        if params.neighbours != 0 || params.scale_log2 != 0 {
+            return refuse("a query's session runs on the full graph at scale 2^0");
+        }
+        Ok(SiteSession {
+            params,
+            session_id,
+            me: me.to_string(),
+            secrets: SiteSecrets::generate().map_err(|e| anyhow!("{e}"))?,
+            quantizer: Quantizer {
+                clip_norm: 1.0,
+                range: 1.0,
+                scale_log2: 0,
+            },
+            noise: None,
+            stage_timeout: Duration::from_secs(query.deadline_secs.min(60)),
+            u1: Vec::new(),
+            u2: Vec::new(),
+            inbox: HashMap::new(),
+            revealed: false,
+            egress: None,
+        })
+    }
+
+    /// The session's threshold t: the fewest sites whose inputs an unmasked sum holds.
+    pub fn threshold(&self) -> u32 {
+        self.params.threshold
+    }
+
+    /// The number of sites on the session's roster.
+    pub fn roster_len(&self) -> usize {
+        self.params.roster.len()
+    }
+
     /// Logs every message of this session to `egress` before it is sent.
     pub fn log_to(&mut self, egress: Arc<crate::egress::EgressLog>) {
         self.egress = Some(egress);
@@ -334,6 +402,30 @@ impl SiteSession {
         update_id: &str,
         delta: &[f32],
     ) -> Result<Vec<u32>> {
+        let mut masked = Vec::new();
+        self.quantizer
+            .quantize(delta, &mut masked)
+            .map_err(|e| anyhow!("{e}"))?;
+        if let Some(noise) = &self.noise {
+            // Noise before masking: no one ever sees this site's input without it.
+            medfl_shared::dp::add_discrete_gaussian(&mut masked, noise.site_std(&self.quantizer))
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        self.send_words(client, work, &manifest.layout(), update_id, masked)
+            .await
+    }
+
+    /// Round 2 for words already in Z_2^32 (quantized, noised: a training update, or a
+    /// query's noisy answer): opens one share pair from every member of U2, masks and
+    /// uploads them. Returns the masked words that left the site.
+    pub async fn send_words(
+        &mut self,
+        client: &mut SiteClient<Channel>,
+        work: &pb::WorkItem,
+        layout: &[medfl_shared::model::TensorSpec],
+        update_id: &str,
+        mut masked: Vec<u32>,
+    ) -> Result<Vec<u32>> {
         let stage = self.wait_stage(client, 2).await?;
         let u1_names: Vec<String> = self.u1.iter().map(|k| k.0.clone()).collect();
         check_rosters(&self.params, &[&u1_names, &stage.u2]).map_err(|e| Refusal(e.to_string()))?;
@@ -359,20 +451,10 @@ impl SiteSession {
         self.u2 = stage.u2.clone();
         let u2_keys: Vec<(String, AdvertisedKeys)> =
             self.u1.iter().filter(|k| self.u2.contains(&k.0)).cloned().collect();
-        let mut masked = Vec::new();
-        self.quantizer
-            .quantize(delta, &mut masked)
-            .map_err(|e| anyhow!("{e}"))?;
-        if let Some(noise) = &self.noise {
-            // Noise before masking: no one ever sees this site's input without it.
-            medfl_shared::dp::add_discrete_gaussian(&mut masked, noise.site_std(&self.quantizer))
-                .map_err(|e| anyhow!("{e}"))?;
-        }
         MaskPlan::for_site(&self.params, &self.secrets, &self.me, &u2_keys)
             .map_err(|e| Refusal(e.to_string()))?
             .apply(0, &mut masked);
-        let mut header =
-            medfl_proto::stream::update_header(work, &manifest.layout(), update_id, 1, masked.len() as u64, None);
+        let mut header = medfl_proto::stream::update_header(work, layout, update_id, 1, masked.len() as u64, None);
         if let Some(pb::update_chunk::Body::Header(h)) = &mut header.body {
             h.secagg_session_id = self.session_id.to_vec();
         }

@@ -3,6 +3,7 @@
 //! and release around them.
 
 use std::path::Path;
+use std::time::Duration;
 
 use medfl_shared::query::QueryManifest;
 use medfl_site_agent::data::postgres::PostgresSource;
@@ -164,4 +165,68 @@ fn pushdown_and_scan_agree_before_noise_including_missing_values_under_not() {
         count("age > 60") + count("not (age > 60)") + count("age is null"),
         count("")
     );
+}
+
+/// The breast-cancer table split over `n` sites, as CSV text.
+fn split_csvs(n: usize) -> (Vec<String>, Vec<medfl_site_agent::data::Table>) {
+    let (_, _, tables) = crate::common::iid_site_tables(n);
+    (tables.iter().map(|t| t.to_csv("malignant")).collect(), tables)
+}
+
+const RADIUS_QUERY: &str = r#"
+name = "large malignant tumours"
+dataset = "breast_cancer"
+filter = "radius_mean > 15 and malignant = 1"
+epsilon = 1.0
+min_sites = 2
+
+[[statistics]]
+kind = "count"
+"#;
+
+/// The true count of `radius_mean > 15 and malignant = 1` in a table.
+fn true_count(t: &medfl_site_agent::data::Table) -> i64 {
+    let r = t.columns.iter().position(|c| c == "radius_mean").expect("radius_mean");
+    let d = t.columns.len();
+    (0..t.y.len())
+        .filter(|&i| t.x[i * d + r] > 15.0 && t.y[i] == 1.0)
+        .count() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_count_over_three_sites_is_released_with_its_std_and_charged_once() {
+    let (csvs, tables) = split_csvs(3);
+    let truth: i64 = tables.iter().map(true_count).sum();
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = medfl::Federation::builder()
+        .csvs(csvs)
+        .dir(owned.path())
+        .agent_policy("max_epsilon = 1000.0\ndelta = 1e-5\nmax_epsilon_per_query = 2.0")
+        .build()
+        .await
+        .expect("federation starts");
+    let runs = 5;
+    let mut released = Vec::new();
+    for _ in 0..runs {
+        let id = fed.create_query(RADIUS_QUERY).await.expect("create");
+        let q = fed.wait_query(&id, Duration::from_secs(120)).await.expect("query ends");
+        assert_eq!(q.state, "released", "{q:?}");
+        assert_eq!(q.answered.len(), 3, "{q:?}");
+        let result = medfl::query::total(&q).expect("a result");
+        let v = &result.statistics[0].values[0];
+        released.push((v.value.expect("a count"), v.std));
+    }
+    for (value, std) in &released {
+        assert!((value - truth as f64).abs() <= 4.0 * std, "{value} ± {std} vs {truth}");
+    }
+    eprintln!("true {truth}; released {released:?}");
+    fed.stop_agents().await;
+    // Each site's ledger holds exactly one charge per query.
+    for name in &fed.site_names {
+        let ledger =
+            medfl_site_agent::ledger::Ledger::open(&owned.path().join(name).join("agent-store")).expect("ledger");
+        let charges = ledger.all().expect("charges");
+        assert_eq!(charges.len(), runs, "{name}: {charges:?}");
+    }
+    fed.shutdown().await.expect("clean shutdown");
 }

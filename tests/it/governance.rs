@@ -480,6 +480,7 @@ fn signed_work(admin: &Profile, round: u32, manifest_toml: &str, signed_toml: &s
         manifest_signature_algorithm: request.signature_algorithm,
         creator_certificate_der: cert,
         settings: Some(medfl_proto::settings::settings_to_pb(&manifest.round_settings())),
+        query: false,
     }
 }
 

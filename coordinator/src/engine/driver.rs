@@ -365,6 +365,7 @@ impl Engine {
             manifest: manifest.clone(),
             secure,
             adaptive_clip,
+            query: false,
         });
         self.store.open_round(
             id,

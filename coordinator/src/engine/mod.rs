@@ -32,8 +32,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::error::ServiceError;
 use crate::secagg::SecureRound;
 use crate::store::{
-    COORDINATOR, ChargeRecord, DatasetRecord, EvalRecord, INTERRUPTED, ROUND_OPEN, RefusalRecord, RoundRecord,
-    SiteRecord, Store, StoreError, StudyRecord, StudyState,
+    COORDINATOR, ChargeRecord, DatasetRecord, EvalRecord, INTERRUPTED, QUERY_FAILED, QUERY_RELEASED, QUERY_RUNNING,
+    QueryRecord, ROUND_OPEN, RefusalRecord, RoundRecord, SiteRecord, Store, StoreError, StudyRecord, StudyState,
 };
 use medfl_shared::secagg::SessionParams;
 
@@ -42,6 +42,7 @@ mod driver;
 mod ledger;
 mod lifecycle;
 mod open_round;
+mod queries;
 mod secure;
 mod sites;
 mod staging;
@@ -136,6 +137,8 @@ pub struct Work {
     pub manifest_signature_algorithm: String,
     pub creator_cert: Vec<u8>,
     pub settings: medfl_shared::manifest::RoundSettings,
+    /// A federated-analytics query rather than a training round.
+    pub query: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +227,7 @@ impl Engine {
 
     /// Restarts the drivers of studies that were running when the coordinator stopped.
     pub fn resume_running(self: &Arc<Self>) -> Result<(), ServiceError> {
+        self.fail_interrupted_queries()?;
         for study in self.store.studies()? {
             if study.state == StudyState::Running {
                 info!(study = %study.id, round = study.rounds_completed + 1, "resuming study after restart");

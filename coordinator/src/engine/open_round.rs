@@ -89,6 +89,8 @@ pub struct OpenRound {
     pub secure: Option<Arc<SecureRound>>,
     /// Adaptive clipping: the clip norm C_t of this round.
     pub adaptive_clip: Option<f64>,
+    /// A federated-analytics query's one round (its id is the query's).
+    pub query: bool,
 }
 
 impl OpenRound {
@@ -212,6 +214,19 @@ impl Engine {
     /// Returns the open round of a study if it is `round`, with an error a site can act
     /// on otherwise.
     pub fn open_round(&self, study_id: &str, round: u32) -> Result<Arc<OpenRound>, ServiceError> {
+        if let Some(r) = lock(&self.open).get(study_id).filter(|r| r.query).cloned() {
+            return match r.round == round {
+                true => Ok(r),
+                false => Err(ServiceError::FailedPrecondition(format!(
+                    "query {study_id} has one round, round 1"
+                ))),
+            };
+        }
+        if self.store.query(study_id)?.is_some() {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "query {study_id} is no longer taking answers"
+            )));
+        }
         let study = self.study(study_id)?;
         let open = lock(&self.open).get(study_id).cloned();
         match open {
@@ -389,6 +404,7 @@ mod tests {
             manifest,
             secure: None,
             adaptive_clip: None,
+            query: false,
         }
     }
 

@@ -93,7 +93,7 @@ impl Engine {
     /// Waits through the four stages: each until the sites of the previous one answered
     /// (stage 0 until the round deadline, the others `stage_timeout_secs`). Returns
     /// whether the round was interrupted and why a stage failed, if one did.
-    async fn wait_stages(
+    pub(super) async fn wait_stages(
         &self,
         open: &OpenRound,
         sec: &SecureRound,

@@ -87,6 +87,7 @@ impl Engine {
                 manifest_signature_algorithm: r.manifest_signature_algorithm.clone(),
                 creator_cert: r.creator_cert.clone(),
                 settings: r.manifest.round_settings(),
+                query: r.query,
             })
         })
     }
@@ -101,7 +102,9 @@ impl Engine {
     }
 
     pub fn refuse(&self, site: &str, study_id: &str, round: u32, reason: &str) -> Result<(), ServiceError> {
-        self.study(study_id)?;
+        if self.store.query(study_id)?.is_none() {
+            self.study(study_id)?;
+        }
         let reason: String = reason.chars().take(2000).collect();
         self.store.add_refusal(
             study_id,

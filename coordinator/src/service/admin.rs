@@ -40,6 +40,52 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(info_pb(&study)))
     }
 
+    async fn create_query(
+        &self,
+        request: Request<pb::CreateStudyRequest>,
+    ) -> Result<Response<pb::QueryStatus>, Status> {
+        let admin = caller(&request)?.to_string();
+        let cert = caller_certificate(&request)?.to_vec();
+        let req = request.into_inner();
+        if req.signature.len() > 512 {
+            return Err(Status::invalid_argument(
+                "the signature is longer than any P-256 or Ed25519 signature",
+            ));
+        }
+        if req.manifest_toml.len() > MAX_MANIFEST {
+            return Err(Status::invalid_argument(format!(
+                "query manifest is {} bytes; the limit is {MAX_MANIFEST}",
+                req.manifest_toml.len()
+            )));
+        }
+        // The plan runs the accountant: blocking work.
+        let engine = self.engine.clone();
+        let by = admin.clone();
+        let query = tokio::task::spawn_blocking(move || {
+            let signature = crate::engine::Signature {
+                algorithm: &req.signature_algorithm,
+                bytes: &req.signature,
+            };
+            engine.create_query(&req.manifest_toml, &by, signature, &cert)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("create task failed: {e}")))??;
+        info!(query = %query.id, %admin, "query created by admin");
+        Ok(Response::new(query_pb(&query)))
+    }
+
+    async fn get_query(&self, request: Request<pb::QueryRef>) -> Result<Response<pb::QueryStatus>, Status> {
+        let query = self.engine.query(&request.get_ref().query_id)?;
+        Ok(Response::new(query_pb(&query)))
+    }
+
+    async fn list_queries(&self, _request: Request<pb::Empty>) -> Result<Response<pb::QueryList>, Status> {
+        let queries = self.engine.store.queries().map_err(ServiceError::from)?;
+        Ok(Response::new(pb::QueryList {
+            queries: queries.iter().map(query_pb).collect(),
+        }))
+    }
+
     async fn list_studies(&self, _request: Request<pb::Empty>) -> Result<Response<pb::StudyList>, Status> {
         let studies = self.engine.store.studies().map_err(ServiceError::from)?;
         Ok(Response::new(pb::StudyList {
@@ -235,5 +281,26 @@ impl pb::admin_server::Admin for AdminService {
             at_unix_ms: r.at_ms,
             by: r.by,
         }))
+    }
+}
+
+/// A query as admins see it.
+fn query_pb(q: &crate::store::QueryRecord) -> pb::QueryStatus {
+    pb::QueryStatus {
+        query_id: q.id.clone(),
+        name: q.name.clone(),
+        manifest_hash: q.manifest_hash.clone(),
+        dataset: q.dataset.clone(),
+        state: q.state.clone(),
+        reason: q.reason.clone(),
+        selected: q.selected.clone(),
+        answered: q.answered.clone(),
+        refused: q.refused.clone(),
+        result_json: q.result_json.clone(),
+        created_ms: q.created_ms,
+        finished_ms: q.finished_ms,
+        created_by: q.created_by.clone(),
+        epsilon: q.epsilon,
+        manifest_toml: q.manifest_toml.clone(),
     }
 }

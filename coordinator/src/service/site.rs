@@ -77,6 +77,7 @@ impl pb::site_server::Site for SiteService {
             manifest_signature_algorithm: w.manifest_signature_algorithm,
             creator_certificate_der: w.creator_cert,
             settings: Some(medfl_proto::settings::settings_to_pb(&w.settings)),
+            query: w.query,
         });
         Ok(Response::new(pb::PollWorkResponse { work }))
     }

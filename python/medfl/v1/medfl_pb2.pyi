@@ -271,7 +271,7 @@ class PollWorkRequest(_message.Message):
     def __init__(self, wait_ms: _Optional[int] = ...) -> None: ...
 
 class WorkItem(_message.Message):
-    __slots__ = ("study_id", "round", "manifest_hash", "manifest_toml", "deadline_unix_ms", "num_params", "secagg", "manifest_signature", "creator_certificate_der", "settings", "manifest_signature_algorithm")
+    __slots__ = ("study_id", "round", "manifest_hash", "manifest_toml", "deadline_unix_ms", "num_params", "secagg", "manifest_signature", "creator_certificate_der", "settings", "manifest_signature_algorithm", "query")
     STUDY_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +283,7 @@ class WorkItem(_message.Message):
     CREATOR_CERTIFICATE_DER_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SIGNATURE_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
     study_id: str
     round: int
     manifest_hash: str
@@ -294,7 +295,8 @@ class WorkItem(_message.Message):
     creator_certificate_der: bytes
     settings: RoundSettings
     manifest_signature_algorithm: str
-    def __init__(self, study_id: _Optional[str] = ..., round: _Optional[int] = ..., manifest_hash: _Optional[str] = ..., manifest_toml: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., num_params: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSession, _Mapping]] = ..., manifest_signature: _Optional[bytes] = ..., creator_certificate_der: _Optional[bytes] = ..., settings: _Optional[_Union[RoundSettings, _Mapping]] = ..., manifest_signature_algorithm: _Optional[str] = ...) -> None: ...
+    query: bool
+    def __init__(self, study_id: _Optional[str] = ..., round: _Optional[int] = ..., manifest_hash: _Optional[str] = ..., manifest_toml: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., num_params: _Optional[int] = ..., secagg: _Optional[_Union[SecAggSession, _Mapping]] = ..., manifest_signature: _Optional[bytes] = ..., creator_certificate_der: _Optional[bytes] = ..., settings: _Optional[_Union[RoundSettings, _Mapping]] = ..., manifest_signature_algorithm: _Optional[str] = ..., query: _Optional[bool] = ...) -> None: ...
 
 class RoundSettings(_message.Message):
     __slots__ = ("local_epochs", "batch_size", "learning_rate", "optimizer", "clip_norm", "sample_rate", "steps_per_round", "proximal_mu")
@@ -399,6 +401,52 @@ class MetricsReport(_message.Message):
     round: int
     train_loss: float
     def __init__(self, study_id: _Optional[str] = ..., round: _Optional[int] = ..., train_loss: _Optional[float] = ...) -> None: ...
+
+class QueryRef(_message.Message):
+    __slots__ = ("query_id",)
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    def __init__(self, query_id: _Optional[str] = ...) -> None: ...
+
+class QueryStatus(_message.Message):
+    __slots__ = ("query_id", "name", "manifest_hash", "dataset", "state", "reason", "selected", "answered", "refused", "result_json", "created_ms", "finished_ms", "created_by", "epsilon", "manifest_toml")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_MS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_TOML_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    name: str
+    manifest_hash: str
+    dataset: str
+    state: str
+    reason: str
+    selected: _containers.RepeatedScalarFieldContainer[str]
+    answered: _containers.RepeatedScalarFieldContainer[str]
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    result_json: str
+    created_ms: int
+    finished_ms: int
+    created_by: str
+    epsilon: float
+    manifest_toml: str
+    def __init__(self, query_id: _Optional[str] = ..., name: _Optional[str] = ..., manifest_hash: _Optional[str] = ..., dataset: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., selected: _Optional[_Iterable[str]] = ..., answered: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[str]] = ..., result_json: _Optional[str] = ..., created_ms: _Optional[int] = ..., finished_ms: _Optional[int] = ..., created_by: _Optional[str] = ..., epsilon: _Optional[float] = ..., manifest_toml: _Optional[str] = ...) -> None: ...
+
+class QueryList(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[QueryStatus]
+    def __init__(self, queries: _Optional[_Iterable[_Union[QueryStatus, _Mapping]]] = ...) -> None: ...
 
 class CreateStudyRequest(_message.Message):
     __slots__ = ("manifest_toml", "signature", "signature_algorithm")

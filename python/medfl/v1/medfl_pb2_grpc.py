@@ -692,6 +692,21 @@ class AdminStub:
                 request_serializer=medfl_dot_v1_dot_medfl__pb2.CreateStudyRequest.SerializeToString,
                 response_deserializer=medfl_dot_v1_dot_medfl__pb2.StudyInfo.FromString,
                 _registered_method=True)
+        self.CreateQuery = channel.unary_unary(
+                '/medfl.v1.Admin/CreateQuery',
+                request_serializer=medfl_dot_v1_dot_medfl__pb2.CreateStudyRequest.SerializeToString,
+                response_deserializer=medfl_dot_v1_dot_medfl__pb2.QueryStatus.FromString,
+                _registered_method=True)
+        self.GetQuery = channel.unary_unary(
+                '/medfl.v1.Admin/GetQuery',
+                request_serializer=medfl_dot_v1_dot_medfl__pb2.QueryRef.SerializeToString,
+                response_deserializer=medfl_dot_v1_dot_medfl__pb2.QueryStatus.FromString,
+                _registered_method=True)
+        self.ListQueries = channel.unary_unary(
+                '/medfl.v1.Admin/ListQueries',
+                request_serializer=medfl_dot_v1_dot_medfl__pb2.Empty.SerializeToString,
+                response_deserializer=medfl_dot_v1_dot_medfl__pb2.QueryList.FromString,
+                _registered_method=True)
         self.ListStudies = channel.unary_unary(
                 '/medfl.v1.Admin/ListStudies',
                 request_serializer=medfl_dot_v1_dot_medfl__pb2.Empty.SerializeToString,
@@ -755,6 +770,26 @@ class AdminServicer:
     """
 
     def CreateStudy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateQuery(self, request, context):
+        """Federated analytics: a query signed like a study runs at once over the sites
+        that registered its dataset; its released totals are kept in the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQuery(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueries(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -838,6 +873,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CreateStudy,
                     request_deserializer=medfl_dot_v1_dot_medfl__pb2.CreateStudyRequest.FromString,
                     response_serializer=medfl_dot_v1_dot_medfl__pb2.StudyInfo.SerializeToString,
+            ),
+            'CreateQuery': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateQuery,
+                    request_deserializer=medfl_dot_v1_dot_medfl__pb2.CreateStudyRequest.FromString,
+                    response_serializer=medfl_dot_v1_dot_medfl__pb2.QueryStatus.SerializeToString,
+            ),
+            'GetQuery': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuery,
+                    request_deserializer=medfl_dot_v1_dot_medfl__pb2.QueryRef.FromString,
+                    response_serializer=medfl_dot_v1_dot_medfl__pb2.QueryStatus.SerializeToString,
+            ),
+            'ListQueries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueries,
+                    request_deserializer=medfl_dot_v1_dot_medfl__pb2.Empty.FromString,
+                    response_serializer=medfl_dot_v1_dot_medfl__pb2.QueryList.SerializeToString,
             ),
             'ListStudies': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStudies,
@@ -924,6 +974,87 @@ class Admin:
             '/medfl.v1.Admin/CreateStudy',
             medfl_dot_v1_dot_medfl__pb2.CreateStudyRequest.SerializeToString,
             medfl_dot_v1_dot_medfl__pb2.StudyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medfl.v1.Admin/CreateQuery',
+            medfl_dot_v1_dot_medfl__pb2.CreateStudyRequest.SerializeToString,
+            medfl_dot_v1_dot_medfl__pb2.QueryStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medfl.v1.Admin/GetQuery',
+            medfl_dot_v1_dot_medfl__pb2.QueryRef.SerializeToString,
+            medfl_dot_v1_dot_medfl__pb2.QueryStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medfl.v1.Admin/ListQueries',
+            medfl_dot_v1_dot_medfl__pb2.Empty.SerializeToString,
+            medfl_dot_v1_dot_medfl__pb2.QueryList.FromString,
             options,
             channel_credentials,
             insecure,

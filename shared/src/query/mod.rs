@@ -536,6 +536,24 @@ impl QueryManifest {
         Ok(())
     }
 
+    /// t of the secure-aggregation session over `n` sites: at least k and a majority of
+    /// the n (so no two disjoint halves could each reconstruct), on the full graph.
+    /// Each site's noise share is calibrated to t, the fewest sites a released total
+    /// can hold.
+    pub fn session_threshold(&self, n: usize) -> u32 {
+        self.min_sites.max((n / 2 + 1) as u32)
+    }
+
+    /// The standard deviation of each part's noise in a total over `sites` answers:
+    /// √sites·σ_i, each site noising alone; under secure aggregation with threshold t,
+    /// √(sites/t)·σ_i.
+    pub fn total_noise_std(plan: &QueryPlan, sites: usize, threshold: Option<u32>) -> Vec<f64> {
+        plan.site_sigmas(threshold)
+            .iter()
+            .map(|s| s * (sites as f64).sqrt())
+            .collect()
+    }
+
     /// Every column the query reads: the filter's, then the statistics'.
     pub fn columns(&self) -> Vec<String> {
         let mut out = self.filter_expr().map(|e| e.columns()).unwrap_or_default();

@@ -12,6 +12,7 @@
 //! Refusals are sent in one place, [`handle_work`], and each is written to the egress
 //! log before it leaves.
 
+mod query;
 mod refusal;
 mod release;
 mod train;
@@ -56,7 +57,11 @@ pub(crate) async fn handle_work(
     settings: &Arc<AgentSettings>,
     work: pb::WorkItem,
 ) -> Result<()> {
-    match steps(client, settings, &work).await {
+    let outcome = match work.query {
+        true => query::answer(client, settings, &work).await,
+        false => steps(client, settings, &work).await,
+    };
+    match outcome {
         Ok(()) => Ok(()),
         Err(WorkError::Refused(refusal)) => refuse(client, settings, &work, &refusal).await,
         Err(WorkError::Failed(e)) => Err(e),
