@@ -205,7 +205,7 @@ async fn a_secure_count_over_three_sites_is_released_with_its_std_and_charged_on
         .build()
         .await
         .expect("federation starts");
-    let runs = 5;
+    let runs = 50;
     let mut released = Vec::new();
     for _ in 0..runs {
         let id = fed.create_query(RADIUS_QUERY).await.expect("create");
@@ -227,6 +227,320 @@ async fn a_secure_count_over_three_sites_is_released_with_its_std_and_charged_on
             medfl_site_agent::ledger::Ledger::open(&owned.path().join(name).join("agent-store")).expect("ledger");
         let charges = ledger.all().expect("charges");
         assert_eq!(charges.len(), runs, "{name}: {charges:?}");
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[test]
+fn summed_noise_shares_have_the_reported_std() {
+    // 3 sites under secure aggregation (t = 2): each adds N_Z(0, σ²/2), the total
+    // carries √(3/2)·σ. 10^4 draws of the summed shares, with OpenDP's sampler.
+    let m = QueryManifest::from_toml(RADIUS_QUERY).expect("query");
+    let plan = m.plan().expect("plan");
+    let t = m.session_threshold(3);
+    assert_eq!(t, 2);
+    let reported = QueryManifest::total_noise_std(&plan, 3, Some(t))[0];
+    let share = plan.site_sigmas(Some(t))[0];
+    let n = 10_000;
+    let mut total = vec![0i64; n];
+    for _ in 0..3 {
+        let mut words = vec![0u32; n];
+        medfl_shared::dp::add_discrete_gaussian(&mut words, share).expect("noise");
+        for (t, w) in total.iter_mut().zip(&words) {
+            *t += *w as i32 as i64;
+        }
+    }
+    let mean = total.iter().sum::<i64>() as f64 / n as f64;
+    let var = total.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let sd = var.sqrt();
+    eprintln!("empirical std {sd:.4}, reported {reported:.4}");
+    assert!(
+        (sd - reported).abs() <= 0.05 * reported,
+        "empirical {sd} vs reported {reported}"
+    );
+    assert!(mean.abs() < 4.0 * reported / (n as f64).sqrt(), "mean {mean}");
+}
+
+/// `id,x,y` rows: `positives` with x = 1 among `rows`.
+fn distinctive_csv(rows: usize, positives: usize) -> String {
+    let mut text = String::with_capacity(rows * 12);
+    text.push_str("id,x,y\n");
+    for i in 0..rows {
+        text.push_str(&format!("{i},{},{}\n", u8::from(i < positives), i % 2));
+    }
+    text
+}
+
+/// Every file under `dir`, with its bytes.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((p, bytes));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_secure_aggregation_the_coordinator_holds_no_per_site_count() {
+    let counts = [100_003usize, 123_457, 154_321];
+    let csvs: Vec<String> = counts.iter().map(|c| distinctive_csv(c + 1000, *c)).collect();
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = medfl::Federation::builder()
+        .csvs(csvs)
+        .dataset("cohort", "y")
+        .dir(owned.path())
+        .coordinator_process(Path::new(env!("CARGO_BIN_EXE_medfl")))
+        .agent_policy("max_epsilon = 10.0\ndelta = 1e-5")
+        .build()
+        .await
+        .expect("federation starts");
+    let query = r#"
+name = "distinctive"
+dataset = "cohort"
+filter = "x = 1"
+epsilon = 1.0
+
+[[statistics]]
+kind = "count"
+
+[[statistics]]
+kind = "histogram"
+columns = ["x"]
+edges = [[0, 1, 2]]
+"#;
+    let id = fed.create_query(query).await.expect("create");
+    let q = fed.wait_query(&id, Duration::from_secs(120)).await.expect("query ends");
+    assert_eq!(q.state, "released", "{q:?}");
+    let total = medfl::query::total(&q).expect("result");
+    let released = total.statistics[0].values[0].value.expect("count");
+    let truth: usize = counts.iter().sum();
+    eprintln!("released {released}, true {truth}: {total:?}");
+    assert!((released - truth as f64).abs() <= 4.0 * total.statistics[0].values[0].std);
+    fed.stop_agents().await;
+    let export = {
+        let mut client = medfl_proto::v1::audit_client::AuditClient::new(
+            fed.profile("auditor").expect("auditor").channel(None).expect("channel"),
+        );
+        let mut stream = client
+            .get_audit_log(medfl_proto::v1::AuditLogRequest::default())
+            .await
+            .expect("export")
+            .into_inner();
+        let mut text = Vec::new();
+        while let Some(line) = stream.message().await.expect("line") {
+            text.extend_from_slice(line.line.as_bytes());
+            text.push(b'\n');
+        }
+        text
+    };
+    assert!(String::from_utf8_lossy(&export).contains("query.release"));
+    let coordinator = owned.path().join("coordinator");
+    let mut haystacks = files_under(&coordinator);
+    haystacks.push((coordinator.join("audit export"), export));
+    assert!(
+        haystacks.iter().any(|(p, _)| p.ends_with("coordinator.log")),
+        "the log is searched"
+    );
+    for c in counts {
+        let decimal = c.to_string();
+        let le = (c as u32).to_le_bytes();
+        for (path, bytes) in &haystacks {
+            assert!(
+                !bytes.windows(decimal.len()).any(|w| w == decimal.as_bytes()),
+                "{} holds the per-site count {c} in decimal",
+                path.display()
+            );
+            assert!(
+                !bytes.windows(4).any(|w| w == le),
+                "{} holds the per-site count {c} as little-endian u32",
+                path.display()
+            );
+        }
+    }
+    // A positive control: the search finds a count where it is (a site's own rows).
+    let site_rows = std::fs::read(owned.path().join(&fed.site_names[0]).join("data.csv")).expect("site csv");
+    assert!(site_rows.windows(6).any(|w| w == b"100003"));
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+/// The breast-cancer split over three real agents with `policy`, site 3's dataset cap
+/// set to `cap_3` when given.
+async fn three_sites(dir: &Path, policy: &str, cap_3: Option<f64>) -> medfl::Federation {
+    let (csvs, _) = split_csvs(3);
+    let mut b = medfl::Federation::builder().csvs(csvs).dir(dir).agent_policy(policy);
+    if let Some(cap) = cap_3 {
+        b = b.dataset_setting(2, &format!("max_epsilon = {cap}"));
+    }
+    b.build().await.expect("federation starts")
+}
+
+fn ledger_of(dir: &Path, site: &str) -> medfl_site_agent::ledger::Ledger {
+    medfl_site_agent::ledger::Ledger::open(&dir.join(site).join("agent-store")).expect("ledger")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_refuses_exactly_when_the_next_query_would_pass_its_cap_and_the_query_goes_on() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    let cap = 3.0;
+    let mut fed = three_sites(owned.path(), "max_epsilon = 100.0\ndelta = 1e-5", Some(cap)).await;
+    // What each answer charges: one Gaussian step at the multiplier for t = 2 of 3.
+    let m = QueryManifest::from_toml(RADIUS_QUERY).expect("query");
+    let z = m.plan().expect("plan").charged_multiplier(Some(2));
+    let step = medfl_shared::query::gaussian_step(z);
+    let fits = (1..100)
+        .take_while(|n| medfl_shared::accountant::epsilon_rdp(&vec![step; *n], 1e-5).expect("ε") <= cap)
+        .count();
+    assert!(fits >= 2, "{fits}");
+    let mut answered_by_3 = 0;
+    for i in 0..fits + 2 {
+        let id = fed.create_query(RADIUS_QUERY).await.expect("create");
+        let q = fed.wait_query(&id, Duration::from_secs(120)).await.expect("query ends");
+        assert_eq!(q.state, "released", "query {i}: {q:?}");
+        if q.answered.iter().any(|s| s == "hospital-c") {
+            answered_by_3 += 1;
+        } else {
+            assert_eq!(q.answered, vec!["hospital-a", "hospital-b"], "{q:?}");
+            assert_eq!(q.refused, vec!["hospital-c"], "{q:?}");
+        }
+    }
+    assert_eq!(
+        answered_by_3, fits,
+        "hospital-c answers exactly until the next would pass its cap"
+    );
+    fed.stop_agents().await;
+    let ledger = ledger_of(owned.path(), "hospital-c");
+    assert_eq!(ledger.all().expect("charges").len(), fits);
+    assert!(ledger.spent("breast_cancer", 1e-5).expect("spent") <= cap);
+    assert_eq!(
+        ledger_of(owned.path(), "hospital-a").all().expect("charges").len(),
+        fits + 2
+    );
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_queries_are_refused_and_nothing_is_released_or_charged() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    let policy = "max_epsilon = 100.0\ndelta = 1e-5\nmax_epsilon_per_query = 1.5\nallowed_query_columns = [\"radius_mean\", \"malignant\", \"area_mean\"]";
+    let mut fed = three_sites(owned.path(), policy, None).await;
+    // Refused at creation, with what to fix.
+    let refused_at_create = [
+        (
+            RADIUS_QUERY.replace("radius_mean > 15", "radius_mean >> 15"),
+            "position 13",
+        ),
+        (
+            format!(
+                "{RADIUS_QUERY}\n[[statistics]]\nkind = \"histogram\"\ncolumns = [\"area_mean\"]\nedges = [[0, 500, 400]]\n"
+            ),
+            "must increase",
+        ),
+        (
+            format!("{RADIUS_QUERY}\n[[statistics]]\nkind = \"sum\"\ncolumn = \"area_mean\"\n"),
+            "missing field `lower`",
+        ),
+    ];
+    for (text, says) in &refused_at_create {
+        // Sent as is (the CLI would not sign what does not parse): the coordinator
+        // refuses it before anything else.
+        let request = medfl_proto::v1::CreateStudyRequest {
+            manifest_toml: text.clone(),
+            signature: vec![0; 64],
+            signature_algorithm: "p256".into(),
+        };
+        let status = fed.admin.create_query(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(says), "{says}: {}", status.message());
+    }
+    assert!(
+        fed.admin
+            .list_queries(medfl_proto::v1::Empty {})
+            .await
+            .expect("list")
+            .into_inner()
+            .queries
+            .is_empty()
+    );
+    // Refused by every site's policy: nothing released, nothing charged.
+    let refused_by_sites = [
+        (
+            RADIUS_QUERY.replace("radius_mean > 15", "texture_mean > 15"),
+            "does not allow: texture_mean",
+        ),
+        (
+            RADIUS_QUERY.replace("epsilon = 1.0", "epsilon = 2.0"),
+            "max_epsilon_per_query",
+        ),
+    ];
+    for (text, says) in &refused_by_sites {
+        let id = fed.create_query(text).await.expect("created");
+        let q = fed.wait_query(&id, Duration::from_secs(120)).await.expect("query ends");
+        assert_eq!(q.state, "failed", "{q:?}");
+        assert!(q.result_json.is_empty() && q.answered.is_empty(), "{q:?}");
+        assert_eq!(q.refused.len(), 3, "{q:?}");
+        let status = fed
+            .admin
+            .get_study_status(medfl_proto::v1::StudyRef { study_id: id.clone() })
+            .await;
+        assert!(status.is_err(), "a query is not a study");
+        let reasons = std::fs::read_to_string(owned.path().join("hospital-a").join("egress.jsonl")).expect("egress");
+        assert!(reasons.contains(says), "{says}");
+    }
+    // Fewer than k sites answer: nothing released; those that answered keep the charge.
+    let k3 = RADIUS_QUERY.replace("min_sites = 2", "min_sites = 3");
+    fed.stop_agent("hospital-c").await;
+    let text = k3.replace("radius_mean > 15", "radius_mean > 16");
+    // hospital-c is gone: only two sites are connected, and k = 3 is not met.
+    let id = fed
+        .create_query(&text.replace("epsilon = 1.0", "epsilon = 1.0\ndeadline_secs = 5"))
+        .await
+        .expect("created");
+    let q = fed.wait_query(&id, Duration::from_secs(60)).await.expect("query ends");
+    assert_eq!(q.state, "failed", "{q:?}");
+    // Refused at selection (fewer than k connected) or at secure aggregation's first
+    // stage (fewer than t = 3 advertised keys), before anyone charged.
+    assert!(
+        q.reason.contains("needs at least 3") || q.reason.contains("nothing was released"),
+        "{}",
+        q.reason
+    );
+    fed.stop_agents().await;
+    for site in ["hospital-a", "hospital-b", "hospital-c"] {
+        assert!(
+            ledger_of(owned.path(), site).all().expect("charges").is_empty(),
+            "{site} charged nothing"
+        );
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_fewer_than_k_answer_nothing_is_released_and_the_answers_keep_their_charge() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    // hospital-c's cap is below one query's ε: it refuses; k = 3 is then short.
+    let mut fed = three_sites(owned.path(), "max_epsilon = 100.0\ndelta = 1e-5", Some(0.5)).await;
+    let plain = RADIUS_QUERY.replace("min_sites = 2", "min_sites = 3\nsecure_aggregation = false");
+    let id = fed.create_query(&plain).await.expect("created");
+    let q = fed.wait_query(&id, Duration::from_secs(120)).await.expect("query ends");
+    assert_eq!(q.state, "failed", "{q:?}");
+    assert!(q.result_json.is_empty(), "nothing released: {q:?}");
+    assert!(q.reason.contains("keep their charge"), "{}", q.reason);
+    assert_eq!(q.refused, vec!["hospital-c"]);
+    fed.stop_agents().await;
+    for (site, charges) in [("hospital-a", 1), ("hospital-b", 1), ("hospital-c", 0)] {
+        assert_eq!(
+            ledger_of(owned.path(), site).all().expect("charges").len(),
+            charges,
+            "{site}"
+        );
     }
     fed.shutdown().await.expect("clean shutdown");
 }

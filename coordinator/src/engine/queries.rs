@@ -264,7 +264,11 @@ impl Engine {
                     return self.end_query(record, masked, self.interruption().into(), None, &[]);
                 }
                 if let Some(reason) = failure {
-                    let reason = format!("secure aggregation: {reason}; nothing was released");
+                    let reason = format!(
+                        "secure aggregation: {}",
+                        reason.trim_end_matches("; nothing was released")
+                    );
+                    let reason = format!("{reason}; nothing was released");
                     return self.end_query(record, masked, reason, None, &[]);
                 }
                 let for_unmask = sec.clone();

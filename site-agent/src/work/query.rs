@@ -117,10 +117,18 @@ pub(crate) async fn answer(
             .into()),
         };
     }
+    // The cap, checked before anything starts (the charge itself comes later and
+    // checks again): a site that cannot pay says so at once, not at a stage timeout.
+    if let Err(e) = settings.ledger.check(&ledger, step, cap, settings.policy.delta) {
+        return Err(match e {
+            e @ LedgerError::WouldExceed { .. } => Refusal::Budget(e).into(),
+            e => WorkError::Failed(anyhow::Error::from(e).context("read the ledger")),
+        });
+    }
     // The exact answer, off the reactor; then the noise.
     let (reader, for_answer, plan_for_answer) = (dataset.clone(), query.clone(), plan.clone());
     let (exact, path) =
-        tokio::task::spawn_blocking(move || medfl_site_agent_answer(&reader, &for_answer, &plan_for_answer))
+        tokio::task::spawn_blocking(move || crate::data::query::exact_answer(&reader, &for_answer, &plan_for_answer))
             .await
             .context("query task")?
             .map_err(|e| {
@@ -136,7 +144,6 @@ pub(crate) async fn answer(
     let noisy = noised(&plan, &exact, &sigmas).map_err(|e| anyhow!("noise: {e}"))?;
     info!(query = %work.study_id, path = path.name(), values = noisy.len(), secure = session.is_some(), "query answered");
     let update_id = format!("{site}-{}-{}", work.study_id, unix_ms(SystemTime::now()));
-    let as_f32: Vec<f32> = noisy.iter().map(|v| *v as f32).collect();
     let request = ChargeRequest {
         dataset: &ledger,
         study_id: &work.study_id,
@@ -148,49 +155,77 @@ pub(crate) async fn answer(
         delta: settings.policy.delta,
         declared_by: None,
     };
-    let release = session.is_none().then_some((update_id.as_str(), as_f32.as_slice()));
-    let charge = match settings.ledger.charge_release(&request, release) {
-        Ok(c) => c,
-        Err(e @ LedgerError::WouldExceed { .. }) => return Err(Refusal::Budget(e).into()),
-        Err(e) => return Err(anyhow::Error::from(e).context("charge the ledger").into()),
+    let Some(session) = session.as_mut() else {
+        // Plain: the charge lands with the noisy answer it pays for, then it leaves.
+        let as_f32: Vec<f32> = noisy.iter().map(|v| *v as f32).collect();
+        let charge = charge(settings, &request, Some((&update_id, &as_f32))).map_err(work_error)?;
+        log_egress(settings, work, &noisy, charge.epsilon_after, false)?;
+        upload(client, work, &update_id, &as_f32).await?;
+        return Ok(());
     };
-    info!(ledger = %ledger, epsilon_before = charge.epsilon_before, epsilon_after = charge.epsilon_after, "query charged");
-    match session.as_mut() {
-        None => {
-            log_egress(settings, work, &noisy, charge.epsilon_after, false)?;
-            upload(client, work, &update_id, &as_f32).await?;
-            Ok(())
+    // Masked: keys and shares carry nothing of the data, so the charge comes after
+    // them (a session that fails to gather t sites charges no one) and before the
+    // noisy answer leaves, masked.
+    session.log_to(settings.egress.clone());
+    let creds = settings.credentials();
+    let words: Vec<u32> = noisy.iter().map(|v| *v as i32 as u32).collect();
+    let layout = answer_layout(&plan);
+    let outcome = async {
+        session.advertise(client, &creds).await?;
+        session.share_keys(client, &creds).await?;
+        let charge = charge(settings, &request, None)?;
+        // A site that dies after its charge and before its masked answer leaves
+        // (dropout tests): it keeps its charge, the others recover without it.
+        medfl_proto::failpoint!("secagg_after_share");
+        log_egress(settings, work, &noisy, charge.epsilon_after, true)?;
+        session.send_words(client, work, &layout, &update_id, words).await?;
+        session.reveal(client).await
+    }
+    .await;
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(e) if e.downcast_ref::<crate::secagg::Refusal>().is_some() => {
+            Err(Refusal::SecureAggregation(e.to_string()).into())
         }
-        Some(session) => {
-            session.log_to(settings.egress.clone());
-            let creds = settings.credentials();
-            let words: Vec<u32> = noisy.iter().map(|v| *v as i32 as u32).collect();
-            let layout = answer_layout(&plan);
-            let outcome = async {
-                session.advertise(client, &creds).await?;
-                session.share_keys(client, &creds).await?;
-                log_egress(settings, work, &noisy, charge.epsilon_after, true)?;
-                session.send_words(client, work, &layout, &update_id, words).await?;
-                session.reveal(client).await
-            }
-            .await;
-            match outcome {
-                Ok(()) => Ok(()),
-                Err(e) if e.downcast_ref::<crate::secagg::Refusal>().is_some() => {
-                    Err(Refusal::SecureAggregation(e.to_string()).into())
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
+        Err(e) => Err(work_error(e)),
     }
 }
 
-fn medfl_site_agent_answer(
-    dataset: &crate::data::Dataset,
-    query: &QueryManifest,
-    plan: &QueryPlan,
-) -> Result<(Vec<i64>, crate::data::query::Path), crate::data::DataError> {
-    crate::data::query::exact_answer(dataset, query, plan)
+/// A refused charge is a refusal; anything else failed here.
+fn work_error(e: anyhow::Error) -> WorkError {
+    match e.downcast::<ChargeRefused>() {
+        Ok(refused) => refused.0.into(),
+        Err(e) => e.into(),
+    }
+}
+
+/// A charge the ledger refused (the dataset's cap), carried through the session's
+/// `anyhow` steps to become the refusal it is.
+#[derive(Debug)]
+struct ChargeRefused(Refusal);
+
+impl std::fmt::Display for ChargeRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ChargeRefused {}
+
+/// Charges the ledger durably (with the plain answer it pays for, when given).
+fn charge(
+    settings: &AgentSettings,
+    request: &ChargeRequest<'_>,
+    release: Option<(&str, &[f32])>,
+) -> Result<crate::ledger::Charge> {
+    match settings.ledger.charge_release(request, release) {
+        Ok(c) => {
+            info!(ledger = %request.dataset, epsilon_before = c.epsilon_before, epsilon_after = c.epsilon_after, "query charged");
+            Ok(c)
+        }
+        Err(e @ LedgerError::WouldExceed { .. }) => Err(ChargeRefused(Refusal::Budget(e)).into()),
+        Err(e) => Err(anyhow::Error::from(e).context("charge the ledger")),
+    }
 }
 
 /// The query's creator signed its hash under the query tag with an admin certificate
