@@ -345,6 +345,7 @@ async fn study_ledger(channel: Channel, id: &str) -> Result<Option<pb::LedgerRep
     let request = pb::LedgerRequest {
         study_id: id.to_string(),
         site: String::new(),
+        dataset: String::new(),
     };
     match medfl_proto::v1::audit_client::AuditClient::new(channel)
         .get_ledger(request)

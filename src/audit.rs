@@ -13,10 +13,17 @@ use crate::conn::Conn;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Lists a study's privacy charges and cumulative ε per round, site and dataset.
+    /// Lists a study's (or a query's) privacy charges and cumulative ε per round, site
+    /// and dataset; with --dataset, every charge on that dataset, training rounds and
+    /// queries side by side, with each site's ε composed over all of them.
     Ledger {
+        #[arg(long, required_unless_present = "dataset", conflicts_with = "dataset")]
+        study: Option<String>,
         #[arg(long)]
-        study: String,
+        dataset: Option<String>,
+        /// The δ at which --dataset composes each site's charges.
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
         /// Only this site's charges.
         #[arg(long)]
         site: Option<String>,
@@ -119,6 +126,7 @@ async fn ledger(conn: &Conn, study: &str, site: Option<&str>) -> Result<pb::Ledg
         .get_ledger(pb::LedgerRequest {
             study_id: study.to_string(),
             site: site.unwrap_or_default().to_string(),
+            dataset: String::new(),
         })
         .await?
         .into_inner())
@@ -134,6 +142,63 @@ fn recompute(charge: &pb::LedgerCharge, rounds_for_site: u64) -> Result<f64> {
         sampling: Sampling::Poisson,
     };
     Ok(epsilon(&mechanism, charge.delta)?)
+}
+
+/// `medfl audit ledger --dataset`: every charge on a dataset, studies and queries, and
+/// each site's ε composed over all of them (RDP, [Mir17] Prop. 1, converted once at
+/// `delta`), as the sites' own ledgers compose them.
+async fn dataset_ledger(conn: &Conn, dataset: &str, site: Option<&str>, json: bool, delta: f64) -> Result<()> {
+    let mut client = client(conn)?;
+    let report = client
+        .get_ledger(pb::LedgerRequest {
+            study_id: String::new(),
+            site: site.unwrap_or_default().to_string(),
+            dataset: dataset.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut per_site: std::collections::BTreeMap<&str, Vec<GaussianSteps>> = Default::default();
+    let mut rows = Vec::new();
+    for c in &report.charges {
+        let steps = per_site.entry(c.site.as_str()).or_default();
+        steps.push(GaussianSteps {
+            sigma: c.noise_multiplier,
+            q: c.sample_rate,
+            steps: c.steps,
+            sampling: Sampling::Poisson,
+        });
+        let composed = medfl_shared::accountant::epsilon_rdp(steps, delta)?;
+        let kind = if c.mechanism == "discrete_gaussian" {
+            "query"
+        } else {
+            "study"
+        };
+        rows.push((kind, c, composed));
+    }
+    if json {
+        let charges: Vec<_> = rows
+            .iter()
+            .map(|(kind, c, composed)| {
+                json!({"kind": kind, "id": c.study_id, "round": c.round, "site": c.site, "mechanism": c.mechanism,
+                       "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate, "steps": c.steps,
+                       "at_unix_ms": c.at_unix_ms, "site_epsilon_composed": composed})
+            })
+            .collect();
+        println!("{}", json!({"dataset": dataset, "delta": delta, "charges": charges}));
+        return Ok(());
+    }
+    println!("dataset {dataset}: every charge, studies and queries; ε composed per site at δ = {delta:e}");
+    println!(
+        "{:<6} {:<16} {:>5}  {:<14} {:>8} {:>6} {:>6} {:>12}",
+        "kind", "id", "round", "site", "σ", "q", "steps", "site ε so far"
+    );
+    for (kind, c, composed) in &rows {
+        println!(
+            "{:<6} {:<16} {:>5}  {:<14} {:>8.4} {:>6} {:>6} {:>12.4}",
+            kind, c.study_id, c.round, c.site, c.noise_multiplier, c.sample_rate, c.steps, composed
+        );
+    }
+    Ok(())
 }
 
 pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
@@ -183,7 +248,15 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
                 v.header.public_key
             );
         }
-        AuditCommand::Ledger { study, site, json } => {
+        AuditCommand::Ledger {
+            study: None,
+            dataset: Some(dataset),
+            site,
+            json,
+            delta,
+        } => dataset_ledger(conn, &dataset, site.as_deref(), json, delta).await?,
+        AuditCommand::Ledger { study, site, json, .. } => {
+            let study = study.unwrap_or_default();
             let report = ledger(conn, &study, site.as_deref()).await?;
             if json {
                 let charges: Vec<_> = report
@@ -242,8 +315,13 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
             for c in &report.charges {
                 let k = seen.entry(c.site.as_str()).or_default();
                 *k += 1;
-                let want = recompute(c, *k)?;
-                let before = if *k == 1 { 0.0 } else { recompute(c, *k - 1)? };
+                // A query charges each site once: one Gaussian step, by RDP at its δ.
+                let (want, before) = if c.mechanism == "discrete_gaussian" {
+                    let step = medfl_shared::query::gaussian_step(c.noise_multiplier);
+                    (medfl_shared::accountant::epsilon_rdp(&[step], c.delta)?, 0.0)
+                } else {
+                    (recompute(c, *k)?, if *k == 1 { 0.0 } else { recompute(c, *k - 1)? })
+                };
                 let off = |a: f64, b: f64| (a - b).abs() > TOLERANCE * b.abs().max(1e-12);
                 if off(c.epsilon_after, want) || off(c.epsilon_before, before) {
                     mismatches.push(format!(

@@ -676,6 +676,11 @@ impl Store {
             .fold(0.0, f64::max))
     }
 
+    /// Every charge of every study and query.
+    pub fn all_charges(&self) -> Result<Vec<ChargeRecord>, StoreError> {
+        self.scan("charge/")
+    }
+
     pub fn charges(&self, study_id: &str) -> Result<Vec<ChargeRecord>, StoreError> {
         self.scan(&format!("charge/{study_id}/"))
     }

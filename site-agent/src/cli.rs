@@ -100,10 +100,13 @@ pub enum TrainerCommand {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum PolicyCommand {
-    /// Says whether this site would take part in the study of a manifest, and why not.
+    /// Says whether this site would take part in the study of a manifest (--manifest),
+    /// or answer a federated-analytics query (--query), and why not.
     Check {
+        #[arg(long, required_unless_present = "query", conflicts_with = "query")]
+        manifest: Option<PathBuf>,
         #[arg(long)]
-        manifest: PathBuf,
+        query: Option<PathBuf>,
     },
 }
 
@@ -186,8 +189,12 @@ pub async fn main(args: AgentArgs) -> ExitCode {
         Some(AgentCommand::Ledger { json }) => Some(print_ledger(&settings, json)),
         Some(AgentCommand::Egress { json }) => Some(print_egress(&settings, json)),
         Some(AgentCommand::Policy {
-            command: PolicyCommand::Check { manifest },
-        }) => Some(policy_check(&settings, &manifest)),
+            command: PolicyCommand::Check { manifest, query },
+        }) => Some(match (manifest, query) {
+            (Some(manifest), _) => policy_check(&settings, &manifest),
+            (None, Some(query)) => query_check(&settings, &query),
+            (None, None) => Err(anyhow::anyhow!("give --manifest or --query")),
+        }),
         Some(AgentCommand::Trainer {
             command: TrainerCommand::Hash { name },
         }) => Some(trainer_hash(&settings, &name)),
@@ -311,6 +318,82 @@ fn trainer_hash(settings: &crate::AgentSettings, name: &str) -> anyhow::Result<(
         None => println!("not approved yet: add  sha256 = \"{now}\"  to [trainers.{name}]"),
     }
     Ok(())
+}
+
+/// `medfl-agent policy check --query`: the review the agent runs on a query, with what
+/// it would charge and what the dataset's ledger would then hold, in words.
+fn query_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let query = medfl_shared::query::QueryManifest::from_toml(&text)?;
+    let plan = query
+        .plan()
+        .map_err(|e| anyhow::anyhow!("REFUSED: the query's budget cannot be planned: {e}"))?;
+    println!(
+        "query {} ({:?}) on dataset {:?}",
+        query.hash(),
+        query.name,
+        query.dataset
+    );
+    println!(
+        "privacy: ε = {:.4} at δ = {:e} for the whole query (noise multiplier {:.4}), {}",
+        plan.epsilon,
+        query.delta,
+        plan.z,
+        if query.secure_aggregation {
+            "each site adding its share of the noise under secure aggregation"
+        } else {
+            "each site noising its own answer"
+        }
+    );
+    for (s, share) in query.statistics.iter().zip(query.shares()) {
+        let cols = s.columns();
+        println!(
+            "  {}{} with {:.0}% of the budget",
+            s.kind(),
+            if cols.is_empty() {
+                String::new()
+            } else {
+                format!(" of {}", cols.join(", "))
+            },
+            share * 100.0
+        );
+    }
+    let mut reasons = settings.policy.review_query(
+        &query,
+        plan.epsilon,
+        &settings.dataset_caps(),
+        medfl_shared::unix_ms(std::time::SystemTime::now()),
+    );
+    if let Some(d) = settings.datasets.iter().find(|d| d.config.name == query.dataset) {
+        let ledger = d.config.ledger_name();
+        let cap = d.config.max_epsilon.unwrap_or(settings.policy.max_epsilon);
+        let step = medfl_shared::query::gaussian_step(plan.z);
+        match settings.ledger.check(&ledger, step, cap, settings.policy.delta) {
+            Ok((before, after)) => println!(
+                "ledger {ledger:?}: ε = {before:.4} spent, {after:.4} after this query (cap {cap} at δ = {:e})",
+                settings.policy.delta
+            ),
+            Err(e) => reasons.push(e.to_string()),
+        }
+        match d.read_columns() {
+            Ok(columns) => {
+                let filter = query.filter_expr()?;
+                if let Err(e) = crate::data::query::check_columns(d.connector.source(), &query, &filter, &columns) {
+                    reasons.push(e.to_string());
+                }
+            }
+            Err(e) => reasons.push(e.to_string()),
+        }
+    }
+    if reasons.is_empty() {
+        println!("ACCEPTED: this site would answer this query");
+        Ok(())
+    } else {
+        for r in &reasons {
+            println!("REFUSED: {r}");
+        }
+        anyhow::bail!("this site would refuse the query ({} reasons above)", reasons.len())
+    }
 }
 
 fn policy_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyhow::Result<()> {

@@ -544,3 +544,235 @@ async fn when_fewer_than_k_answer_nothing_is_released_and_the_answers_keep_their
     }
     fed.shutdown().await.expect("clean shutdown");
 }
+
+/// Four agent processes, one ended by its failpoint right after its charge and its
+/// key shares: the three others' total is unmasked and released (t = 3), and the lost
+/// site keeps its charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_lost_mid_query_under_secure_aggregation_is_recovered() {
+    let (csvs, tables) = split_csvs(4);
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = medfl::Federation::builder()
+        .sites(4)
+        .dir(owned.path())
+        .build()
+        .await
+        .expect("federation starts");
+    let mut agents = Vec::new();
+    for (k, (name, csv)) in fed.site_names.clone().iter().zip(&csvs).enumerate() {
+        let dir = fed.dir.join(name);
+        std::fs::write(dir.join("data.csv"), csv).expect("data");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            "profile = \".\"\negress_log = \"egress.jsonl\"\n\n[policy]\nmax_epsilon = 10.0\n\n[[datasets]]\nname = \"breast_cancer\"\npath = \"data.csv\"\nlabel = \"malignant\"\n",
+        )
+        .expect("agent.toml");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_medfl"));
+        cmd.args(["agent", "--config"]).arg(&config).env("RUST_LOG", "warn");
+        if k == 1 {
+            cmd.env("FAILPOINTS", "secagg_after_share=return");
+        }
+        agents.push(cmd.spawn().expect("start agent"));
+    }
+    let query = RADIUS_QUERY.replace("epsilon = 1.0", "epsilon = 1.0\ndeadline_secs = 10");
+    // Wait until all four agents registered, so that all four are asked.
+    let start = std::time::Instant::now();
+    while fed
+        .admin
+        .list_sites(medfl_proto::v1::Empty {})
+        .await
+        .expect("sites")
+        .into_inner()
+        .sites
+        .len()
+        < 4
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "agents register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = fed.create_query(&query).await.expect("create");
+    let q = fed.wait_query(&id, Duration::from_secs(120)).await.expect("query ends");
+    let mut exits = Vec::new();
+    for mut a in agents {
+        let code = a.try_wait().expect("poll agent").and_then(|s| s.code());
+        let _ = a.kill();
+        let _ = a.wait();
+        exits.push(code);
+    }
+    assert_eq!(exits[1], Some(137), "hospital-b died at its failpoint");
+    assert_eq!(q.state, "released", "{q:?}");
+    assert_eq!(q.selected.len(), 4);
+    assert_eq!(q.answered, vec!["hospital-a", "hospital-c", "hospital-d"]);
+    let result = medfl::query::total(&q).expect("result");
+    let survivors: i64 = [0, 2, 3].iter().map(|i| true_count(&tables[*i])).sum();
+    let v = &result.statistics[0].values[0];
+    // Three shares of σ/√3: the total carries σ.
+    let plan = QueryManifest::from_toml(&query).expect("q").plan().expect("plan");
+    assert!(
+        (v.std - plan.parts[0].sigma).abs() < 1e-9,
+        "{} vs {}",
+        v.std,
+        plan.parts[0].sigma
+    );
+    assert!((v.value.expect("count") - survivors as f64).abs() <= 4.0 * v.std);
+    // The lost site paid before it died.
+    assert_eq!(ledger_of(owned.path(), "hospital-b").all().expect("charges").len(), 1);
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_site_answers_only_when_every_site_allows_them() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = three_sites(
+        owned.path(),
+        "max_epsilon = 10.0\ndelta = 1e-5\nallow_per_site_answers = true",
+        None,
+    )
+    .await;
+    let text = RADIUS_QUERY.replace(
+        "min_sites = 2",
+        "min_sites = 2\nper_site = true\nsecure_aggregation = false",
+    );
+    let id = fed.create_query(&text).await.expect("create");
+    let q = fed.wait_query(&id, Duration::from_secs(60)).await.expect("query ends");
+    assert_eq!(q.state, "released", "{q:?}");
+    let json: serde_json::Value = serde_json::from_str(&q.result_json).expect("json");
+    let per_site = json["per_site"].as_array().expect("per-site answers");
+    assert_eq!(per_site.len(), 3);
+    let total = json["total"]["statistics"][0]["values"][0]["value"]
+        .as_f64()
+        .expect("total");
+    let sum: f64 = per_site
+        .iter()
+        .map(|s| {
+            s["result"]["statistics"][0]["values"][0]["value"]
+                .as_f64()
+                .expect("a site's")
+        })
+        .sum();
+    assert_eq!(total, sum, "the total is the sum of the released per-site answers");
+    fed.stop_agents().await;
+    fed.shutdown().await.expect("clean shutdown");
+    // A site that does not allow them refuses such a query.
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = three_sites(owned.path(), "max_epsilon = 10.0\ndelta = 1e-5", None).await;
+    let id = fed.create_query(&text).await.expect("create");
+    let q = fed.wait_query(&id, Duration::from_secs(60)).await.expect("query ends");
+    assert_eq!(q.state, "failed", "{q:?}");
+    assert_eq!(q.refused.len(), 3);
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_check_explains_a_query_decision_in_words() {
+    let fed = medfl::Federation::builder().sites(1).build().await.expect("pki");
+    let dir = fed.dir.join("checking-site");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::copy(crate::common::data_path(), dir.join("data.csv")).expect("csv");
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "profile = {:?}\n\n[policy]\nmax_epsilon = 5.0\nmax_epsilon_per_query = 1.5\nallowed_query_columns = [\"radius_mean\", \"malignant\"]\nallowed_statistics = [\"count\", \"histogram\"]\n\n[[datasets]]\nname = \"breast_cancer\"\npath = \"data.csv\"\nlabel = \"malignant\"\n",
+            fed.pki.join(&fed.site_names[0]).display().to_string()
+        ),
+    )
+    .expect("agent.toml");
+    let check = |query: &str| {
+        let path = dir.join("query.toml");
+        std::fs::write(&path, query).expect("query");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_medfl"))
+            .args(["agent", "--config"])
+            .arg(dir.join("agent.toml"))
+            .args(["policy", "check", "--query"])
+            .arg(&path)
+            .output()
+            .expect("run medfl agent policy check");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let (ok, said) = check(RADIUS_QUERY);
+    assert!(ok, "{said}");
+    assert!(said.contains("ACCEPTED") && said.contains("ε = 0.0000 spent"), "{said}");
+    let (ok, said) = check(
+        &format!("{RADIUS_QUERY}\n[[statistics]]\nkind = \"mean\"\ncolumn = \"area_mean\"\nlower = 0\nupper = 2500\n")
+            .replace("epsilon = 1.0", "epsilon = 2.0"),
+    );
+    assert!(!ok, "{said}");
+    for says in [
+        "does not allow: area_mean",
+        "statistics this site's policy does not allow: mean",
+        "above this site's max_epsilon_per_query of 1.5",
+    ] {
+        assert!(
+            said.contains("REFUSED: the query") && said.contains(says),
+            "{says}: {said}"
+        );
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_ledger_shows_queries_beside_training_per_dataset_and_recomputes_them() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = three_sites(owned.path(), "max_epsilon = 50.0\ndelta = 1e-5", None).await;
+    let table = crate::common::bundled_table();
+    let study = crate::common::dp_manifest(
+        &table,
+        1,
+        3,
+        "sample_rate = 0.05\nsteps_per_round = 5\nnoise_multiplier = 1.5\nbudget_epsilon = 20.0",
+    );
+    let sid = fed.create_study(&study).await.expect("create study");
+    fed.start_study(&sid).await.expect("start");
+    fed.wait_for_round(&sid, 1, Duration::from_secs(120))
+        .await
+        .expect("round 1");
+    let qid = fed.create_query(RADIUS_QUERY).await.expect("create query");
+    let q = fed.wait_query(&qid, Duration::from_secs(60)).await.expect("query ends");
+    assert_eq!(q.state, "released", "{q:?}");
+    let auditor = fed.pki.join("auditor/profile.toml");
+    let auditor = auditor.to_str().expect("utf-8");
+    let out = crate::common::medfl(&[
+        "audit",
+        "ledger",
+        "--dataset",
+        "breast_cancer",
+        "--json",
+        "--profile",
+        auditor,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let charges = report["charges"].as_array().expect("charges");
+    for site in ["hospital-a", "hospital-b", "hospital-c"] {
+        let mine: Vec<&serde_json::Value> = charges.iter().filter(|c| c["site"] == site).collect();
+        let kinds: Vec<&str> = mine.iter().map(|c| c["kind"].as_str().expect("kind")).collect();
+        assert_eq!(kinds, vec!["study", "query"], "{site}: {mine:?}");
+        // The site's ε grows with each charge, composed over both kinds.
+        let composed: Vec<f64> = mine
+            .iter()
+            .map(|c| c["site_epsilon_composed"].as_f64().expect("ε"))
+            .collect();
+        assert!(composed[1] > composed[0], "{composed:?}");
+        // And matches what the site's own ledger composes at the same δ.
+        fed.stop_agent(site).await;
+        let own = ledger_of(owned.path(), site)
+            .spent("breast_cancer", 1e-5)
+            .expect("spent");
+        assert!(
+            (own - composed[1]).abs() < 1e-6 * own,
+            "{site}: own {own} vs audit {}",
+            composed[1]
+        );
+    }
+    let out = crate::common::medfl(&["audit", "recompute", "--study", &qid, "--profile", auditor]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all 3 charges"));
+    // The audit log has the query's creation, release and charges.
+    let out = crate::common::medfl(&["audit", "log", "--study", &qid, "--json", "--profile", auditor]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    for action in ["query.create", "query.release", "budget.charge"] {
+        assert!(log.contains(&format!("\"action\":\"{action}\"")), "{action}: {log}");
+    }
+    fed.shutdown().await.expect("clean shutdown");
+}

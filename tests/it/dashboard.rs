@@ -343,6 +343,7 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
         .get_ledger(pb::LedgerRequest {
             study_id: id.clone(),
             site: String::new(),
+            dataset: String::new(),
         })
         .await
         .expect("ledger")

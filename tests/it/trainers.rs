@@ -536,6 +536,7 @@ async fn record_level_dp_runs_only_in_a_declared_trainer_and_its_charges_say_so(
         .get_ledger(medfl_proto::v1::LedgerRequest {
             study_id: info.study_id.clone(),
             site: String::new(),
+            dataset: String::new(),
         })
         .await
         .expect("ledger")

@@ -79,6 +79,55 @@ impl pb::audit_server::Audit for AuditService {
 
     async fn get_ledger(&self, request: Request<pb::LedgerRequest>) -> Result<Response<pb::LedgerReport>, Status> {
         let req = request.into_inner();
+        let queries = self.engine.store.queries().map_err(ServiceError::from)?;
+        let is_query = |id: &str| queries.iter().any(|q| q.id == id);
+        let charge_pb = |c: crate::store::ChargeRecord| pb::LedgerCharge {
+            mechanism: if is_query(&c.study_id) {
+                "discrete_gaussian".into()
+            } else {
+                "poisson_subsampled_gaussian".into()
+            },
+            study_id: c.study_id,
+            round: c.round,
+            site: c.site,
+            dataset: c.dataset,
+            noise_multiplier: c.mechanism.sigma,
+            sample_rate: c.mechanism.q,
+            steps: c.mechanism.steps,
+            clip_norm: c.clip_norm,
+            delta: c.delta,
+            epsilon_before: c.epsilon_before,
+            epsilon_after: c.epsilon_after,
+            at_unix_ms: c.at_ms,
+            enforcement: crate::store::enforcement(c.declared_by.as_deref()),
+        };
+        if !req.dataset.is_empty() {
+            // Every charge on the dataset, training rounds and queries, oldest first.
+            let mut charges = self.engine.store.all_charges().map_err(ServiceError::from)?;
+            charges.retain(|c| c.dataset == req.dataset && (req.site.is_empty() || c.site == req.site));
+            charges.sort_by_key(|c| c.at_ms);
+            return Ok(Response::new(pb::LedgerReport {
+                study_id: String::new(),
+                budget_epsilon: 0.0,
+                delta: 0.0,
+                charges: charges.into_iter().map(charge_pb).collect(),
+            }));
+        }
+        if let Some(q) = queries.iter().find(|q| q.id == req.study_id) {
+            let manifest = medfl_shared::query::QueryManifest::from_toml(&q.manifest_toml)
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let charges = self.engine.store.charges(&q.id).map_err(ServiceError::from)?;
+            return Ok(Response::new(pb::LedgerReport {
+                study_id: q.id.clone(),
+                budget_epsilon: manifest.epsilon,
+                delta: manifest.delta,
+                charges: charges
+                    .into_iter()
+                    .filter(|c| req.site.is_empty() || c.site == req.site)
+                    .map(charge_pb)
+                    .collect(),
+            }));
+        }
         let study = self.engine.study(&req.study_id)?;
         let manifest =
             StudyManifest::from_toml(&study.manifest_toml).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
@@ -92,22 +141,7 @@ impl pb::audit_server::Audit for AuditService {
         let charges = charges
             .into_iter()
             .filter(|c| req.site.is_empty() || c.site == req.site)
-            .map(|c| pb::LedgerCharge {
-                study_id: c.study_id,
-                round: c.round,
-                site: c.site,
-                dataset: c.dataset,
-                mechanism: "poisson_subsampled_gaussian".into(),
-                noise_multiplier: c.mechanism.sigma,
-                sample_rate: c.mechanism.q,
-                steps: c.mechanism.steps,
-                clip_norm: c.clip_norm,
-                delta: c.delta,
-                epsilon_before: c.epsilon_before,
-                epsilon_after: c.epsilon_after,
-                at_unix_ms: c.at_ms,
-                enforcement: crate::store::enforcement(c.declared_by.as_deref()),
-            })
+            .map(charge_pb)
             .collect();
         Ok(Response::new(pb::LedgerReport {
             study_id: study.id,

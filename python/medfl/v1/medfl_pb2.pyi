@@ -677,12 +677,14 @@ class AuditLogLine(_message.Message):
     def __init__(self, line: _Optional[str] = ...) -> None: ...
 
 class LedgerRequest(_message.Message):
-    __slots__ = ("study_id", "site")
+    __slots__ = ("study_id", "site", "dataset")
     STUDY_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
     study_id: str
     site: str
-    def __init__(self, study_id: _Optional[str] = ..., site: _Optional[str] = ...) -> None: ...
+    dataset: str
+    def __init__(self, study_id: _Optional[str] = ..., site: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class LedgerCharge(_message.Message):
     __slots__ = ("study_id", "round", "site", "dataset", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon_before", "epsilon_after", "at_unix_ms", "enforcement")
