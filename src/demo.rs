@@ -100,6 +100,14 @@ pub struct DemoArgs {
     /// marks the charges as declared); sklearn needs --no-dp.
     #[arg(long, default_value = "builtin", value_parser = ["builtin", "python", "sklearn"])]
     pub trainer: String,
+    /// Before training, runs cohort queries (federated analytics under DP) across the
+    /// hospitals, each charged to their ledgers; the study then trains on what the
+    /// ledgers have left, found by composing their charges with the planned study.
+    #[arg(long)]
+    pub queries: bool,
+    /// ε of each cohort query with --queries.
+    #[arg(long, default_value_t = 0.2)]
+    pub query_epsilon: f64,
 }
 
 /// The demo's Python trainer: `[trainers.lr]` for every agent.toml, the trainer's root
@@ -136,6 +144,142 @@ impl DemoArgs {
     fn dp_epsilon(&self) -> Option<f64> {
         (!self.no_dp).then_some(self.epsilon)
     }
+}
+
+/// The demo's cohort queries over the label and the first feature, with public bounds
+/// from the consortium's held-out set (no hospital's rows): how many cases, how the
+/// feature is distributed among them, and its quartiles overall. Runs them one after
+/// the other, prints each result with ± std, and returns their statuses as JSON.
+async fn run_queries(
+    fed: &mut Federation,
+    args: &DemoArgs,
+    label: &str,
+    table: &Table,
+    test: &Table,
+    workdir: &std::path::Path,
+) -> Result<Vec<serde_json::Value>> {
+    let feature = &table.columns[0];
+    let d = test.columns.len();
+    let values: Vec<f64> = (0..test.rows()).map(|i| test.x[i * d] as f64).collect();
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min).floor();
+    let hi = values
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max)
+        .ceil()
+        .max(lo + 1.0);
+    let width = ((hi - lo) / 6.0).ceil().max(1.0);
+    let hi = lo + 6.0 * width;
+    let edges: Vec<String> = (0..=6).map(|i| format!("{}", lo + i as f64 * width)).collect();
+    let eps = args.query_epsilon;
+    let k = args.sites.min(3).max(2);
+    let secure = !args.no_secagg && args.sites >= 2;
+    let queries = [
+        format!(
+            "name = \"cases\"\ndataset = \"demo\"\nfilter = \"{label} = 1\"\nepsilon = {eps}\ndelta = {:e}\nmin_sites = {k}\nsecure_aggregation = {secure}\nsuppress_below = 5\n\n[[statistics]]\nkind = \"count\"\n\n[[statistics]]\nkind = \"histogram\"\ncolumns = [\"{feature}\"]\nedges = [[{}]]\n",
+            args.delta,
+            edges.join(", ")
+        ),
+        format!(
+            "name = \"{feature} quartiles\"\ndataset = \"demo\"\nepsilon = {eps}\ndelta = {:e}\nmin_sites = {k}\nsecure_aggregation = {secure}\n\n[[statistics]]\nkind = \"quantiles\"\ncolumn = \"{feature}\"\nlower = {lo}\nupper = {hi}\nbins = 32\nquantiles = [0.25, 0.5, 0.75]\n",
+            args.delta
+        ),
+    ];
+    let mut out = Vec::new();
+    for (i, text) in queries.iter().enumerate() {
+        std::fs::write(workdir.join(format!("query-{}.toml", i + 1)), text)?;
+        let id = fed.create_query(text).await?;
+        let q = fed.wait_query(&id, Duration::from_secs(180)).await?;
+        if q.state != "released" {
+            bail!("cohort query {id} {}: {}", q.state, q.reason);
+        }
+        if !args.json {
+            println!("\ncohort query {} ({}): {}", i + 1, q.name, q.query_id);
+            if let Some(r) = crate::query::total(&q) {
+                print!("{}", crate::query::table(&r));
+            }
+        }
+        out.push(crate::query::status_json(&q));
+    }
+    Ok(out)
+}
+
+/// Every charge the coordinator recorded on `dataset`, per hospital (the queries' so
+/// far), as the mechanisms the ledgers compose.
+async fn ledger_events(
+    workdir: &std::path::Path,
+    sites: &[String],
+    dataset: &str,
+) -> Result<std::collections::BTreeMap<String, Vec<medfl_shared::accountant::GaussianSteps>>> {
+    let profile = medfl_proto::transport::Profile::load(&workdir.join("auditor"))?;
+    let mut client = medfl_proto::v1::audit_client::AuditClient::new(profile.channel(None)?);
+    let report = client
+        .get_ledger(medfl_proto::v1::LedgerRequest {
+            study_id: String::new(),
+            site: String::new(),
+            dataset: dataset.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut events: std::collections::BTreeMap<String, Vec<_>> =
+        sites.iter().map(|s| (s.clone(), Vec::new())).collect();
+    for c in report.charges {
+        events
+            .entry(c.site)
+            .or_default()
+            .push(medfl_shared::accountant::GaussianSteps {
+                sigma: c.noise_multiplier,
+                q: c.sample_rate,
+                steps: c.steps,
+                sampling: medfl_shared::accountant::Sampling::Poisson,
+            });
+    }
+    Ok(events)
+}
+
+/// The largest study ε (its target and budget) such that, at every hospital, its
+/// planned rounds composed with the events already in the ledger stay within `cap`
+/// (RDP composition, [Mir17] Prop. 1; bisection on the study's ε, whose plan's σ
+/// falls as it grows).
+fn fit_to_remaining(
+    manifest: &StudyManifest,
+    events: &std::collections::BTreeMap<String, Vec<medfl_shared::accountant::GaussianSteps>>,
+    cap: f64,
+    delta: f64,
+) -> Result<f64> {
+    let fits = |eps: f64| -> Result<bool> {
+        let mut m = manifest.clone();
+        if let Some(p) = m.privacy.as_mut() {
+            p.target_epsilon = Some(eps);
+            p.budget_epsilon = eps;
+        }
+        let Some(plan) = m.privacy_plan()? else { return Ok(true) };
+        let study = medfl_shared::accountant::GaussianSteps {
+            steps: plan.per_round.steps * m.rounds as u64,
+            ..plan.per_round
+        };
+        for e in events.values() {
+            let mut all = e.clone();
+            all.push(study);
+            if medfl_shared::accountant::epsilon_rdp(&all, delta)? > cap {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let (mut lo, mut hi) = (0.0f64, cap);
+    if !fits(cap * 1e-3)? {
+        bail!("the queries left too little of ε = {cap} for the study");
+    }
+    for _ in 0..30 {
+        let mid = (lo + hi) / 2.0;
+        if mid > 0.0 && fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo.max(cap * 1e-3))
 }
 
 /// Accuracy and ROC AUC (macro one-vs-rest for several classes) on the test rows.
@@ -303,7 +447,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         optimizer: if scaffold { Optimizer::Sgd } else { Optimizer::Adam },
         proximal_mu,
     };
-    let manifest = StudyManifest {
+    let mut manifest = StudyManifest {
         name: format!(
             "demo-{}",
             if args.split == SplitKind::Iid {
@@ -372,6 +516,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         admins: Vec::new(),
     };
     manifest.validate()?;
+    if args.queries && dp_epsilon.is_none() {
+        bail!("--queries spends the hospitals' DP budget before the study: it needs DP (drop --no-dp)");
+    }
 
     if !args.json {
         println!(
@@ -392,6 +539,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .dataset("demo", &label)
         .dir(&workdir)
         .dashboard();
+    // Each hospital's policy: the default, at the demo's δ, with what the options add.
+    let mut policy = format!("delta = {:e}\n", args.delta);
+    if args.queries {
+        policy.push_str(&format!("max_epsilon_per_query = {}\n", args.query_epsilon));
+    }
     if external {
         let script = match args.trainer.as_str() {
             "sklearn" => "examples/sklearn_sgd.py",
@@ -400,10 +552,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         builder = builder.agent_setting(&python_trainer_toml(script)?);
         if dp_epsilon.is_some() {
             // Each hospital's policy declares that its trainer runs DP-SGD
-            // (medfl_trainer.DpSgd); the rest of the policy stays the default.
-            builder = builder.agent_policy("dp_sgd_trainers = [\"lr\"]");
+            // (medfl_trainer.DpSgd).
+            policy.push_str("dp_sgd_trainers = [\"lr\"]\n");
         }
     }
+    builder = builder.agent_policy(&policy);
     if let Some(epsilon) = dp_epsilon {
         // Each hospital's own cap for this dataset: the demo's budget.
         for i in 0..args.sites {
@@ -422,6 +575,24 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         workdir.join("admin/profile.toml").display(),
         workdir.join("coordinator/store/dashboard-cert.pem").display()
     );
+    let mut query_results = Vec::new();
+    if let (true, Some(cap)) = (args.queries, dp_epsilon) {
+        query_results = run_queries(&mut fed, &args, &label, &table, &test, &workdir).await?;
+        // What is left for the study: the largest ε whose planned rounds, composed with
+        // every charge the hospitals' ledgers hold, keep each within its cap.
+        let events = ledger_events(&workdir, &fed.site_names, "demo").await?;
+        let fit = fit_to_remaining(&manifest, &events, cap, args.delta)?;
+        if let Some(p) = manifest.privacy.as_mut() {
+            p.target_epsilon = Some(fit);
+            p.budget_epsilon = fit;
+        }
+        if !args.json {
+            println!(
+                "the study trains at ε = {fit:.4}: its rounds composed with the queries' charges keep every hospital within ε = {cap} (RDP composition at δ = {:e}, not a subtraction)",
+                args.delta
+            );
+        }
+    }
     std::fs::write(workdir.join("manifest.toml"), manifest.to_toml())?;
     let study_id = fed.create_study(&manifest.to_toml()).await?;
     fed.start_study(&study_id).await?;
@@ -549,6 +720,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "epsilon_budget": dp_epsilon,
         "delta": dp_epsilon.is_some().then_some(args.delta),
         "epsilon_spent": epsilon_spent,
+        "queries": query_results,
+        "study_epsilon": manifest.privacy.as_ref().map(|p| p.budget_epsilon),
         "workdir": workdir.display().to_string(),
         "model_path": workdir.join("model.safetensors").display().to_string(),
         "audit_export": audit_export.display().to_string(),

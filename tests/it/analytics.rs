@@ -776,3 +776,46 @@ async fn the_audit_ledger_shows_queries_beside_training_per_dataset_and_recomput
     }
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[test]
+fn the_demo_runs_cohort_queries_then_trains_on_what_the_ledgers_have_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_medfl"))
+        .args([
+            "demo",
+            "--json",
+            "--queries",
+            "--rounds",
+            "3",
+            "--seed",
+            "3",
+            "--workdir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run medfl demo");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let queries = summary["queries"].as_array().expect("queries");
+    assert_eq!(queries.len(), 2);
+    for q in queries {
+        assert_eq!(q["state"], "released", "{q}");
+        let stats = q["result"]["total"]["statistics"].as_array().expect("statistics");
+        assert!(!stats.is_empty());
+    }
+    let count = &queries[0]["result"]["total"]["statistics"][0]["values"][0];
+    assert!(count["std"].as_f64().expect("std") > 0.0, "{count}");
+    // The study got what composing the queries' charges left, below the whole budget,
+    // and each hospital's own ledger stays within it.
+    let study = summary["study_epsilon"].as_f64().expect("study ε");
+    assert!(study < 1.0 && study > 0.5, "{study}");
+    for (site, spent) in summary["epsilon_spent"].as_object().expect("ledgers") {
+        let spent = spent.as_f64().expect("ε");
+        assert!(spent <= 1.0 + 1e-9 && spent > study, "{site}: {spent}");
+    }
+}

@@ -692,10 +692,16 @@ pub fn calibrate_step(epsilon: f64, delta: f64) -> Result<f64, QueryError> {
 pub struct Released {
     /// The noisy value (None when suppressed).
     pub value: Option<f64>,
-    /// The standard deviation of the noise the value carries.
+    /// The standard deviation of the noise the value carries (NaN, written as null,
+    /// where it is not defined: a quantile).
+    #[serde(deserialize_with = "null_as_nan")]
     pub std: f64,
     #[serde(default)]
     pub suppressed: bool,
+}
+
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// One statistic's released result.
