@@ -172,7 +172,7 @@ async fn run_queries(
     let hi = lo + 6.0 * width;
     let edges: Vec<String> = (0..=6).map(|i| format!("{}", lo + i as f64 * width)).collect();
     let eps = args.query_epsilon;
-    let k = args.sites.min(3).max(2);
+    let k = args.sites.clamp(2, 3);
     let secure = !args.no_secagg && args.sites >= 2;
     let queries = [
         format!(
