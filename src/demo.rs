@@ -516,6 +516,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         admins: Vec::new(),
     };
     manifest.validate()?;
+    if args.queries && args.sites < 2 {
+        bail!("--queries releases totals over at least 2 hospitals: use --sites 2 or more");
+    }
     if args.queries && dp_epsilon.is_none() {
         bail!("--queries spends the hospitals' DP budget before the study: it needs DP (drop --no-dp)");
     }

@@ -245,6 +245,7 @@ pub async fn serve(
         .route("/api/overview", get(overview))
         .route("/api/studies/{id}", get(study))
         .route("/api/audit", get(audit))
+        .route("/api/queries", get(queries))
         .route("/api/studies/{id}/{action}", post(control))
         .route("/logout", post(logout))
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
@@ -462,6 +463,57 @@ async fn blocking(f: impl FnOnce() -> Result<Value, ServiceError> + Send + 'stat
 
 fn manifest_of(toml: &str) -> Option<StudyManifest> {
     StudyManifest::from_toml(toml).ok()
+}
+
+/// Federated-analytics queries, newest first: state, who answered, and each released
+/// statistic as numbers with their noise's std and a server-drawn bar chart with
+/// error bars.
+async fn queries(State(app): State<App>) -> Response {
+    blocking(move || {
+        let mut out = Vec::new();
+        let mut all = app.engine.store.queries()?;
+        all.sort_by_key(|q| std::cmp::Reverse(q.created_ms));
+        for q in all {
+            let result: Option<medfl_shared::query::QueryResult> = serde_json::from_str::<Value>(&q.result_json)
+                .ok()
+                .and_then(|v| serde_json::from_value(v.get("total")?.clone()).ok());
+            let charts: Vec<String> = result
+                .iter()
+                .flat_map(|r| r.statistics.iter())
+                .map(|s| {
+                    let labels = if s.labels.is_empty() {
+                        vec![s.kind.clone()]
+                    } else {
+                        s.labels.clone()
+                    };
+                    let title = format!(
+                        "{}{} (share {:.2} of ε)",
+                        s.kind,
+                        if s.columns.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" of {}", s.columns.join(" × "))
+                        },
+                        s.share
+                    );
+                    medfl_shared::chart::bar_chart(
+                        &title,
+                        &labels,
+                        &s.values.iter().map(|v| v.value).collect::<Vec<_>>(),
+                        &s.values.iter().map(|v| v.std).collect::<Vec<_>>(),
+                    )
+                })
+                .collect();
+            out.push(json!({
+                "id": q.id, "name": q.name, "dataset": q.dataset, "state": q.state, "reason": q.reason,
+                "created_by": q.created_by, "created_ms": q.created_ms, "epsilon": q.epsilon,
+                "selected": q.selected, "answered": q.answered, "refused": q.refused,
+                "result": result, "charts": charts,
+            }));
+        }
+        Ok(json!({ "queries": out }))
+    })
+    .await
 }
 
 async fn overview(State(app): State<App>, axum::Extension(viewer): axum::Extension<Viewer>) -> Response {

@@ -349,6 +349,15 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
         .expect("ledger")
         .into_inner();
     assert_eq!(ledger.charges.len(), 12, "3 sites × 4 rounds");
+    // A cohort query: its released counts appear with error bars.
+    let query_id = fed
+        .create_query(
+            "name = \"large tumours\"\ndataset = \"breast_cancer\"\nfilter = \"radius_mean > 15\"\nepsilon = 1.0\n\n[[statistics]]\nkind = \"histogram\"\ncolumns = [\"malignant\"]\nedges = [[0, 1, 2]]\n",
+        )
+        .await
+        .expect("create query");
+    let query = fed.wait_query(&query_id, Duration::from_secs(60)).await.expect("query");
+    assert_eq!(query.state, "released", "{query:?}");
     let cert_pem = std::fs::read_to_string(fed.dir.join("coordinator/store/dashboard-cert.pem")).expect("cert");
     let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .expect("der")
@@ -384,6 +393,13 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
             let link = fed.dashboard_link("auditor").await.expect("link");
             let dom = run_chromium(&binary, browser_dir.path(), &spki, &link, &["--dump-dom"]);
             assert!(dom.contains("auditor/auditor (auditor, by session)"), "{dom}");
+            // The query's result: a bar chart with an error bar per released cell.
+            let result = dom
+                .split(&format!("data-query-result=\"{query_id}\""))
+                .nth(1)
+                .and_then(|rest| rest.split("</svg>").next())
+                .unwrap_or_else(|| panic!("no result of {query_id} in {dom}"));
+            assert_eq!(result.matches("class=\"error-bar\"").count(), 2, "{result}");
             // The ε chart: a point per charge, with the ledger's value.
             let chart = dom
                 .split("id=\"epsilon-chart\"")
@@ -547,7 +563,23 @@ async fn the_dashboard_shows_the_real_ledger_and_rounds_and_lets_only_admins_act
         )
         .await,
     );
-    assert_eq!(audit_page["entries"].as_array().map(Vec::len), Some(12), "{audit_page}");
+    assert_eq!(
+        audit_page["entries"].as_array().map(Vec::len),
+        Some(15),
+        "12 rounds' and 3 query charges: {audit_page}"
+    );
+    let queries = json(&https(&base, &cert_der, "GET", "/api/queries", &cookie, None).await);
+    let listed = &queries["queries"][0];
+    assert_eq!(listed["id"], query_id.as_str());
+    assert_eq!(
+        listed["result"]["statistics"][0]["values"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert!(
+        listed["result"]["statistics"][0]["values"][0]["std"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0)
+    );
 
     // A consortium client certificate signs in by itself; a site's does not get in.
     let admin_profile = fed.profile("admin").expect("admin");

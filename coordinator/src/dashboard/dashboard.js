@@ -272,9 +272,39 @@ async function refreshAudit() {
   }
 }
 
+function renderQueries(d) {
+  fill(
+    document.querySelector("#queries tbody"),
+    d.queries.map((q) =>
+      el(
+        "tr",
+        { "data-query": q.id },
+        cell(q.name + " (" + q.id + ")", true),
+        cell(q.dataset, true),
+        el("td", { class: "l" }, stateBadge(q.state), q.reason ? " " + q.reason : ""),
+        cell(q.answered.length + " / " + q.selected.length),
+        cell(num(q.epsilon, 4)),
+        cell(q.created_by, true)
+      )
+    )
+  );
+  const results = document.getElementById("query-results");
+  results.replaceChildren();
+  for (const q of d.queries.filter((q) => q.result)) {
+    const box = el("div", { class: "card", "data-query-result": q.id });
+    box.appendChild(el("h3", {}, q.name + " (" + q.id + "): " + q.result.sites.length + " sites, ε = " + num(q.result.epsilon, 4)));
+    const chart = el("div", { class: "chart" });
+    // The coordinator's own SVG (medfl_shared::chart), text escaped there.
+    chart.innerHTML = q.charts.join("");
+    box.appendChild(chart);
+    results.appendChild(box);
+  }
+}
+
 async function refresh() {
   try {
     renderOverview(await api("/api/overview"));
+    renderQueries(await api("/api/queries"));
     if (selected) renderStudy(await api("/api/studies/" + encodeURIComponent(selected)));
     showError("");
   } catch (e) {
