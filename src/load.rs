@@ -144,3 +144,59 @@ pub fn rss_bytes(pid: u32) -> Result<(u64, u64)> {
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
+
+/// Every site answers every federated-analytics query under secure aggregation until
+/// `stop`: it checks the session, advertises its keys, shares them, sends its masked
+/// answer (all zeros, with its discrete Gaussian noise share when `noise`) and
+/// answers the unmask request, as an agent does; the data scan is replaced. Each task
+/// returns the queries its site answered.
+pub fn answer_queries(
+    fed: &Federation,
+    sites: Vec<SimulatedSite>,
+    noise: bool,
+    stop: CancellationToken,
+) -> Result<JoinSet<Result<u32>>> {
+    let mut tasks = JoinSet::new();
+    for mut site in sites {
+        let creds = medfl_site_agent::secagg::Credentials::from_profile(&fed.profile(&site.name)?)?;
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut answered = 0;
+            loop {
+                let polled = tokio::select! {
+                    r = site.client.poll_work(pb::PollWorkRequest { wait_ms: 2000 }) => r,
+                    _ = stop.cancelled() => return Ok(answered),
+                };
+                let Some(work) = polled
+                    .with_context(|| format!("{} polls", site.name))?
+                    .into_inner()
+                    .work
+                else {
+                    continue;
+                };
+                let query = medfl_shared::query::QueryManifest::from_toml(&work.manifest_toml)?;
+                let plan = query.plan()?;
+                let mut session =
+                    medfl_site_agent::secagg::SiteSession::for_query(&work, &query, plan.len(), &site.name)?;
+                let mut words = vec![0u32; plan.len()];
+                if noise {
+                    let sigmas = plan.site_sigmas(Some(session.threshold()));
+                    for (p, sigma) in plan.parts.iter().zip(sigmas) {
+                        medfl_shared::dp::add_discrete_gaussian(&mut words[p.offset..p.offset + p.len()], sigma)?;
+                    }
+                }
+                let layout = vec![medfl_shared::model::TensorSpec {
+                    name: "answer".into(),
+                    shape: vec![plan.len() as u64],
+                }];
+                session.advertise(&mut site.client, &creds).await?;
+                session.share_keys(&mut site.client, &creds).await?;
+                let id = format!("{}-{}", site.name, work.study_id);
+                session.send_words(&mut site.client, &work, &layout, &id, words).await?;
+                session.reveal(&mut site.client).await?;
+                answered += 1;
+            }
+        });
+    }
+    Ok(tasks)
+}

@@ -819,3 +819,22 @@ fn the_demo_runs_cohort_queries_then_trains_on_what_the_ledgers_have_left() {
         assert!(spent <= 1.0 + 1e-9 && spent > study, "{site}: {spent}");
     }
 }
+
+#[test]
+fn the_query_benchmark_runs_simulated_sites_through_secure_aggregation() {
+    let out = crate::common::medfl(&[
+        "bench",
+        "query",
+        "--sites",
+        "4",
+        "--bins",
+        "100",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["sites"], 4);
+    assert!(r["latency_seconds"].as_f64().is_some_and(|s| s > 0.0), "{r}");
+}
