@@ -63,3 +63,13 @@ fn example_coordinator_and_agent_configs_parse() {
     let k8s: medfl_coordinator::ConfigFile = toml::from_str(&block).expect("the ConfigMap's coordinator.toml parses");
     assert!(k8s.dashboard_cert.is_some() && k8s.dashboard_key.is_some(), "{block}");
 }
+
+#[test]
+fn example_query_validates_and_the_example_policy_answers_it() {
+    let query = medfl_shared::query::QueryManifest::from_toml(&example("query.toml")).expect("valid query");
+    let plan = query.plan().expect("plan");
+    assert!(plan.epsilon <= 0.5 && plan.epsilon > 0.49, "{plan:?}");
+    let policy: medfl_site_agent::policy::Policy = toml::from_str(&example("policy.toml")).expect("policy.toml");
+    let reasons = policy.review_query(&query, plan.epsilon, &[("breast_cancer".into(), None)], 0);
+    assert!(reasons.is_empty(), "{reasons:?}");
+}
