@@ -838,3 +838,35 @@ fn the_query_benchmark_runs_simulated_sites_through_secure_aggregation() {
     assert_eq!(r["sites"], 4);
     assert!(r["latency_seconds"].as_f64().is_some_and(|s| s > 0.0), "{r}");
 }
+
+#[test]
+fn repeated_person_ids_refuse_a_query_on_both_paths_with_the_count() {
+    let Some(pg) = PgCluster::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = cohort_csv(dir.path(), 200);
+    // Person 7 twice, and person 9 three times: a person's rows would pass Δ = 1.
+    let mut text = std::fs::read_to_string(&csv).expect("csv");
+    let rows: Vec<String> = text.lines().map(str::to_string).collect();
+    for id in [7usize, 9, 9] {
+        text.push_str(&rows[id + 1]);
+        text.push('\n');
+    }
+    std::fs::write(&csv, text).expect("csv");
+    pg.load_csv(
+        "cohort",
+        "CREATE TABLE cohort (id integer, age float8, bmi numeric, sex text, stage text, smoker boolean, visits integer)",
+        &csv,
+    )
+    .expect("load the cohort");
+    let m = query("");
+    let plan = m.plan().expect("plan");
+    for dataset in [csv_dataset(&csv), pg_dataset(&pg)] {
+        let e = exact_answer(&dataset, &m, &plan).expect_err("repeated persons");
+        assert!(
+            e.to_string()
+                .contains("2 persons have more than one row (5 rows in all)"),
+            "{e}"
+        );
+        assert_eq!(e.kind(), "a person has more than one row");
+    }
+}

@@ -119,7 +119,10 @@ pub fn exact_answer(
         });
     }
     match dataset.postgres_connector() {
-        Some(pg) => Ok((pushdown_answer(pg, manifest, plan)?, Path::Pushdown)),
+        Some(pg) => Ok((
+            pushdown_answer(pg, dataset.config.person_id.as_deref(), manifest, plan)?,
+            Path::Pushdown,
+        )),
         None => Ok((scan_answer(dataset, manifest, plan)?, Path::Scan)),
     }
 }
@@ -168,7 +171,15 @@ pub fn scan_answer(dataset: &Dataset, manifest: &QueryManifest, plan: &QueryPlan
         reason: e.to_string(),
     })?;
     let columns = check_columns(&origin, manifest, &filter, &dataset.connector.columns()?)?;
-    let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
+    let mut names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
+    // The privacy unit is the person: the person id is read too, and repeated ids
+    // refuse the query (a person's several rows would exceed the sensitivity).
+    let person = dataset.config.person_id.clone();
+    if let Some(p) = &person {
+        names.push(p.clone());
+    }
+    let mut persons: std::collections::HashSet<u128> = Default::default();
+    let mut repeated: std::collections::HashMap<u128, usize> = Default::default();
     let index = |c: &str| names.iter().position(|n| n == c).unwrap_or(usize::MAX);
     // Each part's columns as indices into the scanned row.
     let parts: Vec<(usize, &Part, Vec<usize>)> = plan
@@ -186,8 +197,14 @@ pub fn scan_answer(dataset: &Dataset, manifest: &QueryManifest, plan: &QueryPlan
     let mut answer = vec![0i64; plan.len()];
     dataset.connector.scan(&names, &mut |at, cells| {
         let mut row: Vec<Value<'_>> = Vec::with_capacity(cells.len());
-        for (i, cell) in cells.iter().enumerate() {
+        for (i, cell) in cells.iter().take(columns.len()).enumerate() {
             row.push(value(&origin, at, &names[i], columns[i].1, *cell)?);
+        }
+        if person.is_some() {
+            let id = super::fingerprint(cells.get(columns.len()).copied().unwrap_or(Cell::Missing));
+            if !persons.insert(id) {
+                *repeated.entry(id).or_insert(1) += 1;
+            }
         }
         let keeps = filter.keeps(&|c: &str| row.get(index(c)).copied().unwrap_or(Value::Missing));
         if !keeps {
@@ -224,6 +241,16 @@ pub fn scan_answer(dataset: &Dataset, manifest: &QueryManifest, plan: &QueryPlan
         }
         Ok(())
     })?;
+    if let Some(column) = person
+        && !repeated.is_empty()
+    {
+        return Err(DataError::RepeatedPersons {
+            origin,
+            column,
+            persons: repeated.len(),
+            rows: repeated.values().sum(),
+        });
+    }
     Ok(answer)
 }
 
@@ -337,10 +364,21 @@ impl Sql<'_> {
     }
 }
 
+/// The dataset's person id column, quoted, when it names one.
+fn pg_person(pg: &PostgresConnector, person: Option<&str>) -> Result<Option<(String, String)>, DataError> {
+    let Some(column) = person else { return Ok(None) };
+    let quoted = quote_identifier(column).ok_or_else(|| DataError::Unsupported {
+        origin: super::Connector::source(pg).to_string(),
+        reason: format!("person id column {column:?} is not a plain identifier"),
+    })?;
+    Ok(Some((column.to_string(), quoted)))
+}
+
 /// The answer computed by the database: one aggregate statement per part, all in one
 /// READ ONLY transaction under the dataset's statement timeout.
 pub fn pushdown_answer(
     pg: &PostgresConnector,
+    person: Option<&str>,
     manifest: &QueryManifest,
     plan: &QueryPlan,
 ) -> Result<Vec<i64>, DataError> {
@@ -409,9 +447,31 @@ pub fn pushdown_answer(
         ));
     }
     let mut answer = vec![0i64; plan.len()];
+    let person = pg_person(pg, person)?;
+    let origin_text = origin.to_string();
     super::postgres::block_on(async {
         let mut client = pg.connect().await?;
         let tx = pg.begin(&mut client).await?;
+        // One row per person: repeated ids refuse the query, with the count.
+        if let Some((column, quoted)) = &person {
+            let repeats = format!(
+                "SELECT count(*)::int8, coalesce(sum(n), 0)::int8 FROM (SELECT count(*) AS n FROM {} GROUP BY {quoted} HAVING count(*) > 1) AS repeated",
+                pg.relation()
+            );
+            let row = tx.query_one(repeats.as_str(), &[]).await.map_err(|e| pg.error(e))?;
+            let (persons, rows): (i64, i64) = (
+                row.try_get(0).map_err(|e| pg.error(e))?,
+                row.try_get(1).map_err(|e| pg.error(e))?,
+            );
+            if persons > 0 {
+                return Err(DataError::RepeatedPersons {
+                    origin: origin_text.clone(),
+                    column: column.clone(),
+                    persons: persons as usize,
+                    rows: rows as usize,
+                });
+            }
+        }
         for (p, text, params) in &statements {
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::as_sql).collect();
             let rows = tx.query(text.as_str(), &refs).await.map_err(|e| pg.error(e))?;
