@@ -205,6 +205,7 @@ async fn a_secure_count_over_three_sites_is_released_with_its_std_and_charged_on
         .build()
         .await
         .expect("federation starts");
+    all_registered(&mut fed, 3).await;
     let runs = 50;
     let mut released = Vec::new();
     for _ in 0..runs {
@@ -302,6 +303,7 @@ async fn under_secure_aggregation_the_coordinator_holds_no_per_site_count() {
         .build()
         .await
         .expect("federation starts");
+    all_registered(&mut fed, 3).await;
     let query = r#"
 name = "distinctive"
 dataset = "cohort"
@@ -379,7 +381,31 @@ async fn three_sites(dir: &Path, policy: &str, cap_3: Option<f64>) -> medfl::Fed
     if let Some(cap) = cap_3 {
         b = b.dataset_setting(2, &format!("max_epsilon = {cap}"));
     }
-    b.build().await.expect("federation starts")
+    let mut fed = b.build().await.expect("federation starts");
+    all_registered(&mut fed, 3).await;
+    fed
+}
+
+/// Waits until `n` sites have registered, so that a query asks them all.
+async fn all_registered(fed: &mut medfl::Federation, n: usize) {
+    let start = std::time::Instant::now();
+    loop {
+        let sites = fed
+            .admin
+            .list_sites(medfl_proto::v1::Empty {})
+            .await
+            .expect("sites")
+            .into_inner()
+            .sites;
+        if sites.len() >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{n} sites register: {sites:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn ledger_of(dir: &Path, site: &str) -> medfl_site_agent::ledger::Ledger {
@@ -577,20 +603,7 @@ async fn a_site_lost_mid_query_under_secure_aggregation_is_recovered() {
     }
     let query = RADIUS_QUERY.replace("epsilon = 1.0", "epsilon = 1.0\ndeadline_secs = 10");
     // Wait until all four agents registered, so that all four are asked.
-    let start = std::time::Instant::now();
-    while fed
-        .admin
-        .list_sites(medfl_proto::v1::Empty {})
-        .await
-        .expect("sites")
-        .into_inner()
-        .sites
-        .len()
-        < 4
-    {
-        assert!(start.elapsed() < Duration::from_secs(60), "agents register");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    all_registered(&mut fed, 4).await;
     let id = fed.create_query(&query).await.expect("create");
     let q = fed.wait_query(&id, Duration::from_secs(120)).await.expect("query ends");
     let mut exits = Vec::new();
@@ -869,4 +882,51 @@ fn repeated_person_ids_refuse_a_query_on_both_paths_with_the_count() {
         );
         assert_eq!(e.kind(), "a person has more than one row");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_commands_create_list_show_and_export_results() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    let fed = three_sites(owned.path(), "max_epsilon = 10.0\ndelta = 1e-5", None).await;
+    let admin = fed.pki.join("admin/profile.toml");
+    let admin = admin.to_str().expect("utf-8");
+    let manifest = owned.path().join("q.toml");
+    std::fs::write(
+        &manifest,
+        format!("{RADIUS_QUERY}\n[[statistics]]\nkind = \"histogram\"\ncolumns = [\"radius_mean\", \"malignant\"]\nedges = [[10, 15, 20, 30], [0, 1, 2]]\n"),
+    )
+    .expect("manifest");
+    let medfl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_medfl"))
+            .args(args)
+            .args(["--profile", admin])
+            .output()
+            .expect("run medfl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let created = medfl(&["query", "create", "--manifest", manifest.to_str().expect("utf-8")]);
+    assert!(created.contains("released") && created.contains(" ± "), "{created}");
+    assert!(
+        created.contains("[10, 15) × [0, 1)"),
+        "the cross-tab's cells: {created}"
+    );
+    let list: serde_json::Value = serde_json::from_str(&medfl(&["query", "list", "--json"])).expect("json");
+    let id = list[0]["query_id"].as_str().expect("id").to_string();
+    assert_eq!(list[0]["state"], "released");
+    let status = medfl(&["query", "status", &id]);
+    assert!(status.contains("answered (each charged ε = 1.0000)"), "{status}");
+    let csv = owned.path().join("result.csv");
+    let results = medfl(&["query", "results", &id, "--csv", csv.to_str().expect("utf-8")]);
+    assert!(results.contains("3 sites; ε = 1.0000"), "{results}");
+    let csv = std::fs::read_to_string(&csv).expect("csv");
+    assert_eq!(csv.lines().count(), 1 + 1 + 6, "{csv}");
+    assert!(csv.starts_with("statistic,kind,columns,label,value,std,suppressed,share"));
+    let json: serde_json::Value = serde_json::from_str(&medfl(&["query", "results", &id, "--json"])).expect("json");
+    assert_eq!(json["total"]["statistics"][1]["kind"], "crosstab");
+    fed.shutdown().await.expect("clean shutdown");
 }
