@@ -32,5 +32,34 @@ fn noise(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, noise);
+/// The discrete Gaussian of distributed DP and the queries: the exact integer sampler
+/// ([CKS20] in u128 arithmetic, across the cores) beside OpenDP's arbitrary-precision
+/// sampler and the raw AES-CTR keystream words it draws from, same run.
+fn discrete(c: &mut Criterion) {
+    let mut group = c.benchmark_group("discrete_gaussian");
+    group.sample_size(10);
+    for sigma in [5.0f64, 1000.0] {
+        let n = 1_000_000;
+        let mut words = vec![0u32; n];
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(format!("medfl_cks20_sigma{sigma}/{n}"), |b| {
+            b.iter(|| medfl_shared::dp::add_discrete_gaussian(&mut words, sigma).expect("noise"))
+        });
+        let n = 10_000;
+        let mut words = vec![0u32; n];
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(format!("opendp_sigma{sigma}/{n}"), |b| {
+            b.iter(|| medfl_shared::dp::add_discrete_gaussian_opendp(&mut words, sigma).expect("noise"))
+        });
+    }
+    let n = 1_000_000;
+    let mut words = vec![0u32; n];
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_function(format!("aes_ctr_keystream/{n}"), |b| {
+        b.iter(|| medfl_shared::secagg::add_keystream(&[7u8; 32], 0, &mut words, false))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, noise, discrete);
 criterion_main!(benches);

@@ -57,8 +57,7 @@ pub const PROTOCOL: &[u8] = b"medfl-secagg-v1";
 /// Most values one session can mask (2^22 PRG blocks).
 pub const MAX_VALUES: u64 = 1 << 36;
 
-/// Words per PRG block: each block has its own IV (see the module docs).
-pub const PRG_BLOCK_WORDS: usize = 1 << 14;
+pub use crate::prg::{PRG_BLOCK_WORDS, add_keystream};
 
 /// Most sites in one session: Shamir shares live in GF(256), x = 1..=255.
 pub const MAX_SITES: usize = 255;

@@ -22,6 +22,8 @@ use opendp::measures::ZeroConcentratedDivergence;
 use opendp::metrics::L2Distance;
 use thiserror::Error;
 
+pub mod sampler;
+
 /// Noise granularity 2^k. At k = −30 the rounding term √n·2^k is 10⁻⁶ of a unit
 /// sensitivity even for n = 10⁶ values, and sampling is far faster than at OpenDP's
 /// default (the finest grid, 2^−1074).
@@ -45,10 +47,22 @@ impl From<opendp::error::Error> for DpError {
     }
 }
 
-/// Adds N_Z(0, std²) to every word (two's complement, wrapping), with OpenDP's exact
-/// discrete Gaussian sampler (Canonne, Kamath, Steinke 2020, Algorithm 3): each site's
-/// share of distributed DP under secure aggregation (Kairouz, Liu, Steinke 2021).
+/// Adds N_Z(0, std²) to every word (two's complement, wrapping): each site's share of
+/// distributed DP under secure aggregation (Kairouz, Liu, Steinke 2021) and each
+/// query's noise. Exact ([CKS20] Algorithms 1–3 in integer arithmetic, [`sampler`]),
+/// across the cores, at a scale rounded up to at least `std`; beyond
+/// [`sampler::MAX_SIGMA`], OpenDP's sampler.
 pub fn add_discrete_gaussian(values: &mut [u32], std: f64) -> Result<(), DpError> {
+    if std > sampler::MAX_SIGMA {
+        return add_discrete_gaussian_opendp(values, std);
+    }
+    sampler::fill(values, sampler::DiscreteGaussian::new(std)?)
+}
+
+/// [`add_discrete_gaussian`] with OpenDP's exact sampler (Canonne, Kamath, Steinke
+/// 2020, Algorithm 3, in arbitrary precision): the reference the fast sampler is
+/// tested against, and the path for scales beyond it.
+pub fn add_discrete_gaussian_opendp(values: &mut [u32], std: f64) -> Result<(), DpError> {
     let scale = dashu::rational::RBig::try_from(std).map_err(|_| DpError::BadSigma(std))?;
     for v in values.iter_mut() {
         let noise = opendp::traits::samplers::sample_discrete_gaussian(scale.clone())?;
@@ -58,9 +72,6 @@ pub fn add_discrete_gaussian(values: &mut [u32], std: f64) -> Result<(), DpError
     Ok(())
 }
 
-/// Draws a Poisson sample of `0..n`: each index independently with probability `q`
-/// (OpenDP's exact Bernoulli sampler). The batch size is random, as the subsampling
-/// analysis of the accountant assumes.
 pub fn poisson_sample(n: usize, q: f64) -> Result<Vec<usize>, DpError> {
     if !(q > 0.0 && q <= 1.0) {
         return Err(DpError::BadRate(q));
