@@ -61,6 +61,17 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Noise throughput, same run: the exact discrete Gaussian of `dp::sampler` (both
+    /// cores), OpenDP's discrete Gaussian sampler, and the raw AES-CTR keystream words.
+    Noise {
+        #[arg(long, default_value_t = 1_000_000)]
+        values: usize,
+        /// σ of the discrete Gaussian (integer units).
+        #[arg(long, default_value_t = 5.0)]
+        sigma: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency of a federated-analytics histogram query under secure aggregation over N
     /// simulated sites (each its own mTLS identity and session; the data scan replaced,
     /// the protocol and, unless --no-noise, each site's discrete Gaussian share real),
@@ -125,6 +136,21 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             }
             Ok(())
         }
+        BenchCommand::Noise { values, sigma, json } => {
+            let r = tokio::task::spawn_blocking(move || noise_throughput(values.max(1), sigma)).await??;
+            if json {
+                println!("{r}");
+            } else {
+                println!(
+                    "discrete Gaussian σ = {sigma}: medfl {:.3} M values/s, OpenDP {:.1} K values/s ({:.0}×); AES-CTR keystream {:.0} M words/s",
+                    r["medfl_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                    r["opendp_per_second"].as_f64().unwrap_or(0.0) / 1e3,
+                    r["ratio"].as_f64().unwrap_or(0.0),
+                    r["keystream_words_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                );
+            }
+            Ok(())
+        }
         BenchCommand::Query {
             sites,
             bins,
@@ -173,6 +199,30 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `medfl bench noise`: values per second of each sampler on `values` values (OpenDP
+/// on a hundredth of them, at least 1000: it is that much slower), same run.
+pub fn noise_throughput(values: usize, sigma: f64) -> Result<serde_json::Value> {
+    let rate = |n: usize, f: &dyn Fn(&mut [u32]) -> Result<()>| -> Result<f64> {
+        let mut words = vec![0u32; n];
+        let start = std::time::Instant::now();
+        f(&mut words)?;
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    let ours = rate(values, &|w| Ok(medfl_shared::dp::add_discrete_gaussian(w, sigma)?))?;
+    let theirs = rate((values / 100).max(1000), &|w| {
+        Ok(medfl_shared::dp::add_discrete_gaussian_opendp(w, sigma)?)
+    })?;
+    let key = [7u8; 32];
+    let stream = rate(values, &|w| {
+        medfl_shared::prg::add_keystream(&key, 0, w, false);
+        Ok(())
+    })?;
+    Ok(serde_json::json!({
+        "values": values, "sigma": sigma, "medfl_per_second": ours, "opendp_per_second": theirs,
+        "ratio": ours / theirs, "keystream_words_per_second": stream, "cores": medfl_shared::cores(),
+    }))
 }
 
 /// `medfl bench query`: the median latency of `repeats` histogram queries of `bins`

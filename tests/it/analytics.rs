@@ -930,3 +930,18 @@ async fn the_query_commands_create_list_show_and_export_results() {
     assert_eq!(json["total"]["statistics"][1]["kind"], "crosstab");
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[test]
+fn the_noise_benchmark_reports_both_samplers_and_the_keystream() {
+    let out = crate::common::medfl(&["bench", "noise", "--values", "20000", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for key in [
+        "medfl_per_second",
+        "opendp_per_second",
+        "keystream_words_per_second",
+        "ratio",
+    ] {
+        assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {r}");
+    }
+}
