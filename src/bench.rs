@@ -195,6 +195,15 @@ pub async fn run(command: BenchCommand) -> Result<()> {
                     r["tls_reference_gbps"].as_f64().unwrap_or(0.0),
                     100.0 * r["ratio_to_tls"].as_f64().unwrap_or(0.0),
                 );
+                if let Some(peak) = r["coordinator_peak_rss_bytes"].as_u64() {
+                    let model = r["model_bytes"].as_u64().unwrap_or(1);
+                    println!(
+                        "coordinator peak RSS {} MiB = {:.2} × the {} MiB model",
+                        peak >> 20,
+                        peak as f64 / model as f64,
+                        model >> 20
+                    );
+                }
             }
             Ok(())
         }
@@ -576,25 +585,45 @@ pub async fn tls_reference(bytes: usize) -> Result<f64> {
 /// Runs `rounds` rounds over mTLS on loopback (an in-process coordinator, `sites`
 /// simulated sites answering each round with the same update of about `params`
 /// values) and times them.
-pub async fn run_rounds(sites: usize, params: usize, rounds: u32) -> Result<RoundTimes> {
+pub async fn run_rounds(
+    sites: usize,
+    params: usize,
+    rounds: u32,
+    coordinator: Option<&std::path::Path>,
+) -> Result<RoundTimes> {
     use medfl_proto::v1 as pb;
-    // An MLP 30 → h → 1 has 32h + 1 parameters.
+    // An MLP 30 → h → 1 has 32h + 1 parameters, up to the manifest's widest layer;
+    // beyond it the model is one tensor of the sites' own trainers (medfl knows only
+    // its layout), so a round of any size fits the manifest's limits.
     let hidden = (params.saturating_sub(1) / 32).max(1);
-    let actual = 32 * hidden + 1;
+    let mlp = hidden <= 65_536;
+    let actual = if mlp { 32 * hidden + 1 } else { params };
     let dir = tempfile::tempdir().context("temporary directory")?;
-    let mut fed = crate::Federation::builder()
+    let mut builder = crate::Federation::builder()
         .sites(sites)
         .dir(dir.path())
-        .staging_budget_mib(((actual * 4) >> 20) as u64 * 2 + 64)
-        .metrics()
-        .build()
-        .await?;
+        // Two uploads in flight; one for models of 256 MiB and more, whose rounds the
+        // coordinator's memory bound (3 × the model + 64 MiB: the sum, one upload, the
+        // broadcast) is measured on.
+        .staging_budget_mib(((actual * 4) >> 20) as u64 * if actual * 4 >= 256 << 20 { 1 } else { 2 } + 64)
+        .metrics();
+    if let Some(binary) = coordinator {
+        builder = builder.coordinator_process(binary);
+    }
+    let mut fed = builder.build().await?;
     let features: Vec<String> = (0..30).map(|i| format!("f{i}")).collect();
     let names = fed.site_names.clone();
     let connected = crate::load::connect(&fed, &names, "bench", &features).await?;
     let feature_list: Vec<String> = features.iter().map(|f| format!("{f:?}")).collect();
+    let model = if mlp {
+        format!("kind = \"mlp\"\nhidden = [{hidden}]")
+    } else {
+        format!(
+            "kind = \"external\"\n\n[model.external]\ntrainer = \"bench\"\ntensors = [{{ name = \"w\", shape = [{actual}] }}]"
+        )
+    };
     let manifest = format!(
-        "name = \"bench\"\nrounds = {rounds}\n\n[model]\nkind = \"mlp\"\nhidden = [{hidden}]\n\n[data]\ndataset = \"bench\"\nlabel = \"y\"\nfeatures = [{}]\n\n[selection]\nmin_sites = {sites}\nround_deadline_secs = 600\nmax_attempts = 1\n\n[strategy]\nweighting = \"uniform\"\n",
+        "name = \"bench\"\nrounds = {rounds}\n\n[model]\n{model}\n\n[data]\ndataset = \"bench\"\nlabel = \"y\"\nfeatures = [{}]\n\n[selection]\nmin_sites = {sites}\nround_deadline_secs = 600\nmax_attempts = 1\n\n[strategy]\nweighting = \"uniform\"\n",
         feature_list.join(", ")
     );
     let id = fed.create_study(&manifest).await?;
@@ -644,6 +673,11 @@ pub async fn run_rounds(sites: usize, params: usize, rounds: u32) -> Result<Roun
         .filter(|(start, end)| *start != u64::MAX && end > start)
         .map(|(start, end)| (end - start) as f64 / 1000.0)
         .collect();
+    // The coordinator's own peak RSS, when it runs as its own process.
+    let coordinator_peak_rss = fed
+        .coordinator_pid()
+        .and_then(|pid| crate::load::rss_bytes(pid).ok())
+        .map(|(_, peak)| peak);
     let metrics = match fed.metrics_port {
         Some(port) => scrape(port).await?,
         None => String::new(),
@@ -663,6 +697,7 @@ pub async fn run_rounds(sites: usize, params: usize, rounds: u32) -> Result<Roun
         round_seconds,
         ingest_seconds,
         updates_per_fold_pass,
+        coordinator_peak_rss,
     })
 }
 
@@ -676,6 +711,8 @@ pub struct RoundTimes {
     /// The coordinator's mean batch of the group commit: near 1 while updates arrive
     /// one by one, higher when they queue behind a fold.
     pub updates_per_fold_pass: Option<f64>,
+    /// The coordinator process's peak RSS (VmHWM), when it ran as its own process.
+    pub coordinator_peak_rss: Option<u64>,
 }
 
 /// The coordinator's `/metrics` text on `port` (plain HTTP on loopback).
@@ -699,7 +736,9 @@ const REFERENCE_REPEATS: usize = 5;
 /// Whole rounds over mTLS on loopback: an in-process coordinator, `sites` simulated
 /// sites answering each round with the same `params`-value update.
 pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_json::Value> {
-    let times = run_rounds(sites, params, rounds).await?;
+    // The coordinator runs as its own process of this binary, so its memory is its own.
+    let binary = std::env::current_exe().ok();
+    let times = run_rounds(sites, params, rounds, binary.as_deref()).await?;
     let actual = times.params;
     let round_seconds = median(times.round_seconds);
     let ingest_seconds = if times.ingest_seconds.is_empty() {
@@ -729,6 +768,8 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
         "tls_reference_gbps": tls,
         "ratio_to_tls": ingest_gbps / tls,
         "updates_per_fold_pass": times.updates_per_fold_pass,
+        "coordinator_peak_rss_bytes": times.coordinator_peak_rss,
+        "model_bytes": actual * 4,
         "peak_rss_bytes": peak_rss(),
     }))
 }

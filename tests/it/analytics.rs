@@ -945,3 +945,20 @@ fn the_noise_benchmark_reports_both_samplers_and_the_keystream() {
         assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {r}");
     }
 }
+
+/// (Issue 26) `medfl bench round` beyond the MLP's widest layer: 3×10^6 parameters,
+/// which it refused before, as one tensor of the sites' own trainers, with the
+/// coordinator in its own process and its peak RSS reported.
+#[test]
+fn the_round_benchmark_builds_models_beyond_the_mlp_limit() {
+    let out = crate::common::medfl(&[
+        "bench", "round", "--sites", "2", "--params", "3000000", "--rounds", "1", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["params"], 3_000_000);
+    let peak = r["coordinator_peak_rss_bytes"]
+        .as_u64()
+        .expect("the coordinator's peak RSS");
+    assert!(peak > 12_000_000, "at least the model's 12 MB: {peak}");
+}
