@@ -245,8 +245,27 @@ impl GaussianNoise {
         })
     }
 
-    /// Adds the noise to `chunk`, a piece of the vector this mechanism was built for.
+    /// Adds the noise to `chunk`, a piece of the vector this mechanism was built for:
+    /// OpenDP's mechanism drawn by [`sampler::fill_grid`] (the same rounding to the
+    /// grid, the discrete Gaussian in integer arithmetic at a scale at least this one),
+    /// or by OpenDP itself where the integer path does not reach.
     pub fn add_to(&self, chunk: &mut [f32]) -> Result<(), DpError> {
+        if chunk.len() > self.len {
+            return Err(DpError::OpenDp(format!(
+                "a chunk of {} values is longer than the {} values the noise was accounted for",
+                chunk.len(),
+                self.len
+            )));
+        }
+        if sampler::fill_grid(chunk, NOISE_GRID_K, self.noise_std)? {
+            return Ok(());
+        }
+        self.add_to_opendp(chunk)
+    }
+
+    /// [`Self::add_to`] with OpenDP's own sampler: the reference, and the path for
+    /// scales or values beyond the integer sampler's.
+    pub fn add_to_opendp(&self, chunk: &mut [f32]) -> Result<(), DpError> {
         if chunk.len() > self.len {
             return Err(DpError::OpenDp(format!(
                 "a chunk of {} values is longer than the {} values the noise was accounted for",

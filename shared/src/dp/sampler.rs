@@ -330,6 +330,75 @@ pub fn fill(values: &mut [u32], noise: DiscreteGaussian) -> Result<(), super::Dp
     })
 }
 
+/// The largest noise scale in grid units that [`fill_grid`] draws with this sampler:
+/// above it a tail draw's rational would pass u128 often, and OpenDP's sampler is used.
+pub const MAX_GRID_SCALE: f64 = 4_294_967_296.0;
+
+/// The nearest multiple of 2^k to `x` (ties up), in units of 2^k, exactly as OpenDP's
+/// `find_nearest_multiple_of_2k` computes it on the exact rational of `x`: ⌊2x/2^k + 1⌋
+/// / 2, floored. `None` when the result would pass ±2^62.
+pub fn nearest_multiple_of_2k(x: f32, k: i32) -> Option<i64> {
+    // x·2^−k is exact in f64 (x has 24 significant bits; the factor is a power of two).
+    let y = f64::from(x) * (-f64::from(k)).exp2();
+    if !y.is_finite() || y.abs() >= 4_611_686_018_427_387_904.0 {
+        return None;
+    }
+    // Below 2^52, y + ½ is exact (its bits span at most 53 places); from 2^52 on, y is
+    // already an integer.
+    Some(if y.abs() < 4_503_599_627_370_496.0 {
+        (y + 0.5).floor() as i64
+    } else {
+        y as i64
+    })
+}
+
+/// OpenDP's Gaussian mechanism on the grid 2^k (`make_gaussian` with `k`), drawn
+/// with this sampler: each value rounded to the nearest multiple of 2^k (ties up, as
+/// OpenDP rounds), N_Z(0, s²) added in grid units with s = `noise_std`·2^−k (σ²
+/// rounded up, never below), and the result read back as a float. The output is
+/// OpenDP's mechanism at a scale at least its own, so OpenDP's privacy map for
+/// `noise_std` bounds it. Returns false, touching nothing, where a value is too large
+/// for the integer path (then use OpenDP's).
+pub fn fill_grid(values: &mut [f32], k: i32, noise_std: f64) -> Result<bool, super::DpError> {
+    let scale = noise_std * (-f64::from(k)).exp2();
+    if !(scale.is_finite() && scale > 0.0 && scale <= MAX_GRID_SCALE) {
+        return Ok(false);
+    }
+    if values.iter().any(|v| nearest_multiple_of_2k(*v, k).is_none()) {
+        return Ok(false);
+    }
+    let noise = DiscreteGaussian::new(scale)?;
+    let unit = f64::from(k).exp2();
+    let threads = crate::cores().max(1).min(values.len().div_ceil(CHUNK));
+    let mut buckets: Vec<Vec<&mut [f32]>> = (0..threads.max(1)).map(|_| Vec::new()).collect();
+    let n = buckets.len();
+    for (i, chunk) in values.chunks_mut(CHUNK).enumerate() {
+        buckets[i % n].push(chunk);
+    }
+    let draw = |chunks: Vec<&mut [f32]>| -> Result<(), super::DpError> {
+        for chunk in chunks {
+            let mut s = Sampler::from_os()?;
+            for v in chunk.iter_mut() {
+                let grid = nearest_multiple_of_2k(*v, k).unwrap_or(0);
+                *v = ((grid + noise.sample(&mut s)) as f64 * unit) as f32;
+            }
+        }
+        Ok(())
+    };
+    if buckets.len() == 1 {
+        draw(buckets.pop().unwrap_or_default())?;
+        return Ok(true);
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = buckets.into_iter().map(|b| scope.spawn(move || draw(b))).collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(super::DpError::OpenDp("a noise thread panicked".into())))
+        })
+    })?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,5 +575,91 @@ mod tests {
             assert!((fast - want).abs() < 5.0 * se, "fast {fast} vs {want}");
             assert!((big - want).abs() < 5.0 * se, "big {big} vs {want}");
         }
+    }
+
+    #[test]
+    fn grid_rounding_is_opendps_nearest_multiple_ties_up() {
+        use dashu::integer::IBig;
+        use dashu::rational::RBig;
+        let exact = |x: f32, k: i32| -> i64 {
+            // ⌊(2·x/2^k + 1) / 2⌋ on the exact rational of x, as OpenDP computes it.
+            let r =
+                RBig::try_from(x).expect("finite") * RBig::from(IBig::from(2)) * RBig::from(IBig::ONE << (-k) as usize)
+                    + RBig::ONE;
+            let (num, den) = r.into_parts();
+            let q = &num / IBig::from(den.clone());
+            let q = if num.sign() == dashu::base::Sign::Negative && q.clone() * IBig::from(den) != num {
+                q - 1
+            } else {
+                q
+            };
+            let half = q.clone() / IBig::from(2);
+            let half = if q.sign() == dashu::base::Sign::Negative && half.clone() * IBig::from(2) != q {
+                half - 1
+            } else {
+                half
+            };
+            i64::try_from(half).expect("fits")
+        };
+        let mut s = Sampler::from_os().expect("sampler");
+        let ties = [0.5f32, -0.5, 1.5, -1.5, 2.5, -2.5].map(|v| v * (-30f32).exp2());
+        let mut xs: Vec<f32> = ties.to_vec();
+        xs.extend([0.0, 1.0, -1.0, 1e-12, -3.7e-9, 123.456, -0.1, 4.0e6, -8.0e6]);
+        for _ in 0..10_000 {
+            let bits = s.next_u32();
+            let v = f32::from_bits(bits);
+            if v.is_finite() && v.abs() < 1e9 {
+                xs.push(v);
+            }
+        }
+        for x in xs {
+            assert_eq!(nearest_multiple_of_2k(x, -30), Some(exact(x, -30)), "x = {x:e}");
+        }
+        assert_eq!(nearest_multiple_of_2k(f32::MAX, -30), None);
+    }
+
+    #[test]
+    fn the_grid_gaussian_matches_opendps_moments() {
+        let n = 200_000;
+        for std in [0.5, 2.0] {
+            let mut ours = vec![0.25f32; n];
+            assert!(fill_grid(&mut ours, -30, std).expect("noise"));
+            let mut theirs = vec![0.25f32; n / 10];
+            crate::dp::GaussianNoise::new(n / 10, 1.0, std)
+                .expect("mechanism")
+                .add_to_opendp(&mut theirs)
+                .expect("OpenDP");
+            let moments = |v: &[f32]| {
+                let x: Vec<f64> = v.iter().map(|w| *w as f64).collect();
+                let m = x.iter().sum::<f64>() / x.len() as f64;
+                (
+                    m,
+                    (x.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / (x.len() - 1) as f64).sqrt(),
+                )
+            };
+            let ((m1, s1), (m2, s2)) = (moments(&ours), moments(&theirs));
+            assert!((m1 - 0.25).abs() < 5.0 * std / (n as f64).sqrt(), "mean {m1}");
+            assert!(
+                (s1 / std - 1.0).abs() < 5.0 / (2.0 * n as f64).sqrt(),
+                "std {s1} vs {std}"
+            );
+            assert!(
+                (m2 - 0.25).abs() < 5.0 * std / ((n / 10) as f64).sqrt(),
+                "OpenDP mean {m2}"
+            );
+            assert!(
+                (s2 / s1 - 1.0).abs() < 5.0 / (2.0 * (n / 10) as f64).sqrt(),
+                "OpenDP std {s2}, ours {s1}"
+            );
+        }
+        // Out of the integer path's range: nothing touched, OpenDP's path instead.
+        let mut big = vec![f32::MAX, 0.0];
+        assert!(!fill_grid(&mut big, -30, 1.0).expect("checked"));
+        assert_eq!(big, vec![f32::MAX, 0.0]);
+        let mut wide = vec![0.0f32; 4];
+        assert!(
+            !fill_grid(&mut wide, -30, 10.0).expect("checked"),
+            "scale 10·2^30 is past MAX_GRID_SCALE"
+        );
     }
 }
