@@ -140,7 +140,8 @@ pub(crate) async fn answer(
             })?;
     let sites = session.as_ref().map_or(1, SiteSession::roster_len);
     let sigmas = plan.site_sigmas(threshold);
-    check_headroom(&plan, &exact, &sigmas, sites, session.is_none())?;
+    let mut exact = exact;
+    fit_headroom(&plan, &mut exact, &sigmas, sites, session.is_none())?;
     let noisy = noised(&plan, &exact, &sigmas).map_err(|e| anyhow!("noise: {e}"))?;
     info!(query = %work.study_id, path = path.name(), values = noisy.len(), secure = session.is_some(), "query answered");
     let update_id = format!("{site}-{}-{}", work.study_id, unix_ms(SystemTime::now()));
@@ -257,25 +258,40 @@ fn answer_layout(plan: &QueryPlan) -> Vec<TensorSpec> {
     }]
 }
 
-/// Refuses an answer whose sum over `sites` sites (noise within 12 σ) could wrap
-/// 32-bit arithmetic, or that a plain f32 could not carry exactly.
-fn check_headroom(plan: &QueryPlan, exact: &[i64], sigmas: &[f64], sites: usize, plain: bool) -> Result<(), Refusal> {
+/// Keeps a sum over `sites` sites (noise within 12 σ) from wrapping 32-bit arithmetic,
+/// and a plain answer within what f32 carries exactly, without a refusal that depends
+/// on the data (which would itself say something about it): the exact answer is clamped
+/// to a bound computed from public numbers only (the roster's size, σ), a 1-Lipschitz
+/// map that keeps every statistic's sensitivity, so the charge still holds. Only a σ
+/// too large for any answer to fit refuses, and that depends on the query alone.
+fn fit_headroom(plan: &QueryPlan, exact: &mut [i64], sigmas: &[f64], sites: usize, plain: bool) -> Result<(), Refusal> {
     let limit = if plain {
         PLAIN_LIMIT as f64
     } else {
         2f64.powi(31) / sites as f64
     };
     for (p, sigma) in plan.parts.iter().zip(sigmas) {
-        let worst = exact[p.offset..p.offset + p.len()]
-            .iter()
-            .map(|v| v.unsigned_abs() as f64)
-            .fold(0.0, f64::max)
-            + 12.0 * sigma;
-        if worst >= limit {
+        let room = (limit - 12.0 * sigma).floor();
+        if room < 1.0 {
             return Err(Refusal::PrivacySettings(format!(
-                "statistic {} is too large to sum exactly (over {limit:.0} per site): use a coarser quantum or narrower bounds",
+                "statistic {}'s noise is too large to sum exactly over {sites} sites: use a coarser quantum or narrower bounds",
                 p.statistic + 1
             )));
+        }
+        let room = room as i64;
+        let mut clamped = 0usize;
+        for v in &mut exact[p.offset..p.offset + p.len()] {
+            if v.abs() > room {
+                *v = (*v).clamp(-room, room);
+                clamped += 1;
+            }
+        }
+        if clamped > 0 {
+            // The local log only: the coordinator is not told.
+            warn!(
+                statistic = p.statistic + 1,
+                clamped, "values clamped to what a 32-bit sum holds"
+            );
         }
     }
     Ok(())
@@ -329,4 +345,36 @@ fn log_egress(
             "secure_aggregation": masked,
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count_plan() -> QueryPlan {
+        QueryManifest::from_toml("name = \"c\"\ndataset = \"d\"\nepsilon = 1.0\n\n[[statistics]]\nkind = \"count\"\n")
+            .expect("query")
+            .plan()
+            .expect("plan")
+    }
+
+    #[test]
+    fn answers_beyond_the_sum_are_clamped_by_public_numbers_not_refused() {
+        let plan = count_plan();
+        let sigmas = plan.site_sigmas(Some(2));
+        let mut exact = vec![5_000_000_000i64];
+        fit_headroom(&plan, &mut exact, &sigmas, 3, false).expect("clamped, not refused");
+        let room = (2f64.powi(31) / 3.0 - 12.0 * sigmas[0]).floor() as i64;
+        assert_eq!(exact, vec![room]);
+        let mut small = vec![-42i64];
+        fit_headroom(&plan, &mut small, &sigmas, 3, false).expect("fits");
+        assert_eq!(small, vec![-42]);
+        // Plain answers stay within what f32 carries exactly.
+        let mut plain = vec![1i64 << 30];
+        fit_headroom(&plan, &mut plain, &plan.site_sigmas(None), 1, true).expect("clamped");
+        assert!(plain[0] < 1 << 24);
+        // A σ no answer could fit under refuses, whatever the data.
+        let huge = vec![1e12];
+        assert!(fit_headroom(&plan, &mut [0], &huge, 3, false).is_err());
+    }
 }
