@@ -352,6 +352,31 @@ pub fn enforcement(declared_by: Option<&str>) -> String {
     }
 }
 
+/// Puts each charge in `batch` with its `budget.charge` entry (a study's round or a
+/// query, both keyed by their id).
+fn add_charges(
+    batch: &mut sled::Batch,
+    events: &mut Vec<AuditEvent>,
+    charges: &[ChargeRecord],
+) -> Result<(), StoreError> {
+    for c in charges {
+        batch.insert(
+            format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site).as_bytes(),
+            json(c)?,
+        );
+        events.push(AuditEvent::new(
+            COORDINATOR,
+            "budget.charge",
+            &c.study_id,
+            json!({"round": c.round, "site": c.site, "dataset": c.dataset, "sigma": c.mechanism.sigma,
+                   "q": c.mechanism.q, "steps": c.mechanism.steps, "delta": c.delta,
+                   "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after,
+                   "enforcement": enforcement(c.declared_by.as_deref())}),
+        ));
+    }
+    Ok(())
+}
+
 fn study_key(id: &str) -> String {
     format!("study/{id}")
 }
@@ -571,21 +596,7 @@ impl Store {
             json!({"round": round.round, "attempt": round.attempt, "contributors": round.contributors, "num_examples": round.num_examples,
                    "clip_norm": round.clip_norm, "next_clip_norm": round.next_clip_norm, "evaluation": round.eval}),
         )];
-        for c in charges {
-            batch.insert(
-                format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site).as_bytes(),
-                json(c)?,
-            );
-            events.push(AuditEvent::new(
-                COORDINATOR,
-                "budget.charge",
-                &study.id,
-                json!({"round": c.round, "site": c.site, "dataset": c.dataset, "sigma": c.mechanism.sigma,
-                       "q": c.mechanism.q, "steps": c.mechanism.steps, "delta": c.delta,
-                       "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after,
-                       "enforcement": enforcement(c.declared_by.as_deref())}),
-            ));
-        }
+        add_charges(&mut batch, &mut events, charges)?;
         batch.insert(
             format!("round/{}/{:08}/{:04}", study.id, round.round, round.attempt).as_bytes(),
             json(round)?,
@@ -806,21 +817,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.insert(format!("query/{}", query.id).as_bytes(), json(query)?);
         let mut events = Vec::new();
-        for c in charges {
-            batch.insert(
-                format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site).as_bytes(),
-                json(c)?,
-            );
-            events.push(AuditEvent::new(
-                COORDINATOR,
-                "budget.charge",
-                &query.id,
-                json!({"query": query.id, "site": c.site, "dataset": c.dataset, "sigma": c.mechanism.sigma,
-                       "q": c.mechanism.q, "steps": c.mechanism.steps, "delta": c.delta,
-                       "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after,
-                       "enforcement": enforcement(None)}),
-            ));
-        }
+        add_charges(&mut batch, &mut events, charges)?;
         let details = match query.state.as_str() {
             QUERY_RELEASED => json!({"answered": query.answered, "refused": query.refused, "epsilon": query.epsilon,
                                      "result": serde_json::from_str::<serde_json::Value>(&query.result_json).unwrap_or_default()}),

@@ -141,6 +141,18 @@ impl Policy {
         Ok(())
     }
 
+    /// Why the policy admits no work at `now_ms`, if it has expired (or its date is bad).
+    fn expired(&self, now_ms: u64) -> Option<String> {
+        let date = self.expires.as_ref()?;
+        match end_of_day_ms(date) {
+            Ok(end) if now_ms >= end => Some(format!(
+                "this site's policy expired on {date}; hospital IT must review it before new work"
+            )),
+            Ok(_) => None,
+            Err(e) => Some(e),
+        }
+    }
+
     /// Every reason this policy refuses a federated-analytics query, in words; empty:
     /// accepted. `epsilon` is what the query would charge at its δ. Whether the
     /// dataset's cap still holds it is the ledger's to say when the query comes.
@@ -153,15 +165,7 @@ impl Policy {
     ) -> Vec<String> {
         let mut out = Vec::new();
         let hash = query.hash();
-        if let Some(date) = &self.expires {
-            match end_of_day_ms(date) {
-                Ok(end) if now_ms >= end => out.push(format!(
-                    "this site's policy expired on {date}; hospital IT must review it before new work"
-                )),
-                Ok(_) => {}
-                Err(e) => out.push(e),
-            }
-        }
+        out.extend(self.expired(now_ms));
         if !self.approved_queries.is_empty() && !self.approved_queries.iter().any(|h| h.eq_ignore_ascii_case(&hash)) {
             out.push(format!("query {hash} is not among this site's approved queries"));
         }
@@ -238,15 +242,7 @@ impl Policy {
     ) -> Vec<String> {
         let mut out = Vec::new();
         let hash = manifest.hash();
-        if let Some(date) = &self.expires {
-            match end_of_day_ms(date) {
-                Ok(end) if now_ms >= end => out.push(format!(
-                    "this site's policy expired on {date}; hospital IT must review it before new work"
-                )),
-                Ok(_) => {}
-                Err(e) => out.push(e),
-            }
-        }
+        out.extend(self.expired(now_ms));
         if !self.approved_manifests.is_empty() && !self.approved_manifests.iter().any(|h| h.eq_ignore_ascii_case(&hash))
         {
             out.push(format!(

@@ -538,6 +538,12 @@ async fn bad_queries_are_refused_and_nothing_is_released_or_charged() {
         "{}",
         q.reason
     );
+    assert!(
+        q.answered.is_empty(),
+        "no charge is recorded for a site that was not asked: {q:?}"
+    );
+    let audit = crate::common::audit_ledger(&fed, &id);
+    assert!(audit.is_empty(), "{audit:?}");
     fed.stop_agents().await;
     for site in ["hospital-a", "hospital-b", "hospital-c"] {
         assert!(

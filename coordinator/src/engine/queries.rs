@@ -201,7 +201,7 @@ impl Engine {
                 eligible.len(),
                 query.dataset
             );
-            return self.end_query(record, eligible, reason, None, &[]);
+            return self.end_query(record, &query, &plan, vec![], reason, None);
         }
         let n = eligible.len();
         let threshold = query.secure_aggregation.then(|| query.session_threshold(n));
@@ -261,7 +261,7 @@ impl Engine {
                 // Every site that got as far as sending its masked answer charged.
                 let masked = sec.masked_sites();
                 if interrupted {
-                    return self.end_query(record, masked, self.interruption().into(), None, &[]);
+                    return self.end_query(record, &query, &plan, masked, self.interruption().into(), None);
                 }
                 if let Some(reason) = failure {
                     let reason = format!(
@@ -269,7 +269,7 @@ impl Engine {
                         reason.trim_end_matches("; nothing was released")
                     );
                     let reason = format!("{reason}; nothing was released");
-                    return self.end_query(record, masked, reason, None, &[]);
+                    return self.end_query(record, &query, &plan, masked, reason, None);
                 }
                 let for_unmask = sec.clone();
                 let unmasked = tokio::task::spawn_blocking(move || for_unmask.unmask_words())
@@ -282,7 +282,7 @@ impl Engine {
                     }
                     Err(e) => {
                         let reason = format!("secure aggregation: {e}; nothing was released");
-                        return self.end_query(record, masked, reason, None, &[]);
+                        return self.end_query(record, &query, &plan, masked, reason, None);
                     }
                 }
             }
@@ -326,7 +326,7 @@ impl Engine {
                 answered.len(),
                 eligible.len()
             );
-            return self.end_query(record, answered, reason, None, &[]);
+            return self.end_query(record, &query, &plan, answered, reason, None);
         }
         let stds = QueryManifest::total_noise_std(&plan, answered.len(), threshold);
         let mut result = query.release(&plan, &totals, &stds, answered.clone());
@@ -343,13 +343,7 @@ impl Engine {
         }
         result.sites = answered.clone();
         let json = serde_json::json!({"total": result, "per_site": per_site_results}).to_string();
-        self.end_query(
-            record,
-            answered,
-            String::new(),
-            Some(json),
-            &[plan.charged_multiplier(threshold)],
-        )
+        self.end_query(record, &query, &plan, answered, String::new(), Some(json))
     }
 
     /// Ends a query: released with `result`, or failed with `reason`; records the
@@ -357,22 +351,18 @@ impl Engine {
     fn end_query(
         &self,
         mut record: QueryRecord,
+        query: &QueryManifest,
+        plan: &QueryPlan,
         charged: Vec<String>,
         reason: String,
         result: Option<String>,
-        multiplier: &[f64],
     ) -> Result<(), ServiceError> {
-        let query =
-            QueryManifest::from_toml(&record.manifest_toml).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let plan = query.plan().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // What each answering site charged: one step at the multiplier for the
+        // session's threshold over the sites asked (or its own noise, plain).
         let threshold = query
             .secure_aggregation
             .then(|| query.session_threshold(record.selected.len()));
-        let z = multiplier
-            .first()
-            .copied()
-            .unwrap_or_else(|| plan.charged_multiplier(threshold));
-        let step = gaussian_step(z);
+        let step = gaussian_step(plan.charged_multiplier(threshold));
         let epsilon = medfl_shared::accountant::epsilon_rdp(&[step], query.delta)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let at_ms = now_ms();

@@ -13,17 +13,7 @@ impl pb::admin_server::Admin for AdminService {
         let admin = caller(&request)?.to_string();
         let cert = caller_certificate(&request)?.to_vec();
         let req = request.into_inner();
-        if req.signature.len() > 512 {
-            return Err(Status::invalid_argument(
-                "the signature is longer than any P-256 or Ed25519 signature",
-            ));
-        }
-        if req.manifest_toml.len() > MAX_MANIFEST {
-            return Err(Status::invalid_argument(format!(
-                "manifest is {} bytes; the limit is {MAX_MANIFEST}",
-                req.manifest_toml.len()
-            )));
-        }
+        check_signed_create(&req)?;
         // Planning (the accountant) and writing the initial model are blocking work.
         let engine = self.engine.clone();
         let by = admin.clone();
@@ -47,17 +37,7 @@ impl pb::admin_server::Admin for AdminService {
         let admin = caller(&request)?.to_string();
         let cert = caller_certificate(&request)?.to_vec();
         let req = request.into_inner();
-        if req.signature.len() > 512 {
-            return Err(Status::invalid_argument(
-                "the signature is longer than any P-256 or Ed25519 signature",
-            ));
-        }
-        if req.manifest_toml.len() > MAX_MANIFEST {
-            return Err(Status::invalid_argument(format!(
-                "query manifest is {} bytes; the limit is {MAX_MANIFEST}",
-                req.manifest_toml.len()
-            )));
-        }
+        check_signed_create(&req)?;
         // The plan runs the accountant: blocking work.
         let engine = self.engine.clone();
         let by = admin.clone();
@@ -303,4 +283,21 @@ fn query_pb(q: &crate::store::QueryRecord) -> pb::QueryStatus {
         epsilon: q.epsilon,
         manifest_toml: q.manifest_toml.clone(),
     }
+}
+
+/// The bounds of a signed create request (a study's or a query's): a signature no
+/// longer than either algorithm makes, a manifest within `MAX_MANIFEST`.
+fn check_signed_create(req: &pb::CreateStudyRequest) -> Result<(), Status> {
+    if req.signature.len() > 512 {
+        return Err(Status::invalid_argument(
+            "the signature is longer than any P-256 or Ed25519 signature",
+        ));
+    }
+    if req.manifest_toml.len() > MAX_MANIFEST {
+        return Err(Status::invalid_argument(format!(
+            "manifest is {} bytes; the limit is {MAX_MANIFEST}",
+            req.manifest_toml.len()
+        )));
+    }
+    Ok(())
 }

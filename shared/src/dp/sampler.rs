@@ -303,26 +303,29 @@ pub const CHUNK: usize = 1 << 16;
 /// [`CHUNK`] across the machine's cores; every chunk has its own [`Sampler`], keyed
 /// independently from the operating system.
 pub fn fill(values: &mut [u32], noise: DiscreteGaussian) -> Result<(), super::DpError> {
-    let threads = crate::cores().max(1).min(values.len().div_ceil(CHUNK));
-    let mut buckets: Vec<Vec<&mut [u32]>> = (0..threads.max(1)).map(|_| Vec::new()).collect();
-    let n = buckets.len();
+    in_chunks(values, |s, v| *v = v.wrapping_add(noise.sample(s) as u32))
+}
+
+/// Runs `draw` on every value, chunks of [`CHUNK`] spread round-robin over the cores,
+/// each chunk with a [`Sampler`] of its own.
+fn in_chunks<T: Send>(values: &mut [T], draw: impl Fn(&mut Sampler, &mut T) + Sync) -> Result<(), super::DpError> {
+    let threads = crate::cores().max(1).min(values.len().div_ceil(CHUNK)).max(1);
+    let mut buckets: Vec<Vec<&mut [T]>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, chunk) in values.chunks_mut(CHUNK).enumerate() {
-        buckets[i % n].push(chunk);
+        buckets[i % threads].push(chunk);
     }
-    let draw = |chunks: Vec<&mut [u32]>| -> Result<(), super::DpError> {
+    let run = |chunks: Vec<&mut [T]>| -> Result<(), super::DpError> {
         for chunk in chunks {
             let mut s = Sampler::from_os()?;
-            for v in chunk.iter_mut() {
-                *v = v.wrapping_add(noise.sample(&mut s) as u32);
-            }
+            chunk.iter_mut().for_each(|v| draw(&mut s, v));
         }
         Ok(())
     };
-    if buckets.len() == 1 {
-        return draw(buckets.pop().unwrap_or_default());
+    if threads == 1 {
+        return run(buckets.pop().unwrap_or_default());
     }
     std::thread::scope(|scope| {
-        let workers: Vec<_> = buckets.into_iter().map(|b| scope.spawn(move || draw(b))).collect();
+        let workers: Vec<_> = buckets.into_iter().map(|b| scope.spawn(|| run(b))).collect();
         workers.into_iter().try_for_each(|w| {
             w.join()
                 .unwrap_or_else(|_| Err(super::DpError::OpenDp("a noise thread panicked".into())))
@@ -369,32 +372,9 @@ pub fn fill_grid(values: &mut [f32], k: i32, noise_std: f64) -> Result<bool, sup
     }
     let noise = DiscreteGaussian::new(scale)?;
     let unit = f64::from(k).exp2();
-    let threads = crate::cores().max(1).min(values.len().div_ceil(CHUNK));
-    let mut buckets: Vec<Vec<&mut [f32]>> = (0..threads.max(1)).map(|_| Vec::new()).collect();
-    let n = buckets.len();
-    for (i, chunk) in values.chunks_mut(CHUNK).enumerate() {
-        buckets[i % n].push(chunk);
-    }
-    let draw = |chunks: Vec<&mut [f32]>| -> Result<(), super::DpError> {
-        for chunk in chunks {
-            let mut s = Sampler::from_os()?;
-            for v in chunk.iter_mut() {
-                let grid = nearest_multiple_of_2k(*v, k).unwrap_or(0);
-                *v = ((grid + noise.sample(&mut s)) as f64 * unit) as f32;
-            }
-        }
-        Ok(())
-    };
-    if buckets.len() == 1 {
-        draw(buckets.pop().unwrap_or_default())?;
-        return Ok(true);
-    }
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = buckets.into_iter().map(|b| scope.spawn(move || draw(b))).collect();
-        workers.into_iter().try_for_each(|w| {
-            w.join()
-                .unwrap_or_else(|_| Err(super::DpError::OpenDp("a noise thread panicked".into())))
-        })
+    in_chunks(values, |s, v| {
+        let grid = nearest_multiple_of_2k(*v, k).unwrap_or(0);
+        *v = ((grid + noise.sample(s)) as f64 * unit) as f32;
     })?;
     Ok(true)
 }

@@ -125,24 +125,34 @@ pub(crate) async fn answer(
             e => WorkError::Failed(anyhow::Error::from(e).context("read the ledger")),
         });
     }
-    // The exact answer, off the reactor; then the noise.
-    let (reader, for_answer, plan_for_answer) = (dataset.clone(), query.clone(), plan.clone());
-    let (exact, path) =
-        tokio::task::spawn_blocking(move || crate::data::query::exact_answer(&reader, &for_answer, &plan_for_answer))
-            .await
-            .context("query task")?
-            .map_err(|e| {
-                warn!(dataset = %dataset.config.name, error = %e, "the dataset cannot answer the query");
-                Refusal::Data {
-                    dataset: dataset.config.name.clone(),
-                    kind: e.kind(),
-                }
-            })?;
+    // The exact answer, fitted to what the sums hold, and its noise: all off the reactor.
     let sites = session.as_ref().map_or(1, SiteSession::roster_len);
     let sigmas = plan.site_sigmas(threshold);
-    let mut exact = exact;
-    fit_headroom(&plan, &mut exact, &sigmas, sites, session.is_none())?;
-    let noisy = noised(&plan, &exact, &sigmas).map_err(|e| anyhow!("noise: {e}"))?;
+    let plain = session.is_none();
+    let (reader, for_answer, for_noise, noise_sigmas) = (dataset.clone(), query.clone(), plan.clone(), sigmas.clone());
+    let answered = tokio::task::spawn_blocking(move || {
+        let (mut exact, path) =
+            crate::data::query::exact_answer(&reader, &for_answer, &for_noise).map_err(AnswerError::Data)?;
+        fit_headroom(&for_noise, &mut exact, &noise_sigmas, sites, plain).map_err(AnswerError::Refused)?;
+        let noisy =
+            noised(&for_noise, &exact, &noise_sigmas).map_err(|e| AnswerError::Failed(anyhow!("noise: {e}")))?;
+        Ok::<_, AnswerError>((noisy, path))
+    })
+    .await
+    .context("query task")?;
+    let (noisy, path) = match answered {
+        Ok(v) => v,
+        Err(AnswerError::Data(e)) => {
+            warn!(dataset = %dataset.config.name, error = %e, "the dataset cannot answer the query");
+            return Err(Refusal::Data {
+                dataset: dataset.config.name.clone(),
+                kind: e.kind(),
+            }
+            .into());
+        }
+        Err(AnswerError::Refused(r)) => return Err(r.into()),
+        Err(AnswerError::Failed(e)) => return Err(e.into()),
+    };
     info!(query = %work.study_id, path = path.name(), values = noisy.len(), secure = session.is_some(), "query answered");
     let update_id = format!("{site}-{}-{}", work.study_id, unix_ms(SystemTime::now()));
     let request = ChargeRequest {
@@ -190,6 +200,13 @@ pub(crate) async fn answer(
         }
         Err(e) => Err(work_error(e)),
     }
+}
+
+/// How computing the noisy answer can end early.
+enum AnswerError {
+    Data(crate::data::DataError),
+    Refused(Refusal),
+    Failed(anyhow::Error),
 }
 
 /// A refused charge is a refusal; anything else failed here.
