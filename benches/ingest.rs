@@ -31,7 +31,14 @@ fn ingest(c: &mut Criterion) {
         b.iter_custom(|iters| {
             // One federation per sample; only the rounds' ingest windows are timed.
             let times = rt
-                .block_on(medfl::bench::run_rounds(SITES, PARAMS, iters as u32, None))
+                .block_on(medfl::bench::run_rounds(
+                    SITES,
+                    PARAMS,
+                    iters as u32,
+                    None,
+                    medfl::bench::RoundDp::None,
+                    1.0,
+                ))
                 .expect("rounds");
             assert_eq!(times.params, params);
             assert!(!times.ingest_seconds.is_empty(), "no round was timed");

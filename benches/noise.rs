@@ -11,7 +11,7 @@ use opendp::metrics::L2Distance;
 fn noise(c: &mut Criterion) {
     let mut group = c.benchmark_group("gaussian_noise");
     group.sample_size(10);
-    for n in [10_000usize, 100_000] {
+    for n in [10_000usize, 100_000, 1_000_000] {
         let values = vec![0.25f32; n];
         group.throughput(Throughput::Elements(n as u64));
         group.bench_function(format!("medfl_k-30/{n}"), |b| {

@@ -15,6 +15,22 @@ use medfl_shared::chunk::{CHUNK_VALUES, chunks};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// The privacy of `medfl bench round`'s study.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoundDp {
+    None,
+    Site,
+    Distributed,
+}
+
+/// Which sampler this build draws noise with: `dp::sampler`, or OpenDP's everywhere
+/// when built with the `opendp-noise` feature (the "before" of the noise figures).
+pub const NOISE_SAMPLER: &str = if cfg!(feature = "opendp-noise") {
+    "opendp"
+} else {
+    "dp::sampler"
+};
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Aggregation throughput of N updates of D parameters, beside a plain-loop
@@ -58,6 +74,14 @@ pub enum BenchCommand {
         params: usize,
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Differential privacy in the rounds: none, site (the coordinator noises the
+        /// sum of clipped updates) or distributed (site level under secure aggregation:
+        /// each site adds its discrete Gaussian share before masking).
+        #[arg(long, value_enum, default_value_t = RoundDp::None)]
+        dp: RoundDp,
+        /// The noise multiplier σ with --dp site|distributed (clip norm 1).
+        #[arg(long, default_value_t = 1.0)]
+        sigma: f64,
         #[arg(long)]
         json: bool,
     },
@@ -69,6 +93,9 @@ pub enum BenchCommand {
         /// σ of the discrete Gaussian (integer units).
         #[arg(long, default_value_t = 5.0)]
         sigma: f64,
+        /// Noise std σ·C of the Gaussian on the grid 2^−30 (DP-SGD, site-level DP).
+        #[arg(long, default_value_t = 1.1)]
+        grid_std: f64,
         #[arg(long)]
         json: bool,
     },
@@ -136,8 +163,13 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             }
             Ok(())
         }
-        BenchCommand::Noise { values, sigma, json } => {
-            let r = tokio::task::spawn_blocking(move || noise_throughput(values.max(1), sigma)).await??;
+        BenchCommand::Noise {
+            values,
+            sigma,
+            grid_std,
+            json,
+        } => {
+            let r = tokio::task::spawn_blocking(move || noise_throughput(values.max(1), sigma, grid_std)).await??;
             if json {
                 println!("{r}");
             } else {
@@ -147,6 +179,12 @@ pub async fn run(command: BenchCommand) -> Result<()> {
                     r["opendp_per_second"].as_f64().unwrap_or(0.0) / 1e3,
                     r["ratio"].as_f64().unwrap_or(0.0),
                     r["keystream_words_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                );
+                println!(
+                    "Gaussian on the grid 2^-30, σ·C = {grid_std}: medfl {:.3} M values/s, OpenDP {:.1} K values/s ({:.0}×)",
+                    r["grid_medfl_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                    r["grid_opendp_per_second"].as_f64().unwrap_or(0.0) / 1e3,
+                    r["grid_ratio"].as_f64().unwrap_or(0.0),
                 );
             }
             Ok(())
@@ -178,12 +216,17 @@ pub async fn run(command: BenchCommand) -> Result<()> {
             sites,
             params,
             rounds,
+            dp,
+            sigma,
             json,
         } => {
-            let r = round(sites, params, rounds.max(1)).await?;
+            let r = round(sites, params, rounds.max(1), dp, sigma).await?;
             if json {
                 println!("{r}");
             } else {
+                if dp != RoundDp::None {
+                    println!("{dp:?} DP at σ = {sigma}, noise drawn by {NOISE_SAMPLER}");
+                }
                 println!(
                     "{sites} sites x {params} params over mTLS: round {:.2} s (median of {rounds}), ingest {:.2} GB/s; \
                      raw loopback TCP {:.2} GB/s (ingest = {:.0} % of it), raw mTLS without gRPC {:.2} GB/s \
@@ -211,8 +254,23 @@ pub async fn run(command: BenchCommand) -> Result<()> {
 }
 
 /// `medfl bench noise`: values per second of each sampler on `values` values (OpenDP
-/// on a hundredth of them, at least 1000: it is that much slower), same run.
-pub fn noise_throughput(values: usize, sigma: f64) -> Result<serde_json::Value> {
+/// on a hundredth of them, at least 1000: it is that much slower), same run: the
+/// discrete Gaussian at `sigma`, and the Gaussian mechanism on the grid 2^−30 at noise
+/// std `grid_std` (sensitivity 1) as DP-SGD and site-level DP draw it.
+pub fn noise_throughput(values: usize, sigma: f64, grid_std: f64) -> Result<serde_json::Value> {
+    let grid_rate = |n: usize, opendp: bool| -> Result<f64> {
+        let noise = medfl_shared::dp::GaussianNoise::new(n, 1.0, grid_std)?;
+        let mut v = vec![0.25f32; n];
+        let start = std::time::Instant::now();
+        if opendp {
+            noise.add_to_opendp(&mut v)?;
+        } else {
+            noise.add_to(&mut v)?;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    let grid_ours = grid_rate(values, false)?;
+    let grid_theirs = grid_rate((values / 100).max(1000), true)?;
     let rate = |n: usize, f: &dyn Fn(&mut [u32]) -> Result<()>| -> Result<f64> {
         let mut words = vec![0u32; n];
         let start = std::time::Instant::now();
@@ -231,6 +289,8 @@ pub fn noise_throughput(values: usize, sigma: f64) -> Result<serde_json::Value> 
     Ok(serde_json::json!({
         "values": values, "sigma": sigma, "medfl_per_second": ours, "opendp_per_second": theirs,
         "ratio": ours / theirs, "keystream_words_per_second": stream, "cores": medfl_shared::cores(),
+        "grid_std": grid_std, "grid_medfl_per_second": grid_ours, "grid_opendp_per_second": grid_theirs,
+        "grid_ratio": grid_ours / grid_theirs,
     }))
 }
 
@@ -590,6 +650,8 @@ pub async fn run_rounds(
     params: usize,
     rounds: u32,
     coordinator: Option<&std::path::Path>,
+    dp: RoundDp,
+    sigma: f64,
 ) -> Result<RoundTimes> {
     use medfl_proto::v1 as pb;
     // An MLP 30 → h → 1 has 32h + 1 parameters, up to the manifest's widest layer;
@@ -622,28 +684,58 @@ pub async fn run_rounds(
             "kind = \"external\"\n\n[model.external]\ntrainer = \"bench\"\ntensors = [{{ name = \"w\", shape = [{actual}] }}]"
         )
     };
+    // Site-level DP at clip norm 1 (the sites' updates are within it), with a budget
+    // no round count reaches: the noise is what is measured.
+    let privacy = match dp {
+        RoundDp::None => String::new(),
+        RoundDp::Site | RoundDp::Distributed => format!(
+            "\n[privacy]\nunit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nnoise_multiplier = {sigma}\nbudget_epsilon = 1000000.0\n"
+        ),
+    };
+    let secure = if dp == RoundDp::Distributed {
+        // Stages wait long enough for OpenDP's sampler (the `opendp-noise` build).
+        format!(
+            "\n[secure_aggregation]\nthreshold = {}\nclip_norm = 1.0\nstage_timeout_secs = 3600\n",
+            sites / 2 + 1
+        )
+    } else {
+        String::new()
+    };
     let manifest = format!(
-        "name = \"bench\"\nrounds = {rounds}\n\n[model]\n{model}\n\n[data]\ndataset = \"bench\"\nlabel = \"y\"\nfeatures = [{}]\n\n[selection]\nmin_sites = {sites}\nround_deadline_secs = 600\nmax_attempts = 1\n\n[strategy]\nweighting = \"uniform\"\n",
+        "name = \"bench\"\nrounds = {rounds}\n\n[model]\n{model}\n\n[data]\ndataset = \"bench\"\nlabel = \"y\"\nfeatures = [{}]\n\n[selection]\nmin_sites = {sites}\nround_deadline_secs = 3600\nmax_attempts = 1\n\n[strategy]\nweighting = \"uniform\"\n{privacy}{secure}",
         feature_list.join(", ")
     );
     let id = fed.create_study(&manifest).await?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let tasks = crate::load::answer_rounds(connected, Arc::new(synthetic_update(actual, 3)), stop.clone());
+    let mut update = synthetic_update(actual, 3);
+    if dp != RoundDp::None {
+        let norm = medfl_shared::dp::l2_norm(&update);
+        medfl_shared::dp::scale_to_norm(&mut update, norm, 0.5);
+    }
+    let update = Arc::new(update);
+    let tasks = if dp == RoundDp::Distributed {
+        crate::load::answer_secure_rounds(&fed, connected, update, stop.clone())?
+    } else {
+        crate::load::answer_rounds(connected, update, stop.clone())
+    };
     // The study's event feed times each round's ingest: from its start to its last update.
     let mut events = fed
         .admin
         .watch_study(pb::StudyRef { study_id: id.clone() })
         .await?
         .into_inner();
-    let windows: Arc<std::sync::Mutex<std::collections::BTreeMap<u32, (u64, u64)>>> = Default::default();
+    // Per round: (started, last update received, committed), in Unix ms.
+    type Windows = std::collections::BTreeMap<u32, (u64, u64, u64)>;
+    let windows: Arc<std::sync::Mutex<Windows>> = Default::default();
     let seen = windows.clone();
     let watcher = tokio::spawn(async move {
         while let Ok(Some(e)) = events.message().await {
             let mut windows = seen.lock().unwrap_or_else(|p| p.into_inner());
-            let w = windows.entry(e.round).or_insert((u64::MAX, 0));
+            let w = windows.entry(e.round).or_insert((u64::MAX, 0, 0));
             match pb::EventKind::try_from(e.kind) {
                 Ok(pb::EventKind::RoundStarted) => w.0 = e.at_unix_ms,
                 Ok(pb::EventKind::UpdateReceived) => w.1 = w.1.max(e.at_unix_ms),
+                Ok(pb::EventKind::RoundCommitted) => w.2 = e.at_unix_ms,
                 _ => {}
             }
         }
@@ -656,22 +748,36 @@ pub async fn run_rounds(
         .await?;
     stop.cancel();
     drop(tasks);
+    // The last RoundCommitted event is sent before the study completes; let it land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     watcher.abort();
     let windows = windows.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let info = status.info.clone().context("no study info")?;
     if info.state != pb::StudyState::Completed as i32 {
         bail!("the benchmark study ended as {}: {}", info.state, info.reason);
     }
+    // A round runs from its start to its commit (the noise, the model written and
+    // charged), as its RoundCommitted event says; the record's own end is its close.
+    let committed: std::collections::BTreeMap<u32, f64> = windows
+        .iter()
+        .filter(|(_, (start, _, done))| *start != u64::MAX && done > start)
+        .map(|(round, (start, _, done))| (*round, (done - start) as f64 / 1000.0))
+        .collect();
     let round_seconds: Vec<f64> = status
         .rounds
         .iter()
         .filter(|r| r.committed)
-        .map(|r| (r.finished_unix_ms - r.started_unix_ms) as f64 / 1000.0)
+        .map(|r| {
+            committed
+                .get(&r.round)
+                .copied()
+                .unwrap_or((r.finished_unix_ms - r.started_unix_ms) as f64 / 1000.0)
+        })
         .collect();
     let ingest_seconds: Vec<f64> = windows
         .values()
-        .filter(|(start, end)| *start != u64::MAX && end > start)
-        .map(|(start, end)| (end - start) as f64 / 1000.0)
+        .filter(|(start, end, _)| *start != u64::MAX && end > start)
+        .map(|(start, end, _)| (end - start) as f64 / 1000.0)
         .collect();
     // The coordinator's own peak RSS, when it runs as its own process.
     let coordinator_peak_rss = fed
@@ -735,10 +841,10 @@ const REFERENCE_REPEATS: usize = 5;
 
 /// Whole rounds over mTLS on loopback: an in-process coordinator, `sites` simulated
 /// sites answering each round with the same `params`-value update.
-pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_json::Value> {
+pub async fn round(sites: usize, params: usize, rounds: u32, dp: RoundDp, sigma: f64) -> Result<serde_json::Value> {
     // The coordinator runs as its own process of this binary, so its memory is its own.
     let binary = std::env::current_exe().ok();
-    let times = run_rounds(sites, params, rounds, binary.as_deref()).await?;
+    let times = run_rounds(sites, params, rounds, binary.as_deref(), dp, sigma).await?;
     let actual = times.params;
     let round_seconds = median(times.round_seconds);
     let ingest_seconds = if times.ingest_seconds.is_empty() {
@@ -760,6 +866,9 @@ pub async fn round(sites: usize, params: usize, rounds: u32) -> Result<serde_jso
         "sites": sites,
         "params": actual,
         "rounds": rounds,
+        "dp": format!("{dp:?}").to_lowercase(),
+        "sigma": (dp != RoundDp::None).then_some(sigma),
+        "noise_sampler": NOISE_SAMPLER,
         "round_seconds": round_seconds,
         "ingest_seconds": ingest_seconds,
         "ingest_gbps": ingest_gbps,

@@ -94,18 +94,7 @@ pub fn answer_rounds(
         tasks.spawn(async move {
             let mut delivered = 0;
             let mut layouts: Option<(String, Vec<medfl_shared::model::TensorSpec>)> = None;
-            loop {
-                let polled = tokio::select! {
-                    r = site.client.poll_work(pb::PollWorkRequest { wait_ms: 2000 }) => r,
-                    _ = stop.cancelled() => return Ok(delivered),
-                };
-                let Some(work) = polled
-                    .with_context(|| format!("{} polls", site.name))?
-                    .into_inner()
-                    .work
-                else {
-                    continue;
-                };
+            while let Some(work) = next_work(&mut site, &stop).await? {
                 if layouts.as_ref().is_none_or(|(h, _)| *h != work.manifest_hash) {
                     let manifest = StudyManifest::from_toml(&work.manifest_toml)?;
                     layouts = Some((work.manifest_hash.clone(), manifest.layout()));
@@ -122,9 +111,64 @@ pub fn answer_rounds(
                     .with_context(|| format!("{} uploads round {}", site.name, work.round))?;
                 delivered += 1;
             }
+            Ok(delivered)
         });
     }
     tasks
+}
+
+/// Every site answers every round of a secure-aggregation study with `update` until
+/// `stop`, as an agent does: it checks the session against the manifest, advertises
+/// its keys, shares them, quantizes and masks the update (adding its discrete
+/// Gaussian noise share under site-level DP, at the σ of the study's privacy plan)
+/// and answers the unmask request. Each task returns the rounds its site delivered.
+pub fn answer_secure_rounds(
+    fed: &Federation,
+    sites: Vec<SimulatedSite>,
+    update: Arc<Vec<f32>>,
+    stop: CancellationToken,
+) -> Result<JoinSet<Result<u32>>> {
+    let mut tasks = JoinSet::new();
+    for mut site in sites {
+        let creds = medfl_site_agent::secagg::Credentials::from_profile(&fed.profile(&site.name)?)?;
+        let update = update.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut delivered = 0;
+            while let Some(work) = next_work(&mut site, &stop).await? {
+                let manifest = StudyManifest::from_toml(&work.manifest_toml)?;
+                let sigma = manifest.privacy_plan()?.map(|p| p.sigma);
+                let mut session = medfl_site_agent::secagg::SiteSession::new(&work, &manifest, &site.name, sigma)?;
+                session.advertise(&mut site.client, &creds).await?;
+                session.share_keys(&mut site.client, &creds).await?;
+                let id = format!("{}-{}-{}", site.name, work.study_id, work.round);
+                session
+                    .send_masked(&mut site.client, &work, &manifest, &id, &update)
+                    .await?;
+                session.reveal(&mut site.client).await?;
+                delivered += 1;
+            }
+            Ok(delivered)
+        });
+    }
+    Ok(tasks)
+}
+
+/// The site's next work item, long-polling; `None` once `stop` is cancelled.
+async fn next_work(site: &mut SimulatedSite, stop: &CancellationToken) -> Result<Option<pb::WorkItem>> {
+    loop {
+        let polled = tokio::select! {
+            r = site.client.poll_work(pb::PollWorkRequest { wait_ms: 2000 }) => r,
+            _ = stop.cancelled() => return Ok(None),
+        };
+        if let Some(work) = polled
+            .with_context(|| format!("{} polls", site.name))?
+            .into_inner()
+            .work
+        {
+            return Ok(Some(work));
+        }
+    }
 }
 
 /// Reads a process's memory from procfs: (current RSS, peak RSS) in bytes.
@@ -162,18 +206,7 @@ pub fn answer_queries(
         let stop = stop.clone();
         tasks.spawn(async move {
             let mut answered = 0;
-            loop {
-                let polled = tokio::select! {
-                    r = site.client.poll_work(pb::PollWorkRequest { wait_ms: 2000 }) => r,
-                    _ = stop.cancelled() => return Ok(answered),
-                };
-                let Some(work) = polled
-                    .with_context(|| format!("{} polls", site.name))?
-                    .into_inner()
-                    .work
-                else {
-                    continue;
-                };
+            while let Some(work) = next_work(&mut site, &stop).await? {
                 let query = medfl_shared::query::QueryManifest::from_toml(&work.manifest_toml)?;
                 let plan = query.plan()?;
                 let mut session =
@@ -196,6 +229,7 @@ pub fn answer_queries(
                 session.reveal(&mut site.client).await?;
                 answered += 1;
             }
+            Ok(answered)
         });
     }
     Ok(tasks)

@@ -402,15 +402,21 @@ impl SiteSession {
         update_id: &str,
         delta: &[f32],
     ) -> Result<Vec<u32>> {
-        let mut masked = Vec::new();
-        self.quantizer
-            .quantize(delta, &mut masked)
-            .map_err(|e| anyhow!("{e}"))?;
-        if let Some(noise) = &self.noise {
-            // Noise before masking: no one ever sees this site's input without it.
-            medfl_shared::dp::add_discrete_gaussian(&mut masked, noise.site_std(&self.quantizer))
-                .map_err(|e| anyhow!("{e}"))?;
-        }
+        let quantizer = self.quantizer;
+        let noise_std = self.noise.as_ref().map(|n| n.site_std(&quantizer));
+        let delta = delta.to_vec();
+        // Quantizing and drawing the noise take a while at 10^7 values: off the reactor.
+        let masked = tokio::task::spawn_blocking(move || -> Result<Vec<u32>> {
+            let mut masked = Vec::new();
+            quantizer.quantize(&delta, &mut masked).map_err(|e| anyhow!("{e}"))?;
+            if let Some(std) = noise_std {
+                // Noise before masking: no one ever sees this site's input without it.
+                medfl_shared::dp::add_discrete_gaussian(&mut masked, std).map_err(|e| anyhow!("{e}"))?;
+            }
+            Ok(masked)
+        })
+        .await
+        .context("the quantize and noise task")??;
         self.send_words(client, work, &manifest.layout(), update_id, masked)
             .await
     }

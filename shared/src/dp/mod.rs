@@ -3,8 +3,11 @@
 //! Poisson sampling, L2 clipping, Gaussian noise and discrete Gaussian noise. No other
 //! module draws privacy noise.
 //!
-//! Randomness comes only from OpenDP's samplers (`use-openssl`: OpenSSL's CSPRNG;
-//! exact discrete sampling), never from a floating-point `rand` Gaussian.
+//! Noise comes only from [`sampler`]'s exact integer sampler (coins from an AES-CTR
+//! keystream keyed by the OS) or, where it does not reach, OpenDP's samplers
+//! (`use-openssl`: OpenSSL's CSPRNG); never from a floating-point `rand` Gaussian.
+//! The `opendp-noise` feature routes every draw to OpenDP's samplers (benchmarks'
+//! "before" only).
 //!
 //! Noise: OpenDP's Gaussian mechanism on a vector of known length n, on the grid
 //! 2^k with k = [`NOISE_GRID_K`]. Rounding inputs to that grid can move them by up
@@ -53,7 +56,7 @@ impl From<opendp::error::Error> for DpError {
 /// across the cores, at a scale rounded up to at least `std`; beyond
 /// [`sampler::MAX_SIGMA`], OpenDP's sampler.
 pub fn add_discrete_gaussian(values: &mut [u32], std: f64) -> Result<(), DpError> {
-    if std > sampler::MAX_SIGMA {
+    if std > sampler::MAX_SIGMA || cfg!(feature = "opendp-noise") {
         return add_discrete_gaussian_opendp(values, std);
     }
     sampler::fill(values, sampler::DiscreteGaussian::new(std)?)
@@ -257,7 +260,7 @@ impl GaussianNoise {
                 self.len
             )));
         }
-        if sampler::fill_grid(chunk, NOISE_GRID_K, self.noise_std)? {
+        if !cfg!(feature = "opendp-noise") && sampler::fill_grid(chunk, NOISE_GRID_K, self.noise_std)? {
             return Ok(());
         }
         self.add_to_opendp(chunk)
