@@ -66,6 +66,8 @@ pub enum AccountantError {
     BadDelta(f64),
     #[error("target ε = {0} must be positive and finite")]
     BadEpsilon(f64),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("no σ up to {max_sigma} reaches ε = {target} (q = {q}, {steps} steps, δ = {delta})")]
     Unreachable {
         target: f64,

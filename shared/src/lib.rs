@@ -18,6 +18,7 @@ pub mod identity;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod pld;
 pub mod prg;
 pub mod query;
 pub mod secagg;

@@ -106,6 +106,10 @@ async fn dp_bench_rounds_commit() {
             .await
             .unwrap_or_else(|e| panic!("{dp:?} rounds: {e:#}"));
         assert_eq!(times.round_seconds.len(), 2, "{dp:?}: both rounds committed");
-        assert!(times.round_seconds.iter().all(|s| *s > 0.0), "{dp:?}: {:?}", times.round_seconds);
+        assert!(
+            times.round_seconds.iter().all(|s| *s > 0.0),
+            "{dp:?}: {:?}",
+            times.round_seconds
+        );
     }
 }

@@ -54,6 +54,8 @@ fn planning_tool_matches_the_reference_cases() {
                         s("delta"),
                         "--sampling".into(),
                         sampling.into(),
+                        "--method".into(),
+                        "rdp".into(),
                         "--json".into(),
                     ])
                     .collect();
@@ -83,6 +85,8 @@ fn planning_tool_matches_the_reference_cases() {
                     (num(&case, "T") as u64).to_string(),
                     "--delta".into(),
                     s("delta"),
+                    "--method".into(),
+                    "rdp".into(),
                     "--json".into(),
                 ])
                 .collect();
@@ -99,14 +103,67 @@ fn planning_tool_matches_the_reference_cases() {
     assert!(checked >= 150, "only {checked} cases checked");
 }
 
+/// `--method pld|tighter` and `privacy compare` through the binary, on reference cases
+/// (the whole reference set is checked in `shared/tests/pld_reference.rs`).
 #[test]
-fn pld_is_refused_with_a_reason_not_faked() {
+fn pld_through_the_cli() {
+    let args = |extra: &[&str]| -> Vec<String> {
+        [
+            "privacy", "epsilon", "--sigma", "1", "--q", "0.01", "--steps", "1000", "--delta", "1e-6", "--json",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect()
+    };
+    // dp-accounting 0.6.0: eps_pld = 2.1245225256749363, eps_rdp ≈ 2.36.
+    let pld = medfl_json(&args(&["--method", "pld"]));
+    let eps = pld["epsilon"].as_f64().expect("epsilon");
+    assert!(
+        (eps / 2.1245225256749363 - 1.0).abs() < 0.01 && eps >= 2.1245225256749363 * 0.995,
+        "{pld}"
+    );
+    assert_eq!(pld["method"], "pld");
+    let tighter = medfl_json(&args(&[]));
+    assert_eq!(tighter["method"], "pld", "{tighter}");
+    assert!(tighter["epsilon_rdp"].as_f64().expect("rdp") > eps);
+    let compare: Vec<String> = [
+        "privacy", "compare", "--sigma", "1", "--q", "0.01", "--steps", "1000", "--delta", "1e-6", "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let c = medfl_json(&compare);
+    assert!(c["ratio"].as_f64().expect("ratio") > 1.0, "{c}");
+    // Fixed-size sampling has no PLD: refused with why under pld, RDP under tighter.
     let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
-        .args([
-            "privacy", "epsilon", "--sigma", "1", "--q", "0.01", "--steps", "100", "--delta", "1e-5", "--method", "pld",
-        ])
+        .args(args(&["--method", "pld", "--sampling", "fixed"]))
         .output()
         .expect("run medfl");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("PLD accountant is not available"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replace-one"));
+    assert_eq!(medfl_json(&args(&["--sampling", "fixed"]))["method"], "rdp");
+    // Calibration by PLD: dp-accounting's σ_pld = 0.9592029325871476 for ε = 2, q = 0.01,
+    // T = 1000, δ = 1e-5; RDP needs more.
+    let cal: Vec<String> = [
+        "privacy",
+        "calibrate",
+        "--epsilon",
+        "2",
+        "--q",
+        "0.01",
+        "--steps",
+        "1000",
+        "--delta",
+        "1e-5",
+        "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let c = medfl_json(&cal);
+    let sigma = c["sigma"].as_f64().expect("sigma");
+    assert!((sigma / 0.9592029325871476 - 1.0).abs() < 0.01, "{c}");
+    assert!(c["sigma_rdp"].as_f64().expect("σ rdp") > sigma);
+    assert!(c["epsilon"].as_f64().expect("ε") <= 2.0);
 }
