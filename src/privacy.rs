@@ -6,21 +6,28 @@ use clap::Subcommand;
 use medfl_shared::accountant::{GaussianSteps, Sampling, calibrate_sigma, epsilon};
 use serde_json::json;
 
+/// A Gaussian mechanism composed T times: σ, q, T and the target δ.
+#[derive(Debug, clap::Args)]
+pub struct Mechanism {
+    /// Noise multiplier: noise std / L2 sensitivity (clip norm).
+    #[arg(long)]
+    sigma: f64,
+    /// Sampling probability per step (1 = the plain Gaussian, no subsampling).
+    #[arg(long)]
+    q: f64,
+    /// Number of steps (compositions).
+    #[arg(long)]
+    steps: u64,
+    #[arg(long)]
+    delta: f64,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PrivacyCommand {
     /// Prints the ε that a subsampled Gaussian mechanism composed T times spends.
     Epsilon {
-        /// Noise multiplier: noise std / L2 sensitivity (clip norm).
-        #[arg(long)]
-        sigma: f64,
-        /// Sampling probability per step (1 = the plain Gaussian, no subsampling).
-        #[arg(long)]
-        q: f64,
-        /// Number of steps (compositions).
-        #[arg(long)]
-        steps: u64,
-        #[arg(long)]
-        delta: f64,
+        #[command(flatten)]
+        m: Mechanism,
         /// poisson (add/remove one) or fixed (batches without replacement, replace one).
         #[arg(long, default_value = "poisson")]
         sampling: Sampling,
@@ -34,14 +41,8 @@ pub enum PrivacyCommand {
     },
     /// Prints RDP's and PLD's ε side by side for the same mechanism (for auditors).
     Compare {
-        #[arg(long)]
-        sigma: f64,
-        #[arg(long)]
-        q: f64,
-        #[arg(long)]
-        steps: u64,
-        #[arg(long)]
-        delta: f64,
+        #[command(flatten)]
+        m: Mechanism,
         #[arg(long)]
         json: bool,
     },
@@ -96,10 +97,7 @@ fn both(m: &GaussianSteps, delta: f64, want_rdp: bool, want_pld: bool) -> Result
 pub fn run(command: PrivacyCommand) -> Result<()> {
     match command {
         PrivacyCommand::Epsilon {
-            sigma,
-            q,
-            steps,
-            delta,
+            m: Mechanism { sigma, q, steps, delta },
             sampling,
             method,
             json,
@@ -134,10 +132,7 @@ pub fn run(command: PrivacyCommand) -> Result<()> {
             }
         }
         PrivacyCommand::Compare {
-            sigma,
-            q,
-            steps,
-            delta,
+            m: Mechanism { sigma, q, steps, delta },
             json,
         } => {
             let m = GaussianSteps {
