@@ -43,6 +43,13 @@ pub enum PrivacyCommand {
     Compare {
         #[command(flatten)]
         m: Mechanism,
+        /// The discrete Gaussian N_Z(0, σ²) on an integer statistic (a count, a
+        /// histogram bin; --q 1): zCDP ([CKS20] Thm 4) beside its own PLD.
+        #[arg(long)]
+        discrete: bool,
+        /// With --discrete: how far one person moves the statistic.
+        #[arg(long, default_value_t = 1)]
+        sensitivity: u64,
         #[arg(long)]
         json: bool,
     },
@@ -133,10 +140,17 @@ pub fn run(command: PrivacyCommand) -> Result<()> {
         }
         PrivacyCommand::Compare {
             m: Mechanism { sigma, q, steps, delta },
+            discrete,
+            sensitivity,
             json,
         } => {
+            if discrete && (q < 1.0 || sensitivity == 0) {
+                bail!("--discrete takes --q 1 (no subsampling) and a sensitivity of at least 1");
+            }
+            // The discrete Gaussian of sensitivity k is (k²/2σ²)-zCDP ([CKS20] Thm 4),
+            // as the continuous one at multiplier σ/k.
             let m = GaussianSteps {
-                sigma,
+                sigma: if discrete { sigma / sensitivity as f64 } else { sigma },
                 q,
                 steps,
                 sampling: Sampling::Poisson,
@@ -145,18 +159,33 @@ pub fn run(command: PrivacyCommand) -> Result<()> {
             let rdp = epsilon(&m, delta)?;
             let rdp_s = start.elapsed().as_secs_f64();
             let start = std::time::Instant::now();
-            let pld = medfl_shared::pld::epsilon(&[m], delta)?;
+            let pld = if discrete {
+                let d = medfl_shared::pld::DiscreteGaussianSteps {
+                    sigma,
+                    sensitivity,
+                    count: steps,
+                };
+                medfl_shared::pld::epsilon_with_discrete(&[], &[d], delta, medfl_shared::pld::DEFAULT_INTERVAL)?
+            } else {
+                medfl_shared::pld::epsilon(&[m], delta)?
+            };
             let pld_s = start.elapsed().as_secs_f64();
             let method = if q >= 1.0 { "zcdp" } else { "rdp" };
             if json {
                 println!(
                     "{}",
-                    json!({"sigma": sigma, "q": q, "steps": steps, "delta": delta, "epsilon_rdp": rdp, "rdp_method": method,
+                    json!({"sigma": sigma, "q": q, "steps": steps, "delta": delta, "discrete": discrete, "epsilon_rdp": rdp, "rdp_method": method,
                            "epsilon_pld": pld.epsilon, "pld_interval": pld.interval, "pld_slack": pld.slack,
                            "ratio": rdp / pld.epsilon, "rdp_seconds": rdp_s, "pld_seconds": pld_s})
                 );
             } else {
-                println!("σ = {sigma}, q = {q}, {steps} steps, δ = {delta:e} (Poisson sampling, add/remove one):");
+                if discrete {
+                    println!(
+                        "discrete Gaussian σ = {sigma}, sensitivity {sensitivity}, {steps} releases, δ = {delta:e}:"
+                    );
+                } else {
+                    println!("σ = {sigma}, q = {q}, {steps} steps, δ = {delta:e} (Poisson sampling, add/remove one):");
+                }
                 println!("  {method:<4} ε = {rdp:.6}   ({rdp_s:.2} s)");
                 println!(
                     "  pld  ε = {:.6}   ({pld_s:.2} s; grid {}, FFT round-off bound {:.1e} added to δ)",

@@ -135,6 +135,30 @@ fn pld_through_the_cli() {
     .collect();
     let c = medfl_json(&compare);
     assert!(c["ratio"].as_f64().expect("ratio") > 1.0, "{c}");
+    // The discrete Gaussian's own PLD: wide enough, it is the continuous one's ε.
+    let discrete: Vec<String> = [
+        "privacy",
+        "compare",
+        "--sigma",
+        "20",
+        "--q",
+        "1",
+        "--steps",
+        "100",
+        "--delta",
+        "1e-5",
+        "--discrete",
+        "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let d = medfl_json(&discrete);
+    let (zcdp, pld) = (
+        d["epsilon_rdp"].as_f64().expect("zcdp"),
+        d["epsilon_pld"].as_f64().expect("pld"),
+    );
+    assert!(pld < zcdp && pld > 0.9 * zcdp, "{d}");
     // Fixed-size sampling has no PLD: refused with why under pld, RDP under tighter.
     let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
         .args(args(&["--method", "pld", "--sampling", "fixed"]))
