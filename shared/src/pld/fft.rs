@@ -267,17 +267,3 @@ mod tests {
         assert!(err < 1e-12, "{err}");
     }
 }
-#[cfg(test)]
-mod speed {
-    #[test]
-    #[ignore]
-    fn fft_speed() {
-        for bits in [18, 20, 22] {
-            let n = 1usize << (bits - 1);
-            let a: Vec<f64> = (0..n).map(|i| (i % 7) as f64 / n as f64).collect();
-            let t = std::time::Instant::now();
-            let (_c, b) = super::convolve(&a, &a);
-            eprintln!("2^{bits}: {:.3} s (bound {b:e})", t.elapsed().as_secs_f64());
-        }
-    }
-}

@@ -530,11 +530,15 @@ pub fn calibrate_sigma(target: f64, q: f64, steps: u64, delta: f64) -> Result<f6
         )
         .map(|e| e.epsilon)
     };
-    let mut hi = crate::accountant::calibrate_sigma(target, q, steps, delta, Sampling::Poisson)?;
-    if at(hi)? > target {
-        // Not expected (PLD is the tighter); grow until it holds.
-        while at(hi)? > target {
-            hi *= 1.05;
+    let rdp = crate::accountant::calibrate_sigma(target, q, steps, delta, Sampling::Poisson)?;
+    let mut hi = rdp;
+    // Not expected (PLD is the tighter): grow until it holds, within reason.
+    while at(hi)? > target {
+        hi *= 1.05;
+        if hi > 4.0 * rdp {
+            return Err(AccountantError::Unsupported(format!(
+                "the PLD accountant does not reach ε = {target} below σ = {hi:.4}, four times the RDP calibration {rdp:.4}; use --method rdp"
+            )));
         }
     }
     let mut lo = hi / 2.0;
