@@ -135,15 +135,21 @@ pub fn answer_secure_rounds(
         let stop = stop.clone();
         tasks.spawn(async move {
             let mut delivered = 0;
+            // The manifest and its σ, parsed and calibrated once per study.
+            let mut study: Option<(String, StudyManifest, Option<f64>)> = None;
             while let Some(work) = next_work(&mut site, &stop).await? {
-                let manifest = StudyManifest::from_toml(&work.manifest_toml)?;
-                let sigma = manifest.privacy_plan()?.map(|p| p.sigma);
-                let mut session = medfl_site_agent::secagg::SiteSession::new(&work, &manifest, &site.name, sigma)?;
+                if study.as_ref().is_none_or(|(h, ..)| *h != work.manifest_hash) {
+                    let manifest = StudyManifest::from_toml(&work.manifest_toml)?;
+                    let sigma = manifest.privacy_plan()?.map(|p| p.sigma);
+                    study = Some((work.manifest_hash.clone(), manifest, sigma));
+                }
+                let (_, manifest, sigma) = study.as_ref().expect("set above");
+                let mut session = medfl_site_agent::secagg::SiteSession::new(&work, manifest, &site.name, *sigma)?;
                 session.advertise(&mut site.client, &creds).await?;
                 session.share_keys(&mut site.client, &creds).await?;
                 let id = format!("{}-{}-{}", site.name, work.study_id, work.round);
                 session
-                    .send_masked(&mut site.client, &work, &manifest, &id, &update)
+                    .send_masked(&mut site.client, &work, manifest, &id, &update)
                     .await?;
                 session.reveal(&mut site.client).await?;
                 delivered += 1;

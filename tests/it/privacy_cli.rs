@@ -19,6 +19,10 @@ fn num(case: &Value, key: &str) -> f64 {
     }
 }
 
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 fn medfl_json(args: &[String]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_medfl"))
         .args(args)
@@ -127,16 +131,13 @@ fn pld_through_the_cli() {
     let tighter = medfl_json(&args(&[]));
     assert_eq!(tighter["method"], "pld", "{tighter}");
     assert!(tighter["epsilon_rdp"].as_f64().expect("rdp") > eps);
-    let compare: Vec<String> = [
+    let compare = strings(&[
         "privacy", "compare", "--sigma", "1", "--q", "0.01", "--steps", "1000", "--delta", "1e-6", "--json",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    ]);
     let c = medfl_json(&compare);
     assert!(c["ratio"].as_f64().expect("ratio") > 1.0, "{c}");
     // The discrete Gaussian's own PLD: wide enough, it is the continuous one's ε.
-    let discrete: Vec<String> = [
+    let discrete = strings(&[
         "privacy",
         "compare",
         "--sigma",
@@ -149,10 +150,7 @@ fn pld_through_the_cli() {
         "1e-5",
         "--discrete",
         "--json",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    ]);
     let d = medfl_json(&discrete);
     let (zcdp, pld) = (
         d["epsilon_rdp"].as_f64().expect("zcdp"),
@@ -169,7 +167,7 @@ fn pld_through_the_cli() {
     assert_eq!(medfl_json(&args(&["--sampling", "fixed"]))["method"], "rdp");
     // Calibration by PLD: dp-accounting's σ_pld = 0.9592029325871476 for ε = 2, q = 0.01,
     // T = 1000, δ = 1e-5; RDP needs more.
-    let cal: Vec<String> = [
+    let cal = strings(&[
         "privacy",
         "calibrate",
         "--epsilon",
@@ -181,10 +179,7 @@ fn pld_through_the_cli() {
         "--delta",
         "1e-5",
         "--json",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    ]);
     let c = medfl_json(&cal);
     let sigma = c["sigma"].as_f64().expect("sigma");
     assert!((sigma / 0.9592029325871476 - 1.0).abs() < 0.01, "{c}");

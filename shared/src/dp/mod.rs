@@ -248,11 +248,8 @@ impl GaussianNoise {
         })
     }
 
-    /// Adds the noise to `chunk`, a piece of the vector this mechanism was built for:
-    /// OpenDP's mechanism drawn by [`sampler::fill_grid`] (the same rounding to the
-    /// grid, the discrete Gaussian in integer arithmetic at a scale at least this one),
-    /// or by OpenDP itself where the integer path does not reach.
-    pub fn add_to(&self, chunk: &mut [f32]) -> Result<(), DpError> {
+    /// A chunk must be a piece of the vector the noise was accounted for.
+    fn check_chunk(&self, chunk: &[f32]) -> Result<(), DpError> {
         if chunk.len() > self.len {
             return Err(DpError::OpenDp(format!(
                 "a chunk of {} values is longer than the {} values the noise was accounted for",
@@ -260,6 +257,15 @@ impl GaussianNoise {
                 self.len
             )));
         }
+        Ok(())
+    }
+
+    /// Adds the noise to `chunk`, a piece of the vector this mechanism was built for:
+    /// OpenDP's mechanism drawn by [`sampler::fill_grid`] (the same rounding to the
+    /// grid, the discrete Gaussian in integer arithmetic at a scale at least this one),
+    /// or by OpenDP itself where the integer path does not reach.
+    pub fn add_to(&self, chunk: &mut [f32]) -> Result<(), DpError> {
+        self.check_chunk(chunk)?;
         if !cfg!(feature = "opendp-noise") && sampler::fill_grid(chunk, NOISE_GRID_K, self.noise_std)? {
             return Ok(());
         }
@@ -269,13 +275,7 @@ impl GaussianNoise {
     /// [`Self::add_to`] with OpenDP's own sampler: the reference, and the path for
     /// scales or values beyond the integer sampler's.
     pub fn add_to_opendp(&self, chunk: &mut [f32]) -> Result<(), DpError> {
-        if chunk.len() > self.len {
-            return Err(DpError::OpenDp(format!(
-                "a chunk of {} values is longer than the {} values the noise was accounted for",
-                chunk.len(),
-                self.len
-            )));
-        }
+        self.check_chunk(chunk)?;
         let input: Vec<f64> = chunk.iter().map(|v| *v as f64).collect();
         let noisy = gaussian_measurement(chunk.len(), self.noise_std)?.invoke(&input)?;
         chunk.iter_mut().zip(noisy).for_each(|(v, n)| *v = n as f32);

@@ -541,9 +541,11 @@ pub fn calibrate_sigma(target: f64, q: f64, steps: u64, delta: f64) -> Result<f6
             )));
         }
     }
+    // Bracket from below: halve until the target is missed (σ → 0 spends ε → ∞).
     let mut lo = hi / 2.0;
-    if at(lo)? <= target {
-        return Ok(lo);
+    while at(lo)? <= target {
+        hi = lo;
+        lo /= 2.0;
     }
     while (hi - lo) / hi > 1e-5 {
         let mid = (lo * hi).sqrt();
