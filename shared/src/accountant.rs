@@ -385,6 +385,24 @@ pub fn epsilon_rdp(mechanisms: &[GaussianSteps], delta: f64) -> Result<f64, Acco
     Ok(rdp_to_epsilon(&rdp_curve(mechanisms), delta))
 }
 
+/// ε at `delta` of a ledger's events by the RDP side of the accountants: zCDP when
+/// every event is a plain Gaussian (ρ = Σ Tᵢ/(2σᵢ²), [BS16] Prop. 1.6 and Lemma 1.7,
+/// tighter than RDP at a finite list of orders), RDP otherwise ([`epsilon_rdp`]).
+/// One event gives the same as [`epsilon`].
+pub fn epsilon_composed(mechanisms: &[GaussianSteps], delta: f64) -> Result<f64, AccountantError> {
+    for m in mechanisms {
+        check(m, delta)?;
+    }
+    if mechanisms.iter().all(|m| m.q >= 1.0) {
+        let rho: f64 = mechanisms
+            .iter()
+            .map(|m| m.steps as f64 / (2.0 * m.sigma * m.sigma))
+            .sum();
+        return Ok(zcdp_to_epsilon(rho, delta));
+    }
+    epsilon_rdp(mechanisms, delta)
+}
+
 /// ε at `delta` of the plain Gaussian (q = 1) composed `steps` times, through zCDP:
 /// ρ = T / (2σ²) ([BS16] Prop. 1.6, composition Lemma 1.7), then [CKS20] Prop. 12 on
 /// the RDP curve ρα, minimized over continuous α by golden-section search (the
@@ -480,11 +498,55 @@ pub fn calibrate_sigma(
     if eps_at(lo)? <= target {
         return Ok(lo);
     }
-    while (hi - lo) / hi > 1e-9 {
-        let mid = (lo * hi).sqrt();
-        if eps_at(mid)? <= target { hi = mid } else { lo = mid }
+    smallest_sigma(eps_at, target, lo, hi, 1e-9)
+}
+
+/// The smallest σ in [`lo`, `hi`] whose `eps_at(σ)` (decreasing in σ) is at most
+/// `target`, to relative precision `rel`, given `eps_at(lo) > target ≥ eps_at(hi)`:
+/// the Illinois variant of regula falsi on ln ε against ln σ (smooth and nearly
+/// linear there), each step kept half a tolerance inside the bracket so that it
+/// closes. A handful of evaluations where bisection takes dozens.
+pub(crate) fn smallest_sigma(
+    eps_at: impl Fn(f64) -> Result<f64, AccountantError>,
+    target: f64,
+    lo: f64,
+    hi: f64,
+    rel: f64,
+) -> Result<f64, AccountantError> {
+    // g(s) = ln ε(e^s) − ln target: positive below the answer, at most 0 above.
+    let g = |s: f64| eps_at(s.exp()).map(|e| e.ln() - target.ln());
+    let (mut a, mut b) = (lo.ln(), hi.ln());
+    let (mut fa, mut fb) = (g(a)?, g(b)?);
+    let tol = rel.ln_1p();
+    // Which end the last step replaced: Illinois halves the other end's value when
+    // the same end moves twice, so that both ends converge.
+    let mut last = 0i8;
+    for _ in 0..200 {
+        if b - a <= tol {
+            break;
+        }
+        let c = if fa.is_finite() && fb.is_finite() && fa > fb {
+            b - fb * (b - a) / (fb - fa)
+        } else {
+            (a + b) / 2.0
+        };
+        let c = c.clamp(a + tol / 2.0, b - tol / 2.0);
+        let fc = g(c)?;
+        if fc > 0.0 {
+            (a, fa) = (c, fc);
+            if last == 1 {
+                fb /= 2.0;
+            }
+            last = 1;
+        } else {
+            (b, fb) = (c, fc);
+            if last == -1 {
+                fa /= 2.0;
+            }
+            last = -1;
+        }
     }
-    Ok(hi)
+    Ok(b.exp())
 }
 
 #[cfg(test)]

@@ -179,6 +179,11 @@ fn fft_convolve(a: &[f64], b: &[f64], out: usize) -> (Vec<f64>, f64) {
     fft(&mut fa, &w, true);
     let scale = 1.0 / n as f64;
     let c: Vec<f64> = fa[..out].iter().map(|z| z.re * scale).collect();
+    (c, fft_bound(a, b, n))
+}
+
+/// A bound on the L1 error of [`fft_convolve`] of `a` and `b` at size `n`.
+fn fft_bound(a: &[f64], b: &[f64], n: usize) -> f64 {
     // The error bound, term by term ([Hig02] Thm 24.2 and Lemma 3.5): the forward
     // FFTs are off by at most e·√N‖a‖₂ and e·√N‖b‖₂ in 2-norm; the pointwise products
     // add ‖E_A‖‖B̂‖∞ + ‖A‖∞‖E_B‖ + √2γ₂‖Â‖₂‖B̂‖∞ with ‖A‖∞ ≤ ‖a‖₁; the inverse maps a
@@ -193,7 +198,7 @@ fn fft_convolve(a: &[f64], b: &[f64], out: usize) -> (Vec<f64>, f64) {
     let a_hat2 = sn * a2 + ea;
     let product = ea * b_inf + a1 * eb + std::f64::consts::SQRT_2 * gamma(2.0) * a_hat2 * b_inf;
     let inverse = product / sn + e * (a2 * b1 + product / sn);
-    (c, 1.01 * sn * inverse)
+    1.01 * sn * inverse
 }
 
 /// The linear convolution c = a ∗ b (length |a| + |b| − 1) of non-negative vectors,
@@ -203,9 +208,10 @@ fn fft_convolve(a: &[f64], b: &[f64], out: usize) -> (Vec<f64>, f64) {
 /// dominate, and it lands on every output, the tiny tail masses δ depends on included.
 /// So the largest entries (as many as [`PEAK_WORK`] allows) are convolved directly,
 /// where each output's error is relative to its own terms, and only the rest by FFT:
-/// a ∗ b = a_peak ∗ b + a_rest ∗ b_peak + a_rest ∗ b_rest. Negative outputs
-/// (round-off) are clamped to 0, which can only bring them closer.
-pub fn convolve(a: &[f64], b: &[f64]) -> (Vec<f64>, f64) {
+/// a ∗ b = a_peak ∗ b + a_rest ∗ b_peak + a_rest ∗ b_rest. Where the plain FFT's
+/// bound is already within `budget`, it is used alone. Negative outputs (round-off)
+/// are clamped to 0, which can only bring them closer.
+pub fn convolve(a: &[f64], b: &[f64], budget: f64) -> (Vec<f64>, f64) {
     let out = a.len() + b.len() - 1;
     let mut c = vec![0.0; out];
     let mut comp = vec![0.0; out];
@@ -216,6 +222,12 @@ pub fn convolve(a: &[f64], b: &[f64]) -> (Vec<f64>, f64) {
         let k = a.len() as f64;
         let bound = gamma(1.0) * norm1(&c) + gamma(k).powi(2) * norm1(a) * norm1(b);
         return (c, 1.01 * bound);
+    }
+    let plain = 1.01 * (fft_bound(a, b, out.next_power_of_two()) + gamma(1.0) * norm1(a) * norm1(b));
+    if plain <= budget {
+        let (mut c, _) = fft_convolve(a, b, out);
+        c.iter_mut().for_each(|x| *x = x.max(0.0));
+        return (c, plain);
     }
     let k = (PEAK_WORK / a.len().max(b.len())).min(PEAK_MAX);
     let (a_peak, a_rest) = split(a, k);
@@ -245,7 +257,7 @@ mod tests {
     fn fft_convolution_matches_the_direct_sum_within_its_bound() {
         let a: Vec<f64> = (0..3000).map(|i| ((i * 7919) % 1000) as f64 / 1e6).collect();
         let b: Vec<f64> = (0..2500).map(|i| ((i * 104729) % 997) as f64 / 1e6).collect();
-        let (c, bound) = convolve(&a, &b);
+        let (c, bound) = convolve(&a, &b, 0.0);
         let mut direct = vec![0.0; a.len() + b.len() - 1];
         for (i, x) in a.iter().enumerate() {
             for (j, y) in b.iter().enumerate() {
@@ -256,7 +268,7 @@ mod tests {
         assert!(err <= bound, "error {err} above its bound {bound}");
         assert!(bound < 1e-9, "the bound {bound} is useless");
         // Self-convolution takes the one-FFT path.
-        let (s, _) = convolve(&a, &a);
+        let (s, _) = convolve(&a, &a, 0.0);
         let mut direct = vec![0.0; 2 * a.len() - 1];
         for (i, x) in a.iter().enumerate() {
             for (j, y) in a.iter().enumerate() {

@@ -36,6 +36,8 @@
 
 pub mod fft;
 
+use serde::{Deserialize, Serialize};
+
 use crate::accountant::{AccountantError, GaussianSteps, Sampling};
 
 /// dp-accounting's default value discretization interval.
@@ -302,11 +304,14 @@ impl Pld {
 
     /// The composition of two PLDs: the convolution of their finite parts ([KJH20]);
     /// the composed loss is +∞ when either is.
-    fn compose(&self, other: &Pld) -> Pld {
+    /// This PLD composed with `other`; `budget` is the FFT round-off bound the
+    /// convolution may add without the (slower) direct sums of the peaks
+    /// ([`fft::convolve`]).
+    fn compose(&self, other: &Pld, budget: f64) -> Pld {
         let (pmf, roundoff) = if std::ptr::eq(self, other) {
-            fft::convolve(&self.pmf, &self.pmf)
+            fft::convolve(&self.pmf, &self.pmf, budget)
         } else {
-            fft::convolve(&self.pmf, &other.pmf)
+            fft::convolve(&self.pmf, &other.pmf, budget)
         };
         // ‖p̂ ∗ q̂ − p ∗ q‖₁ ≤ s_p‖q‖₁ + ‖p‖₁s_q + s_p s_q, plus this convolution's own.
         let slack = self.slack + other.slack + self.slack * other.slack + roundoff;
@@ -323,16 +328,16 @@ impl Pld {
     }
 
     /// This PLD composed with itself `times` times, by repeated squaring.
-    fn self_compose(&self, mut times: u64) -> Pld {
+    fn self_compose(&self, mut times: u64, budget: f64) -> Pld {
         let mut result = Pld::identity(self.interval);
         let mut base = self.clone();
         while times > 0 {
             if times & 1 == 1 {
-                result = result.compose(&base);
+                result = result.compose(&base, budget);
             }
             times >>= 1;
             if times > 0 {
-                base = base.compose(&base);
+                base = base.compose(&base, budget);
             }
         }
         result
@@ -458,11 +463,6 @@ pub fn epsilon_with_discrete(
             groups.push((e.sigma, e.q, e.steps));
         }
     }
-    let mut worst = PldEpsilon {
-        epsilon: 0.0,
-        interval,
-        slack: 0.0,
-    };
     if groups.is_empty() && discrete.is_empty() {
         // Plain Gaussians only: their composition is one Gaussian, whose ε is exact.
         let epsilon = if precision > 0.0 {
@@ -476,7 +476,28 @@ pub fn epsilon_with_discrete(
             slack: 0.0,
         });
     }
-    for dir in [Direction::Remove, Direction::Add] {
+    // A ledger asks for the same composition again and again (each charge's ε before is
+    // the last one's after; the coordinator and every agent of one process compose the
+    // same rounds): remember recent answers, keyed by everything they depend on.
+    groups.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    let key = Key {
+        groups: groups.iter().map(|&(s, q, t)| (s.to_bits(), q.to_bits(), t)).collect(),
+        discrete: discrete
+            .iter()
+            .map(|d| (d.sigma.to_bits(), d.sensitivity, d.count))
+            .collect(),
+        precision: precision.to_bits(),
+        delta: delta.to_bits(),
+        interval: interval.to_bits(),
+    };
+    if let Some(hit) = memo().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(*hit);
+    }
+    // Each convolution may add up to 10⁻⁷·δ of FFT round-off before its peaks are summed
+    // directly: a few hundred convolutions move δ by under 10⁻⁴ of itself, far below
+    // what the grid moves ε, and most compositions need no direct sums at all.
+    let budget = delta * 1e-7;
+    let direction = |dir: Direction| {
         // The Gaussian's PLD is symmetric: both directions take the removal's.
         let mut pld = if precision > 0.0 {
             Pld::subsampled(precision.sqrt().recip(), 1.0, Direction::Remove, interval)
@@ -484,21 +505,62 @@ pub fn epsilon_with_discrete(
             Pld::identity(interval)
         };
         for &(sigma, q, steps) in &groups {
-            pld = pld.compose(&Pld::subsampled(sigma, q, dir, interval).self_compose(steps));
+            pld = pld.compose(
+                &Pld::subsampled(sigma, q, dir, interval).self_compose(steps, budget),
+                budget,
+            );
         }
         for d in &discrete {
-            pld = pld.compose(&Pld::discrete_gaussian(d.sigma, d.sensitivity.max(1), interval).self_compose(d.count));
+            pld = pld.compose(
+                &Pld::discrete_gaussian(d.sigma, d.sensitivity.max(1), interval).self_compose(d.count, budget),
+                budget,
+            );
         }
-        let eps = pld.epsilon(delta);
-        if eps >= worst.epsilon {
-            worst = PldEpsilon {
-                epsilon: eps,
-                interval,
-                slack: pld.slack,
-            };
+        PldEpsilon {
+            epsilon: pld.epsilon(delta),
+            interval,
+            slack: pld.slack,
         }
+    };
+    // The two directions are independent: one on each core.
+    let (remove, add) = std::thread::scope(|s| {
+        let remove = s.spawn(|| direction(Direction::Remove));
+        let add = direction(Direction::Add);
+        (remove.join(), add)
+    });
+    let remove = remove.map_err(|_| AccountantError::Unsupported("the PLD composition panicked".into()))?;
+    let worst = if add.epsilon >= remove.epsilon { add } else { remove };
+    let mut memo = memo().lock().unwrap_or_else(|p| p.into_inner());
+    if memo.len() >= MEMO_ENTRIES {
+        memo.clear();
     }
+    memo.insert(key, worst);
     Ok(worst)
+}
+
+/// What a composition's ε depends on, bit for bit.
+#[derive(PartialEq, Eq, Hash)]
+struct Key {
+    groups: Vec<(u64, u64, u64)>,
+    discrete: Vec<(u64, u64, u64)>,
+    precision: u64,
+    delta: u64,
+    interval: u64,
+}
+
+/// How many recent compositions are remembered (a few hundred bytes each).
+const MEMO_ENTRIES: usize = 4096;
+
+/// Forgets every remembered composition: for benchmarks, which time the composition
+/// itself, not the memo.
+pub fn forget() {
+    memo().lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+fn memo() -> &'static std::sync::Mutex<std::collections::HashMap<Key, PldEpsilon>> {
+    static MEMO: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<Key, PldEpsilon>>> =
+        std::sync::OnceLock::new();
+    MEMO.get_or_init(Default::default)
 }
 
 /// [`epsilon_pld`] on a grid fitted to the answer: dp-accounting's 10⁻⁴ up to ε ≈ 10,
@@ -506,18 +568,43 @@ pub fn epsilon_with_discrete(
 /// that a large ε costs no more than a small one; any grid gives a sound bound.
 pub fn epsilon(events: &[GaussianSteps], delta: f64) -> Result<PldEpsilon, AccountantError> {
     let rdp = crate::accountant::epsilon_rdp(events, delta)?;
-    let interval = if rdp.is_finite() {
-        DEFAULT_INTERVAL.max(rdp * 1e-5)
+    epsilon_pld(events, delta, interval_for(rdp))
+}
+
+/// The grid [`epsilon`] uses, given an upper bound on the answer.
+fn interval_for(upper: f64) -> f64 {
+    if upper.is_finite() {
+        DEFAULT_INTERVAL.max(upper * 1e-5)
     } else {
         DEFAULT_INTERVAL
-    };
-    epsilon_pld(events, delta, interval)
+    }
 }
 
 /// The smallest σ whose PLD ε ([`epsilon`]) for `steps` Poisson-subsampled Gaussian
-/// steps at rate q is at most `target` at `delta`, to a relative precision of 10⁻⁵
-/// (bisection on log σ below the RDP calibration, which PLD never needs to exceed).
+/// steps at rate q is at most `target` at `delta`, to a relative precision of 10⁻⁵:
+/// a bracket just below the RDP calibration (which PLD never needs to exceed), then
+/// [`crate::accountant::smallest_sigma`]. Each ε is a whole PLD composition, so few
+/// steps matter.
 pub fn calibrate_sigma(target: f64, q: f64, steps: u64, delta: f64) -> Result<f64, AccountantError> {
+    // Every party of a study plans it (the coordinator and each agent, often in one
+    // process): remember recent answers.
+    type Memo = std::collections::HashMap<[u64; 4], f64>;
+    static CALIBRATED: std::sync::OnceLock<std::sync::Mutex<Memo>> = std::sync::OnceLock::new();
+    let key = [target.to_bits(), q.to_bits(), steps, delta.to_bits()];
+    let memo = CALIBRATED.get_or_init(Default::default);
+    if let Some(hit) = memo.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(*hit);
+    }
+    let sigma = calibrate_uncached(target, q, steps, delta)?;
+    let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
+    if memo.len() >= MEMO_ENTRIES {
+        memo.clear();
+    }
+    memo.insert(key, sigma);
+    Ok(sigma)
+}
+
+fn calibrate_uncached(target: f64, q: f64, steps: u64, delta: f64) -> Result<f64, AccountantError> {
     let at = |sigma: f64| {
         epsilon(
             &[GaussianSteps {
@@ -541,17 +628,159 @@ pub fn calibrate_sigma(target: f64, q: f64, steps: u64, delta: f64) -> Result<f6
             )));
         }
     }
-    // Bracket from below: halve until the target is missed (σ → 0 spends ε → ∞).
-    let mut lo = hi / 2.0;
+    // Bracket from below in steps of 15 % (σ → 0 spends ε → ∞).
+    let mut lo = hi * 0.85;
     while at(lo)? <= target {
         hi = lo;
-        lo /= 2.0;
+        lo *= 0.85;
     }
-    while (hi - lo) / hi > 1e-5 {
-        let mid = (lo * hi).sqrt();
-        if at(mid)? <= target { hi = mid } else { lo = mid }
+    crate::accountant::smallest_sigma(at, target, lo, hi, 1e-5)
+}
+
+/// Which accountant a ledger's ε comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Rényi DP ([Mir17] composition, [CKS20] Prop. 12 conversion), or zCDP when
+    /// every event is a plain Gaussian; see [`crate::accountant::epsilon_composed`].
+    #[default]
+    Rdp,
+    /// This module's PLD at the recorded grid.
+    Pld,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Rdp => "rdp",
+            Method::Pld => "pld",
+        }
     }
-    Ok(hi)
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rdp" | "" => Ok(Method::Rdp),
+            "pld" => Ok(Method::Pld),
+            other => Err(format!("unknown accounting method {other:?}: rdp or pld")),
+        }
+    }
+}
+
+/// A ledger's cumulative ε: the figure that counts, the accountant that gave it and,
+/// for PLD, its grid (0 where exact), so that an auditor recomputes the same number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spent {
+    pub epsilon: f64,
+    pub method: Method,
+    pub interval: f64,
+}
+
+impl Spent {
+    pub const NOTHING: Spent = Spent {
+        epsilon: 0.0,
+        method: Method::Rdp,
+        interval: 0.0,
+    };
+}
+
+/// What a ledger's events may be composed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Events {
+    /// Continuous (or, on OpenDP's 2⁻³⁰ grid, effectively continuous) Gaussians,
+    /// plain or Poisson-subsampled: both accountants apply.
+    Gaussian,
+    /// At least one event is a discrete Gaussian on integers whose sensitivity the
+    /// ledger does not keep per coordinate (a cohort query over several statistics, a
+    /// distributed-DP share): such events are accounted by zCDP, which the discrete
+    /// Gaussian satisfies exactly as the continuous one does ([CKS20] Thm. 4 and 14),
+    /// and the whole ledger stays on RDP; it is never composed as if continuous in a PLD.
+    HasDiscrete,
+}
+
+/// A ledger's ε at `delta` over all its `events`: composed by RDP and by PLD, both
+/// sound upper bounds, and the smaller counts. PLD is skipped (RDP alone) where it
+/// does not apply: fixed-size sampling (replace-one) or discrete events ([`Events`]).
+pub fn spent(events: &[GaussianSteps], kind: Events, delta: f64) -> Result<Spent, AccountantError> {
+    if events.iter().all(|e| e.steps == 0) {
+        return Ok(Spent::NOTHING);
+    }
+    // A ledger composes the same events again and again (a charge's check, then the
+    // charge; the coordinator and each agent of one process): remember recent figures.
+    // Equal mechanisms compose as one with their steps summed, in any order.
+    let mut merged: Vec<(u64, u64, bool, u64)> = Vec::new();
+    for e in events {
+        let key = (e.sigma.to_bits(), e.q.to_bits(), e.sampling == Sampling::Poisson);
+        match merged.iter_mut().find(|m| (m.0, m.1, m.2) == key) {
+            Some(m) => m.3 += e.steps,
+            None => merged.push((key.0, key.1, key.2, e.steps)),
+        }
+    }
+    merged.sort_unstable();
+    let key = (merged, kind == Events::Gaussian, delta.to_bits());
+    static SPENT: std::sync::OnceLock<std::sync::Mutex<SpentMemo>> = std::sync::OnceLock::new();
+    let memo = SPENT.get_or_init(Default::default);
+    if let Some(hit) = memo.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(*hit);
+    }
+    let figure = spent_uncached(events, kind, delta)?;
+    let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
+    if memo.len() >= MEMO_ENTRIES {
+        memo.clear();
+    }
+    memo.insert(key, figure);
+    Ok(figure)
+}
+
+type SpentMemo = std::collections::HashMap<(Vec<(u64, u64, bool, u64)>, bool, u64), Spent>;
+
+fn spent_uncached(events: &[GaussianSteps], kind: Events, delta: f64) -> Result<Spent, AccountantError> {
+    let rdp = crate::accountant::epsilon_composed(events, delta)?;
+    let by_rdp = Spent {
+        epsilon: rdp,
+        method: Method::Rdp,
+        interval: 0.0,
+    };
+    let pld_applies = kind == Events::Gaussian && events.iter().all(|e| e.sampling == Sampling::Poisson || e.q >= 1.0);
+    if !pld_applies {
+        return Ok(by_rdp);
+    }
+    // The grid as [`epsilon`] picks it from the RDP figure (zCDP's where every event
+    // is a plain Gaussian, whose PLD is exact on any grid).
+    let pld = epsilon_pld(events, delta, interval_for(rdp))?;
+    Ok(if pld.epsilon < rdp {
+        Spent {
+            epsilon: pld.epsilon,
+            method: Method::Pld,
+            interval: pld.interval,
+        }
+    } else {
+        by_rdp
+    })
+}
+
+/// Recomputes a ledger's ε by the `method` (and PLD grid `interval`) it recorded:
+/// what `medfl audit recompute` checks each charge against.
+pub fn recompute(events: &[GaussianSteps], method: Method, interval: f64, delta: f64) -> Result<f64, AccountantError> {
+    if events.iter().all(|e| e.steps == 0) {
+        return Ok(0.0);
+    }
+    match method {
+        Method::Rdp => crate::accountant::epsilon_composed(events, delta),
+        Method::Pld => {
+            // Interval 0 is recorded for plain Gaussians, whose PLD ε is exact on any grid.
+            let grid = if interval > 0.0 { interval } else { DEFAULT_INTERVAL };
+            Ok(epsilon_pld(events, delta, grid)?.epsilon)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -627,6 +856,41 @@ mod tests {
             .epsilon;
         let continuous = gaussian_epsilon(2.0, 1e-5);
         assert!((discrete / continuous - 1.0).abs() < 0.01, "{discrete} vs {continuous}");
+    }
+
+    #[test]
+    fn a_ledger_counts_the_tighter_figure_and_recomputes_it() {
+        // Unequal rounds at two σ and two q, as a dataset's ledger across two studies.
+        let events = [poisson(1.1, 0.3, 3), poisson(1.1, 0.3, 3), poisson(0.9, 0.1, 5)];
+        let spent = spent(&events, Events::Gaussian, 1e-5).expect("spent");
+        let rdp = crate::accountant::epsilon_composed(&events, 1e-5).expect("rdp");
+        assert_eq!(spent.method, Method::Pld, "{spent:?} vs RDP {rdp}");
+        assert!(
+            spent.epsilon < rdp && spent.interval == DEFAULT_INTERVAL,
+            "{spent:?} vs RDP {rdp}"
+        );
+        let again = recompute(&events, spent.method, spent.interval, 1e-5).expect("recompute");
+        assert_eq!(again, spent.epsilon);
+        // Another σ anywhere in the ledger gives another figure.
+        let altered = [events[0], poisson(1.2, 0.3, 3), events[2]];
+        assert!(recompute(&altered, Method::Pld, spent.interval, 1e-5).expect("recompute") < spent.epsilon);
+        // A discrete event keeps the whole ledger on RDP.
+        let with_query = [events[0], poisson(4.0, 1.0, 1)];
+        let s = super::spent(&with_query, Events::HasDiscrete, 1e-5).expect("spent");
+        assert_eq!(s.method, Method::Rdp);
+        assert_eq!(
+            s.epsilon,
+            crate::accountant::epsilon_composed(&with_query, 1e-5).expect("rdp")
+        );
+        // Plain Gaussians only: PLD is exact and beats zCDP's conversion.
+        let plain = [poisson(3.0, 1.0, 2), poisson(5.0, 1.0, 1)];
+        let s = super::spent(&plain, Events::Gaussian, 1e-5).expect("spent");
+        assert_eq!((s.method, s.interval), (Method::Pld, 0.0));
+        assert_eq!(s.epsilon, recompute(&plain, Method::Pld, 0.0, 1e-5).expect("recompute"));
+        assert_eq!(
+            super::spent(&[], Events::Gaussian, 1e-5).expect("spent"),
+            Spent::NOTHING
+        );
     }
 
     #[test]
