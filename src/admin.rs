@@ -321,7 +321,9 @@ pub fn model_card(header: &pb::ModelHeader, status: &pb::StudyStatus, ledger: Op
             "epsilon_max": spent.values().copied().fold(0.0, f64::max),
             "mechanism": charges.first().map(|c| c.mechanism.clone()),
             "enforcement": charges.first().map(|c| c.enforcement.clone()),
-            "accountant": "Rényi DP of the (Poisson-)subsampled Gaussian (Mironov, Talwar, Zhang 2019), composed over steps and rounds, converted to (ε, δ) by Canonne, Kamath, Steinke 2020, Prop. 12",
+            "accountant": "the tighter of two sound accountants over each ledger's events: Rényi DP of the (Poisson-)subsampled Gaussian (Mironov, Talwar, Zhang 2019; converted by Canonne, Kamath, Steinke 2020, Prop. 12) and its privacy loss distribution (Doroshenko et al. 2022, composed by FFT)",
+            "epsilon_method": charges.last().map(|c| c.epsilon_method.clone()),
+            "pld_interval": charges.last().map(|c| c.pld_interval),
         })
     });
     json!({

@@ -6,7 +6,8 @@ use clap::Subcommand;
 use medfl_proto::transport::Profile;
 use medfl_proto::v1 as pb;
 use medfl_proto::v1::audit_client::AuditClient;
-use medfl_shared::accountant::{GaussianSteps, Sampling, epsilon};
+use medfl_shared::accountant::{GaussianSteps, Sampling};
+use medfl_shared::pld::{self, Events, Method};
 use serde_json::json;
 
 use crate::conn::Conn;
@@ -132,21 +133,82 @@ async fn ledger(conn: &Conn, study: &str, site: Option<&str>) -> Result<pb::Ledg
         .into_inner())
 }
 
-/// Recomputes a charge's ε after it: the same mechanism for (charge's position in the
-/// site's ledger) rounds. Returns the recomputed value.
-fn recompute(charge: &pb::LedgerCharge, rounds_for_site: u64) -> Result<f64> {
-    let mechanism = GaussianSteps {
+/// The mechanism a ledger line records.
+fn event(charge: &pb::LedgerCharge) -> GaussianSteps {
+    GaussianSteps {
         sigma: charge.noise_multiplier,
         q: charge.sample_rate,
-        steps: charge.steps * rounds_for_site,
+        steps: charge.steps,
         sampling: Sampling::Poisson,
-    };
-    Ok(epsilon(&mechanism, charge.delta)?)
+    }
+}
+
+/// A query's charge is a discrete Gaussian, accounted by zCDP (`medfl_shared::pld::Events`).
+fn is_discrete(charge: &pb::LedgerCharge) -> bool {
+    charge.mechanism == "discrete_gaussian"
+}
+
+/// Recomputes every charge of a study's ledgers the way the coordinator computed it:
+/// each site's events so far (its own charges, oldest first, whatever their σ, q and
+/// steps), composed by the method and PLD grid the charge records. Returns the lines
+/// that do not agree.
+fn recompute_charges(charges: &[pb::LedgerCharge], budget: f64) -> Result<Vec<String>> {
+    let mut per_site: std::collections::HashMap<&str, (Vec<GaussianSteps>, bool)> = Default::default();
+    let mut mismatches = Vec::new();
+    let off = |a: f64, b: f64| (a - b).abs() > TOLERANCE * b.abs().max(1e-12);
+    for c in charges {
+        let (events, discrete) = per_site.entry(c.site.as_str()).or_default();
+        let kind = |discrete: bool| {
+            if discrete {
+                Events::HasDiscrete
+            } else {
+                Events::Gaussian
+            }
+        };
+        // ε before: the earlier events by either accountant (a ledger that was kept by
+        // RDP before it was kept by the tighter of the two shows either).
+        let before_ok = if events.is_empty() {
+            !off(c.epsilon_before, 0.0)
+        } else {
+            let rdp = pld::recompute(events, Method::Rdp, 0.0, c.delta)?;
+            let tighter = pld::spent(events, kind(*discrete), c.delta)?.epsilon;
+            !off(c.epsilon_before, rdp) || !off(c.epsilon_before, tighter)
+        };
+        events.push(event(c));
+        *discrete |= is_discrete(c);
+        let method: Method = c.epsilon_method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        if method == Method::Pld && *discrete {
+            mismatches.push(format!(
+                "round {} site {}: a ledger with a discrete Gaussian is recorded as composed by PLD; it must stay on RDP",
+                c.round, c.site
+            ));
+            continue;
+        }
+        let after = pld::recompute(events, method, c.pld_interval, c.delta)?;
+        if off(c.epsilon_after, after) || !before_ok {
+            mismatches.push(format!(
+                "round {} site {}: recorded ε {:.9} -> {:.9} by {method}, recomputed -> {after:.9} over {} events",
+                c.round,
+                c.site,
+                c.epsilon_before,
+                c.epsilon_after,
+                events.len()
+            ));
+        }
+        if c.epsilon_after > budget * (1.0 + TOLERANCE) {
+            mismatches.push(format!(
+                "round {} site {}: ε {} exceeds the budget {}",
+                c.round, c.site, c.epsilon_after, budget
+            ));
+        }
+    }
+    Ok(mismatches)
 }
 
 /// `medfl audit ledger --dataset`: every charge on a dataset, studies and queries, and
-/// each site's ε composed over all of them (RDP, [Mir17] Prop. 1, converted once at
-/// `delta`), as the sites' own ledgers compose them.
+/// each site's ε composed over all of them at `delta`, as the sites' own ledgers
+/// compose them: the tighter of RDP and PLD, RDP alone once a query's discrete
+/// Gaussian is among them (`medfl_shared::pld::spent`).
 async fn dataset_ledger(conn: &Conn, dataset: &str, site: Option<&str>, json: bool, delta: f64) -> Result<()> {
     let mut client = client(conn)?;
     let report = client
@@ -157,17 +219,18 @@ async fn dataset_ledger(conn: &Conn, dataset: &str, site: Option<&str>, json: bo
         })
         .await?
         .into_inner();
-    let mut per_site: std::collections::BTreeMap<&str, Vec<GaussianSteps>> = Default::default();
+    let mut per_site: std::collections::BTreeMap<&str, (Vec<GaussianSteps>, bool)> = Default::default();
     let mut rows = Vec::new();
     for c in &report.charges {
-        let steps = per_site.entry(c.site.as_str()).or_default();
-        steps.push(GaussianSteps {
-            sigma: c.noise_multiplier,
-            q: c.sample_rate,
-            steps: c.steps,
-            sampling: Sampling::Poisson,
-        });
-        let composed = medfl_shared::accountant::epsilon_rdp(steps, delta)?;
+        let (steps, discrete) = per_site.entry(c.site.as_str()).or_default();
+        steps.push(event(c));
+        *discrete |= is_discrete(c);
+        let events = if *discrete {
+            Events::HasDiscrete
+        } else {
+            Events::Gaussian
+        };
+        let composed = pld::spent(steps, events, delta)?;
         let kind = if c.mechanism == "discrete_gaussian" {
             "query"
         } else {
@@ -181,7 +244,8 @@ async fn dataset_ledger(conn: &Conn, dataset: &str, site: Option<&str>, json: bo
             .map(|(kind, c, composed)| {
                 json!({"kind": kind, "id": c.study_id, "round": c.round, "site": c.site, "mechanism": c.mechanism,
                        "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate, "steps": c.steps,
-                       "at_unix_ms": c.at_unix_ms, "site_epsilon_composed": composed})
+                       "at_unix_ms": c.at_unix_ms, "site_epsilon_composed": composed.epsilon,
+                       "site_epsilon_method": composed.method, "site_pld_interval": composed.interval})
             })
             .collect();
         println!("{}", json!({"dataset": dataset, "delta": delta, "charges": charges}));
@@ -189,13 +253,21 @@ async fn dataset_ledger(conn: &Conn, dataset: &str, site: Option<&str>, json: bo
     }
     println!("dataset {dataset}: every charge, studies and queries; ε composed per site at δ = {delta:e}");
     println!(
-        "{:<6} {:<16} {:>5}  {:<14} {:>8} {:>6} {:>6} {:>12}",
-        "kind", "id", "round", "site", "σ", "q", "steps", "site ε so far"
+        "{:<6} {:<16} {:>5}  {:<14} {:>8} {:>6} {:>6} {:>12} {:>4}",
+        "kind", "id", "round", "site", "σ", "q", "steps", "site ε so far", "by"
     );
     for (kind, c, composed) in &rows {
         println!(
-            "{:<6} {:<16} {:>5}  {:<14} {:>8.4} {:>6} {:>6} {:>12.4}",
-            kind, c.study_id, c.round, c.site, c.noise_multiplier, c.sample_rate, c.steps, composed
+            "{:<6} {:<16} {:>5}  {:<14} {:>8.4} {:>6} {:>6} {:>12.4} {:>4}",
+            kind,
+            c.study_id,
+            c.round,
+            c.site,
+            c.noise_multiplier,
+            c.sample_rate,
+            c.steps,
+            composed.epsilon,
+            composed.method
         );
     }
     Ok(())
@@ -266,7 +338,7 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
                         json!({"round": c.round, "site": c.site, "dataset": c.dataset, "mechanism": c.mechanism,
                                "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate, "steps": c.steps,
                                "clip_norm": c.clip_norm, "delta": c.delta, "epsilon_before": c.epsilon_before,
-                               "epsilon_after": c.epsilon_after, "at_unix_ms": c.at_unix_ms,
+                               "epsilon_after": c.epsilon_after, "epsilon_method": c.epsilon_method, "pld_interval": c.pld_interval, "at_unix_ms": c.at_unix_ms,
                                "enforcement": c.enforcement})
                     })
                     .collect();
@@ -290,12 +362,12 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
                     println!("noise: {e}");
                 }
                 println!(
-                    "{:>5}  {:<16} {:<14} {:>8} {:>6} {:>6} {:>10} {:>10}",
-                    "round", "site", "dataset", "σ", "q", "steps", "ε before", "ε after"
+                    "{:>5}  {:<16} {:<14} {:>8} {:>6} {:>6} {:>10} {:>10} {:>4}",
+                    "round", "site", "dataset", "σ", "q", "steps", "ε before", "ε after", "by"
                 );
                 for c in &report.charges {
                     println!(
-                        "{:>5}  {:<16} {:<14} {:>8.4} {:>6} {:>6} {:>10.4} {:>10.4}",
+                        "{:>5}  {:<16} {:<14} {:>8.4} {:>6} {:>6} {:>10.4} {:>10.4} {:>4}",
                         c.round,
                         c.site,
                         c.dataset,
@@ -303,39 +375,17 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
                         c.sample_rate,
                         c.steps,
                         c.epsilon_before,
-                        c.epsilon_after
+                        c.epsilon_after,
+                        c.epsilon_method
                     );
                 }
             }
         }
         AuditCommand::Recompute { study } => {
             let report = ledger(conn, &study, None).await?;
-            let mut seen: std::collections::HashMap<&str, u64> = Default::default();
-            let mut mismatches = Vec::new();
-            for c in &report.charges {
-                let k = seen.entry(c.site.as_str()).or_default();
-                *k += 1;
-                // A query charges each site once: one Gaussian step, by RDP at its δ.
-                let (want, before) = if c.mechanism == "discrete_gaussian" {
-                    let step = medfl_shared::query::gaussian_step(c.noise_multiplier);
-                    (medfl_shared::accountant::epsilon_rdp(&[step], c.delta)?, 0.0)
-                } else {
-                    (recompute(c, *k)?, if *k == 1 { 0.0 } else { recompute(c, *k - 1)? })
-                };
-                let off = |a: f64, b: f64| (a - b).abs() > TOLERANCE * b.abs().max(1e-12);
-                if off(c.epsilon_after, want) || off(c.epsilon_before, before) {
-                    mismatches.push(format!(
-                        "round {} site {}: recorded ε {:.9} -> {:.9}, recomputed {before:.9} -> {want:.9}",
-                        c.round, c.site, c.epsilon_before, c.epsilon_after
-                    ));
-                }
-                if c.epsilon_after > report.budget_epsilon * (1.0 + TOLERANCE) {
-                    mismatches.push(format!(
-                        "round {} site {}: ε {} exceeds the budget {}",
-                        c.round, c.site, c.epsilon_after, report.budget_epsilon
-                    ));
-                }
-            }
+            let charges = report.charges.clone();
+            let budget = report.budget_epsilon;
+            let mismatches = tokio::task::spawn_blocking(move || recompute_charges(&charges, budget)).await??;
             if !mismatches.is_empty() {
                 bail!(
                     "{} of {} charges do not recompute:\n{}",

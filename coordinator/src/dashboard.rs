@@ -624,7 +624,8 @@ fn study_view(engine: &Engine, viewer: &Viewer, id: &str) -> Result<Value, Servi
         "secure_aggregation": manifest.as_ref().is_some_and(|m| m.secure_aggregation.is_some()),
         "privacy": privacy.map(|p| json!({
             "unit": p.unit, "budget_epsilon": p.budget_epsilon, "delta": p.delta,
-            "accountant": "RDP of the Poisson-subsampled Gaussian (OpenDP)",
+            "accountant": "the tighter of RDP and PLD of the Poisson-subsampled Gaussian",
+            "epsilon_method": charges.last().map(|c| c.method),
             // Record-level DP inside the sites' own trainers: their word, not medfl's.
             "enforcement": crate::store::enforcement(charges.iter().find_map(|c| c.declared_by.as_deref())),
         })),

@@ -206,6 +206,13 @@ pub struct ChargeRecord {
     /// This site's ε within this study before and after the round, at `delta`.
     pub epsilon_before: f64,
     pub epsilon_after: f64,
+    /// The accountant that gave `epsilon_after`, the tighter of RDP and PLD over the
+    /// ledger's events, and its PLD grid (0 for RDP or where PLD is exact). Charges
+    /// written before PLD read as RDP, which they were.
+    #[serde(default)]
+    pub method: medfl_shared::pld::Method,
+    #[serde(default)]
+    pub pld_interval: f64,
     pub at_ms: u64,
     /// Set when the noise was added by the sites' own trainer (record-level DP-SGD in
     /// an external trainer, as each site declares): its name. Such a charge is declared

@@ -232,7 +232,7 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
         let ledger = dataset.config.ledger_name();
         let cap = dataset.config.max_epsilon.unwrap_or(settings.policy.max_epsilon);
         let charges = settings.ledger.charges(&ledger)?;
-        let spent = settings.ledger.spent(&ledger, delta)?;
+        let spent = settings.ledger.spent_by(&ledger, delta)?;
         if !json {
             let shared = if &ledger == name {
                 String::new()
@@ -240,12 +240,14 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
                 format!(" (ledger {ledger}, shared by every dataset over it)")
             };
             println!(
-                "dataset {name}{shared}: ε spent {spent:.4} of {cap} at δ = {delta:e} ({} charges)",
+                "dataset {name}{shared}: ε spent {:.4} of {cap} at δ = {delta:e} by {} ({} charges)",
+                spent.epsilon,
+                accounted_by(spent),
                 charges.len()
             );
             for c in &charges {
                 println!(
-                    "  study {} round {:>3}: σ = {:.4}, q = {}, {} steps, C = {}  ε {:.4} -> {:.4}{}",
+                    "  study {} round {:>3}: σ = {:.4}, q = {}, {} steps, C = {}  ε {:.4} -> {:.4} ({}){}",
                     c.study_id,
                     c.round,
                     c.mechanism.sigma,
@@ -254,6 +256,7 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
                     c.clip_norm,
                     c.epsilon_before,
                     c.epsilon_after,
+                    c.method,
                     match &c.declared_by {
                         Some(t) => format!("  (noise declared by trainer {t:?}, not enforced by medfl)"),
                         None => String::new(),
@@ -261,12 +264,21 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
                 );
             }
         }
-        report.push(serde_json::json!({"dataset": name, "ledger": ledger, "cap": cap, "delta": delta, "epsilon_spent": spent, "charges": charges}));
+        report.push(serde_json::json!({"dataset": name, "ledger": ledger, "cap": cap, "delta": delta, "epsilon_spent": spent.epsilon, "method": spent.method, "pld_interval": spent.interval, "charges": charges}));
     }
     if json {
         println!("{}", serde_json::Value::Array(report));
     }
     Ok(())
+}
+
+/// "PLD (grid 1e-4)", "PLD (exact)" or "RDP": which accountant a ledger's figure is from.
+pub fn accounted_by(spent: medfl_shared::pld::Spent) -> String {
+    match spent.method {
+        medfl_shared::pld::Method::Pld if spent.interval > 0.0 => format!("PLD (grid {:e})", spent.interval),
+        medfl_shared::pld::Method::Pld => "PLD (exact)".into(),
+        medfl_shared::pld::Method::Rdp => "RDP".into(),
+    }
 }
 
 fn print_egress(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<()> {
@@ -368,10 +380,10 @@ fn query_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyho
         let ledger = d.config.ledger_name();
         let cap = d.config.max_epsilon.unwrap_or(settings.policy.max_epsilon);
         let step = medfl_shared::query::gaussian_step(plan.z);
-        match settings.ledger.check(&ledger, step, cap, settings.policy.delta) {
+        match settings.ledger.check(&ledger, step, true, cap, settings.policy.delta) {
             Ok((before, after)) => println!(
-                "ledger {ledger:?}: ε = {before:.4} spent, {after:.4} after this query (cap {cap} at δ = {:e})",
-                settings.policy.delta
+                "ledger {ledger:?}: ε = {before:.4} spent, {:.4} after this query by {} (cap {cap} at δ = {:e})",
+                after.epsilon, after.method, settings.policy.delta
             ),
             Err(e) => reasons.push(e.to_string()),
         }

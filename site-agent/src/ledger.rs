@@ -5,14 +5,19 @@
 //! very same values again, which costs no further privacy, instead of drawing new
 //! noise and paying again. Exactly one charge per released output.
 //!
-//! Cumulative ε of a dataset composes the RDP curves of all its charges (Mironov 2017,
-//! Prop. 1) and converts once at the policy's δ (Canonne, Kamath, Steinke 2020,
-//! Prop. 12); see `medfl_shared::accountant`. This module is the only one in the agent
-//! that touches sled.
+//! The ledger stores events (each charge's mechanism), never ε to be added. The
+//! cumulative ε of a dataset is recomputed over all its charges by RDP (Mironov 2017,
+//! Prop. 1, converted once at the policy's δ by Canonne, Kamath, Steinke 2020,
+//! Prop. 12) and by PLD (`medfl_shared::pld`), and the smaller counts; each charge
+//! records which, with the PLD grid, so that an auditor recomputes the same figure. A
+//! ledger that holds a cohort query's discrete Gaussian stays on RDP
+//! (`medfl_shared::pld::Events`). This module is the only one in the agent that
+//! touches sled.
 
 use std::path::Path;
 
-use medfl_shared::accountant::{AccountantError, GaussianSteps, epsilon_rdp};
+use medfl_shared::accountant::{AccountantError, GaussianSteps};
+use medfl_shared::pld::{Events, Method, Spent};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -29,6 +34,16 @@ pub struct Charge {
     pub delta: f64,
     pub epsilon_before: f64,
     pub epsilon_after: f64,
+    /// The accountant that gave `epsilon_after` (the tighter of RDP and PLD) and its
+    /// PLD grid (0 for RDP, or where PLD is exact). Charges written before PLD read
+    /// as RDP, which they were.
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub pld_interval: f64,
+    /// A discrete Gaussian on integer totals (a cohort query), accounted by zCDP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discrete: bool,
     pub at_unix_ms: u64,
     /// The site's own trainer that added this charge's noise (record-level DP-SGD it
     /// declares), or None when the agent added it. A declared charge is the site's word,
@@ -68,6 +83,8 @@ pub struct ChargeRequest<'a> {
     pub cap: f64,
     pub delta: f64,
     pub declared_by: Option<&'a str>,
+    /// The mechanism is a discrete Gaussian on integer totals (a cohort query).
+    pub discrete: bool,
 }
 
 /// An update the site paid for, kept until a later round of its study is released.
@@ -124,11 +141,13 @@ impl Ledger {
 
     /// ε spent so far on `dataset`, at `delta`.
     pub fn spent(&self, dataset: &str, delta: f64) -> Result<f64, LedgerError> {
-        let mechanisms: Vec<GaussianSteps> = self.charges(dataset)?.into_iter().map(|c| c.mechanism).collect();
-        if mechanisms.is_empty() {
-            return Ok(0.0);
-        }
-        Ok(epsilon_rdp(&mechanisms, delta)?)
+        Ok(self.spent_by(dataset, delta)?.epsilon)
+    }
+
+    /// ε spent so far on `dataset` at `delta`, with the accountant that gave it.
+    pub fn spent_by(&self, dataset: &str, delta: f64) -> Result<Spent, LedgerError> {
+        let (events, kind) = events(&self.charges(dataset)?, None);
+        Ok(medfl_shared::pld::spent(&events, kind, delta)?)
     }
 
     /// The update released for `study_id`'s `round` under `manifest_hash`, if any.
@@ -141,27 +160,32 @@ impl Ledger {
         Ok((release.manifest_hash == manifest_hash).then_some(release))
     }
 
-    /// ε of `dataset` before and after one more `mechanism`, or the overspend.
+    /// ε of `dataset` before and after one more `mechanism` (a discrete Gaussian when
+    /// `discrete`), or the overspend.
     pub fn check(
         &self,
         dataset: &str,
         mechanism: GaussianSteps,
+        discrete: bool,
         cap: f64,
         delta: f64,
-    ) -> Result<(f64, f64), LedgerError> {
-        let mut mechanisms: Vec<GaussianSteps> = self.charges(dataset)?.into_iter().map(|c| c.mechanism).collect();
-        let before = if mechanisms.is_empty() {
-            0.0
-        } else {
-            epsilon_rdp(&mechanisms, delta)?
+    ) -> Result<(f64, Spent), LedgerError> {
+        let charges = self.charges(dataset)?;
+        let before = match charges.last() {
+            // The last charge's figure is this ledger's ε so far, when at this δ.
+            Some(last) if last.delta == delta => last.epsilon_after,
+            _ => {
+                let (events, kind) = events(&charges, None);
+                medfl_shared::pld::spent(&events, kind, delta)?.epsilon
+            }
         };
-        mechanisms.push(mechanism);
-        let after = epsilon_rdp(&mechanisms, delta)?;
-        if after > cap {
+        let (events, kind) = events(&charges, Some((mechanism, discrete)));
+        let after = medfl_shared::pld::spent(&events, kind, delta)?;
+        if after.epsilon > cap {
             return Err(LedgerError::WouldExceed {
                 dataset: dataset.to_string(),
                 before,
-                after,
+                after: after.epsilon,
                 cap,
                 delta,
             });
@@ -192,8 +216,9 @@ impl Ledger {
             cap,
             delta,
             declared_by,
+            discrete,
         } = *request;
-        let (before, after) = self.check(dataset, mechanism, cap, delta)?;
+        let (before, after) = self.check(dataset, mechanism, discrete, cap, delta)?;
         let charge = Charge {
             dataset: dataset.to_string(),
             study_id: study_id.to_string(),
@@ -203,7 +228,10 @@ impl Ledger {
             clip_norm,
             delta,
             epsilon_before: before,
-            epsilon_after: after,
+            epsilon_after: after.epsilon,
+            method: after.method,
+            pld_interval: after.interval,
+            discrete,
             at_unix_ms: medfl_shared::unix_ms(std::time::SystemTime::now()),
             declared_by: declared_by.map(str::to_string),
         };
@@ -223,7 +251,7 @@ impl Ledger {
                 round,
                 manifest_hash: manifest_hash.to_string(),
                 update_id: update_id.to_string(),
-                epsilon_after: after,
+                epsilon_after: after.epsilon,
                 values: values.to_vec(),
             };
             let bytes = serde_json::to_vec(&release).map_err(|source| LedgerError::Corrupt {
@@ -236,6 +264,22 @@ impl Ledger {
         self.db.flush()?;
         Ok(charge)
     }
+}
+
+/// A ledger's events, with one more appended, and what they may be composed by.
+fn events(charges: &[Charge], next: Option<(GaussianSteps, bool)>) -> (Vec<GaussianSteps>, Events) {
+    let mut events: Vec<GaussianSteps> = charges.iter().map(|c| c.mechanism).collect();
+    let mut discrete = charges.iter().any(|c| c.discrete);
+    if let Some((m, d)) = next {
+        events.push(m);
+        discrete |= d;
+    }
+    let kind = if discrete {
+        Events::HasDiscrete
+    } else {
+        Events::Gaussian
+    };
+    (events, kind)
 }
 
 fn release_key(study_id: &str, round: u32) -> String {
@@ -275,10 +319,15 @@ mod tests {
                     cap,
                     delta: 1e-5,
                     declared_by: None,
+                    discrete: false,
                 };
                 match ledger.charge(&request) {
                     Ok(c) => {
-                        assert!(c.epsilon_after > c.epsilon_before && c.epsilon_before >= last);
+                        assert!(
+                            // (JSON in sled keeps a figure to within a unit in the last place.)
+                            c.epsilon_after > c.epsilon_before && c.epsilon_before >= last * (1.0 - 1e-12),
+                            "charge {n}: {c:?} after {last}"
+                        );
                         last = c.epsilon_after;
                         n += 1;
                     }

@@ -8,24 +8,25 @@ use std::time::Duration;
 use crate::common::*;
 use medfl::Federation;
 use medfl_proto::v1 as pb;
-use medfl_shared::accountant::{GaussianSteps, Sampling, epsilon};
+use medfl_shared::accountant::{GaussianSteps, Sampling};
+use medfl_shared::pld::{self, Events, Method};
 
 const SIGMA: f64 = 2.0;
 const Q: f64 = 0.1;
 const STEPS: u64 = 10;
 const DELTA: f64 = 1e-5;
 
+/// What the ledgers charge for `rounds` rounds: the tighter of RDP and PLD.
 fn study_eps(rounds: u64) -> f64 {
-    epsilon(
-        &GaussianSteps {
-            sigma: SIGMA,
-            q: Q,
-            steps: STEPS * rounds,
-            sampling: Sampling::Poisson,
-        },
-        DELTA,
-    )
-    .expect("valid")
+    let steps = GaussianSteps {
+        sigma: SIGMA,
+        q: Q,
+        steps: STEPS * rounds,
+        sampling: Sampling::Poisson,
+    };
+    let spent = pld::spent(&[steps], Events::Gaussian, DELTA).expect("valid");
+    assert_eq!(spent.method, Method::Pld, "PLD is the tighter here");
+    spent.epsilon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,6 +85,9 @@ async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_a
     assert_eq!(charges.len(), 6, "two sites × three rounds");
     let last = charges.iter().rfind(|c| c["site"] == "hospital-a").expect("hospital-a");
     assert!((last["epsilon_after"].as_f64().expect("eps") - study_eps(3)).abs() < 1e-6);
+    // Each figure says which accountant gave it, with its grid.
+    assert_eq!(last["epsilon_method"], "pld", "{last}");
+    assert_eq!(last["pld_interval"].as_f64(), Some(pld::DEFAULT_INTERVAL), "{last}");
     let out = medfl(&["audit", "recompute", "--study", &id, "--profile", a]);
     assert!(
         out.status.success(),
@@ -117,7 +121,7 @@ async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_a
     assert!(
         card["privacy"]["accountant"]
             .as_str()
-            .is_some_and(|a| a.contains("Rényi"))
+            .is_some_and(|a| a.contains("Rényi") && a.contains("privacy loss distribution"))
     );
 
     // The study report: one file, its charts inline, nothing fetched.
@@ -141,24 +145,83 @@ async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_a
         assert!(!html.contains(fetch), "the report must not fetch anything ({fetch})");
     }
 
-    // Tamper with a recorded σ in a copy of the store; a coordinator on the copy fails the audit.
+    // A ledger that mixes methods and unequal rounds, in a copy of the store: round 1
+    // as a coordinator from before PLD recorded it (RDP), and hospital-a's round 2 at
+    // another σ and fewer steps, each later figure composed over the events as they
+    // now stand. The audit composes each site's own events, so it agrees.
     let dir = fed.dir.clone();
     fed.shutdown().await.expect("clean shutdown");
-    let copy = dir.join("coordinator/store-copy");
-    copy_dir(&dir.join("coordinator/store"), &copy);
-    {
-        let store = medfl_coordinator::store::Store::open(&copy, 1 << 20).expect("open copy");
+    let heterogeneous = |store: &medfl_coordinator::store::Store| {
+        let mut per_site: std::collections::HashMap<String, Vec<GaussianSteps>> = Default::default();
+        for mut charge in store.charges(&id).expect("charges") {
+            if charge.site == "hospital-a" && charge.round == 2 {
+                charge.mechanism.sigma = 2.5;
+                charge.mechanism.steps = 5;
+            }
+            let events = per_site.entry(charge.site.clone()).or_default();
+            charge.epsilon_before = pld::spent(events, Events::Gaussian, DELTA).expect("before").epsilon;
+            events.push(charge.mechanism);
+            let after = if charge.round == 1 {
+                pld::Spent {
+                    epsilon: pld::recompute(events, Method::Rdp, 0.0, DELTA).expect("rdp"),
+                    method: Method::Rdp,
+                    interval: 0.0,
+                }
+            } else {
+                pld::spent(events, Events::Gaussian, DELTA).expect("after")
+            };
+            (charge.epsilon_after, charge.method, charge.pld_interval) = (after.epsilon, after.method, after.interval);
+            store.overwrite_charge_for_test(&charge).expect("rewrite");
+        }
+        let methods: Vec<Method> = store.charges(&id).expect("charges").iter().map(|c| c.method).collect();
+        assert!(
+            methods.contains(&Method::Rdp) && methods.contains(&Method::Pld),
+            "{methods:?}"
+        );
+    };
+    let out = recompute_on_copy(&dir, "store-mixed", &id, a, |store| heterogeneous(store));
+    assert!(
+        out.status.success(),
+        "a mixed, heterogeneous ledger must recompute: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same, with one recorded σ altered: the audit fails at that charge.
+    let out = recompute_on_copy(&dir, "store-tampered", &id, a, |store| {
+        heterogeneous(store);
         let mut charge = store.charges(&id).expect("charges").remove(0);
         charge.mechanism.sigma *= 1.5;
         store.overwrite_charge_for_test(&charge).expect("tamper");
+    });
+    assert!(!out.status.success(), "a tampered σ must fail the audit");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("do not recompute") && stderr.contains("round 1"),
+        "{stderr}"
+    );
+}
+
+/// Copies the coordinator's store under `dir` to `name`, lets `edit` change the copy,
+/// starts a coordinator on it and returns what `medfl audit recompute` says there.
+fn recompute_on_copy(
+    dir: &std::path::Path,
+    name: &str,
+    id: &str,
+    auditor: &str,
+    edit: impl FnOnce(&medfl_coordinator::store::Store),
+) -> std::process::Output {
+    let copy = dir.join("coordinator").join(name);
+    copy_dir(&dir.join("coordinator/store"), &copy);
+    {
+        let store = medfl_coordinator::store::Store::open(&copy, 1 << 20).expect("open copy");
+        edit(&store);
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
-    let config = dir.join("coordinator/copy.toml");
+    let config = dir.join(format!("coordinator/{name}.toml"));
     std::fs::write(
         &config,
-        format!("listen = \"127.0.0.1:{port}\"\nstore = \"store-copy\"\nprofile = \".\"\n"),
+        format!("listen = \"127.0.0.1:{port}\"\nstore = \"{name}\"\nprofile = \".\"\n"),
     )
     .expect("config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_medfl"))
@@ -167,40 +230,31 @@ async fn a_study_stops_at_budget_exhausted_when_the_next_round_would_overspend_a
         .spawn()
         .expect("start coordinator on the copy");
     let url = format!("https://127.0.0.1:{port}");
-    let mut out = medfl(&[
-        "audit",
-        "recompute",
-        "--study",
-        &id,
-        "--profile",
-        a,
-        "--coordinator",
-        &url,
-    ]);
-    for _ in 0..50 {
-        if String::from_utf8_lossy(&out.stderr).contains("do not recompute") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        out = medfl(&[
+    let recompute = || {
+        medfl(&[
             "audit",
             "recompute",
             "--study",
-            &id,
+            id,
             "--profile",
-            a,
+            auditor,
             "--coordinator",
             &url,
-        ]);
+        ])
+    };
+    // Until the coordinator answers: a refused connection is neither verdict.
+    let mut out = recompute();
+    for _ in 0..50 {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || stderr.contains("do not recompute") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        out = recompute();
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(!out.status.success(), "a tampered σ must fail the audit");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("do not recompute") && stderr.contains("round 1"),
-        "{stderr}"
-    );
+    out
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

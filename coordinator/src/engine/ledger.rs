@@ -28,16 +28,18 @@ pub(super) fn check_site_clip(norm: f64, bound: f64, site: &str) -> Result<(), S
     Ok(())
 }
 
-/// ε of `rounds` rounds of the plan's per-round mechanism, at the plan's δ.
-pub(super) fn study_epsilon(plan: &medfl_shared::manifest::PrivacyPlan, rounds: u64) -> Result<f64, ServiceError> {
-    if rounds == 0 {
-        return Ok(0.0);
-    }
+/// ε of `rounds` rounds of the plan's per-round mechanism, at the plan's δ: the
+/// tighter of RDP and PLD, with which (see `medfl_shared::pld::spent`). Every round
+/// of a study charges the same mechanism, so k rounds are k × its steps.
+pub(super) fn study_epsilon(
+    plan: &medfl_shared::manifest::PrivacyPlan,
+    rounds: u64,
+) -> Result<medfl_shared::pld::Spent, ServiceError> {
     let steps = medfl_shared::accountant::GaussianSteps {
         steps: plan.per_round.steps * rounds,
         ..plan.per_round
     };
-    medfl_shared::accountant::epsilon(&steps, plan.delta).map_err(|e| ServiceError::Internal(e.to_string()))
+    medfl_shared::pld::spent(&[steps], plan.events, plan.delta).map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
 /// The published evaluation of a round: totals over the sites that reported, only
@@ -154,10 +156,20 @@ impl Engine {
             .as_ref()
             .filter(|_| settings.unit == PrivacyUnit::Record)
             .map(|e| e.trainer.clone());
+        // Sites with as many earlier rounds share one figure: compute each once.
+        let mut figures: HashMap<u64, (f64, medfl_shared::pld::Spent)> = HashMap::new();
         ledgers
             .iter()
             .map(|site| {
                 let k = earlier.iter().filter(|c| &c.site == site).count() as u64;
+                let (before, after) = match figures.get(&k) {
+                    Some(f) => *f,
+                    None => {
+                        let f = (study_epsilon(&plan, k)?.epsilon, study_epsilon(&plan, k + 1)?);
+                        figures.insert(k, f);
+                        f
+                    }
+                };
                 Ok(ChargeRecord {
                     study_id: study.id.clone(),
                     round: record.round,
@@ -166,8 +178,10 @@ impl Engine {
                     mechanism: plan.per_round,
                     clip_norm: settings.clip_norm,
                     delta: plan.delta,
-                    epsilon_before: study_epsilon(&plan, k)?,
-                    epsilon_after: study_epsilon(&plan, k + 1)?,
+                    epsilon_before: before,
+                    epsilon_after: after.epsilon,
+                    method: after.method,
+                    pld_interval: after.interval,
                     at_ms: now_ms(),
                     declared_by: declared.clone(),
                 })
@@ -196,7 +210,7 @@ impl Engine {
             .into_iter()
             .max_by_key(|(s, k)| (*k, std::cmp::Reverse(*s)))
             .unwrap_or(("any site", 0));
-        let next = study_epsilon(plan, k + 1)?;
+        let next = study_epsilon(plan, k + 1)?.epsilon;
         let ledger = if site == ALL_SITES {
             "the study's site-level ledger".to_string()
         } else {

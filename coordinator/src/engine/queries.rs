@@ -363,8 +363,10 @@ impl Engine {
             .secure_aggregation
             .then(|| query.session_threshold(record.selected.len()));
         let step = gaussian_step(plan.charged_multiplier(threshold));
-        let epsilon = medfl_shared::accountant::epsilon_rdp(&[step], query.delta)
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // A discrete Gaussian: zCDP, as the sites' ledgers account it.
+        let epsilon = medfl_shared::pld::spent(&[step], medfl_shared::pld::Events::HasDiscrete, query.delta)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .epsilon;
         let at_ms = now_ms();
         let charges: Vec<ChargeRecord> = charged
             .iter()
@@ -378,6 +380,9 @@ impl Engine {
                 delta: query.delta,
                 epsilon_before: 0.0,
                 epsilon_after: epsilon,
+                // A query's discrete Gaussian stays on zCDP (`medfl_shared::pld::Events`).
+                method: medfl_shared::pld::Method::Rdp,
+                pld_interval: 0.0,
                 at_ms,
                 declared_by: None,
             })

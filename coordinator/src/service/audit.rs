@@ -98,6 +98,8 @@ impl pb::audit_server::Audit for AuditService {
             delta: c.delta,
             epsilon_before: c.epsilon_before,
             epsilon_after: c.epsilon_after,
+            epsilon_method: c.method.as_str().into(),
+            pld_interval: c.pld_interval,
             at_unix_ms: c.at_ms,
             enforcement: crate::store::enforcement(c.declared_by.as_deref()),
         };

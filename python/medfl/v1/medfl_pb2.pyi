@@ -687,7 +687,7 @@ class LedgerRequest(_message.Message):
     def __init__(self, study_id: _Optional[str] = ..., site: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class LedgerCharge(_message.Message):
-    __slots__ = ("study_id", "round", "site", "dataset", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon_before", "epsilon_after", "at_unix_ms", "enforcement")
+    __slots__ = ("study_id", "round", "site", "dataset", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon_before", "epsilon_after", "at_unix_ms", "enforcement", "epsilon_method", "pld_interval")
     STUDY_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
@@ -702,6 +702,8 @@ class LedgerCharge(_message.Message):
     EPSILON_AFTER_FIELD_NUMBER: _ClassVar[int]
     AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_METHOD_FIELD_NUMBER: _ClassVar[int]
+    PLD_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     study_id: str
     round: int
     site: str
@@ -716,7 +718,9 @@ class LedgerCharge(_message.Message):
     epsilon_after: float
     at_unix_ms: int
     enforcement: str
-    def __init__(self, study_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset: _Optional[str] = ..., mechanism: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., clip_norm: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_before: _Optional[float] = ..., epsilon_after: _Optional[float] = ..., at_unix_ms: _Optional[int] = ..., enforcement: _Optional[str] = ...) -> None: ...
+    epsilon_method: str
+    pld_interval: float
+    def __init__(self, study_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset: _Optional[str] = ..., mechanism: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., clip_norm: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_before: _Optional[float] = ..., epsilon_after: _Optional[float] = ..., at_unix_ms: _Optional[int] = ..., enforcement: _Optional[str] = ..., epsilon_method: _Optional[str] = ..., pld_interval: _Optional[float] = ...) -> None: ...
 
 class LedgerReport(_message.Message):
     __slots__ = ("study_id", "budget_epsilon", "delta", "charges")

@@ -107,7 +107,12 @@ pub struct PrivacyPlan {
     /// `per_round.sigma` is the multiplier accounted for it (by OpenDP's map: a hair
     /// smaller, for the grid rounding); every ε here uses it.
     pub per_round: crate::accountant::GaussianSteps,
-    /// ε of one round, and of all the manifest's rounds, at `delta`.
+    /// What the study's ledgers may compose its rounds by: distributed DP's shares are
+    /// discrete Gaussians, accounted by zCDP only; everything else by the tighter of
+    /// RDP and PLD (`crate::pld::spent`).
+    pub events: crate::pld::Events,
+    /// ε of one round, and of all the manifest's rounds, at `delta`, as the ledgers
+    /// compute them.
     pub epsilon_per_round: f64,
     pub epsilon_all_rounds: f64,
     pub delta: f64,
@@ -230,10 +235,10 @@ impl StudyManifest {
     }
 
     /// Works out σ and the ε of one round and of all rounds, and refuses settings that
-    /// cannot meet their budget, with the numbers. This runs the accountant (σ
-    /// calibration takes tens of milliseconds): call it once, off the async reactor.
+    /// cannot meet their budget, with the numbers. This runs both accountants (a
+    /// PLD calibration takes up to seconds): call it once, off the async reactor.
     pub fn privacy_plan(&self) -> Result<Option<PrivacyPlan>, ManifestError> {
-        use crate::accountant::{GaussianSteps, Sampling, calibrate_sigma, epsilon};
+        use crate::accountant::{GaussianSteps, Sampling, calibrate_sigma};
         let Some(p) = &self.privacy else { return Ok(None) };
         self.check_privacy_settings()?;
         let all_steps = self.rounds as u64 * p.steps_per_round as u64;
@@ -242,6 +247,11 @@ impl StudyManifest {
         // actually drawn (its grid rounding adds to the sensitivity), so calibrate that,
         // then find the nominal σ whose map gives at least it.
         let distributed = self.distributed_dp();
+        let events = if distributed {
+            crate::pld::Events::HasDiscrete
+        } else {
+            crate::pld::Events::Gaussian
+        };
         let accounted = |nominal: f64| {
             if distributed {
                 // Distributed discrete Gaussian: exact integer noise, no grid rounding;
@@ -263,9 +273,41 @@ impl StudyManifest {
                 }
                 let needed = calibrate_sigma(target, p.sample_rate, all_steps, p.delta, Sampling::Poisson)
                     .map_err(|e| invalid(format!("privacy.target_epsilon cannot be met: {e}")))?;
+                // The ledgers count the tighter of RDP and PLD, so the smallest σ either
+                // accountant calibrates meets the target (PLD never needs more).
+                let needed = match events {
+                    crate::pld::Events::Gaussian => {
+                        crate::pld::calibrate_sigma(target, p.sample_rate, all_steps, p.delta)
+                            .map_or(needed, |pld| pld.min(needed))
+                    }
+                    crate::pld::Events::HasDiscrete => needed,
+                };
                 let mut nominal = needed * needed / accounted(needed)?;
                 while accounted(nominal)? < needed {
                     nominal *= 1.0 + 1e-9;
+                }
+                // The PLD grid may move a figure by a hair as σ moves: check the whole
+                // study as the ledgers will compute it, and nudge σ up until it fits.
+                let spent_all = |nominal: f64| -> Result<f64, ManifestError> {
+                    let m = GaussianSteps {
+                        sigma: accounted(nominal)?,
+                        q: p.sample_rate,
+                        steps: all_steps,
+                        sampling: Sampling::Poisson,
+                    };
+                    crate::pld::spent(&[m], events, p.delta)
+                        .map(|s| s.epsilon)
+                        .map_err(|e| invalid(format!("privacy settings: {e}")))
+                };
+                let mut tries = 0;
+                while spent_all(nominal)? > target {
+                    nominal *= 1.0 + 1e-6;
+                    tries += 1;
+                    if tries > 1000 {
+                        return Err(invalid(format!(
+                            "privacy.target_epsilon = {target} cannot be met: the accountants disagree with their own calibration near σ = {nominal:.6}"
+                        )));
+                    }
                 }
                 (nominal, accounted(nominal)?)
             }
@@ -291,7 +333,8 @@ impl StudyManifest {
             sampling: Sampling::Poisson,
         };
         let eps = |steps| {
-            epsilon(&GaussianSteps { steps, ..per_round }, p.delta)
+            crate::pld::spent(&[GaussianSteps { steps, ..per_round }], events, p.delta)
+                .map(|s| s.epsilon)
                 .map_err(|e| invalid(format!("privacy settings: {e}")))
         };
         let epsilon_per_round = eps(p.steps_per_round as u64)?;
@@ -304,6 +347,7 @@ impl StudyManifest {
         Ok(Some(PrivacyPlan {
             sigma,
             per_round,
+            events,
             epsilon_per_round,
             epsilon_all_rounds: eps(all_steps)?,
             delta: p.delta,

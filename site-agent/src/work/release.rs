@@ -98,6 +98,7 @@ pub(crate) fn charge(
                 cap: planned.cap,
                 delta: settings.policy.delta,
                 declared_by: planned.declared_by.as_deref(),
+                discrete: planned.discrete,
             };
             let release = reusable(approved).then_some((update_id.as_str(), trained.delta.as_slice()));
             let charge = match settings.ledger.charge_release(&request, release) {

@@ -34,6 +34,8 @@ pub(crate) struct PlannedCharge {
     pub cap: f64,
     /// The site's own trainer that adds the noise (declared record-level DP-SGD).
     pub declared_by: Option<String>,
+    /// Distributed DP: the site's share is a discrete Gaussian, accounted by zCDP.
+    pub discrete: bool,
 }
 
 /// What local training produced, as the agent will release it.
@@ -253,10 +255,13 @@ fn privacy_mode(
     };
     // Refuse before training if the round would pass the cap; the charge itself lands
     // with the update it pays for (release).
-    match settings
-        .ledger
-        .check(&approved.ledger, mechanism, approved.cap, settings.policy.delta)
-    {
+    match settings.ledger.check(
+        &approved.ledger,
+        mechanism,
+        manifest.distributed_dp(),
+        approved.cap,
+        settings.policy.delta,
+    ) {
         Ok(_) => {}
         Err(e @ LedgerError::WouldExceed { .. }) => return Err(Refusal::Budget(e).into()),
         Err(e) => return Err(anyhow::Error::from(e).context("check the ledger").into()),
@@ -271,6 +276,7 @@ fn privacy_mode(
             .as_ref()
             .filter(|_| p.unit == PrivacyUnit::Record)
             .map(|e| e.trainer.clone()),
+        discrete: manifest.distributed_dp(),
     };
     let mode = match p.unit {
         PrivacyUnit::Record => {
