@@ -158,20 +158,13 @@ fn recompute_charges(charges: &[pb::LedgerCharge], budget: f64) -> Result<Vec<St
     let off = |a: f64, b: f64| (a - b).abs() > TOLERANCE * b.abs().max(1e-12);
     for c in charges {
         let (events, discrete) = per_site.entry(c.site.as_str()).or_default();
-        let kind = |discrete: bool| {
-            if discrete {
-                Events::HasDiscrete
-            } else {
-                Events::Gaussian
-            }
-        };
         // ε before: the earlier events by either accountant (a ledger that was kept by
         // RDP before it was kept by the tighter of the two shows either).
         let before_ok = if events.is_empty() {
             !off(c.epsilon_before, 0.0)
         } else {
             let rdp = pld::recompute(events, Method::Rdp, 0.0, c.delta)?;
-            let tighter = pld::spent(events, kind(*discrete), c.delta)?.epsilon;
+            let tighter = pld::spent(events, Events::with_discrete(*discrete), c.delta)?.epsilon;
             !off(c.epsilon_before, rdp) || !off(c.epsilon_before, tighter)
         };
         events.push(event(c));
@@ -225,17 +218,8 @@ async fn dataset_ledger(conn: &Conn, dataset: &str, site: Option<&str>, json: bo
         let (steps, discrete) = per_site.entry(c.site.as_str()).or_default();
         steps.push(event(c));
         *discrete |= is_discrete(c);
-        let events = if *discrete {
-            Events::HasDiscrete
-        } else {
-            Events::Gaussian
-        };
-        let composed = pld::spent(steps, events, delta)?;
-        let kind = if c.mechanism == "discrete_gaussian" {
-            "query"
-        } else {
-            "study"
-        };
+        let composed = pld::spent(steps, Events::with_discrete(*discrete), delta)?;
+        let kind = if is_discrete(c) { "query" } else { "study" };
         rows.push((kind, c, composed));
     }
     if json {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// How each step's batch is drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sampling {
     /// Each record is included independently with probability q (add/remove-one
@@ -469,6 +469,18 @@ pub fn calibrate_sigma(
     if !(target.is_finite() && target > 0.0) {
         return Err(AccountantError::BadEpsilon(target));
     }
+    // Planning asks again (each party of a study; PLD's calibration starts here).
+    static CALIBRATED: crate::memo::Memo<([u64; 4], Sampling), f64> = crate::memo::Memo::new();
+    let key = ([target.to_bits(), q.to_bits(), steps, delta.to_bits()], sampling);
+    if let Some(hit) = CALIBRATED.get(&key) {
+        return Ok(hit);
+    }
+    let sigma = calibrate_uncached(target, q, steps, delta, sampling)?;
+    CALIBRATED.put(key, sigma);
+    Ok(sigma)
+}
+
+fn calibrate_uncached(target: f64, q: f64, steps: u64, delta: f64, sampling: Sampling) -> Result<f64, AccountantError> {
     const MAX_SIGMA: f64 = 1e6;
     let eps_at = |sigma: f64| {
         epsilon(

@@ -16,6 +16,7 @@ pub mod dp;
 pub mod hex;
 pub mod identity;
 pub mod manifest;
+pub mod memo;
 pub mod metrics;
 pub mod model;
 pub mod pld;

@@ -274,12 +274,7 @@ fn events(charges: &[Charge], next: Option<(GaussianSteps, bool)>) -> (Vec<Gauss
         events.push(m);
         discrete |= d;
     }
-    let kind = if discrete {
-        Events::HasDiscrete
-    } else {
-        Events::Gaussian
-    };
-    (events, kind)
+    (events, Events::with_discrete(discrete))
 }
 
 fn release_key(study_id: &str, round: u32) -> String {

@@ -128,7 +128,14 @@ impl Engine {
                 return self.end_study(id, StudyState::Completed, study.rounds_completed, String::new());
             }
             let round = study.rounds_completed + 1;
-            if let Some(reason) = self.budget_exhausted(&study, &manifest, privacy.as_ref(), round)? {
+            // The ledgers' figure for one more round is a PLD composition: off the reactor.
+            let (engine, for_check, for_manifest) = (self.clone(), study.clone(), manifest.clone());
+            let exhausted = tokio::task::spawn_blocking(move || {
+                engine.budget_exhausted(&for_check, &for_manifest, privacy.as_ref(), round)
+            })
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("ledger task failed: {e}")))??;
+            if let Some(reason) = exhausted {
                 warn!(%reason, "privacy budget exhausted");
                 return self.end_study(id, StudyState::BudgetExhausted, round, reason);
             }

@@ -247,11 +247,7 @@ impl StudyManifest {
         // actually drawn (its grid rounding adds to the sensitivity), so calibrate that,
         // then find the nominal σ whose map gives at least it.
         let distributed = self.distributed_dp();
-        let events = if distributed {
-            crate::pld::Events::HasDiscrete
-        } else {
-            crate::pld::Events::Gaussian
-        };
+        let events = crate::pld::Events::with_discrete(distributed);
         let accounted = |nominal: f64| {
             if distributed {
                 // Distributed discrete Gaussian: exact integer noise, no grid rounding;

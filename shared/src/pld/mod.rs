@@ -39,6 +39,7 @@ pub mod fft;
 use serde::{Deserialize, Serialize};
 
 use crate::accountant::{AccountantError, GaussianSteps, Sampling};
+use crate::memo::Memo;
 
 /// dp-accounting's default value discretization interval.
 pub const DEFAULT_INTERVAL: f64 = 1e-4;
@@ -490,8 +491,8 @@ pub fn epsilon_with_discrete(
         delta: delta.to_bits(),
         interval: interval.to_bits(),
     };
-    if let Some(hit) = memo().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(*hit);
+    if let Some(hit) = COMPOSED.get(&key) {
+        return Ok(hit);
     }
     // Each convolution may add up to 10⁻⁷·δ of FFT round-off before its peaks are summed
     // directly: a few hundred convolutions move δ by under 10⁻⁴ of itself, far below
@@ -530,11 +531,7 @@ pub fn epsilon_with_discrete(
     });
     let remove = remove.map_err(|_| AccountantError::Unsupported("the PLD composition panicked".into()))?;
     let worst = if add.epsilon >= remove.epsilon { add } else { remove };
-    let mut memo = memo().lock().unwrap_or_else(|p| p.into_inner());
-    if memo.len() >= MEMO_ENTRIES {
-        memo.clear();
-    }
-    memo.insert(key, worst);
+    COMPOSED.put(key, worst);
     Ok(worst)
 }
 
@@ -548,19 +545,13 @@ struct Key {
     interval: u64,
 }
 
-/// How many recent compositions are remembered (a few hundred bytes each).
-const MEMO_ENTRIES: usize = 4096;
+/// Recent compositions, remembered.
+static COMPOSED: Memo<Key, PldEpsilon> = Memo::new();
 
 /// Forgets every remembered composition: for benchmarks, which time the composition
 /// itself, not the memo.
 pub fn forget() {
-    memo().lock().unwrap_or_else(|p| p.into_inner()).clear();
-}
-
-fn memo() -> &'static std::sync::Mutex<std::collections::HashMap<Key, PldEpsilon>> {
-    static MEMO: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<Key, PldEpsilon>>> =
-        std::sync::OnceLock::new();
-    MEMO.get_or_init(Default::default)
+    COMPOSED.clear();
 }
 
 /// [`epsilon_pld`] on a grid fitted to the answer: dp-accounting's 10⁻⁴ up to ε ≈ 10,
@@ -588,19 +579,13 @@ fn interval_for(upper: f64) -> f64 {
 pub fn calibrate_sigma(target: f64, q: f64, steps: u64, delta: f64) -> Result<f64, AccountantError> {
     // Every party of a study plans it (the coordinator and each agent, often in one
     // process): remember recent answers.
-    type Memo = std::collections::HashMap<[u64; 4], f64>;
-    static CALIBRATED: std::sync::OnceLock<std::sync::Mutex<Memo>> = std::sync::OnceLock::new();
+    static CALIBRATED: Memo<[u64; 4], f64> = Memo::new();
     let key = [target.to_bits(), q.to_bits(), steps, delta.to_bits()];
-    let memo = CALIBRATED.get_or_init(Default::default);
-    if let Some(hit) = memo.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(*hit);
+    if let Some(hit) = CALIBRATED.get(&key) {
+        return Ok(hit);
     }
     let sigma = calibrate_uncached(target, q, steps, delta)?;
-    let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
-    if memo.len() >= MEMO_ENTRIES {
-        memo.clear();
-    }
-    memo.insert(key, sigma);
+    CALIBRATED.put(key, sigma);
     Ok(sigma)
 }
 
@@ -706,6 +691,17 @@ pub enum Events {
     HasDiscrete,
 }
 
+impl Events {
+    /// `HasDiscrete` when any event is a discrete Gaussian.
+    pub fn with_discrete(discrete: bool) -> Events {
+        if discrete {
+            Events::HasDiscrete
+        } else {
+            Events::Gaussian
+        }
+    }
+}
+
 /// A ledger's ε at `delta` over all its `events`: composed by RDP and by PLD, both
 /// sound upper bounds, and the smaller counts. PLD is skipped (RDP alone) where it
 /// does not apply: fixed-size sampling (replace-one) or discrete events ([`Events`]).
@@ -726,21 +722,17 @@ pub fn spent(events: &[GaussianSteps], kind: Events, delta: f64) -> Result<Spent
     }
     merged.sort_unstable();
     let key = (merged, kind == Events::Gaussian, delta.to_bits());
-    static SPENT: std::sync::OnceLock<std::sync::Mutex<SpentMemo>> = std::sync::OnceLock::new();
-    let memo = SPENT.get_or_init(Default::default);
-    if let Some(hit) = memo.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(*hit);
+    static SPENT: Memo<SpentKey, Spent> = Memo::new();
+    if let Some(hit) = SPENT.get(&key) {
+        return Ok(hit);
     }
     let figure = spent_uncached(events, kind, delta)?;
-    let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
-    if memo.len() >= MEMO_ENTRIES {
-        memo.clear();
-    }
-    memo.insert(key, figure);
+    SPENT.put(key, figure);
     Ok(figure)
 }
 
-type SpentMemo = std::collections::HashMap<(Vec<(u64, u64, bool, u64)>, bool, u64), Spent>;
+/// Merged events (σ and q bits, Poisson, steps), Gaussian-only, δ bits.
+type SpentKey = (Vec<(u64, u64, bool, u64)>, bool, u64);
 
 fn spent_uncached(events: &[GaussianSteps], kind: Events, delta: f64) -> Result<Spent, AccountantError> {
     let rdp = crate::accountant::epsilon_composed(events, delta)?;

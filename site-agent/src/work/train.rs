@@ -148,7 +148,10 @@ pub(crate) async fn train(
         Some((hx, hy)) if work.round > 1 && !external => Some(evaluate(manifest, &global, hx, hy)?),
         _ => None,
     };
-    let (mode, charge) = privacy_mode(settings, approved, global.len(), control.as_ref())?;
+    let (mode, charge) = privacy_mode(approved, global.len(), control.as_ref())?;
+    if let Some(planned) = &charge {
+        check_cap(settings, approved, planned).await?;
+    }
     let trainer = trainer_for(settings, approved, matches!(mode, TrainingMode::DpSgd { .. }))?;
     let task = TrainingTask {
         spec: manifest.model.clone(),
@@ -221,10 +224,24 @@ pub(crate) async fn train(
     })
 }
 
-/// The privacy mode for this round and, under DP, the charge it will make. A round
-/// that would pass the dataset's cap is refused before any training.
+/// Refuses the round before any training if its charge would pass the dataset's cap;
+/// the charge itself lands with the update it pays for (release). The ledger's figure
+/// is a PLD composition over all its charges: off the reactor.
+async fn check_cap(settings: &AgentSettings, approved: &Approved, planned: &PlannedCharge) -> Result<(), WorkError> {
+    let (ledger, name) = (settings.ledger.clone(), approved.ledger.clone());
+    let (mechanism, discrete, cap, delta) = (planned.mechanism, planned.discrete, planned.cap, settings.policy.delta);
+    let checked = tokio::task::spawn_blocking(move || ledger.check(&name, mechanism, discrete, cap, delta))
+        .await
+        .context("the ledger task")?;
+    match checked {
+        Ok(_) => Ok(()),
+        Err(e @ LedgerError::WouldExceed { .. }) => Err(Refusal::Budget(e).into()),
+        Err(e) => Err(anyhow::Error::from(e).context("check the ledger").into()),
+    }
+}
+
+/// The privacy mode for this round and, under DP, the charge it will make.
 fn privacy_mode(
-    settings: &AgentSettings,
     approved: &Approved,
     num_params: usize,
     control: Option<&(Vec<f32>, Vec<f32>)>,
@@ -253,19 +270,6 @@ fn privacy_mode(
         sigma: effective,
         ..plan.per_round
     };
-    // Refuse before training if the round would pass the cap; the charge itself lands
-    // with the update it pays for (release).
-    match settings.ledger.check(
-        &approved.ledger,
-        mechanism,
-        manifest.distributed_dp(),
-        approved.cap,
-        settings.policy.delta,
-    ) {
-        Ok(_) => {}
-        Err(e @ LedgerError::WouldExceed { .. }) => return Err(Refusal::Budget(e).into()),
-        Err(e) => return Err(anyhow::Error::from(e).context("check the ledger").into()),
-    }
     let charge = PlannedCharge {
         mechanism,
         clip_norm: p.clip_norm,
