@@ -54,6 +54,7 @@ fn schema(t: &Table) -> DataSchema {
         dates: vec![],
         omop: None,
         scaling: None,
+        image: None,
     }
 }
 

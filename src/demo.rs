@@ -340,6 +340,7 @@ fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
             config,
             omop: None,
             columns: Vec::new(),
+            images: None,
         });
     };
     let label = args.label.clone().unwrap_or_default();
@@ -515,6 +516,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                     scale: s.scale.iter().map(|v| *v as f64).collect(),
                 }
             }),
+            image: None,
         },
         selection: medfl_shared::manifest::Selection {
             min_sites: args.sites as u32,

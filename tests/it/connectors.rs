@@ -71,6 +71,7 @@ fn schema(label: &str, features: &[&str]) -> DataSchema {
         dates: vec![],
         omop: None,
         scaling: None,
+        image: None,
     }
 }
 

@@ -47,6 +47,7 @@ fn round_manifest(query: &QueryManifest, plan: &QueryPlan) -> StudyManifest {
             dates: vec![],
             omop: None,
             scaling: None,
+            image: None,
         },
         selection: Selection {
             min_sites: query.min_sites,

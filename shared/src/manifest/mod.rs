@@ -11,11 +11,13 @@ use thiserror::Error;
 use crate::identity::Name;
 use crate::model::{ModelError, ModelSpec, TensorSpec};
 
+mod image;
 mod omop;
 mod privacy;
 mod secagg;
 mod strategy;
 
+pub use image::{ImageInput, Resize, Window};
 pub use omop::*;
 pub use privacy::*;
 pub use secagg::*;
@@ -174,6 +176,11 @@ pub struct DataSchema {
     /// feature has one per category); required with record-level `[privacy]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<PublicScaling>,
+    /// An image study (`[data.image]`): each row is an image of an image-folder
+    /// dataset, its inputs the pixels as these public settings make them; `features`
+    /// stays empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInput>,
 }
 
 /// `[[data.categorical]]`: a feature whose values are names from a public list.
@@ -240,6 +247,9 @@ impl DataSchema {
     /// The model's inputs by name, in order: a numeric or date feature's own name, a
     /// categorical feature's `column=category` for each category.
     pub fn input_names(&self) -> Vec<String> {
+        if let Some(image) = &self.image {
+            return image.input_names();
+        }
         let mut out = Vec::new();
         for f in &self.features {
             match self.feature_kind(f) {
@@ -248,6 +258,21 @@ impl DataSchema {
             }
         }
         out
+    }
+
+    /// The public scaling every site applies to the model's inputs: `[data.scaling]`,
+    /// or for an image study none at all (its `[data.image]` settings already are the
+    /// public normalisation), written as center 0 and scale 1 for each of `inputs`.
+    pub fn public_scaling(&self, inputs: usize) -> Option<std::borrow::Cow<'_, PublicScaling>> {
+        if let Some(s) = &self.scaling {
+            return Some(std::borrow::Cow::Borrowed(s));
+        }
+        self.image.as_ref().map(|_| {
+            std::borrow::Cow::Owned(PublicScaling {
+                center: vec![0.0; inputs],
+                scale: vec![1.0; inputs],
+            })
+        })
     }
 
     /// The model's outputs: one logit for a binary label, else one per class.
@@ -444,8 +469,17 @@ impl StudyManifest {
         if data.dataset.is_empty() || data.label.is_empty() {
             return Err(invalid("data.dataset and data.label must be set"));
         }
-        if data.features.is_empty() {
-            return Err(invalid("data.features must list at least one column"));
+        match &data.image {
+            Some(_) if !data.features.is_empty() || data.scaling.is_some() || data.omop.is_some() => {
+                return Err(invalid(
+                    "an image study ([data.image]) reads pixels: leave data.features, data.scaling and data.omop out",
+                ));
+            }
+            Some(image) => image.validate()?,
+            None if data.features.is_empty() => {
+                return Err(invalid("data.features must list at least one column"));
+            }
+            None => {}
         }
         let mut seen = std::collections::HashSet::new();
         for f in &data.features {
@@ -561,6 +595,9 @@ impl StudyManifest {
     /// The model's input width: one per numeric or date feature, one per category of a
     /// categorical one.
     pub fn n_features(&self) -> usize {
+        if let Some(image) = &self.data.image {
+            return image.inputs();
+        }
         self.data
             .features
             .iter()

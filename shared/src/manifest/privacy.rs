@@ -187,7 +187,7 @@ impl StudyManifest {
                 "a study with [privacy] must use strategy.weighting = \"uniform\": a site's example count is itself a statistic of its rows",
             ));
         }
-        if p.unit == PrivacyUnit::Record && self.data.scaling.is_none() {
+        if p.unit == PrivacyUnit::Record && self.data.public_scaling(self.n_features()).is_none() {
             return Err(invalid(
                 "a record-level [privacy] study needs public feature scaling in data.scaling: sites may not standardize with their own statistics under DP-SGD",
             ));

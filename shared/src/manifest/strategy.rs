@@ -253,7 +253,7 @@ impl StudyManifest {
                 "strategy.kind = \"scaffold\" corrects plain SGD steps (Karimireddy et al. 2020, Algorithm 1): set training.optimizer = \"sgd\"",
             ));
         }
-        if self.data.scaling.is_none() {
+        if self.data.public_scaling(self.n_features()).is_none() {
             return Err(invalid(
                 "strategy.kind = \"scaffold\" needs public feature scaling in data.scaling: every site's control variate must be on the same coordinates, not on each site's own scale",
             ));

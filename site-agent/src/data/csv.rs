@@ -330,6 +330,7 @@ mod tests {
             config: cfg,
             omop: None,
             columns: Vec::new(),
+            images: None,
         }
     }
 
@@ -343,6 +344,7 @@ mod tests {
             dates: vec![],
             omop: None,
             scaling: None,
+            image: None,
         }
     }
 

@@ -23,6 +23,8 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub mod csv;
+pub mod dicom;
+pub mod images;
 pub mod omop;
 pub mod parquet;
 pub mod pg_tls;
@@ -90,6 +92,9 @@ pub struct DatasetConfig {
     /// An OMOP CDM in PostgreSQL, read through a study's `[data.omop]`.
     #[serde(default)]
     pub omop: Option<omop::OmopSource>,
+    /// A folder of images with a labels CSV, read through a study's `[data.image]`.
+    #[serde(default)]
+    pub images: Option<images::ImagesSource>,
     /// The label column (an OMOP dataset has none: its study defines the label).
     #[serde(default)]
     pub label: String,
@@ -123,6 +128,7 @@ impl DatasetConfig {
             path: path.into(),
             postgres: None,
             omop: None,
+            images: None,
             label: label.into(),
             person_id: person_id.map(Into::into),
             features: FeatureSelection::default(),
@@ -151,25 +157,29 @@ impl DatasetConfig {
 
     /// Whether the dataset is a file (a trainer can be given its path).
     pub fn is_file(&self) -> bool {
-        self.postgres.is_none() && self.omop.is_none()
+        self.postgres.is_none() && self.omop.is_none() && self.images.is_none()
     }
 
     /// Checks the entry itself (one source, names present); reading comes later.
     pub fn validate(&self) -> Result<(), String> {
         let has_path = !self.path.as_os_str().is_empty();
-        let sources = usize::from(has_path) + usize::from(self.postgres.is_some()) + usize::from(self.omop.is_some());
+        let sources = usize::from(has_path)
+            + usize::from(self.postgres.is_some())
+            + usize::from(self.omop.is_some())
+            + usize::from(self.images.is_some());
         if sources != 1 {
             return Err(format!(
-                "dataset {:?}: give one source: `path` (a CSV file), [datasets.postgres] or [datasets.omop]",
+                "dataset {:?}: give one source: `path` (a CSV or Parquet file), [datasets.postgres], [datasets.omop] or [datasets.images]",
                 self.name
             ));
         }
         if self.omop.is_none() && self.label.is_empty() {
             return Err(format!("dataset {:?}: name its `label` column", self.name));
         }
-        match (&self.postgres, &self.omop) {
-            (Some(pg), _) => pg.validate(&self.name),
-            (_, Some(omop)) => omop.validate(&self.name),
+        match (&self.postgres, &self.omop, &self.images) {
+            (Some(pg), _, _) => pg.validate(&self.name),
+            (_, Some(omop), _) => omop.validate(&self.name),
+            (_, _, Some(images)) => images.validate(&self.name),
             _ => Ok(()),
         }
     }
@@ -323,6 +333,12 @@ pub enum DataError {
     },
     #[error("{origin}: {reason}")]
     Unsupported { origin: String, reason: String },
+    #[error("{origin}: {file} {reason}")]
+    Image {
+        origin: String,
+        file: String,
+        reason: String,
+    },
 }
 
 fn dropped_text(dropped: &[(String, usize)]) -> String {
@@ -355,6 +371,7 @@ impl DataError {
             DataError::RepeatedPersons { .. } => "a person has more than one row".into(),
             DataError::NoRows { .. } => "no usable rows".into(),
             DataError::Unsupported { .. } => "the data source has a column type medfl cannot read".into(),
+            DataError::Image { .. } => "an image of the dataset cannot be used".into(),
         }
     }
 }
@@ -391,6 +408,8 @@ pub struct Dataset {
     /// The source's columns as last read (empty until then, or when the source could
     /// not be reached).
     pub columns: Vec<(String, ColumnType)>,
+    /// An image dataset's folder (resolved), whose labels CSV is the connector.
+    pub images: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Dataset {
@@ -446,7 +465,11 @@ impl Dataset {
             });
         }
         let mut omop = None;
+        let images = config.images.as_ref().map(|i| base.join(&i.folder));
         let connector: Box<dyn Connector> = match (&config.postgres, &config.omop) {
+            (None, None) if let (Some(folder), Some(source)) = (&images, &config.images) => {
+                Box::new(csv::CsvConnector::new(&config.name, &folder.join(&source.labels)))
+            }
             (Some(pg), _) => Box::new(postgres::PostgresConnector::new(&config.name, pg, base)?),
             (None, Some(source)) => {
                 let builder = omop::OmopConnector::new(&config.name, source, base)?;
@@ -470,6 +493,7 @@ impl Dataset {
             connector,
             omop,
             columns: Vec::new(),
+            images,
         })
     }
 
@@ -544,12 +568,34 @@ impl Dataset {
             dates: Vec::new(),
             omop: None,
             scaling: None,
+            image: None,
         };
         Ok((schema, left_out))
     }
 
     /// Reads the rows a study's schema needs and encodes them.
     pub fn encode(&self, schema: &DataSchema) -> Result<Encoded, DataError> {
+        match (&schema.image, &self.images, &self.config.images) {
+            (Some(spec), Some(folder), Some(source)) => {
+                return images::encode(self, source, folder, schema, spec);
+            }
+            (Some(_), _, _) => {
+                return Err(DataError::Unsupported {
+                    origin: self.connector.source().to_string(),
+                    reason:
+                        "the study reads images ([data.image]); this dataset is not an image folder ([datasets.images])"
+                            .into(),
+                });
+            }
+            (None, Some(_), _) => {
+                return Err(DataError::Unsupported {
+                    origin: self.connector.source().to_string(),
+                    reason: "an image folder is read through a study's [data.image] (size, channels, normalisation)"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
         match (&schema.omop, &self.omop) {
             (Some(cohort), Some(builder)) => return self.encode_omop(cohort, builder, schema),
             (Some(_), None) => {
@@ -1092,6 +1138,7 @@ impl Table {
             connector: Box::new(connector),
             omop: None,
             columns: Vec::new(),
+            images: None,
         }
         .load_default()
     }

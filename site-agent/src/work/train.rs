@@ -115,7 +115,10 @@ fn external_context(settings: &AgentSettings, approved: &Approved, work: &pb::Wo
         dataset_path: path,
         label: manifest.data.label.clone(),
         features: manifest.data.features.clone(),
-        scaling: manifest.data.scaling.as_ref().map(|s| s.standardizer()),
+        scaling: manifest
+            .data
+            .public_scaling(manifest.n_features())
+            .map(|s| s.standardizer()),
     })
 }
 
@@ -248,7 +251,7 @@ fn privacy_mode(
 ) -> Result<(TrainingMode, Option<PlannedCharge>), WorkError> {
     let manifest = &approved.manifest;
     let Some((plan, p)) = &approved.plan else {
-        let scaffold = match (control, &manifest.data.scaling) {
+        let scaffold = match (control, manifest.data.public_scaling(manifest.n_features())) {
             (Some((c, c_i)), Some(scaling)) => Some(Scaffold {
                 scaling: scaling.standardizer(),
                 c: c.clone(),
@@ -284,7 +287,10 @@ fn privacy_mode(
     };
     let mode = match p.unit {
         PrivacyUnit::Record => {
-            let scaling = manifest.data.scaling.as_ref().ok_or(Refusal::NoPublicScaling)?;
+            let scaling = manifest
+                .data
+                .public_scaling(manifest.n_features())
+                .ok_or(Refusal::NoPublicScaling)?;
             TrainingMode::DpSgd {
                 scaling: scaling.standardizer(),
                 config: DpSgdConfig {
