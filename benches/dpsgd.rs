@@ -23,6 +23,8 @@ fn dpsgd(c: &mut Criterion) {
                 kind: ModelKind::LogisticRegression,
                 hidden: vec![],
                 external: None,
+                input: None,
+                conv: Vec::new(),
             },
         ),
         (
@@ -31,6 +33,8 @@ fn dpsgd(c: &mut Criterion) {
                 kind: ModelKind::Mlp,
                 hidden: vec![64],
                 external: None,
+                input: None,
+                conv: Vec::new(),
             },
         ),
     ] {
@@ -58,6 +62,8 @@ fn dpsgd_step(c: &mut Criterion) {
         kind: ModelKind::Mlp,
         hidden: vec![32_768],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let mut params = spec.init(d, 1);
     let noise = GaussianNoise::new(params.len(), 1.0, 1.0).expect("noise");

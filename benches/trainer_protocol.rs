@@ -93,6 +93,8 @@ fn bench(c: &mut Criterion) {
     let spec = ModelSpec {
         kind: ModelKind::External,
         hidden: vec![],
+        input: None,
+        conv: Vec::new(),
         external: Some(ExternalModel {
             trainer: "bench".into(),
             tensors: (0..10)
@@ -118,6 +120,8 @@ fn bench(c: &mut Criterion) {
     // The fixed cost of a round (bubblewrap, the interpreter, its imports), to tell the
     // channel's throughput from process start-up.
     let tiny = ModelSpec {
+        input: None,
+        conv: Vec::new(),
         external: Some(ExternalModel {
             trainer: "bench".into(),
             tensors: vec![TensorSpec {

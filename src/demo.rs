@@ -33,6 +33,13 @@ const DP_LEARNING_RATE: f64 = 3.0;
 const DP_CLIP_NORM: f64 = 0.5;
 /// The local optimizer under DP.
 const DP_OPTIMIZER: &str = "sgd";
+/// The conv net's DP settings on the digits (Adam at 0.01 on Poisson samples of a quarter
+/// of each hospital's images, 8 steps a round, clip 1): chosen among five settings on the
+/// demo's seed 42 at ε = 8 (see the imaging issue's closing note).
+const CNN_DP_SAMPLE_RATE: f64 = 0.25;
+const CNN_DP_STEPS_PER_ROUND: u32 = 8;
+const CNN_DP_LEARNING_RATE: f64 = 0.01;
+const CNN_DP_CLIP_NORM: f64 = 1.0;
 /// SCAFFOLD's local SGD learning rate.
 const SCAFFOLD_LEARNING_RATE: f64 = 0.1;
 
@@ -52,10 +59,11 @@ pub struct DemoArgs {
     pub split: SplitKind,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// The data instead of the bundled breast-cancer table: a CSV file, or a PostgreSQL
+    /// The data instead of the bundled breast-cancer table: a CSV file, a PostgreSQL
     /// connection URL (`postgresql://user@host:port/db`, no password: give it in
-    /// PGPASSWORD) with --table.
-    #[arg(long, requires = "label")]
+    /// PGPASSWORD) with --table, or an image folder (PNG, JPEG or DICOM files and a
+    /// `labels.csv` of `file,label`; the classes are its labels, sorted).
+    #[arg(long)]
     pub data: Option<String>,
     /// The table of a PostgreSQL --data (`name` or `schema.name`).
     #[arg(long)]
@@ -69,8 +77,10 @@ pub struct DemoArgs {
     /// Person id column of --data (never used as a feature).
     #[arg(long)]
     pub id: Option<String>,
-    /// Model: logistic regression, or an MLP with --hidden widths.
-    #[arg(long, value_parser = ["logistic", "mlp"], default_value = "logistic")]
+    /// Model: logistic regression, an MLP with --hidden widths, or (on an image folder)
+    /// a conv net: two 3×3 blocks of 16 and 32 channels, group norm, 2×2 max pools, then
+    /// --hidden dense layers.
+    #[arg(long, value_parser = ["logistic", "mlp", "cnn"], default_value = "logistic")]
     pub model: String,
     /// Hidden layer widths for --model mlp (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "16")]
@@ -120,21 +130,22 @@ pub struct DemoArgs {
     /// ε of each cohort query with --queries.
     #[arg(long, default_value_t = 0.2)]
     pub query_epsilon: f64,
-    /// DP tuning (what `scripts/dp_sweep.py` varies): DP-SGD's sampling rate per step.
-    #[arg(long, default_value_t = DP_SAMPLE_RATE, help_heading = "DP tuning")]
-    pub dp_sample_rate: f64,
-    /// DP-SGD steps per round at each hospital.
-    #[arg(long, default_value_t = DP_STEPS_PER_ROUND, help_heading = "DP tuning")]
-    pub dp_steps: u32,
-    /// The local optimizer's learning rate under DP.
-    #[arg(long, default_value_t = DP_LEARNING_RATE, help_heading = "DP tuning")]
-    pub dp_learning_rate: f64,
-    /// DP-SGD's per-example clip norm.
-    #[arg(long, default_value_t = DP_CLIP_NORM, help_heading = "DP tuning")]
-    pub dp_clip_norm: f64,
-    /// The local optimizer under DP: adam or sgd.
-    #[arg(long, default_value = DP_OPTIMIZER, value_parser = ["adam", "sgd"], help_heading = "DP tuning")]
-    pub dp_optimizer: String,
+    /// DP tuning (what `scripts/dp_sweep.py` varies): DP-SGD's sampling rate per step
+    /// [default: 1; 0.25 for --model cnn].
+    #[arg(long, help_heading = "DP tuning")]
+    pub dp_sample_rate: Option<f64>,
+    /// DP-SGD steps per round at each hospital [default: 2; 8 for --model cnn].
+    #[arg(long, help_heading = "DP tuning")]
+    pub dp_steps: Option<u32>,
+    /// The local optimizer's learning rate under DP [default: 3; 0.01 for --model cnn].
+    #[arg(long, help_heading = "DP tuning")]
+    pub dp_learning_rate: Option<f64>,
+    /// DP-SGD's per-example clip norm [default: 0.5; 1 for --model cnn].
+    #[arg(long, help_heading = "DP tuning")]
+    pub dp_clip_norm: Option<f64>,
+    /// The local optimizer under DP: adam or sgd [default: sgd; adam for --model cnn].
+    #[arg(long, value_parser = ["adam", "sgd"], help_heading = "DP tuning")]
+    pub dp_optimizer: Option<String>,
 }
 
 /// The demo's Python trainer: `[trainers.lr]` for every agent.toml, the trainer's root
@@ -166,7 +177,43 @@ fn python_trainer_toml(script: &str) -> Result<String> {
     ))
 }
 
+/// The DP settings a demo runs with: the flags, else the defaults for its model.
+#[derive(Debug, Clone)]
+struct DpTuning {
+    sample_rate: f64,
+    steps: u32,
+    learning_rate: f64,
+    clip_norm: f64,
+    optimizer: String,
+}
+
 impl DemoArgs {
+    /// The flags' DP settings, else the tuned defaults: `DP_*` for the tables (the sweep
+    /// of `scripts/dp_sweep.py`), `CNN_DP_*` for the conv net.
+    fn dp_tuning(&self) -> DpTuning {
+        let cnn = self.model == "cnn";
+        DpTuning {
+            sample_rate: self
+                .dp_sample_rate
+                .unwrap_or(if cnn { CNN_DP_SAMPLE_RATE } else { DP_SAMPLE_RATE }),
+            steps: self.dp_steps.unwrap_or(if cnn {
+                CNN_DP_STEPS_PER_ROUND
+            } else {
+                DP_STEPS_PER_ROUND
+            }),
+            learning_rate: self
+                .dp_learning_rate
+                .unwrap_or(if cnn { CNN_DP_LEARNING_RATE } else { DP_LEARNING_RATE }),
+            clip_norm: self
+                .dp_clip_norm
+                .unwrap_or(if cnn { CNN_DP_CLIP_NORM } else { DP_CLIP_NORM }),
+            optimizer: self
+                .dp_optimizer
+                .clone()
+                .unwrap_or_else(|| if cnn { "adam" } else { DP_OPTIMIZER }.to_string()),
+        }
+    }
+
     /// The ε budget per hospital dataset, or `None` with `--no-dp`.
     fn dp_epsilon(&self) -> Option<f64> {
         (!self.no_dp).then_some(self.epsilon)
@@ -343,7 +390,22 @@ fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
             images: None,
         });
     };
-    let label = args.label.clone().unwrap_or_default();
+    if std::path::Path::new(data).is_dir() {
+        let label = args.label.clone().unwrap_or_else(|| "label".into());
+        let mut config = DatasetConfig::csv("demo", "", &label, args.id.as_deref());
+        config.path = PathBuf::new();
+        config.images = Some(medfl_site_agent::data::images::ImagesSource {
+            folder: PathBuf::from(data),
+            labels: "labels.csv".into(),
+            file_column: "file".into(),
+            bad_image: Default::default(),
+            burned_in_annotation: Default::default(),
+        });
+        return Ok(Dataset::open(config, std::path::Path::new("."))?);
+    }
+    let Some(label) = args.label.clone() else {
+        bail!("--data {data} is a table: name its --label column");
+    };
     let mut config = DatasetConfig::csv("demo", data.as_str(), &label, args.id.as_deref());
     if data.starts_with("postgres://") || data.starts_with("postgresql://") {
         let Some(table) = &args.table else {
@@ -366,6 +428,94 @@ fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
     Ok(Dataset::open(config, std::path::Path::new("."))?)
 }
 
+/// An image folder's rows as its `labels.csv` lists them: each file (absolute) and its
+/// label text.
+fn image_rows(folder: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
+    let path = folder.join("labels.csv");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let rows = medfl_site_agent::data::parse_csv(&text, &path.display().to_string())?;
+    let mut rows = rows.into_iter().map(|(_, fields)| fields);
+    let header = rows.next().unwrap_or_default();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|c| c == name)
+            .with_context(|| format!("{} has no {name:?} column", path.display()))
+    };
+    let (file, label) = (column("file")?, column("label")?);
+    let folder = std::fs::canonicalize(folder)?;
+    Ok(rows.map(|r| (folder.join(&r[file]), r[label].clone())).collect())
+}
+
+/// The demo's image study: the first image's channels and size, its labels' classes
+/// (sorted, numerically where they are numbers) unless --classes names them.
+fn image_schema(
+    label: &str,
+    rows: &[(PathBuf, String)],
+    classes: &[String],
+) -> Result<medfl_shared::manifest::DataSchema> {
+    let Some((first, _)) = rows.first() else {
+        bail!("the image folder's labels.csv lists no images");
+    };
+    let probe = medfl_shared::manifest::ImageInput {
+        channels: 1,
+        size: [1, 1],
+        crop: None,
+        resize: None,
+        window: None,
+        mean: Vec::new(),
+        std: Vec::new(),
+    };
+    let decoded = medfl_site_agent::data::images::decode(first, &probe, false)
+        .map_err(|e| anyhow::anyhow!("{} {e}", first.display()))?;
+    let mut classes = classes.to_vec();
+    if classes.is_empty() {
+        let mut seen: Vec<String> = rows.iter().map(|(_, l)| l.clone()).collect();
+        seen.sort_by(|a, b| match (a.parse::<f64>(), b.parse::<f64>()) {
+            (Ok(x), Ok(y)) => x.total_cmp(&y),
+            _ => a.cmp(b),
+        });
+        seen.dedup();
+        classes = seen;
+    }
+    Ok(medfl_shared::manifest::DataSchema {
+        dataset: "demo".into(),
+        label: label.into(),
+        classes,
+        features: Vec::new(),
+        categorical: Vec::new(),
+        dates: Vec::new(),
+        omop: None,
+        scaling: None,
+        image: Some(medfl_shared::manifest::ImageInput {
+            channels: decoded.channels.min(3),
+            size: [decoded.height, decoded.width],
+            ..probe
+        }),
+    })
+}
+
+/// The demo's conv net: two 3×3 blocks (16 and 32 channels), group norm, 2×2 pools.
+fn demo_conv() -> Vec<medfl_shared::model::ConvBlock> {
+    use medfl_shared::model::{ConvBlock, Norm};
+    vec![
+        ConvBlock {
+            channels: 16,
+            kernel: 3,
+            norm: Norm::Group,
+            groups: 4,
+            pool: 2,
+        },
+        ConvBlock {
+            channels: 32,
+            kernel: 3,
+            norm: Norm::Group,
+            groups: 4,
+            pool: 2,
+        },
+    ]
+}
+
 pub async fn run(args: DemoArgs) -> Result<()> {
     // Progress bars tell the story; logs only for problems unless RUST_LOG asks.
     medfl_proto::telemetry::init_with("warn", false);
@@ -373,6 +523,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bail!("--sites must be 1..=100");
     }
     let dp_epsilon = args.dp_epsilon();
+    let dp = args.dp_tuning();
     let secagg = !args.no_secagg;
     let external = args.trainer != "builtin";
     if args.trainer == "sklearn" && dp_epsilon.is_some() {
@@ -416,13 +567,31 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let dataset = demo_dataset(&args)?;
     let file = dataset.connector.source().to_string();
     let label = dataset.config.label.clone();
-    let (mut schema, left_out) = dataset.default_schema()?;
+    let image_files = match &dataset.images {
+        Some(folder) => Some(image_rows(folder)?),
+        None => None,
+    };
+    if args.model == "cnn" && image_files.is_none() {
+        bail!("--model cnn trains on an image folder: give --data a folder with labels.csv");
+    }
+    let (mut schema, left_out) = match &image_files {
+        Some(rows) => (image_schema(&label, rows, &args.classes)?, Vec::new()),
+        None => dataset.default_schema()?,
+    };
     for (column, why) in &left_out {
         eprintln!("note: column {column:?} is not a feature: {why}");
     }
-    schema.classes = args.classes.clone();
+    if image_files.is_none() {
+        schema.classes = args.classes.clone();
+    }
     let outputs = schema.outputs();
     let table = dataset.encode(&schema)?.into_table("demo");
+    if image_files.is_some() && table.dropped > 0 {
+        bail!(
+            "{} rows of the labels CSV were left out: the demo splits whole folders",
+            table.dropped
+        );
+    }
     if table.dropped > 0 {
         eprintln!("note: {} rows left out (missing values)", table.dropped);
     }
@@ -441,17 +610,23 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         )),
     };
     let model = ModelSpec {
-        kind: if args.model == "mlp" {
-            ModelKind::Mlp
-        } else {
-            ModelKind::LogisticRegression
+        kind: match args.model.as_str() {
+            "mlp" => ModelKind::Mlp,
+            "cnn" => ModelKind::Cnn,
+            _ => ModelKind::LogisticRegression,
         },
-        hidden: if args.model == "mlp" {
-            args.hidden.clone()
-        } else {
+        hidden: if args.model == "logistic" {
             vec![]
+        } else {
+            args.hidden.clone()
         },
         external: None,
+        input: schema
+            .image
+            .as_ref()
+            .filter(|_| args.model == "cnn")
+            .map(|i| [i.channels, i.height(), i.width()]),
+        conv: if args.model == "cnn" { demo_conv() } else { Vec::new() },
     };
     // The same logistic regression, trained by each hospital's Python trainer: medfl
     // knows only its layout.
@@ -459,6 +634,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         true => ModelSpec {
             kind: ModelKind::External,
             hidden: vec![],
+            input: None,
+            conv: Vec::new(),
             external: Some(medfl_shared::model::ExternalModel {
                 trainer: "lr".into(),
                 tensors: model.layout(table.columns.len()),
@@ -472,13 +649,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         batch_size: 32,
         // SCAFFOLD corrects plain SGD steps, which take a larger rate than Adam's.
         learning_rate: if dp_epsilon.is_some() {
-            args.dp_learning_rate
+            dp.learning_rate
         } else if scaffold {
             SCAFFOLD_LEARNING_RATE
+        } else if args.model == "cnn" {
+            0.01
         } else {
             0.05
         },
-        optimizer: if scaffold || (dp_epsilon.is_some() && args.dp_optimizer == "sgd") {
+        optimizer: if scaffold || (dp_epsilon.is_some() && dp.optimizer == "sgd") {
             Optimizer::Sgd
         } else {
             Optimizer::Adam
@@ -501,22 +680,26 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         data: medfl_shared::manifest::DataSchema {
             dataset: "demo".into(),
             label: label.clone(),
-            classes: args.classes.clone(),
-            features: table.columns.clone(),
+            classes: schema.classes.clone(),
+            features: if schema.image.is_some() {
+                Vec::new()
+            } else {
+                table.columns.clone()
+            },
             categorical: Vec::new(),
             dates: Vec::new(),
             omop: None,
             // Under DP the hospitals may not scale with their own statistics; the public
             // reference is the consortium's held-out set, which no hospital owns. The
             // adaptive server optimizers and robust aggregators work on that scale too.
-            scaling: (dp_epsilon.is_some() || public_scale).then(|| {
+            scaling: (schema.image.is_none() && (dp_epsilon.is_some() || public_scale)).then(|| {
                 let s = medfl_shared::model::Standardizer::fit(&test.x, test.columns.len());
                 medfl_shared::manifest::PublicScaling {
                     center: s.center.iter().map(|v| *v as f64).collect(),
                     scale: s.scale.iter().map(|v| *v as f64).collect(),
                 }
             }),
-            image: None,
+            image: schema.image.clone(),
         },
         selection: medfl_shared::manifest::Selection {
             min_sites: args.sites as u32,
@@ -528,9 +711,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         privacy: dp_epsilon.map(|epsilon| medfl_shared::manifest::Privacy {
             unit: medfl_shared::manifest::PrivacyUnit::Record,
             delta: args.delta,
-            clip_norm: args.dp_clip_norm,
-            sample_rate: args.dp_sample_rate,
-            steps_per_round: args.dp_steps,
+            clip_norm: dp.clip_norm,
+            sample_rate: dp.sample_rate,
+            steps_per_round: dp.steps,
             noise_multiplier: None,
             target_epsilon: Some(epsilon),
             budget_epsilon: epsilon,
@@ -576,11 +759,32 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             workdir.display()
         );
     }
-    let mut builder = Federation::builder()
-        .tables(site_tables.clone())
-        .dataset("demo", &label)
-        .dir(&workdir)
-        .dashboard();
+    let mut builder = match &image_files {
+        // Each hospital gets a labels CSV of its own images (absolute paths) and reads
+        // it as an image folder, through [data.image].
+        Some(rows) => {
+            let csvs = split
+                .sites
+                .iter()
+                .map(|site| {
+                    let mut csv = format!("file,{label}\n");
+                    for &r in site {
+                        csv.push_str(&format!("{},{}\n", rows[r].0.display(), rows[r].1));
+                    }
+                    csv
+                })
+                .collect();
+            let mut b = Federation::builder().csvs(csvs);
+            for i in 0..args.sites {
+                b = b.dataset_source(i, "[datasets.images]\nfolder = \".\"\nlabels = \"data.csv\"");
+            }
+            b
+        }
+        None => Federation::builder().tables(site_tables.clone()),
+    }
+    .dataset("demo", &label)
+    .dir(&workdir)
+    .dashboard();
     // Each hospital's policy: the default, at the demo's δ, with what the options add.
     let mut policy = format!("delta = {:e}\n", args.delta);
     if args.queries {

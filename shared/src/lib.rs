@@ -12,6 +12,7 @@ pub mod aggregate;
 pub mod chainlog;
 pub mod chart;
 pub mod chunk;
+pub mod cnn;
 pub mod dp;
 pub mod hex;
 pub mod identity;

@@ -6,6 +6,8 @@
 //! then `bias [out]`; hidden layers use ReLU and the single output is a logit.
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
+
+pub use crate::cnn::{Cnn, ConvBlock, Norm};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -17,6 +19,9 @@ pub const MAX_PARAMS: u64 = 1 << 31;
 pub enum ModelKind {
     LogisticRegression,
     Mlp,
+    /// A conv net over an image study's input ([`crate::cnn`]): `input`, `conv` blocks,
+    /// then `hidden` dense layers.
+    Cnn,
     /// Trained by each site's own trainer process (`[trainers.NAME]` in agent.toml):
     /// medfl knows only its layout, [`ModelSpec::external`].
     External,
@@ -47,6 +52,13 @@ pub struct ModelSpec {
     /// For `kind = "external"`: the trainer's name and the tensors it trains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalModel>,
+    /// For `kind = "cnn"`: the image input `[channels, height, width]` (the study's
+    /// `[data.image]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<[usize; 3]>,
+    /// For `kind = "cnn"`: the convolution blocks, `[[model.conv]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conv: Vec<ConvBlock>,
 }
 
 /// A model trained by the sites' own trainers (`[model.external]`): a trainer name each
@@ -111,6 +123,8 @@ pub enum ModelError {
     External(String),
     #[error("an external model is scored by its own trainer, not by medfl")]
     NoInference,
+    #[error("{0}")]
+    Cnn(String),
 }
 
 impl ModelSpec {
@@ -120,6 +134,24 @@ impl ModelSpec {
         }
         if n_features == 0 {
             return Err(ModelError::NoFeatures);
+        }
+        if (self.kind == ModelKind::Cnn) != (self.input.is_some() || !self.conv.is_empty()) {
+            return Err(ModelError::Cnn(
+                "model.input and [[model.conv]] belong to kind = \"cnn\", which needs both".into(),
+            ));
+        }
+        if let Some(input) = self.input {
+            let cnn = self.cnn(Io {
+                inputs: n_features,
+                outputs: 1,
+            });
+            cnn.check().map_err(ModelError::Cnn)?;
+            if input.iter().product::<usize>() != n_features {
+                return Err(ModelError::Cnn(format!(
+                    "model.input = {input:?} is {} values, the study's data gives {n_features} (set model.input to data.image's [channels, height, width])",
+                    input.iter().product::<usize>()
+                )));
+            }
         }
         match self.kind {
             ModelKind::LogisticRegression if !self.hidden.is_empty() => {
@@ -200,9 +232,28 @@ impl ModelSpec {
         dims
     }
 
+    /// The conv net's shapes, for `kind = "cnn"` (an input of 1×1×inputs otherwise).
+    pub fn cnn(&self, io: impl Into<Io>) -> Cnn<'_> {
+        let io = io.into();
+        Cnn {
+            input: self.input.unwrap_or([1, 1, io.inputs]),
+            blocks: &self.conv,
+            hidden: &self.hidden,
+            outputs: io.outputs,
+        }
+    }
+
     pub fn layout(&self, n_features: impl Into<Io>) -> Vec<TensorSpec> {
         if let Some(ext) = &self.external {
             return ext.tensors.clone();
+        }
+        if self.kind == ModelKind::Cnn {
+            return self
+                .cnn(n_features)
+                .tensors()
+                .into_iter()
+                .map(|(name, shape)| TensorSpec { name, shape })
+                .collect();
         }
         self.layer_dims(n_features)
             .into_iter()
@@ -225,6 +276,9 @@ impl ModelSpec {
     pub fn num_params(&self, n_features: impl Into<Io>) -> u64 {
         if let Some(ext) = &self.external {
             return ext.tensors.iter().map(TensorSpec::len).sum();
+        }
+        if self.kind == ModelKind::Cnn {
+            return self.cnn(n_features).num_params();
         }
         self.layer_dims(n_features)
             .iter()
@@ -249,6 +303,9 @@ impl ModelSpec {
                 }
             }
             return params;
+        }
+        if self.kind == ModelKind::Cnn {
+            return self.cnn(n_features).init(&mut rng);
         }
         let mut params = Vec::with_capacity(self.num_params(n_features) as usize);
         for (fan_in, fan_out) in self.layer_dims(n_features) {
@@ -283,6 +340,13 @@ impl ModelSpec {
                 got: params.len(),
                 want,
             });
+        }
+        if self.kind == ModelKind::Cnn {
+            let cnn = self.cnn(io);
+            return Ok(x
+                .chunks_exact(n_features)
+                .flat_map(|image| cnn.logits(params, image))
+                .collect());
         }
         let dims = self.layer_dims(io);
         let rows = x.len() / n_features;
@@ -404,6 +468,12 @@ impl Standardizer {
     /// Rewrites the input layer of `params` (a model on raw features) into the
     /// equivalent model on standardized features: `W' = W·diag(s)`, `b' = b + W·c`.
     pub fn raw_to_standardized(&self, spec: &ModelSpec, params: &mut [f32]) {
+        if spec.kind == ModelKind::Cnn {
+            // A conv net reads the image study's public normalisation, never a site's
+            // own scale (its kernels share weights across pixels, so no per-input
+            // change of coordinates exists); its scaling is the identity.
+            return;
+        }
         let (fan_in, fan_out) = self.first_layer(spec, params.len());
         let (w, rest) = params.split_at_mut(fan_in * fan_out);
         for o in 0..fan_out {
@@ -417,6 +487,12 @@ impl Standardizer {
     /// The inverse of [`Standardizer::raw_to_standardized`]: `W = W'·diag(1/s)`,
     /// `b = b' − W·c`.
     pub fn standardized_to_raw(&self, spec: &ModelSpec, params: &mut [f32]) {
+        if spec.kind == ModelKind::Cnn {
+            // A conv net reads the image study's public normalisation, never a site's
+            // own scale (its kernels share weights across pixels, so no per-input
+            // change of coordinates exists); its scaling is the identity.
+            return;
+        }
         let (fan_in, fan_out) = self.first_layer(spec, params.len());
         let (w, rest) = params.split_at_mut(fan_in * fan_out);
         for o in 0..fan_out {
@@ -437,6 +513,8 @@ mod tests {
             kind: ModelKind::Mlp,
             hidden: vec![4, 3],
             external: None,
+            input: None,
+            conv: Vec::new(),
         }
     }
 
@@ -455,12 +533,16 @@ mod tests {
             kind: ModelKind::LogisticRegression,
             hidden: vec![3],
             external: None,
+            input: None,
+            conv: Vec::new(),
         };
         assert!(matches!(lr.validate(4), Err(ModelError::HiddenOnLinear(_))));
         let mlp0 = ModelSpec {
             kind: ModelKind::Mlp,
             hidden: vec![],
             external: None,
+            input: None,
+            conv: Vec::new(),
         };
         assert_eq!(mlp0.validate(4), Err(ModelError::NoHidden));
         assert_eq!(mlp().validate(0), Err(ModelError::NoFeatures));

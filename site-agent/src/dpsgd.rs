@@ -14,18 +14,8 @@
 use candle_core::{Device, Tensor};
 use medfl_shared::model::{Io, ModelSpec};
 
+pub use crate::problem::ClippedBatch;
 use crate::problem::{LocalProblem, layer_tensors, loss_rows, output_delta, targets};
-
-/// The summed clipped per-example gradients of one batch, in the flat layout of
-/// [`ModelSpec::layout`], and the batch's mean loss.
-#[derive(Debug, Clone)]
-pub struct ClippedBatch {
-    pub sum: Vec<f32>,
-    pub mean_loss: f64,
-    pub rows: usize,
-    /// How many examples had their gradient scaled down.
-    pub clipped: usize,
-}
 
 /// Vectorized: one forward and one backward pass over the batch, per-example norms
 /// by the outer-product identity, clipping factors, and the clipped sum by matmuls.
@@ -39,6 +29,11 @@ pub fn clipped_gradient_sum(
     y: &[f32],
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
+    let io: Io = io.into();
+    if spec.kind == medfl_shared::model::ModelKind::Cnn {
+        // A conv layer has no outer-product shortcut: micro-batches of one example.
+        return crate::cnn::clipped_gradient_sum(spec, io, params, x, y, clip);
+    }
     let dev = Device::Cpu;
     let rows = y.len();
     if rows == 0 {
@@ -49,7 +44,6 @@ pub fn clipped_gradient_sum(
             clipped: 0,
         });
     }
-    let io = io.into();
     let d = io.inputs;
     let layers = layer_tensors(spec, io, params, &dev)?;
     let yb = targets(y, io.outputs, &dev)?;
@@ -172,6 +166,8 @@ mod tests {
             kind: ModelKind::LogisticRegression,
             hidden: vec![],
             external: None,
+            input: None,
+            conv: Vec::new(),
         };
         let d = 4;
         let (mut x, _) = data(2000, d, 5);
@@ -221,11 +217,15 @@ mod tests {
                 kind: ModelKind::LogisticRegression,
                 hidden: vec![],
                 external: None,
+                input: None,
+                conv: Vec::new(),
             },
             ModelSpec {
                 kind: ModelKind::Mlp,
                 hidden: vec![8, 5],
                 external: None,
+                input: None,
+                conv: Vec::new(),
             },
         ] {
             let d = 6;
@@ -261,7 +261,7 @@ mod tests {
         #[test]
         fn every_example_contributes_at_most_the_clip_norm(seed in 0u64..1000, clip in 0.01f64..10.0) {
             // With one example the clipped sum is that example's clipped gradient.
-            let spec = ModelSpec { kind: ModelKind::Mlp, hidden: vec![4], external: None };
+            let spec = ModelSpec { kind: ModelKind::Mlp, hidden: vec![4], external: None, input: None, conv: Vec::new() };
             let (x, y) = data(1, 3, seed);
             let params = spec.init(3, seed);
             let g = clipped_gradient_sum(&spec, 3, &params, &x, &y, clip).expect("vectorized");

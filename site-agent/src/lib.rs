@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod check;
 pub mod cli;
+pub mod cnn;
 pub mod data;
 pub mod dpsgd;
 pub mod egress;

@@ -32,6 +32,27 @@ pub struct LocalProblem<'a> {
     pub training: &'a Training,
 }
 
+/// What local training produced (plain training, any model family).
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The new model, on raw feature coordinates.
+    pub params: Vec<f32>,
+    /// Mean training loss over the last epoch.
+    pub loss: f64,
+    pub examples: usize,
+}
+
+/// The summed clipped per-example gradients of one batch, in the flat layout of
+/// [`ModelSpec::layout`] (DP-SGD, any model family), and the batch's mean loss.
+#[derive(Debug, Clone)]
+pub struct ClippedBatch {
+    pub sum: Vec<f32>,
+    pub mean_loss: f64,
+    pub rows: usize,
+    /// How many examples had their gradient scaled down.
+    pub clipped: usize,
+}
+
 /// Adam's constants (Kingma and Ba 2015, Algorithm 1).
 pub(crate) const BETA1: f64 = 0.9;
 pub(crate) const BETA2: f64 = 0.999;

@@ -16,18 +16,8 @@ use medfl_shared::manifest::{Optimizer, Training};
 use medfl_shared::model::Standardizer;
 
 use crate::problem::{ADAM_EPS, BETA1, BETA2, layer_vars, loss_rows, targets};
-pub use crate::problem::{LocalProblem, Start};
+pub use crate::problem::{LocalProblem, Start, TrainOutcome};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
-
-/// What local training produced.
-#[derive(Debug, Clone)]
-pub struct TrainOutcome {
-    /// The new model, on raw feature coordinates.
-    pub params: Vec<f32>,
-    /// Mean training loss over the last epoch.
-    pub loss: f64,
-    pub examples: usize,
-}
 
 fn forward(layers: &[(Var, Var)], x: &Tensor) -> candle_core::Result<Tensor> {
     let mut h = x.clone();
@@ -134,6 +124,9 @@ fn flatten(layers: &[(Var, Var)]) -> candle_core::Result<Vec<f32>> {
 /// Trains from the problem's starting model on its rows; returns the new model on raw
 /// coordinates.
 pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOutcome> {
+    if local.spec.kind == medfl_shared::model::ModelKind::Cnn {
+        return crate::cnn::train(local, seed);
+    }
     let (spec, cfg) = (local.spec, local.training);
     let n = local.y.len();
     let standardizer = Standardizer::fit(local.x, local.n_features);
@@ -262,6 +255,8 @@ mod tests {
             kind: ModelKind::LogisticRegression,
             hidden: vec![],
             external: None,
+            input: None,
+            conv: Vec::new(),
         };
         let start = spec.init(2, 1);
         let distance = |mu: Option<f64>| {
@@ -305,11 +300,15 @@ mod tests {
                 kind: ModelKind::LogisticRegression,
                 hidden: vec![],
                 external: None,
+                input: None,
+                conv: Vec::new(),
             },
             ModelSpec {
                 kind: ModelKind::Mlp,
                 hidden: vec![8],
                 external: None,
+                input: None,
+                conv: Vec::new(),
             },
         ] {
             let init = spec.init(2, 1);

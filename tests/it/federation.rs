@@ -60,6 +60,8 @@ async fn complete_a_study_and_log_what_left(algorithm: Algorithm) {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let probs = spec
         .predict_proba(&params, &test.x, test.columns.len())
@@ -255,6 +257,8 @@ async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let acc = accuracy(
         &spec.predict_proba(&params, &test.x, test.columns.len()).expect("model"),

@@ -15,6 +15,7 @@ mod federation;
 mod fuzz;
 mod governance;
 mod hostile;
+mod imaging;
 mod interop;
 mod load;
 mod memory;

@@ -48,6 +48,8 @@ fn softmax_on_digits() -> (ModelSpec, Io) {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     (
         spec,
@@ -304,6 +306,8 @@ learning_rate = 0.05
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let probs = spec.predict_proba(&params, &x, 6).expect("model");
     let auc = roc_auc_k(&probs, &y, 1);

@@ -210,6 +210,8 @@ async fn federated_logistic_regression_over_three_cdms_matches_centralized() {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let init = spec.init(5, m.seed);
     let epochs = Training {

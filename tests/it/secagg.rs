@@ -317,6 +317,8 @@ async fn three_real_agents_train_under_secure_aggregation() {
         kind: medfl_shared::model::ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let probs = spec
         .predict_proba(&params, &test.x, test.columns.len())

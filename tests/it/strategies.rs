@@ -59,6 +59,8 @@ async fn robust_aggregators_hold_against_a_poisoning_site() {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let rounds = 5;
     // The consortium's public reference scale: the held-out rows no hospital owns.
@@ -367,6 +369,8 @@ async fn scaffold_keeps_the_global_control_variate_the_mean_of_the_sites() {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     let probs = spec.predict_proba(&params, &test.x, d).expect("valid model");
     let acc = accuracy(&probs, &test.y);

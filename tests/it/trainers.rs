@@ -85,6 +85,8 @@ fn external_spec(n_features: usize) -> ModelSpec {
     ModelSpec {
         kind: ModelKind::External,
         hidden: vec![],
+        input: None,
+        conv: Vec::new(),
         external: Some(ExternalModel {
             trainer: "lr".into(),
             tensors: vec![
@@ -359,6 +361,8 @@ async fn python_trainers_train_under_secure_aggregation_and_site_level_dp() {
         kind: ModelKind::LogisticRegression,
         hidden: vec![],
         external: None,
+        input: None,
+        conv: Vec::new(),
     };
     // The trainer keeps the model on the manifest's public scale.
     std.standardized_to_raw(&lr, &mut params);

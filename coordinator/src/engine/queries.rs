@@ -29,6 +29,8 @@ fn round_manifest(query: &QueryManifest, plan: &QueryPlan) -> StudyManifest {
         model: ModelSpec {
             kind: ModelKind::External,
             hidden: vec![],
+            input: None,
+            conv: Vec::new(),
             external: Some(ExternalModel {
                 trainer: "medfl-query".into(),
                 tensors: vec![TensorSpec {

@@ -183,7 +183,12 @@ mod tests {
         assert!(spec.validate().expect_err("refused").to_string().contains("std"));
         let mut spec = grey([8, 8]);
         spec.mean = vec![0.5, 0.5];
-        assert!(spec.validate().expect_err("refused").to_string().contains("mean lists 2"));
+        assert!(
+            spec.validate()
+                .expect_err("refused")
+                .to_string()
+                .contains("mean lists 2")
+        );
         assert!(grey([8, 8]).validate().is_ok());
     }
 }

@@ -159,7 +159,9 @@ pub struct DataSchema {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<String>,
     /// Feature columns, in model input order. A categorical one (listed in
-    /// `categorical`) becomes one 0/1 input per category, in the listed order.
+    /// `categorical`) becomes one 0/1 input per category, in the listed order. Empty
+    /// (or left out) in an image study.
+    #[serde(default)]
     pub features: Vec<String>,
     /// The categorical features and their categories: public, so every site one-hot
     /// encodes them the same way whatever order it meets the values in.
@@ -492,6 +494,15 @@ impl StudyManifest {
         }
         data.validate()?;
         self.model.validate(self.n_features())?;
+        if self.model.kind == crate::model::ModelKind::Cnn {
+            let wanted = data.image.as_ref().map(|i| [i.channels, i.height(), i.width()]);
+            if wanted.is_none() || self.model.input != wanted {
+                return Err(invalid(format!(
+                    "kind = \"cnn\" reads an image study: model.input ({:?}) must equal [data.image]'s [channels, height, width] ({:?})",
+                    self.model.input, wanted
+                )));
+            }
+        }
         let params = self.num_params();
         if params > crate::model::MAX_PARAMS {
             return Err(ModelError::TooLarge(params).into());
@@ -628,6 +639,61 @@ impl StudyManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CNN: &str = r#"
+name = "digits"
+rounds = 3
+[model]
+kind = "cnn"
+hidden = [32]
+input = [1, 8, 8]
+[[model.conv]]
+channels = 8
+norm = "group"
+groups = 4
+pool = 2
+[data]
+dataset = "digits"
+label = "label"
+classes = ["0", "1", "2"]
+[data.image]
+channels = 1
+size = [8, 8]
+[selection]
+min_sites = 2
+"#;
+
+    #[test]
+    fn an_image_study_with_a_cnn_validates_and_its_mismatches_are_refused() {
+        let m = StudyManifest::from_toml(CNN).expect("a cnn over images");
+        assert_eq!(m.n_features(), 64);
+        assert_eq!(m.data.input_names()[63], "pixel[0,7,7]");
+        let names: Vec<String> = m.layout().into_iter().map(|t| t.name).collect();
+        assert_eq!(names[..4], ["conv0.weight", "conv0.bias", "norm0.weight", "norm0.bias"]);
+        assert_eq!(m.num_params(), 8 * 9 + 8 * 3 + 128 * 32 + 32 + 32 * 3 + 3);
+        // A record-level DP study over images needs no [data.scaling]: the image
+        // settings are the public normalisation.
+        let dp = format!(
+            "{CNN}[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 0.1\nsteps_per_round = 5\ntarget_epsilon = 8.0\nbudget_epsilon = 8.0\n[strategy]\nweighting = \"uniform\"\n"
+        );
+        StudyManifest::from_toml(&dp).expect("DP over images");
+        let err = |text: String| StudyManifest::from_toml(&text).expect_err("refused").to_string();
+        assert!(err(CNN.replace("input = [1, 8, 8]", "input = [1, 4, 16]")).contains("must equal [data.image]"));
+        assert!(err(CNN.replace("[data.image]\nchannels = 1\nsize = [8, 8]\n", "")).contains("data.features"));
+        assert!(err(CNN.replace("norm = \"group\"", "norm = \"batch\"")).contains("batch norm is not supported"));
+        assert!(
+            err(CNN.replace("label = \"label\"", "label = \"label\"\nfeatures = [\"x\"]"))
+                .contains("leave data.features")
+        );
+        assert!(
+            err(CNN.replace(
+                "[selection]",
+                "[strategy]\nkind = \"scaffold\"\nweighting = \"uniform\"\n[selection]"
+            ))
+            .contains("cnn")
+        );
+        assert!(err(CNN.replace("input = [1, 8, 8]\n", "")).contains("kind = \"cnn\""));
+    }
 
     const MANIFEST: &str = r#"
 name = "bc"

@@ -248,6 +248,11 @@ impl Strategy {
 impl StudyManifest {
     /// SCAFFOLD's preconditions (see `StrategyKind::Scaffold`).
     pub(super) fn check_scaffold(&self) -> Result<(), ManifestError> {
+        if self.model.kind == crate::model::ModelKind::Cnn {
+            return Err(invalid(
+                "strategy.kind = \"scaffold\" runs on logistic regression and MLPs; a cnn's training has no control variates yet",
+            ));
+        }
         if self.training.optimizer != Optimizer::Sgd {
             return Err(invalid(
                 "strategy.kind = \"scaffold\" corrects plain SGD steps (Karimireddy et al. 2020, Algorithm 1): set training.optimizer = \"sgd\"",

@@ -296,6 +296,92 @@ fn diagnose(path: &Path) -> Option<DicomError> {
     })
 }
 
+/// Writes synthetic `side × side` CT-like images for benchmarks (the bundled files are
+/// under 40 KB): 16-bit signed in Explicit VR Little Endian and in Explicit VR Big
+/// Endian, and 8-bit in JPEG Baseline (encoded by dicom-rs). Returns each file's
+/// name and path.
+pub fn synthesize(dir: &Path, side: usize) -> Result<Vec<(String, std::path::PathBuf)>, String> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_object::FileMetaTableBuilder;
+    use dicom_pixeldata::Transcode;
+    use dicom_transfer_syntax_registry::entries;
+    let image = |bits: u16| {
+        let mut obj = InMemDicomObject::new_empty();
+        let put = |obj: &mut InMemDicomObject, tag, vr, value: PrimitiveValue| {
+            obj.put(DataElement::new(tag, vr, value));
+        };
+        put(
+            &mut obj,
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.2".into(),
+        );
+        put(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, "2.25.1".into());
+        put(&mut obj, tags::MODALITY, VR::CS, "CT".into());
+        put(&mut obj, tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16));
+        put(&mut obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2".into());
+        put(&mut obj, tags::ROWS, VR::US, PrimitiveValue::from(side as u16));
+        put(&mut obj, tags::COLUMNS, VR::US, PrimitiveValue::from(side as u16));
+        put(&mut obj, tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(bits));
+        put(&mut obj, tags::BITS_STORED, VR::US, PrimitiveValue::from(bits));
+        put(&mut obj, tags::HIGH_BIT, VR::US, PrimitiveValue::from(bits - 1));
+        let signed = u16::from(bits == 16);
+        put(
+            &mut obj,
+            tags::PIXEL_REPRESENTATION,
+            VR::US,
+            PrimitiveValue::from(signed),
+        );
+        put(&mut obj, tags::RESCALE_INTERCEPT, VR::DS, "-1024".into());
+        put(&mut obj, tags::RESCALE_SLOPE, VR::DS, "1".into());
+        // A smooth disc with texture: something a codec does not find trivially.
+        let value = |y: usize, x: usize| {
+            let (dy, dx) = (y as f64 - side as f64 / 2.0, x as f64 - side as f64 / 2.0);
+            let r = (dy * dy + dx * dx).sqrt() / side as f64;
+            (1.0 - r).max(0.0) * (0.8 + 0.2 * ((x * 7 + y * 13) % 17) as f64 / 17.0)
+        };
+        if bits == 16 {
+            let px: Vec<i16> = (0..side * side)
+                .map(|i| (value(i / side, i % side) * 2000.0) as i16)
+                .collect();
+            put(&mut obj, tags::PIXEL_DATA, VR::OW, PrimitiveValue::I16(px.into()));
+        } else {
+            let px: Vec<u8> = (0..side * side)
+                .map(|i| (value(i / side, i % side) * 255.0) as u8)
+                .collect();
+            put(&mut obj, tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(px.into()));
+        }
+        obj
+    };
+    let meta = |ts: &str| {
+        FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.2")
+            .media_storage_sop_instance_uid("2.25.1")
+            .transfer_syntax(ts)
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let mut out = Vec::new();
+    for (name, ts) in [
+        ("explicit_le", entries::EXPLICIT_VR_LITTLE_ENDIAN.uid()),
+        ("big_endian", entries::EXPLICIT_VR_BIG_ENDIAN.uid()),
+    ] {
+        let path = dir.join(format!("{name}.dcm"));
+        image(16)
+            .with_exact_meta(meta(ts)?)
+            .write_to_file(&path)
+            .map_err(|e| e.to_string())?;
+        out.push((name.to_string(), path));
+    }
+    let mut jpeg = image(8).with_exact_meta(meta(entries::EXPLICIT_VR_LITTLE_ENDIAN.uid())?);
+    jpeg.transcode(&entries::JPEG_BASELINE.erased())
+        .map_err(|e| e.to_string())?;
+    let path = dir.join("jpeg_baseline.dcm");
+    jpeg.write_to_file(&path).map_err(|e| e.to_string())?;
+    out.push(("jpeg_baseline".to_string(), path));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -515,6 +601,20 @@ mod tests {
         });
         assert_eq!(read(&path, false).expect_err("burned in"), DicomError::BurnedIn);
         check(&read(&path, true).expect("allowed"), "MR_small.dcm");
+    }
+
+    #[test]
+    fn synthesized_files_decode_to_what_was_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = synthesize(dir.path(), 64).expect("synthesized");
+        let le = read(&files[0].1, false).expect("little endian");
+        let be = read(&files[1].1, false).expect("big endian");
+        assert_eq!((le.rows, le.columns, le.signed), (64, 64, true));
+        assert_eq!(le.stored, be.stored);
+        assert_eq!(le.modality_values()[0], le.stored[0] as f32 - 1024.0);
+        let jpeg = read(&files[2].1, false).expect("JPEG baseline");
+        assert_eq!(jpeg.transfer_syntax, "JPEG Baseline (Process 1)");
+        assert_eq!(jpeg.stored.len(), 64 * 64);
     }
 
     #[test]
