@@ -50,6 +50,7 @@ impl Backoff {
 
 /// Runs the agent until `shutdown` fires.
 pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<()> {
+    crate::device::select(settings.device);
     let profile = settings.profile();
     let mut client = SiteClient::new(profile.channel(settings.coordinator.as_deref())?);
     let settings = Arc::new(settings);

@@ -9,6 +9,9 @@
 //! would clip their sum and change the sensitivity). Ghost clipping (Li et al., ICLR
 //! 2022; Bu et al., AAAI 2023) would avoid the per-example passes and is not built.
 //!
+//! They run on the device agent.toml selects ([`crate::device`]): the CPU, or a CUDA GPU
+//! in a build with the `cuda` feature.
+//!
 //! The image inputs are already on the study's public normalisation (`[data.image]`),
 //! so no site-level standardization happens here.
 
@@ -119,7 +122,7 @@ fn flat(vars: &[Var]) -> candle_core::Result<Vec<f32>> {
 /// Minibatch training from the problem's starting model (SGD or Adam as the manifest
 /// says, FedProx's proximal term when set); the inputs are on the public scale.
 pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOutcome> {
-    let dev = Device::Cpu;
+    let dev = crate::device::current()?;
     let io = local.io();
     let cnn = local.spec.cnn(io);
     let cfg = local.training;
@@ -193,7 +196,7 @@ pub fn clipped_gradient_sum(
     y: &[f32],
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
-    let dev = Device::Cpu;
+    let dev = crate::device::current()?;
     let cnn = spec.cnn(io);
     let vars = variables(spec, io, params, &dev)?;
     let mut sum = vec![0f32; params.len()];

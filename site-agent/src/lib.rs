@@ -13,6 +13,7 @@ pub mod check;
 pub mod cli;
 pub mod cnn;
 pub mod data;
+pub mod device;
 pub mod dpsgd;
 pub mod egress;
 pub mod enroll;

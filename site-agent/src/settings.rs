@@ -54,6 +54,10 @@ pub struct ConfigFile {
     /// The site's own trainers, by the name a manifest's `model.external.trainer` uses.
     #[serde(default)]
     pub trainers: std::collections::BTreeMap<String, TrainerConfig>,
+    /// Where the built-in conv-net trainer computes: `"cpu"` (the default) or
+    /// `"cuda:N"` (a build with the `cuda` feature).
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 fn default_store() -> PathBuf {
@@ -79,6 +83,8 @@ pub struct AgentSettings {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The site's own trainers (`[trainers.NAME]`).
     pub trainers: std::collections::BTreeMap<String, TrainerConfig>,
+    /// Where the built-in conv-net trainer computes.
+    pub device: crate::device::ComputeDevice,
     /// What no trainer may see: the store, the identity bundle, the config and policy
     /// files (every dataset's file is added per run but the approved one's).
     pub private_paths: Vec<std::path::PathBuf>,
@@ -188,6 +194,10 @@ impl AgentSettings {
             (None, None) => Policy::default(),
         };
         policy.validate().map_err(|e| anyhow!(e))?;
+        let device = match &file.device {
+            Some(text) => crate::device::ComputeDevice::parse(text).map_err(|e| anyhow!(e))?,
+            None => crate::device::ComputeDevice::Cpu,
+        };
         for (name, trainer) in &file.trainers {
             trainer.validate(name)?;
         }
@@ -223,6 +233,7 @@ impl AgentSettings {
             store,
             metrics_listen: file.metrics_listen,
             trainers: file.trainers,
+            device,
             private_paths,
             plans: Default::default(),
         })
