@@ -13,8 +13,12 @@
 //! example's channel groups over their channels and pixels, so every example's output
 //! depends on that example alone: per-example gradients exist and DP-SGD applies.
 //! `layer` is group norm with one group (as PyTorch's `GroupNorm(1, C)`). Batch norm
-//! mixes the examples of a batch and keeps running statistics that would leave un-noised;
-//! it is refused (under DP-SGD always, as Opacus does).
+//! (Ioffe and Szegedy, ICML 2015, Algorithm 1; ε = 1e-5, momentum 0.1 as PyTorch) trains
+//! on each batch's per-channel statistics and keeps running means and variances, which
+//! inference reads; the running statistics are tensors of the layout (`norm{i}.running_mean`,
+//! `norm{i}.running_var`), averaged by FedAvg like the weights. It mixes a batch's
+//! examples, so it has no per-example gradients, and its running statistics would leave
+//! un-noised: a study under DP-SGD (record-level privacy) refuses it, as Opacus does.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -72,6 +76,11 @@ impl ConvBlock {
             Norm::None | Norm::Batch => None,
         }
     }
+
+    /// Whether it has a norm's scale and shift.
+    pub fn has_affine(&self) -> bool {
+        self.norm != Norm::None
+    }
 }
 
 /// A conv net's shapes: its input, blocks, dense widths and outputs.
@@ -124,9 +133,13 @@ impl Cnn<'_> {
             let (o, k) = (b.channels as u64, b.kernel as u64);
             out.push((format!("conv{i}.weight"), vec![o, c_in as u64, k, k]));
             out.push((format!("conv{i}.bias"), vec![o]));
-            if b.norm_groups().is_some() {
+            if b.has_affine() {
                 out.push((format!("norm{i}.weight"), vec![o]));
                 out.push((format!("norm{i}.bias"), vec![o]));
+            }
+            if b.norm == Norm::Batch {
+                out.push((format!("norm{i}.running_mean"), vec![o]));
+                out.push((format!("norm{i}.running_var"), vec![o]));
             }
             c_in = b.channels;
         }
@@ -164,11 +177,6 @@ impl Cnn<'_> {
                     b.kernel
                 ));
             }
-            if b.norm == Norm::Batch {
-                return Err(format!(
-                    "model.conv[{i}].norm = \"batch\": batch norm is not supported (it mixes a batch's examples, so it has no per-example gradients, and its running statistics would leave un-noised); use \"group\" or \"layer\""
-                ));
-            }
             if b.norm == Norm::Group && (b.groups == 0 || b.channels % b.groups != 0) {
                 return Err(format!(
                     "model.conv[{i}].groups = {} must divide its {} channels",
@@ -191,7 +199,7 @@ impl Cnn<'_> {
         let mut out = Vec::with_capacity(self.num_params() as usize);
         for (name, shape) in self.tensors() {
             let len: u64 = shape.iter().product();
-            if name.starts_with("norm") && name.ends_with("weight") {
+            if name.starts_with("norm") && (name.ends_with("weight") || name.ends_with("running_var")) {
                 out.extend(std::iter::repeat_n(1.0, len as usize));
             } else if shape.len() >= 2 {
                 let fan_in: u64 = shape[1..].iter().product();
@@ -222,6 +230,15 @@ impl Cnn<'_> {
             if let Some(groups) = b.norm_groups() {
                 let (gamma, beta) = (take(o), take(o));
                 group_norm(&mut z, o, h * w, groups, gamma, beta);
+            } else if b.norm == Norm::Batch {
+                // Inference reads the running statistics.
+                let (gamma, beta, mean, var) = (take(o), take(o), take(o), take(o));
+                for ch in 0..o {
+                    let inv = 1.0 / (var[ch] + NORM_EPS).sqrt();
+                    for v in &mut z[ch * h * w..(ch + 1) * h * w] {
+                        *v = (*v - mean[ch]) * inv * gamma[ch] + beta[ch];
+                    }
+                }
             }
             z.iter_mut().for_each(|v| *v = v.max(0.0));
             let p = b.pool.max(1);
@@ -395,7 +412,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_norm_and_bad_shapes_are_refused_by_name() {
+    fn bad_shapes_are_refused_by_name() {
         let mut block = ConvBlock {
             channels: 6,
             kernel: 3,
@@ -412,11 +429,7 @@ mod tests {
             }
             .check()
         };
-        assert!(
-            cnn(&[block])
-                .expect_err("batch")
-                .contains("batch norm is not supported")
-        );
+        assert!(cnn(&[block]).is_ok(), "batch norm without DP");
         block.norm = Norm::Group;
         block.groups = 4;
         assert!(

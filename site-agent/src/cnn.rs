@@ -37,21 +37,37 @@ fn variables(spec: &ModelSpec, io: Io, params: &[f32], dev: &Device) -> candle_c
         .collect()
 }
 
+/// A batch norm's statistics from one training batch, for its running averages: the
+/// running mean's and variance's variable indices, the batch mean and the unbiased
+/// batch variance (per channel).
+struct BatchStats {
+    mean_var: usize,
+    var_var: usize,
+    mean: Tensor,
+    var: Tensor,
+}
+
 /// The logits `(n, outputs)` of images `x` `(n, c, h, w)`; the same computation as
-/// [`Cnn::logits`], differentiable.
-fn forward(cnn: &Cnn<'_>, vars: &[Var], x: &Tensor) -> candle_core::Result<Tensor> {
-    let mut next = vars.iter().map(Var::as_tensor);
+/// [`Cnn::logits`], differentiable, except that a batch norm normalises with the batch's
+/// own statistics (training mode) and reports them in `stats`.
+fn forward(
+    cnn: &Cnn<'_>,
+    vars: &[Var],
+    x: &Tensor,
+    mut stats: Option<&mut Vec<BatchStats>>,
+) -> candle_core::Result<Tensor> {
+    let mut next = vars.iter().map(Var::as_tensor).enumerate();
     let mut take = || {
         next.next()
             .ok_or_else(|| candle_core::Error::Msg("the parameters end before the model does".into()))
     };
     let mut h = x.clone();
     for block in cnn.blocks {
-        let (w, b) = (take()?, take()?);
+        let ((_, w), (_, b)) = (take()?, take()?);
         let o = block.channels;
         h = conv_same(&h, w, block.kernel)?.broadcast_add(&b.reshape((1, o, 1, 1))?)?;
         if let Some(groups) = block.norm_groups() {
-            let (gamma, beta) = (take()?, take()?);
+            let ((_, gamma), (_, beta)) = (take()?, take()?);
             let (n, _, hh, ww) = h.dims4()?;
             // Group norm (Wu and He 2018, eq. 1–3): each example's groups over their
             // channels and pixels, biased variance, then a per-channel scale and shift.
@@ -64,6 +80,30 @@ fn forward(cnn: &Cnn<'_>, vars: &[Var], x: &Tensor) -> candle_core::Result<Tenso
                 .reshape((n, o, hh, ww))?
                 .broadcast_mul(&gamma.reshape((1, o, 1, 1))?)?
                 .broadcast_add(&beta.reshape((1, o, 1, 1))?)?;
+        } else if block.norm == medfl_shared::model::Norm::Batch {
+            let ((_, gamma), (_, beta), (mean_var, _), (var_var, _)) = (take()?, take()?, take()?, take()?);
+            let (n, _, hh, ww) = h.dims4()?;
+            // Batch norm in training mode (Ioffe and Szegedy 2015, Algorithm 1): each
+            // channel over the batch's examples and pixels, biased variance.
+            let per_channel = h.transpose(0, 1)?.reshape((o, n * hh * ww))?;
+            let mean = per_channel.mean_keepdim(1)?;
+            let centred = per_channel.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(1)?;
+            let normed = centred.broadcast_div(&(&var + f64::from(medfl_shared::cnn::NORM_EPS))?.sqrt()?)?;
+            h = normed
+                .reshape((o, n, hh, ww))?
+                .transpose(0, 1)?
+                .broadcast_mul(&gamma.reshape((1, o, 1, 1))?)?
+                .broadcast_add(&beta.reshape((1, o, 1, 1))?)?;
+            if let Some(stats) = stats.as_deref_mut() {
+                let m = (n * hh * ww) as f64;
+                stats.push(BatchStats {
+                    mean_var,
+                    var_var,
+                    mean: mean.flatten_all()?.detach(),
+                    var: (var.flatten_all()? * (m / (m - 1.0).max(1.0)))?.detach(),
+                });
+            }
         }
         h = h.relu()?;
         if block.pool > 1 {
@@ -73,7 +113,7 @@ fn forward(cnn: &Cnn<'_>, vars: &[Var], x: &Tensor) -> candle_core::Result<Tenso
     h = h.flatten_from(1)?;
     let dims = cnn.dense_dims();
     for j in 0..dims.len() {
-        let (w, b) = (take()?, take()?);
+        let ((_, w), (_, b)) = (take()?, take()?);
         h = h.matmul(&w.t()?)?.broadcast_add(b)?;
         if j + 1 < dims.len() {
             h = h.relu()?;
@@ -119,6 +159,9 @@ fn flat(vars: &[Var]) -> candle_core::Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Batch norm's running-average momentum (PyTorch's default).
+const BN_MOMENTUM: f64 = 0.1;
+
 /// Minibatch training from the problem's starting model (SGD or Adam as the manifest
 /// says, FedProx's proximal term when set); the inputs are on the public scale.
 pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOutcome> {
@@ -150,8 +193,16 @@ pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOu
             let idx = Tensor::from_slice(idx, idx.len(), &dev)?;
             let xb = x_all.index_select(&idx, 0)?;
             let yb = y_all.index_select(&idx, 0)?;
-            let loss = loss_rows(&forward(&cnn, &vars, &xb)?, &yb)?.mean_all()?;
+            let mut stats = Vec::new();
+            let loss = loss_rows(&forward(&cnn, &vars, &xb, Some(&mut stats))?, &yb)?.mean_all()?;
             total += f64::from(loss.to_scalar::<f32>()?);
+            // Batch norm's running averages, PyTorch's momentum 0.1 (no gradient: they
+            // are read only at inference).
+            for s in &stats {
+                let (mean, var) = (&vars[s.mean_var], &vars[s.var_var]);
+                mean.set(&((mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (&s.mean * BN_MOMENTUM)?)?)?;
+                var.set(&((var.as_tensor() * (1.0 - BN_MOMENTUM))? + (&s.var * BN_MOMENTUM)?)?)?;
+            }
             batches += 1;
             let grads = loss.backward()?;
             step += 1;
@@ -196,6 +247,12 @@ pub fn clipped_gradient_sum(
     y: &[f32],
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
+    if spec.conv.iter().any(|b| b.norm == medfl_shared::model::Norm::Batch) {
+        // Manifests refuse it; this is the trainer's own guard.
+        return Err(candle_core::Error::Msg(
+            "batch norm has no per-example gradients: DP-SGD cannot train it".into(),
+        ));
+    }
     let dev = crate::device::current()?;
     let cnn = spec.cnn(io);
     let vars = variables(spec, io, params, &dev)?;
@@ -204,7 +261,11 @@ pub fn clipped_gradient_sum(
     let mut g = Vec::with_capacity(params.len());
     for (image, label) in x.chunks_exact(io.inputs).zip(y) {
         let xb = images(&cnn, image, 1, &dev)?;
-        let loss = loss_rows(&forward(&cnn, &vars, &xb)?, &targets(&[*label], io.outputs, &dev)?)?.mean_all()?;
+        let loss = loss_rows(
+            &forward(&cnn, &vars, &xb, None)?,
+            &targets(&[*label], io.outputs, &dev)?,
+        )?
+        .mean_all()?;
         loss_total += f64::from(loss.to_scalar::<f32>()?);
         let grads = loss.backward()?;
         g.clear();
@@ -291,12 +352,52 @@ mod tests {
             let dev = Device::Cpu;
             let vars = variables(&spec, io, &params, &dev).expect("vars");
             let cnn = spec.cnn(io);
-            let z = forward(&cnn, &vars, &images(&cnn, &x, 5, &dev).expect("x")).expect("forward");
+            let z = forward(&cnn, &vars, &images(&cnn, &x, 5, &dev).expect("x"), None).expect("forward");
             let z: Vec<f32> = z.flatten_all().expect("flat").to_vec1().expect("values");
             for (a, b) in z.iter().zip(&plain) {
                 assert!((a - b).abs() < 1e-4, "{norm:?}: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn batch_norm_trains_and_inference_reads_its_running_statistics() {
+        let spec = spec(Norm::Batch);
+        let io = Io { inputs: 64, outputs: 1 };
+        let (x, y) = halves(64, 4);
+        let training = Training {
+            local_epochs: 5,
+            batch_size: 8,
+            learning_rate: 0.01,
+            ..Training::default()
+        };
+        let params = spec.init(io, 3);
+        let local = LocalProblem {
+            spec: &spec,
+            n_features: 64,
+            outputs: 1,
+            params: &params,
+            start_on: Start::Initial,
+            x: &x,
+            y: &y,
+            training: &training,
+        };
+        let out = train(&local, 5).expect("trained");
+        // The running statistics moved from their start (mean 0, variance 1).
+        let layout = spec.layout(io);
+        let mut at = 0;
+        for t in &layout {
+            let values = &out.params[at..at + t.len() as usize];
+            if t.name == "norm0.running_mean" {
+                assert!(values.iter().any(|v| v.abs() > 1e-3), "{values:?}");
+            }
+            at += t.len() as usize;
+        }
+        let probs = spec.predict_proba(&out.params, &x, io).expect("scored");
+        let acc = medfl_shared::metrics::accuracy(&probs, &y);
+        assert!(acc > 0.95, "accuracy {acc} with the running statistics");
+        let err = clipped_gradient_sum(&spec, io, &params, &x[..64], &y[..1], 1.0).expect_err("no DP-SGD");
+        assert!(err.to_string().contains("no per-example gradients"));
     }
 
     #[test]

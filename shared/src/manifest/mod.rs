@@ -494,6 +494,15 @@ impl StudyManifest {
         }
         data.validate()?;
         self.model.validate(self.n_features())?;
+        if let (Some(p), Some(i)) = (
+            &self.privacy,
+            self.model.conv.iter().position(|b| b.norm == crate::model::Norm::Batch),
+        ) && p.unit == PrivacyUnit::Record
+        {
+            return Err(invalid(format!(
+                "model.conv[{i}].norm = \"batch\" under record-level [privacy]: DP-SGD clips each example's gradient, and batch norm mixes a batch's examples (no per-example gradient) and keeps running statistics that would leave un-noised; use \"group\" or \"layer\" (as Opacus requires)"
+            )));
+        }
         if self.model.kind == crate::model::ModelKind::Cnn {
             let wanted = data.image.as_ref().map(|i| [i.channels, i.height(), i.width()]);
             if wanted.is_none() || self.model.input != wanted {
@@ -680,7 +689,13 @@ min_sites = 2
         let err = |text: String| StudyManifest::from_toml(&text).expect_err("refused").to_string();
         assert!(err(CNN.replace("input = [1, 8, 8]", "input = [1, 4, 16]")).contains("must equal [data.image]"));
         assert!(err(CNN.replace("[data.image]\nchannels = 1\nsize = [8, 8]\n", "")).contains("data.features"));
-        assert!(err(CNN.replace("norm = \"group\"", "norm = \"batch\"")).contains("batch norm is not supported"));
+        // Batch norm trains without DP; under DP-SGD it is refused, as Opacus does.
+        let batch = CNN.replace("norm = \"group\"", "norm = \"batch\"");
+        let m = StudyManifest::from_toml(&batch).expect("batch norm without DP");
+        let names: Vec<String> = m.layout().into_iter().map(|t| t.name).collect();
+        assert_eq!(names[4..6], ["norm0.running_mean", "norm0.running_var"]);
+        let refused = err(format!("{batch}{}", &dp[CNN.len()..]));
+        assert!(refused.contains("batch norm mixes a batch's examples"), "{refused}");
         assert!(
             err(CNN.replace("label = \"label\"", "label = \"label\"\nfeatures = [\"x\"]"))
                 .contains("leave data.features")
