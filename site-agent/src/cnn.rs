@@ -20,7 +20,9 @@ use medfl_shared::manifest::Optimizer;
 use medfl_shared::model::{Cnn, Io, ModelSpec};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 
-use crate::problem::{ADAM_EPS, BETA1, BETA2, ClippedBatch, LocalProblem, TrainOutcome, loss_rows, targets};
+use crate::problem::{
+    ADAM_EPS, BETA1, BETA2, ClippedBatch, LocalProblem, TrainOutcome, add_clipped, loss_rows, targets,
+};
 
 /// The model's tensors as candle variables, in layout order and shape.
 fn variables(spec: &ModelSpec, io: Io, params: &[f32], dev: &Device) -> candle_core::Result<Vec<Var>> {
@@ -267,19 +269,9 @@ pub fn clipped_gradient_sum(
         )?
         .mean_all()?;
         loss_total += f64::from(loss.to_scalar::<f32>()?);
-        let grads = loss.backward()?;
-        g.clear();
-        for var in &vars {
-            match grads.get(var.as_tensor()) {
-                Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
-                None => g.extend(std::iter::repeat_n(0.0, var.as_tensor().elem_count())),
-            }
-        }
-        let factor = medfl_shared::dp::clip_factor(medfl_shared::dp::l2_norm(&g), clip) as f32;
-        if factor < 1.0 {
+        if add_clipped(&loss.backward()?, &vars, clip, &mut g, &mut sum)? {
             clipped += 1;
         }
-        sum.iter_mut().zip(&g).for_each(|(s, v)| *s += factor * v);
     }
     Ok(ClippedBatch {
         sum,

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use medfl_shared::model::{Io, ModelSpec};
 
 pub use crate::problem::ClippedBatch;
-use crate::problem::{LocalProblem, layer_tensors, loss_rows, output_delta, targets};
+use crate::problem::{LocalProblem, add_clipped, layer_tensors, loss_rows, output_delta, targets};
 
 /// Vectorized: one forward and one backward pass over the batch, per-example norms
 /// by the outer-product identity, clipping factors, and the clipped sum by matmuls.
@@ -110,6 +110,7 @@ pub fn clipped_gradient_sum_looped(
     let layers = crate::problem::layer_vars(spec, io, params, &dev)?;
     let mut sum = vec![0f32; params.len()];
     let (mut loss_total, mut clipped) = (0.0, 0);
+    let mut g = Vec::with_capacity(params.len());
     for (row, label) in x.chunks_exact(d).zip(y) {
         let mut h = Tensor::from_slice(row, (1, d), &dev)?;
         for (i, (w, b)) in layers.iter().enumerate() {
@@ -120,21 +121,10 @@ pub fn clipped_gradient_sum_looped(
         }
         let loss = loss_rows(&h, &targets(&[*label], io.outputs, &dev)?)?.mean_all()?;
         loss_total += loss.to_scalar::<f32>()? as f64;
-        let grads = loss.backward()?;
-        let mut g = Vec::with_capacity(params.len());
-        for (w, b) in &layers {
-            for var in [w, b] {
-                match grads.get(var.as_tensor()) {
-                    Some(t) => g.extend(t.flatten_all()?.to_vec1::<f32>()?),
-                    None => g.extend(std::iter::repeat_n(0.0, var.as_tensor().elem_count())),
-                }
-            }
-        }
-        let factor = medfl_shared::dp::clip_factor(medfl_shared::dp::l2_norm(&g), clip) as f32;
-        if factor < 1.0 {
+        let vars = layers.iter().flat_map(|(w, b)| [w, b]);
+        if add_clipped(&loss.backward()?, vars, clip, &mut g, &mut sum)? {
             clipped += 1;
         }
-        sum.iter_mut().zip(&g).for_each(|(s, v)| *s += factor * v);
     }
     Ok(ClippedBatch {
         sum,

@@ -53,6 +53,28 @@ pub struct ClippedBatch {
     pub clipped: usize,
 }
 
+/// Adds one example's gradient to `sum`, clipped to L2 norm `clip` (Abadi et al. 2016,
+/// Algorithm 1): each variable's gradient from `grads` in order, zeros where it has
+/// none, gathered in `scratch`. Returns whether it was scaled down.
+pub(crate) fn add_clipped<'a>(
+    grads: &candle_core::backprop::GradStore,
+    vars: impl IntoIterator<Item = &'a Var>,
+    clip: f64,
+    scratch: &mut Vec<f32>,
+    sum: &mut [f32],
+) -> candle_core::Result<bool> {
+    scratch.clear();
+    for var in vars {
+        match grads.get(var.as_tensor()) {
+            Some(t) => scratch.extend(t.flatten_all()?.to_vec1::<f32>()?),
+            None => scratch.extend(std::iter::repeat_n(0.0, var.as_tensor().elem_count())),
+        }
+    }
+    let factor = medfl_shared::dp::clip_factor(medfl_shared::dp::l2_norm(scratch), clip) as f32;
+    sum.iter_mut().zip(scratch.iter()).for_each(|(s, v)| *s += factor * v);
+    Ok(factor < 1.0)
+}
+
 /// Adam's constants (Kingma and Ba 2015, Algorithm 1).
 pub(crate) const BETA1: f64 = 0.9;
 pub(crate) const BETA2: f64 = 0.999;
