@@ -58,6 +58,7 @@ fn cnn_training(c: &mut Criterion) {
                 start_on: Start::Initial,
                 x: &x,
                 y: &y,
+                persons: &[],
                 training: &training,
             };
             train(&local, 1).expect("trained")

@@ -66,6 +66,7 @@ fn task(spec: &ModelSpec, start: Vec<f32>, dataset: &Path) -> TrainingTask {
         start_on: medfl_site_agent::problem::Start::Global,
         x: vec![],
         y: vec![],
+        persons: Vec::new(),
         training: Training::default(),
         seed: 1,
         mode: TrainingMode::Plain { scaffold: None },

@@ -924,6 +924,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         start_on: Start::Initial,
         x: &pooled.x,
         y: &pooled.y,
+        persons: &[],
         training: &epochs,
     };
     let central = train(&central_problem, args.seed)?;

@@ -249,6 +249,23 @@ pub fn clipped_gradient_sum(
     y: &[f32],
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
+    let each: Vec<Vec<usize>> = (0..y.len()).map(|r| vec![r]).collect();
+    clipped_person_sums(spec, io, params, x, y, &each, clip)
+}
+
+/// Per-person DP-SGD: each person's rows (a patient's images) as one micro-batch, whose
+/// summed loss's gradient is the sum of their examples' gradients, clipped to `clip` as
+/// one contribution, then summed over the persons. The sensitivity to adding or removing
+/// one person is `clip`, whatever their number of images.
+pub fn clipped_person_sums(
+    spec: &ModelSpec,
+    io: Io,
+    params: &[f32],
+    x: &[f32],
+    y: &[f32],
+    persons: &[Vec<usize>],
+    clip: f64,
+) -> candle_core::Result<ClippedBatch> {
     if spec.conv.iter().any(|b| b.norm == medfl_shared::model::Norm::Batch) {
         // Manifests refuse it; this is the trainer's own guard.
         return Err(candle_core::Error::Msg(
@@ -257,26 +274,29 @@ pub fn clipped_gradient_sum(
     }
     let dev = crate::device::current()?;
     let cnn = spec.cnn(io);
+    let d = io.inputs;
     let vars = variables(spec, io, params, &dev)?;
     let mut sum = vec![0f32; params.len()];
-    let (mut loss_total, mut clipped) = (0.0, 0);
+    let (mut loss_total, mut clipped, mut rows) = (0.0, 0, 0);
     let mut g = Vec::with_capacity(params.len());
-    for (image, label) in x.chunks_exact(io.inputs).zip(y) {
-        let xb = images(&cnn, image, 1, &dev)?;
-        let loss = loss_rows(
-            &forward(&cnn, &vars, &xb, None)?,
-            &targets(&[*label], io.outputs, &dev)?,
-        )?
-        .mean_all()?;
+    for person in persons {
+        let xs: Vec<f32> = person
+            .iter()
+            .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let ys: Vec<f32> = person.iter().map(|&r| y[r]).collect();
+        let xb = images(&cnn, &xs, person.len(), &dev)?;
+        let loss = loss_rows(&forward(&cnn, &vars, &xb, None)?, &targets(&ys, io.outputs, &dev)?)?.sum_all()?;
         loss_total += f64::from(loss.to_scalar::<f32>()?);
+        rows += person.len();
         if add_clipped(&loss.backward()?, &vars, clip, &mut g, &mut sum)? {
             clipped += 1;
         }
     }
     Ok(ClippedBatch {
         sum,
-        mean_loss: loss_total / y.len().max(1) as f64,
-        rows: y.len(),
+        mean_loss: loss_total / rows.max(1) as f64,
+        rows,
         clipped,
     })
 }
@@ -372,6 +392,7 @@ mod tests {
             start_on: Start::Initial,
             x: &x,
             y: &y,
+            persons: &[],
             training: &training,
         };
         let out = train(&local, 5).expect("trained");
@@ -412,6 +433,7 @@ mod tests {
             start_on: Start::Initial,
             x: &x,
             y: &y,
+            persons: &[],
             training: &training,
         };
         let out = train(&local, 5).expect("trained");
@@ -432,6 +454,18 @@ mod tests {
         let ab = clipped_gradient_sum(&spec, io, &params, &x[..128], &y[..2], 0.5).expect("ab");
         for ((p, q), r) in a.sum.iter().zip(&b.sum).zip(&ab.sum) {
             assert!((p + q - r).abs() < 1e-5);
+        }
+        // Per person: a patient's three images are one contribution, clipped as one.
+        let persons = vec![vec![0, 1, 2], vec![3]];
+        let by_person =
+            clipped_person_sums(&spec, io, &params, &x[..64 * 4], &y[..4], &persons, clip).expect("persons");
+        assert_eq!((by_person.rows, by_person.clipped), (4, 2));
+        assert!(medfl_shared::dp::l2_norm(&by_person.sum) <= 2.0 * clip + 1e-6);
+        // Unclipped, a person's contribution is the sum of their examples' gradients.
+        let loose = clipped_person_sums(&spec, io, &params, &x[..64 * 3], &y[..3], &[vec![0, 1, 2]], 1e9).expect("one");
+        let each = clipped_gradient_sum(&spec, io, &params, &x[..64 * 3], &y[..3], 1e9).expect("each");
+        for (p, q) in loose.sum.iter().zip(&each.sum) {
+            assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
         }
     }
 }

@@ -104,23 +104,48 @@ pub fn clipped_gradient_sum_looped(
     y: &[f32],
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
+    let each: Vec<Vec<usize>> = (0..y.len()).map(|r| vec![r]).collect();
+    clipped_person_sums(spec, io.into(), params, x, y, &each, clip)
+}
+
+/// Per-person clipping, for a dataset whose persons may have several rows (an image
+/// dataset's patients): each person's rows through one backward pass of their summed
+/// loss, that gradient clipped to `clip` as one contribution, then summed. A conv net
+/// goes to [`crate::cnn::clipped_person_sums`].
+pub fn clipped_person_sums(
+    spec: &ModelSpec,
+    io: Io,
+    params: &[f32],
+    x: &[f32],
+    y: &[f32],
+    persons: &[Vec<usize>],
+    clip: f64,
+) -> candle_core::Result<ClippedBatch> {
+    if spec.kind == medfl_shared::model::ModelKind::Cnn {
+        return crate::cnn::clipped_person_sums(spec, io, params, x, y, persons, clip);
+    }
     let dev = Device::Cpu;
-    let io = io.into();
     let d = io.inputs;
     let layers = crate::problem::layer_vars(spec, io, params, &dev)?;
     let mut sum = vec![0f32; params.len()];
-    let (mut loss_total, mut clipped) = (0.0, 0);
+    let (mut loss_total, mut clipped, mut rows) = (0.0, 0, 0);
     let mut g = Vec::with_capacity(params.len());
-    for (row, label) in x.chunks_exact(d).zip(y) {
-        let mut h = Tensor::from_slice(row, (1, d), &dev)?;
+    for person in persons {
+        let xs: Vec<f32> = person
+            .iter()
+            .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let ys: Vec<f32> = person.iter().map(|&r| y[r]).collect();
+        let mut h = Tensor::from_vec(xs, (person.len(), d), &dev)?;
         for (i, (w, b)) in layers.iter().enumerate() {
             h = h.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
             if i + 1 < layers.len() {
                 h = h.relu()?;
             }
         }
-        let loss = loss_rows(&h, &targets(&[*label], io.outputs, &dev)?)?.mean_all()?;
+        let loss = loss_rows(&h, &targets(&ys, io.outputs, &dev)?)?.sum_all()?;
         loss_total += loss.to_scalar::<f32>()? as f64;
+        rows += person.len();
         let vars = layers.iter().flat_map(|(w, b)| [w, b]);
         if add_clipped(&loss.backward()?, vars, clip, &mut g, &mut sum)? {
             clipped += 1;
@@ -128,8 +153,8 @@ pub fn clipped_gradient_sum_looped(
     }
     Ok(ClippedBatch {
         sum,
-        mean_loss: loss_total / y.len().max(1) as f64,
-        rows: y.len(),
+        mean_loss: loss_total / rows.max(1) as f64,
+        rows,
         clipped,
     })
 }
@@ -192,6 +217,7 @@ mod tests {
             start_on: crate::problem::Start::Initial,
             x: &x,
             y: &y,
+            persons: &[],
             training: &training,
         };
         let out = train_dp(&local, &scaling, &dp).expect("trains");
@@ -310,7 +336,23 @@ pub fn train_dp(
     if start_on == crate::problem::Start::Global {
         scaling.raw_to_standardized(spec, &mut theta);
     }
-    let expected_batch = (dp.sample_rate * n as f64).max(1.0);
+    // Where a person may have several rows, DP-SGD samples persons and clips each
+    // person's summed gradient (the privacy unit is the person, not the row).
+    let groups: Vec<Vec<usize>> = match local.persons {
+        [] => Vec::new(),
+        persons => {
+            let count = persons.iter().map(|&p| p as usize + 1).max().unwrap_or(0);
+            let mut groups = vec![Vec::new(); count];
+            persons
+                .iter()
+                .enumerate()
+                .for_each(|(r, &p)| groups[p as usize].push(r));
+            groups.retain(|g| !g.is_empty());
+            groups
+        }
+    };
+    let units = if groups.is_empty() { n } else { groups.len() };
+    let expected_batch = (dp.sample_rate * units as f64).max(1.0);
     let lr = training.learning_rate as f32;
     let (mut m, mut v) = (vec![0f32; theta.len()], vec![0f32; theta.len()]);
     let (mut loss_total, mut effective) = (0.0, f64::INFINITY);
@@ -318,13 +360,18 @@ pub fn train_dp(
     let mu = training.proximal_mu.unwrap_or(0.0) as f32;
     let anchor = theta.clone();
     for step in 1..=dp.steps {
-        let rows = medfl_shared::dp::poisson_sample(n, dp.sample_rate)?;
-        let bx: Vec<f32> = rows
-            .iter()
-            .flat_map(|&r| xs[r * d..(r + 1) * d].iter().copied())
-            .collect();
-        let by: Vec<f32> = rows.iter().map(|&r| y[r]).collect();
-        let batch = clipped_gradient_sum(spec, io, &theta, &bx, &by, dp.clip_norm)?;
+        let sampled = medfl_shared::dp::poisson_sample(units, dp.sample_rate)?;
+        let batch = if groups.is_empty() {
+            let bx: Vec<f32> = sampled
+                .iter()
+                .flat_map(|&r| xs[r * d..(r + 1) * d].iter().copied())
+                .collect();
+            let by: Vec<f32> = sampled.iter().map(|&r| y[r]).collect();
+            clipped_gradient_sum(spec, io, &theta, &bx, &by, dp.clip_norm)?
+        } else {
+            let chosen: Vec<Vec<usize>> = sampled.iter().map(|&p| groups[p].clone()).collect();
+            clipped_person_sums(spec, io, &theta, &xs, y, &chosen, dp.clip_norm)?
+        };
         loss_total += batch.mean_loss;
         let noisy = medfl_shared::dp::add_gaussian_noise(&batch.sum, dp.clip_norm, dp.noise_multiplier)?;
         effective = effective.min(noisy.effective_noise_multiplier);

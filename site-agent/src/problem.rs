@@ -29,6 +29,9 @@ pub struct LocalProblem<'a> {
     pub start_on: Start,
     pub x: &'a [f32],
     pub y: &'a [f32],
+    /// Each row's person, where a person may have several rows (an image dataset's
+    /// patients): DP-SGD samples and clips per person. Empty: every row is a person.
+    pub persons: &'a [u32],
     pub training: &'a Training,
 }
 

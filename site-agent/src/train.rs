@@ -276,6 +276,7 @@ mod tests {
                 start_on: Start::Initial,
                 x: &x,
                 y: &y,
+                persons: &[],
                 training: &cfg,
             };
             let out = train(&local, 7).expect("training runs");
@@ -327,6 +328,7 @@ mod tests {
                 start_on: Start::Initial,
                 x: &x,
                 y: &y,
+                persons: &[],
                 training: &cfg,
             };
             let out = train(&local, 7).expect("training runs");

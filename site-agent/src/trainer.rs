@@ -52,6 +52,8 @@ pub struct TrainingTask {
     /// The approved rows (raw, row-major) and their labels, held-out rows excluded.
     pub x: Vec<f32>,
     pub y: Vec<f32>,
+    /// Each row's person where a person may have several rows; empty: one row each.
+    pub persons: Vec<u32>,
     pub training: Training,
     /// Seeds the trainer's own shuffles (DP-SGD's sampling draws from the OS instead).
     pub seed: u64,
@@ -121,6 +123,7 @@ impl TrainingTask {
             start_on: self.start_on,
             x: &self.x,
             y: &self.y,
+            persons: &self.persons,
             training: &self.training,
         }
     }

@@ -1,7 +1,8 @@
 //! Imaging end to end: three real agents each read an image folder (the bundled digits,
 //! a labels CSV of their own) through the study's `[data.image]`, train a conv net with
-//! candle, and the coordinator aggregates over mTLS; under DP-SGD each agent clips every
-//! example's gradient in micro-batches of one and charges its own ledger.
+//! candle, and the coordinator aggregates over mTLS. Each patient has two images; under
+//! DP-SGD each agent samples patients, clips each patient's gradient (a micro-batch of
+//! their images) and charges its own ledger.
 
 use std::time::Duration;
 
@@ -87,9 +88,10 @@ async fn image_federation(
         .sites
         .iter()
         .map(|site| {
-            let mut csv = "file,digit\n".to_string();
-            for &r in site.iter().take(per_site) {
-                csv.push_str(&format!("{},{}\n", rows[r].0, rows[r].1));
+            // Two images a patient: DP-SGD samples and clips per patient.
+            let mut csv = "file,digit,patient\n".to_string();
+            for (k, &r) in site.iter().take(per_site).enumerate() {
+                csv.push_str(&format!("{},{},p{}\n", rows[r].0, rows[r].1, k / 2));
             }
             csv
         })
@@ -99,7 +101,9 @@ async fn image_federation(
         builder = builder.agent_policy(policy);
     }
     for i in 0..3 {
-        builder = builder.dataset_source(i, "[datasets.images]\nfolder = \".\"\nlabels = \"data.csv\"");
+        builder = builder
+            .dataset_setting(i, "person_id = \"patient\"")
+            .dataset_source(i, "[datasets.images]\nfolder = \".\"\nlabels = \"data.csv\"");
     }
     (builder.build().await.expect("federation"), split.test)
 }
@@ -165,7 +169,7 @@ async fn dp_sgd_on_images_clips_each_example_and_charges_the_ledgers() {
     // each), every step on all of them (q = 1: the plain Gaussian, whose noise each
     // step spreads over the whole share).
     let (mut fed, test) = image_federation(&rows, 200, owned.path(), Some("max_epsilon = 8.0\ndelta = 1e-5")).await;
-    let rounds = 4;
+    let rounds = 6;
     let privacy = "[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nsteps_per_round = 5\ntarget_epsilon = 8.0\nbudget_epsilon = 8.0\n\n[strategy]\nweighting = \"uniform\"\n";
     let manifest = cnn_manifest(rounds, "") + privacy;
     let id = fed.create_study(&manifest).await.expect("create");

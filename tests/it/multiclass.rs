@@ -140,6 +140,7 @@ async fn softmax_logistic_regression_on_digits_matches_centralized() {
             start_on: Start::Initial,
             x: &pooled.x,
             y: &pooled.y,
+            persons: &[],
             training: &epochs,
         },
         3,

@@ -230,6 +230,7 @@ async fn federated_logistic_regression_over_three_cdms_matches_centralized() {
             start_on: Start::Initial,
             x: &pooled_x,
             y: &pooled_y,
+            persons: &[],
             training: &epochs,
         },
         m.seed,

@@ -125,6 +125,7 @@ fn run_trainer(dir: &Path, cfg: TrainerConfig, hidden: Vec<PathBuf>) -> Result<V
         start_on: medfl_site_agent::problem::Start::Global,
         x: vec![],
         y: vec![],
+        persons: Vec::new(),
         training: Training {
             local_epochs: 1,
             batch_size: 32,

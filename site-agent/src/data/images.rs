@@ -315,6 +315,8 @@ pub(super) fn encode(
     labels_only.features.clear();
     labels_only.image = None;
     let mut encoder = Encoder::new(&dataset.config, &origin, &labels_only, &columns)?;
+    // A patient may have several images: DP-SGD samples and clips per patient.
+    encoder.allow_repeated = true;
     if !columns.iter().any(|(c, _)| c == &source.file_column) {
         return Err(DataError::MissingColumn {
             origin,
@@ -364,6 +366,9 @@ pub(super) fn encode(
             Ok(input) => pixels.extend(input),
             Err(_) if source.bad_image == BadImage::Skip => {
                 encoder.y.pop();
+                if encoder.row_persons.len() > encoder.y.len() {
+                    encoder.row_persons.pop();
+                }
                 encoder.drop_row("the image cannot be used");
             }
             Err((file, reason)) => {
@@ -578,6 +583,26 @@ mod tests {
         let encoded = encode_folder(dir.path(), BadImage::Refuse, resized).expect("resized");
         assert_eq!(encoded.x.len(), 64 * 64);
         assert!(encoded.x.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn a_patient_may_have_several_images_and_each_row_names_its_patient() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["MR_small.dcm", "MR_small_RLE.dcm"] {
+            std::fs::copy(repo().join("data/dicom").join(f), dir.path().join(f)).expect("copy");
+        }
+        let rows = "file,label,patient\nMR_small.dcm,a,p1\nMR_small_RLE.dcm,b,p1\nMR_small.dcm,b,p2\n";
+        std::fs::write(dir.path().join("labels.csv"), rows).expect("labels");
+        let mut cfg = config(dir.path(), BadImage::Refuse);
+        cfg.person_id = Some("patient".into());
+        let dataset = Dataset::open(cfg, Path::new("/")).expect("valid entry");
+        let encoded = dataset
+            .encode(&schema(&["a", "b"], spec([64, 64])))
+            .expect("two patients");
+        assert_eq!(encoded.rows(), 3);
+        assert_eq!(encoded.persons, vec![0, 0, 1]);
+        // RLE and uncompressed decode to the same image.
+        assert_eq!(encoded.x[..64 * 64], encoded.x[64 * 64..2 * 64 * 64]);
     }
 
     #[test]

@@ -428,6 +428,9 @@ pub struct Encoded {
     pub inputs: Vec<String>,
     pub x: Vec<f32>,
     pub y: Vec<f32>,
+    /// Each row's person (an index), where a person may have several rows (an image
+    /// dataset's patients); empty when every row is its own person.
+    pub persons: Vec<u32>,
     pub dropped: Vec<(String, usize)>,
     /// Rows read from the source.
     pub read: usize,
@@ -710,6 +713,12 @@ pub struct Encoder {
     /// about n²/2¹²⁹, far below anything a dataset meets.
     persons: HashSet<u128>,
     repeated: HashMap<u128, usize>,
+    /// An image dataset's patients may have several images: set, repeated person ids
+    /// are allowed and each kept row's person index is recorded instead (DP-SGD then
+    /// samples and clips per person).
+    allow_repeated: bool,
+    person_index: HashMap<u128, u32>,
+    row_persons: Vec<u32>,
     dropped: BTreeMap<&'static str, usize>,
     read: usize,
 }
@@ -839,6 +848,9 @@ impl Encoder {
             holes: Vec::new(),
             persons: HashSet::new(),
             repeated: HashMap::new(),
+            allow_repeated: false,
+            person_index: HashMap::new(),
+            row_persons: Vec::new(),
             dropped: BTreeMap::new(),
             read: 0,
         })
@@ -949,9 +961,13 @@ impl Encoder {
         self.read += 1;
         let mut cells = cells.iter().copied();
         let label = cells.next().unwrap_or(Cell::Missing);
+        let mut person = None;
         if self.person {
             let id = fingerprint(cells.next().unwrap_or(Cell::Missing));
-            if !self.persons.insert(id) {
+            if self.allow_repeated {
+                let next = self.person_index.len() as u32;
+                person = Some(*self.person_index.entry(id).or_insert(next));
+            } else if !self.persons.insert(id) {
                 *self.repeated.entry(id).or_insert(1) += 1;
             }
         }
@@ -1017,6 +1033,9 @@ impl Encoder {
         self.holes
             .extend(holes.into_iter().filter(|j| *j != usize::MAX).map(|j| (row, j)));
         self.y.push(class);
+        if let Some(p) = person {
+            self.row_persons.push(p);
+        }
         Ok(())
     }
 
@@ -1043,6 +1062,7 @@ impl Encoder {
             inputs: schema_inputs,
             x: self.x,
             y: self.y,
+            persons: self.row_persons,
             dropped,
             read: self.read,
             warnings: Vec::new(),

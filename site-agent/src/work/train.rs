@@ -130,6 +130,7 @@ pub(crate) async fn train(
 ) -> Result<Trained, WorkError> {
     // The rows move into the task: vet selected them for this round alone.
     let (x, y) = (std::mem::take(&mut approved.x), std::mem::take(&mut approved.y));
+    let persons = std::mem::take(&mut approved.persons);
     let approved = &*approved;
     let manifest = &approved.manifest;
     let mut global = download(client, work, manifest).await?;
@@ -164,6 +165,7 @@ pub(crate) async fn train(
         start_on: if work.round == 1 { Start::Initial } else { Start::Global },
         x,
         y,
+        persons,
         training: manifest.training.clone(),
         seed: round_seed(&approved.site, manifest.seed, work.round),
         mode,

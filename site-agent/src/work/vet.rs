@@ -26,6 +26,9 @@ pub(crate) struct Approved {
     /// The selected training rows (raw, row-major) and labels.
     pub x: Vec<f32>,
     pub y: Vec<f32>,
+    /// Each training row's person where a person may have several (an image dataset's
+    /// patients); empty when every row is its own person.
+    pub persons: Vec<u32>,
     /// With `[evaluation]`, the held-out rows that score the received model.
     pub holdout: Option<(Vec<f32>, Vec<f32>)>,
     /// The secure-aggregation session, checked against the manifest.
@@ -109,6 +112,9 @@ pub(crate) async fn vet(settings: &Arc<AgentSettings>, work: &pb::WorkItem) -> R
     // [evaluation]: a fixed share of the rows is held out (never trained on) and scores
     // the global model this round received.
     let (x, y, holdout) = split_holdout(&manifest, encoded.x, &encoded.y);
+    // Persons matter to DP-SGD only, and `[evaluation]` (the only split of the rows)
+    // is refused under DP: without a split the rows keep their order.
+    let persons = if holdout.is_none() { encoded.persons } else { Vec::new() };
 
     let site = settings.profile().file.name.clone();
     // Secure aggregation: the session must match the approved manifest before any
@@ -128,6 +134,7 @@ pub(crate) async fn vet(settings: &Arc<AgentSettings>, work: &pb::WorkItem) -> R
         manifest,
         x,
         y,
+        persons,
         holdout,
         session,
         site,
