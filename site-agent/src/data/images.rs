@@ -605,6 +605,33 @@ mod tests {
         assert_eq!(encoded.x[..64 * 64], encoded.x[64 * 64..2 * 64 * 64]);
     }
 
+    /// A JPEG file (the baseline stream inside the bundled DICOM JPEG, written alone) reads
+    /// as RGB with pydicom's per-channel means; a folder named as an image (a series) is
+    /// refused by name.
+    #[test]
+    fn a_jpeg_file_decodes_and_a_series_folder_is_refused() {
+        let dcm = std::fs::read(repo().join("data/dicom/SC_rgb_jpeg_dcmtk.dcm")).expect("dicom");
+        let start = dcm.windows(3).position(|w| w == [0xFF, 0xD8, 0xFF]).expect("SOI");
+        let end = dcm.windows(2).rposition(|w| w == [0xFF, 0xD9]).expect("EOI") + 2;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rgb.jpg");
+        std::fs::write(&path, &dcm[start..end]).expect("jpg");
+        let mut rgb = spec([100, 100]);
+        rgb.channels = 3;
+        let image = decode(&path, &rgb, false).expect("JPEG");
+        assert_eq!(
+            (image.format, image.channels, image.height, image.width),
+            ("JPEG", 3, 100, 100)
+        );
+        for (c, want) in [127.72, 127.65, 127.83].iter().enumerate() {
+            let values: Vec<f32> = image.values.iter().skip(c).step_by(3).copied().collect();
+            let mean = values.iter().map(|v| f64::from(*v) * 255.0).sum::<f64>() / values.len() as f64;
+            assert!((mean - want).abs() <= 1.0, "channel {c}: {mean} vs pydicom's {want}");
+        }
+        let err = decode(dir.path(), &rgb, false).expect_err("a folder");
+        assert!(err.contains("is a folder (a whole series?)"), "{err}");
+    }
+
     #[test]
     fn an_empty_folder_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
