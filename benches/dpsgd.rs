@@ -25,6 +25,8 @@ fn dpsgd(c: &mut Criterion) {
                 external: None,
                 input: None,
                 conv: Vec::new(),
+                checkpoint: None,
+                lora: None,
             },
         ),
         (
@@ -35,6 +37,8 @@ fn dpsgd(c: &mut Criterion) {
                 external: None,
                 input: None,
                 conv: Vec::new(),
+                checkpoint: None,
+                lora: None,
             },
         ),
     ] {
@@ -64,6 +68,8 @@ fn dpsgd_step(c: &mut Criterion) {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let mut params = spec.init(d, 1);
     let noise = GaussianNoise::new(params.len(), 1.0, 1.0).expect("noise");

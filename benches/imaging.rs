@@ -26,6 +26,8 @@ fn demo_cnn() -> ModelSpec {
         external: None,
         input: Some([1, 8, 8]),
         conv: vec![block(16), block(32)],
+        checkpoint: None,
+        lora: None,
     }
 }
 
@@ -60,6 +62,7 @@ fn cnn_training(c: &mut Criterion) {
                 y: &y,
                 persons: &[],
                 training: &training,
+                base: None,
             };
             train(&local, 1).expect("trained")
         })

@@ -79,6 +79,7 @@ fn task(spec: &ModelSpec, start: Vec<f32>, dataset: &Path) -> TrainingTask {
             features: vec![],
             scaling: None,
         }),
+        base: None,
     }
 }
 
@@ -106,6 +107,8 @@ fn bench(c: &mut Criterion) {
                 .collect(),
             init: Default::default(),
         }),
+        checkpoint: None,
+        lora: None,
     };
     let model: Vec<f32> = (0..VALUES).map(|i| (i % 1000) as f32 * 1e-3).collect();
     let protocol = trainer(&python, read_only.clone(), &["tests/misbehaving.py", "ok"], &dataset);

@@ -627,6 +627,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .filter(|_| args.model == "cnn")
             .map(|i| [i.channels, i.height(), i.width()]),
         conv: if args.model == "cnn" { demo_conv() } else { Vec::new() },
+        checkpoint: None,
+        lora: None,
     };
     // The same logistic regression, trained by each hospital's Python trainer: medfl
     // knows only its layout.
@@ -641,6 +643,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 tensors: model.layout(table.columns.len()),
                 init: medfl_shared::model::ExternalInit::Zeros,
             }),
+            checkpoint: None,
+            lora: None,
         },
         false => model.clone(),
     };
@@ -926,6 +930,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         y: &pooled.y,
         persons: &[],
         training: &epochs,
+        base: None,
     };
     let central = train(&central_problem, args.seed)?;
     let (central_acc, central_auc) = evaluate(&model, &central.params, &test, outputs)?;

@@ -16,6 +16,7 @@ pub mod cnn;
 pub mod dp;
 pub mod hex;
 pub mod identity;
+pub mod lora;
 pub mod manifest;
 pub mod memo;
 pub mod metrics;

@@ -8,6 +8,7 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 pub use crate::cnn::{Cnn, ConvBlock, Norm};
+pub use crate::lora::{Checkpoint, Lora, Piece};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -59,6 +60,13 @@ pub struct ModelSpec {
     /// For `kind = "cnn"`: the convolution blocks, `[[model.conv]]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conv: Vec<ConvBlock>,
+    /// `[model.init]`: fine-tune this pretrained checkpoint ([`crate::lora`]): what
+    /// travels is then an offset from it.
+    #[serde(rename = "init", default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+    /// `[model.lora]`: train LoRA adapters on the checkpoint (FFA-LoRA, [`crate::lora`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Lora>,
 }
 
 /// A model trained by the sites' own trainers (`[model.external]`): a trainer name each
@@ -125,6 +133,8 @@ pub enum ModelError {
     NoInference,
     #[error("{0}")]
     Cnn(String),
+    #[error("{0}")]
+    FineTune(String),
 }
 
 impl ModelSpec {
@@ -168,6 +178,46 @@ impl ModelSpec {
             return Err(ModelError::TooLarge(n));
         }
         Ok(())
+    }
+
+    /// `[model.init]` and `[model.lora]`: a conv net's checkpoint named inside the
+    /// site's folder with a SHA-256, and adapters that fit its layers (the study's
+    /// input and output widths: the head's shape depends on the classes).
+    pub fn validate_fine_tuning(&self, io: Io) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::FineTune(m));
+        let Some(ckpt) = &self.checkpoint else {
+            if self.lora.is_some() {
+                return bad(
+                    "[model.lora] adapts a pretrained model: add [model.init] with its checkpoint (file, sha256)"
+                        .into(),
+                );
+            }
+            return Ok(());
+        };
+        if self.kind != ModelKind::Cnn {
+            return bad("[model.init] and [model.lora] fine-tune a conv net (kind = \"cnn\")".into());
+        }
+        if !crate::lora::bare_file_name(&ckpt.file) {
+            return bad(format!(
+                "model.init.file = {:?}: give a bare file name; each site looks for it in its own checkpoints folder",
+                ckpt.file
+            ));
+        }
+        if ckpt.sha256.len() != 64 || !ckpt.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad(format!(
+                "model.init.sha256 = {:?}: give the checkpoint's SHA-256 as 64 hex digits (sha256sum {})",
+                ckpt.sha256, ckpt.file
+            ));
+        }
+        let Some(lora) = &self.lora else { return Ok(()) };
+        if let Some(i) = self.conv.iter().position(|b| b.norm == Norm::Batch) {
+            return bad(format!(
+                "model.conv[{i}].norm = \"batch\" with [model.lora]: the frozen running statistics would not follow the adapted layers; use \"group\" or \"layer\", or fine-tune in full"
+            ));
+        }
+        crate::lora::plan(&self.base_layout(io), Some(lora), &self.head_layer(io))
+            .map(|_| ())
+            .map_err(ModelError::FineTune)
     }
 
     fn validate_external(&self) -> Result<(), ModelError> {
@@ -243,7 +293,63 @@ impl ModelSpec {
         }
     }
 
-    pub fn layout(&self, n_features: impl Into<Io>) -> Vec<TensorSpec> {
+    /// The tensors that travel and are aggregated: the network's ([`Self::base_layout`]),
+    /// or for a fine-tuned model the offsets and adapters of [`crate::lora::plan`].
+    pub fn layout(&self, io: impl Into<Io>) -> Vec<TensorSpec> {
+        let io = io.into();
+        match self.pieces(io) {
+            Some(pieces) => pieces.into_iter().map(|p| p.tensor).collect(),
+            None => self.base_layout(io),
+        }
+    }
+
+    /// The output layer's name (`fc{j}`, the last dense layer of a conv net).
+    pub fn head_layer(&self, io: impl Into<Io>) -> String {
+        format!("fc{}", self.cnn(io).dense_dims().len() - 1)
+    }
+
+    /// A fine-tuned model's travelling tensors and what each adapts; `None` without a
+    /// checkpoint (and empty for a `[model.lora]` that `validate` refuses).
+    pub fn pieces(&self, io: impl Into<Io>) -> Option<Vec<Piece>> {
+        self.checkpoint.as_ref()?;
+        let io = io.into();
+        Some(crate::lora::plan(&self.base_layout(io), self.lora.as_ref(), &self.head_layer(io)).unwrap_or_default())
+    }
+
+    /// The same network without its checkpoint: what a merged model's parameters
+    /// ([`Self::merged`]) are scored with.
+    pub fn base_spec(&self) -> ModelSpec {
+        ModelSpec {
+            checkpoint: None,
+            lora: None,
+            ..self.clone()
+        }
+    }
+
+    /// The network's parameters from the checkpoint's values `base` (in
+    /// [`Self::base_layout`]) and the study's travelling vector `travel`.
+    pub fn merged(&self, io: impl Into<Io>, base: &[f32], travel: &[f32]) -> Result<Vec<f32>, ModelError> {
+        let io = io.into();
+        let want = self.base_layout(io).iter().map(TensorSpec::len).sum::<u64>() as usize;
+        if base.len() != want {
+            return Err(ModelError::WrongLength { got: base.len(), want });
+        }
+        let Some(pieces) = self.pieces(io) else {
+            return Ok(base.to_vec());
+        };
+        let travelling = pieces.iter().map(|p| p.tensor.len()).sum::<u64>() as usize;
+        if travel.len() != travelling {
+            return Err(ModelError::WrongLength {
+                got: travel.len(),
+                want: travelling,
+            });
+        }
+        let seed = self.lora.as_ref().map_or(0, |l| l.seed);
+        Ok(crate::lora::merge(&self.base_layout(io), base, &pieces, seed, travel))
+    }
+
+    /// The network's own tensors, in order (what a checkpoint holds).
+    pub fn base_layout(&self, n_features: impl Into<Io>) -> Vec<TensorSpec> {
         if let Some(ext) = &self.external {
             return ext.tensors.clone();
         }
@@ -274,6 +380,9 @@ impl ModelSpec {
     }
 
     pub fn num_params(&self, n_features: impl Into<Io>) -> u64 {
+        if self.checkpoint.is_some() {
+            return self.layout(n_features).iter().map(TensorSpec::len).sum();
+        }
         if let Some(ext) = &self.external {
             return ext.tensors.iter().map(TensorSpec::len).sum();
         }
@@ -290,6 +399,10 @@ impl ModelSpec {
     /// weights uniform in ±1/√fan_in (the PyTorch `Linear` default) from `seed`, zero biases.
     pub fn init(&self, n_features: impl Into<Io>, seed: u64) -> Vec<f32> {
         let n_features = n_features.into();
+        // Fine-tuning starts at the checkpoint: a zero offset, zero adapters.
+        if self.checkpoint.is_some() {
+            return vec![0.0; self.num_params(n_features) as usize];
+        }
         let mut rng = StdRng::seed_from_u64(seed);
         if let Some(ext) = &self.external {
             let mut params = Vec::with_capacity(self.num_params(n_features) as usize);
@@ -331,6 +444,11 @@ impl ModelSpec {
     pub fn logits(&self, params: &[f32], x: &[f32], io: impl Into<Io>) -> Result<Vec<f32>, ModelError> {
         if self.kind == ModelKind::External {
             return Err(ModelError::NoInference);
+        }
+        if self.checkpoint.is_some() {
+            return Err(ModelError::FineTune(
+                "a fine-tuned model's parameters are offsets from its checkpoint: merge them with it first (ModelSpec::merged)".into(),
+            ));
         }
         let io = io.into();
         let n_features = io.inputs;
@@ -515,6 +633,8 @@ mod tests {
             external: None,
             input: None,
             conv: Vec::new(),
+            checkpoint: None,
+            lora: None,
         }
     }
 
@@ -535,6 +655,8 @@ mod tests {
             external: None,
             input: None,
             conv: Vec::new(),
+            checkpoint: None,
+            lora: None,
         };
         assert!(matches!(lr.validate(4), Err(ModelError::HiddenOnLinear(_))));
         let mlp0 = ModelSpec {
@@ -543,6 +665,8 @@ mod tests {
             external: None,
             input: None,
             conv: Vec::new(),
+            checkpoint: None,
+            lora: None,
         };
         assert_eq!(mlp0.validate(4), Err(ModelError::NoHidden));
         assert_eq!(mlp().validate(0), Err(ModelError::NoFeatures));

@@ -16,6 +16,7 @@
 //! so no site-level standardization happens here.
 
 use candle_core::{DType, Device, Tensor, Var};
+use medfl_shared::lora::Role;
 use medfl_shared::manifest::Optimizer;
 use medfl_shared::model::{Cnn, Io, ModelSpec};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
@@ -24,19 +25,112 @@ use crate::problem::{
     ADAM_EPS, BETA1, BETA2, ClippedBatch, LocalProblem, TrainOutcome, add_clipped, loss_rows, targets,
 };
 
-/// The model's tensors as candle variables, in layout order and shape.
-fn variables(spec: &ModelSpec, io: Io, params: &[f32], dev: &Device) -> candle_core::Result<Vec<Var>> {
-    let mut at = 0;
-    spec.layout(io)
-        .iter()
-        .map(|t| {
-            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-            let len = t.len() as usize;
-            let v = Var::from_tensor(&Tensor::from_slice(&params[at..at + len], shape, dev)?)?;
-            at += len;
-            Ok(v)
+/// The trained variables and how they make the network's tensors: for a model
+/// without a checkpoint the variables are the network's tensors; for a fine-tuned one
+/// ([`medfl_shared::lora`]) they are offsets and LoRA `B`s over the checkpoint's
+/// frozen tensors, and each forward pass builds `W₀ + Δ` or `W₀ + (α/r)·B·A`.
+struct Net {
+    vars: Vec<Var>,
+    frozen: Option<Frozen>,
+}
+
+/// A fine-tuned model's fixed part: the checkpoint's tensors (network layout) and, per
+/// variable, the tensor it adapts with its frozen `A` (scaled) for a LoRA `B`.
+struct Frozen {
+    base: Vec<Tensor>,
+    pieces: Vec<(usize, Option<Tensor>)>,
+}
+
+impl Net {
+    fn new(spec: &ModelSpec, io: Io, base: Option<&[f32]>, params: &[f32], dev: &Device) -> candle_core::Result<Self> {
+        let tensors = |layout: &[medfl_shared::model::TensorSpec], values: &[f32]| {
+            let mut at = 0;
+            layout
+                .iter()
+                .map(|t| {
+                    let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+                    let len = t.len() as usize;
+                    let v = Tensor::from_slice(&values[at..at + len], shape, dev);
+                    at += len;
+                    v
+                })
+                .collect::<candle_core::Result<Vec<Tensor>>>()
+        };
+        let layout = spec.layout(io);
+        if params.len() != layout.iter().map(|t| t.len() as usize).sum::<usize>() {
+            return Err(candle_core::Error::Msg(format!(
+                "the model has {} values, its layout {}",
+                params.len(),
+                layout.iter().map(|t| t.len()).sum::<u64>()
+            )));
+        }
+        let vars = tensors(&layout, params)?
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<Vec<Var>>>()?;
+        let Some(pieces) = spec.pieces(io) else {
+            return Ok(Net { vars, frozen: None });
+        };
+        let base_layout = spec.base_layout(io);
+        let base = base.ok_or_else(|| {
+            candle_core::Error::Msg("a fine-tuned model trains over its checkpoint, and none was loaded".into())
+        })?;
+        if base.len() != base_layout.iter().map(|t| t.len() as usize).sum::<usize>() {
+            return Err(candle_core::Error::Msg(
+                "the checkpoint does not fit the model's layout".into(),
+            ));
+        }
+        let seed = spec.lora.as_ref().map_or(0, |l| l.seed);
+        let pieces = pieces
+            .iter()
+            .map(|p| match p.role {
+                Role::Offset => Ok((p.base, None)),
+                Role::LoraB { rank, fan_in, scale } => {
+                    let a = medfl_shared::lora::lora_a(seed, &base_layout[p.base].name, rank, fan_in);
+                    Ok((
+                        p.base,
+                        Some((Tensor::from_vec(a, (rank, fan_in), dev)? * f64::from(scale))?),
+                    ))
+                }
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Net {
+            vars,
+            frozen: Some(Frozen {
+                base: tensors(&base_layout, base)?,
+                pieces,
+            }),
         })
-        .collect()
+    }
+
+    /// The network's tensors in layout order (differentiable in the variables).
+    fn tensors(&self) -> candle_core::Result<Vec<Tensor>> {
+        let Some(frozen) = &self.frozen else {
+            return Ok(self.vars.iter().map(|v| v.as_tensor().clone()).collect());
+        };
+        let mut out = frozen.base.clone();
+        for (var, (at, a)) in self.vars.iter().zip(&frozen.pieces) {
+            let w0 = &frozen.base[*at];
+            out[*at] = match a {
+                None => (w0 + var.as_tensor())?,
+                Some(a) => (w0 + var.as_tensor().matmul(a)?.reshape(w0.shape())?)?,
+            };
+        }
+        Ok(out)
+    }
+
+    /// Sets the network's tensor `at` to `value` (batch norm's running statistics): its
+    /// variable, or for a fine-tuned model its offset from the checkpoint.
+    fn set_network_tensor(&self, at: usize, value: &Tensor) -> candle_core::Result<()> {
+        let Some(frozen) = &self.frozen else {
+            return self.vars[at].set(value);
+        };
+        match frozen.pieces.iter().position(|(b, a)| *b == at && a.is_none()) {
+            Some(i) => self.vars[i].set(&(value - &frozen.base[at])?),
+            // Not trained (refused with LoRA by the manifest): stays at the checkpoint's.
+            None => Ok(()),
+        }
+    }
 }
 
 /// A batch norm's statistics from one training batch, for its running averages: the
@@ -54,11 +148,11 @@ struct BatchStats {
 /// own statistics (training mode) and reports them in `stats`.
 fn forward(
     cnn: &Cnn<'_>,
-    vars: &[Var],
+    tensors: &[Tensor],
     x: &Tensor,
     mut stats: Option<&mut Vec<BatchStats>>,
 ) -> candle_core::Result<Tensor> {
-    let mut next = vars.iter().map(Var::as_tensor).enumerate();
+    let mut next = tensors.iter().enumerate();
     let mut take = || {
         next.next()
             .ok_or_else(|| candle_core::Error::Msg("the parameters end before the model does".into()))
@@ -172,7 +266,8 @@ pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOu
     let cnn = local.spec.cnn(io);
     let cfg = local.training;
     let n = local.y.len();
-    let vars = variables(local.spec, io, local.params, &dev)?;
+    let net = Net::new(local.spec, io, local.base, local.params, &dev)?;
+    let vars = &net.vars;
     let x_all = images(&cnn, local.x, n, &dev)?;
     let y_all = targets(local.y, io.outputs, &dev)?;
     let mu = cfg.proximal_mu.unwrap_or(0.0);
@@ -196,14 +291,15 @@ pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOu
             let xb = x_all.index_select(&idx, 0)?;
             let yb = y_all.index_select(&idx, 0)?;
             let mut stats = Vec::new();
-            let loss = loss_rows(&forward(&cnn, &vars, &xb, Some(&mut stats))?, &yb)?.mean_all()?;
+            let tensors = net.tensors()?;
+            let loss = loss_rows(&forward(&cnn, &tensors, &xb, Some(&mut stats))?, &yb)?.mean_all()?;
             total += f64::from(loss.to_scalar::<f32>()?);
             // Batch norm's running averages, PyTorch's momentum 0.1 (no gradient: they
             // are read only at inference).
             for s in &stats {
-                let (mean, var) = (&vars[s.mean_var], &vars[s.var_var]);
-                mean.set(&((mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (&s.mean * BN_MOMENTUM)?)?)?;
-                var.set(&((var.as_tensor() * (1.0 - BN_MOMENTUM))? + (&s.var * BN_MOMENTUM)?)?)?;
+                let (mean, var) = (tensors[s.mean_var].detach(), tensors[s.var_var].detach());
+                net.set_network_tensor(s.mean_var, &((mean * (1.0 - BN_MOMENTUM))? + (&s.mean * BN_MOMENTUM)?)?)?;
+                net.set_network_tensor(s.var_var, &((var * (1.0 - BN_MOMENTUM))? + (&s.var * BN_MOMENTUM)?)?)?;
             }
             batches += 1;
             let grads = loss.backward()?;
@@ -233,7 +329,7 @@ pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOu
         last_loss = total / f64::from(batches.max(1));
     }
     Ok(TrainOutcome {
-        params: flat(&vars)?,
+        params: flat(vars)?,
         loss: last_loss,
         examples: n,
     })
@@ -244,22 +340,26 @@ pub fn train(local: &LocalProblem<'_>, seed: u64) -> candle_core::Result<TrainOu
 pub fn clipped_gradient_sum(
     spec: &ModelSpec,
     io: Io,
+    base: Option<&[f32]>,
     params: &[f32],
     x: &[f32],
     y: &[f32],
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
     let each: Vec<Vec<usize>> = (0..y.len()).map(|r| vec![r]).collect();
-    clipped_person_sums(spec, io, params, x, y, &each, clip)
+    clipped_person_sums(spec, io, base, params, x, y, &each, clip)
 }
 
 /// Per-person DP-SGD: each person's rows (a patient's images) as one micro-batch, whose
 /// summed loss's gradient is the sum of their examples' gradients, clipped to `clip` as
 /// one contribution, then summed over the persons. The sensitivity to adding or removing
-/// one person is `clip`, whatever their number of images.
+/// one person is `clip`, whatever their number of images. For a fine-tuned model the
+/// gradients are those of what travels (offsets, LoRA's `B`s) over `base`, the checkpoint.
+#[allow(clippy::too_many_arguments)]
 pub fn clipped_person_sums(
     spec: &ModelSpec,
     io: Io,
+    base: Option<&[f32]>,
     params: &[f32],
     x: &[f32],
     y: &[f32],
@@ -275,7 +375,7 @@ pub fn clipped_person_sums(
     let dev = crate::device::current()?;
     let cnn = spec.cnn(io);
     let d = io.inputs;
-    let vars = variables(spec, io, params, &dev)?;
+    let net = Net::new(spec, io, base, params, &dev)?;
     let mut sum = vec![0f32; params.len()];
     let (mut loss_total, mut clipped, mut rows) = (0.0, 0, 0);
     let mut g = Vec::with_capacity(params.len());
@@ -286,10 +386,14 @@ pub fn clipped_person_sums(
             .collect();
         let ys: Vec<f32> = person.iter().map(|&r| y[r]).collect();
         let xb = images(&cnn, &xs, person.len(), &dev)?;
-        let loss = loss_rows(&forward(&cnn, &vars, &xb, None)?, &targets(&ys, io.outputs, &dev)?)?.sum_all()?;
+        let loss = loss_rows(
+            &forward(&cnn, &net.tensors()?, &xb, None)?,
+            &targets(&ys, io.outputs, &dev)?,
+        )?
+        .sum_all()?;
         loss_total += f64::from(loss.to_scalar::<f32>()?);
         rows += person.len();
-        if add_clipped(&loss.backward()?, &vars, clip, &mut g, &mut sum)? {
+        if add_clipped(&loss.backward()?, &net.vars, clip, &mut g, &mut sum)? {
             clipped += 1;
         }
     }
@@ -331,6 +435,8 @@ mod tests {
                     pool: 2,
                 },
             ],
+            checkpoint: None,
+            lora: None,
         }
     }
 
@@ -362,14 +468,113 @@ mod tests {
             let (x, _) = halves(5, 1);
             let plain = spec.logits(&params, &x, io).expect("plain");
             let dev = Device::Cpu;
-            let vars = variables(&spec, io, &params, &dev).expect("vars");
+            let net = Net::new(&spec, io, None, &params, &dev).expect("vars");
             let cnn = spec.cnn(io);
-            let z = forward(&cnn, &vars, &images(&cnn, &x, 5, &dev).expect("x"), None).expect("forward");
+            let z = forward(
+                &cnn,
+                &net.tensors().expect("tensors"),
+                &images(&cnn, &x, 5, &dev).expect("x"),
+                None,
+            )
+            .expect("forward");
             let z: Vec<f32> = z.flatten_all().expect("flat").to_vec1().expect("values");
             for (a, b) in z.iter().zip(&plain) {
                 assert!((a - b).abs() < 1e-4, "{norm:?}: {a} vs {b}");
             }
         }
+    }
+
+    /// LoRA over a checkpoint: only the adapters and the head train, the task is learnt,
+    /// and the merged network's plain inference equals the candle pass with the adapters
+    /// applied (to 1e-5).
+    #[test]
+    fn lora_fine_tunes_a_checkpoint_and_merges_to_the_same_predictions() {
+        let base_spec = spec(Norm::Group);
+        let io = Io { inputs: 64, outputs: 1 };
+        let (x, y) = halves(64, 2);
+        let training = Training {
+            local_epochs: 8,
+            batch_size: 8,
+            learning_rate: 0.01,
+            ..Training::default()
+        };
+        let problem = |spec: &'_ ModelSpec, params: &'_ [f32], y: &'_ [f32], base: Option<&'_ [f32]>| {
+            train(
+                &LocalProblem {
+                    spec,
+                    n_features: 64,
+                    outputs: 1,
+                    params,
+                    start_on: Start::Initial,
+                    x: &x,
+                    y,
+                    persons: &[],
+                    training: &training,
+                    base,
+                },
+                5,
+            )
+            .expect("trained")
+        };
+        let pretrained = problem(&base_spec, &base_spec.init(io, 3), &y, None).params;
+        // The new task: the classes swapped.
+        let flipped: Vec<f32> = y.iter().map(|v| 1.0 - v).collect();
+        let tuned_spec = ModelSpec {
+            checkpoint: Some(medfl_shared::model::Checkpoint {
+                file: "pretrained.safetensors".into(),
+                sha256: "0".repeat(64),
+            }),
+            lora: Some(medfl_shared::model::Lora {
+                rank: 2,
+                alpha: Some(4),
+                targets: vec!["conv1".into(), "fc0".into()],
+                head: true,
+                seed: 11,
+            }),
+            ..base_spec.clone()
+        };
+        let names: Vec<String> = tuned_spec.layout(io).into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["conv1.lora_b", "fc0.lora_b", "fc1.weight", "fc1.bias"]);
+        let start = tuned_spec.init(io, 0);
+        assert!(start.iter().all(|v| *v == 0.0));
+        let out = problem(&tuned_spec, &start, &flipped, Some(&pretrained));
+        let merged = tuned_spec.merged(io, &pretrained, &out.params).expect("merged");
+        let acc = medfl_shared::metrics::accuracy(&base_spec.predict_proba(&merged, &x, io).expect("scored"), &flipped);
+        assert!(acc > 0.9, "accuracy {acc} after LoRA fine-tuning");
+        // conv0 was not a target: the merged model keeps the checkpoint's values there.
+        assert_eq!(merged[..40], pretrained[..40]);
+        let dev = Device::Cpu;
+        let net = Net::new(&tuned_spec, io, Some(&pretrained), &out.params, &dev).expect("net");
+        let cnn = base_spec.cnn(io);
+        let z = forward(
+            &cnn,
+            &net.tensors().expect("tensors"),
+            &images(&cnn, &x, 64, &dev).expect("x"),
+            None,
+        )
+        .expect("forward");
+        let z: Vec<f32> = z.flatten_all().expect("flat").to_vec1().expect("values");
+        let plain = base_spec.logits(&merged, &x, io).expect("plain");
+        for (a, b) in z.iter().zip(&plain) {
+            assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        // DP-SGD clips the adapters' per-example gradients: the travelling layout's.
+        let batch = clipped_gradient_sum(
+            &tuned_spec,
+            io,
+            Some(&pretrained),
+            &out.params,
+            &x[..64 * 4],
+            &flipped[..4],
+            1e-3,
+        )
+        .expect("clipped");
+        assert_eq!((batch.sum.len(), batch.clipped), (out.params.len(), 4));
+        assert!(medfl_shared::dp::l2_norm(&batch.sum) <= 4.0 * 1e-3 + 1e-6);
+        // Without its checkpoint nothing trains.
+        let err = clipped_gradient_sum(&tuned_spec, io, None, &out.params, &x[..64], &flipped[..1], 1.0)
+            .expect_err("no base");
+        assert!(err.to_string().contains("none was loaded"), "{err}");
     }
 
     #[test]
@@ -394,6 +599,7 @@ mod tests {
             y: &y,
             persons: &[],
             training: &training,
+            base: None,
         };
         let out = train(&local, 5).expect("trained");
         // The running statistics moved from their start (mean 0, variance 1).
@@ -409,7 +615,7 @@ mod tests {
         let probs = spec.predict_proba(&out.params, &x, io).expect("scored");
         let acc = medfl_shared::metrics::accuracy(&probs, &y);
         assert!(acc > 0.95, "accuracy {acc} with the running statistics");
-        let err = clipped_gradient_sum(&spec, io, &params, &x[..64], &y[..1], 1.0).expect_err("no DP-SGD");
+        let err = clipped_gradient_sum(&spec, io, None, &params, &x[..64], &y[..1], 1.0).expect_err("no DP-SGD");
         assert!(err.to_string().contains("no per-example gradients"));
     }
 
@@ -435,6 +641,7 @@ mod tests {
             y: &y,
             persons: &[],
             training: &training,
+            base: None,
         };
         let out = train(&local, 5).expect("trained");
         let probs = spec.predict_proba(&out.params, &x, io).expect("scored");
@@ -443,27 +650,28 @@ mod tests {
         // Per-example clipping: with a tiny clip norm every example is clipped and the
         // sum's norm is at most rows × C.
         let clip = 1e-3;
-        let batch = clipped_gradient_sum(&spec, io, &params, &x[..64 * 10], &y[..10], clip).expect("clipped");
+        let batch = clipped_gradient_sum(&spec, io, None, &params, &x[..64 * 10], &y[..10], clip).expect("clipped");
         assert_eq!((batch.rows, batch.clipped), (10, 10));
         let norm = medfl_shared::dp::l2_norm(&batch.sum);
         assert!(norm <= 10.0 * clip + 1e-6, "{norm}");
         // One example's clipped gradient is its own: the sum of two single-example
         // batches equals the two-example batch.
-        let a = clipped_gradient_sum(&spec, io, &params, &x[..64], &y[..1], 0.5).expect("a");
-        let b = clipped_gradient_sum(&spec, io, &params, &x[64..128], &y[1..2], 0.5).expect("b");
-        let ab = clipped_gradient_sum(&spec, io, &params, &x[..128], &y[..2], 0.5).expect("ab");
+        let a = clipped_gradient_sum(&spec, io, None, &params, &x[..64], &y[..1], 0.5).expect("a");
+        let b = clipped_gradient_sum(&spec, io, None, &params, &x[64..128], &y[1..2], 0.5).expect("b");
+        let ab = clipped_gradient_sum(&spec, io, None, &params, &x[..128], &y[..2], 0.5).expect("ab");
         for ((p, q), r) in a.sum.iter().zip(&b.sum).zip(&ab.sum) {
             assert!((p + q - r).abs() < 1e-5);
         }
         // Per person: a patient's three images are one contribution, clipped as one.
         let persons = vec![vec![0, 1, 2], vec![3]];
         let by_person =
-            clipped_person_sums(&spec, io, &params, &x[..64 * 4], &y[..4], &persons, clip).expect("persons");
+            clipped_person_sums(&spec, io, None, &params, &x[..64 * 4], &y[..4], &persons, clip).expect("persons");
         assert_eq!((by_person.rows, by_person.clipped), (4, 2));
         assert!(medfl_shared::dp::l2_norm(&by_person.sum) <= 2.0 * clip + 1e-6);
         // Unclipped, a person's contribution is the sum of their examples' gradients.
-        let loose = clipped_person_sums(&spec, io, &params, &x[..64 * 3], &y[..3], &[vec![0, 1, 2]], 1e9).expect("one");
-        let each = clipped_gradient_sum(&spec, io, &params, &x[..64 * 3], &y[..3], 1e9).expect("each");
+        let loose =
+            clipped_person_sums(&spec, io, None, &params, &x[..64 * 3], &y[..3], &[vec![0, 1, 2]], 1e9).expect("one");
+        let each = clipped_gradient_sum(&spec, io, None, &params, &x[..64 * 3], &y[..3], 1e9).expect("each");
         for (p, q) in loose.sum.iter().zip(&each.sum) {
             assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
         }

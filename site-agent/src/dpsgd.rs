@@ -32,7 +32,7 @@ pub fn clipped_gradient_sum(
     let io: Io = io.into();
     if spec.kind == medfl_shared::model::ModelKind::Cnn {
         // A conv layer has no outer-product shortcut: micro-batches of one example.
-        return crate::cnn::clipped_gradient_sum(spec, io, params, x, y, clip);
+        return crate::cnn::clipped_gradient_sum(spec, io, None, params, x, y, clip);
     }
     let dev = Device::Cpu;
     let rows = y.len();
@@ -122,7 +122,7 @@ pub fn clipped_person_sums(
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
     if spec.kind == medfl_shared::model::ModelKind::Cnn {
-        return crate::cnn::clipped_person_sums(spec, io, params, x, y, persons, clip);
+        return crate::cnn::clipped_person_sums(spec, io, None, params, x, y, persons, clip);
     }
     let dev = Device::Cpu;
     let d = io.inputs;
@@ -183,6 +183,8 @@ mod tests {
             external: None,
             input: None,
             conv: Vec::new(),
+            checkpoint: None,
+            lora: None,
         };
         let d = 4;
         let (mut x, _) = data(2000, d, 5);
@@ -219,6 +221,7 @@ mod tests {
             y: &y,
             persons: &[],
             training: &training,
+            base: None,
         };
         let out = train_dp(&local, &scaling, &dp).expect("trains");
         let acc = medfl_shared::metrics::accuracy(&spec.predict_proba(&out.params, &x, d).expect("model"), &y);
@@ -235,6 +238,8 @@ mod tests {
                 external: None,
                 input: None,
                 conv: Vec::new(),
+                checkpoint: None,
+                lora: None,
             },
             ModelSpec {
                 kind: ModelKind::Mlp,
@@ -242,6 +247,8 @@ mod tests {
                 external: None,
                 input: None,
                 conv: Vec::new(),
+                checkpoint: None,
+                lora: None,
             },
         ] {
             let d = 6;
@@ -277,7 +284,7 @@ mod tests {
         #[test]
         fn every_example_contributes_at_most_the_clip_norm(seed in 0u64..1000, clip in 0.01f64..10.0) {
             // With one example the clipped sum is that example's clipped gradient.
-            let spec = ModelSpec { kind: ModelKind::Mlp, hidden: vec![4], external: None, input: None, conv: Vec::new() };
+            let spec = ModelSpec { kind: ModelKind::Mlp, hidden: vec![4], external: None, input: None, conv: Vec::new(), checkpoint: None, lora: None };
             let (x, y) = data(1, 3, seed);
             let params = spec.init(3, seed);
             let g = clipped_gradient_sum(&spec, 3, &params, &x, &y, clip).expect("vectorized");
@@ -361,7 +368,14 @@ pub fn train_dp(
     let anchor = theta.clone();
     for step in 1..=dp.steps {
         let sampled = medfl_shared::dp::poisson_sample(units, dp.sample_rate)?;
-        let batch = if groups.is_empty() {
+        let batch = if spec.checkpoint.is_some() {
+            // A fine-tuned conv net: its gradients are over the checkpoint.
+            let chosen: Vec<Vec<usize>> = match groups.is_empty() {
+                true => sampled.iter().map(|&r| vec![r]).collect(),
+                false => sampled.iter().map(|&p| groups[p].clone()).collect(),
+            };
+            crate::cnn::clipped_person_sums(spec, io, local.base, &theta, &xs, y, &chosen, dp.clip_norm)?
+        } else if groups.is_empty() {
             let bx: Vec<f32> = sampled
                 .iter()
                 .flat_map(|&r| xs[r * d..(r + 1) * d].iter().copied())

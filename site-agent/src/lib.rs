@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod check;
+pub mod checkpoint;
 pub mod cli;
 pub mod cnn;
 pub mod data;

@@ -33,6 +33,9 @@ pub struct LocalProblem<'a> {
     /// patients): DP-SGD samples and clips per person. Empty: every row is a person.
     pub persons: &'a [u32],
     pub training: &'a Training,
+    /// A fine-tuned model's checkpoint (network layout): `params` are offsets and
+    /// adapters over it ([`medfl_shared::lora`]).
+    pub base: Option<&'a [f32]>,
 }
 
 /// What local training produced (plain training, any model family).

@@ -58,6 +58,10 @@ pub struct ConfigFile {
     /// `"cuda:N"` (a build with the `cuda` feature).
     #[serde(default)]
     pub device: Option<String>,
+    /// The folder of pretrained checkpoints a fine-tuning study may name (by file name
+    /// and SHA-256); default `checkpoints` beside this file.
+    #[serde(default)]
+    pub checkpoints: Option<PathBuf>,
 }
 
 fn default_store() -> PathBuf {
@@ -85,6 +89,8 @@ pub struct AgentSettings {
     pub trainers: std::collections::BTreeMap<String, TrainerConfig>,
     /// Where the built-in conv-net trainer computes.
     pub device: crate::device::ComputeDevice,
+    /// Where fine-tuning studies' checkpoints are looked for.
+    pub checkpoints: PathBuf,
     /// What no trainer may see: the store, the identity bundle, the config and policy
     /// files (every dataset's file is added per run but the approved one's).
     pub private_paths: Vec<std::path::PathBuf>,
@@ -234,6 +240,7 @@ impl AgentSettings {
             metrics_listen: file.metrics_listen,
             trainers: file.trainers,
             device,
+            checkpoints: base.join(file.checkpoints.as_deref().unwrap_or(Path::new("checkpoints"))),
             private_paths,
             plans: Default::default(),
         })

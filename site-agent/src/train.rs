@@ -257,6 +257,8 @@ mod tests {
             external: None,
             input: None,
             conv: Vec::new(),
+            checkpoint: None,
+            lora: None,
         };
         let start = spec.init(2, 1);
         let distance = |mu: Option<f64>| {
@@ -278,6 +280,7 @@ mod tests {
                 y: &y,
                 persons: &[],
                 training: &cfg,
+                base: None,
             };
             let out = train(&local, 7).expect("training runs");
             let mut params = out.params;
@@ -303,6 +306,8 @@ mod tests {
                 external: None,
                 input: None,
                 conv: Vec::new(),
+                checkpoint: None,
+                lora: None,
             },
             ModelSpec {
                 kind: ModelKind::Mlp,
@@ -310,6 +315,8 @@ mod tests {
                 external: None,
                 input: None,
                 conv: Vec::new(),
+                checkpoint: None,
+                lora: None,
             },
         ] {
             let init = spec.init(2, 1);
@@ -330,6 +337,7 @@ mod tests {
                 y: &y,
                 persons: &[],
                 training: &cfg,
+                base: None,
             };
             let out = train(&local, 7).expect("training runs");
             // Continuing from the raw-coordinate result keeps the model good.

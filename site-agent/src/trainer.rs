@@ -60,6 +60,8 @@ pub struct TrainingTask {
     pub mode: TrainingMode,
     /// What a trainer process needs beyond the rows: where the data lies, and which.
     pub external: Option<ExternalContext>,
+    /// A fine-tuning study's checkpoint, loaded and checked ([`crate::checkpoint`]).
+    pub base: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 /// For an external trainer: the study, round and the approved dataset as the site
@@ -125,6 +127,7 @@ impl TrainingTask {
             y: &self.y,
             persons: &self.persons,
             training: &self.training,
+            base: self.base.as_deref().map(Vec::as_slice),
         }
     }
 }

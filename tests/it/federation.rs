@@ -62,6 +62,8 @@ async fn complete_a_study_and_log_what_left(algorithm: Algorithm) {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let probs = spec
         .predict_proba(&params, &test.x, test.columns.len())
@@ -259,6 +261,8 @@ async fn a_dp_study_charges_every_site_before_release_and_respects_the_caps() {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let acc = accuracy(
         &spec.predict_proba(&params, &test.x, test.columns.len()).expect("model"),

@@ -50,6 +50,8 @@ fn softmax_on_digits() -> (ModelSpec, Io) {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     (
         spec,
@@ -142,6 +144,7 @@ async fn softmax_logistic_regression_on_digits_matches_centralized() {
             y: &pooled.y,
             persons: &[],
             training: &epochs,
+            base: None,
         },
         3,
     )
@@ -309,6 +312,8 @@ learning_rate = 0.05
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let probs = spec.predict_proba(&params, &x, 6).expect("model");
     let auc = roc_auc_k(&probs, &y, 1);

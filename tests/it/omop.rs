@@ -212,6 +212,8 @@ async fn federated_logistic_regression_over_three_cdms_matches_centralized() {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let init = spec.init(5, m.seed);
     let epochs = Training {
@@ -232,6 +234,7 @@ async fn federated_logistic_regression_over_three_cdms_matches_centralized() {
             y: &pooled_y,
             persons: &[],
             training: &epochs,
+            base: None,
         },
         m.seed,
     )

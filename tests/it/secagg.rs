@@ -319,6 +319,8 @@ async fn three_real_agents_train_under_secure_aggregation() {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let probs = spec
         .predict_proba(&params, &test.x, test.columns.len())

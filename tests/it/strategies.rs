@@ -61,6 +61,8 @@ async fn robust_aggregators_hold_against_a_poisoning_site() {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let rounds = 5;
     // The consortium's public reference scale: the held-out rows no hospital owns.
@@ -371,6 +373,8 @@ async fn scaffold_keeps_the_global_control_variate_the_mean_of_the_sites() {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     let probs = spec.predict_proba(&params, &test.x, d).expect("valid model");
     let acc = accuracy(&probs, &test.y);

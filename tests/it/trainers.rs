@@ -101,6 +101,8 @@ fn external_spec(n_features: usize) -> ModelSpec {
             ],
             init: Default::default(),
         }),
+        checkpoint: None,
+        lora: None,
     }
 }
 
@@ -143,6 +145,7 @@ fn run_trainer(dir: &Path, cfg: TrainerConfig, hidden: Vec<PathBuf>) -> Result<V
             features: table.columns.clone(),
             scaling: None,
         }),
+        base: None,
     };
     trainer.train(task).map(|out| out.params)
 }
@@ -364,6 +367,8 @@ async fn python_trainers_train_under_secure_aggregation_and_site_level_dp() {
         external: None,
         input: None,
         conv: Vec::new(),
+        checkpoint: None,
+        lora: None,
     };
     // The trainer keeps the model on the manifest's public scale.
     std.standardized_to_raw(&lr, &mut params);

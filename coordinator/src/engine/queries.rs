@@ -39,6 +39,8 @@ fn round_manifest(query: &QueryManifest, plan: &QueryPlan) -> StudyManifest {
                 }],
                 init: ExternalInit::Zeros,
             }),
+            checkpoint: None,
+            lora: None,
         },
         data: DataSchema {
             dataset: query.dataset.clone(),

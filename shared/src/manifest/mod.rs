@@ -494,6 +494,7 @@ impl StudyManifest {
         }
         data.validate()?;
         self.model.validate(self.n_features())?;
+        self.model.validate_fine_tuning(self.io())?;
         if let (Some(p), Some(i)) = (
             &self.privacy,
             self.model.conv.iter().position(|b| b.norm == crate::model::Norm::Batch),

@@ -47,4 +47,7 @@ pub enum Refusal {
     /// The site's own trainer failed: which trainer, and the kind of fault only.
     #[error("{0}")]
     Trainer(String),
+    /// A fine-tuning study's checkpoint is missing here, differs, or does not fit.
+    #[error("{0}")]
+    Checkpoint(crate::checkpoint::CheckpointError),
 }

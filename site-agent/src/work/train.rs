@@ -148,8 +148,26 @@ pub(crate) async fn train(
     // coordinates (see train::Start): there is no raw-coordinate model to score yet.
     // An external model is scored by its own trainer, not here.
     let external = manifest.model.external.is_some();
+    // A fine-tuning study trains over the checkpoint this site holds; nothing trains
+    // without it.
+    let base = match &manifest.model.checkpoint {
+        Some(ckpt) => {
+            let (folder, ckpt, layout) = (
+                settings.checkpoints.clone(),
+                ckpt.clone(),
+                manifest.model.base_layout(manifest.io()),
+            );
+            let loaded = tokio::task::spawn_blocking(move || crate::checkpoint::load(&folder, &ckpt, &layout))
+                .await
+                .context("checkpoint task")?;
+            Some(std::sync::Arc::new(loaded.map_err(Refusal::Checkpoint)?))
+        }
+        None => None,
+    };
     let evaluation = match &approved.holdout {
-        Some((hx, hy)) if work.round > 1 && !external => Some(evaluate(manifest, &global, hx, hy)?),
+        Some((hx, hy)) if work.round > 1 && !external => {
+            Some(evaluate(manifest, base.as_deref().map(Vec::as_slice), &global, hx, hy)?)
+        }
         _ => None,
     };
     let (mode, charge) = privacy_mode(approved, global.len(), control.as_ref())?;
@@ -170,6 +188,7 @@ pub(crate) async fn train(
         seed: round_seed(&approved.site, manifest.seed, work.round),
         mode,
         external: external_context(settings, approved, work),
+        base,
     };
     let out: TrainerOutput = match tokio::task::spawn_blocking(move || trainer.train(task))
         .await
@@ -369,11 +388,24 @@ pub(crate) fn save_control(store: &Path, study_id: &str, values: &[f32]) -> Resu
 }
 
 /// The received global model scored on the held-out rows: how many are classified
-/// right (at 0.5, or by arg-max over classes) and the summed cross-entropy.
-fn evaluate(manifest: &StudyManifest, global: &[f32], x: &[f32], y: &[f32]) -> Result<pb::Evaluation> {
+/// right (at 0.5, or by arg-max over classes) and the summed cross-entropy. A
+/// fine-tuned model is merged with its checkpoint `base` first.
+fn evaluate(
+    manifest: &StudyManifest,
+    base: Option<&[f32]>,
+    global: &[f32],
+    x: &[f32],
+    y: &[f32],
+) -> Result<pb::Evaluation> {
     use medfl_shared::metrics::{accuracy_k, cross_entropy_sum};
     let io = manifest.io();
-    let probs = manifest.model.predict_proba(global, x, io)?;
+    let probs = match base {
+        Some(base) => {
+            let merged = manifest.model.merged(io, base, global)?;
+            manifest.model.base_spec().predict_proba(&merged, x, io)?
+        }
+        None => manifest.model.predict_proba(global, x, io)?,
+    };
     let correct = (accuracy_k(&probs, y, io.outputs) * y.len() as f64).round();
     let loss_sum = cross_entropy_sum(&probs, y, io.outputs);
     Ok(pb::Evaluation {
