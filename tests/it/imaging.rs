@@ -14,7 +14,7 @@ use medfl_shared::split::{SplitKind, split_rows};
 use crate::common::repo;
 
 /// The digits' labels CSV rows: each image's absolute path and its digit.
-fn digits() -> Vec<(String, String)> {
+pub(crate) fn digits() -> Vec<(String, String)> {
     let dir = std::fs::canonicalize(repo().join("data/digits")).expect("data/digits");
     let text = std::fs::read_to_string(dir.join("labels.csv")).expect("labels.csv");
     text.lines()
@@ -26,7 +26,7 @@ fn digits() -> Vec<(String, String)> {
         .collect()
 }
 
-fn cnn_manifest(rounds: u32, extra: &str) -> String {
+pub(crate) fn cnn_manifest(rounds: u32, extra: &str) -> String {
     let classes: Vec<String> = (0..10).map(|i| format!("\"{i}\"")).collect();
     format!(
         r#"name = "digits-cnn"
@@ -76,7 +76,7 @@ optimizer = "adam"
 
 /// A federation of three agents, each offering its share of the digits as an image
 /// folder; returns it with the held-out rows.
-async fn image_federation(
+pub(crate) async fn image_federation(
     rows: &[(String, String)],
     per_site: usize,
     dir: &std::path::Path,
@@ -109,7 +109,7 @@ async fn image_federation(
 }
 
 /// The held-out images as the study reads them (the same decoding the agents use).
-fn held_out(rows: &[(String, String)], test: &[usize]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn held_out(rows: &[(String, String)], test: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let manifest = medfl_shared::manifest::StudyManifest::from_toml(&cnn_manifest(1, "")).expect("manifest");
     let spec = manifest.data.image.expect("image study");
     let (mut x, mut y) = (Vec::new(), Vec::new());

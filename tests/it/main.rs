@@ -12,6 +12,7 @@ mod connectors;
 mod crash_recovery;
 mod dashboard;
 mod federation;
+mod finetune;
 mod fuzz;
 mod governance;
 mod hostile;

@@ -27,6 +27,7 @@ use tonic::transport::Channel;
 use tracing::{instrument, warn};
 
 pub use refusal::Refusal;
+pub use train::round_seed;
 
 use crate::settings::AgentSettings;
 

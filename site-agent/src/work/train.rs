@@ -334,7 +334,9 @@ fn privacy_mode(
 /// The round's training seed (the minibatch order): from this site, the manifest's seed
 /// and the round, so a study rerun with the same seed trains alike whatever its id.
 /// DP noise and sampling never come from it (they come from OpenDP's secure generator).
-fn round_seed(site: &str, seed: u64, round: u32) -> u64 {
+/// The seed of a site's local training in a round (its shuffles): public, derived
+/// from the site's name, the study's seed and the round.
+pub fn round_seed(site: &str, seed: u64, round: u32) -> u64 {
     let digest = ring::digest::digest(&ring::digest::SHA256, format!("{site}/{seed}/{round}").as_bytes());
     u64::from_le_bytes(digest.as_ref()[..8].try_into().unwrap_or([0; 8]))
 }

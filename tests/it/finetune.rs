@@ -1,0 +1,207 @@
+//! Fine-tuning end to end: a conv net pretrained on digits 0–4 is written as a
+//! safetensors checkpoint, each of three real agents holds it in its own checkpoints
+//! folder, and a LoRA study on digits 5–9 trains only the adapters and the head over
+//! secure aggregation. The committed adapters are the mean of what each site trained;
+//! a site holding another file refuses by its SHA-256 and trains nothing.
+
+use std::time::Duration;
+
+use medfl_shared::manifest::StudyManifest;
+use medfl_shared::model::{Io, TensorSpec};
+use medfl_shared::split::{SplitKind, split_rows};
+use medfl_site_agent::problem::{LocalProblem, Start};
+
+use crate::imaging::{cnn_manifest, digits, held_out, image_federation};
+
+const IO: Io = Io {
+    inputs: 64,
+    outputs: 10,
+};
+
+/// The conv net of `cnn_manifest` trained centrally on `rows` for `epochs`.
+fn pretrain(rows: &[(String, String)], epochs: u32) -> Vec<f32> {
+    let manifest = StudyManifest::from_toml(&cnn_manifest(1, "")).expect("manifest");
+    let all: Vec<usize> = (0..rows.len()).collect();
+    let (x, y) = held_out(rows, &all);
+    let training = medfl_shared::manifest::Training {
+        local_epochs: epochs,
+        ..manifest.training.clone()
+    };
+    let init = manifest.model.init(IO, 1);
+    let problem = LocalProblem {
+        spec: &manifest.model,
+        n_features: 64,
+        outputs: 10,
+        params: &init,
+        start_on: Start::Initial,
+        x: &x,
+        y: &y,
+        persons: &[],
+        training: &training,
+        base: None,
+    };
+    medfl_site_agent::train::train(&problem, 3).expect("pretrained").params
+}
+
+fn lora_manifest(name: &str, sha256: &str, targets: &str) -> String {
+    let extra = format!(
+        "\n[model.init]\nfile = \"pretrained.safetensors\"\nsha256 = \"{sha256}\"\n\n[model.lora]\nrank = 4\nalpha = 8\ntargets = [{targets}]\nhead = true\nseed = 3\n\n[strategy]\nweighting = \"uniform\"\n\n[secure_aggregation]\nthreshold = 2\nclip_norm = 100.0\n"
+    );
+    cnn_manifest(1, &extra)
+        .replace("name = \"digits-cnn\"", &format!("name = \"{name}\""))
+        .replace("min_sites = 3", "min_sites = 2")
+        .replace("local_epochs = 2", "local_epochs = 6")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lora_adapters_travel_under_secure_aggregation_and_a_differing_checkpoint_is_refused() {
+    let rows = digits();
+    let (low, high): (Vec<_>, Vec<_>) = rows
+        .into_iter()
+        .partition(|(_, l)| l.parse::<u32>().expect("digit") < 5);
+    let owned = tempfile::tempdir().expect("tempdir");
+    let base_spec = StudyManifest::from_toml(&cnn_manifest(1, "")).expect("manifest").model;
+    let pretrained = pretrain(&low[..600], 3);
+    let layout = base_spec.base_layout(IO);
+    let folder = owned.path().join("checkpoints");
+    std::fs::create_dir_all(&folder).expect("folder");
+    let sha256 = medfl_site_agent::checkpoint::write(
+        &folder.join("pretrained.safetensors"),
+        &layout,
+        &pretrained,
+        Default::default(),
+    )
+    .expect("checkpoint");
+
+    let (mut fed, _) = image_federation(&high, usize::MAX, owned.path(), None).await;
+    for name in &fed.site_names {
+        let dir = owned.path().join(name).join("checkpoints");
+        std::fs::create_dir_all(&dir).expect("site folder");
+        std::fs::copy(
+            folder.join("pretrained.safetensors"),
+            dir.join("pretrained.safetensors"),
+        )
+        .expect("copy");
+    }
+
+    // A target that is no layer of the net is refused when the study is created.
+    let err = fed
+        .create_study(&lora_manifest("bad-target", &sha256, "\"conv7\""))
+        .await
+        .expect_err("no such layer");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("\"conv7\"") && text.contains("conv0, conv1, fc0, fc1"),
+        "{text}"
+    );
+
+    let manifest_text = lora_manifest("lora", &sha256, "\"conv0\", \"conv1\", \"fc0\"");
+    let manifest = StudyManifest::from_toml(&manifest_text).expect("manifest");
+    let travelling = manifest.layout();
+    let names: Vec<&str> = travelling.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["conv0.lora_b", "conv1.lora_b", "fc0.lora_b", "fc1.weight", "fc1.bias"]
+    );
+    // The adapters alone (the head apart) are under 10 % of the model's parameters.
+    let adapters: u64 = travelling
+        .iter()
+        .filter(|t| t.name.ends_with("lora_b"))
+        .map(TensorSpec::len)
+        .sum();
+    let model: u64 = layout.iter().map(TensorSpec::len).sum();
+    assert!(adapters * 10 <= model, "{adapters} adapter values of {model}");
+
+    let id = fed.create_study(&manifest_text).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for_round(&id, 1, Duration::from_secs(600))
+        .await
+        .expect("the round commits");
+    let round = status.rounds.iter().find(|r| r.round == 1).expect("round 1");
+    assert_eq!(round.contributors.len(), 3, "{:?}", status.refusals);
+    let (header, committed) = fed.export(&id, Some(1)).await.expect("export");
+    assert_eq!(header.tensors.len(), travelling.len());
+
+    // Each site's training again, from the same rows, start and seed: the committed
+    // adapters are their mean, to secure aggregation's quantization.
+    let y: Vec<f32> = high.iter().map(|(_, l)| l.parse().expect("digit")).collect();
+    let split = split_rows(&y, 3, 0.2, SplitKind::Iid, 7);
+    let start = manifest.model.init(IO, manifest.seed);
+    let mut mean = vec![0f32; committed.len()];
+    for (name, site) in fed.site_names.iter().zip(&split.sites) {
+        let (x, y) = held_out(&high, site);
+        let problem = LocalProblem {
+            spec: &manifest.model,
+            n_features: 64,
+            outputs: 10,
+            params: &start,
+            start_on: Start::Initial,
+            x: &x,
+            y: &y,
+            persons: &[],
+            training: &manifest.training,
+            base: Some(&pretrained),
+        };
+        let seed = medfl_site_agent::work::round_seed(name, manifest.seed, 1);
+        let out = medfl_site_agent::train::train(&problem, seed).expect("trained");
+        mean.iter_mut().zip(&out.params).for_each(|(m, p)| *m += p / 3.0);
+    }
+    let worst = mean
+        .iter()
+        .zip(&committed)
+        .map(|(m, c)| (m - c).abs())
+        .fold(0f32, f32::max);
+    assert!(mean.iter().any(|v| v.abs() > 1e-3), "the adapters moved");
+    assert!(
+        worst < 1e-3,
+        "committed adapters differ from the sites' mean by {worst}"
+    );
+
+    // The merged model scores what it learnt: better than the checkpoint on 5–9.
+    let test: Vec<usize> = split.test.clone();
+    let (tx, ty) = held_out(&high, &test);
+    let merged = manifest.model.merged(IO, &pretrained, &committed).expect("merged");
+    let score = |params: &[f32]| {
+        let probs = base_spec.predict_proba(params, &tx, IO).expect("scored");
+        medfl_shared::metrics::accuracy_k(&probs, &ty, 10)
+    };
+    let (before, after) = (score(&pretrained), score(&merged));
+    eprintln!(
+        "5–9 accuracy: checkpoint {before:.4}, one LoRA round {after:.4}; adapters vs the sites' mean: {worst:e}"
+    );
+    assert!(
+        after > before + 0.5,
+        "accuracy on 5–9: checkpoint {before}, after one LoRA round {after}"
+    );
+
+    // Another file under the same name at one site: it refuses by hash, trains nothing,
+    // and the round goes on with the others.
+    let odd = fed.site_names[2].clone();
+    let other: Vec<f32> = pretrained.iter().map(|v| v * 0.5).collect();
+    medfl_site_agent::checkpoint::write(
+        &owned.path().join(&odd).join("checkpoints/pretrained.safetensors"),
+        &layout,
+        &other,
+        Default::default(),
+    )
+    .expect("other checkpoint");
+    let id = fed
+        .create_study(&lora_manifest("lora-again", &sha256, "\"conv1\""))
+        .await
+        .expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for_round(&id, 1, Duration::from_secs(600))
+        .await
+        .expect("the round commits without it");
+    let round = status.rounds.iter().find(|r| r.round == 1).expect("round 1");
+    assert!(!round.contributors.contains(&odd), "{:?}", round.contributors);
+    let refusal = status.refusals.iter().find(|r| r.site == odd).expect("a refusal");
+    assert!(
+        refusal.reason.contains("SHA-256") && refusal.reason.contains("pretrained.safetensors"),
+        "{}",
+        refusal.reason
+    );
+    fed.shutdown().await.expect("shutdown");
+}
