@@ -256,7 +256,14 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
             std::fs::write(&out, html).with_context(|| format!("write {}", out.display()))?;
             println!("report on study {id} written to {}", out.display());
         }
-        StudyCommand::Export { id, out, round } => {
+        StudyCommand::Export {
+            id,
+            out,
+            round,
+            merge,
+            checkpoint,
+            adapters,
+        } => {
             let stream = admin
                 .export_model(pb::ExportModelRequest {
                     study_id: id.clone(),
@@ -265,18 +272,44 @@ pub async fn study(conn: &Conn, command: StudyCommand) -> Result<()> {
                 .await?
                 .into_inner();
             let (header, params) = medfl_proto::stream::read_model(stream).await?;
-            write_safetensors(&out, &header, &params)?;
-            // The model card that goes with it: what trained it and what it cost.
             let status = admin.get_study_status(r(&id)).await?.into_inner();
+            let written = if merge || adapters {
+                let manifest = medfl_shared::manifest::StudyManifest::from_toml(&status.manifest_toml)?;
+                let (layout, values) = match merge {
+                    true => merged_model(&manifest, checkpoint.as_deref(), &params)?,
+                    false => adapter_tensors(&manifest, &params)?,
+                };
+                let metadata = HashMap::from([
+                    ("format".to_string(), "medfl".to_string()),
+                    ("study_id".to_string(), header.study_id.clone()),
+                    ("manifest_hash".to_string(), header.manifest_hash.clone()),
+                    ("round".to_string(), header.round.to_string()),
+                    (
+                        "content".to_string(),
+                        if merge { "merged" } else { "adapters" }.to_string(),
+                    ),
+                ]);
+                medfl_site_agent::checkpoint::write(&out, &layout, &values, metadata)?;
+                values.len()
+            } else {
+                write_safetensors(&out, &header, &params)?;
+                params.len()
+            };
+            let written_what = match (merge, adapters) {
+                (true, _) => "the merged network",
+                (_, true) => "the LoRA adapters",
+                _ => "the trained tensors",
+            };
+            // The model card that goes with it: what trained it and what it cost.
             let ledger = study_ledger(channel.clone(), &id).await?;
             let card = model_card(&header, &status, ledger.as_ref());
             let card_path = out.with_extension("card.json");
             std::fs::write(&card_path, serde_json::to_string_pretty(&card)? + "\n")
                 .with_context(|| format!("write {}", card_path.display()))?;
             println!(
-                "exported study {id} round {} ({} parameters) to {}, model card {}",
+                "exported study {id} round {} ({written_what}, {} values) to {}, model card {}",
                 header.round,
-                params.len(),
+                written,
                 out.display(),
                 card_path.display()
             );
@@ -326,9 +359,27 @@ pub fn model_card(header: &pb::ModelHeader, status: &pb::StudyStatus, ledger: Op
             "pld_interval": charges.last().map(|c| c.pld_interval),
         })
     });
+    // What was trained, and from what (a fine-tuning study's checkpoint is not covered
+    // by its ledger).
+    let manifest = medfl_shared::manifest::StudyManifest::from_toml(&status.manifest_toml).ok();
+    let fine_tuning = manifest.as_ref().and_then(|m| {
+        let ckpt = m.model.checkpoint.as_ref()?;
+        Some(json!({
+            "checkpoint": ckpt.file,
+            "checkpoint_sha256": ckpt.sha256,
+            "method": match &m.model.lora {
+                Some(_) => "lora (FFA-LoRA: A frozen from the seed, B trained)",
+                None => "full (every tensor, as an offset from the checkpoint)",
+            },
+            "lora": m.model.lora,
+            "note": "the checkpoint's weights are not covered by this study's ledger: it must be public or itself trained under DP",
+        }))
+    });
     json!({
         "study_id": info.study_id,
         "study_name": info.name,
+        "trained_tensors": header.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+        "fine_tuning": fine_tuning,
         "manifest_hash": header.manifest_hash,
         "round": header.round,
         "rounds_total": info.rounds_total,
@@ -364,32 +415,105 @@ fn report(info: pb::StudyInfo, what: &str) {
     println!("study {} {what}: now {}", info.study_id, state_label(info.state));
 }
 
+/// A fine-tuning study's whole network: its checkpoint (read from `checkpoint`, else
+/// the manifest's file name here, and checked against its SHA-256) with `params`, the
+/// study's offsets and adapters, merged in.
+pub fn merged_model(
+    manifest: &medfl_shared::manifest::StudyManifest,
+    checkpoint: Option<&Path>,
+    params: &[f32],
+) -> Result<(Vec<medfl_shared::model::TensorSpec>, Vec<f32>)> {
+    let Some(ckpt) = &manifest.model.checkpoint else {
+        bail!("this study trains its model from scratch: its export is already the whole model (drop --merge)");
+    };
+    let path = checkpoint.map_or_else(|| PathBuf::from(&ckpt.file), Path::to_path_buf);
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let named = medfl_shared::model::Checkpoint {
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        sha256: ckpt.sha256.clone(),
+    };
+    let io = manifest.io();
+    let layout = manifest.model.base_layout(io);
+    let base = medfl_site_agent::checkpoint::load(folder, &named, &layout)
+        .map_err(|e| anyhow::anyhow!("{e} (give the study's checkpoint with --checkpoint)"))?;
+    Ok((layout, manifest.model.merged(io, &base, params)?))
+}
+
+/// A LoRA study's adapters alone: each target's frozen `A` and trained `B`, and the
+/// head's offsets where the study trains the head.
+pub fn adapter_tensors(
+    manifest: &medfl_shared::manifest::StudyManifest,
+    params: &[f32],
+) -> Result<(Vec<medfl_shared::model::TensorSpec>, Vec<f32>)> {
+    use medfl_shared::lora::Role;
+    use medfl_shared::model::TensorSpec;
+    let (Some(lora), Some(pieces)) = (&manifest.model.lora, manifest.model.pieces(manifest.io())) else {
+        bail!("this study trains no LoRA adapters (no [model.lora]); export it without --adapters");
+    };
+    let base_layout = manifest.model.base_layout(manifest.io());
+    let (mut layout, mut values) = (Vec::new(), Vec::new());
+    let mut at = 0usize;
+    for p in &pieces {
+        let len = p.tensor.len() as usize;
+        let v = params
+            .get(at..at + len)
+            .context("the exported model is shorter than the study's layout")?;
+        at += len;
+        match p.role {
+            Role::LoraB { rank, fan_in, .. } => {
+                let layer = medfl_shared::lora::layer_of(&base_layout[p.base].name);
+                layout.push(TensorSpec {
+                    name: format!("{layer}.lora_A"),
+                    shape: vec![rank as u64, fan_in as u64],
+                });
+                values.extend(medfl_shared::lora::lora_a(
+                    lora.seed,
+                    &base_layout[p.base].name,
+                    rank,
+                    fan_in,
+                ));
+                layout.push(TensorSpec {
+                    name: format!("{layer}.lora_B"),
+                    shape: p.tensor.shape.clone(),
+                });
+                values.extend_from_slice(v);
+            }
+            Role::Offset => {
+                layout.push(TensorSpec {
+                    name: format!("{}.offset", p.tensor.name),
+                    shape: p.tensor.shape.clone(),
+                });
+                values.extend_from_slice(v);
+            }
+        }
+    }
+    Ok((layout, values))
+}
+
 /// Writes a model as safetensors, one tensor per layout entry, with the study id,
 /// manifest hash and round in the metadata.
 pub fn write_safetensors(path: &Path, header: &pb::ModelHeader, params: &[f32]) -> Result<()> {
-    let bytes = medfl_shared::chunk::encode(params);
-    let mut views = Vec::new();
-    let mut at = 0usize;
-    for t in &header.tensors {
-        let len: usize = t.shape.iter().map(|&d| d as usize).product();
-        if at + len > params.len() {
-            bail!("model header describes more values than the stream carried");
-        }
-        let view = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
-            t.shape.iter().map(|&d| d as usize).collect(),
-            &bytes[at * 4..(at + len) * 4],
-        )?;
-        views.push((t.name.clone(), view));
-        at += len;
-    }
+    let layout: Vec<medfl_shared::model::TensorSpec> = header
+        .tensors
+        .iter()
+        .map(|t| medfl_shared::model::TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+        })
+        .collect();
     let metadata = HashMap::from([
         ("format".to_string(), "medfl".to_string()),
         ("study_id".to_string(), header.study_id.clone()),
         ("manifest_hash".to_string(), header.manifest_hash.clone()),
         ("round".to_string(), header.round.to_string()),
     ]);
-    safetensors::tensor::serialize_to_file(views, Some(metadata), path)
+    medfl_site_agent::checkpoint::write(path, &layout, params, metadata)
         .with_context(|| format!("write {}", path.display()))?;
     Ok(())
 }
@@ -492,7 +616,9 @@ pub enum StudyCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Exports a committed global model as safetensors.
+    /// Exports a committed global model as safetensors: what the study trains (for a
+    /// fine-tuning study, offsets and adapters over its checkpoint), the merged model, or
+    /// the LoRA adapters alone.
     Export {
         id: String,
         #[arg(long)]
@@ -500,6 +626,19 @@ pub enum StudyCommand {
         /// Round to export (default: the latest committed; 0 is the initial model).
         #[arg(long)]
         round: Option<u32>,
+        /// A fine-tuning study: write the whole network, the checkpoint with the study's
+        /// offsets and adapters merged in (W₀ + (α/r)·B·A).
+        #[arg(long, conflicts_with = "adapters")]
+        merge: bool,
+        /// The checkpoint to merge into (checked against the manifest's SHA-256);
+        /// default: the manifest's `model.init.file` in the current directory.
+        #[arg(long, requires = "merge")]
+        checkpoint: Option<PathBuf>,
+        /// A LoRA study: write the adapters alone, `{layer}.lora_A` [r, in] (frozen, from
+        /// the manifest's seed) and `{layer}.lora_B` [out, r], and the head's offsets if
+        /// the study trains it (`{tensor}.offset`).
+        #[arg(long)]
+        adapters: bool,
     },
 }
 

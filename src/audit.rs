@@ -328,13 +328,17 @@ pub async fn run(conn: &Conn, command: AuditCommand) -> Result<()> {
                     .collect();
                 println!(
                     "{}",
-                    json!({"study_id": report.study_id, "budget_epsilon": report.budget_epsilon, "delta": report.delta, "charges": charges})
+                    json!({"study_id": report.study_id, "budget_epsilon": report.budget_epsilon, "delta": report.delta,
+                           "trained_tensors": report.trained_tensors, "charges": charges})
                 );
             } else {
                 println!(
                     "study {}: budget ε = {} at δ = {:e}",
                     report.study_id, report.budget_epsilon, report.delta
                 );
+                if !report.trained_tensors.is_empty() {
+                    println!("covers the trained tensors: {}", report.trained_tensors.join(", "));
+                }
                 // Charges whose noise the sites' own trainers add are their word only.
                 for e in report
                     .charges

@@ -133,6 +133,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Coordinator(args) => return medfl_coordinator::cli::main(args).await,
         Command::Agent(args) => return medfl_site_agent::cli::main(args).await,
+        Command::Demo(args) if args.finetune => crate::finetune::run(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Study { conn, command } => crate::admin::study(&conn, command).await,
         Command::Site { conn, command } => crate::admin::site(&conn, command).await,

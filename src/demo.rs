@@ -146,6 +146,17 @@ pub struct DemoArgs {
     /// The local optimizer under DP: adam or sgd [default: sgd; adam for --model cnn].
     #[arg(long, value_parser = ["adam", "sgd"], help_heading = "DP tuning")]
     pub dp_optimizer: Option<String>,
+    /// The fine-tuning comparison (with --model cnn on an image folder): pretrain on
+    /// the first half of the classes centrally and write the checkpoint, then federate
+    /// the other half from scratch, by full fine-tuning and by LoRA adapters.
+    #[arg(long, help_heading = "Fine-tuning")]
+    pub finetune: bool,
+    /// The LoRA adapters' rank with --finetune (on conv0, conv1 and fc0; alpha = 2 × rank).
+    #[arg(long, default_value_t = 4, help_heading = "Fine-tuning")]
+    pub lora_rank: usize,
+    /// Epochs of central pretraining with --finetune.
+    #[arg(long, default_value_t = 10, help_heading = "Fine-tuning")]
+    pub pretrain_epochs: u32,
 }
 
 /// The demo's Python trainer: `[trainers.lr]` for every agent.toml, the trainer's root
@@ -179,18 +190,18 @@ fn python_trainer_toml(script: &str) -> Result<String> {
 
 /// The DP settings a demo runs with: the flags, else the defaults for its model.
 #[derive(Debug, Clone)]
-struct DpTuning {
-    sample_rate: f64,
-    steps: u32,
-    learning_rate: f64,
-    clip_norm: f64,
-    optimizer: String,
+pub(crate) struct DpTuning {
+    pub sample_rate: f64,
+    pub steps: u32,
+    pub learning_rate: f64,
+    pub clip_norm: f64,
+    pub optimizer: String,
 }
 
 impl DemoArgs {
     /// The flags' DP settings, else the tuned defaults: `DP_*` for the tables (the sweep
     /// of `scripts/dp_sweep.py`), `CNN_DP_*` for the conv net.
-    fn dp_tuning(&self) -> DpTuning {
+    pub(crate) fn dp_tuning(&self) -> DpTuning {
         let cnn = self.model == "cnn";
         DpTuning {
             sample_rate: self
@@ -215,7 +226,7 @@ impl DemoArgs {
     }
 
     /// The ε budget per hospital dataset, or `None` with `--no-dp`.
-    fn dp_epsilon(&self) -> Option<f64> {
+    pub(crate) fn dp_epsilon(&self) -> Option<f64> {
         (!self.no_dp).then_some(self.epsilon)
     }
 }
@@ -361,7 +372,74 @@ fn fit_to_remaining(
 }
 
 /// Accuracy and ROC AUC (macro one-vs-rest for several classes) on the test rows.
-fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table, outputs: usize) -> Result<(f64, f64)> {
+/// The demo's study: its rounds, hospitals and seed from the flags, the model, data and
+/// training given, DP-SGD at `dp_epsilon` with `dp`'s settings, and secure aggregation
+/// unless `--no-secagg`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn demo_manifest(
+    args: &DemoArgs,
+    source: &str,
+    model: ModelSpec,
+    data: medfl_shared::manifest::DataSchema,
+    training: Training,
+    strategy: medfl_shared::manifest::Strategy,
+    dp_epsilon: Option<f64>,
+    dp: &DpTuning,
+) -> StudyManifest {
+    let secagg = !args.no_secagg;
+    StudyManifest {
+        name: format!(
+            "demo-{}",
+            if args.split == SplitKind::Iid {
+                "iid"
+            } else {
+                "label-skew"
+            }
+        ),
+        description: format!("medfl demo on {source}"),
+        rounds: args.rounds,
+        seed: args.seed,
+        model,
+        data,
+        selection: medfl_shared::manifest::Selection {
+            min_sites: args.sites as u32,
+            round_deadline_secs: 120,
+            ..Default::default()
+        },
+        training,
+        strategy,
+        privacy: dp_epsilon.map(|epsilon| medfl_shared::manifest::Privacy {
+            unit: medfl_shared::manifest::PrivacyUnit::Record,
+            delta: args.delta,
+            clip_norm: dp.clip_norm,
+            sample_rate: dp.sample_rate,
+            steps_per_round: dp.steps,
+            noise_multiplier: None,
+            target_epsilon: Some(epsilon),
+            budget_epsilon: epsilon,
+            adaptive_clipping: None,
+        }),
+        secure_aggregation: secagg.then(|| medfl_shared::manifest::SecureAggregation {
+            enabled: true,
+            threshold: (args.sites / 2 + 1).max(2) as u32,
+            graph: medfl_shared::manifest::SecAggGraph::Full,
+            neighbours: None,
+            // Generous: this clip is only the quantizer's range, DP clips far tighter.
+            clip_norm: 10.0,
+            range: None,
+            stage_timeout_secs: 30,
+        }),
+        // Federated evaluation needs plaintext per-site totals: only without DP and
+        // secure aggregation.
+        evaluation: (dp_epsilon.is_none() && !secagg).then_some(medfl_shared::manifest::Evaluation {
+            holdout_fraction: 0.2,
+            min_sites: 2,
+        }),
+        admins: Vec::new(),
+    }
+}
+
+pub(crate) fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table, outputs: usize) -> Result<(f64, f64)> {
     let io = medfl_shared::model::Io {
         inputs: test.columns.len(),
         outputs,
@@ -374,7 +452,7 @@ fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table, outputs: usize) -> R
 }
 
 /// The demo's data as a dataset: the bundled CSV, a CSV file, or a PostgreSQL table.
-fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
+pub(crate) fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
     use medfl_site_agent::data::{Dataset, DatasetConfig, csv::CsvConnector, postgres::PostgresSource};
     let Some(data) = &args.data else {
         let config = DatasetConfig::csv("demo", "breast_cancer_wisconsin.csv", "malignant", Some("patient_id"));
@@ -430,7 +508,7 @@ fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Dataset> {
 
 /// An image folder's rows as its `labels.csv` lists them: each file (absolute) and its
 /// label text.
-fn image_rows(folder: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
+pub(crate) fn image_rows(folder: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
     let path = folder.join("labels.csv");
     let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let rows = medfl_site_agent::data::parse_csv(&text, &path.display().to_string())?;
@@ -449,7 +527,7 @@ fn image_rows(folder: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
 
 /// The demo's image study: the first image's channels and size, its labels' classes
 /// (sorted, numerically where they are numbers) unless --classes names them.
-fn image_schema(
+pub(crate) fn image_schema(
     label: &str,
     rows: &[(PathBuf, String)],
     classes: &[String],
@@ -496,7 +574,7 @@ fn image_schema(
 }
 
 /// The demo's conv net: two 3×3 blocks (16 and 32 channels), group norm, 2×2 pools.
-fn demo_conv() -> Vec<medfl_shared::model::ConvBlock> {
+pub(crate) fn demo_conv() -> Vec<medfl_shared::model::ConvBlock> {
     use medfl_shared::model::{ConvBlock, Norm};
     vec![
         ConvBlock {
@@ -668,79 +746,40 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         },
         proximal_mu,
     };
-    let mut manifest = StudyManifest {
-        name: format!(
-            "demo-{}",
-            if args.split == SplitKind::Iid {
-                "iid"
-            } else {
-                "label-skew"
+    let data = medfl_shared::manifest::DataSchema {
+        dataset: "demo".into(),
+        label: label.clone(),
+        classes: schema.classes.clone(),
+        features: if schema.image.is_some() {
+            Vec::new()
+        } else {
+            table.columns.clone()
+        },
+        categorical: Vec::new(),
+        dates: Vec::new(),
+        omop: None,
+        // Under DP the hospitals may not scale with their own statistics; the public
+        // reference is the consortium's held-out set, which no hospital owns. The
+        // adaptive server optimizers and robust aggregators work on that scale too.
+        scaling: (schema.image.is_none() && (dp_epsilon.is_some() || public_scale)).then(|| {
+            let s = medfl_shared::model::Standardizer::fit(&test.x, test.columns.len());
+            medfl_shared::manifest::PublicScaling {
+                center: s.center.iter().map(|v| *v as f64).collect(),
+                scale: s.scale.iter().map(|v| *v as f64).collect(),
             }
-        ),
-        description: format!("medfl demo on {file}"),
-        rounds: args.rounds,
-        seed: args.seed,
-        model: study_model,
-        data: medfl_shared::manifest::DataSchema {
-            dataset: "demo".into(),
-            label: label.clone(),
-            classes: schema.classes.clone(),
-            features: if schema.image.is_some() {
-                Vec::new()
-            } else {
-                table.columns.clone()
-            },
-            categorical: Vec::new(),
-            dates: Vec::new(),
-            omop: None,
-            // Under DP the hospitals may not scale with their own statistics; the public
-            // reference is the consortium's held-out set, which no hospital owns. The
-            // adaptive server optimizers and robust aggregators work on that scale too.
-            scaling: (schema.image.is_none() && (dp_epsilon.is_some() || public_scale)).then(|| {
-                let s = medfl_shared::model::Standardizer::fit(&test.x, test.columns.len());
-                medfl_shared::manifest::PublicScaling {
-                    center: s.center.iter().map(|v| *v as f64).collect(),
-                    scale: s.scale.iter().map(|v| *v as f64).collect(),
-                }
-            }),
-            image: schema.image.clone(),
-        },
-        selection: medfl_shared::manifest::Selection {
-            min_sites: args.sites as u32,
-            round_deadline_secs: 120,
-            ..Default::default()
-        },
-        training: training.clone(),
-        strategy,
-        privacy: dp_epsilon.map(|epsilon| medfl_shared::manifest::Privacy {
-            unit: medfl_shared::manifest::PrivacyUnit::Record,
-            delta: args.delta,
-            clip_norm: dp.clip_norm,
-            sample_rate: dp.sample_rate,
-            steps_per_round: dp.steps,
-            noise_multiplier: None,
-            target_epsilon: Some(epsilon),
-            budget_epsilon: epsilon,
-            adaptive_clipping: None,
         }),
-        secure_aggregation: secagg.then(|| medfl_shared::manifest::SecureAggregation {
-            enabled: true,
-            threshold: (args.sites / 2 + 1).max(2) as u32,
-            graph: medfl_shared::manifest::SecAggGraph::Full,
-            neighbours: None,
-            // Generous: this clip is only the quantizer's range, DP clips far tighter.
-            clip_norm: 10.0,
-            range: None,
-            stage_timeout_secs: 30,
-        }),
-        // Federated evaluation needs plaintext per-site totals: only without DP and
-        // secure aggregation.
-        evaluation: (dp_epsilon.is_none() && !secagg).then_some(medfl_shared::manifest::Evaluation {
-            holdout_fraction: 0.2,
-            min_sites: 2,
-        }),
-        admins: Vec::new(),
+        image: schema.image.clone(),
     };
+    let mut manifest = demo_manifest(
+        &args,
+        &file,
+        study_model,
+        data,
+        training.clone(),
+        strategy,
+        dp_epsilon,
+        &dp,
+    );
     manifest.validate()?;
     if args.queries && args.sites < 2 {
         bail!("--queries releases totals over at least 2 hospitals: use --sites 2 or more");

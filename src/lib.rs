@@ -14,6 +14,7 @@ pub mod cli;
 pub mod conn;
 pub mod demo;
 pub mod federation;
+pub mod finetune;
 pub mod load;
 pub mod privacy;
 pub mod query;

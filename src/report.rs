@@ -8,6 +8,40 @@ use std::fmt::Write as _;
 use medfl_proto::v1 as pb;
 use medfl_shared::chart::{RoundPoint, epsilon_chart, esc, training_charts};
 
+/// The model section: the tensors the study trains and, for a fine-tuning study, its
+/// checkpoint and adapters.
+fn trained_section(manifest_toml: &str) -> String {
+    let Ok(manifest) = medfl_shared::manifest::StudyManifest::from_toml(manifest_toml) else {
+        return String::new();
+    };
+    let names: Vec<String> = manifest.layout().into_iter().map(|t| esc(&t.name)).collect();
+    let mut html = format!(
+        "<h2>Model</h2><p>Trained tensors ({}, {} values; what travels and what the ledger's noise covers): <code>{}</code></p>",
+        names.len(),
+        manifest.num_params(),
+        names.join(", ")
+    );
+    if let Some(ckpt) = &manifest.model.checkpoint {
+        let method = match &manifest.model.lora {
+            Some(l) => format!(
+                "LoRA adapters of rank {} (FFA-LoRA: A frozen from seed {}, B trained) on {}{}",
+                l.rank,
+                l.seed,
+                esc(&l.targets.join(", ")),
+                if l.head { ", and the head in full" } else { "" }
+            ),
+            None => "full fine-tuning (every tensor, as an offset)".into(),
+        };
+        let _ = write!(
+            html,
+            "<p>Fine-tuned from checkpoint <code>{}</code> (SHA-256 <code>{}</code>) by {method}. The checkpoint's own weights are not covered by this study's ledger.</p>",
+            esc(&ckpt.file),
+            esc(&ckpt.sha256)
+        );
+    }
+    html
+}
+
 /// The report for `status` (with its manifest) and, for a `[privacy]` study, its ledger.
 pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>) -> String {
     let info = status.info.clone().unwrap_or_default();
@@ -50,6 +84,10 @@ pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>)
     for chart in training_charts(&points) {
         html.push_str(&chart);
     }
+
+    // What was trained: a fine-tuned study trains offsets and adapters over a checkpoint
+    // the ledger does not cover.
+    html.push_str(&trained_section(&status.manifest_toml));
 
     // Privacy.
     html.push_str("<h2>Privacy ledger</h2>");

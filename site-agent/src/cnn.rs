@@ -376,6 +376,9 @@ pub fn clipped_person_sums(
     let cnn = spec.cnn(io);
     let d = io.inputs;
     let net = Net::new(spec, io, base, params, &dev)?;
+    // The network's tensors once for the batch (the variables do not move within it);
+    // each micro-batch's backward pass goes through them to the variables.
+    let tensors = net.tensors()?;
     let mut sum = vec![0f32; params.len()];
     let (mut loss_total, mut clipped, mut rows) = (0.0, 0, 0);
     let mut g = Vec::with_capacity(params.len());
@@ -386,11 +389,7 @@ pub fn clipped_person_sums(
             .collect();
         let ys: Vec<f32> = person.iter().map(|&r| y[r]).collect();
         let xb = images(&cnn, &xs, person.len(), &dev)?;
-        let loss = loss_rows(
-            &forward(&cnn, &net.tensors()?, &xb, None)?,
-            &targets(&ys, io.outputs, &dev)?,
-        )?
-        .sum_all()?;
+        let loss = loss_rows(&forward(&cnn, &tensors, &xb, None)?, &targets(&ys, io.outputs, &dev)?)?.sum_all()?;
         loss_total += f64::from(loss.to_scalar::<f32>()?);
         rows += person.len();
         if add_clipped(&loss.backward()?, &net.vars, clip, &mut g, &mut sum)? {
@@ -403,6 +402,25 @@ pub fn clipped_person_sums(
         rows,
         clipped,
     })
+}
+
+/// The logits (row-major, `io.outputs` per image) of a fine-tuned model as it trains:
+/// the checkpoint `base` with the study's offsets and adapters applied in the forward
+/// pass, not merged. What a merged export must reproduce.
+pub fn logits_with_adapters(
+    spec: &ModelSpec,
+    io: Io,
+    base: &[f32],
+    params: &[f32],
+    x: &[f32],
+) -> candle_core::Result<Vec<f32>> {
+    let dev = Device::Cpu;
+    let net = Net::new(spec, io, Some(base), params, &dev)?;
+    let cnn = spec.cnn(io);
+    let rows = x.len() / io.inputs.max(1);
+    forward(&cnn, &net.tensors()?, &images(&cnn, x, rows, &dev)?, None)?
+        .flatten_all()?
+        .to_vec1()
 }
 
 #[cfg(test)]

@@ -113,6 +113,7 @@ impl pb::audit_server::Audit for AuditService {
                 budget_epsilon: 0.0,
                 delta: 0.0,
                 charges: charges.into_iter().map(charge_pb).collect(),
+                trained_tensors: Vec::new(),
             }));
         }
         if let Some(q) = queries.iter().find(|q| q.id == req.study_id) {
@@ -128,6 +129,7 @@ impl pb::audit_server::Audit for AuditService {
                     .filter(|c| req.site.is_empty() || c.site == req.site)
                     .map(charge_pb)
                     .collect(),
+                trained_tensors: Vec::new(),
             }));
         }
         let study = self.engine.study(&req.study_id)?;
@@ -150,6 +152,7 @@ impl pb::audit_server::Audit for AuditService {
             budget_epsilon: privacy.budget_epsilon,
             delta: privacy.delta,
             charges,
+            trained_tensors: manifest.layout().into_iter().map(|t| t.name).collect(),
         }))
     }
 }

@@ -723,13 +723,15 @@ class LedgerCharge(_message.Message):
     def __init__(self, study_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., dataset: _Optional[str] = ..., mechanism: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., clip_norm: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_before: _Optional[float] = ..., epsilon_after: _Optional[float] = ..., at_unix_ms: _Optional[int] = ..., enforcement: _Optional[str] = ..., epsilon_method: _Optional[str] = ..., pld_interval: _Optional[float] = ...) -> None: ...
 
 class LedgerReport(_message.Message):
-    __slots__ = ("study_id", "budget_epsilon", "delta", "charges")
+    __slots__ = ("study_id", "budget_epsilon", "delta", "charges", "trained_tensors")
     STUDY_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     CHARGES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TENSORS_FIELD_NUMBER: _ClassVar[int]
     study_id: str
     budget_epsilon: float
     delta: float
     charges: _containers.RepeatedCompositeFieldContainer[LedgerCharge]
-    def __init__(self, study_id: _Optional[str] = ..., budget_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., charges: _Optional[_Iterable[_Union[LedgerCharge, _Mapping]]] = ...) -> None: ...
+    trained_tensors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, study_id: _Optional[str] = ..., budget_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., charges: _Optional[_Iterable[_Union[LedgerCharge, _Mapping]]] = ..., trained_tensors: _Optional[_Iterable[str]] = ...) -> None: ...
