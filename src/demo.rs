@@ -574,7 +574,7 @@ pub(crate) fn image_schema(
 }
 
 /// The demo's conv net: two 3×3 blocks (16 and 32 channels), group norm, 2×2 pools.
-pub(crate) fn demo_conv() -> Vec<medfl_shared::model::ConvBlock> {
+pub fn demo_conv() -> Vec<medfl_shared::model::ConvBlock> {
     use medfl_shared::model::{ConvBlock, Norm};
     vec![
         ConvBlock {

@@ -16,6 +16,7 @@ pub mod cnn;
 pub mod dp;
 pub mod hex;
 pub mod identity;
+pub mod layout;
 pub mod lora;
 pub mod manifest;
 pub mod memo;

@@ -35,7 +35,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::TensorSpec;
+use crate::layout::TensorSpec;
 
 /// `[model.init]`: the safetensors checkpoint each site holds, by file name (in the
 /// agent's `checkpoints` folder) and SHA-256 (hex).

@@ -8,6 +8,7 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 pub use crate::cnn::{Cnn, ConvBlock, Norm};
+pub use crate::layout::TensorSpec;
 pub use crate::lora::{Checkpoint, Lora, Piece};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -93,24 +94,6 @@ pub enum ExternalInit {
     /// all but the first dimension, PyTorch's `Linear` default), one-dimensional ones
     /// zero (for networks, whose units must start apart).
     Uniform,
-}
-
-/// One named tensor of a layout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TensorSpec {
-    pub name: String,
-    pub shape: Vec<u64>,
-}
-
-impl TensorSpec {
-    pub fn len(&self) -> u64 {
-        self.shape.iter().product()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
