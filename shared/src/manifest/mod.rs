@@ -674,6 +674,33 @@ min_sites = 2
 "#;
 
     #[test]
+    fn a_fine_tuning_study_names_its_checkpoint_and_adapters_that_fit() {
+        let sha = "ab".repeat(32);
+        let init = format!("[model.init]\nfile = \"base.safetensors\"\nsha256 = \"{sha}\"\n");
+        let lora = "[model.lora]\nrank = 2\ntargets = [\"conv0\", \"fc0\"]\nhead = true\n";
+        let m = StudyManifest::from_toml(&format!("{CNN}{init}{lora}")).expect("LoRA over a checkpoint");
+        let names: Vec<String> = m.layout().into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["conv0.lora_b", "fc0.lora_b", "fc1.weight", "fc1.bias"]);
+        assert_eq!(m.num_params(), 8 * 2 + 32 * 2 + 32 * 3 + 3);
+        assert!(m.model.init(m.io(), 1).iter().all(|v| *v == 0.0));
+        // Full fine-tuning: every tensor travels, as an offset.
+        let full = StudyManifest::from_toml(&format!("{CNN}{init}")).expect("full fine-tuning");
+        assert_eq!(
+            full.num_params(),
+            StudyManifest::from_toml(CNN).expect("plain").num_params()
+        );
+        let err = |text: String| StudyManifest::from_toml(&text).expect_err("refused").to_string();
+        assert!(err(format!("{CNN}{lora}")).contains("add [model.init]"));
+        assert!(err(format!("{CNN}{}{lora}", init.replace(&sha, "abc"))).contains("64 hex digits"));
+        assert!(err(format!("{CNN}{}", init.replace("base.safetensors", "../etc/base"))).contains("bare file name"));
+        // The head has 3 outputs here: rank 4 does not fit it.
+        let head = "[model.lora]\nrank = 4\ntargets = [\"fc1\"]\n";
+        assert!(err(format!("{CNN}{init}{head}")).contains("at most 3"));
+        let missing = "[model.lora]\nrank = 2\ntargets = [\"fc7\"]\n";
+        assert!(err(format!("{CNN}{init}{missing}")).contains("conv0, fc0, fc1"));
+    }
+
+    #[test]
     fn an_image_study_with_a_cnn_validates_and_its_mismatches_are_refused() {
         let m = StudyManifest::from_toml(CNN).expect("a cnn over images");
         assert_eq!(m.n_features(), 64);
