@@ -439,6 +439,28 @@ pub(crate) fn demo_manifest(
     }
 }
 
+/// Creates and starts `manifest`'s study, follows it with a progress bar, and returns its
+/// id and final status once every round has committed (else why it stopped).
+pub(crate) async fn run_study(
+    fed: &mut Federation,
+    manifest: &StudyManifest,
+) -> Result<(String, medfl_proto::v1::StudyStatus)> {
+    let study_id = fed.create_study(&manifest.to_toml()).await?;
+    fed.start_study(&study_id).await?;
+    let status = crate::admin::watch(&mut fed.admin, &study_id, false).await?;
+    let info = status.info.clone().unwrap_or_default();
+    if info.rounds_completed < manifest.rounds {
+        bail!(
+            "study {} stopped after {} of {} rounds: {}",
+            manifest.name,
+            info.rounds_completed,
+            manifest.rounds,
+            info.reason
+        );
+    }
+    Ok((study_id, status))
+}
+
 pub(crate) fn evaluate(spec: &ModelSpec, params: &[f32], test: &Table, outputs: usize) -> Result<(f64, f64)> {
     let io = medfl_shared::model::Io {
         inputs: test.columns.len(),
@@ -883,18 +905,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
     std::fs::write(workdir.join("manifest.toml"), manifest.to_toml())?;
-    let study_id = fed.create_study(&manifest.to_toml()).await?;
-    fed.start_study(&study_id).await?;
-    let status = crate::admin::watch(&mut fed.admin, &study_id, false).await?;
+    let (study_id, status) = run_study(&mut fed, &manifest).await?;
     let info = status.info.clone().unwrap_or_default();
-    if info.rounds_completed < args.rounds {
-        bail!(
-            "the study stopped after {} of {} rounds: {}",
-            info.rounds_completed,
-            args.rounds,
-            info.reason
-        );
-    }
     // What each hospital's own ledger says it spent (the agents' stores close first).
     fed.stop_agents().await;
     let mut epsilon_spent = serde_json::Map::new();

@@ -198,18 +198,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         manifest.name = format!("finetune-{arm}");
         manifest.validate()?;
         let layout = manifest.layout();
-        let study_id = fed.create_study(&manifest.to_toml()).await?;
-        fed.start_study(&study_id).await?;
-        let status = crate::admin::watch(&mut fed.admin, &study_id, false).await?;
+        let (study_id, status) = crate::demo::run_study(&mut fed, &manifest).await?;
         let info = status.info.clone().unwrap_or_default();
-        if info.rounds_completed < args.rounds {
-            bail!(
-                "study {arm} stopped after {} of {} rounds: {}",
-                info.rounds_completed,
-                args.rounds,
-                info.reason
-            );
-        }
         let score = |params: Vec<f32>| -> Result<f64> {
             let merged = match model.checkpoint {
                 Some(_) => model.merged(io, &pretrained, &params)?,
