@@ -53,17 +53,27 @@ fn lora_manifest(name: &str, sha256: &str, targets: &str) -> String {
         .replace("local_epochs = 2", "local_epochs = 6")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lora_adapters_travel_under_secure_aggregation_and_a_differing_checkpoint_is_refused() {
+/// What each test starts from: the pretrained checkpoint (written in `dir/checkpoints`)
+/// and a federation of three agents on digits 5–9, each holding a copy of it.
+struct Setup {
+    fed: medfl::Federation,
+    high: Vec<(String, String)>,
+    base_spec: medfl_shared::model::ModelSpec,
+    pretrained: Vec<f32>,
+    layout: Vec<TensorSpec>,
+    folder: std::path::PathBuf,
+    sha256: String,
+}
+
+async fn setup(dir: &std::path::Path, policy: Option<&str>) -> Setup {
     let rows = digits();
     let (low, high): (Vec<_>, Vec<_>) = rows
         .into_iter()
         .partition(|(_, l)| l.parse::<u32>().expect("digit") < 5);
-    let owned = tempfile::tempdir().expect("tempdir");
     let base_spec = StudyManifest::from_toml(&cnn_manifest(1, "")).expect("manifest").model;
     let pretrained = pretrain(&low[..600], 3);
     let layout = base_spec.base_layout(IO);
-    let folder = owned.path().join("checkpoints");
+    let folder = dir.join("checkpoints");
     std::fs::create_dir_all(&folder).expect("folder");
     let sha256 = medfl_site_agent::checkpoint::write(
         &folder.join("pretrained.safetensors"),
@@ -73,9 +83,9 @@ async fn lora_adapters_travel_under_secure_aggregation_and_a_differing_checkpoin
     )
     .expect("checkpoint");
 
-    let (mut fed, _) = image_federation(&high, usize::MAX, owned.path(), None).await;
+    let (fed, _) = image_federation(&high, usize::MAX, dir, policy).await;
     for name in &fed.site_names {
-        let dir = owned.path().join(name).join("checkpoints");
+        let dir = dir.join(name).join("checkpoints");
         std::fs::create_dir_all(&dir).expect("site folder");
         std::fs::copy(
             folder.join("pretrained.safetensors"),
@@ -83,6 +93,30 @@ async fn lora_adapters_travel_under_secure_aggregation_and_a_differing_checkpoin
         )
         .expect("copy");
     }
+
+    Setup {
+        fed,
+        high,
+        base_spec,
+        pretrained,
+        layout,
+        folder,
+        sha256,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lora_adapters_travel_under_secure_aggregation_and_a_differing_checkpoint_is_refused() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    let Setup {
+        mut fed,
+        high,
+        base_spec,
+        pretrained,
+        layout,
+        folder,
+        sha256,
+    } = setup(owned.path(), None).await;
 
     // A target that is no layer of the net is refused when the study is created.
     let err = fed
@@ -273,5 +307,77 @@ async fn lora_adapters_travel_under_secure_aggregation_and_a_differing_checkpoin
         "{}",
         refusal.reason
     );
+    fed.shutdown().await.expect("shutdown");
+}
+
+/// Under DP-SGD the adapters' per-example gradients are clipped and noised: each site
+/// charges its ledger, and the ledger report and the model card name the tensors trained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lora_under_dp_sgd_charges_the_ledgers_for_the_adapters() {
+    let owned = tempfile::tempdir().expect("tempdir");
+    let Setup { mut fed, sha256, .. } = setup(owned.path(), Some("max_epsilon = 8.0\ndelta = 1e-5")).await;
+    let privacy = "[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 0.25\nsteps_per_round = 4\ntarget_epsilon = 8.0\nbudget_epsilon = 8.0\n";
+    let manifest_text = lora_manifest("lora-dp", &sha256, "\"conv1\", \"fc0\"")
+        .replace("rounds = 1", "rounds = 2")
+        .replace("min_sites = 2", "min_sites = 3")
+        + privacy;
+    let manifest = StudyManifest::from_toml(&manifest_text).expect("manifest");
+    let id = fed.create_study(&manifest_text).await.expect("create");
+    fed.start_study(&id).await.expect("start");
+    let status = fed
+        .wait_for_round(&id, 2, Duration::from_secs(600))
+        .await
+        .expect("the rounds commit");
+    assert_eq!(
+        status.info.clone().unwrap_or_default().rounds_completed,
+        2,
+        "{:?}",
+        status.refusals
+    );
+    let mut audit = medfl_proto::v1::audit_client::AuditClient::new(
+        fed.profile("auditor").expect("profile").channel(None).expect("channel"),
+    );
+    let ledger = audit
+        .get_ledger(medfl_proto::v1::LedgerRequest {
+            study_id: id.clone(),
+            site: String::new(),
+            dataset: String::new(),
+        })
+        .await
+        .expect("ledger")
+        .into_inner();
+    assert_eq!(ledger.charges.len(), 6, "3 sites × 2 rounds");
+    let trained: Vec<String> = manifest.layout().into_iter().map(|t| t.name).collect();
+    assert_eq!(ledger.trained_tensors, trained);
+    assert_eq!(trained, ["conv1.lora_b", "fc0.lora_b", "fc1.weight", "fc1.bias"]);
+    let conn = medfl::conn::Conn {
+        profile: owned.path().join("admin"),
+        coordinator: None,
+    };
+    let out = owned.path().join("adapters.safetensors");
+    medfl::admin::study(
+        &conn,
+        medfl::admin::StudyCommand::Export {
+            id: id.clone(),
+            out: out.clone(),
+            round: None,
+            merge: false,
+            checkpoint: None,
+            adapters: false,
+        },
+    )
+    .await
+    .expect("export");
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("card.json")).expect("card")).expect("json");
+    assert_eq!(card["trained_tensors"], serde_json::json!(trained));
+    assert_eq!(card["fine_tuning"]["checkpoint_sha256"], serde_json::json!(sha256));
+    assert!(card["privacy"]["epsilon_max"].as_f64().expect("epsilon") <= 8.0 + 1e-9);
+    fed.stop_agents().await;
+    for name in &fed.site_names {
+        let site_ledger =
+            medfl_site_agent::ledger::Ledger::open(&owned.path().join(name).join("agent-store")).expect("ledger");
+        assert_eq!(site_ledger.charges("digits").expect("charges").len(), 2, "{name}");
+    }
     fed.shutdown().await.expect("shutdown");
 }
