@@ -97,6 +97,9 @@ pub struct AgentSettings {
     /// Privacy plans by manifest hash: a study's plan (σ calibration, tens of
     /// milliseconds to seconds) is worked out once, not every round.
     plans: Arc<std::sync::Mutex<HashMap<String, PlanResult>>>,
+    /// Fine-tuning studies' checkpoints, loaded and checked, by manifest hash: read and
+    /// hashed once, not every round.
+    checkpoints_loaded: Arc<std::sync::Mutex<HashMap<String, Arc<Vec<f32>>>>>,
 }
 
 pub(crate) type PlanResult = std::result::Result<Option<PrivacyPlan>, String>;
@@ -115,6 +118,41 @@ impl AgentSettings {
     /// The cache of privacy plans by manifest hash.
     pub(crate) fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<String, PlanResult>> {
         self.plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The checkpoint `manifest` (whose hash is `manifest_hash`) fine-tunes, from this
+    /// site's checkpoints folder, checked once and then kept (a few studies' worth).
+    pub(crate) async fn checkpoint(
+        &self,
+        manifest_hash: &str,
+        manifest: &medfl_shared::manifest::StudyManifest,
+    ) -> Result<Option<Arc<Vec<f32>>>, crate::checkpoint::CheckpointError> {
+        let Some(ckpt) = manifest.model.checkpoint.clone() else {
+            return Ok(None);
+        };
+        let lock = || self.checkpoints_loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(values) = lock().get(manifest_hash) {
+            return Ok(Some(values.clone()));
+        }
+        let (folder, layout) = (self.checkpoints.clone(), manifest.model.base_layout(manifest.io()));
+        let values = tokio::task::spawn_blocking(move || crate::checkpoint::load(&folder, &ckpt, &layout))
+            .await
+            .map_err(|e| crate::checkpoint::CheckpointError::Read {
+                file: manifest
+                    .model
+                    .checkpoint
+                    .as_ref()
+                    .map(|c| c.file.clone())
+                    .unwrap_or_default(),
+                why: e.to_string(),
+            })??;
+        let values = Arc::new(values);
+        let mut cache = lock();
+        if cache.len() >= 4 {
+            cache.clear();
+        }
+        cache.insert(manifest_hash.to_string(), values.clone());
+        Ok(Some(values))
     }
 
     pub(crate) fn set_profile(&self, profile: Profile) -> Result<()> {
@@ -243,6 +281,7 @@ impl AgentSettings {
             checkpoints: base.join(file.checkpoints.as_deref().unwrap_or(Path::new("checkpoints"))),
             private_paths,
             plans: Default::default(),
+            checkpoints_loaded: Default::default(),
         })
     }
 }

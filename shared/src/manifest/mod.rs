@@ -683,6 +683,13 @@ min_sites = 2
         assert_eq!(names, ["conv0.lora_b", "fc0.lora_b", "fc1.weight", "fc1.bias"]);
         assert_eq!(m.num_params(), 8 * 2 + 32 * 2 + 32 * 3 + 3);
         assert!(m.model.init(m.io(), 1).iter().all(|v| *v == 0.0));
+        // The inline form, `init = { file, sha256 }` under [model], is the same.
+        let inline = CNN.replace(
+            "kind = \"cnn\"\n",
+            &format!("kind = \"cnn\"\ninit = {{ file = \"base.safetensors\", sha256 = \"{sha}\" }}\n"),
+        );
+        let m2 = StudyManifest::from_toml(&format!("{inline}{lora}")).expect("inline init");
+        assert_eq!(m2.model.checkpoint, m.model.checkpoint);
         // Full fine-tuning: every tensor travels, as an offset.
         let full = StudyManifest::from_toml(&format!("{CNN}{init}")).expect("full fine-tuning");
         assert_eq!(

@@ -150,20 +150,10 @@ pub(crate) async fn train(
     let external = manifest.model.external.is_some();
     // A fine-tuning study trains over the checkpoint this site holds; nothing trains
     // without it.
-    let base = match &manifest.model.checkpoint {
-        Some(ckpt) => {
-            let (folder, ckpt, layout) = (
-                settings.checkpoints.clone(),
-                ckpt.clone(),
-                manifest.model.base_layout(manifest.io()),
-            );
-            let loaded = tokio::task::spawn_blocking(move || crate::checkpoint::load(&folder, &ckpt, &layout))
-                .await
-                .context("checkpoint task")?;
-            Some(std::sync::Arc::new(loaded.map_err(Refusal::Checkpoint)?))
-        }
-        None => None,
-    };
+    let base = settings
+        .checkpoint(&work.manifest_hash, manifest)
+        .await
+        .map_err(Refusal::Checkpoint)?;
     let evaluation = match &approved.holdout {
         Some((hx, hy)) if work.round > 1 && !external => {
             Some(evaluate(manifest, base.as_deref().map(Vec::as_slice), &global, hx, hy)?)
