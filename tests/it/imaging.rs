@@ -165,10 +165,13 @@ async fn three_hospitals_train_a_cnn_on_their_image_folders() {
 async fn dp_sgd_on_images_clips_each_example_and_charges_the_ledgers() {
     let rows = digits();
     let owned = tempfile::tempdir().expect("tempdir");
-    // A share of 200 images each (micro-batches of one example are one backward pass
-    // each), every step on all of them (q = 1: the plain Gaussian, whose noise each
-    // step spreads over the whole share).
-    let (mut fed, test) = image_federation(&rows, 200, owned.path(), Some("max_epsilon = 8.0\ndelta = 1e-5")).await;
+    // Each site's whole share (about 480 images, 240 patients), every step on all of
+    // them (q = 1: the plain Gaussian, whose noise each step spreads over the whole
+    // share). The noise is OpenDP's and unseeded, so the accuracy varies from run to
+    // run: over 12 runs it was 0.67 to 0.77 (mean 0.72, sd 0.03). With 200 images a
+    // site it was 0.24 to 0.54, and a floor there failed one CI run in a few.
+    let (mut fed, test) =
+        image_federation(&rows, usize::MAX, owned.path(), Some("max_epsilon = 8.0\ndelta = 1e-5")).await;
     let rounds = 6;
     let privacy = "[privacy]\nunit = \"record\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nsteps_per_round = 5\ntarget_epsilon = 8.0\nbudget_epsilon = 8.0\n\n[strategy]\nweighting = \"uniform\"\n";
     let manifest = cnn_manifest(rounds, "") + privacy;
@@ -185,7 +188,10 @@ async fn dp_sgd_on_images_clips_each_example_and_charges_the_ledgers() {
     let (x, y) = held_out(&rows, &test);
     let acc = accuracy(&manifest, &params, &x, &y);
     eprintln!("DP CNN accuracy {acc}");
-    assert!(acc > 0.3, "DP CNN accuracy {acc}: ten classes, chance is 0.1");
+    assert!(
+        acc > 0.5,
+        "DP CNN accuracy {acc}: ten classes, chance is 0.1; runs gave 0.67 to 0.77"
+    );
     fed.stop_agents().await;
     for name in &fed.site_names {
         let ledger =
