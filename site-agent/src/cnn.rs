@@ -21,9 +21,7 @@ use medfl_shared::manifest::Optimizer;
 use medfl_shared::model::{Cnn, Io, ModelSpec};
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 
-use crate::problem::{
-    ADAM_EPS, BETA1, BETA2, ClippedBatch, LocalProblem, TrainOutcome, add_clipped, loss_rows, targets,
-};
+use crate::problem::{ADAM_EPS, BETA1, BETA2, ClippedBatch, LocalProblem, TrainOutcome, loss_rows, targets};
 
 /// The trained variables and how they make the network's tensors: for a model
 /// without a checkpoint the variables are the network's tensors; for a fine-tuned one
@@ -374,33 +372,14 @@ pub fn clipped_person_sums(
     }
     let dev = crate::device::current()?;
     let cnn = spec.cnn(io);
-    let d = io.inputs;
     let net = Net::new(spec, io, base, params, &dev)?;
     // The network's tensors once for the batch (the variables do not move within it);
     // each micro-batch's backward pass goes through them to the variables.
     let tensors = net.tensors()?;
-    let mut sum = vec![0f32; params.len()];
-    let (mut loss_total, mut clipped, mut rows) = (0.0, 0, 0);
-    let mut g = Vec::with_capacity(params.len());
-    for person in persons {
-        let xs: Vec<f32> = person
-            .iter()
-            .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
-            .collect();
-        let ys: Vec<f32> = person.iter().map(|&r| y[r]).collect();
-        let xb = images(&cnn, &xs, person.len(), &dev)?;
-        let loss = loss_rows(&forward(&cnn, &tensors, &xb, None)?, &targets(&ys, io.outputs, &dev)?)?.sum_all()?;
-        loss_total += f64::from(loss.to_scalar::<f32>()?);
-        rows += person.len();
-        if add_clipped(&loss.backward()?, &net.vars, clip, &mut g, &mut sum)? {
-            clipped += 1;
-        }
-    }
-    Ok(ClippedBatch {
-        sum,
-        mean_loss: loss_total / rows.max(1) as f64,
-        rows,
-        clipped,
+    let vars: Vec<&candle_core::Var> = net.vars.iter().collect();
+    crate::problem::clipped_person_loop(persons, (x, y, io.inputs), &vars, clip, |xs, ys| {
+        let xb = images(&cnn, &xs, ys.len(), &dev)?;
+        loss_rows(&forward(&cnn, &tensors, &xb, None)?, &targets(ys, io.outputs, &dev)?)?.sum_all()
     })
 }
 

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use medfl_shared::model::{Io, ModelSpec};
 
 pub use crate::problem::ClippedBatch;
-use crate::problem::{LocalProblem, add_clipped, layer_tensors, loss_rows, output_delta, targets};
+use crate::problem::{LocalProblem, layer_tensors, loss_rows, output_delta, targets};
 
 /// Vectorized: one forward and one backward pass over the batch, per-example norms
 /// by the outer-product identity, clipping factors, and the clipped sum by matmuls.
@@ -105,16 +105,19 @@ pub fn clipped_gradient_sum_looped(
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
     let each: Vec<Vec<usize>> = (0..y.len()).map(|r| vec![r]).collect();
-    clipped_person_sums(spec, io.into(), params, x, y, &each, clip)
+    clipped_person_sums(spec, io.into(), None, params, x, y, &each, clip)
 }
 
 /// Per-person clipping, for a dataset whose persons may have several rows (an image
 /// dataset's patients): each person's rows through one backward pass of their summed
 /// loss, that gradient clipped to `clip` as one contribution, then summed. A conv net
-/// goes to [`crate::cnn::clipped_person_sums`].
+/// goes to [`crate::cnn::clipped_person_sums`], over the checkpoint `base` where the
+/// study fine-tunes one (`None` otherwise; only conv nets fine-tune).
+#[allow(clippy::too_many_arguments)]
 pub fn clipped_person_sums(
     spec: &ModelSpec,
     io: Io,
+    base: Option<&[f32]>,
     params: &[f32],
     x: &[f32],
     y: &[f32],
@@ -122,40 +125,20 @@ pub fn clipped_person_sums(
     clip: f64,
 ) -> candle_core::Result<ClippedBatch> {
     if spec.kind == medfl_shared::model::ModelKind::Cnn {
-        return crate::cnn::clipped_person_sums(spec, io, None, params, x, y, persons, clip);
+        return crate::cnn::clipped_person_sums(spec, io, base, params, x, y, persons, clip);
     }
     let dev = Device::Cpu;
-    let d = io.inputs;
     let layers = crate::problem::layer_vars(spec, io, params, &dev)?;
-    let mut sum = vec![0f32; params.len()];
-    let (mut loss_total, mut clipped, mut rows) = (0.0, 0, 0);
-    let mut g = Vec::with_capacity(params.len());
-    for person in persons {
-        let xs: Vec<f32> = person
-            .iter()
-            .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
-            .collect();
-        let ys: Vec<f32> = person.iter().map(|&r| y[r]).collect();
-        let mut h = Tensor::from_vec(xs, (person.len(), d), &dev)?;
+    let vars: Vec<&candle_core::Var> = layers.iter().flat_map(|(w, b)| [w, b]).collect();
+    crate::problem::clipped_person_loop(persons, (x, y, io.inputs), &vars, clip, |xs, ys| {
+        let mut h = Tensor::from_vec(xs, (ys.len(), io.inputs), &dev)?;
         for (i, (w, b)) in layers.iter().enumerate() {
             h = h.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
             if i + 1 < layers.len() {
                 h = h.relu()?;
             }
         }
-        let loss = loss_rows(&h, &targets(&ys, io.outputs, &dev)?)?.sum_all()?;
-        loss_total += loss.to_scalar::<f32>()? as f64;
-        rows += person.len();
-        let vars = layers.iter().flat_map(|(w, b)| [w, b]);
-        if add_clipped(&loss.backward()?, vars, clip, &mut g, &mut sum)? {
-            clipped += 1;
-        }
-    }
-    Ok(ClippedBatch {
-        sum,
-        mean_loss: loss_total / rows.max(1) as f64,
-        rows,
-        clipped,
+        loss_rows(&h, &targets(ys, io.outputs, &dev)?)?.sum_all()
     })
 }
 
@@ -368,14 +351,8 @@ pub fn train_dp(
     let anchor = theta.clone();
     for step in 1..=dp.steps {
         let sampled = medfl_shared::dp::poisson_sample(units, dp.sample_rate)?;
-        let batch = if spec.checkpoint.is_some() {
-            // A fine-tuned conv net: its gradients are over the checkpoint.
-            let chosen: Vec<Vec<usize>> = match groups.is_empty() {
-                true => sampled.iter().map(|&r| vec![r]).collect(),
-                false => sampled.iter().map(|&p| groups[p].clone()).collect(),
-            };
-            crate::cnn::clipped_person_sums(spec, io, local.base, &theta, &xs, y, &chosen, dp.clip_norm)?
-        } else if groups.is_empty() {
+        let batch = if groups.is_empty() && spec.kind != medfl_shared::model::ModelKind::Cnn {
+            // Dense models, one row a person: the vectorized per-example gradients.
             let bx: Vec<f32> = sampled
                 .iter()
                 .flat_map(|&r| xs[r * d..(r + 1) * d].iter().copied())
@@ -383,8 +360,13 @@ pub fn train_dp(
             let by: Vec<f32> = sampled.iter().map(|&r| y[r]).collect();
             clipped_gradient_sum(spec, io, &theta, &bx, &by, dp.clip_norm)?
         } else {
-            let chosen: Vec<Vec<usize>> = sampled.iter().map(|&p| groups[p].clone()).collect();
-            clipped_person_sums(spec, io, &theta, &xs, y, &chosen, dp.clip_norm)?
+            // A person's rows as one micro-batch (one row each where persons are rows),
+            // over the checkpoint where the study fine-tunes one.
+            let chosen: Vec<Vec<usize>> = match groups.is_empty() {
+                true => sampled.iter().map(|&r| vec![r]).collect(),
+                false => sampled.iter().map(|&p| groups[p].clone()).collect(),
+            };
+            clipped_person_sums(spec, io, local.base, &theta, &xs, y, &chosen, dp.clip_norm)?
         };
         loss_total += batch.mean_loss;
         let noisy = medfl_shared::dp::add_gaussian_noise(&batch.sum, dp.clip_norm, dp.noise_multiplier)?;

@@ -81,6 +81,43 @@ pub(crate) fn add_clipped<'a>(
     Ok(factor < 1.0)
 }
 
+/// Per-person clipping's loop, for every model family: each person's rows (their
+/// inputs, `width` values a row, and labels) go through `loss`, which returns their
+/// summed loss as one scalar; its gradient over `vars` (in the flat layout's order) is
+/// clipped to `clip` as one contribution and added to the sum. The sensitivity to
+/// adding or removing one person is `clip`, whatever their number of rows.
+pub(crate) fn clipped_person_loop(
+    persons: &[Vec<usize>],
+    (x, y, width): (&[f32], &[f32], usize),
+    vars: &[&Var],
+    clip: f64,
+    mut loss: impl FnMut(Vec<f32>, &[f32]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<ClippedBatch> {
+    let len = vars.iter().map(|v| v.as_tensor().elem_count()).sum();
+    let mut sum = vec![0f32; len];
+    let (mut loss_total, mut clipped, mut rows) = (0.0, 0, 0);
+    let mut g = Vec::with_capacity(len);
+    for person in persons {
+        let xs: Vec<f32> = person
+            .iter()
+            .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
+            .collect();
+        let ys: Vec<f32> = person.iter().map(|&r| y[r]).collect();
+        let loss = loss(xs, &ys)?;
+        loss_total += f64::from(loss.to_scalar::<f32>()?);
+        rows += person.len();
+        if add_clipped(&loss.backward()?, vars.iter().copied(), clip, &mut g, &mut sum)? {
+            clipped += 1;
+        }
+    }
+    Ok(ClippedBatch {
+        sum,
+        mean_loss: loss_total / rows.max(1) as f64,
+        rows,
+        clipped,
+    })
+}
+
 /// Adam's constants (Kingma and Ba 2015, Algorithm 1).
 pub(crate) const BETA1: f64 = 0.9;
 pub(crate) const BETA2: f64 = 0.999;
