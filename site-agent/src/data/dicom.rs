@@ -127,7 +127,7 @@ pub enum DicomError {
     Bits(u16),
 }
 
-fn text(obj: &InMemDicomObject, tag: dicom_object::Tag) -> Option<String> {
+pub(super) fn text(obj: &InMemDicomObject, tag: dicom_object::Tag) -> Option<String> {
     obj.element_opt(tag)
         .ok()
         .flatten()

@@ -554,6 +554,59 @@ mod tests {
         assert_eq!(kept.dropped, vec![("the image cannot be used".to_string(), 1)]);
     }
 
+    /// Logs written while `f` runs, at every level.
+    fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("buffer").extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.0.lock().expect("buffer").clone();
+        String::from_utf8(bytes).expect("utf-8 logs")
+    }
+
+    #[test]
+    fn the_log_names_formats_and_shapes_never_files_or_tags() {
+        // A file named like a patient, and one the site's policy skips.
+        let dir = folder_with(&["MR_small.dcm", "MR_truncated.dcm"], &[]);
+        std::fs::rename(dir.path().join("MR_small.dcm"), dir.path().join("DOE_JANE_1957.dcm")).expect("rename");
+        std::fs::write(
+            dir.path().join("labels.csv"),
+            "file,label\nDOE_JANE_1957.dcm,a\nMR_truncated.dcm,b\n",
+        )
+        .expect("labels");
+        let obj = dicom_object::open_file(dir.path().join("DOE_JANE_1957.dcm")).expect("dicom");
+        let patient = super::super::dicom::text(&obj, dicom_dictionary_std::tags::PATIENT_NAME).expect("a name");
+        assert!(!patient.trim().is_empty());
+        let mut encoded = None;
+        let logs = logs_of(|| encoded = Some(encode_folder(dir.path(), BadImage::Skip, spec([64, 64]))));
+        assert_eq!(encoded.expect("ran").expect("one image kept").rows(), 1);
+        assert!(logs.contains("images read"), "{logs}");
+        assert!(logs.contains("1 Explicit VR Little Endian 64×64×1"), "{logs}");
+        for secret in [
+            "DOE_JANE",
+            "MR_truncated",
+            patient.trim(),
+            &dir.path().display().to_string(),
+        ] {
+            assert!(!logs.contains(secret), "the log names {secret:?}: {logs}");
+        }
+    }
+
     #[test]
     fn a_labels_csv_naming_a_missing_file_is_refused_by_name() {
         let dir = folder_with(&["MR_small.dcm"], &[("MR_small.dcm", "a"), ("gone.dcm", "b")]);
