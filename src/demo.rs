@@ -528,6 +528,28 @@ pub(crate) fn demo_dataset(args: &DemoArgs) -> Result<medfl_site_agent::data::Da
     Ok(Dataset::open(config, std::path::Path::new("."))?)
 }
 
+/// A federation whose hospitals each read a labels CSV of their own images (absolute
+/// paths, with their labels in column `label`) as an image folder, through [data.image].
+pub(crate) fn image_sites<'a>(
+    label: &str,
+    sites: impl IntoIterator<Item = Vec<&'a (PathBuf, String)>>,
+) -> crate::federation::FederationBuilder {
+    let csvs: Vec<String> = sites
+        .into_iter()
+        .map(|site| {
+            let mut csv = format!("file,{label}\n");
+            for (file, text) in site {
+                csv.push_str(&format!("{},{text}\n", file.display()));
+            }
+            csv
+        })
+        .collect();
+    let n = csvs.len();
+    (0..n).fold(Federation::builder().csvs(csvs), |b, i| {
+        b.dataset_source(i, "[datasets.images]\nfolder = \".\"\nlabels = \"data.csv\"")
+    })
+}
+
 /// An image folder's rows as its `labels.csv` lists them: each file (absolute) and its
 /// label text.
 pub(crate) fn image_rows(folder: &std::path::Path) -> Result<Vec<(PathBuf, String)>> {
@@ -825,26 +847,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         );
     }
     let mut builder = match &image_files {
-        // Each hospital gets a labels CSV of its own images (absolute paths) and reads
-        // it as an image folder, through [data.image].
-        Some(rows) => {
-            let csvs = split
-                .sites
-                .iter()
-                .map(|site| {
-                    let mut csv = format!("file,{label}\n");
-                    for &r in site {
-                        csv.push_str(&format!("{},{}\n", rows[r].0.display(), rows[r].1));
-                    }
-                    csv
-                })
-                .collect();
-            let mut b = Federation::builder().csvs(csvs);
-            for i in 0..args.sites {
-                b = b.dataset_source(i, "[datasets.images]\nfolder = \".\"\nlabels = \"data.csv\"");
-            }
-            b
-        }
+        Some(rows) => image_sites(
+            &label,
+            split.sites.iter().map(|site| site.iter().map(|&r| &rows[r]).collect()),
+        ),
         None => Federation::builder().tables(site_tables.clone()),
     }
     .dataset("demo", &label)

@@ -14,7 +14,7 @@ use medfl_shared::split::split_rows;
 use medfl_site_agent::train::{LocalProblem, Start, train};
 use serde_json::json;
 
-use crate::demo::{DemoArgs, demo_conv, demo_dataset, evaluate, image_rows, image_schema};
+use crate::demo::{DemoArgs, demo_conv, demo_dataset, evaluate, image_rows, image_schema, image_sites};
 use crate::federation::Federation;
 
 /// The checkpoint's file name in each hospital's `checkpoints` folder.
@@ -322,21 +322,12 @@ async fn federation(
     dir: &std::path::Path,
     dp_epsilon: Option<f64>,
 ) -> Result<Federation> {
-    let csvs = sites
-        .iter()
-        .map(|site| {
-            let mut csv = format!("file,{label}\n");
-            for &r in site {
-                let (file, text) = &files[late[r]];
-                csv.push_str(&format!("{},{text}\n", file.display()));
-            }
-            csv
-        })
-        .collect();
-    let mut builder = Federation::builder().csvs(csvs);
-    for i in 0..args.sites {
-        builder = builder.dataset_source(i, "[datasets.images]\nfolder = \".\"\nlabels = \"data.csv\"");
-        if let Some(epsilon) = dp_epsilon {
+    let mut builder = image_sites(
+        label,
+        sites.iter().map(|site| site.iter().map(|&r| &files[late[r]]).collect()),
+    );
+    if let Some(epsilon) = dp_epsilon {
+        for i in 0..args.sites {
             builder = builder.dataset_setting(i, &format!("max_epsilon = {epsilon}"));
         }
     }

@@ -381,3 +381,63 @@ async fn lora_under_dp_sgd_charges_the_ledgers_for_the_adapters() {
     }
     fed.shutdown().await.expect("shutdown");
 }
+
+#[test]
+fn the_demo_compares_lora_full_fine_tuning_and_scratch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("work");
+    let digits = crate::common::repo().join("data/digits");
+    let out = crate::common::medfl(&[
+        "demo",
+        "--data",
+        digits.to_str().expect("utf-8"),
+        "--model",
+        "cnn",
+        "--finetune",
+        "--no-dp",
+        "--rounds",
+        "2",
+        "--pretrain-epochs",
+        "3",
+        "--json",
+        "--workdir",
+        work.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(summary["classes_pretrained"], "0..5");
+    assert_eq!(summary["classes_fine_tuned"], "5..10");
+    // The checkpoint never saw digits 5 to 9.
+    assert_eq!(summary["checkpoint_accuracy_on_fine_tuned_classes"], 0.0);
+    let checkpoint = std::fs::read(summary["checkpoint"].as_str().expect("path")).expect("checkpoint");
+    assert_eq!(summary["checkpoint_sha256"], medfl_shared::sha256_hex(&checkpoint));
+    let arms = summary["arms"].as_array().expect("arms");
+    let arm = |name: &str| {
+        arms.iter()
+            .find(|a| a["arm"] == name)
+            .unwrap_or_else(|| panic!("{name}: {summary}"))
+    };
+    let model = summary["model_params"].as_u64().expect("params");
+    for name in ["scratch", "full"] {
+        assert_eq!(arm(name)["travelling_params"].as_u64(), Some(model));
+        assert_eq!(arm(name)["accuracy_by_round"].as_array().map(Vec::len), Some(2));
+    }
+    let lora = arm("lora");
+    assert!(
+        lora["adapter_fraction"].as_f64().is_some_and(|f| f > 0.0 && f <= 0.10),
+        "{lora}"
+    );
+    assert!(
+        lora["bytes_per_round_per_site"].as_u64() < arm("full")["bytes_per_round_per_site"].as_u64(),
+        "{summary}"
+    );
+    assert_eq!(
+        lora["trained_tensors"],
+        serde_json::json!(["conv0.lora_b", "conv1.lora_b", "fc0.lora_b", "fc1.weight", "fc1.bias"])
+    );
+    // From scratch, two rounds on five classes (chance 0.2).
+    assert!(
+        arm("scratch")["test_accuracy"].as_f64().is_some_and(|a| a > 0.6),
+        "{summary}"
+    );
+}
