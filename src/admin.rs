@@ -62,6 +62,7 @@ pub fn status_json(s: &pb::StudyStatus) -> Value {
                 "sites": r.eval_sites, "examples": r.eval_examples,
                 "accuracy": r.eval_accuracy, "loss": r.eval_loss,
                 "auc": r.eval_auc.is_finite().then_some(r.eval_auc),
+                "noised": r.eval_noised,
             })),
             "next_clip_norm": (r.next_clip_norm > 0.0).then_some(r.next_clip_norm),
         })).collect::<Vec<_>>(),
@@ -122,10 +123,16 @@ fn print_status(s: &pb::StudyStatus) {
                 } else {
                     String::new()
                 };
-                detail.push_str(&format!(
-                    " (held-out accuracy {:.4}{auc}, loss {:.4}: {} rows at {} sites)",
-                    r.eval_accuracy, r.eval_loss, r.eval_examples, r.eval_sites
-                ));
+                detail.push_str(&match r.eval_noised {
+                    true => format!(
+                        " (held-out accuracy {:.4}, loss {:.4}, noised under DP: about {} persons at {} sites)",
+                        r.eval_accuracy, r.eval_loss, r.eval_examples, r.eval_sites
+                    ),
+                    false => format!(
+                        " (held-out accuracy {:.4}{auc}, loss {:.4}: {} rows at {} sites)",
+                        r.eval_accuracy, r.eval_loss, r.eval_examples, r.eval_sites
+                    ),
+                });
             }
             if r.clip_norm > 0.0 {
                 detail.push_str(&format!(" (clip {:.4} → {:.4})", r.clip_norm, r.next_clip_norm));

@@ -219,7 +219,11 @@ async fn dataset_ledger(conn: &Conn, dataset: &str, site: Option<&str>, json: bo
         steps.push(event(c));
         *discrete |= is_discrete(c);
         let composed = pld::spent(steps, Events::with_discrete(*discrete), delta)?;
-        let kind = if is_discrete(c) { "query" } else { "study" };
+        let kind = match c.mechanism.as_str() {
+            "discrete_gaussian" => "query",
+            "gaussian_evaluation" => "eval",
+            _ => "study",
+        };
         rows.push((kind, c, composed));
     }
     if json {

@@ -434,6 +434,8 @@ pub(crate) fn demo_manifest(
         evaluation: (dp_epsilon.is_none() && !secagg).then_some(medfl_shared::manifest::Evaluation {
             holdout_fraction: 0.2,
             min_sites: 2,
+            noise_multiplier: None,
+            loss_clamp: None,
         }),
         admins: Vec::new(),
     }

@@ -135,7 +135,10 @@ pub fn study_report(status: &pb::StudyStatus, ledger: Option<&pb::LedgerReport>)
             if r.committed { "committed" } else { "failed" },
             r.num_examples,
             fmt(r.mean_train_loss, r.mean_train_loss.is_finite()),
-            fmt(r.eval_accuracy, r.eval_sites > 0),
+            match r.eval_noised {
+                true => format!("{} (DP)", fmt(r.eval_accuracy, r.eval_sites > 0)),
+                false => fmt(r.eval_accuracy, r.eval_sites > 0),
+            },
             fmt(r.eval_auc, r.eval_sites > 0 && r.eval_auc.is_finite()),
             esc(&if r.committed {
                 r.contributors.join(", ")

@@ -177,6 +177,9 @@ pub struct EvalRecord {
     /// before it have none.
     #[serde(default)]
     pub auc: Option<f64>,
+    /// The sites' noised totals under DP (examples is then the noised count of persons).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub noised: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +222,20 @@ pub struct ChargeRecord {
     /// by the site, not enforced by medfl.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub declared_by: Option<String>,
+    /// The release of the round's DP evaluation totals (a plain Gaussian), recorded
+    /// after the round's update charge.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evaluation: bool,
+}
+
+/// Where a charge is kept: by study, round and site, a DP evaluation's release just
+/// after the round's update charge (so that a scan reads each site's events in order).
+fn charge_key(c: &ChargeRecord) -> String {
+    let key = format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site);
+    match c.evaluation {
+        true => key + "/evaluation",
+        false => key,
+    }
 }
 
 /// A federated-analytics query: its signed manifest, its state, and once released its
@@ -367,10 +384,7 @@ fn add_charges(
     charges: &[ChargeRecord],
 ) -> Result<(), StoreError> {
     for c in charges {
-        batch.insert(
-            format!("charge/{}/{:08}/{}", c.study_id, c.round, c.site).as_bytes(),
-            json(c)?,
-        );
+        batch.insert(charge_key(c).as_bytes(), json(c)?);
         events.push(AuditEvent::new(
             COORDINATOR,
             "budget.charge",
@@ -378,7 +392,8 @@ fn add_charges(
             json!({"round": c.round, "site": c.site, "dataset": c.dataset, "sigma": c.mechanism.sigma,
                    "q": c.mechanism.q, "steps": c.mechanism.steps, "delta": c.delta,
                    "epsilon_before": c.epsilon_before, "epsilon_after": c.epsilon_after,
-                   "enforcement": enforcement(c.declared_by.as_deref())}),
+                   "enforcement": enforcement(c.declared_by.as_deref()),
+                   "release": if c.evaluation { "evaluation" } else { "update" }}),
         ));
     }
     Ok(())
@@ -706,10 +721,7 @@ impl Store {
     /// Overwrites a charge. Only for tests of the audit's tamper detection.
     #[doc(hidden)]
     pub fn overwrite_charge_for_test(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
-        self.db.insert(
-            format!("charge/{}/{:08}/{}", charge.study_id, charge.round, charge.site).as_bytes(),
-            json(charge)?,
-        )?;
+        self.db.insert(charge_key(charge).as_bytes(), json(charge)?)?;
         self.flush()
     }
 

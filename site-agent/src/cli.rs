@@ -258,6 +258,7 @@ fn print_ledger(settings: &crate::AgentSettings, json: bool) -> anyhow::Result<(
                     c.epsilon_after,
                     c.method,
                     match &c.declared_by {
+                        _ if c.evaluation => "  (the round's DP evaluation totals)".to_string(),
                         Some(t) => format!("  (noise declared by trainer {t:?}, not enforced by medfl)"),
                         None => String::new(),
                     }
@@ -380,7 +381,10 @@ fn query_check(settings: &crate::AgentSettings, path: &std::path::Path) -> anyho
         let ledger = d.config.ledger_name();
         let cap = d.config.max_epsilon.unwrap_or(settings.policy.max_epsilon);
         let step = medfl_shared::query::gaussian_step(plan.z);
-        match settings.ledger.check(&ledger, step, true, cap, settings.policy.delta) {
+        match settings
+            .ledger
+            .check(&ledger, &[step], true, cap, settings.policy.delta)
+        {
             Ok((before, after)) => println!(
                 "ledger {ledger:?}: ε = {before:.4} spent, {:.4} after this query by {} (cap {cap} at δ = {:e})",
                 after.epsilon, after.method, settings.policy.delta

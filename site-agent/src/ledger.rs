@@ -50,6 +50,10 @@ pub struct Charge {
     /// not something medfl enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub declared_by: Option<String>,
+    /// The release of the round's held-out totals (DP evaluation), charged with the
+    /// round's update in the same batch, not a training step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evaluation: bool,
 }
 
 #[derive(Debug, Error)]
@@ -85,6 +89,9 @@ pub struct ChargeRequest<'a> {
     pub declared_by: Option<&'a str>,
     /// The mechanism is a discrete Gaussian on integer totals (a cohort query).
     pub discrete: bool,
+    /// The round's DP evaluation (its held-out totals' Gaussian), charged after the
+    /// mechanism as an entry of its own, in the same batch and under the same cap.
+    pub evaluation: Option<GaussianSteps>,
 }
 
 /// An update the site paid for, kept until a later round of its study is released.
@@ -146,7 +153,7 @@ impl Ledger {
 
     /// ε spent so far on `dataset` at `delta`, with the accountant that gave it.
     pub fn spent_by(&self, dataset: &str, delta: f64) -> Result<Spent, LedgerError> {
-        let (events, kind) = events(&self.charges(dataset)?, None);
+        let (events, kind) = events(&self.charges(dataset)?, &[], false);
         Ok(medfl_shared::pld::spent(&events, kind, delta)?)
     }
 
@@ -160,12 +167,12 @@ impl Ledger {
         Ok((release.manifest_hash == manifest_hash).then_some(release))
     }
 
-    /// ε of `dataset` before and after one more `mechanism` (a discrete Gaussian when
+    /// ε of `dataset` before and after the `next` mechanisms (discrete Gaussians when
     /// `discrete`), or the overspend.
     pub fn check(
         &self,
         dataset: &str,
-        mechanism: GaussianSteps,
+        next: &[GaussianSteps],
         discrete: bool,
         cap: f64,
         delta: f64,
@@ -175,11 +182,11 @@ impl Ledger {
             // The last charge's figure is this ledger's ε so far, when at this δ.
             Some(last) if last.delta == delta => last.epsilon_after,
             _ => {
-                let (events, kind) = events(&charges, None);
+                let (events, kind) = events(&charges, &[], false);
                 medfl_shared::pld::spent(&events, kind, delta)?.epsilon
             }
         };
-        let (events, kind) = events(&charges, Some((mechanism, discrete)));
+        let (events, kind) = events(&charges, next, discrete);
         let after = medfl_shared::pld::spent(&events, kind, delta)?;
         if after.epsilon > cap {
             return Err(LedgerError::WouldExceed {
@@ -217,8 +224,18 @@ impl Ledger {
             delta,
             declared_by,
             discrete,
+            evaluation,
         } = *request;
-        let (before, after) = self.check(dataset, mechanism, discrete, cap, delta)?;
+        let next: Vec<GaussianSteps> = std::iter::once(mechanism).chain(evaluation).collect();
+        let (before, after) = self.check(dataset, &next, discrete, cap, delta)?;
+        // With an evaluation, the training charge's own figure comes first.
+        let trained = match evaluation {
+            Some(_) => {
+                let (events, kind) = events(&self.charges(dataset)?, &next[..1], discrete);
+                medfl_shared::pld::spent(&events, kind, delta)?
+            }
+            None => after,
+        };
         let charge = Charge {
             dataset: dataset.to_string(),
             study_id: study_id.to_string(),
@@ -228,20 +245,33 @@ impl Ledger {
             clip_norm,
             delta,
             epsilon_before: before,
-            epsilon_after: after.epsilon,
-            method: after.method,
-            pld_interval: after.interval,
+            epsilon_after: trained.epsilon,
+            method: trained.method,
+            pld_interval: trained.interval,
             discrete,
             at_unix_ms: medfl_shared::unix_ms(std::time::SystemTime::now()),
             declared_by: declared_by.map(str::to_string),
+            evaluation: false,
         };
-        let seq = self.db.generate_id()?;
-        let value = serde_json::to_vec(&charge).map_err(|source| LedgerError::Corrupt {
-            key: "new charge".into(),
-            source,
-        })?;
+        let evaluated = evaluation.map(|m| Charge {
+            mechanism: m,
+            clip_norm: medfl_shared::manifest::EVALUATION_SENSITIVITY,
+            epsilon_before: trained.epsilon,
+            epsilon_after: after.epsilon,
+            method: after.method,
+            pld_interval: after.interval,
+            evaluation: true,
+            ..charge.clone()
+        });
         let mut batch = sled::Batch::default();
-        batch.insert(format!("charge/{dataset}/{seq:016}").as_bytes(), value);
+        for c in std::iter::once(&charge).chain(&evaluated) {
+            let seq = self.db.generate_id()?;
+            let value = serde_json::to_vec(c).map_err(|source| LedgerError::Corrupt {
+                key: "new charge".into(),
+                source,
+            })?;
+            batch.insert(format!("charge/{dataset}/{seq:016}").as_bytes(), value);
+        }
         if let Some((update_id, values)) = release {
             for old in self.db.scan_prefix(format!("release/{study_id}/").as_bytes()).keys() {
                 batch.remove(old?);
@@ -266,14 +296,15 @@ impl Ledger {
     }
 }
 
-/// A ledger's events, with one more appended, and what they may be composed by.
-fn events(charges: &[Charge], next: Option<(GaussianSteps, bool)>) -> (Vec<GaussianSteps>, Events) {
-    let mut events: Vec<GaussianSteps> = charges.iter().map(|c| c.mechanism).collect();
-    let mut discrete = charges.iter().any(|c| c.discrete);
-    if let Some((m, d)) = next {
-        events.push(m);
-        discrete |= d;
-    }
+/// A ledger's events, with `next` appended (discrete Gaussians when `discrete`), and
+/// what they may be composed by.
+fn events(charges: &[Charge], next: &[GaussianSteps], discrete: bool) -> (Vec<GaussianSteps>, Events) {
+    let events: Vec<GaussianSteps> = charges
+        .iter()
+        .map(|c| c.mechanism)
+        .chain(next.iter().copied())
+        .collect();
+    let discrete = charges.iter().any(|c| c.discrete) || (discrete && !next.is_empty());
     (events, Events::with_discrete(discrete))
 }
 
@@ -315,6 +346,7 @@ mod tests {
                     delta: 1e-5,
                     declared_by: None,
                     discrete: false,
+                    evaluation: None,
                 };
                 match ledger.charge(&request) {
                     Ok(c) => {
@@ -368,6 +400,7 @@ mod tests {
                 delta: 1e-5,
                 declared_by: None,
                 discrete: false,
+                evaluation: None,
             };
             let charge = ledger.charge(&request).unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert!(charge.epsilon_after <= 8.0);

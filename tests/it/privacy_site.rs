@@ -256,3 +256,116 @@ async fn adaptive_clipping_moves_the_clip_toward_its_quantile_at_the_same_charge
     assert!((last - fixed).abs() < 1e-3 * fixed, "{last} vs {fixed}");
     fed.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_study_gets_a_noised_validation_curve_charged_to_every_ledger() {
+    // Record-level DP-SGD with [evaluation]: from round 2 each agent scores the model it
+    // received on its held-out persons and releases the three totals with Gaussian noise
+    // (z = 2 on sensitivity √3), charged with its update. The coordinator publishes the
+    // noised curve; both ledgers hold the evaluation releases and recompute.
+    let (table, _, tables) = iid_site_tables(3);
+    let owned = tempfile::tempdir().expect("tempdir");
+    let mut fed = Federation::builder()
+        .tables(tables)
+        .dir(owned.path())
+        .agent_policy("max_epsilon = 8.0\ndelta = 1e-5")
+        .build()
+        .await
+        .expect("federation starts");
+    let rounds = 4;
+    let privacy = "sample_rate = 1.0\nsteps_per_round = 2\ntarget_epsilon = 8.0\nbudget_epsilon = 8.0";
+    let manifest_text = dp_manifest(&table, rounds, 3, privacy).replace(
+        "[selection]",
+        "[evaluation]\nholdout_fraction = 0.3\nnoise_multiplier = 2.0\n\n[selection]",
+    );
+    let study = medfl_shared::manifest::StudyManifest::from_toml(&manifest_text).expect("manifest");
+    let plan = study.privacy_plan().expect("plan").expect("DP");
+    let evaluation = plan.evaluation.expect("the evaluation is planned");
+    // The study's ε covers training and the evaluations, within the target.
+    assert!(plan.epsilon_all_rounds <= 8.0 + 1e-9, "{plan:?}");
+    let (id, status) = complete_study(&mut fed, &manifest_text, 3).await;
+    let committed: Vec<&pb::RoundRecord> = status.rounds.iter().filter(|r| r.committed).collect();
+    assert_eq!(committed.len(), rounds as usize);
+    assert_eq!(
+        committed[0].eval_sites, 0,
+        "round 1 starts from the public initial model"
+    );
+    for r in &committed[1..] {
+        assert_eq!(r.eval_sites, 3, "round {}: {r:?}", r.round);
+        assert!(r.eval_noised, "round {}", r.round);
+        assert!(r.eval_auc.is_nan(), "no AUC under DP");
+        // About 0.3 × 455 = 137 persons held out; noise of std 2·√3 on each site's count.
+        assert!(
+            (100..=175).contains(&r.eval_examples),
+            "round {}: {} persons",
+            r.round,
+            r.eval_examples
+        );
+        assert!((0.0..=1.0).contains(&r.eval_accuracy) && r.eval_loss >= 0.0, "{r:?}");
+    }
+    let curve: Vec<String> = committed[1..]
+        .iter()
+        .map(|r| {
+            format!(
+                "round {}: {:.3} over {} persons",
+                r.round, r.eval_accuracy, r.eval_examples
+            )
+        })
+        .collect();
+    eprintln!("DP validation curve: {}", curve.join(", "));
+    // A trained model on the breast-cancer table scores well above chance, noise and all.
+    let last = committed.last().expect("rounds");
+    assert!(last.eval_accuracy > 0.7, "{last:?}");
+    fed.stop_agents().await;
+    for name in &fed.site_names {
+        let ledger =
+            medfl_site_agent::ledger::Ledger::open(&owned.path().join(name).join("agent-store")).expect("ledger");
+        let charges = ledger.charges("breast_cancer").expect("charges");
+        let evaluations: Vec<_> = charges.iter().filter(|c| c.evaluation).collect();
+        assert_eq!(charges.len(), 2 * rounds as usize - 1, "{name}: {charges:?}");
+        assert_eq!(evaluations.len(), rounds as usize - 1, "{name}");
+        assert!(evaluations.iter().all(|c| c.mechanism == evaluation && c.round > 1));
+        // Each evaluation follows its round's update and carries the composition on.
+        for pair in charges.windows(2) {
+            assert_eq!(pair[1].epsilon_before, pair[0].epsilon_after, "{name}: {pair:?}");
+        }
+        let spent = ledger.spent("breast_cancer", DELTA).expect("spent");
+        let planned = plan.epsilon_all_rounds;
+        assert!(
+            (spent - planned).abs() <= 1e-6 * planned,
+            "{name}: {spent} vs the plan's {planned}"
+        );
+        // The egress log has the noised totals, never exact counts.
+        let log = egress_updates(&owned.path().join(name).join("egress.jsonl"));
+        for entry in log.iter().filter(|e| !e["evaluation"].is_null()) {
+            assert!(entry["evaluation"]["noised"]["persons"].is_f64(), "{entry}");
+            assert!(entry["evaluation"].get("examples").is_none(), "{entry}");
+        }
+    }
+    // The coordinator's ledger: an update and an evaluation record a round, in order,
+    // and the auditor's recomputation agrees with every figure.
+    let charges = audit_ledger(&fed, &id);
+    assert_eq!(charges.len(), 3 * (2 * rounds as usize - 1));
+    assert_eq!(
+        charges
+            .iter()
+            .filter(|c| c["mechanism"] == "gaussian_evaluation")
+            .count(),
+        3 * (rounds as usize - 1)
+    );
+    let auditor = fed.pki.join("auditor/profile.toml");
+    let out = medfl(&[
+        "audit",
+        "recompute",
+        "--study",
+        &id,
+        "--profile",
+        auditor.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "recompute must agree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fed.shutdown().await.expect("clean shutdown");
+}

@@ -294,6 +294,7 @@ async fn evaluation_totals_that_are_not_counts_are_refused() {
             correct: 6,
             loss_sum: 1.0,
             score_bins: vec![],
+            noised: None,
         });
     }
     let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
@@ -317,6 +318,7 @@ async fn evaluation_totals_that_are_not_counts_are_refused() {
             correct: 4,
             loss_sum: 1.0,
             score_bins: vec![1; 2 * medfl_shared::metrics::SCORE_BINS],
+            noised: None,
         });
     }
     let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
@@ -328,6 +330,33 @@ async fn evaluation_totals_that_are_not_counts_are_refused() {
         .expect_err("100 rows binned for 5 held out");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("score bins"), "{}", err.message());
+    // Noised totals belong to DP studies, and never travel beside exact counts.
+    for (id, exact, what) in [
+        ("u1c", 0, "has no [privacy]"),
+        ("u1d", 5, "both noised totals and exact counts"),
+    ] {
+        let mut head = header(&work, id, 10, 31);
+        if let Some(pb::update_chunk::Body::Header(h)) = head.body.as_mut() {
+            h.evaluation = Some(pb::Evaluation {
+                examples: exact,
+                noised: Some(pb::NoisedTotals {
+                    persons: 4.2,
+                    correct: 3.1,
+                    loss_sum: 2.0,
+                }),
+                ..Default::default()
+            });
+        }
+        let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
+            .chain(medfl_proto::stream::update_chunks(&[0.0; 31]))
+            .collect();
+        let err = clients[0]
+            .upload_update(futures::stream::iter(messages))
+            .await
+            .expect_err(what);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(what), "{}", err.message());
+    }
     // The round still takes a proper update.
     upload(&mut clients[0], &work, "u2", 10, &[0.0; 31])
         .await

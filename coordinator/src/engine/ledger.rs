@@ -3,6 +3,7 @@
 //! federated evaluation totals that may be published.
 
 use super::*;
+use medfl_shared::accountant::GaussianSteps;
 
 /// The ledger name of a site-level study's one study-wide ledger.
 pub const ALL_SITES: &str = "*";
@@ -28,23 +29,18 @@ pub(super) fn check_site_clip(norm: f64, bound: f64, site: &str) -> Result<(), S
     Ok(())
 }
 
-/// ε of `rounds` rounds of the plan's per-round mechanism, at the plan's δ: the
-/// tighter of RDP and PLD, with which (see `medfl_shared::pld::spent`). Every round
-/// of a study charges the same mechanism, so k rounds are k × its steps.
-pub(super) fn study_epsilon(
-    plan: &medfl_shared::manifest::PrivacyPlan,
-    rounds: u64,
-) -> Result<medfl_shared::pld::Spent, ServiceError> {
-    let steps = medfl_shared::accountant::GaussianSteps {
-        steps: plan.per_round.steps * rounds,
-        ..plan.per_round
-    };
-    medfl_shared::pld::spent(&[steps], plan.events, plan.delta).map_err(|e| ServiceError::Internal(e.to_string()))
+/// ε at the plan's δ of a ledger's `events`: the tighter of RDP and PLD, with which
+/// (see `medfl_shared::pld::spent`).
+fn spent(plan: &PrivacyPlan, events: &[GaussianSteps]) -> Result<medfl_shared::pld::Spent, ServiceError> {
+    medfl_shared::pld::spent(events, plan.events, plan.delta).map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
 /// The published evaluation of a round: totals over the sites that reported, only
 /// when at least `min_sites` did (one site's totals would be its own statistics).
 pub(super) fn eval_totals(evaluations: &[EvalCounts], min_sites: usize) -> Option<EvalRecord> {
+    if evaluations.iter().any(|e| e.noised.is_some()) {
+        return noised_eval_totals(evaluations, min_sites);
+    }
     let examples: u64 = evaluations.iter().map(|e| e.examples).sum();
     if evaluations.len() < min_sites || examples == 0 {
         return None;
@@ -70,6 +66,31 @@ pub(super) fn eval_totals(evaluations: &[EvalCounts], min_sites: usize) -> Optio
         accuracy: correct as f64 / examples as f64,
         loss: loss / examples as f64,
         auc,
+        noised: false,
+    })
+}
+
+/// A DP evaluation's published figures: the sums of the sites' noised totals
+/// (post-processing of what each site's ledger paid for), the accuracy as noised
+/// Σ accuracy over noised persons clamped to [0, 1], the loss likewise to ≥ 0. Not
+/// published when the noised count of persons is below one.
+fn noised_eval_totals(evaluations: &[EvalCounts], min_sites: usize) -> Option<EvalRecord> {
+    let sums = evaluations
+        .iter()
+        .filter_map(|e| e.noised)
+        .fold([0.0; 3], |a, n| [a[0] + n[0], a[1] + n[1], a[2] + n[2]]);
+    let sites = evaluations.iter().filter(|e| e.noised.is_some()).count();
+    let [persons, correct, loss] = sums;
+    if sites < min_sites || sites != evaluations.len() || persons < 1.0 {
+        return None;
+    }
+    Some(EvalRecord {
+        sites: sites as u32,
+        examples: persons.round() as u64,
+        accuracy: (correct / persons).clamp(0.0, 1.0),
+        loss: (loss / persons).max(0.0),
+        auc: None,
+        noised: true,
     })
 }
 
@@ -156,27 +177,33 @@ impl Engine {
             .as_ref()
             .filter(|_| settings.unit == PrivacyUnit::Record)
             .map(|e| e.trainer.clone());
-        // Sites with as many earlier rounds share one figure: compute each once.
-        let mut figures: HashMap<u64, (f64, medfl_shared::pld::Spent)> = HashMap::new();
-        ledgers
-            .iter()
-            .map(|site| {
-                let k = earlier.iter().filter(|c| &c.site == site).count() as u64;
-                let (before, after) = match figures.get(&k) {
-                    Some(f) => *f,
-                    None => {
-                        let f = (study_epsilon(&plan, k)?.epsilon, study_epsilon(&plan, k + 1)?);
-                        figures.insert(k, f);
-                        f
-                    }
-                };
-                Ok(ChargeRecord {
+        // Each site's charges so far, then this round's events (the update's mechanism,
+        // then a DP evaluation's release): each a record, each figure composed over the
+        // site's events so far, as `medfl audit recompute` recomputes them. (The
+        // compositions are remembered, so sites with equal ledgers cost one.)
+        let next = plan.round_events(record.round);
+        let mut out = Vec::new();
+        for site in &ledgers {
+            let mut events: Vec<GaussianSteps> = earlier
+                .iter()
+                .filter(|c| &c.site == site)
+                .map(|c| c.mechanism)
+                .collect();
+            let mut before = spent(&plan, &events)?.epsilon;
+            for (i, mechanism) in next.iter().enumerate() {
+                events.push(*mechanism);
+                let after = spent(&plan, &events)?;
+                let evaluation = i > 0;
+                out.push(ChargeRecord {
                     study_id: study.id.clone(),
                     round: record.round,
                     site: site.clone(),
                     dataset: manifest.data.dataset.clone(),
-                    mechanism: plan.per_round,
-                    clip_norm: settings.clip_norm,
+                    mechanism: *mechanism,
+                    clip_norm: match evaluation {
+                        true => medfl_shared::manifest::EVALUATION_SENSITIVITY,
+                        false => settings.clip_norm,
+                    },
                     delta: plan.delta,
                     epsilon_before: before,
                     epsilon_after: after.epsilon,
@@ -184,9 +211,12 @@ impl Engine {
                     pld_interval: after.interval,
                     at_ms: now_ms(),
                     declared_by: declared.clone(),
-                })
-            })
-            .collect()
+                    evaluation,
+                });
+                before = after.epsilon;
+            }
+        }
+        Ok(out)
     }
 
     /// Returns why the next round may not start, if one site's ledger in this study
@@ -201,16 +231,26 @@ impl Engine {
         let Some(plan) = privacy else {
             return Ok(None);
         };
+        // The ledger that one more round would bring highest: each site's charges so
+        // far with the next round's events.
         let charges = self.store.charges(&study.id)?;
-        let mut per_site: HashMap<&str, u64> = HashMap::new();
-        for c in &charges {
-            *per_site.entry(c.site.as_str()).or_default() += 1;
+        let mut sites: Vec<&str> = charges.iter().map(|c| c.site.as_str()).collect();
+        sites.sort_unstable();
+        sites.dedup();
+        let mut worst = ("any site", spent(plan, &plan.round_events(round))?.epsilon);
+        for site in sites {
+            let events: Vec<GaussianSteps> = charges
+                .iter()
+                .filter(|c| c.site == site)
+                .map(|c| c.mechanism)
+                .chain(plan.round_events(round))
+                .collect();
+            let next = spent(plan, &events)?.epsilon;
+            if next > worst.1 {
+                worst = (site, next);
+            }
         }
-        let (site, k) = per_site
-            .into_iter()
-            .max_by_key(|(s, k)| (*k, std::cmp::Reverse(*s)))
-            .unwrap_or(("any site", 0));
-        let next = study_epsilon(plan, k + 1)?.epsilon;
+        let (site, next) = worst;
         let ledger = if site == ALL_SITES {
             "the study's site-level ledger".to_string()
         } else {

@@ -22,6 +22,8 @@ pub struct EvalCounts {
     pub correct: u64,
     pub loss_sum: f64,
     pub score_bins: Vec<u64>,
+    /// Under DP instead of the counts: the site's noised (persons, Σ accuracy, Σ loss).
+    pub noised: Option<[f64; 3]>,
 }
 
 pub(super) type Received = UpdateMeta;

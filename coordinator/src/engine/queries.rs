@@ -390,6 +390,7 @@ impl Engine {
                 pld_interval: 0.0,
                 at_ms,
                 declared_by: None,
+                evaluation: false,
             })
             .collect();
         record.refused = self.store.refusals(&record.id)?.into_iter().map(|r| r.site).collect();

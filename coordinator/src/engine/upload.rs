@@ -92,11 +92,33 @@ impl Engine {
                 shapes.join(", ")
             )));
         }
-        if header.meta.evaluation.is_some() && open.manifest.evaluation.is_none() {
-            return Err(ServiceError::InvalidArgument(format!(
-                "study {} has no [evaluation]: an update may not carry held-out totals",
-                open.study_id
-            )));
+        if let Some(e) = &header.meta.evaluation {
+            let dp = open
+                .manifest
+                .evaluation
+                .as_ref()
+                .map(|_| open.manifest.privacy.is_some());
+            match (dp, e.noised.is_some()) {
+                (None, _) => {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "study {} has no [evaluation]: an update may not carry held-out totals",
+                        open.study_id
+                    )));
+                }
+                (Some(true), false) => {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "study {} evaluates under DP: its held-out totals must arrive noised, never as exact counts",
+                        open.study_id
+                    )));
+                }
+                (Some(false), true) => {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "study {} has no [privacy]: its held-out totals are exact counts, not noised ones",
+                        open.study_id
+                    )));
+                }
+                _ => {}
+            }
         }
         let path = match open.needs_decoded() {
             false => Path::Chunks {

@@ -84,6 +84,9 @@ impl pb::audit_server::Audit for AuditService {
         let charge_pb = |c: crate::store::ChargeRecord| pb::LedgerCharge {
             mechanism: if is_query(&c.study_id) {
                 "discrete_gaussian".into()
+            } else if c.evaluation {
+                // A DP evaluation's release: the plain Gaussian (q = 1) on the totals.
+                "gaussian_evaluation".into()
             } else {
                 "poisson_subsampled_gaussian".into()
             },

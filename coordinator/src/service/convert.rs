@@ -52,6 +52,7 @@ pub(super) fn status_pb(v: StudyView) -> pb::StudyStatus {
                 eval_accuracy: r.eval.as_ref().map_or(f64::NAN, |e| e.accuracy),
                 eval_auc: r.eval.as_ref().and_then(|e| e.auc).unwrap_or(f64::NAN),
                 eval_loss: r.eval.as_ref().map_or(f64::NAN, |e| e.loss),
+                eval_noised: r.eval.as_ref().is_some_and(|e| e.noised),
             })
             .collect(),
         refusals: v

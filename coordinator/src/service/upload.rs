@@ -38,6 +38,28 @@ pub(super) fn upload_header(header: pb::UpdateHeader) -> Result<UploadHeader, St
     // The score bins are bounded by the message size (4 MiB) and checked below.
     let evaluation = match header.evaluation {
         None => None,
+        Some(e) if e.noised.is_some() => {
+            let n = e.noised.unwrap_or_default();
+            let values = [n.persons, n.correct, n.loss_sum];
+            if e.examples != 0 || e.correct != 0 || e.loss_sum != 0.0 || !e.score_bins.is_empty() {
+                return Err(Status::invalid_argument(
+                    "evaluation carries both noised totals and exact counts: under DP only the noised totals may leave a site",
+                ));
+            }
+            if values.iter().any(|v| !(v.is_finite() && v.abs() <= 1e12)) {
+                return Err(Status::invalid_argument(format!(
+                    "noised evaluation totals must be finite numbers of at most 10^12 in size: persons {}, correct {}, loss sum {}",
+                    n.persons, n.correct, n.loss_sum
+                )));
+            }
+            Some(EvalCounts {
+                examples: 0,
+                correct: 0,
+                loss_sum: 0.0,
+                score_bins: Vec::new(),
+                noised: Some(values),
+            })
+        }
         Some(e) => {
             if e.examples == 0
                 || e.examples > 1_000_000_000
@@ -66,6 +88,7 @@ pub(super) fn upload_header(header: pb::UpdateHeader) -> Result<UploadHeader, St
                 correct: e.correct,
                 loss_sum: e.loss_sum,
                 score_bins: e.score_bins,
+                noised: None,
             })
         }
     };

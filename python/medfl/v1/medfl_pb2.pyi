@@ -355,16 +355,28 @@ class UpdateHeader(_message.Message):
     def __init__(self, study_id: _Optional[str] = ..., round: _Optional[int] = ..., update_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_params: _Optional[int] = ..., train_loss: _Optional[float] = ..., secagg_session_id: _Optional[bytes] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("examples", "correct", "loss_sum", "score_bins")
+    __slots__ = ("examples", "correct", "loss_sum", "score_bins", "noised")
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
     SCORE_BINS_FIELD_NUMBER: _ClassVar[int]
+    NOISED_FIELD_NUMBER: _ClassVar[int]
     examples: int
     correct: int
     loss_sum: float
     score_bins: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, examples: _Optional[int] = ..., correct: _Optional[int] = ..., loss_sum: _Optional[float] = ..., score_bins: _Optional[_Iterable[int]] = ...) -> None: ...
+    noised: NoisedTotals
+    def __init__(self, examples: _Optional[int] = ..., correct: _Optional[int] = ..., loss_sum: _Optional[float] = ..., score_bins: _Optional[_Iterable[int]] = ..., noised: _Optional[_Union[NoisedTotals, _Mapping]] = ...) -> None: ...
+
+class NoisedTotals(_message.Message):
+    __slots__ = ("persons", "correct", "loss_sum")
+    PERSONS_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
+    persons: float
+    correct: float
+    loss_sum: float
+    def __init__(self, persons: _Optional[float] = ..., correct: _Optional[float] = ..., loss_sum: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -537,7 +549,7 @@ class StudyList(_message.Message):
     def __init__(self, studies: _Optional[_Iterable[_Union[StudyInfo, _Mapping]]] = ...) -> None: ...
 
 class RoundRecord(_message.Message):
-    __slots__ = ("round", "committed", "selected", "contributors", "num_examples", "mean_train_loss", "started_unix_ms", "finished_unix_ms", "reason", "attempt", "clip_norm", "next_clip_norm", "eval_sites", "eval_examples", "eval_accuracy", "eval_loss", "eval_auc")
+    __slots__ = ("round", "committed", "selected", "contributors", "num_examples", "mean_train_loss", "started_unix_ms", "finished_unix_ms", "reason", "attempt", "clip_norm", "next_clip_norm", "eval_sites", "eval_examples", "eval_accuracy", "eval_loss", "eval_auc", "eval_noised")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
@@ -555,6 +567,7 @@ class RoundRecord(_message.Message):
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_AUC_FIELD_NUMBER: _ClassVar[int]
+    EVAL_NOISED_FIELD_NUMBER: _ClassVar[int]
     round: int
     committed: bool
     selected: _containers.RepeatedScalarFieldContainer[str]
@@ -572,7 +585,8 @@ class RoundRecord(_message.Message):
     eval_accuracy: float
     eval_loss: float
     eval_auc: float
-    def __init__(self, round: _Optional[int] = ..., committed: _Optional[bool] = ..., selected: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., num_examples: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ..., clip_norm: _Optional[float] = ..., next_clip_norm: _Optional[float] = ..., eval_sites: _Optional[int] = ..., eval_examples: _Optional[int] = ..., eval_accuracy: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_auc: _Optional[float] = ...) -> None: ...
+    eval_noised: bool
+    def __init__(self, round: _Optional[int] = ..., committed: _Optional[bool] = ..., selected: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., num_examples: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ..., clip_norm: _Optional[float] = ..., next_clip_norm: _Optional[float] = ..., eval_sites: _Optional[int] = ..., eval_examples: _Optional[int] = ..., eval_accuracy: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_auc: _Optional[float] = ..., eval_noised: _Optional[bool] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("site", "round", "reason", "at_unix_ms")

@@ -125,7 +125,27 @@ pub struct Evaluation {
     /// Fewest sites a round's evaluation totals must cover to be published (k ≥ 2).
     #[serde(default = "two")]
     pub min_sites: u32,
+    /// Under record-level `[privacy]` (required there, refused without it): the noise
+    /// multiplier z of the Gaussian on each site's held-out totals. A site releases
+    /// (persons, Σ accuracy, Σ loss / loss_clamp) over its held-out persons, each person
+    /// counted once with the mean over their rows, so one person moves each of the
+    /// three by at most 1: L2 sensitivity √3, noise of std z·√3 on each, and the
+    /// round's evaluation is charged to the site's ledger as a Gaussian of multiplier z.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// Under DP, each person's mean cross-entropy is clamped to [0, loss_clamp] nats
+    /// (default [`DEFAULT_LOSS_CLAMP`]): what bounds the loss total's sensitivity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_clamp: Option<f64>,
 }
+
+/// The default clamp of a person's held-out cross-entropy under DP, in nats: above
+/// ln 10 ≈ 2.3, the loss of a uniform guess over ten classes.
+pub const DEFAULT_LOSS_CLAMP: f64 = 5.0;
+
+/// The L2 sensitivity of a site's DP evaluation totals to one person: each of
+/// (persons, Σ accuracy, Σ loss / clamp) moves by at most 1.
+pub const EVALUATION_SENSITIVITY: f64 = 1.732_050_807_568_877_2;
 
 fn two() -> u32 {
     2
@@ -142,6 +162,11 @@ impl Evaluation {
         let mut held = rows[..k].to_vec();
         held.sort_unstable();
         held
+    }
+
+    /// The clamp of a person's held-out loss under DP.
+    pub fn loss_clamp(&self) -> f64 {
+        self.loss_clamp.unwrap_or(DEFAULT_LOSS_CLAMP)
     }
 }
 
@@ -592,9 +617,44 @@ impl StudyManifest {
                     "evaluation.min_sites must be at least 2: one site's totals would be its own statistics",
                 ));
             }
-            if self.privacy.is_some() {
+            match (&self.privacy, e.noise_multiplier) {
+                (Some(p), _) if p.unit == PrivacyUnit::Site => {
+                    return Err(invalid(
+                        "[evaluation] with site-level DP: a site's held-out totals are all of its held-out rows, and site-level DP protects whole sites, so no bounded noise covers them; use unit = \"record\" or evaluate the exported model on public data",
+                    ));
+                }
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "[evaluation] with [privacy] needs evaluation.noise_multiplier: each site's held-out totals are released with Gaussian noise and charged to its ledger (for example noise_multiplier = 10)",
+                    ));
+                }
+                (Some(_), Some(_)) if self.model.external.is_some() => {
+                    return Err(invalid(
+                        "[evaluation] with [privacy] and the sites' own trainer: the held-out totals are noised and charged by medfl's evaluation, which a site's own trainer does not run",
+                    ));
+                }
+                (Some(_), Some(z)) if !(z.is_finite() && z >= 0.5) => {
+                    return Err(invalid(format!(
+                        "evaluation.noise_multiplier = {z} must be a finite number of at least 0.5"
+                    )));
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "evaluation.noise_multiplier without [privacy]: the totals are released exactly; remove it, or add [privacy]",
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(c) = e.loss_clamp
+                && !(c.is_finite() && c > 0.0)
+            {
+                return Err(invalid(format!(
+                    "evaluation.loss_clamp = {c} must be positive and finite"
+                )));
+            }
+            if self.secagg().is_some() && self.privacy.is_some() {
                 return Err(invalid(
-                    "[evaluation] with [privacy]: a site's held-out accuracy and loss are statistics of its rows, which would need their own accounted noise; medfl does not release them under DP (evaluate the exported model on public data instead)",
+                    "[evaluation] with secure aggregation: the masked upload has no place for the noised held-out totals yet; evaluate under DP without secure aggregation",
                 ));
             }
             if self.secagg().is_some() {
@@ -929,7 +989,27 @@ min_sites = 2
         let dp = with_privacy(
             "unit = \"site\"\ndelta = 1e-5\nclip_norm = 1.0\nsample_rate = 1.0\nbudget_epsilon = 20.0\nnoise_multiplier = 1.0",
         ) + "\n[evaluation]\nholdout_fraction = 0.2\n";
-        assert!(err(dp).contains("does not release them under DP"));
+        assert!(err(dp.clone()).contains("site-level DP protects whole sites"));
+        let record = dp.replace("unit = \"site\"", "unit = \"record\"");
+        assert!(err(record.clone()).contains("needs evaluation.noise_multiplier"));
+        assert!(err(format!("{record}noise_multiplier = 0.1\n")).contains("at least 0.5"));
+        assert!(err(format!("{record}noise_multiplier = 10.0\nloss_clamp = -1.0\n")).contains("loss_clamp = -1"));
+        let m = StudyManifest::from_toml(&format!("{record}noise_multiplier = 10.0\n")).expect("DP evaluation");
+        let plan = m.privacy_plan().expect("plan").expect("DP");
+        let charged = plan.evaluation.expect("charged");
+        assert_eq!((charged.q, charged.steps), (1.0, 1));
+        assert!(charged.sigma <= 10.0 && charged.sigma > 9.99, "{charged:?}");
+        // Each round charges the training steps and the evaluation, and the study's ε
+        // composes both.
+        assert_eq!(plan.round_events(1).len(), 1, "round 1 scores the public initial model");
+        assert_eq!(plan.round_events(2).len(), 2);
+        let training_only = StudyManifest::from_toml(&record.replace("\n[evaluation]\nholdout_fraction = 0.2\n", ""))
+            .expect("no evaluation")
+            .privacy_plan()
+            .expect("plan")
+            .expect("DP");
+        assert!(plan.epsilon_all_rounds > training_only.epsilon_all_rounds);
+        assert!(err(eval.replace("0.2\n", "0.2\nnoise_multiplier = 3.0\n")).contains("without [privacy]"));
         let secure = format!(
             "{eval}\n[strategy]\nweighting = \"uniform\"\n\n[secure_aggregation]\nthreshold = 2\nclip_norm = 1.0\n"
         );

@@ -111,12 +111,39 @@ pub struct PrivacyPlan {
     /// discrete Gaussians, accounted by zCDP only; everything else by the tighter of
     /// RDP and PLD (`crate::pld::spent`).
     pub events: crate::pld::Events,
+    /// With `[evaluation]` under DP: the Gaussian each site's held-out totals get every
+    /// round (q = 1, one release, σ the multiplier OpenDP's map accounts).
+    pub evaluation: Option<crate::accountant::GaussianSteps>,
     /// ε of one round, and of all the manifest's rounds, at `delta`, as the ledgers
-    /// compute them.
+    /// compute them (training and evaluation).
     pub epsilon_per_round: f64,
     pub epsilon_all_rounds: f64,
     pub delta: f64,
     pub budget_epsilon: f64,
+}
+
+impl PrivacyPlan {
+    /// What round `round` charges each site's ledger: its DP-SGD steps (or its share of
+    /// the noise), then its evaluation's release, if any. Round 1 evaluates nothing:
+    /// its starting model is the public initial one.
+    pub fn round_events(&self, round: u32) -> Vec<crate::accountant::GaussianSteps> {
+        std::iter::once(self.per_round)
+            .chain(self.evaluation.filter(|_| round > 1))
+            .collect()
+    }
+
+    /// What rounds 1 to `rounds` charge each site's ledger, equal events merged.
+    pub fn events_of_rounds(&self, rounds: u64) -> Vec<crate::accountant::GaussianSteps> {
+        let training = crate::accountant::GaussianSteps {
+            steps: self.per_round.steps * rounds,
+            ..self.per_round
+        };
+        let evaluations = self.evaluation.map(|e| crate::accountant::GaussianSteps {
+            steps: rounds.saturating_sub(1),
+            ..e
+        });
+        std::iter::once(training).chain(evaluations).collect()
+    }
 }
 
 impl StudyManifest {
@@ -258,6 +285,22 @@ impl StudyManifest {
             crate::dp::effective_noise_multiplier(n, p.clip_norm, nominal)
                 .map_err(|e| invalid(format!("privacy settings: {e}")))
         };
+        // DP evaluation: three totals, L2 sensitivity √3, multiplier z (see
+        // `Evaluation::noise_multiplier`); accounted by OpenDP's map like the updates.
+        let evaluation = match self.evaluation.as_ref().and_then(|e| e.noise_multiplier) {
+            Some(z) => Some(GaussianSteps {
+                sigma: crate::dp::effective_noise_multiplier(3, super::EVALUATION_SENSITIVITY, z)
+                    .map_err(|e| invalid(format!("evaluation.noise_multiplier: {e}")))?,
+                q: 1.0,
+                steps: 1,
+                sampling: Sampling::Poisson,
+            }),
+            None => None,
+        };
+        let evaluations = |e: GaussianSteps| GaussianSteps {
+            steps: (self.rounds as u64).saturating_sub(1),
+            ..e
+        };
         let (sigma, sigma_accounted) = match (p.noise_multiplier, p.target_epsilon) {
             (Some(s), None) => (s, accounted(s)?),
             (None, Some(target)) => {
@@ -291,10 +334,37 @@ impl StudyManifest {
                         steps: all_steps,
                         sampling: Sampling::Poisson,
                     };
-                    crate::pld::spent(&[m], events, p.delta)
+                    let all: Vec<GaussianSteps> = std::iter::once(m).chain(evaluation.map(evaluations)).collect();
+                    crate::pld::spent(&all, events, p.delta)
                         .map(|s| s.epsilon)
                         .map_err(|e| invalid(format!("privacy settings: {e}")))
                 };
+                if let Some(e) = evaluation {
+                    // The evaluations take their share of the target first: the training
+                    // σ grows (by 2 %, then bisection) until both fit.
+                    let alone = crate::pld::spent(&[evaluations(e)], events, p.delta)
+                        .map_err(|e| invalid(format!("privacy settings: {e}")))?
+                        .epsilon;
+                    if alone >= target {
+                        return Err(invalid(format!(
+                            "the evaluations alone spend ε = {alone:.4} of privacy.target_epsilon = {target} over {} rounds: raise evaluation.noise_multiplier",
+                            self.rounds
+                        )));
+                    }
+                    let (mut low, mut high) = (nominal, nominal);
+                    while spent_all(high)? > target {
+                        low = high;
+                        high *= 1.02;
+                    }
+                    for _ in 0..20 {
+                        let mid = 0.5 * (low + high);
+                        match spent_all(mid)? > target {
+                            true => low = mid,
+                            false => high = mid,
+                        }
+                    }
+                    nominal = high;
+                }
                 let mut tries = 0;
                 while spent_all(nominal)? > target {
                     nominal *= 1.0 + 1e-6;
@@ -328,12 +398,22 @@ impl StudyManifest {
             steps: p.steps_per_round as u64,
             sampling: Sampling::Poisson,
         };
-        let eps = |steps| {
-            crate::pld::spent(&[GaussianSteps { steps, ..per_round }], events, p.delta)
+        let plan = PrivacyPlan {
+            sigma,
+            per_round,
+            events,
+            evaluation,
+            epsilon_per_round: 0.0,
+            epsilon_all_rounds: 0.0,
+            delta: p.delta,
+            budget_epsilon: p.budget_epsilon,
+        };
+        let eps = |rounds| {
+            crate::pld::spent(&plan.events_of_rounds(rounds), events, p.delta)
                 .map(|s| s.epsilon)
                 .map_err(|e| invalid(format!("privacy settings: {e}")))
         };
-        let epsilon_per_round = eps(p.steps_per_round as u64)?;
+        let epsilon_per_round = eps(1)?;
         if epsilon_per_round > p.budget_epsilon {
             return Err(invalid(format!(
                 "one round costs ε = {epsilon_per_round:.4} (σ = {sigma:.4}, q = {}, {} steps, δ = {}), more than privacy.budget_epsilon = {}",
@@ -341,13 +421,9 @@ impl StudyManifest {
             )));
         }
         Ok(Some(PrivacyPlan {
-            sigma,
-            per_round,
-            events,
             epsilon_per_round,
-            epsilon_all_rounds: eps(all_steps)?,
-            delta: p.delta,
-            budget_epsilon: p.budget_epsilon,
+            epsilon_all_rounds: eps(self.rounds as u64)?,
+            ..plan
         }))
     }
 

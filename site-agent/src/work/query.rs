@@ -119,7 +119,10 @@ pub(crate) async fn answer(
     }
     // The cap, checked before anything starts (the charge itself comes later and
     // checks again): a site that cannot pay says so at once, not at a stage timeout.
-    if let Err(e) = settings.ledger.check(&ledger, step, true, cap, settings.policy.delta) {
+    if let Err(e) = settings
+        .ledger
+        .check(&ledger, &[step], true, cap, settings.policy.delta)
+    {
         return Err(match e {
             e @ LedgerError::WouldExceed { .. } => Refusal::Budget(e).into(),
             e => WorkError::Failed(anyhow::Error::from(e).context("read the ledger")),
@@ -166,6 +169,7 @@ pub(crate) async fn answer(
         delta: settings.policy.delta,
         declared_by: None,
         discrete: true,
+        evaluation: None,
     };
     let Some(session) = session.as_mut() else {
         // Plain: the charge lands with the noisy answer it pays for, then it leaves.

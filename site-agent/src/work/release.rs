@@ -99,6 +99,7 @@ pub(crate) fn charge(
                 delta: settings.policy.delta,
                 declared_by: planned.declared_by.as_deref(),
                 discrete: planned.discrete,
+                evaluation: planned.evaluation,
             };
             let release = reusable(approved).then_some((update_id.as_str(), trained.delta.as_slice()));
             let charge = match settings.ledger.charge_release(&request, release) {
@@ -220,9 +221,10 @@ pub async fn upload(
 /// The egress log's entry for what leaves next. With secure aggregation what leaves is
 /// this update quantized and masked; the log names the update it came from.
 fn log_egress(settings: &AgentSettings, work: &pb::WorkItem, update: &Update, masked: bool) -> Result<()> {
-    let evaluation = update.evaluation.as_ref().map(|e| {
-        serde_json::json!({"examples": e.examples, "correct": e.correct, "loss_sum": e.loss_sum,
-                               "score_bins": e.score_bins})
+    let evaluation = update.evaluation.as_ref().map(|e| match &e.noised {
+        Some(n) => serde_json::json!({"noised": {"persons": n.persons, "correct": n.correct, "loss_sum": n.loss_sum}}),
+        None => serde_json::json!({"examples": e.examples, "correct": e.correct, "loss_sum": e.loss_sum,
+                                   "score_bins": e.score_bins}),
     });
     settings.egress.record(
         if masked { "masked_update" } else { "model_update" },

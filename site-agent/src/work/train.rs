@@ -36,6 +36,8 @@ pub(crate) struct PlannedCharge {
     pub declared_by: Option<String>,
     /// Distributed DP: the site's share is a discrete Gaussian, accounted by zCDP.
     pub discrete: bool,
+    /// The round's DP evaluation, charged after the update's mechanism.
+    pub evaluation: Option<GaussianSteps>,
 }
 
 /// What local training produced, as the agent will release it.
@@ -155,12 +157,21 @@ pub(crate) async fn train(
         .await
         .map_err(Refusal::Checkpoint)?;
     let evaluation = match &approved.holdout {
-        Some((hx, hy)) if work.round > 1 && !external => {
-            Some(evaluate(manifest, base.as_deref().map(Vec::as_slice), &global, hx, hy)?)
-        }
+        Some(holdout) if work.round > 1 && !external => Some(evaluate(
+            manifest,
+            base.as_deref().map(Vec::as_slice),
+            &global,
+            holdout,
+        )?),
         _ => None,
     };
-    let (mode, charge) = privacy_mode(approved, global.len(), control.as_ref())?;
+    let (mode, mut charge) = privacy_mode(approved, global.len(), control.as_ref())?;
+    // A DP evaluation is charged with the round's update, under the same cap.
+    if let Some(planned) = charge.as_mut()
+        && evaluation.as_ref().is_some_and(|e| e.noised.is_some())
+    {
+        planned.evaluation = approved.plan.as_ref().and_then(|(plan, _)| plan.evaluation);
+    }
     if let Some(planned) = &charge {
         check_cap(settings, approved, planned).await?;
     }
@@ -243,8 +254,9 @@ pub(crate) async fn train(
 /// is a PLD composition over all its charges: off the reactor.
 async fn check_cap(settings: &AgentSettings, approved: &Approved, planned: &PlannedCharge) -> Result<(), WorkError> {
     let (ledger, name) = (settings.ledger.clone(), approved.ledger.clone());
-    let (mechanism, discrete, cap, delta) = (planned.mechanism, planned.discrete, planned.cap, settings.policy.delta);
-    let checked = tokio::task::spawn_blocking(move || ledger.check(&name, mechanism, discrete, cap, delta))
+    let next: Vec<GaussianSteps> = std::iter::once(planned.mechanism).chain(planned.evaluation).collect();
+    let (discrete, cap, delta) = (planned.discrete, planned.cap, settings.policy.delta);
+    let checked = tokio::task::spawn_blocking(move || ledger.check(&name, &next, discrete, cap, delta))
         .await
         .context("the ledger task")?;
     match checked {
@@ -295,6 +307,7 @@ fn privacy_mode(
             .filter(|_| p.unit == PrivacyUnit::Record)
             .map(|e| e.trainer.clone()),
         discrete: manifest.distributed_dp(),
+        evaluation: None,
     };
     let mode = match p.unit {
         PrivacyUnit::Record => {
@@ -381,15 +394,17 @@ pub(crate) fn save_control(store: &Path, study_id: &str, values: &[f32]) -> Resu
 
 /// The received global model scored on the held-out rows: how many are classified
 /// right (at 0.5, or by arg-max over classes) and the summed cross-entropy. A
-/// fine-tuned model is merged with its checkpoint `base` first.
+/// fine-tuned model is merged with its checkpoint `base` first. Under DP (the
+/// manifest's `evaluation.noise_multiplier`), the noised totals over persons instead
+/// ([`noised_totals`]).
 fn evaluate(
     manifest: &StudyManifest,
     base: Option<&[f32]>,
     global: &[f32],
-    x: &[f32],
-    y: &[f32],
+    holdout: &super::vet::Holdout,
 ) -> Result<pb::Evaluation> {
     use medfl_shared::metrics::{accuracy_k, cross_entropy_sum};
+    let (x, y) = (&holdout.x, &holdout.y);
     let io = manifest.io();
     let probs = match base {
         Some(base) => {
@@ -398,6 +413,21 @@ fn evaluate(
         }
         None => manifest.model.predict_proba(global, x, io)?,
     };
+    if let Some(e) = manifest.evaluation.as_ref().filter(|_| manifest.privacy.is_some())
+        && let Some(z) = e.noise_multiplier
+    {
+        return Ok(pb::Evaluation {
+            noised: Some(noised_totals(
+                &probs,
+                y,
+                &holdout.persons,
+                io.outputs,
+                e.loss_clamp(),
+                z,
+            )?),
+            ..Default::default()
+        });
+    }
     let correct = (accuracy_k(&probs, y, io.outputs) * y.len() as f64).round();
     let loss_sum = cross_entropy_sum(&probs, y, io.outputs);
     Ok(pb::Evaluation {
@@ -405,5 +435,49 @@ fn evaluate(
         examples: y.len() as u64,
         correct: correct as u64,
         loss_sum,
+        noised: None,
+    })
+}
+
+/// A site's DP evaluation totals: over its held-out persons (each row its own person
+/// where `persons` is empty), the count, the sum of each person's mean accuracy and the
+/// sum of each person's mean cross-entropy clamped to `clamp` nats, in clamp units. One
+/// person moves each by at most 1 (L2 sensitivity √3); the Gaussian of multiplier `z`
+/// on that sensitivity comes from `medfl_shared::dp` like every other noise, and the
+/// loss goes back to nats after it.
+fn noised_totals(
+    probs: &[f32],
+    y: &[f32],
+    persons: &[u32],
+    outputs: usize,
+    clamp: f64,
+    z: f64,
+) -> Result<pb::NoisedTotals> {
+    use medfl_shared::metrics::{accuracy_k, cross_entropy_sum};
+    let width = outputs.max(1);
+    let mut rows_of: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for r in 0..y.len() {
+        rows_of
+            .entry(persons.get(r).copied().unwrap_or(r as u32))
+            .or_default()
+            .push(r);
+    }
+    let (mut correct, mut loss) = (0.0, 0.0);
+    for rows in rows_of.values() {
+        let p: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| probs[r * width..(r + 1) * width].iter().copied())
+            .collect();
+        let labels: Vec<f32> = rows.iter().map(|&r| y[r]).collect();
+        correct += accuracy_k(&p, &labels, outputs);
+        loss += (cross_entropy_sum(&p, &labels, outputs) / rows.len() as f64).clamp(0.0, clamp) / clamp;
+    }
+    let exact = [rows_of.len() as f32, correct as f32, loss as f32];
+    let noisy = medfl_shared::dp::add_gaussian_noise(&exact, medfl_shared::manifest::EVALUATION_SENSITIVITY, z)
+        .context("noise the evaluation totals")?;
+    Ok(pb::NoisedTotals {
+        persons: f64::from(noisy.values[0]),
+        correct: f64::from(noisy.values[1]),
+        loss_sum: f64::from(noisy.values[2]) * clamp,
     })
 }

@@ -30,7 +30,7 @@ pub(crate) struct Approved {
     /// patients); empty when every row is its own person.
     pub persons: Vec<u32>,
     /// With `[evaluation]`, the held-out rows that score the received model.
-    pub holdout: Option<(Vec<f32>, Vec<f32>)>,
+    pub holdout: Option<Holdout>,
     /// The secure-aggregation session, checked against the manifest.
     pub session: Option<SiteSession>,
     /// This site's name.
@@ -111,10 +111,7 @@ pub(crate) async fn vet(settings: &Arc<AgentSettings>, work: &pb::WorkItem) -> R
     }
     // [evaluation]: a fixed share of the rows is held out (never trained on) and scores
     // the global model this round received.
-    let (x, y, holdout) = split_holdout(&manifest, encoded.x, &encoded.y);
-    // Persons matter to DP-SGD only, and `[evaluation]` (the only split of the rows)
-    // is refused under DP: without a split the rows keep their order.
-    let persons = if holdout.is_none() { encoded.persons } else { Vec::new() };
+    let (x, y, persons, holdout) = split_holdout(&manifest, encoded.x, &encoded.y, encoded.persons);
 
     let site = settings.profile().file.name.clone();
     // Secure aggregation: the session must match the approved manifest before any
@@ -188,29 +185,45 @@ fn check_approval(settings: &AgentSettings, work: &pb::WorkItem, manifest: &Stud
     Ok(())
 }
 
-/// Rows split into training rows and held-out rows.
-type Split = (Vec<f32>, Vec<f32>, Option<(Vec<f32>, Vec<f32>)>);
+/// The held-out rows of `[evaluation]` (raw, row-major), their labels, and each row's
+/// person where a person may have several rows (empty when every row is its own).
+#[derive(Debug, Clone)]
+pub(crate) struct Holdout {
+    pub x: Vec<f32>,
+    pub y: Vec<f32>,
+    pub persons: Vec<u32>,
+}
 
-/// Splits the selected rows `x` (row-major) and labels into training rows and, with
-/// `[evaluation]`, the held-out rows (see `Evaluation::holdout_rows`).
-fn split_holdout(manifest: &StudyManifest, x: Vec<f32>, y: &[f32]) -> Split {
+/// Rows split into training rows (with their persons) and held-out rows.
+type Split = (Vec<f32>, Vec<f32>, Vec<u32>, Option<Holdout>);
+
+/// Splits the selected rows `x` (row-major), labels and persons into training rows and,
+/// with `[evaluation]`, the held-out rows (see `Evaluation::holdout_rows`).
+fn split_holdout(manifest: &StudyManifest, x: Vec<f32>, y: &[f32], persons: Vec<u32>) -> Split {
     let Some(evaluation) = &manifest.evaluation else {
-        return (x, y.to_vec(), None);
+        return (x, y.to_vec(), persons, None);
     };
     let d = manifest.n_features();
     let held = evaluation.holdout_rows(y.len(), manifest.seed);
     let mut is_held = vec![false; y.len()];
     held.iter().for_each(|r| is_held[*r] = true);
-    let (mut tx, mut ty, mut hx, mut hy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut tx, mut ty, mut tp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut out = Holdout {
+        x: Vec::new(),
+        y: Vec::new(),
+        persons: Vec::new(),
+    };
     for (r, label) in y.iter().enumerate() {
         let row = &x[r * d..(r + 1) * d];
-        if is_held[r] {
-            hx.extend_from_slice(row);
-            hy.push(*label);
-        } else {
-            tx.extend_from_slice(row);
-            ty.push(*label);
+        let (xs, ys, ps) = match is_held[r] {
+            true => (&mut out.x, &mut out.y, &mut out.persons),
+            false => (&mut tx, &mut ty, &mut tp),
+        };
+        xs.extend_from_slice(row);
+        ys.push(*label);
+        if let Some(&p) = persons.get(r) {
+            ps.push(p);
         }
     }
-    (tx, ty, Some((hx, hy)))
+    (tx, ty, tp, Some(out))
 }
