@@ -43,6 +43,12 @@ CANDIDATES = [
 
 # The conv net on the bundled digits (the imaging issue's floor: DP-SGD at epsilon 8 >= 0.85).
 DIGITS = ["--data", os.path.join(ROOT, "data", "digits"), "--model", "cnn", "--hidden", "64"]
+
+
+def digits(hidden):
+    """The demo's conv-net flags with `--hidden` widths (comma-separated)."""
+    return DIGITS[:-1] + [hidden]
+
 CNN_EPSILON = 8.0
 # The conv net's defaults before this sweep (chosen on one seed among five settings), and what
 # the sweep tries: larger Poisson samples (less noise per step relative to the clipped sum), the
@@ -134,7 +140,7 @@ def evaluate(seeds):
     )
 
 
-def sweep_cnn(seeds, only=None):
+def sweep_cnn(seeds, only=None, hidden="64"):
     rows = []
     for i, overrides in enumerate(CNN_CANDIDATES):
         if only is not None and i not in only:
@@ -143,12 +149,12 @@ def sweep_cnn(seeds, only=None):
         accs = []
         for seed in seeds:
             start = time.monotonic()
-            acc = run(seed, "iid", epsilon=CNN_EPSILON, config=config, extra=DIGITS)[0]
+            acc = run(seed, "iid", epsilon=CNN_EPSILON, config=config, extra=digits(hidden))[0]
             accs.append(acc)
             print(f"{config} seed {seed}: {acc:.4f} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
         rows.append((config, accs))
     rows.sort(key=lambda r: -statistics.mean(r[1]))
-    print(f"Conv net on the digits, tuning seeds {seeds[0]}..{seeds[-1]}, epsilon = {CNN_EPSILON}, final round's model\n")
+    print(f"Conv net (--hidden {hidden}) on the digits, tuning seeds {seeds[0]}..{seeds[-1]}, epsilon = {CNN_EPSILON}, final round's model\n")
     print("| rounds | steps | q | lr | clip | optimizer | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min |")
     print("|---|---|---|---|---|---|" + "---|" * (len(seeds) + 2))
     for c, accs in rows:
@@ -159,14 +165,14 @@ def sweep_cnn(seeds, only=None):
         )
 
 
-def evaluate_cnn(seeds, epsilons):
-    print("The conv net's defaults on the digits, final round's model on the held-out 20 %\n")
+def evaluate_cnn(seeds, epsilons, hidden="64"):
+    print(f"The conv net's defaults (--hidden {hidden}) on the digits, final round's model on the held-out 20 %\n")
     print("| epsilon | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min | largest ledger epsilon |")
     print("|---|" + "---|" * (len(seeds) + 3))
     for epsilon in epsilons:
         accs, spent = [], 0.0
         for seed in seeds:
-            acc, _, e = run(seed, "iid", epsilon=epsilon, extra=DIGITS)
+            acc, _, e = run(seed, "iid", epsilon=epsilon, extra=digits(hidden))
             accs.append(acc)
             spent = max(spent, e)
             print(f"epsilon {epsilon} seed {seed}: {acc:.4f}", file=sys.stderr, flush=True)
@@ -178,6 +184,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["sweep", "evaluate", "sweep-cnn", "evaluate-cnn"])
     parser.add_argument("--candidates", default=None, help="sweep-cnn: which candidates (0-based, comma-separated); all by default")
+    parser.add_argument("--hidden", default="64", help="sweep-cnn, evaluate-cnn: the conv net's dense widths")
     parser.add_argument("--epsilons", default="8,3,1", help="evaluate-cnn: the epsilons, comma-separated")
     parser.add_argument("--seeds", type=int, default=None, help="how many seeds (sweep: 5 from 101; evaluate: 10 from 1; sweep-cnn: 3 from 101; evaluate-cnn: 5 from 1)")
     a = parser.parse_args()
@@ -187,9 +194,9 @@ def main():
         sweep(list(range(101, 101 + (a.seeds or 5))))
     elif a.what == "sweep-cnn":
         only = None if a.candidates is None else {int(i) for i in a.candidates.split(",")}
-        sweep_cnn(list(range(101, 101 + (a.seeds or 3))), only)
+        sweep_cnn(list(range(101, 101 + (a.seeds or 3))), only, a.hidden)
     elif a.what == "evaluate-cnn":
-        evaluate_cnn(list(range(1, 1 + (a.seeds or 5))), [float(e) for e in a.epsilons.split(",")])
+        evaluate_cnn(list(range(1, 1 + (a.seeds or 5))), [float(e) for e in a.epsilons.split(",")], a.hidden)
     else:
         evaluate(list(range(1, 1 + (a.seeds or 10))))
 
