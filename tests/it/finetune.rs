@@ -386,25 +386,10 @@ async fn lora_under_dp_sgd_charges_the_ledgers_for_the_adapters() {
 fn the_demo_compares_lora_full_fine_tuning_and_scratch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let work = dir.path().join("work");
-    let digits = crate::common::repo().join("data/digits");
-    let out = crate::common::medfl(&[
-        "demo",
-        "--data",
-        digits.to_str().expect("utf-8"),
-        "--model",
-        "cnn",
-        "--finetune",
-        "--no-dp",
-        "--rounds",
-        "2",
-        "--pretrain-epochs",
-        "3",
-        "--json",
-        "--workdir",
-        work.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let summary = crate::common::digits_demo(
+        &["--finetune", "--no-dp", "--rounds", "2", "--pretrain-epochs", "3"],
+        &work,
+    );
     assert_eq!(summary["classes_pretrained"], "0..5");
     assert_eq!(summary["classes_fine_tuned"], "5..10");
     // The checkpoint never saw digits 5 to 9.

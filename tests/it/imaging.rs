@@ -208,22 +208,7 @@ async fn dp_sgd_on_images_clips_each_example_and_charges_the_ledgers() {
 fn the_demo_trains_its_conv_net_on_the_digits_folder() {
     let dir = tempfile::tempdir().expect("tempdir");
     let work = dir.path().join("work");
-    let digits = repo().join("data/digits");
-    let out = crate::common::medfl(&[
-        "demo",
-        "--data",
-        digits.to_str().expect("utf-8"),
-        "--model",
-        "cnn",
-        "--no-dp",
-        "--rounds",
-        "2",
-        "--json",
-        "--workdir",
-        work.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let summary = crate::common::digits_demo(&["--no-dp", "--rounds", "2"], &work);
     assert_eq!(summary["model"], "cnn");
     assert_eq!(summary["sites"], 3);
     assert_eq!(summary["rounds_completed"], 2);

@@ -287,65 +287,54 @@ async fn evaluation_totals_that_are_not_counts_are_refused() {
     let text = manifest(&features, 2, 1, 60, 1) + "\n[evaluation]\nholdout_fraction = 0.2\n";
     let (mut fed, mut clients, id) = started_simulated_study(1, &features, &text).await;
     let work = next_work(&mut clients[0], Duration::from_secs(10)).await.expect("work");
-    let mut head = header(&work, "u1", 10, 31);
-    if let Some(pb::update_chunk::Body::Header(h)) = head.body.as_mut() {
-        h.evaluation = Some(pb::Evaluation {
-            examples: 5,
-            correct: 6,
-            loss_sum: 1.0,
-            score_bins: vec![],
-            noised: None,
-        });
-    }
-    let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
-        .chain(medfl_proto::stream::update_chunks(&[0.0; 31]))
-        .collect();
-    let err = clients[0]
-        .upload_update(futures::stream::iter(messages))
-        .await
-        .expect_err("6 of 5 correct");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(
-        err.message().contains("not counts of held-out rows"),
-        "{}",
-        err.message()
-    );
-    // Score bins that do not count the held-out rows once per class are refused too.
-    let mut head = header(&work, "u1b", 10, 31);
-    if let Some(pb::update_chunk::Body::Header(h)) = head.body.as_mut() {
-        h.evaluation = Some(pb::Evaluation {
-            examples: 5,
-            correct: 4,
-            loss_sum: 1.0,
-            score_bins: vec![1; 2 * medfl_shared::metrics::SCORE_BINS],
-            noised: None,
-        });
-    }
-    let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
-        .chain(medfl_proto::stream::update_chunks(&[0.0; 31]))
-        .collect();
-    let err = clients[0]
-        .upload_update(futures::stream::iter(messages))
-        .await
-        .expect_err("100 rows binned for 5 held out");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("score bins"), "{}", err.message());
-    // Noised totals belong to DP studies, and never travel beside exact counts.
-    for (id, exact, what) in [
-        ("u1c", 0, "has no [privacy]"),
-        ("u1d", 5, "both noised totals and exact counts"),
-    ] {
-        let mut head = header(&work, id, 10, 31);
-        if let Some(pb::update_chunk::Body::Header(h)) = head.body.as_mut() {
-            h.evaluation = Some(pb::Evaluation {
-                examples: exact,
-                noised: Some(pb::NoisedTotals {
-                    persons: 4.2,
-                    correct: 3.1,
-                    loss_sum: 2.0,
-                }),
+    let noised = pb::NoisedTotals {
+        persons: 4.2,
+        correct: 3.1,
+        loss_sum: 2.0,
+    };
+    // Each bad evaluation is refused with InvalidArgument and the message that names it.
+    let cases = [
+        (
+            pb::Evaluation {
+                examples: 5,
+                correct: 6,
+                loss_sum: 1.0,
                 ..Default::default()
-            });
+            },
+            "not counts of held-out rows",
+        ),
+        // Score bins that do not count the held-out rows once per class.
+        (
+            pb::Evaluation {
+                examples: 5,
+                correct: 4,
+                loss_sum: 1.0,
+                score_bins: vec![1; 2 * medfl_shared::metrics::SCORE_BINS],
+                ..Default::default()
+            },
+            "score bins",
+        ),
+        // Noised totals belong to DP studies, and never travel beside exact counts.
+        (
+            pb::Evaluation {
+                noised: Some(noised),
+                ..Default::default()
+            },
+            "has no [privacy]",
+        ),
+        (
+            pb::Evaluation {
+                examples: 5,
+                noised: Some(noised),
+                ..Default::default()
+            },
+            "both noised totals and exact counts",
+        ),
+    ];
+    for (k, (evaluation, what)) in cases.into_iter().enumerate() {
+        let mut head = header(&work, &format!("bad{k}"), 10, 31);
+        if let Some(pb::update_chunk::Body::Header(h)) = head.body.as_mut() {
+            h.evaluation = Some(evaluation);
         }
         let messages: Vec<pb::UpdateChunk> = std::iter::once(head)
             .chain(medfl_proto::stream::update_chunks(&[0.0; 31]))

@@ -133,6 +133,18 @@ pub fn medfl(args: &[&str]) -> std::process::Output {
         .expect("run medfl")
 }
 
+/// `medfl demo` on the bundled digits' image folder with the conv net, `args` added,
+/// `--json` into `work`: its summary, once it succeeded.
+pub fn digits_demo(args: &[&str], work: &std::path::Path) -> serde_json::Value {
+    let digits = repo().join("data/digits");
+    let mut all = vec!["demo", "--data", digits.to_str().expect("utf-8"), "--model", "cnn"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--json", "--workdir", work.to_str().expect("utf-8")]);
+    let out = medfl(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 /// The bundled table split IID across `n` sites (seed 1), with its split.
 pub fn iid_site_tables(n: usize) -> (Table, medfl_shared::split::Split, Vec<Table>) {
     let table = bundled_table();
